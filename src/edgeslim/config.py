@@ -1,0 +1,235 @@
+"""Recipes: a model source, data, baseline training and ordered compression stages.
+
+A recipe is YAML whose pieces are the same config objects the Python API takes::
+
+    name: han2015_lenet300
+    seed: 0
+    model: zoo:lenet300
+    data: mnist                      # or {source: npz:data.npz, max_train: 500}
+    train: {epochs: 20, lr: 0.001}   # baseline training; omit to keep the loaded weights
+    stages:
+      - prune: {method: magnitude, layer_sparsity: {fc1: 0.93, fc2: 0.91, fc3: 0.74}, steps: 5}
+        finetune: {epochs: 6, lr: 0.001}
+
+Each stage is a mapping with exactly one *stage kind* key (``prune``, ...) whose body the
+kind validates, plus the optional common keys ``name`` and ``finetune``. Every mistake --
+unknown key, wrong type, value out of range -- is a :class:`ConfigError` that names the
+key's path, e.g. ``stages[0].prune.layer_sparsity.fc1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``path: what is wrong (got value)``."""
+    lines = []
+    for err in exc.errors():
+        path = prefix
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in ("function-after", "function-before"):
+                path += f".{part}" if path else str(part)
+        where = path or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:
+    """``model_type.model_validate(data)`` with errors re-raised as ConfigError at ``prefix``."""
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix)) from None
+
+
+# --------------------------------------------------------------------------------------
+# stage kinds: registry from the YAML key to a body config and a runner
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A stage kind: how to validate its YAML body and how to run it on a model."""
+
+    name: str
+    parse: Callable[[Any, str], BaseModel]  # (body, key path) -> validated config
+    run: Callable[..., Any]  # (model, config, ctx) -> model
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(kind: StageKind) -> None:
+    """Add a stage kind (done by the modules that implement them, see ``pipeline``)."""
+    STAGE_KINDS[kind.name] = kind
+
+
+class DataConfig(BaseModel):
+    """Which dataset, and optionally fewer training examples (for quick runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "mnist"
+    max_train: int | None = Field(None, ge=1)
+
+
+class Stage(BaseModel):
+    """One validated stage: its kind, its config, an optional display name and fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    kind: str
+    config: BaseModel
+    name: str | None = None
+    finetune: Any = None  # TrainConfig | None (typed loosely to keep this module light)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+class Recipe(BaseModel):
+    """A validated recipe. Build with :meth:`from_yaml` or :meth:`from_dict`."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: str
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: Any = None  # TrainConfig | None
+    stages: list[Stage] = Field(default_factory=list)
+    raw: dict = Field(default_factory=dict, exclude=True, repr=False)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Recipe:
+        """Read and validate a recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}:\n{exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """Validate a recipe given as plain data (as parsed from YAML)."""
+        from . import pipeline  # noqa: F401  (registers the built-in stage kinds)
+        from .train import TrainConfig
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
+        header = {k: v for k, v in data.items() if k not in ("stages", "data", "train")}
+        base = validate(_Header, header, "")
+        raw_data = data.get("data", "mnist")
+        if isinstance(raw_data, str):
+            raw_data = {"source": raw_data}
+        data_cfg = validate(DataConfig, raw_data, "data")
+        train = None if data.get("train") is None else validate(TrainConfig, data["train"], "train")
+        raw_stages = data.get("stages", [])
+        if not isinstance(raw_stages, list):
+            raise ConfigError(f"stages: must be a list, got {type(raw_stages).__name__}")
+        stages = [_parse_stage(s, f"stages[{i}]") for i, s in enumerate(raw_stages)]
+        return cls(**base.model_dump(), data=data_cfg, train=train, stages=stages, raw=data)
+
+    # -- identity -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """Plain data that :meth:`from_dict` accepts (defaults filled in)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "model": self.model,
+            "data": self.data.model_dump(),
+            "train": None if self.train is None else self.train.model_dump(),
+            "stages": [],
+        }
+        for s in self.stages:
+            entry: dict[str, Any] = {s.kind: _dump_stage_config(s)}
+            if s.name:
+                entry["name"] = s.name
+            if s.finetune is not None:
+                entry["finetune"] = s.finetune.model_dump()
+            out["stages"].append(entry)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def prefix_hash(self, n_stages: int) -> str:
+        """Hash of everything that determines the model after the first ``n_stages`` stages."""
+        d = self.to_dict()
+        d.pop("name"), d.pop("description")
+        d["stages"] = d["stages"][:n_stages]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: str
+
+
+_COMMON_STAGE_KEYS = {"name", "finetune"}
+
+
+def _parse_stage(entry: Any, where: str) -> Stage:
+    from .train import TrainConfig
+
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: a stage must be a mapping, got {entry!r}")
+    kinds = [k for k in entry if k not in _COMMON_STAGE_KEYS]
+    known = ", ".join(sorted(STAGE_KINDS)) or "(none registered)"
+    if len(kinds) != 1:
+        raise ConfigError(
+            f"{where}: a stage needs exactly one stage kind key ({known}) besides "
+            f"{sorted(_COMMON_STAGE_KEYS)}; got {kinds or 'none'}"
+        )
+    kind = kinds[0]
+    if kind not in STAGE_KINDS:
+        raise ConfigError(f"{where}.{kind}: unknown stage kind; known kinds: {known}")
+    config = STAGE_KINDS[kind].parse(entry[kind], f"{where}.{kind}")
+    name = entry.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}.name: must be a string (got {name!r})")
+    ft = entry.get("finetune")
+    finetune = None if ft is None else validate(TrainConfig, ft, f"{where}.finetune")
+    return Stage(kind=kind, config=config, name=name, finetune=finetune)
+
+
+def _dump_stage_config(stage: Stage) -> Any:
+    dump = getattr(stage.config, "to_recipe", None)
+    return dump() if dump else stage.config.model_dump()

@@ -1,0 +1,1 @@
+"""Datasets (MNIST subset, npz arrays) split into train / val / test."""

@@ -1,0 +1,43 @@
+"""Errors raised by edgeslim.
+
+Every error a user can cause (bad recipe, unknown model, wrong input shape, corrupt file)
+is an :class:`EdgeslimError` subclass whose message names *what* is wrong, *where*
+(key path, file, layer) and, where possible, what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class EdgeslimError(Exception):
+    """Base class of every error edgeslim raises on bad input."""
+
+
+class ConfigError(EdgeslimError, ValueError):
+    """A recipe or config is malformed: unknown key, wrong type, value out of range."""
+
+
+class ModelSourceError(EdgeslimError):
+    """A model source (``zoo:``, ``py:``, a ``.pt2`` file) cannot be resolved or loaded."""
+
+
+class UnknownModelError(ModelSourceError, KeyError):
+    """A zoo name that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(EdgeslimError):
+    """A dataset cannot be found, read, or has inconsistent arrays."""
+
+
+class ShapeError(EdgeslimError, ValueError):
+    """An input tensor does not have the shape the model expects."""
+
+
+class CheckpointError(EdgeslimError):
+    """A saved stage or model file is missing, truncated or corrupt."""
+
+
+class RunDirError(EdgeslimError):
+    """A run directory holds a different recipe's run, or cannot be written."""

@@ -1,0 +1,1 @@
+"""Model zoo, model sources and saving/loading of whole models."""

@@ -1,0 +1,287 @@
+"""Pipeline: run a recipe stage by stage, measure every stage, checkpoint, resume.
+
+Run directory layout (``out``)::
+
+    recipe.yaml          the validated recipe, defaults filled in
+    stage-0/             the baseline (trained dense model), then stage-1/, stage-2/, ...
+      state.safetensors  exact state (weights + pruning masks): what a resume loads
+      weights.<fmt>.safetensors  the deployable weights in the smallest storage format
+      model.pt2          the whole model, reloadable without its class (``load_model``)
+      meta.json          the stage's metrics row, the recipe-prefix hash, the state's sha256
+    metrics.jsonl        one row per finished stage (rebuilt from the meta.json files)
+    report.md, plots/    the run report
+
+A stage directory is written under a temporary name and renamed when complete, so after an
+interruption every ``stage-N/`` is whole. Re-running the same recipe into the same directory
+resumes after the last finished stage; stage seeds depend only on the recipe seed and the
+stage index, so the final weights are bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Recipe, Stage
+from .data.datasets import DataSplits, load_data
+from .errors import CheckpointError, RunDirError
+from .masks import add_mask_buffers_
+from .models.io import load_model, save_model
+from .models.storage import FORMATS, deployable_state, payload_bytes, save_weights
+from .profile import profile
+from .progress import console
+from .prune import stage as _prune_stage  # noqa: F401  (registers the 'prune' stage kind)
+from .train import evaluate, fit
+
+STATE_FILE, META_FILE, METRICS_FILE = "state.safetensors", "meta.json", "metrics.jsonl"
+
+
+@dataclass
+class StageContext:
+    """What a stage runner may use besides the model."""
+
+    data: DataSplits
+    example: torch.Tensor
+    recipe: Recipe
+    index: int
+    seed: int
+    progress: bool | None = None
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run_recipe`: the final model and one metrics row per stage."""
+
+    out: Path
+    model: nn.Module
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def stage_seed(recipe_seed: int, index: int) -> int:
+    """The seed of stage ``index``: a function of the recipe seed and the index only."""
+    return recipe_seed * 1000 + index
+
+
+def run_recipe(
+    recipe: Recipe | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    restart: bool = False,
+    progress: bool | None = None,
+) -> RunResult:
+    """Run (or resume) ``recipe`` into the run directory ``out``; see the module docstring.
+
+    ``restart=True`` discards finished stages in ``out`` instead of resuming from them.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run directory {out}: {exc}") from exc
+    stages: list[Stage | None] = [None, *recipe.stages]  # index 0 is the baseline
+    done = _finished_stages(out, recipe, len(stages), restart)
+    _write_text(out / "recipe.yaml", recipe.to_yaml())
+
+    data = load_data(recipe.data.source).limit(recipe.data.max_train)
+    example = data.example(1)
+    torch.manual_seed(recipe.seed)
+    model = load_model(recipe.model)
+    result = RunResult(out=out, model=model)
+    if done >= 0:
+        _load_stage_state(model, out / f"stage-{done}")
+        result.resumed_from = done
+        console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
+
+    for index in range(done + 1, len(stages)):
+        stage = stages[index]
+        console.print(f"[bold]stage {index}/{len(stages) - 1}[/] {_label(stage)}")
+        ctx = StageContext(data, example, recipe, index, stage_seed(recipe.seed, index), progress)
+        start = time.perf_counter()
+        if stage is None:
+            if recipe.train is not None:
+                fit(model, data, recipe.train, seed=ctx.seed, progress=progress)
+            log: dict[str, Any] = {}
+        else:
+            from .config import STAGE_KINDS
+
+            model, log = STAGE_KINDS[stage.kind].run(model, stage, ctx)
+        seconds = time.perf_counter() - start
+        _write_stage(out, index, stage, model, data, example, recipe, seconds, log)
+        _write_metrics(out, index)
+    result.model = model
+    result.rows = _read_rows(out, len(stages) - 1)
+    from .report import render_report
+
+    render_report(out)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# finished stages and resume
+# --------------------------------------------------------------------------------------
+
+
+def _label(stage: Stage | None) -> str:
+    return "baseline" if stage is None else stage.label
+
+
+def _finished_stages(out: Path, recipe: Recipe, n: int, restart: bool) -> int:
+    """Index of the last consecutive finished stage whose recipe prefix matches (-1: none)."""
+    done = -1
+    for index in range(n):
+        sdir = out / f"stage-{index}"
+        if not sdir.exists():
+            break
+        meta = _read_meta(sdir)
+        if meta.get("prefix_hash") != recipe.prefix_hash(index):
+            if not restart:
+                raise RunDirError(
+                    f"{sdir} was made by a different recipe (stage {index} or an earlier one "
+                    f"differs); use another --out, or restart to discard it"
+                )
+            break
+        if restart:
+            break
+        done = index
+    if restart:  # discard every stage directory of the old run
+        for sdir in out.glob("stage-*"):
+            shutil.rmtree(sdir)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        return -1
+    return done
+
+
+def _read_meta(sdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((sdir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"stage checkpoint {sdir} is corrupt: {META_FILE}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_stage_state(model: nn.Module, sdir: Path) -> None:
+    meta = _read_meta(sdir)
+    state_path = sdir / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"stage checkpoint {sdir} is corrupt: {STATE_FILE} is missing")
+    if _sha256(state_path) != meta.get("state_sha256"):
+        raise CheckpointError(
+            f"stage checkpoint {state_path} is corrupt: its sha256 does not match {META_FILE}; "
+            f"delete {sdir} to recompute that stage"
+        )
+    try:
+        state = load_file(str(state_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"stage checkpoint {state_path} is corrupt: {exc}") from exc
+    add_mask_buffers_(model, state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{state_path} does not fit the recipe's model: {first}") from exc
+
+
+# --------------------------------------------------------------------------------------
+# writing a stage
+# --------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_stage(
+    out: Path,
+    index: int,
+    stage: Stage | None,
+    model: nn.Module,
+    data: DataSplits,
+    example: torch.Tensor,
+    recipe: Recipe,
+    seconds: float,
+    log: dict[str, Any],
+) -> None:
+    """Evaluate, profile and save stage ``index`` into ``out/stage-index`` atomically."""
+    model.eval()
+    prof = profile(model, example)
+    deploy = deployable_state(model)
+    fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
+    tmp = out / f".stage-{index}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / STATE_FILE))
+    size = save_weights(deploy, tmp / f"weights.{fmt}.safetensors", fmt)
+    save_model(model, tmp / "model.pt2", example)
+    row = {
+        "stage": "baseline" if stage is None else stage.kind,
+        "index": index,
+        "name": f"stage-{index} {_label(stage)}",
+        "accuracy": evaluate(model, data, "test"),
+        "val_accuracy": evaluate(model, data, "val"),
+        "params": prof.params,
+        "nonzero_params": prof.nonzero_params,
+        "macs": prof.macs,
+        "effective_macs": prof.effective_macs,
+        "size_bytes": size,
+        "format": fmt,
+        "latency_ms": prof.latency_ms,
+        "peak_activation_bytes": prof.peak_activation_bytes,
+        "bytes": prof.bytes,
+        "layers": {
+            layer.name: {
+                "type": layer.type,
+                "params": layer.params,
+                "nonzero_params": layer.nonzero_params,
+            }
+            for layer in prof.layers
+            if layer.params
+        },
+        "seconds": round(seconds, 3),
+        "log": log,
+    }
+    meta = {
+        "row": row,
+        "prefix_hash": recipe.prefix_hash(index),
+        "state_sha256": _sha256(tmp / STATE_FILE),
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    final = out / f"stage-{index}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    acc = row["accuracy"]
+    console.print(
+        f"  accuracy {100 * acc:.2f}%  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
+        f"{fmt} file {size:,} B  ({seconds:.1f} s)"
+    )
+
+
+def _read_rows(out: Path, last: int) -> list[dict[str, Any]]:
+    return [_read_meta(out / f"stage-{i}")["row"] for i in range(last + 1)]
+
+
+def _write_metrics(out: Path, last: int) -> None:
+    """Rebuild metrics.jsonl from the stage directories 0..last (atomically)."""
+    lines = [json.dumps(row) for row in _read_rows(out, last)]
+    _write_text(out / METRICS_FILE, "\n".join(lines) + "\n")

@@ -1,0 +1,178 @@
+"""Unstructured magnitude pruning, the way Han et al. did it.
+
+Song Han, Jeff Pool, John Tran, William J. Dally. "Learning both Weights and Connections for
+Efficient Neural Networks", NeurIPS 2015. https://arxiv.org/abs/1506.02626
+
+The weights whose magnitude falls below a threshold are removed. Three ways to set it:
+
+- ``quality``: per layer, threshold = quality x std(layer weights) (the paper's rule);
+- ``layer_sparsity``: an explicit fraction of each named layer to remove;
+- ``sparsity``: one global fraction, with a single magnitude threshold across all layers.
+
+Scoring (|w|), choosing how much (here) and masking (:mod:`.masks`) are separate steps;
+iterative prune -> fine-tune cycles live in :mod:`.schedule`. Masks only ever grow: a weight
+once pruned stays pruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..errors import ConfigError
+from ..masks import get_mask, set_mask_
+
+FilterFn = Callable[[nn.Module, str], bool]
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class MagnitudePrune(BaseModel):
+    """Remove the smallest-magnitude weights (Han et al. 2015).
+
+    Give exactly one of ``sparsity`` (global), ``layer_sparsity`` (per layer name; glob
+    patterns such as ``"conv*"`` allowed) or ``quality`` (threshold = quality x std of each
+    layer's weights; one number or per-layer). Layers matching ``exclude`` are left dense.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    layer_sparsity: dict[str, float] | None = None
+    quality: float | dict[str, float] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MagnitudePrune:
+        given = [
+            k for k in ("sparsity", "layer_sparsity", "quality") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'sparsity', 'layer_sparsity' or 'quality'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        for name, s in (self.layer_sparsity or {}).items():
+            if not 0 <= s < 1:
+                raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
+        qualities = self.quality if isinstance(self.quality, dict) else {"*": self.quality or 0}
+        for name, q in qualities.items():
+            if q < 0:
+                raise ValueError(f"quality[{name!r}] = {q} must be >= 0")
+        return self
+
+    def scaled(self, fraction: float) -> MagnitudePrune:
+        """This target ``fraction`` of the way from dense (for iterative schedules).
+
+        Sparsities move geometrically in density (each step removes the same share of the
+        remaining weights): density_k = density ** fraction. Quality scales linearly.
+        """
+
+        def sp(s: float) -> float:
+            return 1 - (1 - s) ** fraction
+
+        def q(v: float) -> float:
+            return v * fraction
+
+        update: dict[str, object] = {}
+        if self.sparsity is not None:
+            update["sparsity"] = sp(self.sparsity)
+        if self.layer_sparsity is not None:
+            update["layer_sparsity"] = {k: sp(v) for k, v in self.layer_sparsity.items()}
+        if self.quality is not None:
+            update["quality"] = (
+                {k: q(v) for k, v in self.quality.items()}
+                if isinstance(self.quality, dict)
+                else q(self.quality)
+            )
+        return self.model_copy(update=update)
+
+
+def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+    """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, PRUNABLE) and (filter_fn is None or filter_fn(m, name))
+    }
+
+
+def _lookup(table: dict[str, float], name: str) -> float | None:
+    """Value for layer ``name``: an exact key wins, then the first matching glob pattern."""
+    if name in table:
+        return table[name]
+    for pattern, value in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Bool mask keeping all but the ``n_remove`` lowest scores (stable: exact count)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    if n_remove > 0:
+        order = torch.argsort(scores.reshape(-1), stable=True)
+        keep[order[:n_remove]] = False
+    return keep.reshape(scores.shape)
+
+
+def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """New keep-masks for each layer's weight (pure: the model is not changed)."""
+    excluded = {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
+    layers = {n: m for n, m in layers.items() if n not in excluded}
+    if cfg.layer_sparsity is not None:
+        unknown = [
+            k for k in cfg.layer_sparsity if not any(fnmatch.fnmatchcase(n, k) for n in layers)
+        ]
+        if unknown:
+            raise ConfigError(
+                f"layer_sparsity names {unknown} match no prunable layer; "
+                f"prunable layers: {list(layers)}"
+            )
+    masks: dict[str, torch.Tensor] = {}
+    if cfg.sparsity is not None:  # one global threshold
+        scores = torch.cat([m.weight.detach().abs().reshape(-1) for m in layers.values()])
+        keep = _keep_smallest_removed(scores, round(cfg.sparsity * scores.numel()))
+        start = 0
+        for name, m in layers.items():
+            n = m.weight.numel()
+            masks[name] = keep[start : start + n].reshape(m.weight.shape)
+            start += n
+        return masks
+    for name, m in layers.items():
+        w = m.weight.detach()
+        if cfg.layer_sparsity is not None:
+            s = _lookup(cfg.layer_sparsity, name)
+            if s is None:
+                continue
+            masks[name] = _keep_smallest_removed(w.abs(), round(s * w.numel()))
+        else:
+            q = _lookup(cfg.quality, name) if isinstance(cfg.quality, dict) else cfg.quality
+            if q is None:
+                continue
+            old = get_mask(m, "weight")
+            alive = w[old] if old is not None else w  # std over the surviving weights
+            threshold = q * float(alive.std()) if alive.numel() > 1 else 0.0
+            masks[name] = w.abs() > threshold
+    return masks
+
+
+def magnitude_prune_(
+    model: nn.Module, cfg: MagnitudePrune, filter_fn: FilterFn | None = None
+) -> dict[str, float]:
+    """Prune ``model`` in place; returns each pruned layer's sparsity."""
+    layers = prunable_layers(model, filter_fn)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
+    result: dict[str, float] = {}
+    for name, keep in magnitude_masks(cfg, layers).items():
+        module = layers[name]
+        old = get_mask(module, "weight")
+        if old is not None:
+            keep = keep & old  # a pruned weight stays pruned
+        set_mask_(module, "weight", keep)
+        result[name] = 1 - float(keep.float().mean())
+    return result

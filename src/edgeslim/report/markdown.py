@@ -1,0 +1,81 @@
+"""The run report: ``DIR/report.md`` with the stage table, a summary, per-layer table, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..fileio import atomic_write_text
+from .plots import plot_accuracy_vs_size, plot_layer_sparsity
+from .tables import COLUMNS, layer_rows, read_metrics, stage_name, stage_rows, summary_line
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+ACCURACY_PLOT = "accuracy_vs_size.png"
+SPARSITY_PLOT = "layer_sparsity.png"
+LAYER_COLUMNS: list[tuple[str, str]] = [
+    ("layer", "layer"),
+    ("type", "type"),
+    ("params", "params"),
+    ("nonzero", "nonzero"),
+    ("kept", "kept %"),
+]
+_LEFT = {"stage", "format", "layer", "type"}
+
+
+def recipe_name(run_dir: Path) -> str:
+    """The ``name`` in ``run_dir/recipe.yaml``, else the directory's name."""
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recipe = None
+    if isinstance(recipe, dict) and recipe.get("name"):
+        return str(recipe["name"])
+    return run_dir.resolve().name
+
+
+def markdown_table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> str:
+    """A GitHub-flavoured markdown table; text columns left-aligned, numbers right-aligned."""
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join(":---" if key in _LEFT else "---:" for key, _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(row[key]) for key, _ in columns) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The text of report.md for metrics ``rows`` (plots referenced under ``plots/``)."""
+    final = rows[-1]
+    layers = layer_rows(final)
+    layer_section = (
+        markdown_table(layers, LAYER_COLUMNS) if layers else "_no per-layer data recorded._"
+    )
+    parts = [
+        f"# edgeslim run report: {title}",
+        f"{len(rows)} stage(s); ratios are relative to the baseline "
+        "(ratio = baseline params / nonzero params, size = bytes of the saved weights file).",
+        "## Stages",
+        markdown_table(stage_rows(rows), COLUMNS),
+        f"**{summary_line(rows)}**",
+        f"## Layers after {stage_name(final)}",
+        layer_section,
+        "## Plots",
+        f"![accuracy vs size]({PLOTS_DIR}/{ACCURACY_PLOT})",
+        f"![per-layer density]({PLOTS_DIR}/{SPARSITY_PLOT})",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` and its plots under ``run_dir/plots/``; return report.md."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    plots = run_dir / PLOTS_DIR
+    plot_accuracy_vs_size(rows, plots / ACCURACY_PLOT)
+    plot_layer_sparsity(rows, plots / SPARSITY_PLOT)
+    return atomic_write_text(run_dir / REPORT_FILE, build_markdown(rows, recipe_name(run_dir)))
