@@ -143,7 +143,7 @@ class Recipe(BaseModel):
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
         """Validate a recipe given as plain data (as parsed from YAML)."""
-        from . import pipeline  # noqa: F401  (registers the built-in stage kinds)
+        from . import stages as _stages  # noqa: F401  (registers the built-in stage kinds)
         from .train import TrainConfig
 
         if not isinstance(data, dict):

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import stages as _stages  # noqa: F401  (registers the built-in stage kinds)
 from .config import Recipe, Stage
 from .data.datasets import DataSplits, load_data
 from .errors import CheckpointError, RunDirError
@@ -41,7 +42,6 @@ from .models.io import load_model, save_model
 from .models.storage import FORMATS, deployable_state, payload_bytes, save_weights
 from .profile import profile
 from .progress import console
-from .prune import stage as _prune_stage  # noqa: F401  (registers the 'prune' stage kind)
 from .train import evaluate, fit
 
 STATE_FILE, META_FILE, METRICS_FILE = "state.safetensors", "meta.json", "metrics.jsonl"

@@ -1,0 +1,11 @@
+"""The built-in pipeline stage kinds.
+
+Importing this module registers every stage kind (``prune``, ...) with
+:func:`edgeslim.config.register_stage`. Each technique keeps its stage in its own package
+(``prune/stage.py``: how to validate the YAML body and how to run it); add one import line
+here for a new one.
+"""
+
+from __future__ import annotations
+
+from .prune import stage as _prune  # noqa: F401
