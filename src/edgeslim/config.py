@@ -70,11 +70,20 @@ def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:
 
 @dataclass(frozen=True)
 class StageKind:
-    """A stage kind: how to validate its YAML body and how to run it on a model."""
+    """A stage kind: how to validate its YAML body and how to run it on a model.
+
+    ``parse(body, where)`` validates the stage's YAML body (``where`` is its key path for
+    error messages). ``run(model, stage, ctx)`` returns ``(model, log)``. ``artifact``, when
+    given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
+    ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
+    ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
+    sparse, whichever is smaller.
+    """
 
     name: str
-    parse: Callable[[Any, str], BaseModel]  # (body, key path) -> validated config
-    run: Callable[..., Any]  # (model, config, ctx) -> model
+    parse: Callable[[Any, str], BaseModel]
+    run: Callable[..., tuple[Any, dict[str, Any]]]
+    artifact: Callable[..., tuple[str, Path]] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}

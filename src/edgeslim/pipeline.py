@@ -5,7 +5,9 @@ Run directory layout (``out``)::
     recipe.yaml          the validated recipe, defaults filled in
     stage-0/             the baseline (trained dense model), then stage-1/, stage-2/, ...
       state.safetensors  exact state (weights + pruning masks): what a resume loads
-      weights.<fmt>.safetensors  the deployable weights in the smallest storage format
+      weights.<fmt>.safetensors  the deployable weights, dense or sparse, whichever is smaller
+                         (a stage kind with an ``artifact`` writer saves its own file instead,
+                         e.g. a ``.slim`` container); metrics record its format and size
       model.pt2          the whole model, reloadable without its class (``load_model``)
       meta.json          the stage's metrics row, the recipe-prefix hash, the state's sha256
     metrics.jsonl        one row per finished stage (rebuilt from the meta.json files)
@@ -223,15 +225,14 @@ def _write_stage(
     """Evaluate, profile and save stage ``index`` into ``out/stage-index`` atomically."""
     model.eval()
     prof = profile(model, example)
-    deploy = deployable_state(model)
-    fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
     tmp = out / f".stage-{index}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / STATE_FILE))
-    size = save_weights(deploy, tmp / f"weights.{fmt}.safetensors", fmt)
+    fmt, artifact = _write_artifact(model, stage, tmp)
+    size = artifact.stat().st_size
     save_model(model, tmp / "model.pt2", example)
     row = {
         "stage": "baseline" if stage is None else stage.kind,
@@ -245,6 +246,7 @@ def _write_stage(
         "effective_macs": prof.effective_macs,
         "size_bytes": size,
         "format": fmt,
+        "file": artifact.name,
         "latency_ms": prof.latency_ms,
         "peak_activation_bytes": prof.peak_activation_bytes,
         "bytes": prof.bytes,
@@ -275,6 +277,24 @@ def _write_stage(
         f"  accuracy {100 * acc:.2f}%  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
         f"{fmt} file {size:,} B  ({seconds:.1f} s)"
     )
+
+
+def _write_artifact(model: nn.Module, stage: Stage | None, directory: Path) -> tuple[str, Path]:
+    """Write the stage's deployable file; return its format and path.
+
+    A stage kind with an ``artifact`` writer decides (a ``.slim`` file, an int8 model ...);
+    otherwise the weights go to safetensors in the smaller of the dense and sparse formats.
+    """
+    from .config import STAGE_KINDS
+
+    kind = STAGE_KINDS[stage.kind] if stage is not None else None
+    if kind is not None and kind.artifact is not None:
+        return kind.artifact(model, stage, directory)
+    deploy = deployable_state(model)
+    fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
+    path = directory / f"weights.{fmt}.safetensors"
+    save_weights(deploy, path, fmt)
+    return fmt, path
 
 
 def _read_rows(out: Path, last: int) -> list[dict[str, Any]]:
