@@ -1,0 +1,51 @@
+"""Quantization: one verb, :func:`quantize_`, dispatching on the config's type.
+
+    quantize_(model, Int8PTQ(calibration="mse"), calib=data.calib(256))
+
+Each technique registers a handler with :func:`register`; ``method: NAME`` in a recipe's
+``quantize`` stage picks the config class registered under ``NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+
+from ..errors import ConfigError
+
+FilterFn = Callable[[nn.Module, str], bool]
+Handler = Callable[..., Any]
+_HANDLERS: dict[type[BaseModel], Handler] = {}
+METHODS: dict[str, type[BaseModel]] = {}  # recipe name -> config class
+
+
+def register(name: str, config_type: type[BaseModel], handler: Handler) -> None:
+    """Make ``quantize_(model, config_type(...))`` call ``handler`` and ``method: name`` valid."""
+    _HANDLERS[config_type] = handler
+    METHODS[name] = config_type
+
+
+def quantize_(
+    model: nn.Module,
+    cfg: BaseModel,
+    *,
+    calib: Any = None,
+    filter_fn: FilterFn | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Quantize ``model`` in place as ``cfg`` says.
+
+    ``calib`` is calibration data (a tensor of inputs or an iterable of batches) for methods
+    that need it; ``filter_fn(module, name)`` restricts which layers are quantized.
+    """
+    handler = _HANDLERS.get(type(cfg))
+    if handler is None:
+        known = ", ".join(c.__name__ for c in _HANDLERS) or "(none registered)"
+        raise ConfigError(f"no quantization method for config {type(cfg).__name__}; known: {known}")
+    return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
+
+
+__all__ = ["METHODS", "quantize_", "register"]
