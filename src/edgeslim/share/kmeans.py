@@ -72,7 +72,7 @@ class KMeansShare(BaseModel):
 
 
 def init_centroids(values: np.ndarray, k: int, init: str, seed: int = 0) -> np.ndarray:
-    """Initial centroids (k,) for 1-D ``values`` by the paper's ``linear``/``density``/``random``."""
+    """Initial centroids (k,) of 1-D ``values``: the paper's linear, density or random init."""
     if init == "linear":
         return np.linspace(values.min(), values.max(), k)
     if init == "density":
