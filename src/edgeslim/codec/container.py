@@ -302,7 +302,8 @@ def _raw_or_sparse(
 ) -> tuple[dict[str, Any], list[StreamStat]]:
     """The sparse layout when it is smaller than the raw bytes, else raw."""
     raw_bytes = t.numel() * t.element_size()
-    if t.is_floating_point() and t.numel() > 0:
+    nonzero_bytes = int(torch.count_nonzero(t)) * t.element_size() if t.numel() else raw_bytes
+    if t.is_floating_point() and nonzero_bytes < raw_bytes:  # else sparse cannot be smaller
         trial = StreamWriter(start=writer.start + len(writer.streams))
         rec, st = layout.encode_sparse(name, t, bits, codecs, trial)
         if trial.size < raw_bytes:
