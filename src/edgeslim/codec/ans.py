@@ -55,14 +55,26 @@ def encode(symbols: np.ndarray, alphabet: int) -> bytes:
     return table + coder.get_compressed().astype("<u4").tobytes()
 
 
-def decode(data: bytes, n: int, alphabet: int) -> np.ndarray:
-    """Decode ``n`` symbols (int64) from a stream written by :func:`encode`."""
+def _parse(buf: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Check a stream's header: ``(symbols, frequencies, payload offset)``."""
     what = "ans stream"
-    buf = np.frombuffer(data, dtype=np.uint8)
     symbols, pos = read_table(buf, alphabet, what)
     freqs, pos = read_varints(buf, pos, symbols.size, what)
     if int(freqs.min()) < 1 or int(freqs.max()) >= 1 << 32:
         raise ContainerError(f"{what}: frequencies must be in [1, 2**32)")
+    return symbols, freqs.astype(np.int64), pos
+
+
+def payload_offset(data: bytes, n: int, alphabet: int) -> int:
+    """Bytes of a stream's header (symbol table and frequencies)."""
+    return _parse(np.frombuffer(data, dtype=np.uint8), alphabet)[2]
+
+
+def decode(data: bytes, n: int, alphabet: int) -> np.ndarray:
+    """Decode ``n`` symbols (int64) from a stream written by :func:`encode`."""
+    what = "ans stream"
+    buf = np.frombuffer(data, dtype=np.uint8)
+    symbols, freqs, pos = _parse(buf, alphabet)
     payload = buf[pos:]
     if symbols.size == 1:
         if payload.size:
@@ -73,7 +85,7 @@ def decode(data: bytes, n: int, alphabet: int) -> np.ndarray:
     words = payload.view("<u4").astype(np.uint32)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        ranks = coder.decode(_model(freqs.astype(np.int64)), n)
+        ranks = coder.decode(_model(freqs), n)
         finished = coder.is_empty()
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise ContainerError(f"{what}: cannot decode ({exc})") from None

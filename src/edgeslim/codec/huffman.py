@@ -172,14 +172,12 @@ def stream_bits(symbols: np.ndarray, alphabet: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def decode(data: bytes, n: int, alphabet: int, *, method: str | None = None) -> np.ndarray:
-    """Decode ``n`` symbols (int64) from a stream written by :func:`encode`.
+def _parse(buf: np.ndarray, n: int, alphabet: int):
+    """Check a stream's header: ``(symbols, lengths, chunk, chunk starts or None, offset)``.
 
-    ``method`` forces ``"doubling"`` or ``"lockstep"`` (both give the same result; by
-    default the stream's size decides). Raises :class:`ContainerError` on a malformed stream.
+    ``offset`` is where the payload starts; chunk starts are None for a one-symbol stream.
     """
     what = "huffman stream"
-    buf = np.frombuffer(data, dtype=np.uint8)
     symbols, pos = read_table(buf, alphabet, what)
     m = symbols.size
     if m > len(buf) - pos:
@@ -189,7 +187,7 @@ def decode(data: bytes, n: int, alphabet: int, *, method: str | None = None) -> 
     if m == 1:
         if lengths[0] != 0 or pos != len(buf):
             raise ContainerError(f"{what}: a one-symbol stream must have length 0 and no payload")
-        return np.full(n, symbols[0], dtype=np.int64)
+        return symbols, lengths, 0, None, pos
     if lengths.min() < 1 or lengths.max() > MAX_CODE_LENGTH:
         raise ContainerError(f"{what}: code lengths must be in [1, {MAX_CODE_LENGTH}]")
     if int((1 << (MAX_CODE_LENGTH - lengths)).sum()) != 1 << MAX_CODE_LENGTH:
@@ -198,17 +196,37 @@ def decode(data: bytes, n: int, alphabet: int, *, method: str | None = None) -> 
     chunk = int(chunk)
     if not 1 <= chunk <= MAX_CHUNK:
         raise ContainerError(f"{what}: chunk size {chunk} outside [1, {MAX_CHUNK}]")
-    n_chunks = ceil_div(n, chunk)
-    chunk_bits, pos = read_varints(buf, pos, max(0, n_chunks - 1), what)
-    payload = buf[pos:]
-    nbits = 8 * payload.size
+    chunk_bits, pos = read_varints(buf, pos, max(0, ceil_div(n, chunk) - 1), what)
+    nbits = 8 * (len(buf) - pos)
     if n > nbits:
-        raise ContainerError(f"{what}: {payload.size} payload bytes cannot hold {n} symbols")
+        raise ContainerError(f"{what}: {len(buf) - pos} payload bytes cannot hold {n} symbols")
     if chunk_bits.size and int(chunk_bits.max()) > nbits:
         raise ContainerError(f"{what}: a chunk is longer than the payload")
     starts = np.concatenate(([0], np.cumsum(chunk_bits.astype(np.int64))))  # (C,)
     if int(starts[-1]) > nbits:
         raise ContainerError(f"{what}: chunk offsets point past the end of the payload")
+    return symbols, lengths, chunk, starts, pos
+
+
+def payload_offset(data: bytes, n: int, alphabet: int) -> int:
+    """Bytes of a stream's header (symbol table, code lengths, chunk table)."""
+    return _parse(np.frombuffer(data, dtype=np.uint8), n, alphabet)[4]
+
+
+def decode(data: bytes, n: int, alphabet: int, *, method: str | None = None) -> np.ndarray:
+    """Decode ``n`` symbols (int64) from a stream written by :func:`encode`.
+
+    ``method`` forces ``"doubling"`` or ``"lockstep"`` (both give the same result; by
+    default the stream's size decides). Raises :class:`ContainerError` on a malformed stream.
+    """
+    what = "huffman stream"
+    buf = np.frombuffer(data, dtype=np.uint8)
+    symbols, lengths, chunk, starts, pos = _parse(buf, n, alphabet)
+    if starts is None:
+        return np.full(n, symbols[0], dtype=np.int64)
+    payload = buf[pos:]
+    nbits = 8 * payload.size
+    n_chunks = starts.size
 
     peek_bits = int(lengths.max())
     sym_of, len_of = _lookup_tables(lengths, peek_bits)

@@ -22,9 +22,9 @@ from . import ans, huffman
 from .sparse_index import best_index_bits, decode_gaps, encode_gaps
 from .symbols import entropy_bits, histogram
 
-CODECS = {
-    "huffman": (huffman.encode, huffman.decode),
-    "ans": (ans.encode, ans.decode),
+CODECS = {  # name -> (encode, decode, payload_offset)
+    "huffman": (huffman.encode, huffman.decode, huffman.payload_offset),
+    "ans": (ans.encode, ans.decode, ans.payload_offset),
 }
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -73,6 +73,7 @@ class StreamStat:
     distinct: int
     entropy_bits: float  # n * H of the symbols: the bound for any order-0 coder
     sizes: dict[str, int] = field(default_factory=dict)  # codec -> stream bytes (table incl.)
+    payloads: dict[str, int] = field(default_factory=dict)  # codec -> bytes after its table
     codec: str = ""
     bytes: int = 0
 
@@ -119,6 +120,10 @@ def encode_symbols(
     stat.entropy_bits = entropy_bits(counts)
     coded = {name: CODECS[name][0](symbols, alphabet) for name in codecs}
     stat.sizes = {name: len(data) for name, data in coded.items()}
+    stat.payloads = {
+        name: len(data) - CODECS[name][2](data, symbols.size, alphabet)
+        for name, data in coded.items()
+    }
     stat.codec = min(codecs, key=lambda name: stat.sizes[name])  # ties: first listed
     stat.bytes = stat.sizes[stat.codec]
     return {"stream": writer.add(coded[stat.codec]), "codec": stat.codec}, stat
