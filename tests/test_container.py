@@ -281,3 +281,20 @@ def test_malformed_header_bytes_are_refused(head, flags, message, good, tmp_path
     path.write_bytes(_raw_frame(head, good[2], flags))
     with pytest.raises(es.ContainerError, match=message):
         unpack(path)
+
+
+def test_cli_pack_unpack(tmp_path, capsys, monkeypatch):
+    from edgeslim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "m.slim"
+    assert main(["pack", "zoo:lenet300", str(out), "--index-bits", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "fc2.weight" in printed and f"wrote {out}" in printed
+    assert main(["unpack", str(out)]) == 0
+    assert "architecture zoo:lenet300" in capsys.readouterr().out
+    (tmp_path / "bad.slim").write_bytes(b"GIF89a" + bytes(30))
+    assert main(["unpack", str(tmp_path / "bad.slim")]) == 2
+    assert "not a .slim file" in capsys.readouterr().err
+    assert main(["pack", "zoo:lenet300", str(out), "--index-bits", "conv=9,linear=x"]) == 2
+    assert "--index-bits must be" in capsys.readouterr().err
