@@ -275,13 +275,20 @@ def encode_model(
         "format": "edgeslim.slim",
         "edgeslim": __version__,
         "architecture": arch,
-        "input_shape": list(getattr(model, "input_shape", None) or []) or None,
+        "input_shape": _input_shape(model, example),
         "num_classes": getattr(model, "num_classes", None),
         "tensors": records,
     }
     data, header_bytes = _frame(header, writer.streams)
     report = PackReport(Path(), len(data), arch["kind"], header_bytes, graph_bytes, rows, stats)
     return data, report
+
+
+def _input_shape(model: nn.Module, example: torch.Tensor | None) -> list[int] | None:
+    shape = getattr(model, "input_shape", None)
+    if shape is None and example is not None:
+        shape = example.shape[1:]
+    return [int(d) for d in shape] if shape else None
 
 
 def _row(rec: dict[str, Any], t: torch.Tensor, stream_bytes: int) -> dict[str, Any]:
@@ -373,12 +380,13 @@ def zoo_architecture(model: nn.Module) -> dict[str, Any] | None:
         for name, m in model.named_modules()
         if type(m).__name__ in HASHED_MODULES and name
     }
-    want = _layout_of(restorable_state(model))
+    state = restorable_state(model)
+    want = _layout_of(state)
     kwargs = {"num_classes": model.num_classes} if hasattr(model, "num_classes") else {}
     for name in zoo.names():
         try:
             arch = {"kind": "zoo", "name": name, "kwargs": kwargs, "modules": modules}
-            ref = build_zoo(arch, restorable_state(model))
+            ref = build_zoo(arch, state)
         except (EdgeslimError, TypeError, AttributeError, ValueError):
             continue
         if type(ref) is type(model) and _layout_of(restorable_state(ref)) == want:
