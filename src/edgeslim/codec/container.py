@@ -19,7 +19,9 @@ import lzma
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -135,6 +137,7 @@ class RawRecord(_Record):
 
 class SparseRecord(_Record):
     layout: Literal["sparse"]
+    order: Literal["row", "col"] = "row"
     index_bits: Annotated[int, Field(ge=1, le=16)]
     entries: Annotated[int, Field(ge=0, lt=MAX_NUMEL)]
     index: CodedRef | None
@@ -143,6 +146,7 @@ class SparseRecord(_Record):
 
 class SharedRecord(_Record):
     layout: Literal["shared"]
+    order: Literal["row", "col"] = "row"
     clusters: Annotated[int, Field(ge=1, le=32767)]
     codes_dtype: Literal["uint8", "int16"]
     index_bits: Annotated[int, Field(ge=1, le=16)]
@@ -259,11 +263,8 @@ def encode_model(
         before = writer.size
         if name in hashed:
             rec, st = layout.hash_record(name, t, *hashed[name]), []
-        elif name in shared:
-            codes, centroids = shared[name]
-            rec, st = layout.encode_shared(name, t, codes, centroids, bits, cfg.codecs, writer)
         else:
-            rec, st = _raw_or_sparse(name, t, bits, cfg.codecs, writer)
+            rec, st = _smallest(writer, _layouts(name, t, shared.get(name), bits, cfg.codecs))
         if name in constants and name not in state:
             rec["constant"] = True
         if graph is not None and isinstance(state.get(name), nn.Parameter):
@@ -301,22 +302,39 @@ def _row(rec: dict[str, Any], t: torch.Tensor, stream_bytes: int) -> dict[str, A
         "dense_bytes": t.numel() * t.element_size(),
         "bytes": stream_bytes,
         "index_bits": rec.get("index_bits"),
+        "order": rec.get("order", "row") if rec["layout"] in ("sparse", "shared") else None,
     }
 
 
-def _raw_or_sparse(
-    name: str, t: torch.Tensor, bits: int | str, codecs: list[str], writer: StreamWriter
-) -> tuple[dict[str, Any], list[StreamStat]]:
-    """The sparse layout when it is smaller than the raw bytes, else raw."""
-    raw_bytes = t.numel() * t.element_size()
-    nonzero_bytes = int(torch.count_nonzero(t)) * t.element_size() if t.numel() else raw_bytes
-    if t.is_floating_point() and nonzero_bytes < raw_bytes:  # else sparse cannot be smaller
+def _layouts(
+    name: str, t: torch.Tensor, shared: tuple | None, bits: int | str, codecs: list[str]
+) -> list[Callable[[StreamWriter], tuple[dict[str, Any], list[StreamStat]]]]:
+    """The ways ``t`` can be stored: shared (when it is), else raw and, when it might be
+    smaller, sparse; sparse and shared in both scan orders for a tensor of 2+ dims."""
+    orders = ["row", "col"] if t.dim() >= 2 else ["row"]
+    if shared is not None:
+        codes, centroids = shared
+        return [
+            partial(layout.encode_shared, name, t, codes, centroids, bits, codecs, order=o)
+            for o in orders
+        ]
+    options = [lambda w: (layout.encode_raw(name, t, w), [])]
+    nonzero_bytes = int(torch.count_nonzero(t)) * t.element_size()
+    if t.is_floating_point() and nonzero_bytes < t.numel() * t.element_size():
+        options += [partial(layout.encode_sparse, name, t, bits, codecs, order=o) for o in orders]
+    return options
+
+
+def _smallest(writer: StreamWriter, options) -> tuple[dict[str, Any], list[StreamStat]]:
+    """Encode with each option into a scratch writer; keep the smallest (ties: the first)."""
+    best = None
+    for make in options:
         trial = StreamWriter(start=writer.start + len(writer.streams))
-        rec, st = layout.encode_sparse(name, t, bits, codecs, trial)
-        if trial.size < raw_bytes:
-            writer.extend(trial)
-            return rec, st
-    return layout.encode_raw(name, t, writer), []
+        rec, stats = make(trial)
+        if best is None or trial.size < best[0].size:
+            best = (trial, rec, stats)
+    writer.extend(best[0])
+    return best[1], best[2]
 
 
 def _index_bits(spec: Any, name: str, kinds: dict[str, type]) -> int | str:

@@ -56,6 +56,21 @@ def tensor_crc(t: torch.Tensor) -> int:
     return zlib.crc32(tensor_bytes(t))
 
 
+def to_scan(flat: torch.Tensor, shape: list[int], order: str) -> torch.Tensor:
+    """A row-major flat tensor in scan ``order``: ``row``, or ``col`` (column by column of
+    the tensor seen as a ``(shape[0], rest)`` matrix)."""
+    if order == "row" or len(shape) < 2:
+        return flat
+    return flat.reshape(shape[0], -1).T.reshape(-1)
+
+
+def from_scan(scanned: torch.Tensor, shape: list[int], order: str) -> torch.Tensor:
+    """Undo :func:`to_scan`: back to row-major order, flat."""
+    if order == "row" or len(shape) < 2:
+        return scanned
+    return scanned.reshape(-1, shape[0]).T.reshape(-1)
+
+
 def _nonzero_positions(t: torch.Tensor) -> np.ndarray:
     """Flat positions whose bits are not all zero (so -0.0 counts as nonzero)."""
     raw = tensor_bytes(t).reshape(t.numel(), t.element_size())
@@ -147,18 +162,25 @@ def encode_raw(name: str, t: torch.Tensor, writer: StreamWriter) -> dict[str, An
 
 
 def encode_sparse(
-    name: str, t: torch.Tensor, index_bits: int | str, codecs: list[str], writer: StreamWriter
+    name: str,
+    t: torch.Tensor,
+    index_bits: int | str,
+    codecs: list[str],
+    writer: StreamWriter,
+    order: str = "row",
 ) -> tuple[dict[str, Any], list[StreamStat]]:
-    """Positions of the nonzero entries (gap-coded) and their raw values."""
-    positions = _nonzero_positions(t)
+    """Positions of the nonzero entries (gap-coded, in scan ``order``) and their raw values."""
+    scanned = to_scan(t.detach().reshape(-1), list(t.shape), order).contiguous()
+    positions = _nonzero_positions(scanned)
     if index_bits == "auto":
         index_bits = best_index_bits(positions, None, filler_bits=8.0 * t.element_size())
     gaps, carries = encode_gaps(positions, int(index_bits))
     values = torch.zeros(gaps.size, dtype=t.dtype)
-    values[torch.from_numpy(np.flatnonzero(carries))] = t.detach().reshape(-1)[positions]
+    values[torch.from_numpy(np.flatnonzero(carries))] = scanned[positions]
     index, stat = encode_symbols(gaps, 1 << index_bits, codecs, writer, name, "index")
     record = {
         **_base(name, t, "sparse"),
+        **({"order": order} if order != "row" else {}),
         "index_bits": int(index_bits),
         "entries": int(gaps.size),
         "index": index,
@@ -175,8 +197,10 @@ def encode_shared(
     index_bits: int | str,
     codecs: list[str],
     writer: StreamWriter,
+    order: str = "row",
 ) -> tuple[dict[str, Any], list[StreamStat]]:
-    """A k-means shared tensor: its centroids, and per nonzero code a gap and the code."""
+    """A k-means shared tensor: its centroids, and per nonzero code (in scan ``order``) a gap
+    and the code."""
     k = centroids.numel()
     codes_dtype = next((n for n, (dt, top) in CODES_DTYPES.items() if k <= top), None)
     if codes_dtype is None:
@@ -187,7 +211,7 @@ def encode_shared(
             f"tensor {name!r} is not equal to its shared values centroids[codes]; call "
             "edgeslim.apply_masks_(model) after training to tie the weights again"
         )
-    flat = codes.detach().reshape(-1).long().numpy()  # (numel,)
+    flat = to_scan(codes.detach().reshape(-1).long(), list(t.shape), order).numpy()  # (numel,)
     positions = np.flatnonzero(flat)
     if index_bits == "auto":
         index_bits = best_index_bits(positions, flat[positions])
@@ -198,6 +222,7 @@ def encode_shared(
     code_ref, code_stat = encode_symbols(symbols, k + 1, codecs, writer, name, "codes")
     record = {
         **_base(name, t, "shared"),
+        **({"order": order} if order != "row" else {}),
         "clusters": k,
         "codes_dtype": codes_dtype,
         "index_bits": int(index_bits),
@@ -261,18 +286,19 @@ def decode_record(rec: Any, streams: list[memoryview]) -> dict[str, torch.Tensor
         values = _from_bytes(streams[rec.values], rec.dtype, [rec.entries])
         flat = torch.zeros(numel, dtype=dt)
         flat[torch.from_numpy(positions)] = values
-        out[rec.name] = flat.reshape(shape)
+        out[rec.name] = from_scan(flat, shape, rec.order).reshape(shape)
     elif rec.layout == "shared":
         positions = _positions(rec, streams, numel)
         symbols = decode_symbols(rec.codes, rec.entries, rec.clusters + 1, streams)
         carries = symbols != 0
-        codes = torch.zeros(numel, dtype=CODES_DTYPES[rec.codes_dtype][0])
-        codes[torch.from_numpy(positions[carries])] = torch.from_numpy(symbols[carries]).to(
-            codes.dtype
+        flat = torch.zeros(numel, dtype=CODES_DTYPES[rec.codes_dtype][0])
+        flat[torch.from_numpy(positions[carries])] = torch.from_numpy(symbols[carries]).to(
+            flat.dtype
         )
+        codes = from_scan(flat, shape, rec.order).reshape(shape)
         centroids = _from_bytes(streams[rec.centroids], rec.dtype, [rec.clusters])
-        out[rec.name] = shared_values(codes, centroids).reshape(shape)
-        out[rec.name + "_codes"] = codes.reshape(shape)
+        out[rec.name] = shared_values(codes, centroids)
+        out[rec.name + "_codes"] = codes
         out[rec.name + "_centroids"] = centroids
     elif rec.layout == "hash":
         if rec.role == "index":
