@@ -219,6 +219,16 @@ FRAMING = {
 }
 
 
+def test_oversized_and_missing_files_are_refused(tmp_path):
+    path = tmp_path / "big.slim"
+    with path.open("wb") as f:
+        f.truncate(100 << 20)  # a sparse 100 MiB file: refused before it is read
+    with pytest.raises(es.ContainerError, match="more than a file restoring at most 1,000 bytes"):
+        unpack(path, max_bytes=1000)
+    with pytest.raises(es.ContainerError, match="cannot read"):
+        unpack(tmp_path / "missing.slim")
+
+
 @pytest.mark.parametrize("case", FRAMING)
 def test_malformed_framing_is_refused(case, good, tmp_path):
     mutate, message = FRAMING[case]

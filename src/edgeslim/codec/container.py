@@ -487,6 +487,12 @@ def unpack(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> nn
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > max_bytes + MAX_HEADER_BYTES + MAX_GRAPH_BYTES + 8 * MAX_STREAMS:
+            raise ContainerError(
+                f"{path}: {size:,} bytes is more than a file restoring at most {max_bytes:,} "
+                "bytes of tensors can hold (pass a larger max_bytes if the file is trusted)"
+            )
         data = path.read_bytes()
     except OSError as exc:
         raise ContainerError(f"cannot read {path}: {exc}") from exc
