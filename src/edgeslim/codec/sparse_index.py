@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ContainerError
-from .symbols import entropy_bits
+from .ans import frequencies
+from .symbols import entropy_bits, write_table, write_varints
 
 MAX_INDEX_BITS = 16
 AUTO_INDEX_BITS = range(1, 13)  # candidates for index_bits="auto"
@@ -66,12 +67,18 @@ def index_cost_bits(
     fillers = int(((d - 1) // span).sum())
     gap_counts = np.bincount((d - 1) % span, minlength=span)
     gap_counts[span - 1] += fillers
-    bits = entropy_bits(gap_counts) + 8 * np.count_nonzero(gap_counts)  # + table estimate
+    bits = entropy_bits(gap_counts) + table_bits(gap_counts)
     if codes is None:
         return bits + fillers * filler_bits
     code_counts = np.bincount(np.asarray(codes, dtype=np.int64), minlength=1)
     code_counts[0] += fillers
-    return bits + entropy_bits(code_counts)
+    return bits + entropy_bits(code_counts) + table_bits(code_counts)
+
+
+def table_bits(counts: np.ndarray) -> int:
+    """Bits of the symbol table an ANS stream with these symbol counts stores."""
+    present = np.flatnonzero(counts)
+    return 8 * len(write_table(present) + write_varints(frequencies(counts[present])))
 
 
 def best_index_bits(
