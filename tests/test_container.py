@@ -271,6 +271,31 @@ HEADERS = {
         "unknown module class 'Evil'",
     ),
     "unknown zoo name": (lambda h, s: h["architecture"].update(name="alexnet"), "alexnet"),
+    "huge zoo kwargs": (
+        lambda h, s: h["architecture"].update(kwargs={"num_classes": 10**9}),
+        "would allocate .* over the limit",
+    ),
+    "huge hashed layer": (
+        lambda h, s: h["architecture"]["modules"].update(
+            {
+                "fc1": {
+                    "class": "HashedLinear",
+                    "args": {
+                        "in_features": 10**6,
+                        "out_features": 10**6,
+                        "buckets": 8,
+                        "bias": True,
+                        "seed": 0,
+                    },
+                }
+            }
+        ),
+        "would allocate .* over the limit",
+    ),
+    "bad zoo kwargs": (
+        lambda h, s: h["architecture"].update(kwargs={"widht": 2}),
+        "cannot rebuild zoo network 'lenet300'.*widht",
+    ),
     "bad graph": (
         lambda h, s: (
             s.append(b"not xz"),

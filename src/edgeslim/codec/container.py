@@ -412,16 +412,33 @@ def zoo_architecture(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def build_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    """The zoo network of ``arch`` with its module replacements and sharing tensors added."""
+def build_zoo(
+    arch: dict[str, Any], state: dict[str, torch.Tensor], max_bytes: int = DEFAULT_MAX_BYTES
+) -> nn.Module:
+    """The zoo network of ``arch`` with its module replacements and sharing tensors added.
+
+    The network is first built on the meta device (no memory) to check that it and its
+    replacement modules fit in ``max_bytes`` before anything is allocated.
+    """
     with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+        with torch.device("meta"):
+            probe = zoo.create(arch["name"], **arch["kwargs"])
+        need = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+        classes = {}
+        for path, spec in arch["modules"].items():
+            classes[path] = HASHED_MODULES.get(spec["class"])
+            if classes[path] is None:
+                raise ContainerError(f"unknown module class {spec['class']!r} at {path!r}")
+            need += classes[path].build_bytes(spec["args"])
+        if need > max_bytes:
+            raise ContainerError(
+                f"building zoo network {arch['name']!r} as described would allocate {need:,} "
+                f"bytes, over the limit of {max_bytes:,}"
+            )
         model = zoo.create(arch["name"], **arch["kwargs"])
         for path, spec in arch["modules"].items():
-            cls = HASHED_MODULES.get(spec["class"])
-            if cls is None:
-                raise ContainerError(f"unknown module class {spec['class']!r} at {path!r}")
             model.get_submodule(path)  # raises AttributeError when there is no such module
-            model.set_submodule(path, cls(**spec["args"]))
+            model.set_submodule(path, classes[path](**spec["args"]))
     add_mask_buffers_(model, state)
     return model
 
@@ -499,7 +516,7 @@ def unpack(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> nn
     try:
         header, streams = read_container(data, max_bytes=max_bytes)
         tensors = decode_tensors(header, streams)
-        model = _build(header, tensors, streams)
+        model = _build(header, tensors, streams, max_bytes)
     except ContainerError as exc:
         raise ContainerError(f"{path}: {exc}") from None
     return model.eval()
@@ -631,15 +648,22 @@ def decode_tensors(header: Header, streams: list[memoryview]) -> dict[str, torch
     return out
 
 
-def _build(header: Header, tensors: dict[str, torch.Tensor], streams) -> nn.Module:
+def _build(header: Header, tensors: dict[str, torch.Tensor], streams, max_bytes: int) -> nn.Module:
     arch = header.architecture
     constant = {r.name for r in header.tensors if r.constant}
     if isinstance(arch, ZooArchitecture):
         spec = arch.model_dump(by_alias=True)
         try:
-            model = build_zoo(spec, tensors)
+            model = build_zoo(spec, tensors, max_bytes)
             model.load_state_dict(tensors, strict=True)
-        except (EdgeslimError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        except (
+            EdgeslimError,
+            TypeError,
+            AttributeError,
+            ValueError,
+            KeyError,
+            RuntimeError,
+        ) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ContainerError(f"cannot rebuild zoo network {arch.name!r}: {first}") from None
     else:

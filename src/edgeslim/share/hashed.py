@@ -130,6 +130,12 @@ class HashedLinear(_Hashed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
 
+    @staticmethod
+    def build_bytes(args: dict) -> int:
+        """Memory that ``HashedLinear(**args)`` allocates (checked before building one from a
+        file): buckets, bias, and the int64 index and float sign of every virtual weight."""
+        return 4 * int(args["buckets"]) + 12 * int(args["in_features"]) * int(args["out_features"])
+
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""
         return {
@@ -175,6 +181,14 @@ class HashedConv2d(_Hashed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # (out, in/groups, kh, kw)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @staticmethod
+    def build_bytes(args: dict) -> int:
+        """Memory that ``HashedConv2d(**args)`` allocates (see ``HashedLinear.build_bytes``)."""
+        k = args["kernel_size"]
+        kh, kw = (k, k) if isinstance(k, int) else k
+        per_out = int(args["in_channels"]) // max(1, int(args.get("groups", 1))) * int(kh) * int(kw)
+        return 4 * int(args["buckets"]) + 12 * int(args["out_channels"]) * per_out
 
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""
