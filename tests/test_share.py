@@ -8,6 +8,7 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.masks import add_mask_buffers_, apply_masks_, iter_shared, mask_grads_
+from edgeslim.profile import profile
 from edgeslim.share.hashed import fmix64, hash_index, hash_sign
 from edgeslim.share.kmeans import assign, init_centroids, kmeans_1d
 
@@ -106,7 +107,7 @@ def test_shared_model_survives_safetensors_export_and_profile(pruned_lenet5, tmp
     assert torch.equal(fresh(x), model(x))
     es.save_model(model, tmp_path / "m.pt2")
     assert torch.equal(es.load_model(tmp_path / "m.pt2")(x), model.eval()(x))
-    prof = es.profile(model, x, latency=False)
+    prof = profile(model, x, latency=False)  # (es.profile can be shadowed by the subpackage)
     centroids = sum(c.numel() for *_, c in iter_shared(model))
     assert prof.params == 431_080 + centroids
     assert prof.bytes["fp32"] == 431_080 * 4  # codes and centroids are not deployed
