@@ -205,13 +205,14 @@ def encode_shared(
     codes_dtype = next((n for n, (dt, top) in CODES_DTYPES.items() if k <= top), None)
     if codes_dtype is None:
         raise ContainerError(f"tensor {name!r}: {k} clusters; a .slim file holds at most 32767")
+    codes, centroids = codes.detach().cpu(), centroids.detach().cpu()
     tied = shared_values(codes, centroids).to(t.dtype)
     if not np.array_equal(tensor_bytes(tied), tensor_bytes(t)):
         raise ContainerError(
             f"tensor {name!r} is not equal to its shared values centroids[codes]; call "
             "edgeslim.apply_masks_(model) after training to tie the weights again"
         )
-    flat = to_scan(codes.detach().reshape(-1).long(), list(t.shape), order).numpy()  # (numel,)
+    flat = to_scan(codes.detach().cpu().reshape(-1).long(), list(t.shape), order).numpy()
     positions = np.flatnonzero(flat)
     if index_bits == "auto":
         index_bits = best_index_bits(positions, flat[positions])
