@@ -16,6 +16,8 @@ from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from .schedule import model_sparsity, prune_iteratively_
+from .sparsegpt import SparseGPT, sparsegpt_prune_model_
+from .wanda import Wanda, wanda_prune_
 
 Handler = Callable[..., dict[str, float]]
 _HANDLERS: dict[type[BaseModel], Handler] = {}
@@ -49,10 +51,14 @@ def prune_(
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)
+register("wanda", Wanda, wanda_prune_)
+register("sparsegpt", SparseGPT, sparsegpt_prune_model_)
 
 __all__ = [
     "METHODS",
     "MagnitudePrune",
+    "SparseGPT",
+    "Wanda",
     "apply_masks_",
     "iter_masks",
     "mask_grads_",

@@ -48,4 +48,11 @@ def quantize_(
     return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
-__all__ = ["METHODS", "quantize_", "register"]
+from .gptq import GPTQ, RTN, gptq_quantize_, rtn_quantize_  # noqa: E402
+from .smoothquant import SmoothQuant, smoothquant_  # noqa: E402
+
+register("gptq", GPTQ, gptq_quantize_)
+register("rtn", RTN, rtn_quantize_)
+register("smoothquant", SmoothQuant, smoothquant_)
+
+__all__ = ["GPTQ", "METHODS", "RTN", "SmoothQuant", "quantize_", "register"]
