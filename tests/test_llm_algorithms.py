@@ -96,7 +96,7 @@ def test_sparsegpt_fixed_mask_equals_sequential_least_squares_reference():
     ours = w.clone()
     sparsegpt_prune_(ours, h, mask=keep, blocksize=5, percdamp=1e-10)
     ref = sequential_reference(w, h, lambda cur, i: cur[:, i] * keep[:, i])
-    assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
     assert (ours[~keep] == 0).all()
 
 

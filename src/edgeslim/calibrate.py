@@ -112,15 +112,15 @@ class InputNorms:
 
 
 class Hessian:
-    """H = 2/n X^T X over all n calibration tokens (SparseGPT, GPTQ), kept in float64."""
+    """H = 2/n X^T X over all n calibration tokens (SparseGPT, GPTQ), summed in float64."""
 
     def __init__(self, in_features: int):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)  # (in, in)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        rows = _rows(x).double()  # (tokens, in)
-        self.xtx += rows.t() @ rows
+        rows = _rows(x)  # (tokens, in)
+        self.xtx += (rows.t() @ rows).double()  # float32 product, float64 running sum
         self.tokens += rows.shape[0]
 
     @property

@@ -246,6 +246,8 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
     path = directory / WEIGHTS_FILE
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "edgeslim": json.dumps(meta)})
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]  # which class load_hf builds
     model.config.save_pretrained(str(directory))
     meta_note = {"plain_transformers_checkpoint": plain}
     atomic_write_text(directory / "edgeslim.json", json.dumps(meta_note))
@@ -262,17 +264,32 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def _read(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """All tensors of a directory (decoded) and whether any was edgeslim-encoded."""
+def _files(directory: Path) -> list[str]:
     index = directory / INDEX_FILE
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else [WEIGHTS_FILE]
-    )
+    if not index.is_file():
+        return [WEIGHTS_FILE]
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a safetensors index: {exc}") from exc
+
+
+def _is_encoded(directory: Path) -> bool:
+    """Whether any tensor of the directory is stored sparse or quantized by edgeslim."""
+    for file in _files(directory):
+        try:
+            with safe_open(str(directory / file), framework="pt") as f:
+                if any("::" in k for k in f.keys()):  # noqa: SIM118
+                    return True
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {directory / file}: {exc}") from exc
+    return False
+
+
+def _read(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory, decoded into a dense state dict."""
     state: dict[str, torch.Tensor] = {}
-    encoded = False
-    for file in files:
+    for file in _files(directory):
         path = directory / file
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -280,9 +297,8 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], bool]:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
-        encoded = encoded or any("::" in k for k in tensors)
         state.update(decode_state(tensors, meta, path))
-    return state, encoded
+    return state
 
 
 def restore_buffers_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -327,14 +343,19 @@ def load_hf(source: str | os.PathLike) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}/config.json cannot be read: {exc}") from exc
     cls = model_class_for(config)
-    state, encoded = _read(directory)
+    if not _is_encoded(directory):  # an ordinary transformers checkpoint
+        try:
+            model = cls.from_pretrained(str(directory))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"transformers cannot load {directory}: {exc}") from exc
+        model.eval()
+        return model
+    state = _read(directory)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     restore_buffers_(model, state)
     result = model.load_state_dict(state, strict=False)
     tied = set(_tied_keys(model))
     missing = [k for k in result.missing_keys if k not in tied]
-    persistent = set(model.state_dict())
-    missing = [k for k in missing if k in persistent and not _non_persistent(model, k)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{directory} does not fit {cls.__name__}: missing {missing[:5]}, "
@@ -346,8 +367,3 @@ def load_hf(source: str | os.PathLike) -> nn.Module:
     model.name_or_path = str(directory)
     return model
 
-
-def _non_persistent(model: nn.Module, key: str) -> bool:
-    mname, _, bname = key.rpartition(".")
-    module = dict(model.named_modules()).get(mname)
-    return module is not None and bname in getattr(module, "_non_persistent_buffers_set", set())

@@ -63,8 +63,8 @@ def sparsegpt_prune_(
         raise ConfigError(f"Hessian shape {tuple(h.shape)} does not fit weight {(out_f, in_f)}")
     if n is not None and m is not None and in_f % m:
         raise ConfigError(f"N:M {n}:{m} needs the input size ({in_f}) to be divisible by {m}")
-    work = w.double()
-    u = damped_inverse_cholesky(h.double(), work, percdamp)  # (in, in) upper
+    work = w.float().clone()
+    u = damped_inverse_cholesky(h.double(), work, percdamp).float()  # (in, in) upper
     pruned = torch.zeros(out_f, in_f, dtype=torch.bool)  # True = removed
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)

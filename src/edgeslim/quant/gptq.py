@@ -157,16 +157,16 @@ def gptq_quantize(
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise ConfigError(f"Hessian shape {tuple(h.shape)} does not fit weight {(out_f, in_f)}")
-    work = w.double().clone()
+    work = w.float().clone()
     h = h.double()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
     work, h = work[:, perm], h[perm][:, perm]
-    u = damped_inverse_cholesky(h, work, percdamp)  # (in, in) upper
+    u = damped_inverse_cholesky(h, work, percdamp).float()  # (in, in) upper
     g = group_size or in_f
     n_groups = _groups(in_f, group_size)
-    scale = torch.zeros(out_f, n_groups, dtype=torch.float64)
-    zero = torch.zeros(out_f, n_groups, dtype=torch.float64)
-    codes = torch.zeros(out_f, in_f, dtype=torch.float64)
+    scale = torch.zeros(out_f, n_groups)
+    zero = torch.zeros(out_f, n_groups)
+    codes = torch.zeros(out_f, in_f)
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         w1 = work[:, i1:i2].clone()  # (out, b)

@@ -38,8 +38,8 @@ from ..calibrate import (
 from ..errors import ConfigError
 from .gptq import QuantizedWeight, attach_quantized_
 
-# Which norm feeds which linear layers, inside one block (pre-LN blocks; BERT's post-LN
-# block only has its MLP input fed by a norm of the same block).
+# Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
+# nothing else: in a post-LN block (BERT) it is also the residual, so nothing is folded there.
 NORM_FEEDS: dict[str, list[tuple[str, list[str]]]] = {
     "GPT2Block": [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])],
     "OPTDecoderLayer": [
@@ -50,7 +50,6 @@ NORM_FEEDS: dict[str, list[tuple[str, list[str]]]] = {
         ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
         ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
     ],
-    "BertLayer": [("attention.output.LayerNorm", ["intermediate.dense"])],
 }
 
 
