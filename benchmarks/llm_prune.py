@@ -34,11 +34,10 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
-from edgeslim.calibrate import find_blocks, is_linear, weight_matrix  # noqa: E402
+from _llm_common import magnitude_blocks_  # noqa: E402
 from edgeslim.data.text import load_text  # noqa: E402
 from edgeslim.models.hf import load_hf  # noqa: E402
-from edgeslim.prune import MagnitudePrune, SparseGPT, Wanda, prune_  # noqa: E402
-from edgeslim.prune.wanda import apply_keep_, nm_mask  # noqa: E402
+from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
 
 
 def spread(items: list[str], n: int) -> list[str]:
@@ -46,17 +45,6 @@ def spread(items: list[str], n: int) -> list[str]:
     step = max(1, len(items) // n)
     return items[::step][:n]
 
-
-def magnitude_nm_(model, n: int, m: int) -> dict[str, float]:
-    """2:4 by magnitude: in each group of m inputs of a row, keep the n largest |w|."""
-    prefix, blocks = find_blocks(model)
-    log = {}
-    for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if is_linear(module):
-                keep = nm_mask(weight_matrix(module).abs(), n, m)
-                log[f"{prefix}.{i}.{name}"] = apply_keep_(module, keep)
-    return log
 
 
 def embed(model, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
@@ -99,10 +87,10 @@ def main() -> None:
     ref_nn = nearest(ref)
 
     methods = {
-        "magnitude 50%": lambda m: prune_(m, MagnitudePrune(layer_sparsity={"encoder.layer.*": 0.5})),
+        "magnitude 50%": lambda m: magnitude_blocks_(m, 0.5),
         "wanda 50%": lambda m: prune_(m, Wanda(sparsity=0.5, batch_size=1), calib=calib),
         "sparsegpt 50%": lambda m: prune_(m, SparseGPT(sparsity=0.5, batch_size=1), calib=calib),
-        "magnitude 2:4": lambda m: magnitude_nm_(m, 2, 4),
+        "magnitude 2:4": lambda m: magnitude_blocks_(m, n=2, m=4),
         "wanda 2:4": lambda m: prune_(m, Wanda(n=2, m=4, batch_size=1), calib=calib),
         "sparsegpt 2:4": lambda m: prune_(m, SparseGPT(n=2, m=4, batch_size=1), calib=calib),
     }

@@ -70,7 +70,7 @@ def _transposed(module: nn.Module) -> bool:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """A float32 copy of the layer's weight as ``(out, in)``."""
     w = module.weight.detach()
-    return (w.t() if _transposed(module) else w).float().clone()
+    return (w.t() if _transposed(module) else w).float().clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

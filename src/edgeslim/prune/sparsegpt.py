@@ -76,12 +76,12 @@ def sparsegpt_prune_(
         elif n is None:
             score = w1.pow(2) / torch.diag(u1).pow(2).unsqueeze(0)  # (out, b)
             k = int(score.numel() * (sparsity or 0.0))
-            pruned1 = torch.zeros_like(score, dtype=torch.bool)
+            pruned1 = torch.zeros(score.shape, dtype=torch.bool)
             if k > 0:
                 lowest = torch.argsort(score.reshape(-1), stable=True)[:k]
                 pruned1.view(-1)[lowest] = True
         else:
-            pruned1 = torch.zeros_like(w1, dtype=torch.bool)
+            pruned1 = torch.zeros(w1.shape, dtype=torch.bool)
         for i in range(i2 - i1):
             col = w1[:, i]  # (out,)
             d = u1[i, i]
