@@ -501,33 +501,50 @@ def _tied_source(model: nn.Module) -> dict[str, str]:
     return dict(tied) if isinstance(tied, dict) else {}
 
 
+def algorithm_for(cfg: Any) -> tuple[OneShotAlgorithm, str]:
+    """The engine-side algorithm of a one-shot config (Wanda, SparseGPT, GPTQ, SmoothQuant)."""
+    from .prune.sparsegpt import SparseGPT, SparseGPTAlgorithm
+    from .prune.wanda import Wanda, WandaAlgorithm
+    from .quant.gptq import GPTQ, GPTQAlgorithm
+    from .quant.smoothquant import SmoothQuant, SmoothQuantAlgorithm
+
+    table = {
+        Wanda: WandaAlgorithm,
+        SparseGPT: SparseGPTAlgorithm,
+        GPTQ: GPTQAlgorithm,
+        SmoothQuant: SmoothQuantAlgorithm,
+    }
+    if type(cfg) not in table:
+        known = ", ".join(c.__name__ for c in table)
+        raise ConfigError(f"{type(cfg).__name__} is not a one-shot method; known: {known}")
+    return table[type(cfg)](cfg), type(cfg).__name__.lower()
+
+
 def compress_sharded(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    calib: torch.Tensor | Iterable[Batch],
-    algo: OneShotAlgorithm,
+    cfg: Any,
     *,
+    calib: torch.Tensor | Iterable[Batch],
     filter_fn: FilterFn | None = None,
-    exclude: list[str] | None = None,
-    batch_size: int = 8,
-    label: str = "one-shot (streaming)",
     progress: bool | None = None,
-    writer: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
 ) -> dict[str, Any]:
-    """Compress a transformers model saved as safetensors shards in ``source`` into ``out``.
+    """Compress the transformers model saved as safetensors shards in ``source`` into ``out``.
 
-    Only the modules before the blocks (embeddings), one block at a time and the statistics
-    of its layers are in memory: the model is built on the ``meta`` device, each block is
-    read from the shards when its turn comes, compressed, written to its own shard in
-    ``out`` and released. Tensors after the blocks (final norm, LM head) are copied through.
-    ``out`` is a transformers directory (``config.json`` + shards + index) that
-    :func:`edgeslim.models.hf.load_hf` reads back. ``writer(tensors, path)`` writes one shard
-    (default: :func:`edgeslim.models.hf.write_shard`, dense or sparse per tensor, smaller wins).
+    ``cfg`` is a one-shot config (:class:`~edgeslim.prune.Wanda`, ``SparseGPT``, ``GPTQ``,
+    ``SmoothQuant``). Only the embeddings, one block at a time and the statistics of its layers
+    are ever in memory: the model is built on the ``meta`` device, the modules before the
+    blocks are read to compute the inputs of block 0 and released, then each block is read
+    from the shards, compressed, written to its own shard in ``out`` and released. Tensors
+    that are not in a block (embeddings, final norm, LM head) are copied through. ``out`` is a
+    transformers directory (``config.json``, shards, index) that ``load_model("hf:OUT")``
+    reads back. Returns the algorithm's log entry per layer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .models.hf import model_class_for, write_index, write_shard
 
+    algo, label = algorithm_for(cfg)
     source, out = Path(source), Path(out)
     if calib is None:
         raise ConfigError(f"{label} needs calibration data: pass calib=...")
@@ -535,53 +552,49 @@ def compress_sharded(
         config = AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{source} is not a transformers model directory: {exc}") from exc
-    config.use_cache = False
     reader = ShardReader(source)
     cls = model_class_for(config, default=AutoModelForCausalLM)
+    config.use_cache = False
     with torch.device("meta"):
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        model = cls(config)
     found = find_blocks(model)
     if found is None:
         raise ConfigError(f"{type(model).__name__}: no list of transformer blocks found")
     prefix, blocks = found
-    # an ordinary one-block instance supplies the non-persistent buffers (rotary, ids)
-    small_cfg = config.__class__.from_dict({**config.to_dict(), _layers_key(config): 1})
-    small = cls.from_config(small_cfg) if hasattr(cls, "from_config") else cls(small_cfg)
-    small_blocks = find_blocks(small)
-    fresh_block = small_blocks[1][0] if small_blocks else None
-    fresh_modules = dict(small.named_modules())
+    # a one-block instance on the CPU supplies the buffers that are not in the checkpoint
+    tiny = {_layers_key(config): 1, "vocab_size": 8, "pad_token_id": None, "bos_token_id": None}
+    small_cfg = type(config).from_dict({**config.to_dict(), **tiny, "eos_token_id": None})
+    small = cls(small_cfg)
+    small_modules = dict(small.named_modules())
+    fresh_block = small_modules[f"{prefix}.0"]
 
-    keep = layer_filter(exclude or [], filter_fn)
-    writer = writer or write_shard
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    block_names = {f"{prefix}.{i}" for i in range(len(blocks))}
+    in_block = [f"{prefix}.{i}" for i in range(len(blocks))]
 
-    # modules outside the blocks that run before them: everything with tensors that is not
-    # a block, materialised now (the LM head stays on meta: calibration stops at the blocks)
-    tied = _tied_source(model)
-    outside = [
+    def outside(name: str) -> bool:
+        return not any(name == b or name.startswith(b + ".") for b in in_block)
+
+    tied = {key.rsplit(".", 1)[0] for key in _tied_source(model)}
+    before = [
         (name, m)
         for name, m in model.named_modules()
-        if name
-        and not any(name == b or name.startswith(b + ".") for b in block_names)
-        and name != prefix
-        and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)))
+        if name and name != prefix and outside(name) and name not in tied
     ]
-    head_names = {k.rsplit(".", 1)[0] for k in tied}
-    for name, module in outside:
-        if name in head_names:
-            continue
-        _materialize_local_(module, f"{name}.", reader, fresh_modules.get(name))
-    batches = calibration_batches(calib, batch_size)
+    for name, module in before:
+        _materialize_local_(module, f"{name}.", reader, small_modules.get(name))
+    del small
+    keep = layer_filter(getattr(cfg, "exclude", []), filter_fn)
+    batches = calibration_batches(calib, getattr(cfg, "batch_size", 8))
+    out.mkdir(parents=True, exist_ok=True)
+    rest = [k for k in reader.where if outside(k.rsplit(".", 1)[0])]
+    n_files = len(blocks) + len(rest)  # one shard per block, one per tensor outside them
+    weight_map: dict[str, str] = {}
     log: dict[str, Any] = {}
     with torch.no_grad():
+        model.eval()
         inputs = capture_block_inputs(model, blocks[0], batches)
+        for _, module in before:  # not needed any more: give their memory back
+            module.to("meta")
         tokens, act = _tokens(inputs)
-        # the modules before the blocks are no longer needed: give their memory back
-        for name, module in outside:
-            if name not in head_names:
-                module.to("meta")
         plan = Plan(
             blocks=len(blocks),
             block_bytes=max(_param_bytes(b) for b in blocks),
@@ -589,32 +602,26 @@ def compress_sharded(
             stats_bytes=max(_stats_bytes(b, algo.stats_type) for b in blocks),
             tokens=tokens,
         )
-        console.print(plan.describe(label))
-        n_files = len(blocks) + 1
+        console.print(plan.describe(f"{label} (streaming from {source})"))
         with progress_bar(disable=not enabled(progress)) as bar:
             task = bar.add_task(label, total=len(blocks))
             for index, block in enumerate(blocks):
                 bar.update(task, description=f"{label} block {index + 1}/{len(blocks)}")
-                name = f"{prefix}.{index}"
+                name = in_block[index]
                 _materialize_(block, f"{name}.", reader, fresh_block)
                 block.eval()
                 block_log, inputs = compress_block_(block, inputs, algo, name, keep)
                 log.update(block_log)
-                tensors = {f"{name}.{k}": v for k, v in block.state_dict().items()}
                 file = f"model-{index + 1:05d}-of-{n_files:05d}.safetensors"
-                writer(tensors, out / file)
-                weight_map.update(dict.fromkeys(tensors, file))
-                block.to("meta")  # release the block's memory
-                del tensors
+                weight_map.update(dict.fromkeys(write_shard(block, out / file, f"{name}."), file))
+                block.to("meta")  # release the block
                 bar.update(task, advance=1)
-        # everything that is not in a block (embeddings, final norm, head) copied through
-        rest = [k for k in reader.where if not any(k.startswith(b + ".") for b in block_names)]
-        file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-        rest_tensors = reader.get(rest)
-        writer(rest_tensors, out / file)
-        weight_map.update(dict.fromkeys(rest_tensors, file))
-        del rest_tensors
+        for index, key in enumerate(rest, start=len(blocks) + 1):
+            file = f"model-{index:05d}-of-{n_files:05d}.safetensors"
+            weight_map.update(dict.fromkeys(write_shard(reader.get([key]), out / file), file))
     config.use_cache = True
+    if not getattr(config, "architectures", None):
+        config.architectures = [cls.__name__]
     config.save_pretrained(str(out))
     write_index(out, weight_map)
     return log
@@ -651,12 +658,3 @@ def _materialize_local_(
             else:
                 raise CheckpointError(f"buffer {key!r} is in no shard and cannot be rebuilt")
             module._buffers[bname] = value
-
-
-def estimate_tokens(batches: list[Batch]) -> int:
-    """Tokens in a list of calibration batches (for reports)."""
-    total = 0
-    for b in batches:
-        ids = b["input_ids"] if isinstance(b, dict) else b
-        total += math.prod(ids.shape)
-    return total

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelSourceError
 from ..fileio import atomic_path, atomic_write_text
-from .storage import MASK_SUFFIX, decode_sparse, dense_tensor_bytes, encode_sparse
+from .storage import MASK_SUFFIX, decode_sparse, encode_sparse
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,17 +121,23 @@ def _trivial_gidx(g_idx: torch.Tensor, groups: int) -> int | None:
     return size if torch.equal(g_idx.long(), torch.arange(n) // size) else None
 
 
-def encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors to store and the ``edgeslim`` metadata (see the module docstring)."""
+def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors to store and the ``edgeslim`` metadata (see the module docstring).
+
+    ``model`` may be one block of a bigger model whose tensors are named ``prefix + key``.
+    """
     from ..calibrate import to_param_layout
     from ..quant.gptq import quantized_codes
 
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
+    state = {
+        prefix + k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)
+    }
     for tied in _tied_keys(model):
         state.pop(tied, None)
     meta: dict[str, Any] = {"shapes": {}, "quantized": {}}
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in _quantized_layers(model).items():
+    for local, module in _quantized_layers(model).items():
+        name = prefix + local
         key = f"{name}.weight"
         bits = int(module.weight_qbits)
         codes = to_param_layout(module, quantized_codes(module))  # stored in weight layout
@@ -204,7 +210,8 @@ def decode_state(
 def _tied_keys(model: nn.Module) -> list[str]:
     """State keys that are tied to another (stored once, under the other name)."""
     tied = getattr(model, "_tied_weights_keys", None)
-    if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", True):
+    config = getattr(model, "config", None)
+    if not isinstance(tied, dict) or not getattr(config, "tie_word_embeddings", True):
         return []
     state = model.state_dict()
     return [k for k, src in tied.items() if k in state and src in state]
@@ -215,24 +222,24 @@ def _tied_keys(model: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def write_shard(tensors: dict[str, torch.Tensor], path: Path, extra: dict | None = None) -> int:
-    """Write one safetensors file (dense or sparse per tensor, smaller wins); its size."""
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    meta = {"shapes": {k: list(v.shape) for k, v in tensors.items()}, "quantized": {}}
-    if extra:
-        meta.update(extra)
-    encoded = encode_sparse(tensors)
+def write_shard(source: nn.Module | dict[str, torch.Tensor], path: Path, prefix: str = "") -> list[str]:
+    """Write one safetensors file of a module (e.g. one block, its tensors named ``prefix +
+    key``) or of plain tensors, each in its smallest honest form; returns the names stored
+    (as a model's state dict names them)."""
+    if isinstance(source, nn.Module):
+        tensors, meta = encode_state(source, prefix)
+    else:
+        plain = {k: v.detach().contiguous() for k, v in source.items()}
+        meta = {"shapes": {k: list(v.shape) for k, v in plain.items()}, "quantized": {}}
+        tensors = encode_sparse(plain)
     with atomic_path(path) as tmp:
-        save_file(encoded, str(tmp), metadata={"format": "pt", "edgeslim": json.dumps(meta)})
-    return path.stat().st_size
+        save_file(tensors, str(tmp), metadata={"format": "pt", "edgeslim": json.dumps(meta)})
+    return list(meta["shapes"])
 
 
 def write_index(directory: Path, weight_map: dict[str, str]) -> Path:
     """``model.safetensors.index.json`` for shards written by :func:`write_shard`."""
-    total = 0
-    for file in set(weight_map.values()):
-        with safe_open(str(directory / file), framework="pt") as f:
-            total += sum(dense_tensor_bytes(f.get_tensor(k)) for k in f.keys())  # noqa: SIM118
+    total = sum((directory / file).stat().st_size for file in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     return atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1))
 
