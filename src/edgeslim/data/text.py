@@ -139,3 +139,158 @@ def load_text(name: str = "stdlib") -> TextCorpus:
     if name == "stdlib":
         return stdlib_corpus()
     raise DataError(f"unknown text corpus {name!r}: expected 'stdlib'")
+
+
+# --------------------------------------------------------------------------------------
+# text bound to a language model: calibration batches and an evaluation metric
+# --------------------------------------------------------------------------------------
+
+
+def spread(items: list, n: int | None) -> list:
+    """``n`` items evenly spread over ``items`` (all when ``n`` is None; deterministic)."""
+    if n is None or n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` predicts the next token (GPT-2, OPT, Llama ... with an LM head)."""
+    return type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+
+
+def perplexity(model, tokens, seq_len: int, batch: int = 16) -> float:
+    """WikiText-style perplexity, as in the SparseGPT / Wanda evaluation code.
+
+    ``tokens`` (T,) is the evaluation text tokenized as one stream; it is cut into
+    non-overlapping windows of ``seq_len`` (the remainder dropped) and the result is
+    exp(mean next-token cross-entropy over every predicted token of every window).
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than {seq_len}")
+    windows = tokens[: n * seq_len].reshape(n, seq_len)  # (n, seq)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            x = windows[i : i + batch]
+            logits = model(x).logits[:, :-1]  # (B, seq-1, vocab)
+            target = x[:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         target.reshape(-1), reduction="sum"))
+            count += target.numel()
+    return math.exp(nll / count)
+
+
+def sentence_embeddings(model, tokenizer, texts: list[str], max_length: int = 128, batch: int = 64):
+    """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe)."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            enc = tokenizer(texts[i : i + batch], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            h = model(**enc).last_hidden_state  # (B, T, hidden)
+            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outs.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(outs)  # (N, hidden)
+
+
+class TextTask:
+    """A text corpus bound to a transformers model and its tokenizer, for the pipeline.
+
+    - causal LM: calibration = ``calib(n)`` windows of ``seq_len`` tokens at seeded random
+      offsets of the train stream; metric = ``perplexity`` of the split (lower is better);
+    - encoder (MiniLM): calibration = ``n`` train paragraphs, one per batch (no padding);
+      metric = ``embedding_cosine``: mean cosine between each paragraph's embedding and the
+      one the model gave when this task was built (the dense model).
+
+    ``max_eval`` caps the val / test paragraphs (evenly spread) for quick runs.
+    """
+
+    def __init__(self, corpus: TextCorpus, model, *, seq_len: int = 128,
+                 max_eval: int | None = None, tokenizer=None):
+        from ..profile.latency import eval_mode
+
+        self.name = f"text:{corpus.name}"
+        self.corpus = corpus
+        self.seq_len = seq_len
+        self.causal = is_causal_lm(model)
+        self.metric = "perplexity" if self.causal else "embedding_cosine"
+        self.texts = {s: spread(corpus.split(s), max_eval) for s in ("val", "test")}
+        self.tokenizer = tokenizer or _tokenizer_of(model)
+        self.reference = {}
+        if not self.causal:
+            with eval_mode(model):
+                self.reference = {
+                    s: sentence_embeddings(model, self.tokenizer, t, seq_len)
+                    for s, t in self.texts.items()
+                }
+
+    def _stream(self, texts: list[str]):
+        import torch
+
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(self.tokenizer(text)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def calib(self, n: int = 128, seed: int = 0):
+        """Calibration batches from the train split (see the class docstring)."""
+        import torch
+
+        if n < 1:
+            raise DataError(f"calib(n={n}): n must be >= 1")
+        if not self.causal:
+            return [
+                dict(self.tokenizer(t, truncation=True, max_length=self.seq_len,
+                                    return_tensors="pt"))
+                for t in spread(self.corpus.train, n)
+            ]
+        tokens = self._stream(self.corpus.train)
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, tokens.numel() - self.seq_len, (n,), generator=g)
+        return torch.stack([tokens[s : s + self.seq_len] for s in starts.tolist()])  # (n, seq)
+
+    def example(self, batch: int = 1):
+        """Token ids (batch, seq_len) of the first test text: for profiling."""
+        tokens = self._stream(self.texts["test"])[: self.seq_len]
+        return tokens.unsqueeze(0).expand(batch, -1).clone()
+
+    def evaluate(self, model, split: str = "test") -> float:
+        """The metric of ``model`` on ``split`` (``val`` or ``test``)."""
+        from ..profile.latency import eval_mode
+
+        if split not in self.texts:
+            raise DataError(f"text tasks evaluate on 'val' or 'test', not {split!r}")
+        with eval_mode(model):
+            if self.causal:
+                return perplexity(model, self._stream(self.texts[split]), self.seq_len)
+            emb = sentence_embeddings(model, self.tokenizer, self.texts[split], self.seq_len)
+            return float((emb * self.reference[split]).sum(1).mean())
+
+    def limit(self, train: int | None = None) -> TextTask:
+        return self
+
+
+def _tokenizer_of(model):
+    from transformers import AutoTokenizer
+
+    path = getattr(model, "name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(
+            f"no tokenizer found for the model (looked in {path!r}): save tokenizer files "
+            "(tokenizer.json ...) next to its config.json"
+        ) from exc

@@ -43,16 +43,24 @@ def parse(body: Any, where: str) -> PruneStage:
         )
     rest = {k: v for k, v in body.items() if k not in schedule_keys}
     config = validate(METHODS[sched.method], rest, where)
+    if getattr(config, "needs_calib", False) and sched.steps != 1:
+        raise ConfigError(f"{where}.steps: {sched.method} prunes in one shot; use steps: 1")
     return PruneStage(method=sched.method, steps=sched.steps, config=config)
 
 
 def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
-    from ..train import TrainConfig
+    from ..train import TrainConfig, finetune
     from . import prune_, prune_iteratively_
 
     cfg: PruneStage = stage.config
     ft = stage.finetune or TrainConfig(epochs=0)
     ft = ft.model_copy(update={"seed": ctx.seed})
+    if getattr(cfg.config, "needs_calib", False):  # one-shot, from calibration data
+        extra = {"calib": ctx.calibration(), "progress": ctx.progress}
+        log = {"layer_sparsity": prune_(model, cfg.config, **extra)}
+        if ft.epochs:
+            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+        return model, log
     if cfg.steps == 1 and ft.epochs == 0:
         return model, {"layer_sparsity": prune_(model, cfg.config)}
     log = prune_iteratively_(model, cfg.config, ctx.data, cfg.steps, ft, progress=ctx.progress)

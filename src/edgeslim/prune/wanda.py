@@ -16,7 +16,7 @@ best). No weights are updated. Statistics are gathered block by block by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +32,7 @@ class OneShotPruneConfig(BaseModel):
     """Target of a one-shot pruner: ``sparsity`` per layer, or N:M (``n`` of every ``m``)."""
 
     model_config = ConfigDict(extra="forbid")
+    needs_calib: ClassVar[bool] = True  # the pipeline passes calibration data
 
     sparsity: float | None = Field(None, ge=0, lt=1, description="fraction of each row removed")
     n: int | None = Field(None, ge=1, description="N:M: keep n weights ...")

@@ -30,7 +30,7 @@ layer keeps its dequantized weights (it runs as an ordinary float model) plus th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +62,8 @@ class RTN(BaseModel):
 
 class GPTQ(RTN):
     """GPTQ (Frantar et al. 2022): quantize column by column, compensating with H^-1."""
+
+    needs_calib: ClassVar[bool] = True
 
     act_order: bool = Field(False, description="quantize columns by decreasing H_jj")
     blocksize: int = Field(128, ge=1, description="columns per lazy batch update")

@@ -23,7 +23,7 @@ forward pre-hook that rounds the layer's input). ``smooth=False`` is naive W8A8,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +57,7 @@ class SmoothQuant(BaseModel):
     """SmoothQuant W8A8 (Xiao et al. 2022); ``smooth=False`` gives naive W8A8."""
 
     model_config = ConfigDict(extra="forbid")
+    needs_calib: ClassVar[bool] = True
 
     alpha: float = Field(0.5, ge=0, le=1, description="migration strength")
     smooth: bool = Field(True, description="False: naive W8A8 (no scale migration)")
