@@ -37,11 +37,11 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
-from _llm_common import magnitude_blocks_  # noqa: E402
-from edgeslim.data.text import load_text  # noqa: E402
-from edgeslim.models.hf import load_hf, save_hf  # noqa: E402
-from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
-from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_  # noqa: E402
+from _llm_common import magnitude_blocks_
+from edgeslim.data.text import load_text
+from edgeslim.models.hf import load_hf, save_hf
+from edgeslim.prune import SparseGPT, Wanda, prune_
+from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_
 
 EOS = "<|endoftext|>"
 
@@ -53,7 +53,9 @@ def train_tokenizer(texts: list[str], vocab: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOS], show_progress=False,
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -78,8 +80,11 @@ def perplexity(model, tokens: torch.Tensor, seq: int, batch: int = 16) -> float:
         for i in range(0, n, batch):
             x = windows[i : i + batch]
             logits = model(x).logits[:, :-1]  # (B, seq-1, vocab)
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                         x[:, 1:].reshape(-1), reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
             count += x[:, 1:].numel()
     return math.exp(nll / count)
 
@@ -89,7 +94,8 @@ def train(model, tokens: torch.Tensor, seq: int, steps: int, batch: int, lr: flo
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     losses = []
     start = time.perf_counter()
@@ -104,11 +110,12 @@ def train(model, tokens: torch.Tensor, seq: int, steps: int, batch: int, lr: flo
         sched.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(
+                f"step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     model.eval()
     return losses
-
 
 
 def main() -> None:
@@ -126,12 +133,15 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/llm_perplexity.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    from transformers import GPT2Config, GPT2LMHeadModel
     from tokenizers import Tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     corpus = load_text("stdlib")
     cache = Path(args.cache)
-    key = f"l{args.layers}-w{args.width}-h{args.heads}-s{args.seq}-v{args.vocab}-n{args.steps}-b{args.batch}-lr{args.lr}"
+    key = (
+        f"l{args.layers}-w{args.width}-h{args.heads}-s{args.seq}-v{args.vocab}"
+        f"-n{args.steps}-b{args.batch}-lr{args.lr}"
+    )
     model_dir, tok_file = cache / key, cache / key / "bpe.json"
     train_seconds = None
     if (model_dir / "config.json").is_file():
@@ -141,9 +151,15 @@ def main() -> None:
     else:
         tok = train_tokenizer(corpus.train, args.vocab)
         torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                         n_positions=args.seq, vocab_size=tok.get_vocab_size(),
-                         bos_token_id=tok.token_to_id(EOS), eos_token_id=tok.token_to_id(EOS))
+        cfg = GPT2Config(
+            n_layer=args.layers,
+            n_embd=args.width,
+            n_head=args.heads,
+            n_positions=args.seq,
+            vocab_size=tok.get_vocab_size(),
+            bos_token_id=tok.token_to_id(EOS),
+            eos_token_id=tok.token_to_id(EOS),
+        )
         dense = GPT2LMHeadModel(cfg)
         start = time.perf_counter()
         train(dense, stream(tok, corpus.train), args.seq, args.steps, args.batch, args.lr)
@@ -178,28 +194,44 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = perplexity(model, test_tokens, args.seq)
         import tempfile
+
         with tempfile.TemporaryDirectory() as d:
             size = save_hf(model, d).stat().st_size
         rows.append({"method": label, "perplexity": ppl, "seconds": seconds, "file_bytes": size})
         print(json.dumps(rows[-1]), flush=True)
 
-    table = Table(title=f"GPT-2 {args.layers}x{args.width} on stdlib docstrings: test perplexity "
-                        f"({test_tokens.numel() // args.seq} windows of {args.seq} tokens)")
+    table = Table(
+        title=f"GPT-2 {args.layers}x{args.width} on stdlib docstrings: test perplexity "
+        f"({test_tokens.numel() // args.seq} windows of {args.seq} tokens)"
+    )
     for col in ("method", "perplexity", "x dense", "file KiB", "seconds"):
         table.add_column(col, justify="right")
     base = rows[0]["perplexity"]
     for r in rows:
-        table.add_row(r["method"], f"{r['perplexity']:.2f}", f"{r['perplexity'] / base:.2f}",
-                      f"{r['file_bytes'] / 1024:,.0f}", f"{r['seconds']:.1f}")
+        table.add_row(
+            r["method"],
+            f"{r['perplexity']:.2f}",
+            f"{r['perplexity'] / base:.2f}",
+            f"{r['file_bytes'] / 1024:,.0f}",
+            f"{r['seconds']:.1f}",
+        )
     Console().print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "rows": rows, "args": vars(args), "train_seconds": train_seconds,
-        "params": sum(p.numel() for p in dense.parameters()),
-        "train_tokens": train_tokens.numel(), "test_tokens": test_tokens.numel(),
-        "corpus": corpus.manifest(),
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "args": vars(args),
+                "train_seconds": train_seconds,
+                "params": sum(p.numel() for p in dense.parameters()),
+                "train_tokens": train_tokens.numel(),
+                "test_tokens": test_tokens.numel(),
+                "corpus": corpus.manifest(),
+            },
+            indent=1,
+        )
+    )
     print(f"results and text manifest: {out}")
 
 

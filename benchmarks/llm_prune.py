@@ -34,10 +34,10 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
-from _llm_common import magnitude_blocks_  # noqa: E402
-from edgeslim.data.text import load_text  # noqa: E402
-from edgeslim.models.hf import load_hf  # noqa: E402
-from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
+from _llm_common import magnitude_blocks_
+from edgeslim.data.text import load_text
+from edgeslim.models.hf import load_hf
+from edgeslim.prune import SparseGPT, Wanda, prune_
 
 
 def spread(items: list[str], n: int) -> list[str]:
@@ -46,13 +46,17 @@ def spread(items: list[str], n: int) -> list[str]:
     return items[::step][:n]
 
 
-
 def embed(model, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
     outs = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
+            enc = tok(
+                texts[i : i + batch],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
             h = model(**enc).last_hidden_state  # (B, T, 384)
             mask = enc["attention_mask"].unsqueeze(-1).float()
             outs.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
@@ -103,31 +107,53 @@ def main() -> None:
             log = run(model)
             times.append(time.perf_counter() - start)
         e = embed(model, tok, eval_texts)
-        rows.append({
-            "method": label,
-            "layers": len(log),
-            "sparsity": statistics.mean(log.values()),
-            "cosine": float((e * ref).sum(1).mean()),
-            "nn_agreement": float((nearest(e) == ref_nn).float().mean()),
-            "seconds": statistics.median(times),
-        })
+        rows.append(
+            {
+                "method": label,
+                "layers": len(log),
+                "sparsity": statistics.mean(log.values()),
+                "cosine": float((e * ref).sum(1).mean()),
+                "nn_agreement": float((nearest(e) == ref_nn).float().mean()),
+                "seconds": statistics.median(times),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
-    table = Table(title=f"MiniLM-L6 pruning: {len(eval_texts)} held-out paragraphs, "
-                        f"{len(calib_texts)} calibration paragraphs, 2 threads")
-    for col in ("method", "layer sparsity", "cosine to dense", "NN agreement", "wall s", "x magnitude err"):
+    table = Table(
+        title=f"MiniLM-L6 pruning: {len(eval_texts)} held-out paragraphs, "
+        f"{len(calib_texts)} calibration paragraphs, 2 threads"
+    )
+    for col in (
+        "method",
+        "layer sparsity",
+        "cosine to dense",
+        "NN agreement",
+        "wall s",
+        "x magnitude err",
+    ):
         table.add_column(col, justify="right")
-    base_err = {r["method"].split()[1]: 1 - r["cosine"] for r in rows if r["method"].startswith("magnitude")}
+    base_err = {
+        r["method"].split()[1]: 1 - r["cosine"] for r in rows if r["method"].startswith("magnitude")
+    }
     for r in rows:
         ratio = (1 - r["cosine"]) / base_err[r["method"].split()[1]]
-        table.add_row(r["method"], f"{r['sparsity']:.3f}", f"{r['cosine']:.4f}",
-                      f"{100 * r['nn_agreement']:.1f}%", f"{r['seconds']:.2f}", f"{ratio:.2f}")
+        table.add_row(
+            r["method"],
+            f"{r['sparsity']:.3f}",
+            f"{r['cosine']:.4f}",
+            f"{100 * r['nn_agreement']:.1f}%",
+            f"{r['seconds']:.2f}",
+            f"{ratio:.2f}",
+        )
     Console().print(table)
     manifest = corpus.manifest()
     result = {
         "rows": rows,
-        "calibration": {"paragraphs": len(calib_texts), "split": "train",
-                        "tokens": sum(int(b["input_ids"].numel()) for b in calib)},
+        "calibration": {
+            "paragraphs": len(calib_texts),
+            "split": "train",
+            "tokens": sum(int(b["input_ids"].numel()) for b in calib),
+        },
         "evaluation": {"paragraphs": len(eval_texts), "split": "test"},
         "corpus": manifest,
         "torch_threads": torch.get_num_threads(),

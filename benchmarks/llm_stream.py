@@ -36,9 +36,14 @@ def llama_config(args):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=args.width, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.width // 64, num_key_value_heads=args.width // 64,
-        vocab_size=args.vocab, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+        hidden_size=args.width,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.width // 64,
+        num_key_value_heads=args.width // 64,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
     )
 
 
@@ -59,7 +64,7 @@ def write_random_llama(args, directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map = {}
-    for i, (group, keys) in enumerate(groups.items()):
+    for i, keys in enumerate(groups.values()):
         tensors = {
             k: torch.ones(shapes[k]) if "norm" in k else torch.randn(shapes[k], generator=g) * 0.02
             for k in keys
@@ -70,7 +75,8 @@ def write_random_llama(args, directory: Path) -> int:
         del tensors
     total = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(str(directory))
     return total
 
@@ -112,14 +118,24 @@ def child(mode: str, args) -> None:
         log = prune_(model, cfg, calib=calib_tokens(args))
         w = model.state_dict()[CHECK]
     torch.save(w.clone(), args.dir / f"{mode}.pt")
-    print(json.dumps({"mode": mode, "layers": len(log), "seconds": time.perf_counter() - start,
-                      "sparsity": sum(log.values()) / len(log)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "layers": len(log),
+                "seconds": time.perf_counter() - start,
+                "sparsity": sum(log.values()) / len(log),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_child(mode: str, argv: list[str]) -> tuple[dict, int]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, *argv],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, *argv], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{proc.stderr[-3000:]}")
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -150,8 +166,10 @@ def main() -> None:
     try:
         start = time.perf_counter()
         size = write_random_llama(args, args.dir / "src")
-        print(f"random Llama written: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        print(
+            f"random Llama written: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         # the streaming child runs first: ru_maxrss of children is a running maximum
         stream, stream_peak = run_child("stream", argv)
         whole, whole_peak = run_child("whole", argv)
@@ -163,16 +181,30 @@ def main() -> None:
             ("edgeslim compress_sharded (streaming)", stream, stream_peak),
             ("prune_ on the model loaded whole", whole, whole_peak),
         ]
-        print(f"\nWanda 50% on a random Llama ({args.layers} x {args.width}, vocab {args.vocab}), "
-              f"{size / 1e9:.2f} GB on disk; {args.calib} x {args.seq} calibration tokens")
+        print(
+            f"\nWanda 50% on a random Llama ({args.layers} x {args.width}, vocab {args.vocab}), "
+            f"{size / 1e9:.2f} GB on disk; {args.calib} x {args.seq} calibration tokens"
+        )
         print(f"{'method':40s} {'peak RSS MB':>12s} {'/ model size':>13s} {'seconds':>8s}")
         for label, res, peak in rows:
             print(f"{label:40s} {peak / 1e6:12.0f} {peak / size:13.2f} {res['seconds']:8.1f}")
-        print(f"pruned output {out_size / 1e9:.2f} GB (sparse storage); layer sparsity "
-              f"{stream['sparsity']:.3f}; {CHECK} identical in both: {same}")
-        print(json.dumps({"model_bytes": size, "out_bytes": out_size, "stream": stream,
-                          "stream_peak_rss": stream_peak, "whole": whole,
-                          "whole_peak_rss": whole_peak, "identical": same}))
+        print(
+            f"pruned output {out_size / 1e9:.2f} GB (sparse storage); layer sparsity "
+            f"{stream['sparsity']:.3f}; {CHECK} identical in both: {same}"
+        )
+        print(
+            json.dumps(
+                {
+                    "model_bytes": size,
+                    "out_bytes": out_size,
+                    "stream": stream,
+                    "stream_peak_rss": stream_peak,
+                    "whole": whole,
+                    "whole_peak_rss": whole_peak,
+                    "identical": same,
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

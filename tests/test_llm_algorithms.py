@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from edgeslim.prune.sparsegpt import SparseGPT, sparsegpt_prune_
 from edgeslim.prune.wanda import Wanda, is_nm, nm_mask, row_mask, wanda_mask, wanda_scores
-from edgeslim.quant.gptq import GPTQ, dequantize, grid_params, gptq_quantize, rtn_quantize
+from edgeslim.quant.gptq import GPTQ, dequantize, gptq_quantize, grid_params, rtn_quantize
 from edgeslim.quant.smoothquant import SmoothQuant, smoothing_factors
 
 
@@ -91,7 +91,7 @@ def test_one_shot_prune_config_validation():
 
 
 def test_sparsegpt_fixed_mask_equals_sequential_least_squares_reference():
-    w, x, h = _problem()
+    w, _x, h = _problem()
     keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     ours = w.clone()
     sparsegpt_prune_(ours, h, mask=keep, blocksize=5, percdamp=1e-10)
@@ -147,7 +147,7 @@ def test_grid_and_rtn_are_exact_and_stored_integers_reproduce_the_weight():
 
 
 def test_gptq_equals_sequential_reference_and_rtn_when_h_is_diagonal():
-    w, x, h = _problem(out_f=8, in_f=16)
+    w, _x, h = _problem(out_f=8, in_f=16)
     qw = gptq_quantize(w.float(), h, bits=3, group_size=4, blocksize=4, percdamp=1e-10)
     state = {}
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,7 +69,9 @@ def _transposed(module: nn.Module) -> bool:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """A float32 copy of the layer's weight as ``(out, in)``."""
     w = module.weight.detach()
-    return (w.t() if _transposed(module) else w).float().clone(memory_format=torch.contiguous_format)
+    return (
+        (w.t() if _transposed(module) else w).float().clone(memory_format=torch.contiguous_format)
+    )
 
 
 @torch.no_grad()
@@ -297,9 +298,7 @@ class Plan:
         )
 
 
-def _block_layers(
-    block: nn.Module, prefix: str, keep: FilterFn
-) -> dict[str, nn.Module]:
+def _block_layers(block: nn.Module, prefix: str, keep: FilterFn) -> dict[str, nn.Module]:
     layers = {}
     for name, module in block.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
@@ -348,9 +347,9 @@ def compress_block_(
         log = algo.compress_block(block, layers, stats)
     else:
         log = {}
-    del stats
-    outputs = [(_with_hidden(args, _first(block(*args, **kwargs))), kw) for args, kw in inputs]
-    return log, [(a, k) for (a, _), (_, k) in zip(outputs, inputs, strict=True)]
+    stats.clear()  # free the statistics before the next block
+    outputs = [(_with_hidden(args, _first(block(*args, **kw))), kw) for args, kw in inputs]
+    return log, outputs
 
 
 def calibration_batches(calib: torch.Tensor | Iterable[Batch], batch_size: int) -> list[Batch]:

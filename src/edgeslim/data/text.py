@@ -15,6 +15,7 @@ text, so a result can say exactly which text it was measured on.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import re
 import sys
@@ -57,9 +58,7 @@ def _docstrings(path: Path) -> list[str]:
         return []
     out = []
     for node in ast.walk(tree):
-        if isinstance(
-            node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        ):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
             if doc:
                 out.append(doc)
@@ -116,16 +115,24 @@ class TextCorpus:
         }
 
 
+@functools.lru_cache(maxsize=4)
+def _module_paragraphs(root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(module, paragraphs) for every module under ``root`` that has any (parsed once)."""
+    found = []
+    for module, path in _modules(root):
+        paragraphs = tuple(p for doc in _docstrings(path) for p in clean_paragraphs(doc))
+        if paragraphs:
+            found.append((module, paragraphs))
+    return tuple(found)
+
+
 def stdlib_corpus(root: str | Path | None = None) -> TextCorpus:
     """The docstrings of the standard library at ``root`` (default: this Python's)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise DataError(f"standard library directory {root} does not exist")
     corpus = TextCorpus(name="stdlib", modules={"train": [], "val": [], "test": []})
-    for module, path in _modules(root):
-        paragraphs = [p for doc in _docstrings(path) for p in clean_paragraphs(doc)]
-        if not paragraphs:
-            continue
+    for module, paragraphs in _module_paragraphs(root.resolve()):
         split = split_of(module)
         corpus.split(split).extend(paragraphs)
         corpus.modules[split].append(module)
@@ -181,8 +188,11 @@ def perplexity(model, tokens, seq_len: int, batch: int = 16) -> float:
             x = windows[i : i + batch]
             logits = model(x).logits[:, :-1]  # (B, seq-1, vocab)
             target = x[:, 1:]
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                         target.reshape(-1), reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+                )
+            )
             count += target.numel()
     return math.exp(nll / count)
 
@@ -195,8 +205,13 @@ def sentence_embeddings(model, tokenizer, texts: list[str], max_length: int = 12
     outs = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i : i + batch], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                texts[i : i + batch],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             h = model(**enc).last_hidden_state  # (B, T, hidden)
             mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             outs.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
@@ -215,14 +230,24 @@ class TextTask:
     ``max_eval`` caps the val / test paragraphs (evenly spread) for quick runs.
     """
 
-    def __init__(self, corpus: TextCorpus, model, *, seq_len: int = 128,
-                 max_eval: int | None = None, tokenizer=None):
+    def __init__(
+        self,
+        corpus: TextCorpus,
+        model,
+        *,
+        seq_len: int = 128,
+        max_eval: int | None = None,
+        tokenizer=None,
+    ):
         from ..profile.latency import eval_mode
 
         self.name = f"text:{corpus.name}"
         self.corpus = corpus
         self.seq_len = seq_len
         self.causal = is_causal_lm(model)
+        config = getattr(model, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False  # measured forward passes return logits, not caches
         self.metric = "perplexity" if self.causal else "embedding_cosine"
         self.texts = {s: spread(corpus.split(s), max_eval) for s in ("val", "test")}
         self.tokenizer = tokenizer or _tokenizer_of(model)
@@ -253,8 +278,9 @@ class TextTask:
             raise DataError(f"calib(n={n}): n must be >= 1")
         if not self.causal:
             return [
-                dict(self.tokenizer(t, truncation=True, max_length=self.seq_len,
-                                    return_tensors="pt"))
+                dict(
+                    self.tokenizer(t, truncation=True, max_length=self.seq_len, return_tensors="pt")
+                )
                 for t in spread(self.corpus.train, n)
             ]
         tokens = self._stream(self.corpus.train)

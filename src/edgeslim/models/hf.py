@@ -129,9 +129,7 @@ def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
     from ..calibrate import to_param_layout
     from ..quant.gptq import quantized_codes
 
-    state = {
-        prefix + k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)
-    }
+    state = {prefix + k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
     for tied in _tied_keys(model):
         state.pop(tied, None)
     meta: dict[str, Any] = {"shapes": {}, "quantized": {}}
@@ -170,7 +168,9 @@ def decode_state(
     shapes = meta.get("shapes", {})
     quantized = meta.get("quantized", {})
     plain = {
-        k: v for k, v in tensors.items() if not any(s in k for s in (_QCODES, _QSCALE, _QZERO, _QGIDX))
+        k: v
+        for k, v in tensors.items()
+        if not any(s in k for s in (_QCODES, _QSCALE, _QZERO, _QGIDX))
     }
     out = decode_sparse(plain, shapes, path)
     for key, info in quantized.items():
@@ -222,7 +222,9 @@ def _tied_keys(model: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def write_shard(source: nn.Module | dict[str, torch.Tensor], path: Path, prefix: str = "") -> list[str]:
+def write_shard(
+    source: nn.Module | dict[str, torch.Tensor], path: Path, prefix: str = ""
+) -> list[str]:
     """Write one safetensors file of a module (e.g. one block, its tensors named ``prefix +
     key``) or of plain tensors, each in its smallest honest form; returns the names stored
     (as a model's state dict names them)."""
@@ -373,4 +375,3 @@ def load_hf(source: str | os.PathLike) -> nn.Module:
     model.eval()
     model.name_or_path = str(directory)
     return model
-

@@ -76,9 +76,7 @@ class GPTQ(RTN):
 # --------------------------------------------------------------------------------------
 
 
-def grid_params(
-    w: torch.Tensor, bits: int, sym: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16-exact) and zero point per row of ``w`` (rows, cols): min-max grid."""
     maxq = 2**bits - 1
     lo = torch.clamp(w.amin(1), max=0)  # (rows,) the grid always holds 0
@@ -128,7 +126,7 @@ def rtn_quantize(
 ) -> QuantizedWeight:
     """Round-to-nearest of ``w`` (out, in) on the grid of each row and group."""
     w = w.float()
-    out_f, in_f = w.shape
+    _out_f, in_f = w.shape
     g = group_size or in_f
     g_idx = (torch.arange(in_f) // g).int()
     scales, zeros = [], []
@@ -140,7 +138,9 @@ def rtn_quantize(
     s_full, z_full = scale[:, g_idx.long()], zero[:, g_idx.long()]  # (out, in)
     codes = torch.clamp(torch.round(w / s_full) + z_full, 0, 2**bits - 1)
     deq = s_full * (codes - z_full)
-    return QuantizedWeight(deq, codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), g_idx, bits)
+    return QuantizedWeight(
+        deq, codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), g_idx, bits
+    )
 
 
 @torch.no_grad()
@@ -154,8 +154,14 @@ def gptq_quantize(
     act_order: bool = False,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in); ``w`` itself is not changed."""
+    """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in); ``w`` itself is not changed.
+
+    ``keep`` (out, in) bool: a pruning mask to preserve. Pruned weights are "quantized" to
+    exactly 0 (the code of the zero point) and their error is compensated like any other,
+    which is SparseGPT's joint sparsify-and-quantize.
+    """
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise ConfigError(f"Hessian shape {tuple(h.shape)} does not fit weight {(out_f, in_f)}")
@@ -163,6 +169,7 @@ def gptq_quantize(
     h = h.double()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
     work, h = work[:, perm], h[perm][:, perm]
+    kept = torch.ones(out_f, in_f, dtype=torch.bool) if keep is None else keep.bool()[:, perm]
     u = damped_inverse_cholesky(h, work, percdamp).float()  # (in, in) upper
     g = group_size or in_f
     n_groups = _groups(in_f, group_size)
@@ -179,11 +186,11 @@ def gptq_quantize(
             if col % g == 0:  # a new group: its grid from the current (updated) weights
                 grp = col // g
                 cols = torch.cat([w1[:, i:], work[:, i2:]], 1)[:, : min(g, in_f - col)]
-                s, z = grid_params(cols, bits, sym)
+                s, z = grid_params(cols * kept[:, col : col + cols.shape[1]], bits, sym)
                 scale[:, grp], zero[:, grp] = s, z
             grp = col // g
             s, z = scale[:, grp], zero[:, grp]
-            q = quantize_codes(w1[:, i], s, z, bits)  # (out,)
+            q = torch.where(kept[:, col], quantize_codes(w1[:, i], s, z, bits), z)  # (out,)
             deq = dequantize(q, s, z)
             codes[:, col] = q
             err = (w1[:, i] - deq) / u1[i, i]
@@ -233,12 +240,12 @@ def quantized_codes(module: nn.Module) -> torch.Tensor:
     return (torch.round(w / s) + z).clamp(0, 2 ** int(module.weight_qbits) - 1).to(torch.uint8)
 
 
-def _check_weight_sparsity(module: nn.Module, name: str) -> None:
-    if getattr(module, "weight_keep", None) is not None:
-        raise ConfigError(
-            f"{name} is pruned: quantizing it would re-fill its zeros; quantize before pruning "
-            "or exclude the layer"
-        )
+def _keep_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The layer's pruning mask as (out, in), or None: quantization keeps pruned weights 0."""
+    keep = getattr(module, "weight_keep", None)
+    if keep is None:
+        return None
+    return keep.t() if type(module).__name__ == "Conv1D" else keep
 
 
 class GPTQAlgorithm:
@@ -254,7 +261,6 @@ class GPTQAlgorithm:
     ) -> dict[str, float]:
         cfg, log = self.cfg, {}
         for name, module in layers.items():
-            _check_weight_sparsity(module, name)
             w = weight_matrix(module)
             qw = gptq_quantize(
                 w,
@@ -265,6 +271,7 @@ class GPTQAlgorithm:
                 act_order=cfg.act_order,
                 blocksize=cfg.blocksize,
                 percdamp=cfg.percdamp,
+                keep=_keep_matrix(module),
             )
             attach_quantized_(module, qw)
             log[name] = float((qw.weight - w).pow(2).mean())
@@ -314,8 +321,7 @@ def rtn_quantize_(
         name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
         if not is_linear(module) or not keep(module, name):
             continue
-        _check_weight_sparsity(module, name)
-        w = weight_matrix(module)
+        w = weight_matrix(module)  # a pruned weight is 0 and the grid holds 0 exactly
         qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym)
         attach_quantized_(module, qw)
         log[name] = float((qw.weight - w).pow(2).mean())

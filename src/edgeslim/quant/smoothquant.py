@@ -16,9 +16,10 @@ run time; layers whose input does not come straight from a norm (attention outpu
 MLP layer) are quantized without smoothing, as in the paper.
 
 Quantization here is W8A8 in simulation: weights symmetric int8 per output channel (kept as
-their dequantized values plus the buffers of :mod:`.gptq`, one group per row), activations symmetric int8 per
-tensor with a *static* scale calibrated on the same data (``input_qscale``, applied by a
-forward pre-hook that rounds the layer's input). ``smooth=False`` is naive W8A8, the baseline.
+their dequantized values plus the buffers of :mod:`.gptq`, one group per row), activations
+symmetric int8 per tensor with a *static* scale calibrated on the same data
+(``input_qscale``, applied by a forward pre-hook that rounds the layer's input).
+``smooth=False`` is naive W8A8, the baseline.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from ..calibrate import (
     set_weight_matrix_,
     weight_matrix,
 )
-from ..errors import ConfigError
 from .gptq import QuantizedWeight, attach_quantized_
 
 # Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
@@ -100,7 +100,12 @@ def symmetric_quantize(w: torch.Tensor, bits: int) -> QuantizedWeight:
     deq = scale.unsqueeze(1) * (codes - zero.unsqueeze(1))
     g_idx = torch.zeros(w.shape[1], dtype=torch.int32)
     return QuantizedWeight(
-        deq, codes.to(torch.uint8), scale.half()[:, None], zero.to(torch.uint8)[:, None], g_idx, bits
+        deq,
+        codes.to(torch.uint8),
+        scale.half()[:, None],
+        zero.to(torch.uint8)[:, None],
+        g_idx,
+        bits,
     )
 
 
@@ -186,8 +191,6 @@ class SmoothQuantAlgorithm:
         smoothed = smooth_block_(block, layers, stats, cfg.alpha) if cfg.smooth else {}
         log: dict[str, Any] = {}
         for name, module in layers.items():
-            if getattr(module, "weight_keep", None) is not None and cfg.weight_bits < 8:
-                raise ConfigError(f"{name} is pruned; quantize it before pruning")
             attach_quantized_(module, symmetric_quantize(weight_matrix(module), cfg.weight_bits))
             act_max = float(stats[name].absmax.max())
             qmax = 2 ** (cfg.act_bits - 1) - 1
