@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
 from _llm_common import magnitude_blocks_
-from edgeslim.data.text import load_text
+from edgeslim.data.text import load_text, perplexity
 from edgeslim.models.hf import load_hf, save_hf
 from edgeslim.prune import SparseGPT, Wanda, prune_
 from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_
@@ -69,24 +68,6 @@ def stream(tok, texts: list[str]) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(eos)
     return torch.tensor(ids)
-
-
-def perplexity(model, tokens: torch.Tensor, seq: int, batch: int = 16) -> float:
-    """WikiText-style: non-overlapping windows, exp of the mean next-token NLL."""
-    n = tokens.numel() // seq
-    windows = tokens[: n * seq].reshape(n, seq)
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, n, batch):
-            x = windows[i : i + batch]
-            logits = model(x).logits[:, :-1]  # (B, seq-1, vocab)
-            nll += float(
-                F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-                )
-            )
-            count += x[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 def train(model, tokens: torch.Tensor, seq: int, steps: int, batch: int, lr: float) -> list[float]:
@@ -166,6 +147,9 @@ def main() -> None:
         train_seconds = time.perf_counter() - start
         save_hf(dense, model_dir)
         tok.save(str(tok_file))
+        from transformers import PreTrainedTokenizerFast  # so that hf:DIR finds its tokenizer
+
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(model_dir)
     train_tokens = stream(tok, corpus.train)
     test_tokens = stream(tok, ["\n\n".join(corpus.test)])
     g = torch.Generator().manual_seed(0)

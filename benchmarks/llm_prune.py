@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -35,32 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
 from _llm_common import magnitude_blocks_
-from edgeslim.data.text import load_text
+from edgeslim.data.text import load_text, sentence_embeddings, spread
 from edgeslim.models.hf import load_hf
 from edgeslim.prune import SparseGPT, Wanda, prune_
-
-
-def spread(items: list[str], n: int) -> list[str]:
-    """``n`` items evenly spread over ``items`` (deterministic)."""
-    step = max(1, len(items) // n)
-    return items[::step][:n]
-
-
-def embed(model, tok, texts: list[str], batch: int = 64) -> torch.Tensor:
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch):
-            enc = tok(
-                texts[i : i + batch],
-                padding=True,
-                truncation=True,
-                max_length=128,
-                return_tensors="pt",
-            )
-            h = model(**enc).last_hidden_state  # (B, T, 384)
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            outs.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(outs)  # (N, 384)
 
 
 def nearest(e: torch.Tensor) -> torch.Tensor:
@@ -87,7 +63,7 @@ def main() -> None:
     calib = [
         dict(tok(t, truncation=True, max_length=128, return_tensors="pt")) for t in calib_texts
     ]  # one paragraph per batch: no padding in the statistics
-    ref = embed(dense, tok, eval_texts)
+    ref = sentence_embeddings(dense, tok, eval_texts)
     ref_nn = nearest(ref)
 
     methods = {
@@ -106,7 +82,7 @@ def main() -> None:
             start = time.perf_counter()
             log = run(model)
             times.append(time.perf_counter() - start)
-        e = embed(model, tok, eval_texts)
+        e = sentence_embeddings(model, tok, eval_texts)
         rows.append(
             {
                 "method": label,

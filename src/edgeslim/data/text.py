@@ -154,11 +154,11 @@ def load_text(name: str = "stdlib") -> TextCorpus:
 
 
 def spread(items: list, n: int | None) -> list:
-    """``n`` items evenly spread over ``items`` (all when ``n`` is None; deterministic)."""
+    """About ``n`` items evenly spread over ``items``: every ``len // n``-th, at most ``n``
+    (all when ``n`` is None; deterministic)."""
     if n is None or n >= len(items):
         return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
+    return list(items[:: max(1, len(items) // n)][:n])
 
 
 def is_causal_lm(model) -> bool:
