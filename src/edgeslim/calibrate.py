@@ -284,6 +284,18 @@ class Plan:
     stats_bytes: int  # statistics of the largest block's linear layers
     tokens: int
 
+    @classmethod
+    def of(cls, blocks: Any, inputs: BlockInputs, algo: OneShotAlgorithm) -> Plan:
+        """The plan for ``blocks`` (sizes read from the modules, even on the meta device)."""
+        tokens, act = _tokens(inputs)
+        return cls(
+            blocks=len(blocks),
+            block_bytes=max(_param_bytes(b) for b in blocks),
+            activation_bytes=2 * act,
+            stats_bytes=max(_stats_bytes(b, algo.stats_type) for b in blocks),
+            tokens=tokens,
+        )
+
     @property
     def peak_bytes(self) -> int:
         return self.block_bytes + self.activation_bytes + self.stats_bytes
@@ -395,15 +407,7 @@ def compress_layerwise(
                 inputs: BlockInputs = [((b,), {}) for b in batches]
             else:
                 inputs = capture_block_inputs(model, blocks[0], batches)
-            tokens, act = _tokens(inputs)
-            plan = Plan(
-                blocks=len(blocks),
-                block_bytes=max(_param_bytes(b) for b in blocks),
-                activation_bytes=2 * act,
-                stats_bytes=max(_stats_bytes(b, algo.stats_type) for b in blocks),
-                tokens=tokens,
-            )
-            console.print(plan.describe(label))
+            console.print(Plan.of(blocks, inputs, algo).describe(label))
             with progress_bar(disable=not enabled(progress)) as bar:
                 task = bar.add_task(label, total=len(blocks))
                 for index, block in enumerate(blocks):
@@ -516,7 +520,34 @@ def algorithm_for(cfg: Any) -> tuple[OneShotAlgorithm, str]:
     if type(cfg) not in table:
         known = ", ".join(c.__name__ for c in table)
         raise ConfigError(f"{type(cfg).__name__} is not a one-shot method; known: {known}")
-    return table[type(cfg)](cfg), type(cfg).__name__.lower()
+    return table[type(cfg)](cfg), cfg.label
+
+
+def one_shot_(
+    model: nn.Module,
+    cfg: Any,
+    *,
+    calib: Any = None,
+    filter_fn: FilterFn | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """The ``prune_`` / ``quantize_`` handler of the one-shot configs (Wanda, SparseGPT, GPTQ,
+    SmoothQuant): compress the linear layers of ``model`` in place, block by block.
+
+    ``calib``: calibration inputs (token ids ``(N, seq)``, or a list of batches / dicts of
+    keyword arguments). Returns the algorithm's log entry per layer (sparsity, weight MSE ...).
+    """
+    algo, label = algorithm_for(cfg)
+    return compress_layerwise(
+        model,
+        calib,
+        algo,
+        filter_fn=filter_fn,
+        exclude=cfg.exclude,
+        batch_size=cfg.batch_size,
+        label=label,
+        progress=progress,
+    )
 
 
 def compress_sharded(
@@ -593,15 +624,7 @@ def compress_sharded(
         inputs = capture_block_inputs(model, blocks[0], batches)
         for _, module in before:  # not needed any more: give their memory back
             module.to("meta")
-        tokens, act = _tokens(inputs)
-        plan = Plan(
-            blocks=len(blocks),
-            block_bytes=max(_param_bytes(b) for b in blocks),
-            activation_bytes=2 * act,
-            stats_bytes=max(_stats_bytes(b, algo.stats_type) for b in blocks),
-            tokens=tokens,
-        )
-        console.print(plan.describe(f"{label} (streaming from {source})"))
+        console.print(Plan.of(blocks, inputs, algo).describe(f"{label} (streaming from {source})"))
         with progress_bar(disable=not enabled(progress)) as bar:
             task = bar.add_task(label, total=len(blocks))
             for index, block in enumerate(blocks):

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pydantic import BaseModel
 from torch import nn
 
+from ..calibrate import one_shot_ as _one_shot_
 from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from .schedule import model_sparsity, prune_iteratively_
-from .sparsegpt import SparseGPT, sparsegpt_prune_model_
-from .wanda import Wanda, wanda_prune_
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
 
 Handler = Callable[..., dict[str, float]]
 _HANDLERS: dict[type[BaseModel], Handler] = {}
@@ -51,8 +52,8 @@ def prune_(
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)
-register("wanda", Wanda, wanda_prune_)
-register("sparsegpt", SparseGPT, sparsegpt_prune_model_)
+register("wanda", Wanda, _one_shot_)
+register("sparsegpt", SparseGPT, _one_shot_)
 
 __all__ = [
     "METHODS",

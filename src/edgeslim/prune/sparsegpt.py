@@ -27,10 +27,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import Hessian, compress_layerwise, damped_inverse_cholesky, weight_matrix
+from ..calibrate import Hessian, damped_inverse_cholesky, weight_matrix
 from ..calibrate import set_weight_matrix_ as _set_weight
 from ..errors import ConfigError
-from .magnitude import FilterFn
 from .wanda import OneShotPruneConfig, apply_keep_
 
 
@@ -129,24 +128,3 @@ class SparseGPTAlgorithm:
             _set_weight(module, w)
             log[name] = apply_keep_(module, keep)
         return log
-
-
-def sparsegpt_prune_model_(
-    model: nn.Module,
-    cfg: SparseGPT,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """Prune every linear layer of ``model`` in place with SparseGPT; returns sparsities."""
-    return compress_layerwise(
-        model,
-        calib,
-        SparseGPTAlgorithm(cfg),
-        filter_fn=filter_fn,
-        exclude=cfg.exclude,
-        batch_size=cfg.batch_size,
-        label=f"sparsegpt {cfg.target}",
-        progress=progress,
-    )

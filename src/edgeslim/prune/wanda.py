@@ -22,10 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..calibrate import InputNorms, compress_layerwise, to_param_layout, weight_matrix
+from ..calibrate import InputNorms, to_param_layout, weight_matrix
 from ..errors import ConfigError
 from ..masks import get_mask, set_mask_
-from .magnitude import FilterFn
 
 
 class OneShotPruneConfig(BaseModel):
@@ -56,6 +55,10 @@ class OneShotPruneConfig(BaseModel):
     @property
     def target(self) -> str:
         return f"{self.n}:{self.m}" if self.n is not None else f"{self.sparsity:.0%}"
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__.lower()} {self.target}"
 
 
 class Wanda(OneShotPruneConfig):
@@ -143,27 +146,3 @@ class WandaAlgorithm:
             keep = wanda_mask(weight_matrix(module), stats[name].sq, self.cfg)
             log[name] = apply_keep_(module, keep)
         return log
-
-
-def wanda_prune_(
-    model: nn.Module,
-    cfg: Wanda,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """Prune every linear layer of ``model`` in place with Wanda; returns each one's sparsity.
-
-    ``calib``: calibration inputs (token ids ``(N, seq)``, a list of batches or dicts).
-    """
-    return compress_layerwise(
-        model,
-        calib,
-        WandaAlgorithm(cfg),
-        filter_fn=filter_fn,
-        exclude=cfg.exclude,
-        batch_size=cfg.batch_size,
-        label=f"wanda {cfg.target}",
-        progress=progress,
-    )

@@ -48,11 +48,12 @@ def quantize_(
     return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
-from .gptq import GPTQ, RTN, gptq_quantize_, rtn_quantize_  # noqa: E402
-from .smoothquant import SmoothQuant, smoothquant_  # noqa: E402
+from ..calibrate import one_shot_  # noqa: E402
+from .gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
+from .smoothquant import SmoothQuant  # noqa: E402
 
-register("gptq", GPTQ, gptq_quantize_)
+register("gptq", GPTQ, one_shot_)
 register("rtn", RTN, rtn_quantize_)
-register("smoothquant", SmoothQuant, smoothquant_)
+register("smoothquant", SmoothQuant, one_shot_)
 
 __all__ = ["GPTQ", "METHODS", "RTN", "SmoothQuant", "quantize_", "register"]

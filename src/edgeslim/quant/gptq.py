@@ -38,7 +38,6 @@ from torch import nn
 
 from ..calibrate import (
     Hessian,
-    compress_layerwise,
     damped_inverse_cholesky,
     set_weight_matrix_,
     to_param_layout,
@@ -64,6 +63,10 @@ class GPTQ(RTN):
     """GPTQ (Frantar et al. 2022): quantize column by column, compensating with H^-1."""
 
     needs_calib: ClassVar[bool] = True
+
+    @property
+    def label(self) -> str:
+        return f"gptq int{self.bits} g{self.group_size}"
 
     act_order: bool = Field(False, description="quantize columns by decreasing H_jj")
     blocksize: int = Field(128, ge=1, description="columns per lazy batch update")
@@ -278,27 +281,6 @@ class GPTQAlgorithm:
         return log
 
 
-def gptq_quantize_(
-    model: nn.Module,
-    cfg: GPTQ,
-    *,
-    calib: Any = None,
-    filter_fn: Any = None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """GPTQ every linear layer of ``model``'s blocks in place; returns each one's weight MSE."""
-    return compress_layerwise(
-        model,
-        calib,
-        GPTQAlgorithm(cfg),
-        filter_fn=filter_fn,
-        exclude=cfg.exclude,
-        batch_size=cfg.batch_size,
-        label=f"gptq int{cfg.bits} g{cfg.group_size}",
-        progress=progress,
-    )
-
-
 def rtn_quantize_(
     model: nn.Module,
     cfg: RTN,
@@ -337,7 +319,6 @@ __all__ = [
     "QuantizedWeight",
     "attach_quantized_",
     "gptq_quantize",
-    "gptq_quantize_",
     "quantized_codes",
     "rtn_quantize",
     "rtn_quantize_",

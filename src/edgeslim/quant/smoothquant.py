@@ -32,7 +32,6 @@ from torch import nn
 
 from ..calibrate import (
     InputAbsMax,
-    compress_layerwise,
     set_weight_matrix_,
     weight_matrix,
 )
@@ -65,6 +64,10 @@ class SmoothQuant(BaseModel):
     act_bits: int = Field(8, ge=2, le=8)
     exclude: list[str] = Field(default_factory=list, description="glob patterns left in float")
     batch_size: int = Field(8, ge=1, description="calibration batch size")
+
+    @property
+    def label(self) -> str:
+        return f"smoothquant a={self.alpha}" if self.smooth else "naive w8a8"
 
 
 # --------------------------------------------------------------------------------------
@@ -197,24 +200,3 @@ class SmoothQuantAlgorithm:
             attach_act_quant_(module, max(act_max, 1e-8) / qmax, cfg.act_bits)
             log[name] = {"smoothed": name in smoothed, "act_absmax": act_max}
         return log
-
-
-def smoothquant_(
-    model: nn.Module,
-    cfg: SmoothQuant,
-    *,
-    calib: Any = None,
-    filter_fn: Any = None,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """W8A8-quantize the linear layers of ``model``'s blocks in place (SmoothQuant or naive)."""
-    return compress_layerwise(
-        model,
-        calib,
-        SmoothQuantAlgorithm(cfg),
-        filter_fn=filter_fn,
-        exclude=cfg.exclude,
-        batch_size=cfg.batch_size,
-        label=f"smoothquant a={cfg.alpha}" if cfg.smooth else "naive w8a8",
-        progress=progress,
-    )
