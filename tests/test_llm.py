@@ -370,6 +370,10 @@ def test_pipeline_runs_a_language_model_recipe_and_resumes(tmp_path, corpus):
     assert rows[0]["accuracy"] > 1 and rows[2]["size_bytes"] < rows[1]["size_bytes"]
     assert rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert rows[2]["format"] == "hf" and rows[2]["log"]["layers"]
+    from edgeslim.report.tables import stage_rows, summary_line
+
+    assert stage_rows(rows)[1]["accuracy"] == f"{rows[1]['accuracy']:.2f} ppl"
+    assert "perplexity" in summary_line(rows) and (tmp_path / "run" / "report.md").is_file()
     reloaded = es.load_model(f"hf:{tmp_path / 'run' / 'stage-2' / 'hf'}")
     x = ids(1, 32)
     assert torch.equal(out(reloaded, x), out(result.model, x))
