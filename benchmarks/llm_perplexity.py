@@ -70,18 +70,25 @@ def stream(tok, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def train(model, tokens: torch.Tensor, seq: int, steps: int, batch: int, lr: float) -> list[float]:
+def train(
+    model, tokens: torch.Tensor, val: torch.Tensor, args: argparse.Namespace
+) -> list[dict[str, float]]:
+    """AdamW with warm-up and cosine decay; every ``--eval-every`` steps the validation
+    perplexity is measured and the best weights are kept (early stopping: the corpus is
+    small, and an over-fitted dense model would make pruning look like a regulariser)."""
     g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    steps, seq = args.steps, args.seq
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    model.train()
-    losses = []
+    history: list[dict[str, float]] = []
+    best, best_state = math.inf, None
     start = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=g)
+    for step in range(1, steps + 1):
+        model.train()
+        idx = torch.randint(0, tokens.numel() - seq - 1, (args.batch,), generator=g)
         x = torch.stack([tokens[i : i + seq] for i in idx.tolist()])
         loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -89,14 +96,20 @@ def train(model, tokens: torch.Tensor, seq: int, steps: int, batch: int, lr: flo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
+        if step % args.eval_every == 0 or step == steps:
+            model.eval()
+            ppl = perplexity(model, val, seq)
+            history.append({"step": step, "train_loss": loss.item(), "val_ppl": ppl})
             print(
-                f"step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
+                f"step {step:4d} loss {loss.item():.3f} val ppl {ppl:.2f} "
+                f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
+            if ppl < best:
+                best, best_state = ppl, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
     model.eval()
-    return losses
+    return history
 
 
 def main() -> None:
@@ -109,6 +122,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=50, help="steps between val checks")
+    p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--calib", type=int, default=128, help="calibration windows")
     p.add_argument("--cache", default="/tmp/edgeslim-gpt2-docstrings")
     p.add_argument("--out", default="benchmarks/results/llm_perplexity.json")
@@ -121,10 +136,10 @@ def main() -> None:
     cache = Path(args.cache)
     key = (
         f"l{args.layers}-w{args.width}-h{args.heads}-s{args.seq}-v{args.vocab}"
-        f"-n{args.steps}-b{args.batch}-lr{args.lr}"
+        f"-n{args.steps}-b{args.batch}-lr{args.lr}-d{args.dropout}-es"
     )
     model_dir, tok_file = cache / key, cache / key / "bpe.json"
-    train_seconds = None
+    train_seconds, history = None, None
     if (model_dir / "config.json").is_file():
         tok = Tokenizer.from_file(str(tok_file))
         dense = load_hf(model_dir)
@@ -140,10 +155,14 @@ def main() -> None:
             vocab_size=tok.get_vocab_size(),
             bos_token_id=tok.token_to_id(EOS),
             eos_token_id=tok.token_to_id(EOS),
+            resid_pdrop=args.dropout,
+            embd_pdrop=args.dropout,
+            attn_pdrop=args.dropout,
         )
         dense = GPT2LMHeadModel(cfg)
         start = time.perf_counter()
-        train(dense, stream(tok, corpus.train), args.seq, args.steps, args.batch, args.lr)
+        val_tokens = stream(tok, ["\n\n".join(corpus.val)])
+        history = train(dense, stream(tok, corpus.train), val_tokens, args)
         train_seconds = time.perf_counter() - start
         save_hf(dense, model_dir)
         tok.save(str(tok_file))
@@ -208,6 +227,7 @@ def main() -> None:
                 "rows": rows,
                 "args": vars(args),
                 "train_seconds": train_seconds,
+                "train_history": history,
                 "params": sum(p.numel() for p in dense.parameters()),
                 "train_tokens": train_tokens.numel(),
                 "test_tokens": test_tokens.numel(),
