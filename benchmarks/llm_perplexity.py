@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,6 +113,23 @@ def train(
     return history
 
 
+def fidelity(dense, model, tokens: torch.Tensor, seq: int, windows: int = 128, batch: int = 16):
+    """Mean per-token KL(dense || model) of the next-token distributions and the share of
+    tokens whose top-1 prediction is unchanged, on the first ``windows`` test windows."""
+    n = min(windows, tokens.numel() // seq)
+    x_all = tokens[: n * seq].reshape(n, seq)
+    kl, agree, count = 0.0, 0, 0
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            x = x_all[i : i + batch]
+            p = torch.log_softmax(dense(x).logits.double(), -1)  # (B, seq, vocab)
+            q = torch.log_softmax(model(x).logits.double(), -1)
+            kl += float((p.exp() * (p - q)).sum(-1).sum())
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            count += x.numel()
+    return kl / count, agree / count
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -196,18 +214,26 @@ def main() -> None:
             run(model)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, test_tokens, args.seq)
-        import tempfile
-
+        kl, agree = fidelity(dense, model, test_tokens, args.seq)
         with tempfile.TemporaryDirectory() as d:
             size = save_hf(model, d).stat().st_size
-        rows.append({"method": label, "perplexity": ppl, "seconds": seconds, "file_bytes": size})
+        rows.append(
+            {
+                "method": label,
+                "perplexity": ppl,
+                "kl_to_dense": kl,
+                "top1_agreement": agree,
+                "seconds": seconds,
+                "file_bytes": size,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     table = Table(
         title=f"GPT-2 {args.layers}x{args.width} on stdlib docstrings: test perplexity "
         f"({test_tokens.numel() // args.seq} windows of {args.seq} tokens)"
     )
-    for col in ("method", "perplexity", "x dense", "file KiB", "seconds"):
+    for col in ("method", "perplexity", "x dense", "KL to dense", "top-1 agree", "file KiB", "s"):
         table.add_column(col, justify="right")
     base = rows[0]["perplexity"]
     for r in rows:
@@ -215,6 +241,8 @@ def main() -> None:
             r["method"],
             f"{r['perplexity']:.2f}",
             f"{r['perplexity'] / base:.2f}",
+            f"{r['kl_to_dense']:.4f}",
+            f"{100 * r['top1_agreement']:.1f}%",
             f"{r['file_bytes'] / 1024:,.0f}",
             f"{r['seconds']:.1f}",
         )
