@@ -452,5 +452,6 @@ def test_cli_compresses_the_wanda_recipe(tmp_path):
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().split()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert rows[1]["metric"] == "embedding_cosine" and 0.7 < rows[1]["accuracy"] < 1
