@@ -1,12 +1,16 @@
 """Pruning: one verb, :func:`prune_`, dispatching on the config's type.
 
-    prune_(model, MagnitudePrune(sparsity=0.9))
+    prune_(model, MagnitudePrune(sparsity=0.9))                  # unstructured, |w|
+    prune_(model, OBDPrune(sparsity=0.9), data=data)             # unstructured, h w^2 / 2
+    prune_(model, NMPrune(n=2, m=4))                             # 2:4 semi-structured
+    prune_(model, ChannelPrune(ratio=0.5), example=x)            # channels/heads removed
 
 Later techniques register a handler with :func:`register`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from pydantic import BaseModel
@@ -14,8 +18,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
+from .agp import AGPSchedule, prune_agp_
+from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
+from .nm import NMPrune, nm_pattern, nm_prune_
+from .obd import OBDPrune, hessian_diagonal, obd_prune_
 from .schedule import model_sparsity, prune_iteratively_
+from .sensitivity import Sensitivity, sensitivity
 
 Handler = Callable[..., dict[str, float]]
 _HANDLERS: dict[type[BaseModel], Handler] = {}
@@ -39,20 +48,48 @@ def prune_(
 
     ``filter_fn(module, name)`` restricts which layers are considered.
     """
+    handler = _handler(cfg)
+    unknown = sorted(set(kwargs) - set(inspect.signature(handler).parameters))
+    if unknown:
+        raise ConfigError(f"{type(cfg).__name__} takes no argument(s) {unknown}")
+    return handler(model, cfg, filter_fn=filter_fn, **kwargs)
+
+
+def _handler(cfg: BaseModel) -> Handler:
     handler = _HANDLERS.get(type(cfg))
     if handler is None:
         raise ConfigError(
             f"no pruning method for config {type(cfg).__name__}; known: "
             f"{', '.join(c.__name__ for c in _HANDLERS)}"
         )
-    return handler(model, cfg, filter_fn=filter_fn, **kwargs)
+    return handler
+
+
+def accepted(cfg: BaseModel, **context: object) -> dict[str, object]:
+    """The items of ``context`` (example=, data= ...) that ``cfg``'s method takes."""
+    params = inspect.signature(_handler(cfg)).parameters
+    return {k: v for k, v in context.items() if k in params}
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)
+register("obd", OBDPrune, obd_prune_)
+register("nm", NMPrune, nm_prune_)
+register("channel", ChannelPrune, channel_prune_)
 
 __all__ = [
     "METHODS",
+    "AGPSchedule",
+    "ChannelPrune",
     "MagnitudePrune",
+    "NMPrune",
+    "OBDPrune",
+    "Sensitivity",
+    "UnsupportedOpError",
+    "accepted",
+    "hessian_diagonal",
+    "nm_pattern",
+    "prune_agp_",
+    "sensitivity",
     "apply_masks_",
     "iter_masks",
     "mask_grads_",
