@@ -168,20 +168,36 @@ def build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
         ) from exc
 
 
+HEAD_COUNTS = ("num_attention_heads", "num_heads")
+PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+def head_count(module: nn.Module) -> int:
+    """The number of heads an attention module declares (0 when it declares none)."""
+    for attr in HEAD_COUNTS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def attention_heads(model: nn.Module) -> dict[nn.Module, nn.Module]:
     """q/k/v projection -> its attention module, for transformers-style self-attention.
 
-    Recognised: a module with ``num_attention_heads`` and Linear children ``query``, ``key``,
-    ``value`` (BERT, ViT, and the many models built like them).
+    Recognised: a module declaring ``num_attention_heads`` (or ``num_heads``) with Linear
+    children ``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj`` (BERT, ViT,
+    and the many models built like them), with as many key/value heads as query heads.
     """
     found: dict[nn.Module, nn.Module] = {}
     for module in model.modules():
-        if not isinstance(getattr(module, "num_attention_heads", None), int):
+        heads = head_count(module)
+        if not heads or getattr(module, "num_key_value_heads", heads) != heads:
             continue
-        projections = [getattr(module, k, None) for k in ("query", "key", "value")]
-        if all(isinstance(p, nn.Linear) for p in projections):
-            for p in projections:
-                found[p] = module
+        for names in PROJECTIONS:
+            projections = [getattr(module, k, None) for k in names]
+            if all(isinstance(p, nn.Linear) for p in projections):
+                for p in projections:
+                    found[p] = module
     return found
 
 
@@ -234,7 +250,7 @@ def prunable_groups(
                 "outside any layer the dependency graph knows",
             )  # fmt: skip
             continue
-        n_heads = attention[0].num_attention_heads if attention else 0
+        n_heads = head_count(attention[0]) if attention else 0
         if attention:  # cut heads from the downstream projection (Torch-Pruning's advice)
             for dep, _ in group:
                 if isinstance(dep.target.module, ROOT_TYPES) and dg.is_in_channel_pruning_fn(
@@ -351,10 +367,12 @@ def _cut(dg: tp.DependencyGraph, groups: list[Group], plans: list[Plan]) -> None
         g = by_name[plan.group]
         dg.get_pruning_group(g.root, g.handler, plan.remove).prune()
         for attention in g.attention:
-            attention.num_attention_heads -= plan.heads_removed
+            heads = head_count(attention) - plan.heads_removed
+            for attr in HEAD_COUNTS:
+                if isinstance(getattr(attention, attr, None), int):
+                    setattr(attention, attr, heads)
             if hasattr(attention, "all_head_size"):
-                size = g.channels // g.heads
-                attention.all_head_size = attention.num_attention_heads * size
+                attention.all_head_size = heads * (g.channels // g.heads)
 
 
 @contextmanager
