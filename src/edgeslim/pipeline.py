@@ -259,6 +259,7 @@ def _write_stage(
             for layer in prof.layers
             if layer.params
         },
+        "notes": prof.notes,
         "seconds": round(seconds, 3),
         "log": log,
     }

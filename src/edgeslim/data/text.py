@@ -72,7 +72,9 @@ def _all_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def english_sentences(n: int | None = None, *, min_words: int = 6, max_words: int = 40) -> list[str]:
+def english_sentences(
+    n: int | None = None, *, min_words: int = 6, max_words: int = 40
+) -> list[str]:
     """The first ``n`` prose sentences of the standard library's docstrings (all when None)."""
     sentences = _all_sentences(min_words, max_words)
     return list(sentences if n is None else sentences[:n])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -158,9 +157,12 @@ def build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
         with eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, forward_fn=forward, output_transform=first,
+                model,
+                example_inputs=example,
+                forward_fn=forward,
+                output_transform=first,
                 verbose=False,
-            )  # fmt: skip
+            )
     except Exception as exc:  # tracing failures come in many types
         raise UnsupportedOpError(
             f"cannot trace {type(model).__name__} for structured pruning: "
@@ -238,7 +240,8 @@ def prunable_groups(
             cut.append(target)
             if target in heads and heads[target] not in attention:
                 attention.append(heads[target])
-            if isinstance(target, nn.Conv2d | nn.Conv1d) and 1 < target.groups < target.out_channels:
+            grouped = isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1
+            if grouped and target.groups < target.out_channels:  # not depthwise
                 ch_groups = max(ch_groups, target.groups)
         cut.sort(key=order.__getitem__)
         name = names[cut[0]] if cut else names[root]
@@ -246,9 +249,10 @@ def prunable_groups(
             continue  # its width is the model's output width
         if bare:
             _report_unsupported(
-                cfg, f"the group of {name}: it reaches bare parameter(s) {sorted(set(bare))} "
+                cfg,
+                f"the group of {name}: it reaches bare parameter(s) {sorted(set(bare))} "
                 "outside any layer the dependency graph knows",
-            )  # fmt: skip
+            )
             continue
         n_heads = head_count(attention[0]) if attention else 0
         if attention:  # cut heads from the downstream projection (Torch-Pruning's advice)
@@ -262,9 +266,16 @@ def prunable_groups(
         deps = dg.get_pruning_group(root, handler, list(range(channels))) if attention else group
         groups.append(
             Group(
-                name, root, handler, channels, [names[m] for m in cut], ch_groups,
-                n_heads, attention, deps,
-            )  # fmt: skip
+                name,
+                root,
+                handler,
+                channels,
+                [names[m] for m in cut],
+                ch_groups,
+                n_heads,
+                attention,
+                deps,
+            )
         )
     return groups
 
@@ -344,8 +355,6 @@ def plan_groups(
         if remove:
             plans.append(Plan(g.name, g.layers, g.channels, remove))
     return plans
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -576,9 +585,7 @@ def channel_prune_(
     ``calib=(x, y)``) is needed for ``importance='taylor'`` and ``allocation='sensitivity'``.
     """
     if example is None:
-        raise ConfigError(
-            "ChannelPrune needs example= (an input batch) to trace the model's graph"
-        )
+        raise ConfigError("ChannelPrune needs example= (an input batch) to trace the model's graph")
     if any(True for _ in iter_masks(model)):
         raise ConfigError(
             "the model carries unstructured pruning masks; call edgeslim.prune.remove_masks_ "

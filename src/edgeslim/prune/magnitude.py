@@ -182,7 +182,9 @@ def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[s
     return masks
 
 
-def apply_new_masks_(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> dict[str, float]:
+def apply_new_masks_(
+    layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """Set each layer's weight mask (AND the old one: a pruned weight stays pruned).
 
     Returns each masked layer's sparsity.

@@ -63,9 +63,15 @@ def export_and_check(
         with atomic_path(Path(path)) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, args, str(tmp), input_names=names, output_names=out_names,
-                dynamic_axes=axes, opset_version=17, dynamo=False,
-            )  # fmt: skip
+                model,
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=out_names,
+                dynamic_axes=axes,
+                opset_version=17,
+                dynamo=False,
+            )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -75,7 +81,9 @@ def export_and_check(
     for ref, out in zip(reference, got, strict=False):
         ref_np = ref.numpy()
         if ref_np.shape != out.shape:
-            raise EdgeslimError(f"{path}: ONNX Runtime output {out.shape} != PyTorch {ref_np.shape}")
+            raise EdgeslimError(
+                f"{path}: ONNX Runtime output {out.shape} != PyTorch {ref_np.shape}"
+            )
         diff = max(diff, float(np.abs(ref_np - out).max()))
         if diff > rtol * max(1e-6, float(np.abs(ref_np).max())):
             raise EdgeslimError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.3g}")

@@ -104,9 +104,7 @@ class Sensitivity:
         for r in self.ratios:
             table.add_column(f"{r:.0%}", justify="right")
         for name, scores in self.curves.items():
-            table.add_row(
-                name, f"{self.sizes.get(name, 0):,}", *(f"{100 * s:.1f}" for s in scores)
-            )
+            table.add_row(name, f"{self.sizes.get(name, 0):,}", *(f"{100 * s:.1f}" for s in scores))
         return table
 
     def plot(self, path: str | Path) -> Path:
@@ -252,9 +250,7 @@ def sensitivity(
     ``cfg`` is then a :class:`ChannelPrune` whose importance and ignores are used.
     """
     if kind == "unstructured":
-        return unstructured_sensitivity(
-            model, data, ratios, metric, filter_fn, progress=progress
-        )
+        return unstructured_sensitivity(model, data, ratios, metric, filter_fn, progress=progress)
     if kind == "channel":
         example = data.example() if example is None else example
         return channel_sensitivity(model, data, example, cfg, ratios, metric, progress=progress)
