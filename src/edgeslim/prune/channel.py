@@ -235,14 +235,14 @@ def prunable_groups(
             if dep.target.type == tp.ops.OPTYPE.PARAMETER:
                 bare.append(dg._param_to_name.get(target, "a parameter"))
                 continue
+            grouped = isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1
+            if grouped and target.groups < target.out_channels:  # grouped, not depthwise:
+                ch_groups = max(ch_groups, target.groups)  # cut alike in every group
             if not dg.is_out_channel_pruning_fn(dep.handler) or target not in names:
                 continue
             cut.append(target)
             if target in heads and heads[target] not in attention:
                 attention.append(heads[target])
-            grouped = isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1
-            if grouped and target.groups < target.out_channels:  # not depthwise
-                ch_groups = max(ch_groups, target.groups)
         cut.sort(key=order.__getitem__)
         name = names[cut[0]] if cut else names[root]
         if any(m in fixed for m in cut):
@@ -518,7 +518,7 @@ def macs_after(
 
 
 def search(
-    cost: Callable[[float], float], target: float, low: float, high: float, steps: int = 14
+    cost: Callable[[float], float], target: float, low: float, high: float, steps: int = 10
 ) -> float:
     """The smallest knob in [low, high] with ``cost(knob) <= target`` (cost falls as knob grows)."""
     if cost(high) > target:
@@ -591,8 +591,10 @@ def channel_prune_(
             "the model carries unstructured pruning masks; call edgeslim.prune.remove_masks_ "
             "before structured pruning (or prune channels first)"
         )
-    if isinstance(example, torch.Tensor) and (example.dim() == 0 or example.shape[0] == 0):
-        raise ShapeError(f"example must be a batch (B, ...), got shape {tuple(example.shape)}")
+    if isinstance(example, torch.Tensor):
+        if example.dim() == 0 or example.shape[0] == 0:
+            raise ShapeError(f"example must be a batch (B, ...), got shape {tuple(example.shape)}")
+        example = example[:1]  # one sample traces the graph; checks stay cheap
     if filter_fn is not None:
         kept = [n for n, m in model.named_modules() if n and not filter_fn(m, n)]
         cfg = cfg.model_copy(update={"ignore": [*cfg.ignore, *kept]})
