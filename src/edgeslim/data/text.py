@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 from functools import lru_cache
 
 # a fixed, ordered list: the corpus must not depend on what else happens to be importable
@@ -41,7 +42,9 @@ def _docstrings(module_name: str) -> list[str]:
     for name in sorted(vars(module)):
         if name.startswith("_"):
             continue
-        member = getattr(module, name)
+        with warnings.catch_warnings():  # e.g. typing.io is deprecated
+            warnings.simplefilter("ignore")
+            member = getattr(module, name)
         if (inspect.isclass(member) or inspect.isfunction(member)) and getattr(
             member, "__module__", ""
         ).startswith(module_name):

@@ -101,10 +101,12 @@ def prune_agp_(
 
     ``keep_best`` is turned off (an early epoch has fewer pruned weights, not a better model)
     and the final target is applied once more at the end, so the model ends exactly at it.
+    Methods that take ``data`` (OBD) get ``data``.
     Returns :func:`edgeslim.fit`'s per-epoch history.
     """
-    from . import prune_
+    from . import accepted, prune_
 
+    prune_kwargs = {**accepted(cfg, data=data), **prune_kwargs}  # e.g. OBD's Hessian data
     schedule = schedule or AGPSchedule()
     train_cfg = (train_cfg or TrainConfig(epochs=5, lr=1e-3)).model_copy(
         update={"keep_best": False}

@@ -76,6 +76,10 @@ class ChannelPrune(BaseModel):
     ignore: list[str] = Field(default_factory=list, description="layer names/globs kept whole")
     on_unsupported: Literal["skip", "error"] = "skip"
     samples: int = Field(256, ge=1, description="labelled examples for taylor / sensitivity")
+    probe_ratios: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 0.9],
+        description="ratios each group is probed at for allocation='sensitivity'",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> ChannelPrune:
@@ -554,14 +558,15 @@ def ratios_for_macs(
         return uniform(r)
     if data is None:
         raise ConfigError("ChannelPrune(allocation='sensitivity') needs data= (labelled splits)")
-    from .sensitivity import channel_sensitivity
+    from .sensitivity import SLOPE, channel_sensitivity
 
-    sens = channel_sensitivity(model, data, example, cfg)
-    worst = max(sens.baseline - min(c) for c in sens.curves.values())
-    drop = search(
-        lambda d: fraction(sens.ratios_for_drop(d, cfg.max_ratio)), cfg.macs, 0.0, max(worst, 1e-6)
-    )
-    return sens.ratios_for_drop(drop, cfg.max_ratio)
+    sens = channel_sensitivity(model, data, example, cfg, cfg.probe_ratios)
+
+    def ratios(drop: float) -> dict[str, float]:
+        return sens.ratios_for_drop(drop, cfg.max_ratio, SLOPE)
+
+    top = sens.worst_drop() + SLOPE * cfg.max_ratio + 1e-6
+    return ratios(search(lambda d: fraction(ratios(d)), cfg.macs, 0.0, top))
 
 
 # --------------------------------------------------------------------------------------

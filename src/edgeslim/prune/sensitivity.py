@@ -40,6 +40,7 @@ from .magnitude import FilterFn, _keep_smallest_removed, prunable_layers
 
 Metric = Literal["accuracy", "fidelity"]
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SLOPE = 0.01  # tie-break for target searches: 1 point of score per 100% of a layer removed
 
 
 @dataclass
@@ -59,22 +60,38 @@ class Sensitivity:
         ys = [0.0, *(self.baseline - s for s in self.curves[name])]
         return float(np.interp(ratio, xs, ys))
 
-    def ratio_for_drop(self, name: str, max_drop: float, max_ratio: float = 0.95) -> float:
-        """Largest ratio (step 0.005) up to which the layer's drop never exceeds ``max_drop``."""
-        best = 0.0
+    def ratio_for_drop(
+        self, name: str, max_drop: float, max_ratio: float = 0.95, slope: float = 0.0
+    ) -> float:
+        """Largest ratio (step 0.005) up to which the layer's drop never exceeds ``max_drop``.
+
+        ``slope`` charges every ratio a small extra drop (``slope * ratio``): layers whose
+        curve is flat then get ratios that grow steadily with ``max_drop`` instead of jumping
+        to ``max_ratio`` at once, which makes a search for a global target continuous.
+        """
+        best, worst = 0.0, 0.0
         for r in np.arange(0.005, max_ratio + 1e-9, 0.005):
-            if self.drop(name, float(r)) > max_drop + 1e-12:
+            worst = max(worst, self.drop(name, float(r)))
+            if worst + slope * float(r) > max_drop + 1e-12:
                 break
             best = float(r)
         return best
 
-    def ratios_for_drop(self, max_drop: float, max_ratio: float = 0.95) -> dict[str, float]:
+    def ratios_for_drop(
+        self, max_drop: float, max_ratio: float = 0.95, slope: float = 0.0
+    ) -> dict[str, float]:
         """Each layer's largest ratio whose own drop stays within ``max_drop``."""
         if max_drop < 0:
             raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
-        return {name: self.ratio_for_drop(name, max_drop, max_ratio) for name in self.curves}
+        return {n: self.ratio_for_drop(n, max_drop, max_ratio, slope) for n in self.curves}
 
-    def ratios_for_sparsity(self, target: float, max_ratio: float = 0.95) -> dict[str, float]:
+    def worst_drop(self) -> float:
+        """The largest drop any layer shows at any ratio (an upper end for searches)."""
+        return max(self.baseline - min(c) for c in self.curves.values())
+
+    def ratios_for_sparsity(
+        self, target: float, max_ratio: float = 0.95, slope: float = SLOPE
+    ) -> dict[str, float]:
         """Per-layer sparsities removing ``target`` of all weights at the least common drop."""
         if self.kind != "unstructured":
             raise ConfigError("ratios_for_sparsity needs an unstructured sensitivity analysis")
@@ -83,15 +100,16 @@ class Sensitivity:
             raise ConfigError(f"target sparsity {target} must be in [0, {max_ratio}]")
 
         def removed(d: float) -> float:
-            return sum(self.sizes[n] * r for n, r in self.ratios_for_drop(d, max_ratio).items())
+            ratios = self.ratios_for_drop(d, max_ratio, slope)
+            return sum(self.sizes[n] * r for n, r in ratios.items())
 
-        low, high = 0.0, max(self.baseline - min(c) for c in self.curves.values()) + 1e-6
+        low, high = 0.0, self.worst_drop() + slope * max_ratio + 1e-6
         if removed(high) < target * total:
             return dict.fromkeys(self.curves, max_ratio)
         for _ in range(30):
             mid = (low + high) / 2
             low, high = (low, mid) if removed(mid) >= target * total else (mid, high)
-        return self.ratios_for_drop(high, max_ratio)
+        return self.ratios_for_drop(high, max_ratio, slope)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

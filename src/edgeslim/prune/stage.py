@@ -90,6 +90,7 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     if cfg.agp is not None:
         if ft.epochs == 0:
             raise ConfigError(f"stage {stage.label}: 'agp' prunes during training; add finetune")
+        context.pop("data", None)  # prune_agp_ passes its own
         history = prune_agp_(
             model, cfg.config, ctx.data, cfg.agp, ft, progress=ctx.progress, **context
         )
