@@ -185,7 +185,7 @@ def _kept_filters(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return [i for i in range(before.shape[0]) if any(torch.equal(before[i], a) for a in after)]
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "activation"])
 def test_each_importance_removes_the_channel_it_should(importance):
     torch.manual_seed(0)
     net = _conv_bn_net()
@@ -194,17 +194,20 @@ def test_each_importance_removes_the_channel_it_should(importance):
             net[1].weight[5] = 1e-4  # network slimming: tiny gamma
         elif importance == "taylor":
             net[3].weight[:, 5] = 0  # its output is never used: zero gradient x weight
+        elif importance == "activation":
+            net[3].weight[:, 5] *= 1e-3  # its consumer barely reads it
         else:
             net[0].weight[5] *= 1e-3
             net[3].weight[:, 5] *= 1e-3
     x = torch.rand(16, 1, 6, 6)
     y = torch.randint(0, 3, (16,))
     w0 = net[0].weight.detach().clone()
-    kw = {"calib": (x, y)} if importance == "taylor" else {}
+    kw = {"calib": (x, y)} if importance in ("taylor", "activation") else {}
     prune_(net, ChannelPrune(ratio=1 / 8, importance=importance), example=x, **kw)
     assert net[0].out_channels == 7
     assert 5 not in _kept_filters(w0, net[0].weight.detach())
     assert all(p.grad is None for p in net.parameters())
+    assert not any(hasattr(m, "_edgeslim_input_abs") for m in net.modules())
 
 
 def test_round_to_ignore_filter_and_macs_target():

@@ -44,7 +44,7 @@ from ..data.datasets import DataSplits
 from ..errors import ConfigError, EdgeslimError, ShapeError
 from ..masks import iter_masks
 from ..profile.latency import eval_mode
-from .importance import Importance, accumulate_gradients, scorer
+from .importance import Importance, accumulate_gradients, forget_inputs, record_inputs, scorer
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -465,7 +465,10 @@ def apply_plans(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tdg, tgroups = prepare(twin, example, cfg)
-        _cut(tdg, tgroups, chosen)
+        try:
+            _cut(tdg, tgroups, chosen)
+        except Exception as exc:  # the graph library failed on an op it mis-mapped
+            return f"the cut itself: {type(exc).__name__}: {str(exc).strip()[:120]}"
         return _failure(twin, example, shapes)
 
     if plans and trial(plans) is not None:
@@ -581,7 +584,7 @@ def channel_prune_(
     *,
     example: Any = None,
     data: DataSplits | None = None,
-    calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calib: Any = None,
 ) -> dict[str, float]:
     """Remove channels from ``model`` in place; returns each cut group's removed fraction.
 
@@ -608,6 +611,11 @@ def channel_prune_(
 
         x, y = calibration_pairs(calib if calib is not None else data, cfg.samples)
         accumulate_gradients(model, x, y)
+    if cfg.importance == "activation":
+        inputs = calib[0] if isinstance(calib, tuple) else calib
+        if inputs is None:
+            inputs = data.calib(min(cfg.samples, len(data.train))) if data else example
+        record_inputs(model, inputs)
     dg, groups = prepare(model, example, cfg)
     ratios = None
     if cfg.macs is not None:
@@ -618,4 +626,5 @@ def channel_prune_(
     done = apply_plans(model, example, cfg, dg, groups, plans)
     if cfg.importance == "taylor":
         model.zero_grad(set_to_none=True)
+    forget_inputs(model)
     return {p.group: len(p.remove) / p.channels for p in done}
