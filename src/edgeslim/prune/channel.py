@@ -525,18 +525,28 @@ def macs_after(
 
 
 def search(
-    cost: Callable[[float], float], target: float, low: float, high: float, steps: int = 10
+    cost: Callable[[float], float], target: float, low: float, high: float, steps: int = 6
 ) -> float:
-    """The smallest knob in [low, high] with ``cost(knob) <= target`` (cost falls as knob grows)."""
-    if cost(high) > target:
+    """The smallest knob in [low, high] with ``cost(knob) <= target``, else ``high``.
+
+    A coarse scan (12 points) finds the first feasible knob, then ``steps`` bisections refine
+    it; the scan keeps the search right when ``cost`` is not quite monotone at the extremes.
+    """
+    grid = [low + (high - low) * k / 12 for k in range(1, 13)]
+    previous = low
+    for knob in grid:
+        if cost(knob) <= target:
+            break
+        previous = knob
+    else:
         return high
     for _ in range(steps):
-        mid = (low + high) / 2
+        mid = (previous + knob) / 2
         if cost(mid) <= target:
-            high = mid
+            knob = mid
         else:
-            low = mid
-    return high
+            previous = mid
+    return knob
 
 
 def ratios_for_macs(
