@@ -1,6 +1,7 @@
 """Sensitivity curves, the ratios derived from them, the stage kinds and the CLI command."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -136,3 +137,26 @@ def test_cli_sensitivity_prints_curves_and_writes_json(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 1000
     proc = _cli("sensitivity", "zoo:lenet300", "--ratios", "0.5,2")
     assert proc.returncode == 2 and "ratios must be in (0, 1)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_a_channel_stage_replays_the_cut(tmp_path):
+    body = {
+        "name": "resume",
+        "model": "zoo:lenet5",
+        "data": {"max_train": 200},
+        "train": {"epochs": 1},
+        "stages": [
+            {"prune": {"method": "channel", "ratio": 0.5}},
+            {"prune": {"method": "magnitude", "sparsity": 0.5}},
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(body))
+    first = es.run_recipe(path, tmp_path / "run")
+    assert first.model.conv2.out_channels == 25 and first.rows[1]["log"]["cut"]
+    shutil.rmtree(tmp_path / "run" / "stage-2")  # as if killed during the last stage
+    again = es.run_recipe(path, tmp_path / "run")
+    assert again.resumed_from == 1 and again.model.conv2.out_channels == 25
+    a, b = first.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -598,6 +598,42 @@ def channel_prune_(
 ) -> dict[str, float]:
     """Remove channels from ``model`` in place; returns each cut group's removed fraction.
 
+    See :func:`cut_channels_` for the arguments.
+    """
+    plans = cut_channels_(model, cfg, filter_fn, example=example, data=data, calib=calib)
+    return {p.group: len(p.remove) / p.channels for p in plans}
+
+
+def replay_(model: nn.Module, example: Any, plans: list[dict[str, Any]]) -> None:
+    """Cut the channels that :func:`cut_channels_` chose (its plans, as dicts) again.
+
+    For a fresh copy of the original model, e.g. when a pipeline resumes after a channel
+    pruning stage: the structure is redone, then the saved weights are loaded.
+    """
+    if isinstance(example, torch.Tensor):
+        example = example[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg, groups = prepare(model, example, ChannelPrune(ratio=0.5))
+    known = {g.name for g in groups}
+    chosen = [Plan(**p) for p in plans]
+    missing = [p.group for p in chosen if p.group not in known]
+    if missing:
+        raise ConfigError(f"cannot replay channel pruning: no group named {missing} in the model")
+    _cut(dg, groups, chosen)
+
+
+def cut_channels_(
+    model: nn.Module,
+    cfg: ChannelPrune,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    example: Any = None,
+    data: DataSplits | None = None,
+    calib: Any = None,
+) -> list[Plan]:
+    """Remove channels from ``model`` in place; returns the plans that were cut.
+
     ``example`` (an input batch, or a dict of keyword inputs) is needed to trace the model.
     Layers for which ``filter_fn(module, name)`` is False are kept whole. ``data`` (or
     ``calib=(x, y)``) is needed for ``importance='taylor'`` and ``allocation='sensitivity'``.
@@ -637,4 +673,4 @@ def channel_prune_(
     if cfg.importance == "taylor":
         model.zero_grad(set_to_none=True)
     forget_inputs(model)
-    return {p.group: len(p.remove) / p.channels for p in done}
+    return done

@@ -13,6 +13,7 @@ Methods that need them get the recipe's example input (``channel``) and data (``
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import StageKind, register_stage, validate
 from ..errors import ConfigError
 from .agp import AGPSchedule
+from .channel import ChannelPrune, cut_channels_, replay_
 
 
 class _Schedule(BaseModel):
@@ -95,8 +97,17 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
             model, cfg.config, ctx.data, cfg.agp, ft, progress=ctx.progress, **context
         )
         return model, {"agp": history}
+    if isinstance(cfg.config, ChannelPrune):
+        plans = cut_channels_(model, cfg.config, **context)
+        log: dict[str, Any] = {
+            "removed": {p.group: len(p.remove) / p.channels for p in plans},
+            "cut": [asdict(p) for p in plans],  # what restore() replays on resume
+        }
+        if ft.epochs > 0:
+            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+        return model, log
     if not hasattr(cfg.config, "scaled") or (cfg.steps == 1 and ft.epochs == 0):
-        log: dict[str, Any] = {"layer_sparsity": prune_(model, cfg.config, **context)}
+        log = {"layer_sparsity": prune_(model, cfg.config, **context)}
         if ft.epochs > 0:
             log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
         return model, log
@@ -106,4 +117,10 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     return model, {"cycles": cycles}
 
 
-register_stage(StageKind("prune", parse, run))
+def restore(model, stage, log: dict[str, Any], example) -> None:
+    """Redo a finished channel-pruning stage's cuts on a fresh model (for resume)."""
+    if log.get("cut"):
+        replay_(model, example, log["cut"])
+
+
+register_stage(StageKind("prune", parse, run, restore=restore))
