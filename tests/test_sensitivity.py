@@ -160,3 +160,13 @@ def test_resume_after_a_channel_stage_replays_the_cut(tmp_path):
     assert again.resumed_from == 1 and again.model.conv2.out_channels == 25
     a, b = first.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "name", ["channel_resnet8", "obd_lenet300", "agp_lenet300", "nm24_lenet5"]
+)
+def test_shipped_pruning_recipes_validate(name):
+    from edgeslim.cli import recipe_path
+
+    recipe = es.Recipe.from_yaml(recipe_path(name))
+    assert recipe.name == name and recipe.stages[0].kind == "prune"

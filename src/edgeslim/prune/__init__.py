@@ -11,13 +11,13 @@ Later techniques register a handler with :func:`register`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 from pydantic import BaseModel
 from torch import nn
 
 from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
+from ..registry import Registry
 from .agp import AGPSchedule, prune_agp_
 from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
@@ -26,15 +26,9 @@ from .obd import OBDPrune, hessian_diagonal, obd_prune_
 from .schedule import model_sparsity, prune_iteratively_
 from .sensitivity import Sensitivity, sensitivity
 
-Handler = Callable[..., dict[str, float]]
-_HANDLERS: dict[type[BaseModel], Handler] = {}
-METHODS: dict[str, type[BaseModel]] = {}  # recipe name -> config class
-
-
-def register(name: str, config_type: type[BaseModel], handler: Handler) -> None:
-    """Make ``prune_(model, config_type(...))`` call ``handler`` and ``method: name`` valid."""
-    _HANDLERS[config_type] = handler
-    METHODS[name] = config_type
+REGISTRY = Registry("prune_")
+METHODS = REGISTRY.methods  # recipe name -> config class
+register = REGISTRY.register
 
 
 def prune_(
@@ -44,30 +38,23 @@ def prune_(
     filter_fn: FilterFn | None = None,
     **kwargs: object,
 ) -> dict[str, float]:
-    """Prune ``model`` in place as ``cfg`` says; returns each pruned layer's sparsity.
+    """Prune ``model`` in place as ``cfg`` says; returns each pruned layer's sparsity
+    (for :class:`ChannelPrune`: each cut group's fraction of channels removed).
 
-    ``filter_fn(module, name)`` restricts which layers are considered.
+    ``filter_fn(module, name)`` restricts which layers are considered; other keyword
+    arguments (``data=``, ``calib=``, ``example=`` ...) go to the method's handler, and one
+    the method does not take is a ConfigError.
     """
-    handler = _handler(cfg)
+    handler = REGISTRY.handler(cfg)
     unknown = sorted(set(kwargs) - set(inspect.signature(handler).parameters))
     if unknown:
         raise ConfigError(f"{type(cfg).__name__} takes no argument(s) {unknown}")
     return handler(model, cfg, filter_fn=filter_fn, **kwargs)
 
 
-def _handler(cfg: BaseModel) -> Handler:
-    handler = _HANDLERS.get(type(cfg))
-    if handler is None:
-        raise ConfigError(
-            f"no pruning method for config {type(cfg).__name__}; known: "
-            f"{', '.join(c.__name__ for c in _HANDLERS)}"
-        )
-    return handler
-
-
 def accepted(cfg: BaseModel, **context: object) -> dict[str, object]:
     """The items of ``context`` (example=, data= ...) that ``cfg``'s method takes."""
-    params = inspect.signature(_handler(cfg)).parameters
+    params = inspect.signature(REGISTRY.handler(cfg)).parameters
     return {k: v for k, v in context.items() if k in params}
 
 
