@@ -163,7 +163,7 @@ def test_iterative_obd_passes_data_through(mnist):
     model = es.load_model("zoo:lenet300")
     log = es.prune_iteratively_(
         model, OBDPrune(sparsity=0.75, samples=64), data, steps=2,
-        finetune_cfg=es.TrainConfig(epochs=0), data=data,
+        finetune_cfg=es.TrainConfig(epochs=0),
     )  # fmt: skip
     assert [round(r["sparsity"], 3) for r in log] == [0.5, 0.75]
     assert math.isclose(log[-1]["sparsity"], 0.75, abs_tol=1e-3)

@@ -39,16 +39,14 @@ def _docstrings(module_name: str) -> list[str]:
     except ImportError:  # pragma: no cover - every name above is in the standard library
         return []
     docs = [inspect.getdoc(module) or ""]
-    for name in sorted(vars(module)):
-        if name.startswith("_"):
-            continue
-        with warnings.catch_warnings():  # e.g. typing.io is deprecated
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # e.g. typing.io and typing.re are deprecated
+        warnings.simplefilter("ignore")
+        for name in sorted(vars(module)):
             member = getattr(module, name)
-        if (inspect.isclass(member) or inspect.isfunction(member)) and getattr(
-            member, "__module__", ""
-        ).startswith(module_name):
-            docs.append(inspect.getdoc(member) or "")
+            own = getattr(member, "__module__", None) or ""
+            kind_ok = inspect.isclass(member) or inspect.isfunction(member)
+            if not name.startswith("_") and kind_ok and own.startswith(module_name):
+                docs.append(inspect.getdoc(member) or "")
     return docs
 
 

@@ -39,10 +39,11 @@ def prune_iteratively_(
 
     ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`, :class:`OBDPrune`).
     Each cycle's fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible.
-    ``prune_kwargs`` (e.g. ``data=`` for OBD) go to :func:`prune_`.
+    ``prune_kwargs`` go to :func:`prune_`; methods that take ``data`` (OBD) get ``data``.
     """
-    from . import prune_  # the verb dispatches on the config type
+    from . import accepted, prune_  # the verb dispatches on the config type
 
+    prune_kwargs = {**accepted(cfg, data=data), **prune_kwargs}  # e.g. OBD's Hessian data
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     ft = finetune_cfg or TrainConfig(epochs=3, lr=1e-4)

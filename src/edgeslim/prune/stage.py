@@ -111,6 +111,7 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
         if ft.epochs > 0:
             log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
         return model, log
+    context.pop("data", None)  # prune_iteratively_ passes its own
     cycles = prune_iteratively_(
         model, cfg.config, ctx.data, cfg.steps, ft, progress=ctx.progress, **context
     )
