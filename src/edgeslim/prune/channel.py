@@ -636,7 +636,9 @@ def cut_channels_(
 
     ``example`` (an input batch, or a dict of keyword inputs) is needed to trace the model.
     Layers for which ``filter_fn(module, name)`` is False are kept whole. ``data`` (or
-    ``calib=(x, y)``) is needed for ``importance='taylor'`` and ``allocation='sensitivity'``.
+    ``calib=(x, y)``) is needed for ``importance='taylor'`` and ``allocation='sensitivity'``;
+    ``importance='activation'`` reads ``calib`` (inputs: a tensor batch, a dict of keyword
+    inputs, or ``(x, y)``), else ``data``'s calibration set, else ``example``.
     """
     if example is None:
         raise ConfigError("ChannelPrune needs example= (an input batch) to trace the model's graph")
