@@ -207,6 +207,9 @@ def profile(
     )
 
 
+UNSTRUCTURED_NOTE_AT = 0.3  # an unmasked weight this sparse is treated as pruned
+
+
 def sparsity_notes(model: nn.Module) -> list[str]:
     """What a model's zeros do *not* buy on dense CPU runtimes, said plainly.
 
@@ -220,13 +223,15 @@ def sparsity_notes(model: nn.Module) -> list[str]:
 
     patterns: dict[tuple[int, int], list[str]] = {}
     masked = []
-    for name, module, pname, _ in iter_masks(model):
-        label = f"{name}.{pname}" if name else pname
-        found = nm_pattern(getattr(module, pname))
+    labels = {f"{n}.{p}" if n else p for n, _, p, _ in iter_masks(model)}
+    for label, weight in model.named_parameters():
+        if weight.dim() < 2:
+            continue
+        found = nm_pattern(weight)
         if found is not None:
             patterns.setdefault(found, []).append(label)
-        else:
-            masked.append(label)
+        elif label in labels or float((weight == 0).float().mean()) >= UNSTRUCTURED_NOTE_AT:
+            masked.append(label)  # masked, or a reloaded model whose zeros have no masks
     notes = []
     for (n, m), layers in sorted(patterns.items()):
         notes.append(
@@ -236,7 +241,7 @@ def sparsity_notes(model: nn.Module) -> list[str]:
         )
     if masked:
         notes.append(
-            f"unstructured pruning masks in {len(masked)} layer(s): the zeros shrink the sparse "
+            f"unstructured sparsity in {len(masked)} layer(s): the zeros shrink the sparse "
             "file but dense CPU runtimes gain no speed from them; remove channels "
             "(ChannelPrune) for a faster model"
         )
