@@ -60,6 +60,9 @@ class OBDPrune(BaseModel):
     hessian: Literal["fisher", "hutchinson"] = "fisher"
     samples: int = Field(256, ge=1, description="labelled examples for the Hessian estimate")
     probes: int = Field(8, ge=1, description="Rademacher vectors per batch (hutchinson)")
+    damping: float = Field(
+        0.0, ge=0, description="add damping x mean(h) to every h_kk (Levenberg-Marquardt)"
+    )
     batch_size: int = Field(64, ge=1)
     seed: int = 0
 
@@ -186,10 +189,15 @@ def hessian_diagonal(
 
 
 def obd_scores(
-    layers: dict[str, nn.Module], hessian: dict[str, torch.Tensor]
+    layers: dict[str, nn.Module], hessian: dict[str, torch.Tensor], damping: float = 0.0
 ) -> dict[str, torch.Tensor]:
-    """Saliency h_kk w_k^2 / 2 of every weight of every layer."""
-    return {n: hessian[n] * m.weight.detach().pow(2) / 2 for n, m in layers.items()}
+    """Saliency (h_kk + lambda) w_k^2 / 2 of every weight, lambda = damping x mean(h).
+
+    A little damping guards the ranking against a noisy or vanishing estimate of h (a
+    well-fit model has near-zero per-sample gradients); large damping tends to magnitude.
+    """
+    lam = damping * float(torch.cat([h.reshape(-1) for h in hessian.values()]).mean())
+    return {n: (hessian[n] + lam) * m.weight.detach().pow(2) / 2 for n, m in layers.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -224,5 +232,5 @@ def obd_prune_(
         probes=cfg.probes,
         seed=cfg.seed,
     )
-    scores = obd_scores(layers, hessian)
+    scores = obd_scores(layers, hessian, cfg.damping)
     return apply_new_masks_(layers, masks_from_scores(scores, cfg.sparsity, cfg.layer_sparsity))
