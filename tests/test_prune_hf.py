@@ -40,7 +40,6 @@ def test_bert_heads_and_ffn_are_removed_and_exported(tmp_path):
     assert diff < 1e-4
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "vit"])
 def test_vision_models_from_configs_prune_by_half_and_agree_in_onnx(name, tmp_path):
     torch.manual_seed(0)

@@ -90,7 +90,6 @@ def _recipe(tmp_path, stages):
     return path
 
 
-@pytest.mark.slow
 def test_prune_stage_methods_and_schedules(tmp_path, mnist):
     path = _recipe(
         tmp_path,
@@ -139,7 +138,6 @@ def test_cli_sensitivity_prints_curves_and_writes_json(tmp_path):
     assert proc.returncode == 2 and "ratios must be in (0, 1)" in proc.stderr
 
 
-@pytest.mark.slow
 def test_resume_after_a_channel_stage_replays_the_cut(tmp_path):
     body = {
         "name": "resume",
