@@ -86,12 +86,16 @@ def test_nm_masks_keep_n_largest_of_every_m_along_the_input_dim():
     w = torch.tensor([[0.1, -4.0, 3.0, 0.2, 5.0, 6.0, -7.0, 8.0]])
     assert nm_mask(w.abs(), 2, 4).tolist() == [[False, True, True, False, False, False, True, True]]
     model = es.load_model("zoo:lenet5")
+    original = model.conv2.weight.detach().abs().movedim(1, -1).reshape(50, 5, 5, 5, 4)
     with pytest.warns(UserWarning, match="left dense.*conv1"):
         got = prune_(model, NMPrune(n=2, m=4))
     assert set(got) == {"conv2", "fc1", "fc2"} and all(s == 0.5 for s in got.values())
     w = model.conv2.weight.detach()  # (50, 20, 5, 5): groups run over input channels
     nonzero = (w.movedim(1, -1).reshape(50, 5, 5, 5, 4) != 0).sum(-1)
     assert int(nonzero.max()) == 2 and int(nonzero.min()) == 2
+    kept = w.movedim(1, -1).reshape(50, 5, 5, 5, 4) != 0  # the two largest of each four
+    smallest_kept = original.masked_fill(~kept, float("inf")).amin(-1)
+    assert bool((original.masked_fill(kept, -1).amax(-1) <= smallest_kept).all())
     assert nm_pattern(model.fc1.weight) == (2, 4) and nm_pattern(model.conv1.weight) is None
     model = es.load_model("zoo:lenet300")
     prune_(model, NMPrune(n=4, m=8))
