@@ -393,7 +393,7 @@ def test_text_recipe_validation():
         (
             {"source": "text:stdlib"},
             [{"prune": {"method": "wanda", "sparsity": 0.5, "steps": 2}}],
-            "prunes in one shot",
+            "prunes in one step",
         ),
         (
             {"source": "text:stdlib"},

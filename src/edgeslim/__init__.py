@@ -48,6 +48,14 @@ _LAZY = {
     "compress_layerwise": "edgeslim.calibrate",
     "load_text": "edgeslim.data.text",
     "save_hf": "edgeslim.models.hf",
+    "OBDPrune": "edgeslim.prune",
+    "NMPrune": "edgeslim.prune",
+    "ChannelPrune": "edgeslim.prune",
+    "AGPSchedule": "edgeslim.prune",
+    "prune_agp_": "edgeslim.prune",
+    "sensitivity": "edgeslim.prune",
+    "Sensitivity": "edgeslim.prune",
+    "english_sentences": "edgeslim.data.text",
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
@@ -106,6 +114,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_text as load_text,
     )
     from .models.hf import (
+        english_sentences as english_sentences,
+    )
+    from .models.hf import (
         save_hf as save_hf,
     )
     from .models.io import (
@@ -124,7 +135,22 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         profile as profile,
     )
     from .prune import (
+        AGPSchedule as AGPSchedule,
+    )
+    from .prune import (
+        ChannelPrune as ChannelPrune,
+    )
+    from .prune import (
         MagnitudePrune as MagnitudePrune,
+    )
+    from .prune import (
+        NMPrune as NMPrune,
+    )
+    from .prune import (
+        OBDPrune as OBDPrune,
+    )
+    from .prune import (
+        Sensitivity as Sensitivity,
     )
     from .prune import (
         SparseGPT as SparseGPT,
@@ -139,7 +165,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         prune_ as prune_,
     )
     from .prune import (
+        prune_agp_ as prune_agp_,
+    )
+    from .prune import (
         prune_iteratively_ as prune_iteratively_,
+    )
+    from .prune import (
+        sensitivity as sensitivity,
     )
     from .quant import (
         GPTQ as GPTQ,

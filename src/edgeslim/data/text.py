@@ -1,15 +1,21 @@
-"""Real English text available offline: the Python standard library's docstrings.
+"""Real English text that every machine has: the Python standard library's docstrings.
 
-Every Python installation ships thousands of docstrings written by people, in English. They
-are read here from the standard library's source files with :mod:`ast` (nothing is imported
-or executed), split into paragraphs, and cleaned (doctest lines, tables and short fragments
-are dropped).
+    sentences = english_sentences(200)     # the same 200 sentences on every run
 
-Splits are by *module*, so the calibration/training text and the evaluation text never share
-a module: a module goes to ``test`` when the first byte of sha256(its dotted name) is below
-26 (about 10%), to ``val`` when it is below 52, else to ``train``. :meth:`TextCorpus.manifest`
-records the Python version, the module names of each split and a sha256 of each split's
-text, so a result can say exactly which text it was measured on.
+The docstrings of a fixed list of standard-library modules (and of their public classes and
+functions, in name order) are split into sentences; sentences that look like prose (start with
+a capital letter, end with a full stop, 6..40 words, mostly letters, no code) are kept, in
+order, without duplicates. The result is deterministic for a given Python version (docstrings
+change a little between Python releases).
+
+:class:`TextCorpus` (``load_text("stdlib")``) is the larger corpus for language models: every
+docstring of every standard-library source file, read with :mod:`ast` (nothing imported or
+executed), as paragraphs, split by *module* into train / val / test so that the
+calibration/training text and the evaluation text never share a module: a module goes to
+``test`` when the first byte of sha256(its dotted name) is below 26 (about 10%), to ``val``
+when it is below 52, else to ``train``. :meth:`TextCorpus.manifest` records the Python
+version, the module names of each split and a sha256 of each split's text. :class:`TextTask`
+binds it to a transformers model's tokenizer for the pipeline.
 """
 
 from __future__ import annotations
@@ -17,13 +23,85 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib
+import inspect
 import re
 import sys
 import sysconfig
+import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import DataError
+
+# a fixed, ordered list: the corpus must not depend on what else happens to be importable
+MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib",
+    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum",
+    "fractions", "functools", "glob", "gzip", "hashlib", "heapq", "html", "inspect", "io",
+    "ipaddress", "itertools", "json", "logging", "math", "operator", "os", "pathlib",
+    "pickle", "pprint", "queue", "random", "re", "shutil", "socket", "statistics", "string",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "typing",
+    "unittest", "uuid", "warnings", "zipfile",
+)  # fmt: skip
+
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9\)][.!?])\s+(?=[A-Z])")
+_CODE = re.compile(r">>>|::|\(\)|[{}\[\]=<>_`*#@\\|]")
+
+
+def _docstrings(module_name: str) -> list[str]:
+    """The module's docstring, then its public members' docstrings in name order."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # pragma: no cover - every name above is in the standard library
+        return []
+    docs = [inspect.getdoc(module) or ""]
+    with warnings.catch_warnings():  # e.g. typing.io and typing.re are deprecated
+        warnings.simplefilter("ignore")
+        for name in sorted(vars(module)):
+            member = getattr(module, name)
+            own = getattr(member, "__module__", None) or ""
+            kind_ok = inspect.isclass(member) or inspect.isfunction(member)
+            if not name.startswith("_") and kind_ok and own.startswith(module_name):
+                docs.append(inspect.getdoc(member) or "")
+    return docs
+
+
+def _is_prose(sentence: str, min_words: int, max_words: int) -> bool:
+    words = sentence.split()
+    if not min_words <= len(words) <= max_words:
+        return False
+    if not (sentence[0].isupper() and sentence.endswith(".")) or _CODE.search(sentence):
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in sentence)
+    return letters >= 0.9 * len(sentence)
+
+
+@lru_cache(maxsize=4)
+def _all_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for module_name in MODULES:
+        for doc in _docstrings(module_name):
+            for paragraph in doc.split("\n\n"):
+                text = " ".join(paragraph.split())  # one line, single spaces
+                for sentence in _SENTENCE_END.split(text):
+                    if _is_prose(sentence, min_words, max_words):
+                        seen.setdefault(sentence, None)
+    return tuple(seen)
+
+
+def english_sentences(
+    n: int | None = None, *, min_words: int = 6, max_words: int = 40
+) -> list[str]:
+    """The first ``n`` prose sentences of the standard library's docstrings (all when None)."""
+    sentences = _all_sentences(min_words, max_words)
+    return list(sentences if n is None else sentences[:n])
+
+
+# --------------------------------------------------------------------------------------
+# the module-split corpus for language models
+# --------------------------------------------------------------------------------------
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
 _WORD = re.compile(r"[A-Za-z]+")
@@ -51,7 +129,7 @@ def _modules(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _docstrings(path: Path) -> list[str]:
+def _file_docstrings(path: Path) -> list[str]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -120,7 +198,7 @@ def _module_paragraphs(root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(module, paragraphs) for every module under ``root`` that has any (parsed once)."""
     found = []
     for module, path in _modules(root):
-        paragraphs = tuple(p for doc in _docstrings(path) for p in clean_paragraphs(doc))
+        paragraphs = tuple(p for doc in _file_docstrings(path) for p in clean_paragraphs(doc))
         if paragraphs:
             found.append((module, paragraphs))
     return tuple(found)
