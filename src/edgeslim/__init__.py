@@ -38,6 +38,16 @@ _LAZY = {
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
+    "Wanda": "edgeslim.prune",
+    "SparseGPT": "edgeslim.prune",
+    "quantize_": "edgeslim.quant",
+    "GPTQ": "edgeslim.quant",
+    "RTN": "edgeslim.quant",
+    "SmoothQuant": "edgeslim.quant",
+    "compress_sharded": "edgeslim.calibrate",
+    "compress_layerwise": "edgeslim.calibrate",
+    "load_text": "edgeslim.data.text",
+    "save_hf": "edgeslim.models.hf",
     "OBDPrune": "edgeslim.prune",
     "NMPrune": "edgeslim.prune",
     "ChannelPrune": "edgeslim.prune",
@@ -85,6 +95,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import (
         zoo as zoo,
     )
+    from .calibrate import (
+        compress_layerwise as compress_layerwise,
+    )
+    from .calibrate import (
+        compress_sharded as compress_sharded,
+    )
     from .config import (
         Recipe as Recipe,
     )
@@ -95,7 +111,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_data as load_data,
     )
     from .data.text import (
+        load_text as load_text,
+    )
+    from .models.hf import (
         english_sentences as english_sentences,
+    )
+    from .models.hf import (
+        save_hf as save_hf,
     )
     from .models.io import (
         load_model as load_model,
@@ -131,6 +153,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         Sensitivity as Sensitivity,
     )
     from .prune import (
+        SparseGPT as SparseGPT,
+    )
+    from .prune import (
+        Wanda as Wanda,
+    )
+    from .prune import (
         apply_masks_ as apply_masks_,
     )
     from .prune import (
@@ -144,6 +172,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .prune import (
         sensitivity as sensitivity,
+    )
+    from .quant import (
+        GPTQ as GPTQ,
+    )
+    from .quant import (
+        RTN as RTN,
+    )
+    from .quant import (
+        SmoothQuant as SmoothQuant,
+    )
+    from .quant import (
+        quantize_ as quantize_,
     )
     from .report import (
         render_report as render_report,

@@ -15,6 +15,7 @@ import inspect
 from pydantic import BaseModel
 from torch import nn
 
+from ..calibrate import one_shot_ as _one_shot_
 from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from ..registry import Registry
@@ -25,6 +26,8 @@ from .nm import NMPrune, nm_pattern, nm_prune_
 from .obd import OBDPrune, hessian_diagonal, obd_prune_
 from .schedule import model_sparsity, prune_iteratively_
 from .sensitivity import Sensitivity, sensitivity
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class
@@ -59,6 +62,8 @@ def accepted(cfg: BaseModel, **context: object) -> dict[str, object]:
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)
+register("wanda", Wanda, _one_shot_)
+register("sparsegpt", SparseGPT, _one_shot_)
 register("obd", OBDPrune, obd_prune_)
 register("nm", NMPrune, nm_prune_)
 register("channel", ChannelPrune, channel_prune_)
@@ -71,7 +76,9 @@ __all__ = [
     "NMPrune",
     "OBDPrune",
     "Sensitivity",
+    "SparseGPT",
     "UnsupportedOpError",
+    "Wanda",
     "accepted",
     "apply_masks_",
     "hessian_diagonal",

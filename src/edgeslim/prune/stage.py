@@ -88,6 +88,12 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     cfg: PruneStage = stage.config
     ft = stage.finetune or TrainConfig(epochs=0)
     ft = ft.model_copy(update={"seed": ctx.seed})
+    if getattr(cfg.config, "needs_calib", False):  # one shot, from the calibration set
+        calib = {"calib": ctx.calibration(), "progress": ctx.progress}
+        log = {"layer_sparsity": prune_(model, cfg.config, **calib)}
+        if ft.epochs > 0:
+            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+        return model, log
     context = accepted(cfg.config, example=ctx.example, data=ctx.data)
     if cfg.agp is not None:
         if ft.epochs == 0:

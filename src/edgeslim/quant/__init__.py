@@ -38,4 +38,12 @@ def quantize_(
     return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
-__all__ = ["METHODS", "quantize_", "register"]
+from ..calibrate import one_shot_  # noqa: E402
+from .gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
+from .smoothquant import SmoothQuant  # noqa: E402
+
+register("gptq", GPTQ, one_shot_)
+register("rtn", RTN, rtn_quantize_)
+register("smoothquant", SmoothQuant, one_shot_)
+
+__all__ = ["GPTQ", "METHODS", "RTN", "SmoothQuant", "quantize_", "register"]

@@ -43,7 +43,8 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     sizes = [row["size_bytes"] / 1024 for row in rows]
-    accs = [100 * row["accuracy"] for row in rows]
+    ppl = rows[0].get("metric") == "perplexity"  # language models: perplexity, as is
+    accs = [row["accuracy"] if ppl else 100 * row["accuracy"] for row in rows]
     ax.plot(sizes, accs, "-", color="0.6", zorder=1)
     ax.scatter(sizes, accs, c=range(len(rows)), cmap="viridis", s=50, zorder=2)
     for row, x, y in zip(rows, sizes, accs, strict=True):
@@ -52,7 +53,7 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:g}")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test perplexity" if ppl else f"test {rows[0].get('metric', 'accuracy')} (%)")
     ax.set_title("accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     _pad_axes(ax, sizes, accs)
