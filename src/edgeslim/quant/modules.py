@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,8 +36,6 @@ MODES: tuple[str, ...] = ("observe", "fake", "exact", "export", "float")
 
 def _qd():
     """``torch.ops.quantized_decomposed`` (registered on import of torch.ao's module)."""
-    import torch.ao.quantization.fx._decomposed
-
     return torch.ops.quantized_decomposed
 
 
@@ -82,6 +81,7 @@ class ActQuant(QuantModule):
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int64))
         self.observer: Observer | None = None
         self.link("source", None)  # another ActQuant whose qparams this one shares
+        self.direct = False  # the input *is* the source's output: export emits no Q/DQ
         self.lsq = False
 
     def extra_repr(self) -> str:
@@ -126,6 +126,10 @@ class ActQuant(QuantModule):
         qp = self.qparams()
         return float(qp.scale[0]), int(qp.zero_point[0])
 
+    def freeze(self) -> None:
+        """Cache the qparams as Python numbers: tracing for export cannot read buffers."""
+        self._frozen = None if self.dynamic else self.export_qparams()
+
     def _dynamic_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min-max qparams of ``x`` (the batch), as ``spec.activation_qparams`` computes them."""
         rmin = torch.clamp(x.detach().min(), max=0.0).double()
@@ -149,8 +153,12 @@ class ActQuant(QuantModule):
             return x
         scale, zp = self._dynamic_params(x) if self.dynamic else self._params()
         if mode == "export":
+            if self.direct:
+                return x  # already Q -> DQ'd by the upstream quantizer
+            if self.dynamic:
+                raise NotImplementedError("dynamic activation quantization has no QDQ export")
             qd = _qd()
-            s, z = self.export_qparams()
+            s, z = self._frozen
             q = qd.quantize_per_tensor(x, s, z, self.qmin, self.qmax, torch.int8)
             return qd.dequantize_per_tensor(q, s, z, self.qmin, self.qmax, torch.int8)
         if mode == "exact":
@@ -461,7 +469,9 @@ class QuantAvgPool(QuantModule):
         self.link("source", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source is None or self.mode in ("float", "observe", "export"):
+        if self.mode == "export":  # AveragePool, which ORT fuses into QLinearAveragePool
+            return F.avg_pool2d(x, kernel_size=tuple(x.shape[-2:]))
+        if self.source is None or self.mode in ("float", "observe"):
             return self.pool(x)
         s, z = self.source._params()
         qmin, qmax = self.source.qmin, self.source.qmax

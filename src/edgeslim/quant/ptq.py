@@ -357,6 +357,10 @@ def _link_graph(gm: fx.GraphModule) -> None:
         if isinstance(mod, (QuantConv2d, QuantLinear)):
             src = _upstream_quant(node.args[0], modules)
             mod.input_quant.link("source", src)
+            arg = node.args[0]
+            mod.input_quant.direct = (
+                src is not None and arg.op == "call_module" and modules.get(arg.target) is src
+            )
         elif isinstance(mod, QuantAvgPool):
             mod.link("source", _upstream_quant(node.args[0], modules))
         elif isinstance(mod, QuantAdd):
