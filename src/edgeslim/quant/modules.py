@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
 import torch.nn.functional as F
 from torch import nn
 
