@@ -77,13 +77,16 @@ class StageKind:
     given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
     ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
     ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
-    sparse, whichever is smaller.
+    sparse, whichever is smaller. ``rebuild(model, stage)``, when given, returns the model
+    structure ``run`` produces (e.g. quantized modules) without the work, so that a resumed
+    run can load the stage's saved state into it.
     """
 
     name: str
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
+    rebuild: Callable[..., Any] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}

@@ -104,6 +104,7 @@ def run_recipe(
     model = load_model(recipe.model)
     result = RunResult(out=out, model=model)
     if done >= 0:
+        model = _rebuild(model, stages[1 : done + 1])
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
@@ -165,6 +166,17 @@ def _finished_stages(out: Path, recipe: Recipe, n: int, restart: bool) -> int:
         (out / METRICS_FILE).unlink(missing_ok=True)
         return -1
     return done
+
+
+def _rebuild(model: nn.Module, finished: list[Stage | None]) -> nn.Module:
+    """Give ``model`` the structure the finished stages gave it (for stage kinds that change it)."""
+    from .config import STAGE_KINDS
+
+    for stage in finished:
+        kind = STAGE_KINDS[stage.kind]
+        if kind.rebuild is not None:
+            model = kind.rebuild(model, stage)
+    return model
 
 
 def _read_meta(sdir: Path) -> dict[str, Any]:

@@ -9,3 +9,4 @@ here for a new one.
 from __future__ import annotations
 
 from .prune import stage as _prune  # noqa: F401
+from .quant import stage as _quant  # noqa: F401

@@ -48,8 +48,33 @@ def quantize_(
     return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
+from .fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
+from .mixed import MixedPrecision, mixed_precision_  # noqa: E402
 from .ptq import Int8PTQ, LayerQParams, int8_ptq_, layer_qparams  # noqa: E402
+from .qat import LSQ, QAT, qat_  # noqa: E402
+from .ternary import BWN, TTQ, TWN, lowbit_  # noqa: E402
 
 register("int8_ptq", Int8PTQ, int8_ptq_)
+register("qat", QAT, qat_)
+register("lsq", LSQ, qat_)
+register("mixed_precision", MixedPrecision, mixed_precision_)
+register("dynamic_fixed_point", DynamicFixedPoint, dynamic_fixed_point_)
+register("bwn", BWN, lowbit_)
+register("twn", TWN, lowbit_)
+register("ttq", TTQ, lowbit_)
 
-__all__ = ["METHODS", "Int8PTQ", "LayerQParams", "layer_qparams", "quantize_", "register"]
+__all__ = [
+    "BWN",
+    "LSQ",
+    "METHODS",
+    "QAT",
+    "TTQ",
+    "TWN",
+    "DynamicFixedPoint",
+    "Int8PTQ",
+    "LayerQParams",
+    "MixedPrecision",
+    "layer_qparams",
+    "quantize_",
+    "register",
+]

@@ -132,6 +132,7 @@ def lsq_quant(
     """
     per = x.numel() / max(1, step.numel())
     g = 1.0 / math.sqrt(per * max(qmax, 1))
+    step = torch.clamp(step, min=1e-8)  # a step size must stay positive
     s = _shape_for(_GradScale.apply(step, g), x.dim(), axis)
     zp = _shape_for(zero_point.to(x.dtype), x.dim(), axis).detach()
     q = torch.clamp(round_ste(x / s) + zp, qmin, qmax)

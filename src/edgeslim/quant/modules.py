@@ -209,6 +209,7 @@ class _QuantLayer(QuantModule):
         self.act: str | None = None
         self.has_output = False
         self.lsq = False
+        self.scale_locked = False  # weight_scale set by an algorithm (fixed point): keep it
         self.link("output_quant", None)  # the ActQuant after this layer (graph mode)
         c = self.weight.shape[0]
         self.register_buffer("weight_scale", torch.ones(c))
@@ -220,13 +221,22 @@ class _QuantLayer(QuantModule):
         self.register_buffer("multiplier", torch.zeros(c, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(c, dtype=torch.int64))
         self.register_buffer("act_limits", torch.tensor([-128, 127], dtype=torch.int64))
+        self.register_buffer("weight_bits", torch.tensor([wq.bits], dtype=torch.int64))
+        self.register_load_state_dict_post_hook(_QuantLayer._sync_bits)
         self.refresh_weight_scale()
+
+    @staticmethod
+    def _sync_bits(module: _QuantLayer, _incompatible: object) -> None:
+        """After loading a state dict, take the weight bit width it records."""
+        bits = int(module.weight_bits)
+        if bits != module.weight_quant.bits:
+            module.weight_quant = WeightQuant(bits, module.weight_quant.method)
 
     # ---- weights
 
     def refresh_weight_scale(self) -> None:
-        """Recompute ``weight_scale`` from the current float weights (not for LSQ)."""
-        if self.lsq:
+        """Recompute ``weight_scale`` from the current float weights (not for LSQ or locked)."""
+        if self.lsq or self.scale_locked:
             return
         with torch.no_grad():
             scales = self.weight_quant.scales(self.weight)
@@ -253,6 +263,11 @@ class _QuantLayer(QuantModule):
         zp = torch.zeros_like(self.weight_scale)
         if self.lsq:
             return fake.lsq_quant(self.weight, self.weight_scale, zp, wq.qmin, wq.qmax, axis=0)
+        if self.training and wq.method == "minmax" and not self.scale_locked:
+            # QAT: the scale follows the weights as they train (max |w_c| / qmax)
+            with torch.no_grad():
+                amax = self.weight.detach().abs().reshape(self.weight.shape[0], -1).amax(1)
+                self.weight_scale.copy_(torch.where(amax > 0, amax / wq.qmax, 1.0))
         return fake.fake_quant(self.weight, self.weight_scale, zp, wq.qmin, wq.qmax, axis=0)
 
     # ---- requantization and the frozen integer form
@@ -404,6 +419,34 @@ class QuantLinear(_QuantLayer, nn.Linear):
 
     def _channel_view(self, t, ndim):
         return t.reshape(*([1] * (ndim - 1)), -1)
+
+
+class QuantEmbedding(QuantModule):
+    """An embedding table stored as int8 rows with one symmetric scale per row (weight-only).
+
+    Buffers ``weight_int8`` (N, D) int8 and ``weight_scale`` (N,) float32; the lookup
+    gathers int8 rows and their scales and multiplies (in ONNX: Gather, Gather, Cast, Mul),
+    so the table is never dequantized as a whole.
+    """
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.padding_idx = emb.padding_idx
+        w = emb.weight.detach()
+        amax = w.abs().amax(1)
+        scale = torch.where(amax > 0, amax / spec.WEIGHT_MAX, torch.ones_like(amax))
+        q = fake.round_half_away(w / scale[:, None]).clamp(spec.WEIGHT_MIN, spec.WEIGHT_MAX)
+        self.register_buffer("weight_int8", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (N, D) float32 (what transformers code may read)."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_int8[ids].to(torch.float32)  # (..., D)
+        return rows * self.weight_scale[ids].unsqueeze(-1)
 
 
 class QuantAdd(QuantModule):

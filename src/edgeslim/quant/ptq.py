@@ -62,6 +62,7 @@ from .modules import (
     QuantAdd,
     QuantAvgPool,
     QuantConv2d,
+    QuantEmbedding,
     QuantLinear,
     QuantModule,
     WeightQuant,
@@ -97,6 +98,7 @@ class Int8PTQ(BaseModel):
     skip_first: bool = False
     skip_last: bool = False
     exclude: list[str] = Field(default_factory=list)
+    embeddings: bool = Field(True, description="module mode: int8 embedding tables (per row)")
     calib_size: int = Field(256, ge=1, description="calibration inputs a pipeline stage uses")
     simulate: Literal["exact", "fake"] = "exact"
 
@@ -384,7 +386,15 @@ def _prepare_modules(
     chosen, skipped = _select(order, modules, cfg, filter_fn)
     for name in chosen:
         _swap(model, name, cfg, cfg.bits_for(name))
-    info = {"graph": "module", "folded_bn": folded}
+    embeddings = []
+    if cfg.embeddings:
+        for name, mod in modules.items():
+            if isinstance(mod, nn.Embedding) and not any(
+                fnmatch.fnmatchcase(name, p) for p in cfg.exclude
+            ):
+                _replace_module(model, name, QuantEmbedding(mod))
+                embeddings.append(name)
+    info = {"graph": "module", "folded_bn": folded, "embeddings": embeddings}
     return model, {**info, "quantized": chosen, "float_layers": skipped}
 
 
