@@ -16,8 +16,9 @@ is the same kind of model PTQ gives (``layer_qparams``, ONNX QDQ export).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -36,12 +37,18 @@ class QAT(Int8PTQ):
     epochs: int = Field(3, ge=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
 
 
 class LSQ(QAT):
-    """:class:`QAT` whose weight and activation scales are learned (Esser et al. 2019)."""
+    """:class:`QAT` whose weight and activation scales are learned (Esser et al. 2019).
 
-    lr: float = Field(1e-4, gt=0)
+    Trained with SGD + momentum as in the paper: Adam's per-parameter normalisation moves a
+    step size of ~1e-3 by ``lr`` per step, i.e. sign flips within an epoch.
+    """
+
+    lr: float = Field(1e-2, gt=0)
+    optimizer: Literal["adam", "sgd"] = "sgd"
 
 
 def _train_config(cfg: QAT, train: Any):
@@ -49,7 +56,9 @@ def _train_config(cfg: QAT, train: Any):
 
     if train is not None:
         return train
-    return TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    return TrainConfig(
+        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer
+    )
 
 
 def qat_(
@@ -87,6 +96,12 @@ def qat_(
     history = fit(qmodel, data, tcfg, progress=progress) if tcfg.epochs else []
     for layer in quant_layers(qmodel).values():
         layer.refresh_weight_scale()
+    with torch.no_grad():  # a learned step size must stay positive for the integer kernels
+        for m in qmodel.modules():
+            if getattr(m, "lsq", False):
+                for p in (getattr(m, "scale", None), getattr(m, "weight_scale", None)):
+                    if isinstance(p, nn.Parameter):
+                        p.clamp_(min=1e-8)
     set_mode(qmodel, cfg.simulate)
     qmodel.quant_info["history"] = history
     return qmodel
