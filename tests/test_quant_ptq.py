@@ -301,5 +301,5 @@ def test_ptq_validation(calib):
         quantize_(q, Int8PTQ(), calib=calib)
     with pytest.raises(ValidationError, match="Extra inputs"):
         Int8PTQ(bogus=1)
-    with pytest.raises(ConfigError, match="no quantization method"):
+    with pytest.raises(ConfigError, match="no handler for config"):
         quantize_(model, torch.nn.Module())  # type: ignore[arg-type]

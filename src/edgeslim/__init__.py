@@ -14,6 +14,7 @@ from .errors import (
     ConfigError,
     DataError,
     EdgeslimError,
+    ExportError,
     ModelSourceError,
     RunDirError,
     ShapeError,
@@ -38,6 +39,17 @@ _LAZY = {
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
+    "quantize_": "edgeslim.quant",
+    "Int8PTQ": "edgeslim.quant",
+    "QAT": "edgeslim.quant",
+    "LSQ": "edgeslim.quant",
+    "MixedPrecision": "edgeslim.quant",
+    "DynamicFixedPoint": "edgeslim.quant",
+    "BWN": "edgeslim.quant",
+    "TWN": "edgeslim.quant",
+    "TTQ": "edgeslim.quant",
+    "layer_qparams": "edgeslim.quant",
+    "export_onnx": "edgeslim.export.onnx",
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
@@ -49,6 +61,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeslimError",
+    "ExportError",
     "ModelSourceError",
     "RunDirError",
     "ShapeError",
@@ -86,6 +99,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data.datasets import (
         load_data as load_data,
     )
+    from .export.onnx import (
+        export_onnx as export_onnx,
+    )
     from .models.io import (
         load_model as load_model,
     )
@@ -112,6 +128,36 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .prune import (
         prune_iteratively_ as prune_iteratively_,
+    )
+    from .quant import (
+        BWN as BWN,
+    )
+    from .quant import (
+        LSQ as LSQ,
+    )
+    from .quant import (
+        QAT as QAT,
+    )
+    from .quant import (
+        TTQ as TTQ,
+    )
+    from .quant import (
+        TWN as TWN,
+    )
+    from .quant import (
+        DynamicFixedPoint as DynamicFixedPoint,
+    )
+    from .quant import (
+        Int8PTQ as Int8PTQ,
+    )
+    from .quant import (
+        MixedPrecision as MixedPrecision,
+    )
+    from .quant import (
+        layer_qparams as layer_qparams,
+    )
+    from .quant import (
+        quantize_ as quantize_,
     )
     from .report import (
         render_report as render_report,

@@ -30,6 +30,7 @@ The file is written under a temporary name, verified, and only then renamed onto
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections import Counter
@@ -92,6 +93,18 @@ def _first_output(out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise ExportError(f"the model's first output must be a tensor, got {type(out).__name__}")
     return out
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's log lines (e.g. about torchvision ops it skips)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
@@ -160,7 +173,7 @@ def export_onnx(
     names = input_names or [f"input_{i}" if i else "input" for i in range(len(inputs))]
     dyn = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
     with atomic_path(path) as tmp:
-        with _export_mode(model, quantized), warnings.catch_warnings():
+        with _export_mode(model, quantized), warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(

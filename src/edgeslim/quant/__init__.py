@@ -30,10 +30,14 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Quantize ``model`` in place as ``cfg`` says.
+    """Quantize ``model`` as ``cfg`` says and return the quantized model.
 
     ``calib`` is calibration data (a tensor of inputs or an iterable of batches) for methods
-    that need it; ``filter_fn(module, name)`` restricts which layers are quantized.
+    that need it; ``filter_fn(module, name)`` restricts which layers are quantized. Layers
+    are replaced in place where possible, but graph-mode quantization returns a new
+    ``torch.fx.GraphModule`` built from ``model``'s modules: always use the return value.
+    Methods that train (QAT, LSQ, BWN, TWN, TTQ) also take ``data=`` (a DataSplits) and
+    optionally ``train=`` (a TrainConfig).
     """
     return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
