@@ -76,3 +76,32 @@ def test_bad_example_raises(tmp_path):
         export_onnx(zoo.create("lenet5"), tmp_path / "m.onnx", "not a tensor")
     with pytest.raises(ExportError, match=r"torch\.onnx\.export failed"):
         export_onnx(zoo.create("lenet5"), tmp_path / "m.onnx", torch.zeros(1, 3, 5, 5))
+
+
+def test_cli_export_onnx_int8(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGESLIM_QUIET": "1", "COLUMNS": "200"}
+    out = tmp_path / "m.onnx"
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeslim.cli",
+        "export",
+        "onnx",
+        "zoo:lenet300",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--int8", "--calib-size", "64"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 QDQ" in proc.stdout and "QGemm x3" in proc.stdout
+    assert out.is_file()
+    bad = subprocess.run(
+        [*cmd[:5], "zoo:nope", "--out", str(out)], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "unknown zoo model" in bad.stderr
