@@ -109,20 +109,26 @@ class Observer:
 # ---------------------------------------------------------------------------- range search
 
 
-def quant_error(values: np.ndarray, qp: spec.QParams) -> float:
-    """Mean squared error of quantizing ``values`` with ``qp`` and back."""
-    return float(np.mean((spec.dequantize(spec.quantize(values, qp), qp) - values) ** 2))
+def quant_error(values: np.ndarray | torch.Tensor, qp: spec.QParams) -> float:
+    """Mean squared error of quantizing ``values`` with ``qp`` and back (float64)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    scale, zp = float(qp.scale[0]), float(qp.zero_point[0])
+    q = torch.clamp(
+        torch.sign(v / scale) * torch.floor(torch.abs(v / scale) + 0.5) + zp, qp.qmin, qp.qmax
+    )
+    return float(torch.mean(((q - zp) * scale - v) ** 2))
 
 
 def mse_range(
     values: np.ndarray, vmin: float, vmax: float, bits: int = 8, steps: int = 100
 ) -> tuple[float, float]:
     """``(a * vmin, a * vmax)`` with ``a`` in ``{1/steps, ..., 1}`` minimising the MSE."""
+    v = torch.as_tensor(values, dtype=torch.float64)
     best, best_err = (vmin, vmax), float("inf")
     for i in range(steps, 0, -1):
         a = i / steps
         qp = spec.activation_qparams(a * vmin, a * vmax, bits)
-        err = quant_error(values, qp)
+        err = quant_error(v, qp)
         if err < best_err:
             best, best_err = (a * vmin, a * vmax), err
     return best
