@@ -159,6 +159,8 @@ class ActQuant(QuantModule):
                 raise NotImplementedError("dynamic activation quantization has no QDQ export")
             qd = _qd()
             s, z = self._frozen
+            if self.bits < 8:  # ONNX saturates to int8: clip to the narrower range first
+                x = torch.clamp(x, (self.qmin - z) * s, (self.qmax - z) * s)
             q = qd.quantize_per_tensor(x, s, z, self.qmin, self.qmax, torch.int8)
             return qd.dequantize_per_tensor(q, s, z, self.qmin, self.qmax, torch.int8)
         if mode == "exact":
