@@ -331,14 +331,19 @@ class _QuantLayer(QuantModule):
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
         """Integer inference from the frozen buffers (tensor ops only, so it exports).
 
-        ``acc = sum(w_q * (x_q - zp_in)) + bias_q`` exactly (float64 carries integers up to
-        2^53); then ``clamp(MBQM(acc, m, shift) + zp_out, act_min, act_max)`` when the output
+        ``acc = sum(w_q * (x_q - zp_in)) + bias_q`` exactly (float32 carries integers below
+        2^24, float64 below 2^53; the narrower one is used when the bound allows); then ``clamp(MBQM(acc, m, shift) + zp_out, act_min, act_max)`` when the output
         is quantized, else ``acc * s_in * s_w[c]`` in float.
         """
         aq = self.input_quant
         s_in, zp_in = aq._dynamic_params(x) if aq.dynamic else aq._params()
         xq = fake.quantize(x, s_in, zp_in, aq.qmin, aq.qmax)  # int64
-        acc = self._apply((xq - zp_in).to(torch.float64), self.weight_int8.to(torch.float64), None)
+        # float32 holds every integer below 2^24 exactly: use it when no sum can get there
+        k = self.weight[0].numel()  # products per output value
+        bound = self.weight_quant.qmax * (aq.qmax - aq.qmin) * k
+        dtype = torch.float32 if bound < 2**24 else torch.float64
+        acc = self._apply((xq - zp_in).to(dtype), self.weight_int8.to(dtype), None)
+        acc = acc.to(torch.float64)
         if self.bias is not None:
             if aq.dynamic:  # bias scale depends on this batch's input scale
                 b = fake.round_half_away(
