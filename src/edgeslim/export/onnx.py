@@ -14,14 +14,14 @@ Runtime's graph optimizer fuses into integer kernels (``QLinearConv``, ``QLinear
 Verification runs the file in ONNX Runtime on ``example`` and compares with PyTorch:
 
 - fp32: ``max |ort - torch| <= 1e-4 + 1e-3 * max |torch|``;
-- int8, against the model's exact integer simulation: the output is int8 with scale ``s``
-  (graph mode) -> at most ``2 s`` apart (ONNX rounds ties to even where edgeslim rounds them
-  away from zero, and ORT requantizes with a float multiplier, so a value may move by one
-  step per layer, which later layers mostly absorb); float outputs (module mode, e.g.
-  transformers) -> relative error ``||ort - torch||_2 / ||torch||_2`` at most
-  ``max(0.02, e_q)`` where ``e_q`` is the same relative error between the integer simulation
-  and the float model: the file must be as close to PyTorch's int8 model as that model is
-  to float. (Through LayerNorm and softmax one tie rounded differently, or a float32 sum
+- int8, against the model's exact integer simulation: either every output within 2 steps
+  of the int8 output's scale (graph mode; ONNX rounds ties to even where edgeslim rounds them
+  away from zero, and ORT requantizes with a float multiplier or runs some layers in float,
+  so a value may move by a step here and there), or relative error
+  ``||ort - torch||_2 / ||torch||_2`` at most ``max(0.02, e_q)`` where ``e_q`` is the same
+  relative error between the integer simulation and the float model: the file must be as
+  close to PyTorch's int8 model as that model is to float. Deep nets and float-output models
+  (module mode, e.g. transformers) are judged by the second rule. (Through LayerNorm and softmax one tie rounded differently, or a float32 sum
   taken in another order, moves a transformer's output by more than an elementwise bound
   could allow; measured on MiniLM: ORT vs PyTorch cosine 0.995, both 0.993 to fp32.)
 
@@ -343,11 +343,11 @@ def _verify(
     step = _output_step(model) if quantized else None
     if not quantized:
         metric, value, tol = "max_abs", diff, 1e-4 + 1e-3 * scale
-    elif step is not None:
-        metric, value, tol = "max_abs", diff, 2.0 * step + 1e-6
     else:
         e_q = float(np.linalg.norm(ref - ref_float) / max(float(np.linalg.norm(ref)), 1e-12))
         metric, value, tol = "rel_l2", rel, max(0.02, e_q)
+        if step is not None and diff <= 2.0 * step + 1e-6:  # within two output steps
+            metric, value, tol = "max_abs", diff, 2.0 * step + 1e-6
     result.max_abs_diff, result.rel_l2_error = diff, rel
     result.metric, result.tolerance = metric, tol
     if not np.isfinite(value) or value > tol:
