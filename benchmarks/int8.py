@@ -67,12 +67,12 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
 THREADS = 1
-REPEATS = {"b1": 200, "b32": 50, "16x64": 20, "1x64": 50, "lowbit_epochs": 8}
+REPEATS = {"b1": 200, "b32": 50, "16x64": 20, "1x64": 50, "lowbit_epochs": 5}
 console = Console()
 CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
 TRAIN = {
     "lenet5": es.TrainConfig(epochs=15, lr=1e-3, shift=2),
-    "mobilenetv2": es.TrainConfig(epochs=15, lr=2e-3, shift=2),
+    "mobilenetv2": es.TrainConfig(epochs=10, lr=2e-3, shift=2),
 }
 
 
@@ -496,7 +496,7 @@ def main() -> None:
         cal_cols + [(m, m, "{:.4g}") for m in CALIBRATIONS],
     )
     table(
-        "LeNet-5 binary / ternary weights (8 epochs from fp32; first and last layer float)",
+        "LeNet-5 binary / ternary weights (5 epochs from fp32; first and last layer float)",
         results["lowbit"],
         [
             ("variant", "variant", "{}"),

@@ -21,9 +21,10 @@ Verification runs the file in ONNX Runtime on ``example`` and compares with PyTo
   ``||ort - torch||_2 / ||torch||_2`` at most ``max(0.02, e_q)`` where ``e_q`` is the same
   relative error between the integer simulation and the float model: the file must be as
   close to PyTorch's int8 model as that model is to float. Deep nets and float-output models
-  (module mode, e.g. transformers) are judged by the second rule. (Through LayerNorm and softmax one tie rounded differently, or a float32 sum
-  taken in another order, moves a transformer's output by more than an elementwise bound
-  could allow; measured on MiniLM: ORT vs PyTorch cosine 0.995, both 0.993 to fp32.)
+  (module mode, e.g. transformers) are judged by the second rule. (Through LayerNorm and
+  softmax one tie rounded differently, or a float32 sum taken in another order, moves a
+  transformer's output by more than an elementwise bound could allow; measured on MiniLM:
+  ORT vs PyTorch cosine 0.995, both 0.993 to fp32.)
 
 The file is written under a temporary name, verified, and only then renamed onto ``path``.
 """

@@ -9,7 +9,8 @@ per layer so the weights fit ``budget`` bytes with the least total sensitivity:
 
 - scoring: :func:`layer_sensitivity` -> ``{layer: {bits: sensitivity}}``;
 - choosing: :func:`choose_bits`, greedy from the widest setting, each step narrowing the
-  layer with the smallest sensitivity increase per byte saved, until the budget holds;
+  layer with the smallest sensitivity increase per byte saved, until the budget holds, then
+  widening where the leftover budget buys the most;
 - applying: :func:`~.ptq.int8_ptq_` with ``layer_bits`` (8-bit activations, per-channel
   MSE-clipped weight scales, which matter at 2 and 4 bits).
 
@@ -103,33 +104,46 @@ def layer_sensitivity(
 def choose_bits(
     sensitivity: dict[str, dict[int, float]], numel: dict[str, int], budget_bits: float
 ) -> dict[str, int]:
-    """Greedy bit allocation: widest everywhere, then narrow the cheapest layer per bit saved.
+    """Greedy bit allocation under ``budget_bits`` (total weight bits).
+
+    1. Narrow: from the widest setting everywhere, repeatedly apply the one change (any
+       layer, to any narrower width) with the smallest sensitivity increase per bit saved,
+       until the weights fit.
+    2. Widen: spend what is left of the budget, repeatedly applying the change (any layer,
+       any wider width that still fits) with the largest sensitivity decrease per bit spent.
 
     Raises :class:`ConfigError` when even the narrowest setting exceeds the budget.
     """
     bits = {n: max(opts) for n, opts in sensitivity.items()}
-    total = sum(numel[n] * b for n, b in bits.items())
     narrowest = sum(numel[n] * min(opts) for n, opts in sensitivity.items())
     if narrowest > budget_bits:
         raise ConfigError(
             f"impossible budget: {budget_bits / 8:,.0f} bytes of weights, but even the narrowest "
             f"bit widths need {narrowest / 8:,.0f} bytes"
         )
-    while total > budget_bits:
+
+    def total() -> int:
+        return sum(numel[n] * b for n, b in bits.items())
+
+    while total() > budget_bits:
         best, best_cost = None, float("inf")
         for n, opts in sensitivity.items():
-            lower = [b for b in opts if b < bits[n]]
-            if not lower:
-                continue
-            b = max(lower)
-            saved = numel[n] * (bits[n] - b)
-            cost = (opts[b] - opts[bits[n]]) / saved
-            if cost < best_cost:
-                best, best_cost = (n, b), cost
-        n, b = best
-        total -= numel[n] * (bits[n] - b)
-        bits[n] = b
-    return bits
+            for b in (b for b in opts if b < bits[n]):
+                cost = (opts[b] - opts[bits[n]]) / (numel[n] * (bits[n] - b))
+                if cost < best_cost:
+                    best, best_cost = (n, b), cost
+        bits[best[0]] = best[1]
+    while True:
+        best, best_gain = None, 0.0
+        spare = budget_bits - total()
+        for n, opts in sensitivity.items():
+            for b in (b for b in opts if b > bits[n] and numel[n] * (b - bits[n]) <= spare):
+                gain = (opts[bits[n]] - opts[b]) / (numel[n] * (b - bits[n]))
+                if gain > best_gain:
+                    best, best_gain = (n, b), gain
+        if best is None:
+            return bits
+        bits[best[0]] = best[1]
 
 
 def mixed_precision_(

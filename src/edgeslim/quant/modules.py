@@ -88,9 +88,17 @@ class ActQuant(QuantModule):
         how = "dynamic" if self.dynamic else self.method
         return f"bits={self.bits}, {how}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
 
+    @property
+    def root(self) -> ActQuant:
+        """The quantizer that owns these qparams (following ``source`` links)."""
+        q = self
+        while q.source is not None:
+            q = q.source
+        return q
+
     def qparams(self) -> spec.QParams:
         """The tensor's qparams (those of :attr:`source` when it shares another's)."""
-        src = self.source or self
+        src = self.root
         return spec.QParams(
             src.scale.detach().double().numpy().copy(),
             src.zero_point.detach().numpy().copy(),
@@ -118,7 +126,7 @@ class ActQuant(QuantModule):
             self.lsq = True
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        src = self.source or self
+        src = self.root
         return src.scale, src.zero_point
 
     def export_qparams(self) -> tuple[float, int]:
@@ -332,8 +340,9 @@ class _QuantLayer(QuantModule):
         """Integer inference from the frozen buffers (tensor ops only, so it exports).
 
         ``acc = sum(w_q * (x_q - zp_in)) + bias_q`` exactly (float32 carries integers below
-        2^24, float64 below 2^53; the narrower one is used when the bound allows); then ``clamp(MBQM(acc, m, shift) + zp_out, act_min, act_max)`` when the output
-        is quantized, else ``acc * s_in * s_w[c]`` in float.
+        2^24, float64 below 2^53; the narrower one is used when the bound allows); then
+        ``clamp(MBQM(acc, m, shift) + zp_out, act_min, act_max)`` when the output is
+        quantized, else ``acc * s_in * s_w[c]`` in float.
         """
         aq = self.input_quant
         s_in, zp_in = aq._dynamic_params(x) if aq.dynamic else aq._params()

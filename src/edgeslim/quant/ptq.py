@@ -342,11 +342,36 @@ def _prepare_graph(
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
+    _requantize_after_preserving_ops(gm, cfg)
     gm.graph.lint()
     gm.recompile()
     _link_graph(gm)
     info = {"graph": "fx", "folded_bn": folded, "adds": adds}
     return gm, {**info, "quantized": list(layers), "float_layers": skipped}
+
+
+def _requantize_after_preserving_ops(gm: fx.GraphModule, cfg: Int8PTQ) -> None:
+    """Put a quantizer sharing the upstream qparams after each max-pool / flatten / reshape.
+
+    Numerically a no-op (the values are already on that grid), but in the exported graph it
+    makes ``DQ -> MaxPool -> Q`` and ``DQ -> Reshape -> Q``, which ONNX Runtime runs on int8
+    instead of dequantizing around them.
+    """
+    for node in list(gm.graph.nodes):
+        modules = dict(gm.named_modules())
+        if not _preserves_qparams(node, modules) or not node.args:
+            continue
+        if node.op == "call_module" and isinstance(modules.get(node.target), QuantAvgPool):
+            continue
+        src = _upstream_quant(node.args[0], modules)
+        if src is None:
+            continue
+        users = list(node.users)
+        if len(users) == 1 and _preserves_qparams(users[0], modules):
+            continue  # the last of a chain of such ops gets it
+        shared = ActQuant(cfg.activation_bits, cfg.calibration, cfg.percentile)
+        shared.link("source", src)
+        _insert_quant_after(gm, node, shared)
 
 
 def _link_graph(gm: fx.GraphModule) -> None:
