@@ -358,36 +358,38 @@ def lowbit_rows(model: nn.Module, data) -> list[dict]:
     return rows
 
 
-def mixed_rows(cnns: dict[str, tuple[nn.Module, object]], tmp: Path) -> list[dict]:
+def mixed_rows(
+    cnns: dict[str, tuple[nn.Module, object]], tmp: Path, budgets: tuple[int, ...] = (4, 3)
+) -> list[dict]:
+    """Uniform ``b``-bit weights vs mixed 2/4/8-bit weights within the same bytes."""
     rows = []
     for name, (model, data) in cnns.items():
         calib = data.calib(256)
-        uniform = ptq(model, calib, calibration="mse", weight_bits=4, weight_calibration="mse")
-        mixed = es.quantize_(copy.deepcopy(model), es.MixedPrecision(avg_bits=4), calib=calib)
-        numel = sum(layer.weight_int.size for layer in es.layer_qparams(uniform).values())
-        for label, q, wbytes in (
-            ("uniform 4-bit", uniform, numel * 4 / 8),
-            ("mixed 2/4/8 (avg 4)", mixed, mixed.quant_info["weight_bytes"]),
-        ):
-            rows.append(
-                {
-                    "model": name,
-                    "variant": label,
-                    "accuracy": 100 * onnx_accuracy(q, data, tmp, f"{name}_mixed"),
-                    "weight_bytes": wbytes,
-                    "bits": ",".join(
-                        str(v)
-                        for v in (getattr(q, "quant_info", {}).get("layer_bits") or {}).values()
-                    )
-                    or "4 everywhere",
-                }
-            )
+        for b in budgets:
+            uniform = ptq(model, calib, calibration="mse", weight_bits=b, weight_calibration="mse")
+            cfg = es.MixedPrecision(avg_bits=b)
+            mixed = es.quantize_(copy.deepcopy(model), cfg, calib=calib)
+            numel = sum(layer.weight_int.size for layer in es.layer_qparams(uniform).values())
+            for label, q, wbytes in (
+                (f"uniform {b}-bit", uniform, numel * b / 8),
+                (f"mixed 2/4/8 (<= {b} bits avg)", mixed, mixed.quant_info["weight_bytes"]),
+            ):
+                acc = onnx_accuracy(q, data, tmp, f"{name}_mixed")
+                rows.append(
+                    {
+                        "model": name,
+                        "variant": label,
+                        "accuracy": 100 * acc,
+                        "weight_bytes": wbytes,
+                        "bits": _bits(q, b),
+                    }
+                )
     return rows
 
 
-def _bits(q: nn.Module) -> str:
+def _bits(q: nn.Module, uniform: int) -> str:
     chosen = (getattr(q, "quant_info", {}) or {}).get("layer_bits") or {}
-    return ",".join(str(v) for v in chosen.values()) or "4 everywhere"
+    return ",".join(str(v) for v in chosen.values()) or f"{uniform} everywhere"
 
 
 def fixedpoint_rows(model: nn.Module, data) -> list[dict]:
@@ -415,10 +417,25 @@ def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> 
     console.print(t)
 
 
+def print_mixed(rows: list[dict]) -> None:
+    table(
+        "Mixed precision vs uniform at the same weight size (PTQ, no fine-tuning; ORT)",
+        rows,
+        [
+            ("model", "model", "{}"),
+            ("variant", "variant", "{}"),
+            ("accuracy", "acc %", "{:.2f}"),
+            ("weight_bytes", "weight bytes", "{:,.0f}"),
+            ("bits", "bits per layer", "{}"),
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, few repeats")
+    parser.add_argument("--only-mixed", action="store_true", help="just the mixed-precision table")
     parser.add_argument("--out", default=str(ROOT / "results" / "int8.json"))
     args = parser.parse_args()
     global CACHE
@@ -432,6 +449,13 @@ def main() -> None:
     )
     data = es.load_data("mnist")
     results: dict = {"threads": THREADS}
+    if args.only_mixed:
+        cnns = {name: (trained(name, data), data) for name in ("lenet5", "mobilenetv2")}
+        with tempfile.TemporaryDirectory() as d:
+            results["mixed"] = mixed_rows(cnns, Path(d))
+        print_mixed(results["mixed"])
+        atomic_write_text(args.out.replace(".json", "_mixed.json"), json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         cnn, cnns = [], {}
@@ -504,17 +528,7 @@ def main() -> None:
             ("bytes", "weights file bytes", "{:,}"),
         ],
     )
-    table(
-        "Mixed precision vs uniform 4-bit at the same weight size (PTQ, no fine-tuning; ORT)",
-        results["mixed"],
-        [
-            ("model", "model", "{}"),
-            ("variant", "variant", "{}"),
-            ("accuracy", "acc %", "{:.2f}"),
-            ("weight_bytes", "weight bytes", "{:,.0f}"),
-            ("bits", "bits per layer", "{}"),
-        ],
-    )
+    print_mixed(results["mixed"])
     table(
         "Dynamic vs static fixed point, LeNet-5 (accuracy %)",
         results["fixedpoint"],
