@@ -86,7 +86,10 @@ class StageKind:
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
-    rebuild: Callable[..., Any] | None = None
+    # restore(model, stage, log, example): redo a finished stage's change of *shape* (e.g.
+    # removed channels) on a fresh model, before a resume loads the saved weights into it
+    restore: Callable[..., None] | None = None
+    rebuild: Callable[..., Any] | None = None  # see the docstring: returns the new model
 
 
 STAGE_KINDS: dict[str, StageKind] = {}

@@ -104,7 +104,7 @@ def run_recipe(
     model = load_model(recipe.model)
     result = RunResult(out=out, model=model)
     if done >= 0:
-        model = _rebuild(model, stages[1 : done + 1])
+        model = _restore_shapes(model, stages, out, done, example)
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
@@ -168,17 +168,6 @@ def _finished_stages(out: Path, recipe: Recipe, n: int, restart: bool) -> int:
     return done
 
 
-def _rebuild(model: nn.Module, finished: list[Stage | None]) -> nn.Module:
-    """Give ``model`` the structure the finished stages gave it (for stage kinds that change it)."""
-    from .config import STAGE_KINDS
-
-    for stage in finished:
-        kind = STAGE_KINDS[stage.kind]
-        if kind.rebuild is not None:
-            model = kind.rebuild(model, stage)
-    return model
-
-
 def _read_meta(sdir: Path) -> dict[str, Any]:
     try:
         return json.loads((sdir / META_FILE).read_text())
@@ -188,6 +177,26 @@ def _read_meta(sdir: Path) -> dict[str, Any]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _restore_shapes(
+    model: nn.Module, stages: list[Stage | None], out: Path, done: int, example: torch.Tensor
+) -> nn.Module:
+    """Redo the structural changes of finished stages 1..done, in order; return the model.
+
+    ``restore`` changes shapes in place (removed channels ...); ``rebuild`` returns a new
+    module (quantized modules, a traced graph).
+    """
+    from .config import STAGE_KINDS
+
+    for index in range(1, done + 1):
+        kind = STAGE_KINDS[stages[index].kind]
+        if kind.restore is not None:
+            log = _read_meta(out / f"stage-{index}")["row"].get("log", {})
+            kind.restore(model, stages[index], log, example)
+        if kind.rebuild is not None:
+            model = kind.rebuild(model, stages[index])
+    return model
 
 
 def _load_stage_state(model: nn.Module, sdir: Path) -> None:
@@ -271,6 +280,7 @@ def _write_stage(
             for layer in prof.layers
             if layer.params
         },
+        "notes": prof.notes,
         "seconds": round(seconds, 3),
         "log": log,
     }
