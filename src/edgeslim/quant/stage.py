@@ -127,4 +127,4 @@ def artifact(model, stage, directory: Path) -> tuple[str, Path]:
     return "int", path
 
 
-register_stage(StageKind("quantize", parse, run, artifact, rebuild))
+register_stage(StageKind("quantize", parse, run, artifact, rebuild=rebuild))
