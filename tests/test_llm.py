@@ -209,7 +209,7 @@ def test_rtn_and_smoothquant_reload_with_activation_rounding(tmp_path):
     layer = again.model.layers[0].self_attn.q_proj
     assert float(layer.input_qscale) > 0 and int(layer.weight_qbits) == 8
     rtn = tiny("gpt2")
-    log = quantize_(rtn, RTN(bits=4, group_size=32))
+    log = quantize_(rtn, RTN(bits=4, group_size=32)).quant_info["layers"]
     assert len(log) == 8
     save_hf(rtn, tmp_path / "rtn")
     assert torch.equal(out(rtn, ids(2)), out(load_hf(tmp_path / "rtn"), ids(2)))

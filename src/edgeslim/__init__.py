@@ -14,6 +14,7 @@ from .errors import (
     ConfigError,
     DataError,
     EdgeslimError,
+    ExportError,
     ModelSourceError,
     RunDirError,
     ShapeError,
@@ -48,6 +49,16 @@ _LAZY = {
     "compress_layerwise": "edgeslim.calibrate",
     "load_text": "edgeslim.data.text",
     "save_hf": "edgeslim.models.hf",
+    "Int8PTQ": "edgeslim.quant",
+    "QAT": "edgeslim.quant",
+    "LSQ": "edgeslim.quant",
+    "MixedPrecision": "edgeslim.quant",
+    "DynamicFixedPoint": "edgeslim.quant",
+    "BWN": "edgeslim.quant",
+    "TWN": "edgeslim.quant",
+    "TTQ": "edgeslim.quant",
+    "layer_qparams": "edgeslim.quant",
+    "export_onnx": "edgeslim.export.onnx",
     "OBDPrune": "edgeslim.prune",
     "NMPrune": "edgeslim.prune",
     "ChannelPrune": "edgeslim.prune",
@@ -67,6 +78,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeslimError",
+    "ExportError",
     "ModelSourceError",
     "RunDirError",
     "ShapeError",
@@ -91,10 +103,8 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import (
-        zoo as zoo,
-    )
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches _LAZY)
+    from . import zoo as zoo
     from .calibrate import (
         compress_layerwise as compress_layerwise,
     )
@@ -111,10 +121,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_data as load_data,
     )
     from .data.text import (
+        english_sentences as english_sentences,
+    )
+    from .data.text import (
         load_text as load_text,
     )
-    from .models.hf import (
-        english_sentences as english_sentences,
+    from .export.onnx import (
+        export_onnx as export_onnx,
     )
     from .models.hf import (
         save_hf as save_hf,
@@ -174,13 +187,40 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sensitivity as sensitivity,
     )
     from .quant import (
+        BWN as BWN,
+    )
+    from .quant import (
         GPTQ as GPTQ,
+    )
+    from .quant import (
+        LSQ as LSQ,
+    )
+    from .quant import (
+        QAT as QAT,
     )
     from .quant import (
         RTN as RTN,
     )
     from .quant import (
+        TTQ as TTQ,
+    )
+    from .quant import (
+        TWN as TWN,
+    )
+    from .quant import (
+        DynamicFixedPoint as DynamicFixedPoint,
+    )
+    from .quant import (
+        Int8PTQ as Int8PTQ,
+    )
+    from .quant import (
+        MixedPrecision as MixedPrecision,
+    )
+    from .quant import (
         SmoothQuant as SmoothQuant,
+    )
+    from .quant import (
+        layer_qparams as layer_qparams,
     )
     from .quant import (
         quantize_ as quantize_,

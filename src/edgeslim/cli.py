@@ -93,6 +93,35 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .export.onnx import export_onnx
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    model.eval()
+    example = _example(model, args.input_shape, args.batch)
+    if args.int8:
+        from .data.datasets import load_data
+        from .quant import Int8PTQ, quantize_
+
+        data = load_data(args.data)
+        cfg = Int8PTQ(calibration=args.calibration)
+        model = quantize_(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
+    res = export_onnx(model, args.out, example, verify=not args.no_verify)
+    kind = "int8 QDQ" if res.quantized else "fp32"
+    console = Console()
+    console.print(f"wrote {kind} ONNX {res.path} ({res.size_bytes:,} bytes)")
+    if res.tolerance is not None:
+        what = "max |ort - torch|" if res.metric == "max_abs" else "relative L2 error"
+        value = res.max_abs_diff if res.metric == "max_abs" else res.rel_l2_error
+        console.print(f"verified in ONNX Runtime: {what} {value:.3g} <= {res.tolerance:.3g}")
+    if res.integer_ops:
+        ops = ", ".join(f"{op} x{n}" for op, n in res.integer_ops.items())
+        console.print(f"ONNX Runtime runs it with integer kernels: {ops}")
+
+
 def _model_and_data(source: str, data_name: str | None):
     """A model and its data from a model source, or from a recipe (trained as it says)."""
     from .data.datasets import load_data
@@ -176,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
+    fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = fmt.add_parser("onnx", help="ONNX, fp32 or int8 QDQ, verified in ONNX Runtime")
+    q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    q.add_argument("--out", required=True, help="the .onnx file to write")
+    q.add_argument("--int8", action="store_true", help="post-training int8 quantization first")
+    q.add_argument("--calibration", default="mse", choices=("minmax", "percentile", "mse", "kl"))
+    q.add_argument("--data", default="mnist", help="calibration dataset: mnist or npz:PATH")
+    q.add_argument("--calib-size", type=int, default=256, help="calibration inputs")
+    q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
+    q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
+    q.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    q.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser(
         "sensitivity", help="per-layer pruning sensitivity curves and the ratios they suggest"

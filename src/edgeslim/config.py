@@ -77,16 +77,17 @@ class StageKind:
     given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
     ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
     ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
-    sparse, whichever is smaller.
+    sparse, whichever is smaller. ``rebuild(model, stage, log, example)``, when given,
+    returns the model *structure* ``run`` produced (channels removed, quantized modules, a
+    traced graph) without redoing the work, from the stage's recorded ``log``: a resumed run
+    calls it for every finished stage in order, then loads the saved state into the result.
     """
 
     name: str
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
-    # restore(model, stage, log, example): redo a finished stage's change of *shape* (e.g.
-    # removed channels) on a fresh model, before a resume loads the saved weights into it
-    restore: Callable[..., None] | None = None
+    rebuild: Callable[..., Any] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}

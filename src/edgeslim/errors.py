@@ -41,3 +41,7 @@ class CheckpointError(EdgeslimError):
 
 class RunDirError(EdgeslimError):
     """A run directory holds a different recipe's run, or cannot be written."""
+
+
+class ExportError(EdgeslimError):
+    """An exporter could not write a model, or what it wrote disagrees with PyTorch."""

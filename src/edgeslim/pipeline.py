@@ -108,7 +108,7 @@ def run_recipe(
     example = data.example(1)
     result = RunResult(out=out, model=model)
     if done >= 0:
-        _restore_shapes(model, stages, out, done, example)
+        model = _restore_shapes(model, stages, out, done, example)
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
@@ -214,15 +214,16 @@ def _sha256(path: Path) -> str:
 
 def _restore_shapes(
     model: nn.Module, stages: list[Stage | None], out: Path, done: int, example: torch.Tensor
-) -> None:
-    """Redo the shape changes (removed channels ...) of finished stages 1..done, in order."""
+) -> nn.Module:
+    """Redo the structural changes of finished stages 1..done, in order; return the model."""
     from .config import STAGE_KINDS
 
     for index in range(1, done + 1):
         kind = STAGE_KINDS[stages[index].kind]
-        if kind.restore is not None:
+        if kind.rebuild is not None:
             log = _read_meta(out / f"stage-{index}")["row"].get("log", {})
-            kind.restore(model, stages[index], log, example)
+            model = kind.rebuild(model, stages[index], log, example)
+    return model
 
 
 def _load_stage_state(model: nn.Module, sdir: Path) -> None:

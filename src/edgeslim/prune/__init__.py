@@ -10,13 +10,10 @@ Later techniques register a handler with :func:`register`.
 
 from __future__ import annotations
 
-import inspect
-
 from pydantic import BaseModel
 from torch import nn
 
 from ..calibrate import one_shot_ as _one_shot_
-from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from ..registry import Registry
 from .agp import AGPSchedule, prune_agp_
@@ -48,17 +45,10 @@ def prune_(
     arguments (``data=``, ``calib=``, ``example=`` ...) go to the method's handler, and one
     the method does not take is a ConfigError.
     """
-    handler = REGISTRY.handler(cfg)
-    unknown = sorted(set(kwargs) - set(inspect.signature(handler).parameters))
-    if unknown:
-        raise ConfigError(f"{type(cfg).__name__} takes no argument(s) {unknown}")
-    return handler(model, cfg, filter_fn=filter_fn, **kwargs)
+    return REGISTRY.call(model, cfg, filter_fn=filter_fn, **kwargs)
 
 
-def accepted(cfg: BaseModel, **context: object) -> dict[str, object]:
-    """The items of ``context`` (example=, data= ...) that ``cfg``'s method takes."""
-    params = inspect.signature(REGISTRY.handler(cfg)).parameters
-    return {k: v for k, v in context.items() if k in params}
+accepted = REGISTRY.accepted
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)

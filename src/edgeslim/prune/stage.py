@@ -124,10 +124,11 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     return model, {"cycles": cycles}
 
 
-def restore(model, stage, log: dict[str, Any], example) -> None:
+def rebuild(model, stage, log: dict[str, Any], example):
     """Redo a finished channel-pruning stage's cuts on a fresh model (for resume)."""
     if log.get("cut"):
         replay_(model, example, log["cut"])
+    return model
 
 
-register_stage(StageKind("prune", parse, run, restore=restore))
+register_stage(StageKind("prune", parse, run, rebuild=rebuild))
