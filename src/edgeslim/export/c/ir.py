@@ -215,15 +215,25 @@ class Graph:
 
     def macs(self) -> int:
         """Multiply-accumulates of one inference (conv, depthwise, FC)."""
-        total = 0
-        for op in self.ops:
-            if isinstance(op, Conv2D):
-                w = self.tensors[op.weight].shape
-                per_output = w[1] * w[2] * (1 if op.depthwise else w[3])
-                total += self.tensors[op.output].size * per_output
-            elif isinstance(op, FullyConnected):
-                total += int(np.prod(self.tensors[op.weight].shape))
-        return total
+        return sum(self.macs_of(op) for op in self.ops)
+
+    def macs_of(self, op: Op) -> int:
+        """Multiply-accumulates of one op (0 for ops without weights)."""
+        if isinstance(op, Conv2D):
+            w = self.tensors[op.weight].shape
+            per_output = w[1] * w[2] * (1 if op.depthwise else w[3])
+            return self.tensors[op.output].size * per_output
+        if isinstance(op, FullyConnected):
+            return int(np.prod(self.tensors[op.weight].shape))
+        return 0
+
+    def kernel_of(self, op: Op) -> tuple[int, int]:
+        """``(KH, KW)`` of a conv or pool."""
+        if isinstance(op, Conv2D):
+            return tuple(self.tensors[op.weight].shape[1:3])
+        if isinstance(op, Pool2D):
+            return op.kernel
+        raise TypeError(f"{op.kind} has no kernel")
 
     def validate(self) -> None:
         """Check the invariants every backend relies on; raise :class:`ExportError` if broken."""
