@@ -41,6 +41,9 @@ _LAZY = {
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
+    "export_tflite": "edgeslim.export.tflite",
+    "export_c": "edgeslim.export.c",
+    "load_device": "edgeslim.profile.devices",
 }
 _SUBMODULES = {"zoo"}
 
@@ -80,6 +83,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .config import (
         Recipe as Recipe,
     )
+    from .export.c import (
+        export_c as export_c,
+    )
+    from .export.tflite import (
+        export_tflite as export_tflite,
+    )
     from .data.datasets import (
         DataSplits as DataSplits,
     )
@@ -100,6 +109,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .profile import (
         profile as profile,
+    )
+    from .profile.devices import (
+        load_device as load_device,
     )
     from .prune import (
         MagnitudePrune as MagnitudePrune,

@@ -93,6 +93,26 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_fit(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .export.fit import calibration_inputs, fit_report
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    Console().print(fit_report(model, calib, args.device, name=args.model).table())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export.fit import calibration_inputs, export_file
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    print(export_file(args.format, model, args.out, calib, device=args.device, patch=args.patch))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeslim",
@@ -122,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a deployable file: tflite (int8) or c (C99)")
+    p.add_argument("format", choices=("c", "tflite"), help="output format")
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    p.add_argument("--out", required=True, help="file (tflite) or directory (c) to write")
+    p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+    p.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
+    p.add_argument("--device", help="c: device profile to fit (e.g. stm32f746)")
+    p.add_argument("--patch", choices=("auto", "on", "off"), default="auto",
+                   help="c: patch-based execution of the first layers (auto: if needed)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    p.add_argument("--device", required=True, help="device profile, e.g. stm32f446")
+    p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+    p.add_argument("--calib", type=int, default=64, help="number of calibration inputs")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots")
     p.add_argument("dir", help="run directory written by compress or demo")

@@ -277,7 +277,7 @@ def _vector(b: flatbuffers.Builder, kind: str, values) -> int:
     b.StartVector(size, len(values), size)
     for v in reversed(values):
         getattr(b, f"Prepend{kind}")(v)
-    return b.EndVector(len(values))
+    return b.EndVector()
 
 
 def _bytes(b: flatbuffers.Builder, data: bytes, alignment: int = 16) -> int:
@@ -285,7 +285,7 @@ def _bytes(b: flatbuffers.Builder, data: bytes, alignment: int = 16) -> int:
     b.StartVector(1, len(data), alignment)
     b.head = b.head - len(data)
     b.Bytes[b.head : b.head + len(data)] = data
-    return b.EndVector(len(data))
+    return b.EndVector()
 
 
 def _table(b: flatbuffers.Builder, fields: list[tuple[int, str, Any]]) -> int:

@@ -426,3 +426,52 @@ def check_trace(graph: ir.Graph, values: dict[str, np.ndarray], records) -> list
     missing = set(range(len(graph.ops))) - seen
     problems += [f"op {i} was never traced" for i in sorted(missing)]
     return problems
+
+
+def object_size(sources: dict[str, str], flags: tuple[str, ...] = ("-std=c99", "-O2")) -> dict:
+    """``{"text": B, "rodata": B}`` of ``model.c`` compiled to an object file on this host.
+
+    The constants (``.rodata``) are what a microcontroller keeps in flash byte for byte;
+    ``.text`` is host (x86-64 / Arm64) code, a stand-in for the target's.
+    """
+    cc = compiler()
+    if cc is None:
+        raise ExportError("no C compiler found (set CC or install gcc)")
+    with tempfile.TemporaryDirectory(prefix="edgeslim-size-") as tmp:
+        for name, text in sources.items():
+            Path(tmp, name).write_text(text, encoding="utf-8")
+        proc = subprocess.run([cc, *flags, "-c", "model.c", "-o", "model.o"], cwd=tmp,
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            raise ExportError(f"the generated C does not compile:\n{proc.stderr[-4000:]}")
+        sizes = {"text": 0, "rodata": 0}
+        for line in _section_sizes(Path(tmp, "model.o")):
+            name, size = line
+            if name.startswith(".text"):
+                sizes["text"] += size
+            elif name.startswith(".rodata"):
+                sizes["rodata"] += size
+    return sizes
+
+
+def _section_sizes(path: Path) -> list[tuple[str, int]]:
+    """``(name, size)`` of every section of an ELF object file (read with the struct module)."""
+    import struct
+
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise ExportError(f"{path} is not a 64-bit ELF object")
+    endian = "<" if data[5] == 1 else ">"
+    shoff = struct.unpack_from(endian + "Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", data, 0x3A)
+    headers = [struct.unpack_from(endian + "IIQQQQIIQQ", data, shoff + i * shentsize)
+               for i in range(shnum)]  # fmt: skip
+    names_at = headers[shstrndx][4]
+    out = []
+    for h in headers:
+        start = names_at + h[0]
+        name = data[start : data.index(b"\0", start)].decode()
+        sh_type, size = h[1], h[5]
+        if sh_type != 8:  # SHT_NOBITS (.bss) takes no flash
+            out.append((name, size))
+    return out

@@ -1,0 +1,182 @@
+"""Lowering PyTorch models to the integer graph, and the reference interpreter."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim import zoo
+from edgeslim.errors import LoweringError, ShapeError
+from edgeslim.export.c import export_c, ir, lower, reference
+from edgeslim.export.tflite import PADDING_SAME, tflite_padding
+from edgeslim.models.kws import ds_cnn
+
+
+def rel_error(graph, model, x):
+    q = reference.quantize_input(graph, x.numpy())
+    got = reference.dequantize(graph, graph.output, reference.run_batch(graph, q))
+    with torch.no_grad():
+        want = model(x).numpy().reshape(got.shape)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+class AllOps(nn.Module):
+    """Every op kind: conv + BN1d-less linear, depthwise, two branches concatenated with
+    different ranges (-> requantize), add, max / avg pooling, mean, relu6, softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depth multiplier 2
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(16, 10)
+        self.bn1d = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.conv(x)), 2)  # (B, 8, 14, 14)
+        x = F.hardtanh(self.dw(x), 0.0, 6.0)  # (B, 16, 14, 14)
+        y = torch.cat([self.bn(self.a(x)), torch.relu(self.b(x))], 1)  # (B, 16, 14, 14)
+        y = F.avg_pool2d(y + x, 2)  # (B, 16, 7, 7)
+        y = y.mean((2, 3))  # (B, 16)
+        return F.softmax(self.bn1d(self.fc(y)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_lenet5_graph(calib):
+    model = zoo.create("lenet5").eval()
+    g = lower.lower(model, calib)
+    assert [op.kind for op in g.ops] == ["Conv2D", "Pool2D", "Conv2D", "Pool2D", "Reshape",
+                                         "FullyConnected", "FullyConnected"]  # fmt: skip
+    assert g[g.input].shape == (1, 28, 28, 1) and g[g.output].shape == (1, 10)
+    assert g[g.ops[2].output].shape == (1, 8, 8, 50)
+    w = g[g.ops[0].weight]
+    assert w.shape == (20, 5, 5, 1) and w.axis == 0 and len(w.scale) == 20
+    assert w.data.min() >= -127 and w.data.max() <= 127
+    fc = g[g.ops[5].weight]
+    assert fc.shape == (500, 800) and len(fc.scale) == 1  # per tensor, TFLite's default
+    assert g[g.ops[5].bias].dtype == "int32"
+    for t in g.tensors.values():  # scales are float32 values (what a .tflite stores)
+        assert np.array_equal(t.scale, t.scale.astype(np.float32).astype(np.float64))
+    assert g.macs() == 2_293_000
+    assert rel_error(g, model, calib) < 0.05
+
+
+def test_batchnorm_folded_relu6_fused_and_depthwise(calib):
+    torch.manual_seed(0)
+    model = zoo.create("mobilenetv2").eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    g = lower.lower(model, calib)
+    kinds = {op.kind for op in g.ops}
+    assert kinds == {"Conv2D", "Add", "Pool2D", "Reshape", "FullyConnected"}
+    convs = [op for op in g.ops if isinstance(op, ir.Conv2D)]
+    assert sum(op.depthwise for op in convs) == 7
+    assert {op.activation for op in convs} == {"relu6", None}
+    assert len([op for op in g.ops if isinstance(op, ir.Add)]) == 4  # residual blocks
+    assert rel_error(g, model, calib) < 0.1
+
+
+def test_flatten_of_a_feature_map_permutes_the_linear_weights(calib):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, stride=2)
+            self.fc = nn.Linear(4 * 13 * 13, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    g = lower.lower(model, calib)
+    w = model.fc.weight.detach().numpy().reshape(10, 4, 13, 13).transpose(0, 2, 3, 1)
+    fc = g[g.ops[-1].weight]
+    assert np.corrcoef(fc.data.reshape(-1), w.reshape(-1))[0, 1] > 0.999
+    assert rel_error(g, model, calib) < 0.05
+
+
+def test_every_op_kind_lowers_and_matches_pytorch(calib):
+    torch.manual_seed(0)
+    model = AllOps().eval()
+    g = lower.lower(model, calib)
+    kinds = [op.kind for op in g.ops]
+    for kind in ("Conv2D", "Pool2D", "Concat", "Requantize", "Add", "Reshape",
+                 "FullyConnected", "Softmax"):  # fmt: skip
+        assert kind in kinds
+    dw = next(op for op in g.ops if isinstance(op, ir.Conv2D) and op.depthwise)
+    assert g[dw.weight].shape == (1, 3, 3, 16)  # depth multiplier 2
+    concat = next(op for op in g.ops if isinstance(op, ir.Concat))
+    assert concat.axis == 3
+    assert all(g[n].qscale == g[concat.output].qscale for n in concat.inputs)
+    out = g[g.output]
+    assert (out.qscale, out.qzero) == (1 / 256, -128)
+    assert rel_error(g, model, calib) < 0.1
+
+
+def test_zero_padding_folds_into_the_conv_as_tflite_same():
+    model = ds_cnn().eval()
+    g = lower.lower(model, torch.randn(8, 1, 49, 10))
+    stem = g.ops[0]
+    assert stem.padding == (4, 1, 5, 1) and stem.stride == (2, 2)
+    assert g[stem.output].shape == (1, 25, 5, 64)
+    code = tflite_padding((49, 10), (25, 5), (10, 4), (2, 2), stem.padding)
+    assert code == PADDING_SAME
+
+
+def test_unsupported_layers_are_all_named_before_anything_is_written(tmp_path, calib):
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, groups=1)
+            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            x = self.act(self.grouped(self.conv(x)))
+            return torch.sigmoid(x * 2).flatten(1)
+
+    out = tmp_path / "c"
+    with pytest.raises(LoweringError) as info:
+        export_c(Bad(), out, calib=calib)
+    msg = str(info.value)
+    for what in ("grouped (Conv2d): grouped conv with groups=2", "act (GELU): not supported",
+                 "sigmoid", "mul"):  # fmt: skip
+        assert what in msg
+    assert "supported:" in msg
+    assert not out.exists()
+
+
+def test_activation_must_follow_a_layer_and_bad_calibration(calib):
+    class ReluAfterPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return torch.relu(F.max_pool2d(self.conv(x), 2)).flatten(1)
+
+    with pytest.raises(LoweringError, match="must directly follow a conv, linear or add"):
+        lower.lower(ReluAfterPool(), calib)
+    with pytest.raises(ShapeError, match="non-empty batch"):
+        lower.lower(zoo.create("lenet5"), torch.zeros(0, 1, 28, 28))
+    with pytest.raises(ShapeError, match="cannot run on input"):
+        lower.lower(zoo.create("lenet5"), torch.zeros(2, 3, 32, 32))
+
+
+def test_reference_rejects_bad_inputs(calib):
+    g = lower.lower(zoo.create("lenet5").eval(), calib)
+    with pytest.raises(ShapeError, match="shape"):
+        reference.run(g, np.zeros((1, 1, 28, 28)))
+    with pytest.raises(ShapeError, match="int8"):
+        reference.run(g, np.full((1, 28, 28, 1), 300))
