@@ -26,12 +26,20 @@ class GraphBuilder:
 
     def const(self, name, data, dtype, scale, axis=None):
         scale = np.atleast_1d(np.asarray(scale, np.float32).astype(np.float64))
-        self.tensors[name] = ir.Tensor(name, data.shape, dtype, scale, np.zeros(len(scale), np.int64),
-                                       np.asarray(data, np.int64), axis)  # fmt: skip
+        self.tensors[name] = ir.Tensor(
+            name,
+            data.shape,
+            dtype,
+            scale,
+            np.zeros(len(scale), np.int64),
+            np.asarray(data, np.int64),
+            axis,
+        )
         return name
 
-    def conv(self, name, x, cout, k=3, stride=1, pad=None, depthwise=False, act=None,
-             scale=0.04, zp=2):  # fmt: skip
+    def conv(
+        self, name, x, cout, k=3, stride=1, pad=None, depthwise=False, act=None, scale=0.04, zp=2
+    ):
         xt = self.tensors[x]
         _, h, w, cin = xt.shape
         pad = (k // 2,) * 4 if pad is None else pad
@@ -44,18 +52,35 @@ class GraphBuilder:
         wq = self.rng.integers(-127, 128, wshape)
         ws = self.rng.uniform(0.002, 0.01, n)
         weight = self.const(f"{name}_w", wq, "int8", ws, axis)
-        bias = self.const(f"{name}_b", self.rng.integers(-2000, 2000, n), "int32",
-                          xt.qscale * ws, 0)  # fmt: skip
+        bias = self.const(
+            f"{name}_b", self.rng.integers(-2000, 2000, n), "int32", xt.qscale * ws, 0
+        )
         out = self.act(name, (1, ho, wo, cout), scale, zp)
-        self.ops.append(ir.Conv2D(name, [x], out, weight=weight, bias=bias, stride=(stride, stride),
-                                  padding=tuple(pad), depthwise=depthwise, activation=act))  # fmt: skip
+        self.ops.append(
+            ir.Conv2D(
+                name,
+                [x],
+                out,
+                weight=weight,
+                bias=bias,
+                stride=(stride, stride),
+                padding=tuple(pad),
+                depthwise=depthwise,
+                activation=act,
+            )
+        )
         return out
 
     def fc(self, name, x, cout, act=None, scale=0.05, zp=0):
         cin = self.tensors[x].size
         weight = self.const(f"{name}_w", self.rng.integers(-127, 128, (cout, cin)), "int8", 0.003)
-        bias = self.const(f"{name}_b", self.rng.integers(-500, 500, cout), "int32",
-                          self.tensors[x].qscale * 0.003, 0)  # fmt: skip
+        bias = self.const(
+            f"{name}_b",
+            self.rng.integers(-500, 500, cout),
+            "int32",
+            self.tensors[x].qscale * 0.003,
+            0,
+        )
         out = self.act(name, (1, cout), scale, zp)
         self.ops.append(ir.FullyConnected(name, [x], out, weight=weight, bias=bias, activation=act))
         return out
@@ -74,8 +99,12 @@ class GraphBuilder:
     def pool(self, name, x, mode, k, stride):
         t = self.tensors[x]
         _, h, w, c = t.shape
-        out = self.act(name, (1, (h - k) // stride + 1, (w - k) // stride + 1, c), t.qscale, t.qzero)
-        self.ops.append(ir.Pool2D(name, [x], out, mode=mode, kernel=(k, k), stride=(stride, stride)))
+        out = self.act(
+            name, (1, (h - k) // stride + 1, (w - k) // stride + 1, c), t.qscale, t.qzero
+        )
+        self.ops.append(
+            ir.Pool2D(name, [x], out, mode=mode, kernel=(k, k), stride=(stride, stride))
+        )
         return out
 
     def softmax(self, name, x):
@@ -112,8 +141,11 @@ def check_no_overlap(graph: ir.Graph, plan) -> None:
 
 def compare_tensors(expected: dict, got: dict, names) -> list[str]:
     """Names of the tensors whose values differ (shapes flattened)."""
-    return [n for n in names
-            if not np.array_equal(np.asarray(expected[n]).reshape(-1), np.asarray(got[n]).reshape(-1))]  # fmt: skip
+    return [
+        n
+        for n in names
+        if not np.array_equal(np.asarray(expected[n]).reshape(-1), np.asarray(got[n]).reshape(-1))
+    ]
 
 
 # ------------------------------------------------------------------- the three nets, lowered once
@@ -122,10 +154,9 @@ def compare_tensors(expected: dict, got: dict, names) -> list[str]:
 MODELS = ("lenet5", "mobilenetv2", "ds_cnn")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_images(shape: tuple[int, ...], n: int, split: str = "test"):
     """Real MNIST digits (N, *shape) in [0, 1]; resized (bilinear) when ``shape`` is not 28x28."""
-    import torch
     import torch.nn.functional as F
 
     from edgeslim import load_data
@@ -137,7 +168,7 @@ def mnist_images(shape: tuple[int, ...], n: int, split: str = "test"):
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_and_graph(name: str):
     """(model, int8 graph) of a test net with seeded weights, calibrated on 64 MNIST digits."""
     import torch

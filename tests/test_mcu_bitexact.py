@@ -5,10 +5,10 @@ MobileNetV2-style net and the DS-CNN."""
 
 import numpy as np
 import pytest
-from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
 
 from edgeslim.export import tflite
 from edgeslim.export.c import codegen, planner, reference
+from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
 
 pytestmark = pytest.mark.skipif(codegen.compiler() is None, reason="needs a C compiler")
 
@@ -42,7 +42,7 @@ def test_reference_c_and_tflite_micro_agree_at_every_tensor(name):
     if not tflite.tflm_available():
         pytest.skip("tflite-micro is not installed: TFLite Micro not compared")
     data = tflite.serialize(graph)
-    outputs, tensors = tflite.run_tflm(graph, data, q, every_tensor=True)
+    _, tensors = tflite.run_tflm(graph, data, q, every_tensor=True)
     for k in range(len(q)):
         assert compare_tensors(expected[k], tensors[k], names) == [], k
 

@@ -52,8 +52,15 @@ def calib():
 def test_lenet5_graph(calib):
     model = zoo.create("lenet5").eval()
     g = lower.lower(model, calib)
-    assert [op.kind for op in g.ops] == ["Conv2D", "Pool2D", "Conv2D", "Pool2D", "Reshape",
-                                         "FullyConnected", "FullyConnected"]  # fmt: skip
+    assert [op.kind for op in g.ops] == [
+        "Conv2D",
+        "Pool2D",
+        "Conv2D",
+        "Pool2D",
+        "Reshape",
+        "FullyConnected",
+        "FullyConnected",
+    ]
     assert g[g.input].shape == (1, 28, 28, 1) and g[g.output].shape == (1, 10)
     assert g[g.ops[2].output].shape == (1, 8, 8, 50)
     w = g[g.ops[0].weight]
@@ -111,8 +118,16 @@ def test_every_op_kind_lowers_and_matches_pytorch(calib):
     model = AllOps().eval()
     g = lower.lower(model, calib)
     kinds = [op.kind for op in g.ops]
-    for kind in ("Conv2D", "Pool2D", "Concat", "Requantize", "Add", "Reshape",
-                 "FullyConnected", "Softmax"):  # fmt: skip
+    for kind in (
+        "Conv2D",
+        "Pool2D",
+        "Concat",
+        "Requantize",
+        "Add",
+        "Reshape",
+        "FullyConnected",
+        "Softmax",
+    ):
         assert kind in kinds
     dw = next(op for op in g.ops if isinstance(op, ir.Conv2D) and op.depthwise)
     assert g[dw.weight].shape == (1, 3, 3, 16)  # depth multiplier 2
@@ -150,8 +165,12 @@ def test_unsupported_layers_are_all_named_before_anything_is_written(tmp_path, c
     with pytest.raises(LoweringError) as info:
         export_c(Bad(), out, calib=calib)
     msg = str(info.value)
-    for what in ("grouped (Conv2d): grouped conv with groups=2", "act (GELU): not supported",
-                 "sigmoid", "mul"):  # fmt: skip
+    for what in (
+        "grouped (Conv2d): grouped conv with groups=2",
+        "act (GELU): not supported",
+        "sigmoid",
+        "mul",
+    ):
         assert what in msg
     assert "supported:" in msg
     assert not out.exists()

@@ -4,12 +4,12 @@ patch-based execution. Plans of real models are also checked by running the gene
 
 import pytest
 import torch
-from mcu_helpers import GraphBuilder, check_no_overlap
 
 from edgeslim import zoo
 from edgeslim.errors import ExportError
 from edgeslim.export.c import lower, planner
 from edgeslim.export.c.planner import Buffer, Member, Region
+from mcu_helpers import GraphBuilder, check_no_overlap
 
 
 def test_lifetimes_io_outside_the_arena_and_lower_bound():

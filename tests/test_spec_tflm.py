@@ -20,8 +20,12 @@ def test_fc_multiplier_multiplies_scales_in_float32():
 
 def test_conv_multipliers_per_channel_from_float32_scales():
     m, shift = spec.conv_multipliers(0.1, np.array([0.01, 0.02, 0.0]), 0.5)
-    expect = [spec.quantize_multiplier(float(np.float32(0.1)) * float(np.float32(s))
-                                       / float(np.float32(0.5))) for s in (0.01, 0.02)]  # fmt: skip
+    expect = [
+        spec.quantize_multiplier(
+            float(np.float32(0.1)) * float(np.float32(s)) / float(np.float32(0.5))
+        )
+        for s in (0.01, 0.02)
+    ]
     assert list(zip(m.tolist(), shift.tolist(), strict=True))[:2] == expect
     assert (m[2], shift[2]) == (0, 0)  # a zero weight scale gives a zero multiplier
 
@@ -45,9 +49,16 @@ def test_requantize_int8_hand_worked():
 def test_saturating_shift_and_rounding_half_sum():
     x = np.array([3, -5, 1 << 29, -(1 << 29), (1 << 29) + 1])
     assert spec.saturating_rounding_mul_by_pot(x, 2).tolist() == [
-        12, -20, spec.INT32_MAX, spec.INT32_MIN, spec.INT32_MAX]  # fmt: skip
+        12,
+        -20,
+        spec.INT32_MAX,
+        spec.INT32_MIN,
+        spec.INT32_MAX,
+    ]
     assert spec.saturating_rounding_mul_by_pot(np.array([-5, 5, 6]), -1).tolist() == [-3, 3, 3]
-    assert spec.rounding_half_sum(np.array([3, -3, spec.INT32_MAX]), np.array([4, -4, spec.INT32_MAX])).tolist() == [4, -4, spec.INT32_MAX]  # fmt: skip
+    assert spec.rounding_half_sum(
+        np.array([3, -3, spec.INT32_MAX]), np.array([4, -4, spec.INT32_MAX])
+    ).tolist() == [4, -4, spec.INT32_MAX]
 
 
 def test_fixed_point_exp_and_reciprocal_are_close_to_float():
@@ -85,4 +96,5 @@ def test_softmax_int8_is_close_to_float_softmax():
     # a hand-checked row: two equal maxima share the probability mass
     q = np.array([[10, 20, -5, 127, -128, 0, 0, 3, 100, 127]])
     assert spec.softmax_int8(q, spec.softmax_params(0.1)).tolist() == [
-        [-128, -128, -128, -4, -128, -128, -128, -128, -120, -4]]  # fmt: skip
+        [-128, -128, -128, -4, -128, -128, -128, -128, -120, -4]
+    ]

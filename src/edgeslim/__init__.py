@@ -14,6 +14,8 @@ from .errors import (
     ConfigError,
     DataError,
     EdgeslimError,
+    ExportError,
+    LoweringError,
     ModelSourceError,
     RunDirError,
     ShapeError,
@@ -52,6 +54,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeslimError",
+    "ExportError",
+    "LoweringError",
     "ModelSourceError",
     "RunDirError",
     "ShapeError",
@@ -83,17 +87,17 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .config import (
         Recipe as Recipe,
     )
-    from .export.c import (
-        export_c as export_c,
-    )
-    from .export.tflite import (
-        export_tflite as export_tflite,
-    )
     from .data.datasets import (
         DataSplits as DataSplits,
     )
     from .data.datasets import (
         load_data as load_data,
+    )
+    from .export.c import (
+        export_c as export_c,
+    )
+    from .export.tflite import (
+        export_tflite as export_tflite,
     )
     from .models.io import (
         load_model as load_model,

@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
     p.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
     p.add_argument("--device", help="c: device profile to fit (e.g. stm32f746)")
-    p.add_argument("--patch", choices=("auto", "on", "off"), default="auto",
-                   help="c: patch-based execution of the first layers (auto: if needed)")
+    p.add_argument(
+        "--patch",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="c: patch-based execution of the first layers (auto: if needed)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")

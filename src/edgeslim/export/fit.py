@@ -34,8 +34,10 @@ def calibration_inputs(model: Any, data: str, n: int):
         splits = load_data(data)
         if splits.input_shape == shape:
             return splits.calib(min(n, len(splits.train)))
-        print(f"{data} inputs are {splits.input_shape}, the model takes {shape}: "
-              "calibrating on random inputs")  # fmt: skip
+        print(
+            f"{data} inputs are {splits.input_shape}, the model takes {shape}: "
+            "calibrating on random inputs"
+        )
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -108,7 +110,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
     from ..profile.devices import load_device
 
     dev = load_device(device)
-    graph: ir.Graph = lower.lower(model, calib)
+    graph: ir.Graph = lower.lower(model, calib, name=type(model).__name__)
     plain = planner.plan_memory(graph)
     patched = planner.search_patch(graph)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes

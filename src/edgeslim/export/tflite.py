@@ -139,8 +139,9 @@ class _Flattener:
             if t.is_const:
                 dtype = np.int8 if t.dtype == "int8" else np.dtype("<i4")
                 data = np.ascontiguousarray(t.data.astype(dtype)).tobytes()
-            self.index[name] = self._add(_TflTensor(name, t.shape, t.dtype, t.scale,
-                                                    t.zero_point, t.axis or 0, data))  # fmt: skip
+            self.index[name] = self._add(
+                _TflTensor(name, t.shape, t.dtype, t.scale, t.zero_point, t.axis or 0, data)
+            )
         return self.index[name]
 
     def _add(self, t: _TflTensor) -> int:
@@ -152,8 +153,9 @@ class _Flattener:
         return self._add(_TflTensor(name, values.shape, "int32", None, None, 0, data))
 
     def op(self, code, inputs, output, options_type=None, options=None, source="") -> None:
-        self.ops.append(_TflOp(code, inputs, [self.tensor(output)], options_type,
-                               options or {}, source))  # fmt: skip
+        self.ops.append(
+            _TflOp(code, inputs, [self.tensor(output)], options_type, options or {}, source)
+        )
 
     def run(self) -> None:
         for op in self.graph.ops:
@@ -181,8 +183,9 @@ class _Flattener:
         if op.depthwise:
             fields["depth_multiplier"] = ("Int32", out.shape[3] // x.shape[3])
             fields["fused_activation_function"] = act
-            self.op("DEPTHWISE_CONV_2D", inputs, op.output, "DepthwiseConv2DOptions", fields,
-                    op.name)  # fmt: skip
+            self.op(
+                "DEPTHWISE_CONV_2D", inputs, op.output, "DepthwiseConv2DOptions", fields, op.name
+            )
         else:
             fields["fused_activation_function"] = act
             self.op("CONV_2D", inputs, op.output, "Conv2DOptions", fields, op.name)
@@ -191,8 +194,11 @@ class _Flattener:
         top, left, bottom, right = op.padding
         pads = np.array([[0, 0], [top, bottom], [left, right], [0, 0]], np.int32)
         shape = (1, x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3])
-        padded = self._add(_TflTensor(f"{x.name}_padded_for_{op.output}", shape, "int8",
-                                      x.scale, x.zero_point, 0, None))  # fmt: skip
+        padded = self._add(
+            _TflTensor(
+                f"{x.name}_padded_for_{op.output}", shape, "int8", x.scale, x.zero_point, 0, None
+            )
+        )
         paddings = self.const_int32(f"{x.name}_paddings_for_{op.output}", pads)
         self.ops.append(_TflOp("PAD", [src, paddings], [padded], "PadOptions", {}, op.name))
         return padded
@@ -204,8 +210,9 @@ class _Flattener:
 
     def _Add(self, op: ir.Add) -> None:
         fields = {"fused_activation_function": ("Int8", ACTIVATIONS[op.activation])}
-        self.op("ADD", [self.tensor(n) for n in op.inputs], op.output, "AddOptions", fields,
-                op.name)  # fmt: skip
+        self.op(
+            "ADD", [self.tensor(n) for n in op.inputs], op.output, "AddOptions", fields, op.name
+        )
 
     def _Pool2D(self, op: ir.Pool2D) -> None:
         x, out = self.graph[op.inputs[0]], self.graph[op.output]
@@ -223,38 +230,60 @@ class _Flattener:
             "filter_height": ("Int32", op.kernel[0]),
         }
         code_name = "MAX_POOL_2D" if op.mode == "max" else "AVERAGE_POOL_2D"
-        self.op(code_name, [self.tensor(op.inputs[0])], op.output, "Pool2DOptions", fields,
-                op.name)  # fmt: skip
+        self.op(code_name, [self.tensor(op.inputs[0])], op.output, "Pool2DOptions", fields, op.name)
 
     def _Reshape(self, op: ir.Reshape) -> None:
         shape = np.array(self.graph[op.output].shape, np.int32)
         shape_t = self.const_int32(f"{op.output}_shape", shape)
         fields = {"new_shape": ("Int32Vector", shape.tolist())}
-        self.op("RESHAPE", [self.tensor(op.inputs[0]), shape_t], op.output, "ReshapeOptions",
-                fields, op.name)  # fmt: skip
+        self.op(
+            "RESHAPE",
+            [self.tensor(op.inputs[0]), shape_t],
+            op.output,
+            "ReshapeOptions",
+            fields,
+            op.name,
+        )
 
     def _Concat(self, op: ir.Concat) -> None:
         fields = {"axis": ("Int32", op.axis), "fused_activation_function": ("Int8", 0)}
-        self.op("CONCATENATION", [self.tensor(n) for n in op.inputs], op.output,
-                "ConcatenationOptions", fields, op.name)  # fmt: skip
+        self.op(
+            "CONCATENATION",
+            [self.tensor(n) for n in op.inputs],
+            op.output,
+            "ConcatenationOptions",
+            fields,
+            op.name,
+        )
 
     def _Softmax(self, op: ir.Softmax) -> None:
         fields = {"beta": ("Float32", op.beta)}
-        self.op("SOFTMAX", [self.tensor(op.inputs[0])], op.output, "SoftmaxOptions", fields,
-                op.name)  # fmt: skip
+        self.op(
+            "SOFTMAX", [self.tensor(op.inputs[0])], op.output, "SoftmaxOptions", fields, op.name
+        )
 
     def _Requantize(self, op: ir.Requantize) -> None:
-        self.op("QUANTIZE", [self.tensor(op.inputs[0])], op.output, "QuantizeOptions", {},
-                op.name)  # fmt: skip
+        self.op("QUANTIZE", [self.tensor(op.inputs[0])], op.output, "QuantizeOptions", {}, op.name)
 
 
 # field slots of each options table, in schema.fbs order
 _OPTION_SLOTS = {
     "Conv2DOptions": ["padding", "stride_w", "stride_h", "fused_activation_function"],
-    "DepthwiseConv2DOptions": ["padding", "stride_w", "stride_h", "depth_multiplier",
-                               "fused_activation_function"],
-    "Pool2DOptions": ["padding", "stride_w", "stride_h", "filter_width", "filter_height",
-                      "fused_activation_function"],
+    "DepthwiseConv2DOptions": [
+        "padding",
+        "stride_w",
+        "stride_h",
+        "depth_multiplier",
+        "fused_activation_function",
+    ],
+    "Pool2DOptions": [
+        "padding",
+        "stride_w",
+        "stride_h",
+        "filter_width",
+        "filter_height",
+        "fused_activation_function",
+    ],
     "FullyConnectedOptions": ["fused_activation_function"],
     "SoftmaxOptions": ["beta"],
     "ConcatenationOptions": ["axis", "fused_activation_function"],
@@ -262,7 +291,7 @@ _OPTION_SLOTS = {
     "ReshapeOptions": ["new_shape"],
     "PadOptions": [],
     "QuantizeOptions": [],
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +372,12 @@ def serialize(graph: ir.Graph) -> bytes:
             scale = _vector(b, "Float32", np.asarray(t.scale, np.float32).tolist())
             zp = _vector(b, "Int64", np.asarray(t.zero_point, np.int64).tolist())
             quant = _table(b, [(2, "Offset", scale), (3, "Offset", zp), (6, "Int32", t.axis)])
-        fields = [(0, "Offset", shape), (1, "Int8", TENSOR_TYPES[t.dtype]),
-                  (2, "Uint32", buffer_of[i]), (3, "Offset", name)]  # fmt: skip
+        fields = [
+            (0, "Offset", shape),
+            (1, "Int8", TENSOR_TYPES[t.dtype]),
+            (2, "Uint32", buffer_of[i]),
+            (3, "Offset", name),
+        ]
         if quant is not None:
             fields.append((4, "Offset", quant))
         tensors.append(_table(b, fields))
@@ -355,8 +388,11 @@ def serialize(graph: ir.Graph) -> bytes:
         options = _options(b, op)
         inputs = _vector(b, "Int32", op.inputs)
         outputs = _vector(b, "Int32", op.outputs)
-        fields = [(0, "Uint32", codes.index(op.code)), (1, "Offset", inputs),
-                  (2, "Offset", outputs)]  # fmt: skip
+        fields = [
+            (0, "Uint32", codes.index(op.code)),
+            (1, "Offset", inputs),
+            (2, "Offset", outputs),
+        ]
         if options is not None:
             fields += [(3, "Uint8", OPTIONS[op.options_type]), (4, "Offset", options)]
         operators.append(_table(b, fields))
@@ -366,27 +402,33 @@ def serialize(graph: ir.Graph) -> bytes:
     ]
 
     sg_name = b.CreateString(graph.name)
-    subgraph = _table(b, [
-        (0, "Offset", _vector(b, "UOffsetTRelative", tensors)),
-        (1, "Offset", _vector(b, "Int32", [input_index])),
-        (2, "Offset", _vector(b, "Int32", [output_index])),
-        (3, "Offset", _vector(b, "UOffsetTRelative", operators)),
-        (4, "Offset", sg_name),
-    ])  # fmt: skip
+    subgraph = _table(
+        b,
+        [
+            (0, "Offset", _vector(b, "UOffsetTRelative", tensors)),
+            (1, "Offset", _vector(b, "Int32", [input_index])),
+            (2, "Offset", _vector(b, "Int32", [output_index])),
+            (3, "Offset", _vector(b, "UOffsetTRelative", operators)),
+            (4, "Offset", sg_name),
+        ],
+    )
     description = b.CreateString("edgeslim")
-    model = _table(b, [
-        (0, "Uint32", SCHEMA_VERSION),
-        (1, "Offset", _vector(b, "UOffsetTRelative", opcodes)),
-        (2, "Offset", _vector(b, "UOffsetTRelative", [subgraph])),
-        (3, "Offset", description),
-        (4, "Offset", _vector(b, "UOffsetTRelative", buffers)),
-    ])  # fmt: skip
+    model = _table(
+        b,
+        [
+            (0, "Uint32", SCHEMA_VERSION),
+            (1, "Offset", _vector(b, "UOffsetTRelative", opcodes)),
+            (2, "Offset", _vector(b, "UOffsetTRelative", [subgraph])),
+            (3, "Offset", description),
+            (4, "Offset", _vector(b, "UOffsetTRelative", buffers)),
+        ],
+    )
     b.Finish(model, file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
 
 def tensor_indices(graph: ir.Graph) -> dict[str, int]:
-    """Index in the ``.tflite`` tensor table of each IR tensor (as :func:`serialize` numbers them)."""
+    """Index in the ``.tflite`` tensor table of each IR tensor (as :func:`serialize` writes it)."""
     flat = _Flattener(graph)
     flat.tensor(graph.input)
     flat.run()
@@ -453,8 +495,12 @@ def run_tflm(graph: ir.Graph, data: bytes, q: np.ndarray, *, every_tensor: bool 
         interp.invoke()
         outputs.append(np.asarray(interp.get_output(0), np.int64).copy())
         if every_tensor:
-            tensors.append({n: np.asarray(interp.GetTensor(index[n], 0)["tensor_data"], np.int64).copy()
-                            for n in names})  # fmt: skip
+            tensors.append(
+                {
+                    n: np.asarray(interp.GetTensor(index[n], 0)["tensor_data"], np.int64).copy()
+                    for n in names
+                }
+            )
     outputs = np.concatenate(outputs)
     return (outputs, tensors) if every_tensor else outputs
 
@@ -483,8 +529,14 @@ def tflm_arena(data: bytes) -> dict[str, int]:
             os.close(saved)
         sink.seek(0)
         text = sink.read().decode(errors="replace")
-    found = {k: int(v) for k, v in re.findall(r"\[RecordingMicroAllocator\] Arena allocation "
-                                             r"(head|tail|total) (\d+) bytes", text)}  # fmt: skip
+    found = {
+        k: int(v)
+        for k, v in re.findall(
+            r"\[RecordingMicroAllocator\] Arena allocation "
+            r"(head|tail|total) (\d+) bytes",
+            text,
+        )
+    }
     if set(found) != {"head", "tail", "total"}:
         raise ExportError(f"cannot read TFLite Micro's allocation report:\n{text[:2000]}")
     return found

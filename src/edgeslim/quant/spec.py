@@ -365,9 +365,7 @@ def requantize_params(input_scale: float, output_scale: float) -> tuple[int, int
     return quantize_multiplier(float(to_float32(input_scale)) / float(to_float32(output_scale)))
 
 
-def requantize_int8(
-    q: np.ndarray, zp_in: int, m: int, shift: int, zp_out: int
-) -> IntArray:
+def requantize_int8(q: np.ndarray, zp_in: int, m: int, shift: int, zp_out: int) -> IntArray:
     """TFLite's reference Requantize: ``clamp(MBQM(q - zp_in, m, shift) + zp_out)``."""
     return requantize(np.asarray(q, np.int64) - zp_in, m, shift, zp_out)
 
@@ -418,8 +416,15 @@ def _exp_on_interval_between_negative_one_quarter_and_0_excl(a: np.ndarray) -> I
 
 
 # exp(-2^k) in Q0.31 for the barrel shifter of exp_on_negative_values, k = -2 .. 4
-_EXP_BARREL = ((-2, 1672461947), (-1, 1302514674), (0, 790015084), (1, 290630308),
-               (2, 39332535), (3, 720401), (4, 242))  # fmt: skip
+_EXP_BARREL = (
+    (-2, 1672461947),
+    (-1, 1302514674),
+    (0, 790015084),
+    (1, 290630308),
+    (2, 39332535),
+    (3, 720401),
+    (4, 242),
+)
 
 
 def exp_on_negative_values(a: np.ndarray, integer_bits: int) -> IntArray:
@@ -505,8 +510,9 @@ def softmax_int8(q: np.ndarray, params: SoftmaxParams) -> IntArray:
     q = np.asarray(q, dtype=np.int64)
     diff = q - q.max(axis=-1, keepdims=True)
     valid = diff >= params.diff_min
-    scaled = srdhm(np.where(valid, diff, 0) * (1 << params.input_left_shift),
-                   params.input_multiplier)  # fmt: skip
+    scaled = srdhm(
+        np.where(valid, diff, 0) * (1 << params.input_left_shift), params.input_multiplier
+    )
     exps = exp_on_negative_values(scaled, SOFTMAX_DIFF_INTEGER_BITS)  # Q0.31
     accum = saturating_rounding_mul_by_pot(exps, -SOFTMAX_ACCUM_INTEGER_BITS)  # Q12.19
     sum_of_exps = np.where(valid, accum, 0).sum(axis=-1, keepdims=True)

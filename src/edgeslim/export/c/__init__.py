@@ -50,7 +50,7 @@ def build_and_check_graph(
         )
     calib = torch.as_tensor(calib, dtype=torch.float32)
     if graph is None:
-        graph = lower.lower(model, calib)
+        graph = lower.lower(model, calib, name=type(model).__name__)
     sample = calib[:VERIFY_SAMPLES]
     q = reference.quantize_input(graph, sample.numpy())
     if verify:

@@ -31,8 +31,15 @@ from ...errors import ExportError
 from . import ir
 from .planner import MemoryPlan, Region, full_region
 
-GCC_FLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fsanitize=undefined",
-             "-fno-sanitize-recover=undefined")  # fmt: skip
+GCC_FLAGS = (
+    "-std=c99",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fsanitize=undefined",
+    "-fno-sanitize-recover=undefined",
+)
 
 
 def _template(name: str) -> str:
@@ -47,8 +54,19 @@ def _kernels(needed: set[str]) -> str:
     """
     parts = re.split(r"^/\* ==== (\w+) ==== \*/\n", _template("kernels.c"), flags=re.M)
     preamble, sections = parts[0], dict(zip(parts[1::2], parts[2::2], strict=True))
-    if needed - {"types", "conv2d", "pointwise", "dwconv", "maxpool", "avgpool", "add",
-                 "concat", "requantize", "softmax", "fc"}:  # fmt: skip
+    if needed - {
+        "types",
+        "conv2d",
+        "pointwise",
+        "dwconv",
+        "maxpool",
+        "avgpool",
+        "add",
+        "concat",
+        "requantize",
+        "softmax",
+        "fc",
+    }:
         raise ValueError(f"unknown kernels {needed}")
     if needed - {"types", "concat"}:
         needed = needed | {"arith"}
@@ -113,9 +131,9 @@ class _Writer:
 
     def layout(self, tensor: str, i: int) -> str:
         """Region that ``tensor``'s buffer holds while op ``i`` runs."""
-        if self.in_stage(i) and tensor in self.columns and tensor != self.g.input:
-            if tensor != self.plan.patch.output:
-                return f"r[{self.columns[tensor]}]"
+        held_in_part = tensor not in (self.g.input, self.plan.patch and self.plan.patch.output)
+        if self.in_stage(i) and tensor in self.columns and held_in_part:
+            return f"r[{self.columns[tensor]}]"
         return _region(full_region(self.g[tensor]))
 
     def todo(self, i: int) -> str:
@@ -160,10 +178,26 @@ class _Writer:
         mult = _c_array("int32_t", f"op{i}_mult", op.multiplier)
         shift = _c_array("int32_t", f"op{i}_shift", op.shift)
         self.arrays += [mult, shift]
-        fields = [x.shape[1], x.shape[2], x.shape[3], out.shape[3], kh, kw, *op.stride,
-                  op.padding[0], op.padding[1], x.qzero, out.qzero, op.act_min, op.act_max,
-                  self.const(op.weight), self.const(op.bias), f"op{i}_mult", f"op{i}_shift"]
-        self.params.append(f"static const conv_params_t OP{i} = {{{', '.join(map(str, fields))}}};")  # fmt: skip
+        fields = [
+            x.shape[1],
+            x.shape[2],
+            x.shape[3],
+            out.shape[3],
+            kh,
+            kw,
+            *op.stride,
+            op.padding[0],
+            op.padding[1],
+            x.qzero,
+            out.qzero,
+            op.act_min,
+            op.act_max,
+            self.const(op.weight),
+            self.const(op.bias),
+            f"op{i}_mult",
+            f"op{i}_shift",
+        ]
+        self.params.append(f"static const conv_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
         args = (
             f"&OP{i}, {self.ptr(op.inputs[0])}, {self.layout(op.inputs[0], i)}, "
             f"{self.ptr(op.output)}, {self.layout(op.output, i)}, {self.todo(i)}"
@@ -182,17 +216,36 @@ class _Writer:
             _c_array("int32_t", f"op{i}_mult", op.multiplier),
             _c_array("int32_t", f"op{i}_shift", op.shift),
         ]
-        fields = [x.size, out.size, x.qzero, out.qzero, op.act_min, op.act_max,
-                  int(len(op.multiplier) > 1), self.const(op.weight), self.const(op.bias),
-                  f"op{i}_mult", f"op{i}_shift"]  # fmt: skip
+        fields = [
+            x.size,
+            out.size,
+            x.qzero,
+            out.qzero,
+            op.act_min,
+            op.act_max,
+            int(len(op.multiplier) > 1),
+            self.const(op.weight),
+            self.const(op.bias),
+            f"op{i}_mult",
+            f"op{i}_shift",
+        ]
         self.params.append(f"static const fc_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
         self.call("fc", f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}", indent)
 
     def _Pool2D(self, i: int, op: ir.Pool2D, indent: str) -> None:
         x = self.g[op.inputs[0]]
-        fields = [x.shape[1], x.shape[2], x.shape[3], *op.kernel, *op.stride, op.padding[0],
-                  op.padding[1], op.act_min, op.act_max]  # fmt: skip
-        self.params.append(f"static const pool_params_t OP{i} = {{{', '.join(map(str, fields))}}};")  # fmt: skip
+        fields = [
+            x.shape[1],
+            x.shape[2],
+            x.shape[3],
+            *op.kernel,
+            *op.stride,
+            op.padding[0],
+            op.padding[1],
+            op.act_min,
+            op.act_max,
+        ]
+        self.params.append(f"static const pool_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
         args = (
             f"&OP{i}, {self.ptr(op.inputs[0])}, {self.layout(op.inputs[0], i)}, "
             f"{self.ptr(op.output)}, {self.layout(op.output, i)}, {self.todo(i)}"
@@ -204,12 +257,29 @@ class _Writer:
         p = op.params
         out = self.g[op.output]
         channels = out.shape[-1]
-        fields = [channels, self.g[a].qzero, self.g[b].qzero, out.qzero, p.left_shift,
-                  p.input1_multiplier, p.input1_shift, p.input2_multiplier, p.input2_shift,
-                  p.output_multiplier, p.output_shift, op.act_min, op.act_max]  # fmt: skip
-        self.params.append(f"static const add_params_t OP{i} = {{{', '.join(map(str, fields))}}};")  # fmt: skip
+        fields = [
+            channels,
+            self.g[a].qzero,
+            self.g[b].qzero,
+            out.qzero,
+            p.left_shift,
+            p.input1_multiplier,
+            p.input1_shift,
+            p.input2_multiplier,
+            p.input2_shift,
+            p.output_multiplier,
+            p.output_shift,
+            op.act_min,
+            op.act_max,
+        ]
+        self.params.append(f"static const add_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
         if len(out.shape) == 4:
-            regions = [self.layout(a, i), self.layout(b, i), self.layout(op.output, i), self.todo(i)]
+            regions = [
+                self.layout(a, i),
+                self.layout(b, i),
+                self.layout(op.output, i),
+                self.todo(i),
+            ]
         else:
             regions = [_region(Region(0, 0, 1, 1))] * 4
         args = (
@@ -228,7 +298,9 @@ class _Writer:
         offset = 0
         for name in op.inputs:
             inner = int(np.prod(self.g[name].shape[op.axis :]))
-            args = f"{self.ptr(name)}, {outer}, {inner}, {self.ptr(op.output)}, {out_inner}, {offset}"
+            args = (
+                f"{self.ptr(name)}, {outer}, {inner}, {self.ptr(op.output)}, {out_inner}, {offset}"
+            )
             self.call("concat", args, indent)
             offset += inner
 
@@ -237,13 +309,17 @@ class _Writer:
         depth = out.shape[-1]
         p = op.params
         fields = [out.size // depth, depth, p.input_multiplier, p.input_left_shift, p.diff_min]
-        self.params.append(f"static const softmax_params_t OP{i} = {{{', '.join(map(str, fields))}}};")  # fmt: skip
+        self.params.append(
+            f"static const softmax_params_t OP{i} = {{{', '.join(map(str, fields))}}};"
+        )
         self.call("softmax", f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}", indent)
 
     def _Requantize(self, i: int, op: ir.Requantize, indent: str) -> None:
         x, out = self.g[op.inputs[0]], self.g[op.output]
         fields = [out.size, x.qzero, out.qzero, op.multiplier, op.shift]
-        self.params.append(f"static const requant_params_t OP{i} = {{{', '.join(map(str, fields))}}};")  # fmt: skip
+        self.params.append(
+            f"static const requant_params_t OP{i} = {{{', '.join(map(str, fields))}}};"
+        )
         self.call("requantize", f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}", indent)
 
     # ---- whole files
@@ -314,8 +390,11 @@ class _Writer:
             patch_tables=tables,
             body="\n".join(self.body),
         )
-        nbytes = g.weight_bytes() + sum(8 * len(getattr(op, "multiplier", [])) for op in g.ops
-                                        if isinstance(op, (ir.Conv2D, ir.FullyConnected)))  # fmt: skip
+        nbytes = g.weight_bytes() + sum(
+            8 * len(getattr(op, "multiplier", []))
+            for op in g.ops
+            if isinstance(op, (ir.Conv2D, ir.FullyConnected))
+        )
         weights = Template(_template("weights.h.tmpl")).substitute(
             name=name,
             version=__version__,
@@ -342,9 +421,14 @@ def compiler() -> str | None:
 
 
 class Build:
-    """The generated files compiled with the test driver in a temporary directory."""
+    """The generated files compiled with the test driver in a temporary directory.
 
-    def __init__(self, sources: dict[str, str], *, trace: bool = False, opt: str = "-O2") -> None:
+    ``sanitize=False`` leaves out ``-fsanitize=undefined`` (for timing).
+    """
+
+    def __init__(
+        self, sources: dict[str, str], *, trace: bool = False, sanitize: bool = True
+    ) -> None:
         cc = compiler()
         if cc is None:
             raise ExportError("no C compiler found (set CC or install gcc)")
@@ -352,15 +436,16 @@ class Build:
         for name, text in sources.items():
             (self.dir / name).write_text(text, encoding="utf-8")
         (self.dir / "harness.c").write_text(_template("harness.c"), encoding="utf-8")
-        flags = [f if f != "-O2" else opt for f in GCC_FLAGS]
+        flags = [f for f in GCC_FLAGS if sanitize or "sanitize" not in f]
         if trace:
             flags.append("-DMODEL_TRACE")
         self.exe = self.dir / "harness"
         cmd = [cc, *flags, "-o", str(self.exe), "model.c", "harness.c"]
         proc = subprocess.run(cmd, cwd=self.dir, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise ExportError(f"the generated C does not compile ({' '.join(cmd)}):\n"
-                              f"{proc.stderr[-4000:]}")  # fmt: skip
+            raise ExportError(
+                f"the generated C does not compile ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+            )
 
     def run(self, q: np.ndarray, output_size: int, trace: bool = False):
         """Outputs (N, output_size) for int8 inputs ``q`` (N, ...); with ``trace`` also the log."""
@@ -369,8 +454,9 @@ class Build:
         args = [str(self.exe), "run", "in.bin", "out.bin"] + (["trace.bin"] if trace else [])
         proc = subprocess.run(args, cwd=self.dir, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise ExportError(f"the compiled model failed (exit {proc.returncode}):\n"
-                              f"{proc.stderr[-4000:]}")  # fmt: skip
+            raise ExportError(
+                f"the compiled model failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
         out = np.frombuffer((self.dir / "out.bin").read_bytes(), np.int8).astype(np.int64)
         out = out.reshape(len(q), output_size)
         if not trace:
@@ -380,8 +466,13 @@ class Build:
     def time_us(self, q: np.ndarray, repeats: int = 100) -> float:
         """Median latency of ``model_run`` in microseconds over ``repeats`` runs."""
         (self.dir / "one.bin").write_bytes(np.ascontiguousarray(q, dtype=np.int8).tobytes())
-        proc = subprocess.run([str(self.exe), "time", "one.bin", str(repeats)], cwd=self.dir,
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            [str(self.exe), "time", "one.bin", str(repeats)],
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return float(proc.stdout.strip())
 
     def close(self) -> None:
@@ -440,8 +531,9 @@ def object_size(sources: dict[str, str], flags: tuple[str, ...] = ("-std=c99", "
     with tempfile.TemporaryDirectory(prefix="edgeslim-size-") as tmp:
         for name, text in sources.items():
             Path(tmp, name).write_text(text, encoding="utf-8")
-        proc = subprocess.run([cc, *flags, "-c", "model.c", "-o", "model.o"], cwd=tmp,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [cc, *flags, "-c", "model.c", "-o", "model.o"], cwd=tmp, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise ExportError(f"the generated C does not compile:\n{proc.stderr[-4000:]}")
         sizes = {"text": 0, "rodata": 0}
@@ -464,8 +556,9 @@ def _section_sizes(path: Path) -> list[tuple[str, int]]:
     endian = "<" if data[5] == 1 else ">"
     shoff = struct.unpack_from(endian + "Q", data, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", data, 0x3A)
-    headers = [struct.unpack_from(endian + "IIQQQQIIQQ", data, shoff + i * shentsize)
-               for i in range(shnum)]  # fmt: skip
+    headers = [
+        struct.unpack_from(endian + "IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+    ]
     names_at = headers[shstrndx][4]
     out = []
     for h in headers:

@@ -227,13 +227,30 @@ def _classify(
                 raise ValueError("only Hardtanh(0, 6) (ReLU6) is supported")
             return op("act", x, activation="relu6")
         if isinstance(module, nn.MaxPool2d):
-            return _pool(op, x, "max", module.kernel_size, module.stride, module.padding,
-                         module.dilation, module.ceil_mode)  # fmt: skip
+            return _pool(
+                op,
+                x,
+                "max",
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.ceil_mode,
+            )
         if isinstance(module, nn.AvgPool2d):
             if module.divisor_override is not None:
                 raise ValueError("divisor_override is not supported")
-            return _pool(op, x, "avg", module.kernel_size, module.stride, module.padding, 1,
-                         module.ceil_mode, module.count_include_pad)  # fmt: skip
+            return _pool(
+                op,
+                x,
+                "avg",
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                1,
+                module.ceil_mode,
+                module.count_include_pad,
+            )
         if isinstance(module, nn.AdaptiveAvgPool2d):
             if _pair(module.output_size) != (1, 1):
                 raise ValueError("only output size 1 (global average pooling) is supported")
@@ -274,16 +291,31 @@ def _classify(
             return op("gap", [value(first)])
         if target is F.max_pool2d:
             k = _arg(node, 1, "kernel_size", None)
-            return _pool(op, [value(first)], "max", k, _arg(node, 2, "stride", None) or k,
-                         _arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1),
-                         _arg(node, 5, "ceil_mode", False))  # fmt: skip
+            return _pool(
+                op,
+                [value(first)],
+                "max",
+                k,
+                _arg(node, 2, "stride", None) or k,
+                _arg(node, 3, "padding", 0),
+                _arg(node, 4, "dilation", 1),
+                _arg(node, 5, "ceil_mode", False),
+            )
         if target is F.avg_pool2d:
             k = _arg(node, 1, "kernel_size", None)
             if _arg(node, 6, "divisor_override", None) is not None:
                 raise ValueError("divisor_override is not supported")
-            return _pool(op, [value(first)], "avg", k, _arg(node, 2, "stride", None) or k,
-                         _arg(node, 3, "padding", 0), 1, _arg(node, 4, "ceil_mode", False),
-                         _arg(node, 5, "count_include_pad", True))  # fmt: skip
+            return _pool(
+                op,
+                [value(first)],
+                "avg",
+                k,
+                _arg(node, 2, "stride", None) or k,
+                _arg(node, 3, "padding", 0),
+                1,
+                _arg(node, 4, "ceil_mode", False),
+                _arg(node, 5, "count_include_pad", True),
+            )
         if target is F.pad:
             if _arg(node, 2, "mode", "constant") != "constant" or _arg(node, 3, "value", 0):
                 raise ValueError("only constant zero padding is supported")
@@ -622,8 +654,12 @@ class _Builder:
         """int8 weights and int32 bias of a conv / linear ``w`` (already in TFLite layout)."""
         qp = self.source.weight(o, w, axis)
         w_scale = spec.to_float32(qp.scale)
-        wq = spec.quantize(w, spec.QParams(w_scale, np.zeros(len(w_scale), np.int64),
-                                           spec.WEIGHT_MIN, spec.WEIGHT_MAX, axis))  # fmt: skip
+        wq = spec.quantize(
+            w,
+            spec.QParams(
+                w_scale, np.zeros(len(w_scale), np.int64), spec.WEIGHT_MIN, spec.WEIGHT_MAX, axis
+            ),
+        )
         n_out = w.shape[axis] if axis is not None else w.shape[0]
         per_channel = np.broadcast_to(w_scale, (n_out,)) if len(w_scale) == 1 else w_scale
         bq = spec.quantize_bias(o.attrs["bias"], s_in, per_channel)
@@ -642,10 +678,19 @@ class _Builder:
         s_in = self.tensors[x.tensor].qscale
         weight, bias = self._weights(o, w_t, axis, s_in)
         out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
-        self.ops.append(ir.Conv2D(o.name, [x.tensor], out, weight=weight, bias=bias,
-                                  stride=_pair(conv.stride), padding=o.attrs["padding"],
-                                  depthwise=depthwise,
-                                  activation=o.attrs.get("activation")))  # fmt: skip
+        self.ops.append(
+            ir.Conv2D(
+                o.name,
+                [x.tensor],
+                out,
+                weight=weight,
+                bias=bias,
+                stride=_pair(conv.stride),
+                padding=o.attrs["padding"],
+                depthwise=depthwise,
+                activation=o.attrs.get("activation"),
+            )
+        )
         self._output(o, out)
 
     def _lower_linear(self, o: FloatOp) -> None:
@@ -659,32 +704,50 @@ class _Builder:
         s_in = self.tensors[x.tensor].qscale
         weight, bias = self._weights(o, w, 0 if self.per_channel_fc else None, s_in)
         out = self.act(o.value, o.shape, self.source.activation(o.value))
-        self.ops.append(ir.FullyConnected(o.name, [x.tensor], out, weight=weight, bias=bias,
-                                          activation=o.attrs.get("activation")))  # fmt: skip
+        self.ops.append(
+            ir.FullyConnected(
+                o.name,
+                [x.tensor],
+                out,
+                weight=weight,
+                bias=bias,
+                activation=o.attrs.get("activation"),
+            )
+        )
         self._output(o, out)
 
     def _lower_add(self, o: FloatOp) -> None:
         a, b = self._input(o, 0), self._input(o, 1)
         out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
-        self.ops.append(ir.Add(o.name, [a.tensor, b.tensor], out,
-                               activation=o.attrs.get("activation")))  # fmt: skip
+        self.ops.append(
+            ir.Add(o.name, [a.tensor, b.tensor], out, activation=o.attrs.get("activation"))
+        )
         self._output(o, out)
 
     def _lower_pool(self, o: FloatOp) -> None:
         x = self._input(o)
         ph, pw = o.attrs["padding"]
         out = self.same_qparams_as(o.value, x.tensor, _nhwc(o.shape))
-        self.ops.append(ir.Pool2D(o.name, [x.tensor], out, mode=o.attrs["mode"],
-                                  kernel=o.attrs["kernel"], stride=o.attrs["stride"],
-                                  padding=(ph, pw, ph, pw)))  # fmt: skip
+        self.ops.append(
+            ir.Pool2D(
+                o.name,
+                [x.tensor],
+                out,
+                mode=o.attrs["mode"],
+                kernel=o.attrs["kernel"],
+                stride=o.attrs["stride"],
+                padding=(ph, pw, ph, pw),
+            )
+        )
         self._output(o, out)
 
     def _lower_gap(self, o: FloatOp) -> None:
         x = self._input(o)
         _, c, h, w = x.torch_shape
         pooled = self.same_qparams_as(o.value, x.tensor, (1, 1, 1, c))
-        self.ops.append(ir.Pool2D(o.name, [x.tensor], pooled, mode="avg", kernel=(h, w),
-                                  stride=(h, w)))  # fmt: skip
+        self.ops.append(
+            ir.Pool2D(o.name, [x.tensor], pooled, mode="avg", kernel=(h, w), stride=(h, w))
+        )
         if len(o.shape) == 2:  # mean(dim=(2, 3)) without keepdim: (N, C)
             flat = self.same_qparams_as(f"{o.value}_flat", pooled, (1, c))
             self.ops.append(ir.Reshape(o.name, [pooled], flat))
@@ -725,8 +788,9 @@ class _Builder:
         dim = o.attrs["dim"]
         if dim is None or (dim % rank) not in ((1,) if rank in (2, 4) else ()):
             raise LoweringError(f"{o.name}: softmax must be over dim 1 (features / channels)")
-        qp = spec.QParams(np.array([spec.SOFTMAX_OUTPUT_SCALE]),
-                          np.array([spec.SOFTMAX_OUTPUT_ZERO_POINT]))  # fmt: skip
+        qp = spec.QParams(
+            np.array([spec.SOFTMAX_OUTPUT_SCALE]), np.array([spec.SOFTMAX_OUTPUT_ZERO_POINT])
+        )
         out = self.act(o.value, _nhwc(o.shape), qp)
         self.ops.append(ir.Softmax(o.name, [x.tensor], out))
         self._output(o, out)
@@ -772,6 +836,11 @@ def lower(
         source = CalibratedQParams(calibrate_ranges(gm, calib))
     input_shape = (1, *calib.shape[1:])
     return build_graph(
-        ops, input_value, output_value, input_shape, source, per_channel_fc=per_channel_fc,
+        ops,
+        input_value,
+        output_value,
+        input_shape,
+        source,
+        per_channel_fc=per_channel_fc,
         name=name,
     )

@@ -37,6 +37,7 @@ stage and grid with the smallest arena within a MAC-overhead budget.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from ...errors import ExportError
@@ -136,8 +137,9 @@ class Buffer:
 
     def live_bytes(self, i: int) -> int:
         """Bytes of this buffer in use during op ``i`` (overlapping members counted once)."""
-        spans = sorted((m.rel, m.rel + m.size) for m in self.members.values()
-                       if m.start <= i <= m.end)  # fmt: skip
+        spans = sorted(
+            (m.rel, m.rel + m.size) for m in self.members.values() if m.start <= i <= m.end
+        )
         total, reach = 0, 0
         for lo, hi in spans:
             total += max(0, hi - max(lo, reach))
@@ -147,8 +149,9 @@ class Buffer:
     def conflicts(self, other: Buffer, offset: int) -> bool:
         """Would this buffer at ``offset`` collide with placed buffer ``other``?"""
         shift = offset - other.offset
-        return any(o.overlaps(m, shift) for m in self.members.values()
-                   for o in other.members.values())  # fmt: skip
+        return any(
+            o.overlaps(m, shift) for m in self.members.values() for o in other.members.values()
+        )
 
 
 @dataclass
@@ -289,9 +292,11 @@ def plan_memory(
     buffers: list[Buffer] = []
     for g in sorted(groups.rel, key=lambda g: min(start[m] for m in groups.rel[g])):
         kind = {input_group: "input", output_group: "output"}.get(g, "arena")
-        members = {m: Member(r, sizes[m], start[m], end[m])
-                   for m, r in sorted(groups.rel[g].items(), key=lambda kv: names.index(kv[0]))}
-        buffers.append(Buffer(members, kind))  # fmt: skip
+        members = {
+            m: Member(r, sizes[m], start[m], end[m])
+            for m, r in sorted(groups.rel[g].items(), key=lambda kv: names.index(kv[0]))
+        }
+        buffers.append(Buffer(members, kind))
     buffer_of = {m: i for i, b in enumerate(buffers) for m in b.members}
     scratch: dict[int, int] = {}
     for i, size in scratch_sizes.items():
@@ -399,7 +404,7 @@ def _needed(graph: ir.Graph, op: ir.Op, x: ir.Tensor, out: Region) -> Region:
 
 def _splits(n: int, parts: int) -> list[tuple[int, int]]:
     edges = [round(i * n / parts) for i in range(parts + 1)]
-    return [(a, b - a) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return [(a, b - a) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def patch_plan(graph: ir.Graph, stage_ops: int, grid: tuple[int, int]) -> PatchPlan:
@@ -418,7 +423,9 @@ def patch_plan(graph: ir.Graph, stage_ops: int, grid: tuple[int, int]) -> PatchP
             need: dict[str, Region] = {stage[-1].output: Region(y0, x0, h, w)}
             for op in reversed(stage):
                 for name in op.inputs:
-                    need[name] = _needed(graph, op, graph[name], need[op.output]).union(need.get(name))
+                    need[name] = _needed(graph, op, graph[name], need[op.output]).union(
+                        need.get(name)
+                    )
             ordered = {graph.input: need[graph.input]}
             ordered.update({op.output: need[op.output] for op in stage})
             regions.append(ordered)

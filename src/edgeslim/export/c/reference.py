@@ -95,8 +95,16 @@ def _fully_connected(graph: ir.Graph, op: ir.FullyConnected, values) -> np.ndarr
 
 def _add(graph: ir.Graph, op: ir.Add, values) -> np.ndarray:
     a, b = op.inputs
-    return spec.add_int8(values[a], graph[a].qzero, values[b], graph[b].qzero, op.params,
-                         graph[op.output].qzero, op.act_min, op.act_max)  # fmt: skip
+    return spec.add_int8(
+        values[a],
+        graph[a].qzero,
+        values[b],
+        graph[b].qzero,
+        op.params,
+        graph[op.output].qzero,
+        op.act_min,
+        op.act_max,
+    )
 
 
 def _pool(graph: ir.Graph, op: ir.Pool2D, values) -> np.ndarray:
@@ -107,7 +115,7 @@ def _pool(graph: ir.Graph, op: ir.Pool2D, values) -> np.ndarray:
         out = win.max(axis=(3, 4))
     else:
         total = _windows(x, op.kernel, op.stride, op.padding, (ho, wo), 0).sum(axis=(3, 4))
-        ones = np.ones(x.shape[:2] + (1,), np.int64)
+        ones = np.ones((*x.shape[:2], 1), np.int64)
         count = _windows(ones, op.kernel, op.stride, op.padding, (ho, wo), 0).sum(axis=(3, 4))
         out = spec.rounded_average(total, count)
     return np.clip(out, op.act_min, op.act_max)[None]
@@ -127,8 +135,9 @@ def _softmax(graph: ir.Graph, op: ir.Softmax, values) -> np.ndarray:
 
 def _requantize(graph: ir.Graph, op: ir.Requantize, values) -> np.ndarray:
     src = op.inputs[0]
-    return spec.requantize_int8(values[src], graph[src].qzero, op.multiplier, op.shift,
-                                graph[op.output].qzero)  # fmt: skip
+    return spec.requantize_int8(
+        values[src], graph[src].qzero, op.multiplier, op.shift, graph[op.output].qzero
+    )
 
 
 _KERNELS = {
