@@ -44,7 +44,7 @@ class RunDirError(EdgeslimError):
 
 
 class ExportError(EdgeslimError):
-    """A model cannot be exported, or what was written does not reproduce the model."""
+    """An exporter could not write a model, or what it wrote disagrees with PyTorch."""
 
 
 class LoweringError(ExportError):

@@ -1,5 +1,3 @@
-"""Exporters: files that run outside PyTorch (TFLite flatbuffers, C99 for microcontrollers).
-
-Every exporter runs what it wrote and compares it with a reference before it reports
-success.
-"""
+"""Exporters that check themselves: ONNX (fp32 / int8 QDQ) verified in ONNX Runtime, int8
+TFLite flatbuffers verified in TFLite Micro, and C99 for microcontrollers (``export.c``)
+compiled and compared bit for bit."""

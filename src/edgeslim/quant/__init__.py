@@ -48,4 +48,8 @@ def quantize_(
     return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
-__all__ = ["METHODS", "quantize_", "register"]
+from .ptq import Int8PTQ, LayerQParams, int8_ptq_, layer_qparams  # noqa: E402
+
+register("int8_ptq", Int8PTQ, int8_ptq_)
+
+__all__ = ["METHODS", "Int8PTQ", "LayerQParams", "layer_qparams", "quantize_", "register"]

@@ -76,19 +76,33 @@ class QParams:
         return values.reshape(shape)
 
 
-def activation_qparams(rmin: float, rmax: float) -> QParams:
-    """Asymmetric int8 qparams for values in ``[rmin, rmax]`` (TFLite ChooseQuantizationParams).
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a signed ``bits``-bit integer; symmetric drops the lowest value.
+
+    8 bits: activations [-128, 127], weights [-127, 127]; 4 bits: [-8, 7] / [-7, 7];
+    2 bits: [-2, 1] / [-1, 1].
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bit width must be in 2..16, got {bits}")
+    qmax = (1 << (bits - 1)) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def activation_qparams(rmin: float, rmax: float, bits: int = 8) -> QParams:
+    """Asymmetric qparams for values in ``[rmin, rmax]`` (TFLite ChooseQuantizationParams).
 
     The range is first widened to contain 0 (so 0 is exactly representable). The zero point
-    is derived from whichever end gives the smaller error, clamped to [-128, 127], rounded
-    half away from zero. A degenerate range (all zeros) gets scale 1 and zero point 0.
+    is derived from whichever end gives the smaller error, clamped to [qmin, qmax] ([-128,
+    127] for 8 bits), rounded half away from zero. A degenerate range (all zeros) gets scale
+    1 and zero point 0.
     """
     if not (math.isfinite(rmin) and math.isfinite(rmax)) or rmin > rmax:
         raise ValueError(f"activation range must be finite with min <= max, got [{rmin}, {rmax}]")
     rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
-    qmin, qmax = float(INT8_MIN), float(INT8_MAX)
+    lo, hi = int_range(bits, symmetric=False)
+    qmin, qmax = float(lo), float(hi)
     if rmin == rmax:
-        return QParams(np.array([1.0]), np.array([0]))
+        return QParams(np.array([1.0]), np.array([0]), lo, hi)
     scale = (rmax - rmin) / (qmax - qmin)
     zp_from_min = qmin - rmin / scale
     zp_from_max = qmax - rmax / scale
@@ -96,21 +110,23 @@ def activation_qparams(rmin: float, rmax: float) -> QParams:
     err_max = abs(qmax) + abs(rmax / scale)
     zp = zp_from_min if err_min < err_max else zp_from_max
     nudged = int(min(max(round_half_away(zp), qmin), qmax))
-    return QParams(np.array([scale]), np.array([nudged]))
+    return QParams(np.array([scale]), np.array([nudged]), lo, hi)
 
 
-def weight_qparams(w: np.ndarray, axis: int | None = 0) -> QParams:
-    """Symmetric int8 qparams: ``scale = max|w| / 127`` per channel along ``axis`` (or tensor).
+def weight_qparams(w: np.ndarray, axis: int | None = 0, bits: int = 8) -> QParams:
+    """Symmetric qparams: ``scale = max|w| / 127`` per channel along ``axis`` (or tensor).
 
-    A channel of all zeros gets scale 1 (any scale represents it exactly).
+    ``bits`` other than 8 use ``qmax = 2^(bits-1) - 1`` in place of 127. A channel of all
+    zeros gets scale 1 (any scale represents it exactly).
     """
     w = np.asarray(w, dtype=np.float64)
     if axis is None:
         amax = np.array([np.abs(w).max(initial=0.0)])
     else:
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1, initial=0.0)
-    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0)
-    return QParams(scale, np.zeros_like(scale, dtype=np.int64), WEIGHT_MIN, WEIGHT_MAX, axis)
+    qmin, qmax = int_range(bits, symmetric=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return QParams(scale, np.zeros_like(scale, dtype=np.int64), qmin, qmax, axis)
 
 
 def quantize(x: np.ndarray, qp: QParams) -> IntArray:
