@@ -60,3 +60,20 @@ def test_a_wrong_kernel_is_caught_at_the_tensor_where_it_goes_wrong():
         _, trace = build.run(q, 10, trace=True)
     problems = codegen.check_trace(graph, expected, trace)
     assert problems and problems[0].startswith("op 3 (Pool2D")
+
+
+def test_a_ptq_model_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
+    """quantize_(Int8PTQ) -> export_c / export_tflite: both check themselves bit for bit."""
+    import torch
+
+    from edgeslim import export_c, export_tflite
+    from edgeslim.models.kws import ds_cnn
+    from edgeslim.quant import Int8PTQ, quantize_
+
+    torch.manual_seed(0)
+    calib = mnist_images((1, 49, 10), 32, "train")
+    qmodel = quantize_(ds_cnn().eval(), Int8PTQ(calibration="mse"), calib=calib)
+    result = export_c(qmodel, tmp_path / "c", calib=calib)
+    assert "compiled C bit-exact on 32 inputs" in result.verified
+    if tflite.tflm_available():
+        export_tflite(qmodel, tmp_path / "m.tflite", calib=calib)  # raises unless bit-exact

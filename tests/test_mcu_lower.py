@@ -199,3 +199,44 @@ def test_reference_rejects_bad_inputs(calib):
         reference.run(g, np.zeros((1, 1, 28, 28)))
     with pytest.raises(ShapeError, match="int8"):
         reference.run(g, np.full((1, 28, 28, 1), 300))
+
+
+# ---------------------------------------------------------------- models quantized by quantize_
+
+
+def _ptq(model, calib, **cfg):
+    from edgeslim.quant import Int8PTQ, quantize_
+
+    return quantize_(model.eval(), Int8PTQ(**cfg), calib=calib)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mobilenetv2", "ds_cnn"])
+def test_a_ptq_model_lowers_to_exactly_its_own_integer_simulation(name):
+    from edgeslim.quant.modules import set_mode
+
+    torch.manual_seed(0)
+    model = ds_cnn() if name == "ds_cnn" else zoo.create(name)
+    shape = model.input_shape
+    gen = torch.Generator().manual_seed(2)
+    calib, x = torch.rand(32, *shape, generator=gen), torch.rand(8, *shape, generator=gen)
+    qmodel = _ptq(model, calib, calibration="mse" if name == "ds_cnn" else "minmax")
+    g = lower.lower(qmodel, calib)
+    assert not any(op.kind == "Requantize" for op in g.ops)  # quantizers map onto tensors
+    first = g.ops[0]
+    layer = qmodel.get_submodule(first.name)
+    assert np.array_equal(g[first.weight].data, layer.weight_int8.numpy().transpose(0, 2, 3, 1))
+    assert np.array_equal(g[first.bias].data, layer.bias_int32.numpy())
+    q = reference.quantize_input(g, x.numpy())
+    got = reference.run_batch(g, q)
+    set_mode(qmodel, "exact")
+    with torch.no_grad():
+        y = qmodel(x).double().numpy()
+    out = g[g.output]
+    assert np.array_equal(np.round(y / out.qscale) + out.qzero, got.reshape(y.shape))
+
+
+def test_a_quantized_relu_after_an_add_is_refused(calib):
+    torch.manual_seed(0)
+    qmodel = _ptq(zoo.create("resnet8"), calib)  # relu(add) is requantized in float
+    with pytest.raises(LoweringError, match="relu_1: ReLU/ReLU6 must directly follow"):
+        lower.lower(qmodel, calib)

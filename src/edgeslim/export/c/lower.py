@@ -14,11 +14,15 @@ Three steps, each a function:
    int32 biases, and converts NCHW to TFLite's NHWC (a flatten that feeds a linear layer
    permutes that layer's weight columns instead of the data).
 
-Where qparams come from is the :class:`QParamSource`. The one used today,
-:class:`CalibratedQParams`, is the **interim path**: it runs calibration inputs through the
-float model (:func:`edgeslim.calibration.run_calibration`) and takes TFLite's min-max qparams
-(:func:`edgeslim.quant.spec.activation_qparams`) of every tensor. A model quantized with
-edgeslim's PTQ / QAT modules provides its own qparams through another source.
+Where qparams come from is a :class:`QParamSource`:
+
+- a model quantized by :func:`edgeslim.quantize_` (PTQ or QAT, graph mode) carries them:
+  :class:`QuantizedModelQParams` reads its quantizers (``ActQuant``: scale / zero point of
+  every tensor) and its layers' frozen integer weights and biases, so the graph computes
+  exactly what the quantized model simulates;
+- a float model is calibrated here (:class:`CalibratedQParams`): calibration inputs run
+  through it (:func:`edgeslim.calibration.run_calibration`) and every tensor gets TFLite's
+  min-max qparams (:func:`edgeslim.quant.spec.activation_qparams`), weights max |w| / 127.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from ...calibration import run_calibration
 from ...errors import LoweringError, ShapeError
 from ...quant import spec
+from ...quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 from . import ir
 
 SUPPORTED = (
@@ -92,7 +97,9 @@ class FloatOp:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return (
+            isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
+        )
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -213,6 +220,14 @@ def _classify(
         x = [value(first)]
         if isinstance(module, (nn.Identity, nn.Dropout)):
             return "alias"
+        if isinstance(module, ActQuant):
+            return op("quant", x)
+        if isinstance(module, QuantAdd):
+            return _add(op, node, value)
+        if isinstance(module, QuantAvgPool):
+            if not isinstance(module.pool, nn.AdaptiveAvgPool2d):
+                raise ValueError(f"only global average pooling is supported, got {module.pool}")
+            return op("gap", x)
         if isinstance(module, nn.Conv2d):
             _check_conv(module)
             return op("conv", x)
@@ -384,7 +399,13 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
     Conv / linear ops get ``attrs["weight"]`` / ``attrs["bias"]`` (float64 numpy, folded).
     """
     for o in ops:
-        if o.kind in ("conv", "linear"):
+        if o.kind not in ("conv", "linear"):
+            continue
+        if o.kind == "conv":
+            o.attrs["padding"] = _conv_padding(o.module)
+        if hasattr(o.module, "weight_int8"):
+            _read_quantized_layer(o)
+        else:
             o.attrs["weight"] = o.module.weight.detach().double().numpy().copy()
             bias = o.module.bias
             o.attrs["bias"] = (
@@ -392,8 +413,6 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
                 if bias is None
                 else bias.detach().double().numpy().copy()
             )
-            if o.kind == "conv":
-                o.attrs["padding"] = _conv_padding(o.module)
     uses = _use_counts(ops)
     producers = {o.value: o for o in ops}
     kept: list[FloatOp] = []
@@ -402,6 +421,9 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
         src = producers.get(o.inputs[0]) if o.inputs else None
         sole = src is not None and uses[src.value] == 1
         if o.kind == "bn":
+            if src is not None and "weight_int" in src.attrs:
+                problems.append(f"{o.name}: BatchNorm after a quantized layer (fold it first)")
+                continue
             if not (sole and src.kind in ("conv", "linear") and "activation" not in src.attrs):
                 problems.append(f"{o.name}: BatchNorm must directly follow a conv or linear")
                 continue
@@ -435,6 +457,23 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
     if problems:
         raise LoweringError("cannot lower to the int8 graph:\n  " + "\n  ".join(problems))
     return [o for o in kept if o.kind != "pad"]
+
+
+def _read_quantized_layer(o: FloatOp) -> None:
+    """The frozen integer form of a quantized conv / linear (``edgeslim.quant`` modules)."""
+    layer = o.module
+    if layer.input_quant.dynamic or not layer.has_output or layer.input_quant.bits != 8:
+        raise LoweringError(
+            f"{o.name}: quantized layer without a static int8 output (dynamic or float "
+            "output, or activations not 8-bit); quantize with Int8PTQ in graph mode"
+        )
+    layer.freeze()
+    o.attrs["weight_int"] = layer.weight_int8.numpy().astype(np.int64)
+    o.attrs["weight_scale"] = layer.weight_scale.detach().double().numpy().copy()
+    c = layer.weight_int8.shape[0]
+    bias = layer.bias_int32.numpy().astype(np.int64) if layer.bias is not None else np.zeros(c)
+    o.attrs["bias_int"] = bias.astype(np.int64)
+    o.attrs["bias"] = np.zeros(c)  # unused: the integer bias is taken as it is
 
 
 def _use_counts(ops: list[FloatOp]) -> dict[str, int]:
@@ -520,6 +559,59 @@ class CalibratedQParams:
 
     def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
         return spec.weight_qparams(weight, axis=axis)
+
+
+class QuantizedModelQParams:
+    """Qparams of a model quantized by :func:`edgeslim.quantize_` (graph mode).
+
+    Every tensor's qparams are those of the ``ActQuant`` that quantizes it: the quantizer
+    node after a layer (and its fused activation) or an add; the graph input's are the
+    input quantizer of the first layer that reads it. Weights come from the layers' frozen
+    integer buffers (see :func:`_read_quantized_layer`), so :meth:`weight` is not used.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        modules = dict(gm.named_modules())
+        self.qparams: dict[str, spec.QParams] = {}
+        for node in gm.graph.nodes:
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(module, ActQuant):
+                self.qparams[node.name] = module.qparams()
+                src = node.args[0]  # the layer / activation / add it quantizes
+                while isinstance(src, fx.Node) and src.name not in self.qparams:
+                    self.qparams[src.name] = module.qparams()
+                    src = src.args[0] if src.op == "call_module" and _is_act(modules, src) else None
+            elif node.op == "placeholder":
+                layer = _first_layer(node, modules)
+                if layer is not None:
+                    self.qparams[node.name] = layer.input_quant.qparams()
+
+    def activation(self, value: str) -> spec.QParams:
+        if value not in self.qparams:
+            raise LoweringError(
+                f"{value}: no quantizer gives this tensor int8 qparams (a layer left in float, "
+                "or an op the quantizer does not cover)"
+            )
+        return self.qparams[value]
+
+    def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
+        raise LoweringError(f"{op.name}: a float layer inside a quantized model")
+
+
+def _is_act(modules: dict[str, nn.Module], node: fx.Node) -> bool:
+    return isinstance(modules.get(node.target), (nn.ReLU, nn.ReLU6, nn.Hardtanh))
+
+
+def _first_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The first quantized layer reading ``node``, through qparam-preserving ops."""
+    for user in node.users:
+        module = modules.get(user.target) if user.op == "call_module" else None
+        if module is not None and hasattr(module, "input_quant"):
+            return module
+        found = _first_layer(user, modules)
+        if found is not None:
+            return found
+    return None
 
 
 class _Probe(nn.Module):
@@ -650,19 +742,36 @@ class _Builder:
     def lower(self, o: FloatOp) -> None:
         getattr(self, f"_lower_{o.kind}")(o)
 
-    def _weights(self, o: FloatOp, w: np.ndarray, axis: int | None, s_in: float):
-        """int8 weights and int32 bias of a conv / linear ``w`` (already in TFLite layout)."""
-        qp = self.source.weight(o, w, axis)
-        w_scale = spec.to_float32(qp.scale)
-        wq = spec.quantize(
-            w,
-            spec.QParams(
-                w_scale, np.zeros(len(w_scale), np.int64), spec.WEIGHT_MIN, spec.WEIGHT_MAX, axis
-            ),
-        )
-        n_out = w.shape[axis] if axis is not None else w.shape[0]
-        per_channel = np.broadcast_to(w_scale, (n_out,)) if len(w_scale) == 1 else w_scale
-        bq = spec.quantize_bias(o.attrs["bias"], s_in, per_channel)
+    def _weights(self, o: FloatOp, layout: Callable, axis: int | None, x: _Value):
+        """int8 weights and int32 bias of a conv / linear, in TFLite layout (``layout``).
+
+        A quantized layer's frozen integers are taken as they are (per output channel);
+        float weights are quantized with the source's qparams.
+        """
+        s_in = self.tensors[x.tensor].qscale
+        if "weight_int" in o.attrs:
+            layer_in = o.module.input_quant.qparams()
+            if (spec.to_float32(layer_in.scale[0]), int(layer_in.zero_point[0])) != (
+                s_in,
+                self.tensors[x.tensor].qzero,
+            ):
+                raise LoweringError(
+                    f"{o.name}: the layer's input quantizer disagrees with the qparams of the "
+                    f"tensor it reads ({x.tensor}); re-run quantize_ on the float model"
+                )
+            wq = layout(o.attrs["weight_int"])
+            w_scale = spec.to_float32(o.attrs["weight_scale"])
+            bq = o.attrs["bias_int"]
+        else:
+            w = layout(o.attrs["weight"])
+            w_scale = spec.to_float32(self.source.weight(o, w, axis).scale)
+            zero = np.zeros(len(w_scale), np.int64)
+            wq = spec.quantize(
+                w, spec.QParams(w_scale, zero, spec.WEIGHT_MIN, spec.WEIGHT_MAX, axis)
+            )
+            n_out = w.shape[axis] if axis is not None else w.shape[0]
+            per_channel = np.broadcast_to(w_scale, (n_out,)) if len(w_scale) == 1 else w_scale
+            bq = spec.quantize_bias(o.attrs["bias"], s_in, per_channel)
         weight = self.const(f"{o.name}.weight", wq, "int8", w_scale, axis)
         bias = self.const(f"{o.name}.bias", bq, "int32", spec.to_float32(s_in * w_scale), 0)
         return weight, bias
@@ -670,13 +779,12 @@ class _Builder:
     def _lower_conv(self, o: FloatOp) -> None:
         x = self._input(o)
         conv: nn.Conv2d = o.module
-        w = o.attrs["weight"]  # (Cout, Cin/groups, KH, KW)
-        if conv.groups == 1:
-            depthwise, w_t, axis = False, w.transpose(0, 2, 3, 1), 0  # (Cout, KH, KW, Cin)
-        else:  # depthwise (checked when classified)
-            depthwise, w_t, axis = True, w.transpose(1, 2, 3, 0), 3  # (1, KH, KW, Cout)
-        s_in = self.tensors[x.tensor].qscale
-        weight, bias = self._weights(o, w_t, axis, s_in)
+        if conv.groups == 1:  # (Cout, Cin, KH, KW) -> (Cout, KH, KW, Cin)
+            depthwise, axis = False, 0
+            weight, bias = self._weights(o, lambda w: w.transpose(0, 2, 3, 1), axis, x)
+        else:  # depthwise (checked when classified): (Cout, 1, KH, KW) -> (1, KH, KW, Cout)
+            depthwise, axis = True, 3
+            weight, bias = self._weights(o, lambda w: w.transpose(1, 2, 3, 0), axis, x)
         out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
         self.ops.append(
             ir.Conv2D(
@@ -695,14 +803,17 @@ class _Builder:
 
     def _lower_linear(self, o: FloatOp) -> None:
         x = self._input(o)
-        w = o.attrs["weight"]  # (Cout, Cin)
-        if x.nchw_flatten is not None:  # the input was flattened in NCHW order; ours is NHWC
-            c, h, wd = x.nchw_flatten
-            w = w.reshape(-1, c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
         if len(x.torch_shape) != 2:
             raise LoweringError(f"{o.name}: Linear needs a (N, F) input, got {x.torch_shape}")
-        s_in = self.tensors[x.tensor].qscale
-        weight, bias = self._weights(o, w, 0 if self.per_channel_fc else None, s_in)
+
+        def layout(w: np.ndarray) -> np.ndarray:  # (Cout, Cin)
+            if x.nchw_flatten is None:
+                return w
+            c, h, wd = x.nchw_flatten  # the input was flattened in NCHW order; ours is NHWC
+            return w.reshape(-1, c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+        per_channel = self.per_channel_fc or "weight_int" in o.attrs
+        weight, bias = self._weights(o, layout, 0 if per_channel else None, x)
         out = self.act(o.value, o.shape, self.source.activation(o.value))
         self.ops.append(
             ir.FullyConnected(
@@ -714,6 +825,18 @@ class _Builder:
                 activation=o.attrs.get("activation"),
             )
         )
+        self._output(o, out)
+
+    def _lower_quant(self, o: FloatOp) -> None:
+        """A quantizer: nothing when its qparams are its input's, else a requantize."""
+        x = self._input(o)
+        qp = self.source.activation(o.value)
+        t = self.tensors[x.tensor]
+        if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
+            self.values[o.value] = x
+            return
+        out = self.act(o.value, t.shape, qp)
+        self.ops.append(ir.Requantize(o.name, [x.tensor], out))
         self._output(o, out)
 
     def _lower_add(self, o: FloatOp) -> None:
@@ -823,16 +946,19 @@ def lower(
 ) -> ir.Graph:
     """The integer graph of ``model``: trace, classify, fuse, quantize.
 
-    ``calib`` is a batch of calibration inputs ``(N, ...)``. Without a ``source`` the
-    qparams are the min-max ranges of ``calib`` (:class:`CalibratedQParams`, the interim
-    path). Raises :class:`LoweringError` naming every unsupported layer.
+    ``calib`` is a batch of inputs ``(N, ...)``. A quantized model (``edgeslim.quantize_``)
+    brings its own qparams (:class:`QuantizedModelQParams`); a float model is calibrated on
+    ``calib`` (:class:`CalibratedQParams`). Raises :class:`LoweringError` naming every
+    unsupported layer.
     """
     if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] == 0:
         raise ShapeError("calib must be a non-empty batch of inputs (N, ...)")
     gm = trace(model, calib)
     ops, input_value, output_value = float_ops(gm)
     ops = fuse(ops)
-    if source is None:
+    if source is None and any(isinstance(m, QuantModule) for m in model.modules()):
+        source = QuantizedModelQParams(gm)
+    elif source is None:
         source = CalibratedQParams(calibrate_ranges(gm, calib))
     input_shape = (1, *calib.shape[1:])
     return build_graph(
