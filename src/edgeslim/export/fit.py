@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from ..errors import ConfigError
-from .c import codegen, constant_bytes, ir, lower, planner
+from .c import codegen, ir, lower, planner
 
 
 def calibration_inputs(model: Any, data: str, n: int):
@@ -126,7 +126,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
             sizes = codegen.object_size(sources)
             flash = sizes["text"] + sizes["rodata"]
         else:
-            flash = constant_bytes(graph)
+            flash = graph.constant_bytes()
             flash_source = "constants only (no C compiler to measure code)"
         macs = graph.macs()
         if plan.patch is not None:

@@ -175,10 +175,10 @@ static union { int32_t align; int8_t bytes[14400]; } arena;
 
 static const conv_params_t OP0 = {28, 28, 1, 20, 5, 5, 1, 1, 0, 0, -128, -15, -128, 127, w_conv1_weight, b_conv1_bias, op0_mult, op0_shift};
 static const pool_params_t OP1 = {24, 24, 20, 2, 2, 2, 2, 0, 0, -128, 127};
-static const conv_params_t OP2 = {12, 12, 20, 50, 5, 5, 1, 1, 0, 0, -15, 13, -128, 127, w_conv2_weight, b_conv2_bias, op2_mult, op2_shift};
+static const conv_params_t OP2 = {12, 12, 20, 50, 5, 5, 1, 1, 0, 0, -15, 12, -128, 127, w_conv2_weight, b_conv2_bias, op2_mult, op2_shift};
 static const pool_params_t OP3 = {8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};
-static const fc_params_t OP5 = {800, 500, 13, -128, -128, 127, 0, w_fc1_weight, b_fc1_bias, op5_mult, op5_shift};
-static const fc_params_t OP6 = {500, 10, -128, 18, -128, 127, 0, w_fc2_weight, b_fc2_bias, op6_mult, op6_shift};
+static const fc_params_t OP5 = {800, 500, 12, -128, -128, 127, 0, w_fc1_weight, b_fc1_bias, op5_mult, op5_shift};
+static const fc_params_t OP6 = {500, 10, -128, 21, -128, 127, 0, w_fc2_weight, b_fc2_bias, op6_mult, op6_shift};
 
 
 int model_run(const int8_t *input, int8_t *output)

@@ -140,7 +140,7 @@ def export_c(
     plan = plan_for(graph, patch=patch, sram_bytes=sram, max_mac_overhead=max_mac_overhead)
     sources = codegen.generate(graph, plan)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes
-    weights = constant_bytes(graph)
+    weights = graph.constant_bytes()
     if dev is not None:
         problems = dev.check_fit(plan.arena_size + io, weights)
         if problems:
@@ -159,14 +159,6 @@ def export_c(
     out = Path(out_dir)
     written = [atomic_write_text(out / name, text) for name, text in sources.items()]
     return CExport(out, written, plan, graph, weights, io, verified)
-
-
-def constant_bytes(graph: ir.Graph) -> int:
-    """Bytes of everything ``weights.h`` holds: weights, biases, multipliers, shifts."""
-    fixed = sum(
-        8 * len(op.multiplier) for op in graph.ops if isinstance(op, (ir.Conv2D, ir.FullyConnected))
-    )
-    return graph.weight_bytes() + fixed
 
 
 def check_c(graph: ir.Graph, sources: dict[str, str], q: np.ndarray) -> None:

@@ -390,11 +390,7 @@ class _Writer:
             patch_tables=tables,
             body="\n".join(self.body),
         )
-        nbytes = g.weight_bytes() + sum(
-            8 * len(getattr(op, "multiplier", []))
-            for op in g.ops
-            if isinstance(op, (ir.Conv2D, ir.FullyConnected))
-        )
+        nbytes = g.constant_bytes()
         weights = Template(_template("weights.h.tmpl")).substitute(
             name=name,
             version=__version__,

@@ -81,19 +81,13 @@ class Op:
 
 
 @dataclass
-class Conv2D(Op):
-    """Convolution (``depthwise=False``) or depthwise convolution with fused activation.
-
-    ``padding`` is explicit ``(top, left, bottom, right)``; taps outside the input are skipped
-    (as TFLite does: they count as the input's zero point). ``multiplier``/``shift`` are per
-    output channel.
-    """
+class Layer(Op):
+    """What conv and fully connected ops share: int8 weights, an int32 bias, requantization
+    by ``multiplier`` / ``shift`` (per output channel, or one for the tensor) into the
+    clamping range of the fused ``activation``."""
 
     weight: str = ""
     bias: str = ""
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
-    depthwise: bool = False
     activation: str | None = None
     multiplier: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     shift: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -102,16 +96,21 @@ class Conv2D(Op):
 
 
 @dataclass
-class FullyConnected(Op):
-    """``out = W @ x + b`` with per-tensor (TFLite's default) or per-channel weight scales."""
+class Conv2D(Layer):
+    """Convolution (``depthwise=False``) or depthwise convolution.
 
-    weight: str = ""
-    bias: str = ""
-    activation: str | None = None
-    multiplier: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    shift: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    act_min: int = spec.INT8_MIN
-    act_max: int = spec.INT8_MAX
+    ``padding`` is explicit ``(top, left, bottom, right)``; taps outside the input are skipped
+    (as TFLite does: they count as the input's zero point).
+    """
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    depthwise: bool = False
+
+
+@dataclass
+class FullyConnected(Layer):
+    """``out = W @ x + b`` with per-tensor (TFLite's default) or per-channel weight scales."""
 
 
 @dataclass
@@ -213,6 +212,12 @@ class Graph:
         """Bytes of all constant tensors (int8 weights, int32 biases)."""
         return sum(self.tensors[n].nbytes for n in self.constants())
 
+    def constant_bytes(self) -> int:
+        """Bytes of every constant a backend stores: weights, biases and the int32
+        requantization multipliers and shifts of conv / FC layers."""
+        fixed = sum(8 * len(op.multiplier) for op in self.ops if isinstance(op, Layer))
+        return self.weight_bytes() + fixed
+
     def macs(self) -> int:
         """Multiply-accumulates of one inference (conv, depthwise, FC)."""
         return sum(self.macs_of(op) for op in self.ops)
@@ -265,7 +270,7 @@ def prepare(graph: Graph) -> Graph:
     t = graph.tensors
     for op in graph.ops:
         out = t[op.output]
-        if isinstance(op, (Conv2D, FullyConnected)):
+        if isinstance(op, Layer):
             s_in = t[op.inputs[0]].qscale
             w_scale = t[op.weight].scale
             if isinstance(op, FullyConnected) and len(w_scale) == 1:

@@ -97,9 +97,7 @@ class FloatOp:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (
-            isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
-        )
+        return isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
