@@ -77,3 +77,5 @@ def test_a_ptq_model_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
     assert "compiled C bit-exact on 32 inputs" in result.verified
     if tflite.tflm_available():
         export_tflite(qmodel, tmp_path / "m.tflite", calib=calib)  # raises unless bit-exact
+        export_tflite(qmodel, tmp_path / "n.tflite")  # quantized: checked on random int8
+        assert (tmp_path / "n.tflite").read_bytes() == (tmp_path / "m.tflite").read_bytes()

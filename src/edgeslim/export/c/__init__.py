@@ -36,22 +36,34 @@ def build_and_check_graph(
 ) -> tuple[ir.Graph, np.ndarray]:
     """The integer graph of ``model`` and its int8 check inputs (from ``calib``).
 
-    With ``verify`` the graph's dequantized outputs must be within ``tolerance`` (relative
-    L2 error) of the PyTorch model's on those inputs.
+    A model quantized by ``edgeslim.quantize_`` needs no ``calib``: it is checked on random
+    int8 inputs. With ``verify`` the graph's dequantized outputs must be within
+    ``tolerance`` (relative L2 error) of the PyTorch model's on the check inputs.
     """
     import torch
 
+    from ...quant.modules import is_quantized
     from . import lower
 
-    if calib is None:
+    quantized = is_quantized(model)
+    if calib is None and not quantized:
         raise ShapeError(
-            "export needs calibration inputs: pass calib= a batch (N, ...) such as "
-            "data.calib(128) (they set the int8 ranges and check the exported file)"
+            "exporting a float model needs calibration inputs: pass calib= a batch (N, ...) "
+            "such as data.calib(128) (they set the int8 ranges and check the exported file), "
+            "or quantize it first (edgeslim.quantize_)"
         )
-    calib = torch.as_tensor(calib, dtype=torch.float32)
+    example = lower.example_of(model, None if calib is None else torch.as_tensor(calib))
     if graph is None:
-        graph = lower.lower(model, calib, name=type(model).__name__)
-    sample = calib[:VERIFY_SAMPLES]
+        graph = lower.lower(model, example.float(), name=type(model).__name__)
+    if calib is None:  # random int8 inputs of the quantized model
+        rng = np.random.default_rng(0)
+        q = rng.integers(-128, 128, (VERIFY_SAMPLES, *graph[graph.input].shape[1:]))
+        sample = reference.dequantize(graph, graph.input, q).astype(np.float32)
+        if sample.ndim == 4:
+            sample = sample.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        sample = torch.from_numpy(np.ascontiguousarray(sample))
+    else:
+        sample = torch.as_tensor(calib, dtype=torch.float32)[:VERIFY_SAMPLES]
     q = reference.quantize_input(graph, sample.numpy())
     if verify:
         got = reference.dequantize(graph, graph.output, reference.run_batch(graph, q))
@@ -123,8 +135,10 @@ def export_c(
 ) -> CExport:
     """Write ``model.h``, ``model.c``, ``weights.h`` for ``model`` into ``out_dir``.
 
-    ``calib`` (a batch of inputs) sets the int8 ranges of a float model (or pass a prepared
-    ``graph``). ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`)
+    ``calib`` (a batch of inputs) sets the int8 ranges of a float model and is what the
+    files are checked on; a model quantized by ``edgeslim.quantize_`` brings its own qparams
+    and without ``calib`` is checked on random int8 inputs. A prepared ``graph`` may be
+    passed instead of lowering ``model`` again. ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`)
     must hold the arena and I/O buffers in SRAM and the constants in flash, else
     :class:`ExportError`; when the plain plan does not fit, patch-based execution is tried
     (``patch=None``); ``patch=True`` always searches for it, ``False`` never. With
