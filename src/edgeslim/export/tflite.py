@@ -561,10 +561,12 @@ def export_tflite(
     ``calib`` (a batch of inputs, e.g. ``data.calib(128)``) sets the qparams of a float
     model; a model quantized by ``edgeslim.quantize_`` brings its own and needs none (it is
     then checked on random int8 inputs). A prepared ``graph`` (from
-    :func:`edgeslim.export.c.lower.lower`) may be passed instead. With ``verify`` the graph's dequantized outputs on ``calib`` must match the
-    PyTorch model's within ``tolerance`` (relative L2 error), and TFLite Micro's outputs
-    must equal the reference interpreter's bit for bit (skipped, with a warning, when
-    ``tflite-micro`` is not installed). Nothing is written if a check fails.
+    :func:`edgeslim.export.c.lower.lower`) may be passed instead.
+
+    With ``verify`` the graph's dequantized outputs must match the PyTorch model's within
+    ``tolerance`` (relative L2 error), and TFLite Micro's outputs must equal the reference
+    interpreter's bit for bit (skipped, with a warning, when ``tflite-micro`` is not
+    installed). Nothing is written if a check fails.
     """
     from .c import build_and_check_graph
 

@@ -138,8 +138,9 @@ def export_c(
     ``calib`` (a batch of inputs) sets the int8 ranges of a float model and is what the
     files are checked on; a model quantized by ``edgeslim.quantize_`` brings its own qparams
     and without ``calib`` is checked on random int8 inputs. A prepared ``graph`` may be
-    passed instead of lowering ``model`` again. ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`)
-    must hold the arena and I/O buffers in SRAM and the constants in flash, else
+    passed instead of lowering ``model`` again.
+
+    ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`) must hold the arena and I/O buffers in SRAM and the constants in flash, else
     :class:`ExportError`; when the plain plan does not fit, patch-based execution is tried
     (``patch=None``); ``patch=True`` always searches for it, ``False`` never. With
     ``verify`` the files are compiled (``gcc -std=c99 -O2 -Wall -Werror
