@@ -140,12 +140,13 @@ def export_c(
     and without ``calib`` is checked on random int8 inputs. A prepared ``graph`` may be
     passed instead of lowering ``model`` again.
 
-    ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`) must hold the arena and I/O buffers in SRAM and the constants in flash, else
+    ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`) must
+    hold the arena and I/O buffers in SRAM and the constants in flash, else
     :class:`ExportError`; when the plain plan does not fit, patch-based execution is tried
     (``patch=None``); ``patch=True`` always searches for it, ``False`` never. With
     ``verify`` the files are compiled (``gcc -std=c99 -O2 -Wall -Werror
-    -fsanitize=undefined``) and run on the calibration inputs, and their outputs must equal
-    the reference interpreter's bit for bit; nothing is written if any check fails.
+    -fsanitize=undefined``) and run on the check inputs, and their outputs must equal the
+    reference interpreter's bit for bit; nothing is written if any check fails.
     """
     from ...profile.devices import load_device
 
