@@ -2,6 +2,7 @@
 patch-based execution. Plans of real models are also checked by running the generated C
 (test_mcu_bitexact.py); here every rule is checked on small hand-built graphs."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,28 @@ def test_plans_of_zoo_models_never_overlap_and_patches_cut_the_peak():
     assert inplace.arena_size == inplace.lower_bound < 0.85 * plain.arena_size
     assert patched.patch is not None and patched.patch.mac_overhead <= 0.1
     assert patched.arena_size < 0.65 * inplace.arena_size
+
+
+def test_pointwise_in_place_needs_the_same_region_in_a_patch_stage():
+    """An expanding 1x1 conv whose input another op reads with a halo must not run in place
+    patch by patch (its input region is larger than its output region): checked by the plan
+    and by running the generated C against the reference."""
+    from edgeslim.export.c import codegen, reference
+
+    b = GraphBuilder((1, 8, 8, 1))
+    a = b.conv("a", b.input, 4)  # read by the 3x3 conv (with a halo) and by the 1x1 conv
+    c = b.conv("c", a, 8)
+    e = b.conv("e", a, 8, k=1)  # expanding 1x1, the last reader of a
+    s = b.add("s", c, e)
+    out = b.fc("out", b.reshape("r", s, (1, 512)), 10)
+    g = b.graph(out)
+    plan = planner.plan_memory(g, patch=planner.patch_plan(g, 4, (2, 2)))
+    assert 2 not in plan.inplace
+    assert planner.plan_memory(g).inplace[2] == "pointwise"  # whole maps: in place is fine
+    check_no_overlap(g, plan)
+    if codegen.compiler() is None:
+        return
+    rng = np.random.default_rng(0)
+    q = rng.integers(-128, 128, (2, 8, 8, 1))
+    with codegen.Build(codegen.generate(g, plan)) as build:
+        assert np.array_equal(build.run(q, 10), reference.run_batch(g, q))

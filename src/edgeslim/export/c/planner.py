@@ -284,7 +284,11 @@ def plan_memory(
                 groups.join(x, out)
                 chosen[i] = "depthwise"
                 scratch_sizes[i] = sizes[x] // graph[x].shape[3]  # one channel (of a region)
-        elif _is_pointwise(graph, op) and can_overwrite(op.inputs[0], i):
+        elif (
+            _is_pointwise(graph, op)
+            and can_overwrite(op.inputs[0], i)
+            and _same_layout(patch, i, op.inputs[0], out)
+        ):
             groups.join(op.inputs[0], out)
             chosen[i] = "pointwise"
             scratch_sizes[i] = graph[out].shape[3]  # one output pixel
@@ -307,6 +311,18 @@ def plan_memory(
     plan = MemoryPlan(buffers, buffer_of, chosen, scratch, arena, 0, alignment, patch)
     plan.lower_bound = lower_bound(plan, len(graph.ops))
     return plan
+
+
+def _same_layout(patch: PatchPlan | None, i: int, x: str, out: str) -> bool:
+    """Do input and output of op ``i`` cover the same pixels in every patch?
+
+    Outside a patch stage both hold whole feature maps. Inside, an input also read with a
+    halo by another op holds a larger region, and an expanding pointwise conv run in place
+    would then overwrite input pixels it has not read yet.
+    """
+    if patch is None or i >= patch.stage_ops:
+        return True
+    return all(r[x] == r[out] for r in patch.regions)
 
 
 def _is_pointwise(graph: ir.Graph, op: ir.Op) -> bool:
