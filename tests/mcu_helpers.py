@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from edgeslim.export.c import ir
 
@@ -182,3 +185,26 @@ def model_and_graph(name: str):
     model.eval()
     calib = mnist_images(tuple(model.input_shape), 64, "train")
     return model, lower.lower(model, calib, name=name)
+
+
+class AllOps(nn.Module):
+    """Every op kind: conv + BN1d-less linear, depthwise, two branches concatenated with
+    different ranges (-> requantize), add, max / avg pooling, mean, relu6, softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depth multiplier 2
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(16, 10)
+        self.bn1d = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.conv(x)), 2)  # (B, 8, 14, 14)
+        x = F.hardtanh(self.dw(x), 0.0, 6.0)  # (B, 16, 14, 14)
+        y = torch.cat([self.bn(self.a(x)), torch.relu(self.b(x))], 1)  # (B, 16, 14, 14)
+        y = F.avg_pool2d(y + x, 2)  # (B, 16, 7, 7)
+        y = y.mean((2, 3))  # (B, 16)
+        return F.softmax(self.bn1d(self.fc(y)), dim=1)

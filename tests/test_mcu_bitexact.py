@@ -53,7 +53,7 @@ def test_a_wrong_kernel_is_caught_at_the_tensor_where_it_goes_wrong():
     q = inputs(graph, model)[:1]
     expected = reference.run(graph, q)
     sources = codegen.generate(graph, planner.plan_memory(graph))
-    good = "static const pool_params_t OP3 = {8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};"
+    good = "static const pool_params_t OP3 = {0, 8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};"
     assert good in sources["model.c"]
     sources["model.c"] = sources["model.c"].replace(good, good.replace("127}", "0}"))
     with codegen.Build(sources, trace=True) as build:
@@ -79,3 +79,29 @@ def test_a_ptq_model_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
         export_tflite(qmodel, tmp_path / "m.tflite", calib=calib)  # raises unless bit-exact
         export_tflite(qmodel, tmp_path / "n.tflite")  # quantized: checked on random int8
         assert (tmp_path / "n.tflite").read_bytes() == (tmp_path / "m.tflite").read_bytes()
+
+
+def test_every_op_kind_agrees_at_every_tensor():
+    """Concat with requantized inputs, depth multiplier 2, max / avg pooling, mean,
+    ReLU6, BatchNorm1d, softmax: reference = C (in place) = TFLite Micro."""
+    import torch
+
+    from edgeslim.export.c import lower
+    from mcu_helpers import AllOps
+
+    torch.manual_seed(0)
+    calib = mnist_images((1, 28, 28), 32, "train")
+    graph = lower.lower(AllOps().eval(), calib)
+    kinds = {op.kind for op in graph.ops}
+    assert {"Concat", "Requantize", "Softmax", "Pool2D", "Add"} <= kinds
+    q = reference.quantize_input(graph, mnist_images((1, 28, 28), 4, "test").numpy())
+    expected = [reference.run(graph, x[None]) for x in q]
+    with codegen.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
+        _, trace = b.run(q, graph[graph.output].size, trace=True)
+    n = len(trace) // len(q)
+    for k in range(len(q)):
+        assert codegen.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
+    if tflite.tflm_available():
+        _, tensors = tflite.run_tflm(graph, tflite.serialize(graph), q, every_tensor=True)
+        for k in range(len(q)):
+            assert compare_tensors(expected[k], tensors[k], graph.activations()) == []

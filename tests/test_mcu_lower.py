@@ -11,6 +11,7 @@ from edgeslim.errors import LoweringError, ShapeError
 from edgeslim.export.c import export_c, ir, lower, reference
 from edgeslim.export.tflite import PADDING_SAME, tflite_padding
 from edgeslim.models.kws import ds_cnn
+from mcu_helpers import AllOps
 
 
 def rel_error(graph, model, x):
@@ -19,29 +20,6 @@ def rel_error(graph, model, x):
     with torch.no_grad():
         want = model(x).numpy().reshape(got.shape)
     return np.linalg.norm(got - want) / np.linalg.norm(want)
-
-
-class AllOps(nn.Module):
-    """Every op kind: conv + BN1d-less linear, depthwise, two branches concatenated with
-    different ranges (-> requantize), add, max / avg pooling, mean, relu6, softmax."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depth multiplier 2
-        self.a = nn.Conv2d(16, 8, 1)
-        self.b = nn.Conv2d(16, 8, 1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(16, 10)
-        self.bn1d = nn.BatchNorm1d(10)
-
-    def forward(self, x):
-        x = F.max_pool2d(torch.relu(self.conv(x)), 2)  # (B, 8, 14, 14)
-        x = F.hardtanh(self.dw(x), 0.0, 6.0)  # (B, 16, 14, 14)
-        y = torch.cat([self.bn(self.a(x)), torch.relu(self.b(x))], 1)  # (B, 16, 14, 14)
-        y = F.avg_pool2d(y + x, 2)  # (B, 16, 7, 7)
-        y = y.mean((2, 3))  # (B, 16)
-        return F.softmax(self.bn1d(self.fc(y)), dim=1)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ typedef struct {
 } fc_params_t;
 
 typedef struct {
-    int32_t in_h, in_w, c, kh, kw, sh, sw, pad_t, pad_l, act_min, act_max;
+    int32_t avg, in_h, in_w, c, kh, kw, sh, sw, pad_t, pad_l, act_min, act_max;
 } pool_params_t;
 
 typedef struct {
@@ -139,16 +139,17 @@ static void fc_s8(const fc_params_t *p, const int8_t *in, int8_t *out)
 }
 
 
-/* pooling: in-bounds taps only, output qparams = input qparams */
-static void maxpool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
-                       int8_t *out, region_t orr, region_t todo)
+/* Max (avg = 0) or average (avg = 1) pooling over the in-bounds taps of each window; the
+ * output keeps the input's qparams. The average rounds half away from zero. */
+static void pool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
+                    int8_t *out, region_t orr, region_t todo)
 {
     int32_t oy, ox, c, ky, kx;
     for (oy = todo.y0; oy < todo.y0 + todo.h; ++oy) {
         for (ox = todo.x0; ox < todo.x0 + todo.w; ++ox) {
             int8_t *dst = out + ((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->c;
             for (c = 0; c < p->c; ++c) {
-                int32_t best = -128;
+                int32_t acc = p->avg ? 0 : -128, count = 0;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = oy * p->sh - p->pad_t + ky;
                     if (iy < 0 || iy >= p->in_h) continue;
@@ -157,10 +158,13 @@ static void maxpool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
                         int32_t x;
                         if (ix < 0 || ix >= p->in_w) continue;
                         x = in[((iy - ir.y0) * ir.w + (ix - ir.x0)) * p->c + c];
-                        if (x > best) best = x;
+                        if (p->avg) acc += x;
+                        else if (x > acc) acc = x;
+                        ++count;
                     }
                 }
-                dst[c] = (int8_t)clamp32(best, p->act_min, p->act_max);
+                if (p->avg) acc = acc > 0 ? (acc + count / 2) / count : (acc - count / 2) / count;
+                dst[c] = (int8_t)clamp32(acc, p->act_min, p->act_max);
             }
         }
     }
@@ -174,9 +178,9 @@ static union { int32_t align; int8_t bytes[14400]; } arena;
 #define ARENA (arena.bytes)
 
 static const conv_params_t OP0 = {28, 28, 1, 20, 5, 5, 1, 1, 0, 0, -128, -15, -128, 127, w_conv1_weight, b_conv1_bias, op0_mult, op0_shift};
-static const pool_params_t OP1 = {24, 24, 20, 2, 2, 2, 2, 0, 0, -128, 127};
+static const pool_params_t OP1 = {0, 24, 24, 20, 2, 2, 2, 2, 0, 0, -128, 127};
 static const conv_params_t OP2 = {12, 12, 20, 50, 5, 5, 1, 1, 0, 0, -15, 12, -128, 127, w_conv2_weight, b_conv2_bias, op2_mult, op2_shift};
-static const pool_params_t OP3 = {8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};
+static const pool_params_t OP3 = {0, 8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};
 static const fc_params_t OP5 = {800, 500, 12, -128, -128, 127, 0, w_fc1_weight, b_fc1_bias, op5_mult, op5_shift};
 static const fc_params_t OP6 = {500, 10, -128, 21, -128, 127, 0, w_fc2_weight, b_fc2_bias, op6_mult, op6_shift};
 
@@ -187,13 +191,13 @@ int model_run(const int8_t *input, int8_t *output)
     conv2d_s8(&OP0, input, region(0, 0, 28, 28), ARENA + 0, region(0, 0, 24, 24), region(0, 0, 24, 24));
     TRACE(0, region(0, 0, 24, 24), ARENA + 0, 11520);
     /* op 1: Pool2D pool -> 12x12x20 */
-    maxpool_s8(&OP1, ARENA + 0, region(0, 0, 24, 24), ARENA + 11520, region(0, 0, 12, 12), region(0, 0, 12, 12));
+    pool_s8(&OP1, ARENA + 0, region(0, 0, 24, 24), ARENA + 11520, region(0, 0, 12, 12), region(0, 0, 12, 12));
     TRACE(1, region(0, 0, 12, 12), ARENA + 11520, 2880);
     /* op 2: Conv2D conv2 -> 8x8x50 */
     conv2d_s8(&OP2, ARENA + 11520, region(0, 0, 12, 12), ARENA + 0, region(0, 0, 8, 8), region(0, 0, 8, 8));
     TRACE(2, region(0, 0, 8, 8), ARENA + 0, 3200);
     /* op 3: Pool2D pool -> 4x4x50 */
-    maxpool_s8(&OP3, ARENA + 0, region(0, 0, 8, 8), ARENA + 3200, region(0, 0, 4, 4), region(0, 0, 4, 4));
+    pool_s8(&OP3, ARENA + 0, region(0, 0, 8, 8), ARENA + 3200, region(0, 0, 4, 4), region(0, 0, 4, 4));
     TRACE(3, region(0, 0, 4, 4), ARENA + 3200, 800);
     /* op 4: Reshape flatten -> 800 */
     /* same bytes as pool_1 */

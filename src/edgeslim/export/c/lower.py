@@ -302,33 +302,8 @@ def _classify(
             if _pair(_arg(node, 1, "output_size", None)) != (1, 1):
                 raise ValueError("only output size 1 (global average pooling) is supported")
             return op("gap", [value(first)])
-        if target is F.max_pool2d:
-            k = _arg(node, 1, "kernel_size", None)
-            return _pool(
-                op,
-                [value(first)],
-                "max",
-                k,
-                _arg(node, 2, "stride", None) or k,
-                _arg(node, 3, "padding", 0),
-                _arg(node, 4, "dilation", 1),
-                _arg(node, 5, "ceil_mode", False),
-            )
-        if target is F.avg_pool2d:
-            k = _arg(node, 1, "kernel_size", None)
-            if _arg(node, 6, "divisor_override", None) is not None:
-                raise ValueError("divisor_override is not supported")
-            return _pool(
-                op,
-                [value(first)],
-                "avg",
-                k,
-                _arg(node, 2, "stride", None) or k,
-                _arg(node, 3, "padding", 0),
-                1,
-                _arg(node, 4, "ceil_mode", False),
-                _arg(node, 5, "count_include_pad", True),
-            )
+        if target in _POOL_FUNCS:
+            return _pool_function(op, node, value)
         if target is F.pad:
             if _arg(node, 2, "mode", "constant") != "constant" or _arg(node, 3, "value", 0):
                 raise ValueError("only constant zero padding is supported")
@@ -359,6 +334,44 @@ def _pool(op, x, mode, kernel, stride, padding, dilation, ceil_mode, count_inclu
         raise ValueError("average pooling with padding must use count_include_pad=False")
     stride = _pair(stride if stride is not None else kernel)
     return op("pool", x, mode=mode, kernel=_pair(kernel), stride=stride, padding=padding)
+
+
+# F.max_pool2d / F.avg_pool2d: the mode, then their arguments after the input, in order
+_POOL_FUNCS = {
+    F.max_pool2d: ("max", ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    F.avg_pool2d: (
+        "avg",
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    ),
+}
+_POOL_DEFAULTS = {
+    "stride": None,
+    "padding": 0,
+    "dilation": 1,
+    "ceil_mode": False,
+    "count_include_pad": True,
+    "divisor_override": None,
+}
+
+
+def _pool_function(op, node: fx.Node, value: Callable) -> FloatOp:
+    mode, names = _POOL_FUNCS[node.target]
+    a = {n: _arg(node, i + 1, n, _POOL_DEFAULTS.get(n)) for i, n in enumerate(names)}
+    if a.get("divisor_override") is not None:
+        raise ValueError("divisor_override is not supported")
+    k = a["kernel_size"]
+    x = [value(node.args[0])]
+    return _pool(
+        op,
+        x,
+        mode,
+        k,
+        a["stride"] or k,
+        a["padding"],
+        a.get("dilation", 1),
+        a["ceil_mode"],
+        a.get("count_include_pad", False),
+    )
 
 
 def _add(op, node: fx.Node, value: Callable) -> FloatOp:

@@ -29,7 +29,7 @@ typedef struct {
 } fc_params_t;
 
 typedef struct {
-    int32_t in_h, in_w, c, kh, kw, sh, sw, pad_t, pad_l, act_min, act_max;
+    int32_t avg, in_h, in_w, c, kh, kw, sh, sw, pad_t, pad_l, act_min, act_max;
 } pool_params_t;
 
 typedef struct {
@@ -199,18 +199,19 @@ static void fc_s8(const fc_params_t *p, const int8_t *in, int8_t *out)
     }
 }
 
-/* ==== maxpool ==== */
+/* ==== pool ==== */
 
-/* pooling: in-bounds taps only, output qparams = input qparams */
-static void maxpool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
-                       int8_t *out, region_t orr, region_t todo)
+/* Max (avg = 0) or average (avg = 1) pooling over the in-bounds taps of each window; the
+ * output keeps the input's qparams. The average rounds half away from zero. */
+static void pool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
+                    int8_t *out, region_t orr, region_t todo)
 {
     int32_t oy, ox, c, ky, kx;
     for (oy = todo.y0; oy < todo.y0 + todo.h; ++oy) {
         for (ox = todo.x0; ox < todo.x0 + todo.w; ++ox) {
             int8_t *dst = out + ((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->c;
             for (c = 0; c < p->c; ++c) {
-                int32_t best = -128;
+                int32_t acc = p->avg ? 0 : -128, count = 0;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = oy * p->sh - p->pad_t + ky;
                     if (iy < 0 || iy >= p->in_h) continue;
@@ -219,39 +220,13 @@ static void maxpool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
                         int32_t x;
                         if (ix < 0 || ix >= p->in_w) continue;
                         x = in[((iy - ir.y0) * ir.w + (ix - ir.x0)) * p->c + c];
-                        if (x > best) best = x;
-                    }
-                }
-                dst[c] = (int8_t)clamp32(best, p->act_min, p->act_max);
-            }
-        }
-    }
-}
-
-/* ==== avgpool ==== */
-
-static void avgpool_s8(const pool_params_t *p, const int8_t *in, region_t ir,
-                       int8_t *out, region_t orr, region_t todo)
-{
-    int32_t oy, ox, c, ky, kx;
-    for (oy = todo.y0; oy < todo.y0 + todo.h; ++oy) {
-        for (ox = todo.x0; ox < todo.x0 + todo.w; ++ox) {
-            int8_t *dst = out + ((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->c;
-            for (c = 0; c < p->c; ++c) {
-                int32_t total = 0, count = 0;
-                for (ky = 0; ky < p->kh; ++ky) {
-                    const int32_t iy = oy * p->sh - p->pad_t + ky;
-                    if (iy < 0 || iy >= p->in_h) continue;
-                    for (kx = 0; kx < p->kw; ++kx) {
-                        const int32_t ix = ox * p->sw - p->pad_l + kx;
-                        if (ix < 0 || ix >= p->in_w) continue;
-                        total += in[((iy - ir.y0) * ir.w + (ix - ir.x0)) * p->c + c];
+                        if (p->avg) acc += x;
+                        else if (x > acc) acc = x;
                         ++count;
                     }
                 }
-                /* round half away from zero */
-                total = total > 0 ? (total + count / 2) / count : (total - count / 2) / count;
-                dst[c] = (int8_t)clamp32(total, p->act_min, p->act_max);
+                if (p->avg) acc = acc > 0 ? (acc + count / 2) / count : (acc - count / 2) / count;
+                dst[c] = (int8_t)clamp32(acc, p->act_min, p->act_max);
             }
         }
     }
