@@ -218,3 +218,16 @@ def test_a_quantized_relu_after_an_add_is_refused(calib):
     qmodel = _ptq(zoo.create("resnet8"), calib)  # relu(add) is requantized in float
     with pytest.raises(LoweringError, match="relu_1: ReLU/ReLU6 must directly follow"):
         lower.lower(qmodel, calib)
+
+
+def test_an_accumulator_that_would_overflow_int32_is_refused():
+    from edgeslim.errors import ExportError
+    from mcu_helpers import GraphBuilder
+
+    b = GraphBuilder((1, 4), zp=-128)
+    out = b.fc("fc", b.input, 3)
+    g = b.graph(out)
+    g[g.ops[0].bias].data[:] = 2**31 - 100  # a saturated int32 bias (degenerate scales)
+    g[g.ops[0].weight].data[:] = 127
+    with pytest.raises(ExportError, match="'fc': the int32 accumulator overflows"):
+        reference.run(g, np.full((1, 4), 127))

@@ -16,7 +16,7 @@ void model_trace(int32_t op, int32_t y0, int32_t x0, int32_t h, int32_t w,
 /* ---------------------------------------------------------------------------------------
  * int8 kernels. The arithmetic is TFLite Micro's reference kernels' (gemmlowp fixed point,
  * "double rounding"), transcribed from edgeslim/quant/spec.py; every result is bit-exact
- * with TFLite Micro. Feature maps are NHWC. A buffer may hold only a region of a feature
+ * with TFLite Micro (the bias is added after the products, as there). Feature maps are NHWC. A buffer may hold only a region of a feature
  * map (patch-based execution): `region_t` says which rows and columns it holds, and a
  * kernel computes the outputs of the region `todo`. Taps outside the full input are
  * padding and are skipped (they count as the input zero point), as in TFLite.
@@ -102,7 +102,7 @@ static void conv2d_s8(const conv_params_t *p, const int8_t *in, region_t ir,
             const int32_t x_base = ox * p->sw - p->pad_l;
             for (oc = 0; oc < p->cout; ++oc) {
                 const int8_t *w_oc = p->weight + oc * p->kh * p->kw * p->cin;
-                int32_t acc = p->bias[oc];
+                int32_t acc = 0;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = y_base + ky;
                     if (iy < 0 || iy >= p->in_h) continue;
@@ -117,7 +117,7 @@ static void conv2d_s8(const conv_params_t *p, const int8_t *in, region_t ir,
                         }
                     }
                 }
-                acc = mbqm(acc, p->mult[oc], p->shift[oc]) + p->out_zp;
+                acc = mbqm(acc + p->bias[oc], p->mult[oc], p->shift[oc]) + p->out_zp;
                 dst[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
             }
         }
@@ -131,9 +131,9 @@ static void fc_s8(const fc_params_t *p, const int8_t *in, int8_t *out)
     for (oc = 0; oc < p->cout; ++oc) {
         const int8_t *w = p->weight + oc * p->cin;
         const int32_t q = p->per_channel ? oc : 0;
-        int32_t acc = p->bias[oc];
+        int32_t acc = 0;
         for (ic = 0; ic < p->cin; ++ic) acc += ((int32_t)in[ic] - p->in_zp) * w[ic];
-        acc = mbqm(acc, p->mult[q], p->shift[q]) + p->out_zp;
+        acc = mbqm(acc + p->bias[oc], p->mult[q], p->shift[q]) + p->out_zp;
         out[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
     }
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import ShapeError
+from ...errors import ExportError, ShapeError
 from ...quant import spec
 from . import ir
 
@@ -81,14 +81,28 @@ def _conv(graph: ir.Graph, op: ir.Conv2D, values) -> np.ndarray:
         acc = np.einsum("hwckl,klc->hwc", win, w[0])
     else:
         acc = np.einsum("hwikl,okli->hwo", win, w)
-    acc = acc + graph[op.bias].data
+    acc = _accumulate(op, acc, graph[op.bias].data)
     out = spec.requantize(acc, op.multiplier, op.shift, out_t.qzero, op.act_min, op.act_max)
     return out[None]
 
 
+def _accumulate(op: ir.Layer, products: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``products + bias``, refusing what an int32 accumulator (TFLite's, the C's) cannot
+    hold: there the sum would wrap (undefined behaviour in C) instead of being exact."""
+    acc = products + bias
+    for what, values in (("sum of products", products), ("sum with the bias", acc)):
+        if values.min() < spec.INT32_MIN or values.max() > spec.INT32_MAX:
+            raise ExportError(
+                f"{op.kind} {op.name!r}: the int32 accumulator overflows ({what} reaches "
+                f"{int(np.abs(values).max()):,}); its scales are degenerate (e.g. a tiny "
+                "input or weight scale makes the int32 bias huge)"
+            )
+    return acc
+
+
 def _fully_connected(graph: ir.Graph, op: ir.FullyConnected, values) -> np.ndarray:
     x = values[op.inputs[0]].reshape(-1) - graph[op.inputs[0]].qzero
-    acc = graph[op.weight].data @ x + graph[op.bias].data
+    acc = _accumulate(op, graph[op.weight].data @ x, graph[op.bias].data)
     out_t = graph[op.output]
     return spec.requantize(acc, op.multiplier, op.shift, out_t.qzero, op.act_min, op.act_max)
 

@@ -1,7 +1,7 @@
 /* ---------------------------------------------------------------------------------------
  * int8 kernels. The arithmetic is TFLite Micro's reference kernels' (gemmlowp fixed point,
  * "double rounding"), transcribed from edgeslim/quant/spec.py; every result is bit-exact
- * with TFLite Micro. Feature maps are NHWC. A buffer may hold only a region of a feature
+ * with TFLite Micro (the bias is added after the products, as there). Feature maps are NHWC. A buffer may hold only a region of a feature
  * map (patch-based execution): `region_t` says which rows and columns it holds, and a
  * kernel computes the outputs of the region `todo`. Taps outside the full input are
  * padding and are skipped (they count as the input zero point), as in TFLite.
@@ -90,7 +90,7 @@ static void conv2d_s8(const conv_params_t *p, const int8_t *in, region_t ir,
             const int32_t x_base = ox * p->sw - p->pad_l;
             for (oc = 0; oc < p->cout; ++oc) {
                 const int8_t *w_oc = p->weight + oc * p->kh * p->kw * p->cin;
-                int32_t acc = p->bias[oc];
+                int32_t acc = 0;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = y_base + ky;
                     if (iy < 0 || iy >= p->in_h) continue;
@@ -105,7 +105,7 @@ static void conv2d_s8(const conv_params_t *p, const int8_t *in, region_t ir,
                         }
                     }
                 }
-                acc = mbqm(acc, p->mult[oc], p->shift[oc]) + p->out_zp;
+                acc = mbqm(acc + p->bias[oc], p->mult[oc], p->shift[oc]) + p->out_zp;
                 dst[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
             }
         }
@@ -130,9 +130,9 @@ static void pointwise_s8(const conv_params_t *p, const int8_t *in, region_t ir,
         int8_t *dst = out + ((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->cout;
         for (oc = 0; oc < p->cout; ++oc) {
             const int8_t *w = p->weight + oc * p->cin;
-            int32_t acc = p->bias[oc];
+            int32_t acc = 0;
             for (ic = 0; ic < p->cin; ++ic) acc += ((int32_t)src[ic] - p->in_zp) * w[ic];
-            acc = mbqm(acc, p->mult[oc], p->shift[oc]) + p->out_zp;
+            acc = mbqm(acc + p->bias[oc], p->mult[oc], p->shift[oc]) + p->out_zp;
             pixel[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
         }
         for (oc = 0; oc < p->cout; ++oc) dst[oc] = pixel[oc];
@@ -164,7 +164,7 @@ static void dwconv_s8(const conv_params_t *p, const int8_t *in, region_t ir,
             for (ox = todo.x0; ox < todo.x0 + todo.w; ++ox) {
                 const int32_t y_base = oy * p->sh - p->pad_t;
                 const int32_t x_base = ox * p->sw - p->pad_l;
-                int32_t acc = p->bias[oc];
+                int32_t acc = 0;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = y_base + ky;
                     if (iy < 0 || iy >= p->in_h) continue;
@@ -176,7 +176,7 @@ static void dwconv_s8(const conv_params_t *p, const int8_t *in, region_t ir,
                         acc += (x - p->in_zp) * p->weight[(ky * p->kw + kx) * p->cout + oc];
                     }
                 }
-                acc = mbqm(acc, p->mult[oc], p->shift[oc]) + p->out_zp;
+                acc = mbqm(acc + p->bias[oc], p->mult[oc], p->shift[oc]) + p->out_zp;
                 out[((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->cout + oc] =
                     (int8_t)clamp32(acc, p->act_min, p->act_max);
             }
@@ -192,9 +192,9 @@ static void fc_s8(const fc_params_t *p, const int8_t *in, int8_t *out)
     for (oc = 0; oc < p->cout; ++oc) {
         const int8_t *w = p->weight + oc * p->cin;
         const int32_t q = p->per_channel ? oc : 0;
-        int32_t acc = p->bias[oc];
+        int32_t acc = 0;
         for (ic = 0; ic < p->cin; ++ic) acc += ((int32_t)in[ic] - p->in_zp) * w[ic];
-        acc = mbqm(acc, p->mult[q], p->shift[q]) + p->out_zp;
+        acc = mbqm(acc + p->bias[oc], p->mult[q], p->shift[q]) + p->out_zp;
         out[oc] = (int8_t)clamp32(acc, p->act_min, p->act_max);
     }
 }
