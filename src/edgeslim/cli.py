@@ -110,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     calib = calibration_inputs(model, args.data, args.calib)
-    print(export_file(args.format, model, args.out, calib, device=args.device, patch=args.patch))
+    device, patch = getattr(args, "device", None), getattr(args, "patch", "auto")
+    print(export_file(args.format, model, args.out, calib, device=device, patch=patch))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,20 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="write a deployable file: tflite (int8) or c (C99)")
-    p.add_argument("format", choices=("c", "tflite"), help="output format")
-    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
-    p.add_argument("--out", required=True, help="file (tflite) or directory (c) to write")
-    p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
-    p.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
-    p.add_argument("--device", help="c: device profile to fit (e.g. stm32f746)")
-    p.add_argument(
-        "--patch",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="c: patch-based execution of the first layers (auto: if needed)",
-    )
-    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
+    fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, text in (
+        ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro"),
+        ("c", "C99 for microcontrollers (model.h, model.c, weights.h), compiled and checked"),
+    ):
+        q = fmt.add_parser(name, help=text)
+        q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+        q.add_argument("--out", required=True, help="the file (tflite) or directory (c)")
+        q.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+        q.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
+        if name == "c":
+            q.add_argument("--device", help="device profile to fit (e.g. stm32f746)")
+            q.add_argument(
+                "--patch",
+                choices=("auto", "on", "off"),
+                default="auto",
+                help="patch-based execution of the first layers (auto: if needed)",
+            )
+        q.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")
     p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
