@@ -40,6 +40,14 @@ _LAZY = {
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
+    "OBDPrune": "edgeslim.prune",
+    "NMPrune": "edgeslim.prune",
+    "ChannelPrune": "edgeslim.prune",
+    "AGPSchedule": "edgeslim.prune",
+    "prune_agp_": "edgeslim.prune",
+    "sensitivity": "edgeslim.prune",
+    "Sensitivity": "edgeslim.prune",
+    "english_sentences": "edgeslim.data.text",
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
@@ -93,6 +101,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data.datasets import (
         load_data as load_data,
     )
+    from .data.text import (
+        english_sentences as english_sentences,
+    )
     from .export.c import (
         export_c as export_c,
     )
@@ -118,7 +129,22 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_device as load_device,
     )
     from .prune import (
+        AGPSchedule as AGPSchedule,
+    )
+    from .prune import (
+        ChannelPrune as ChannelPrune,
+    )
+    from .prune import (
         MagnitudePrune as MagnitudePrune,
+    )
+    from .prune import (
+        NMPrune as NMPrune,
+    )
+    from .prune import (
+        OBDPrune as OBDPrune,
+    )
+    from .prune import (
+        Sensitivity as Sensitivity,
     )
     from .prune import (
         apply_masks_ as apply_masks_,
@@ -127,7 +153,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         prune_ as prune_,
     )
     from .prune import (
+        prune_agp_ as prune_agp_,
+    )
+    from .prune import (
         prune_iteratively_ as prune_iteratively_,
+    )
+    from .prune import (
+        sensitivity as sensitivity,
     )
     from .report import (
         render_report as render_report,

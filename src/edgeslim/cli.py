@@ -93,6 +93,60 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def _model_and_data(source: str, data_name: str | None):
+    """A model and its data from a model source, or from a recipe (trained as it says)."""
+    from .data.datasets import load_data
+    from .models.io import load_model
+
+    if source.endswith((".yaml", ".yml")):
+        import torch
+
+        from .config import Recipe
+        from .train import fit
+
+        recipe = Recipe.from_yaml(source)
+        data = load_data(data_name or recipe.data.source).limit(recipe.data.max_train)
+        torch.manual_seed(recipe.seed)
+        model = load_model(recipe.model)
+        if recipe.train is not None:
+            fit(model, data, recipe.train, seed=recipe.seed * 1000)
+        return model, data
+    return load_model(source), load_data(data_name or "mnist")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .fileio import atomic_write_text
+    from .prune.sensitivity import sensitivity
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise EdgeslimError(f"--ratios must look like 0.25,0.5,0.75, got {args.ratios!r}") from None
+    model, data = _model_and_data(args.model, args.data)
+    sens = sensitivity(model, data, kind=args.kind, ratios=ratios, metric=args.metric)
+    console = Console()
+    console.print(sens.table(title=f"{args.kind} sensitivity of {args.model} ({args.metric})"))
+    derived = None
+    if args.max_drop is not None:
+        derived = sens.ratios_for_drop(args.max_drop)
+        console.print(f"per-layer ratios for at most {args.max_drop:.2%} drop each:")
+    elif args.target is not None:
+        derived = sens.ratios_for_sparsity(args.target)
+        console.print(f"per-layer sparsities for {args.target:.0%} of all weights removed:")
+    if derived is not None:
+        for name, ratio in derived.items():
+            console.print(f"  {name}: {ratio:.3f}")
+    if args.plot:
+        print(f"plot: {sens.plot(args.plot)}")
+    if args.json:
+        import json
+
+        body = {**sens.to_dict(), "derived": derived}
+        print(f"curves: {atomic_write_text(args.json, json.dumps(body, indent=1))}")
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
     from rich.console import Console
 
@@ -143,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "sensitivity", help="per-layer pruning sensitivity curves and the ratios they suggest"
+    )
+    p.add_argument("model", help="model source (FILE.pt2, py:module:factory) or a recipe YAML")
+    p.add_argument("--data", help="dataset: mnist or npz:PATH (default: the recipe's, or mnist)")
+    p.add_argument("--kind", default="unstructured", choices=("unstructured", "channel"))
+    p.add_argument("--metric", default="accuracy", choices=("accuracy", "fidelity"))
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--max-drop", type=float, help="allowed drop per layer, e.g. 0.01")
+    target.add_argument("--target", type=float, help="global sparsity to reach (unstructured)")
+    p.add_argument("--plot", help="write the curves to this PNG")
+    p.add_argument("--json", help="write the curves (and derived ratios) to this JSON file")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
     fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")

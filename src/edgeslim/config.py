@@ -84,6 +84,9 @@ class StageKind:
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
+    # restore(model, stage, log, example): redo a finished stage's change of *shape* (e.g.
+    # removed channels) on a fresh model, before a resume loads the saved weights into it
+    restore: Callable[..., None] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}

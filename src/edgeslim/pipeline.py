@@ -104,6 +104,7 @@ def run_recipe(
     model = load_model(recipe.model)
     result = RunResult(out=out, model=model)
     if done >= 0:
+        _restore_shapes(model, stages, out, done, example)
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
@@ -176,6 +177,19 @@ def _read_meta(sdir: Path) -> dict[str, Any]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _restore_shapes(
+    model: nn.Module, stages: list[Stage | None], out: Path, done: int, example: torch.Tensor
+) -> None:
+    """Redo the shape changes (removed channels ...) of finished stages 1..done, in order."""
+    from .config import STAGE_KINDS
+
+    for index in range(1, done + 1):
+        kind = STAGE_KINDS[stages[index].kind]
+        if kind.restore is not None:
+            log = _read_meta(out / f"stage-{index}")["row"].get("log", {})
+            kind.restore(model, stages[index], log, example)
 
 
 def _load_stage_state(model: nn.Module, sdir: Path) -> None:
@@ -259,6 +273,7 @@ def _write_stage(
             for layer in prof.layers
             if layer.params
         },
+        "notes": prof.notes,
         "seconds": round(seconds, 3),
         "log": log,
     }

@@ -62,6 +62,7 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
         "## Stages",
         markdown_table(stage_rows(rows), COLUMNS),
         f"**{summary_line(rows)}**",
+        *_notes(final),
         f"## Layers after {stage_name(final)}",
         layer_section,
         "## Plots",
@@ -69,6 +70,12 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
         f"![per-layer density]({PLOTS_DIR}/{SPARSITY_PLOT})",
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _notes(row: dict[str, Any]) -> list[str]:
+    """The final stage's profile notes (what its sparsity does not buy), as a list."""
+    notes = row.get("notes") or []
+    return ["## Notes", "\n".join(f"- {n}" for n in notes)] if notes else []
 
 
 def render_report(run_dir: str | Path) -> Path:
