@@ -15,6 +15,7 @@ from .errors import (
     DataError,
     EdgeslimError,
     ExportError,
+    LoweringError,
     ModelSourceError,
     RunDirError,
     ShapeError,
@@ -70,6 +71,9 @@ _LAZY = {
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
+    "export_tflite": "edgeslim.export.tflite",
+    "export_c": "edgeslim.export.c",
+    "load_device": "edgeslim.profile.devices",
 }
 _SUBMODULES = {"zoo"}
 
@@ -79,6 +83,7 @@ __all__ = [
     "DataError",
     "EdgeslimError",
     "ExportError",
+    "LoweringError",
     "ModelSourceError",
     "RunDirError",
     "ShapeError",
@@ -126,8 +131,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     from .data.text import (
         load_text as load_text,
     )
+    from .export.c import (
+        export_c as export_c,
+    )
     from .export.onnx import (
         export_onnx as export_onnx,
+    )
+    from .export.tflite import (
+        export_tflite as export_tflite,
     )
     from .models.hf import (
         save_hf as save_hf,
@@ -146,6 +157,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .profile import (
         profile as profile,
+    )
+    from .profile.devices import (
+        load_device as load_device,
     )
     from .prune import (
         AGPSchedule as AGPSchedule,

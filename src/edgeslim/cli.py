@@ -176,6 +176,27 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
         print(f"curves: {atomic_write_text(args.json, json.dumps(body, indent=1))}")
 
 
+def cmd_fit(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .export.fit import calibration_inputs, fit_report
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    Console().print(fit_report(model, calib, args.device, name=args.model).table())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export.fit import calibration_inputs, export_file
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    device, patch = getattr(args, "device", None), getattr(args, "patch", "auto")
+    print(export_file(args.format, model, args.out, calib, device=device, patch=patch))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeslim",
@@ -219,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
     q.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
     q.set_defaults(func=cmd_export_onnx)
+    for name, text in (
+        ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro"),
+        ("c", "C99 for microcontrollers (model.h, model.c, weights.h), compiled and checked"),
+    ):
+        q = fmt.add_parser(name, help=text)
+        q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+        q.add_argument("--out", required=True, help="the file (tflite) or directory (c)")
+        q.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+        q.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
+        if name == "c":
+            q.add_argument("--device", help="device profile to fit (e.g. stm32f746)")
+            q.add_argument(
+                "--patch",
+                choices=("auto", "on", "off"),
+                default="auto",
+                help="patch-based execution of the first layers (auto: if needed)",
+            )
+        q.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "sensitivity", help="per-layer pruning sensitivity curves and the ratios they suggest"
@@ -234,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the curves to this PNG")
     p.add_argument("--json", help="write the curves (and derived ratios) to this JSON file")
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    p.add_argument("--device", required=True, help="device profile, e.g. stm32f446")
+    p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+    p.add_argument("--calib", type=int, default=64, help="number of calibration inputs")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots")
     p.add_argument("dir", help="run directory written by compress or demo")

@@ -45,3 +45,7 @@ class RunDirError(EdgeslimError):
 
 class ExportError(EdgeslimError):
     """An exporter could not write a model, or what it wrote disagrees with PyTorch."""
+
+
+class LoweringError(ExportError):
+    """A model has layers the integer graph (TFLite / C export) does not support."""
