@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -77,13 +77,17 @@ class StageKind:
     given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
     ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
     ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
-    sparse, whichever is smaller.
+    sparse, whichever is smaller. ``rebuild(model, stage, log, example)``, when given,
+    returns the model *structure* ``run`` produced (channels removed, quantized modules, a
+    traced graph) without redoing the work, from the stage's recorded ``log``: a resumed run
+    calls it for every finished stage in order, then loads the saved state into the result.
     """
 
     name: str
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
+    rebuild: Callable[..., Any] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -95,12 +99,34 @@ def register_stage(kind: StageKind) -> None:
 
 
 class DataConfig(BaseModel):
-    """Which dataset, and optionally fewer training examples (for quick runs)."""
+    """Which dataset, and optionally fewer training examples (for quick runs).
+
+    ``source: text:stdlib`` is English text for language models (``hf:`` models): it is
+    tokenized with the model's tokenizer into ``seq_len``-token examples, and evaluated with a
+    language-model metric (perplexity, or embedding cosine to the dense model for encoders)
+    on at most ``max_eval`` paragraphs. ``calib`` is the number of calibration examples that
+    calibrated stages (Wanda, SparseGPT, GPTQ, SmoothQuant) receive.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     source: str = "mnist"
     max_train: int | None = Field(None, ge=1)
+    calib: int = Field(128, ge=1, description="calibration examples for calibrated stages")
+    seq_len: int | None = Field(None, ge=2, description="text: tokens per example (128)")
+    max_eval: int | None = Field(None, ge=1, description="text: evaluation paragraphs")
+
+    @property
+    def is_text(self) -> bool:
+        return self.source.startswith("text:")
+
+    @model_validator(mode="after")
+    def _text_only_keys(self) -> DataConfig:
+        if not self.is_text:
+            for key in ("seq_len", "max_eval"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}' applies to text sources (text:NAME) only")
+        return self
 
 
 class Stage(BaseModel):
@@ -164,6 +190,8 @@ class Recipe(BaseModel):
             raw_data = {"source": raw_data}
         data_cfg = validate(DataConfig, raw_data, "data")
         train = None if data.get("train") is None else validate(TrainConfig, data["train"], "train")
+        if train is not None and data_cfg.is_text:
+            raise ConfigError("train: baseline training is not supported with text data")
         raw_stages = data.get("stages", [])
         if not isinstance(raw_stages, list):
             raise ConfigError(f"stages: must be a list, got {type(raw_stages).__name__}")

@@ -25,6 +25,8 @@ from .masks import apply_masks_, mask_grads_
 from .progress import enabled, progress_bar
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# step_hook(model, step, total_steps): called after every optimizer step (step counts from 1)
+StepHook = Callable[[nn.Module, int, int], None]
 
 
 class TrainConfig(BaseModel):
@@ -112,6 +114,7 @@ def fit(
     cfg: TrainConfig | None = None,
     *,
     loss_fn: LossFn | None = None,
+    step_hook: StepHook | None = None,
     progress: bool | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
@@ -119,6 +122,8 @@ def fit(
 
     ``cfg`` fields may be overridden by keyword (``fit(model, data, epochs=5)``).
     ``loss_fn(logits, y, x)`` replaces cross-entropy (e.g. for distillation).
+    ``step_hook(model, step, total_steps)`` runs after every optimizer step (e.g. to prune
+    on a schedule during training, see :class:`edgeslim.prune.AGPSchedule`).
     With ``keep_best`` the weights of the epoch with the best validation accuracy are
     restored at the end (ties keep the earlier epoch).
     """
@@ -138,6 +143,7 @@ def fit(
     )
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, None
+    step = 0
     columns = TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]}")
     with progress_bar(columns, disable=not enabled(progress)) as bar:
         task = bar.add_task("train", total=cfg.epochs * steps_per_epoch, loss=float("nan"), val="–")
@@ -160,6 +166,9 @@ def fit(
                 opt.step()
                 apply_masks_(model)
                 sched.step()
+                step += 1
+                if step_hook is not None:
+                    step_hook(model, step, total)
                 loss_sum += loss.item() * len(idx)
                 bar.update(task, advance=1, loss=loss.item())
             val_acc = evaluate(model, data, "val")
@@ -179,9 +188,12 @@ def finetune(
     cfg: TrainConfig | None = None,
     *,
     loss_fn: LossFn | None = None,
+    step_hook: StepHook | None = None,
     progress: bool | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
     """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given."""
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
-    return fit(model, data, cfg, loss_fn=loss_fn, progress=progress, **overrides)
+    return fit(
+        model, data, cfg, loss_fn=loss_fn, step_hook=step_hook, progress=progress, **overrides
+    )

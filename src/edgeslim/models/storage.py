@@ -42,7 +42,8 @@ def deployable_state(model_or_state: torch.nn.Module | dict[str, torch.Tensor]):
         if isinstance(model_or_state, torch.nn.Module)
         else model_or_state
     )
-    return {k: v for k, v in state.items() if k not in training_only_keys(state)}
+    skip = training_only_keys(state)
+    return {k: v for k, v in state.items() if k not in skip}
 
 
 def training_only_keys(state: dict[str, torch.Tensor]) -> set[str]:
@@ -77,7 +78,8 @@ def payload_bytes(state: dict[str, torch.Tensor], fmt: str) -> int:
     return sum(size(t) for t in state.values())
 
 
-def _encode_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def encode_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor as ``NAME::values`` + ``NAME::bitmap`` when that is smaller, else as is."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         t = t.detach().contiguous()
@@ -99,7 +101,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: s
     path = Path(path)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     if fmt == "sparse":
-        tensors = _encode_sparse(tensors)
+        tensors = encode_sparse(tensors)
     shapes = {k: list(v.shape) for k, v in state.items()}
     meta = {"format": fmt, "shapes": json.dumps(shapes)}
     with atomic_path(path) as tmp:
@@ -122,6 +124,13 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         shapes: dict[str, list[int]] = json.loads(meta.get("shapes", "{}"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: corrupt 'shapes' metadata: {exc}") from exc
+    return decode_sparse(raw, shapes, path)
+
+
+def decode_sparse(
+    raw: dict[str, torch.Tensor], shapes: dict[str, list[int]], path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """Undo :func:`encode_sparse`: dense tensors by name (``path`` names the file in errors)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         if name.endswith(_BITMAP):

@@ -2,7 +2,7 @@
 
 The stage shares the weights, then (with a ``finetune`` block) trains what is left to
 train: the centroids of k-means sharing (the paper's trained quantization) or the buckets
-of hashed layers.
+of hashed layers. A resumed run rebuilds hashed layers with :func:`rebuild`.
 """
 
 from __future__ import annotations
@@ -54,4 +54,15 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     return model, log
 
 
-register_stage(StageKind("share", parse, run))
+def rebuild(model, stage, log, example):
+    """The structure a finished share stage left: hashed layers swapped in again (their
+    index and sign come from the same seeds; the saved state is loaded next). k-means
+    sharing changes no structure: its codes and centroids come back with the state."""
+    from . import share_
+
+    if stage.config.method == "hash":
+        share_(model, stage.config.config)
+    return model
+
+
+register_stage(StageKind("share", parse, run, rebuild=rebuild))
