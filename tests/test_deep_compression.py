@@ -115,3 +115,25 @@ def test_shipped_deep_compression_recipes_validate(net):
     assert [s.kind for s in recipe.stages] == ["prune", "share", "pack"]
     han = es.Recipe.from_yaml(root / "recipes" / f"han2015_{net}.yaml")
     assert recipe.prefix_hash(1) == han.prefix_hash(1)  # the same pruning as Han et al. 2015
+
+
+def test_hashed_share_stage_resumes_with_its_hashed_layers(tmp_path):
+    recipe = {
+        "name": "hash-small",
+        "seed": 1,
+        "model": "zoo:lenet300",
+        "data": {"source": "mnist", "max_train": 200},
+        "train": {"epochs": 1},
+        "stages": [
+            {"share": {"method": "hash", "ratio": 0.125}, "finetune": {"epochs": 1}},
+            {"pack": {}},
+        ],
+    }
+    out = tmp_path / "run"
+    es.run_recipe(es.Recipe.from_dict(recipe), out, progress=False)
+    first = (out / "stage-2" / "model.slim").read_bytes()
+    shutil.rmtree(out / "stage-2")
+    again = es.run_recipe(es.Recipe.from_dict(recipe), out, progress=False)
+    assert again.resumed_from == 1 and isinstance(again.model.fc1, es.HashedLinear)
+    assert (out / "stage-2" / "model.slim").read_bytes() == first
+    assert _rows(out)[1]["params"] == 29_400 + 3_750 + 125 + 410
