@@ -26,7 +26,7 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_help_lists_commands_and_does_not_import_torch():
     proc = _cli("--help")
     assert proc.returncode == 0
-    for command in ("demo", "compress", "profile", "evaluate", "report"):
+    for command in ("demo", "compress", "profile", "evaluate", "report", "pack", "unpack"):
         assert command in proc.stdout
     code = (
         "import sys\nfrom edgeslim.cli import main\n"
@@ -90,14 +90,21 @@ def test_compress_evaluate_report(tmp_path, mnist):
 
 
 @pytest.mark.slow
-def test_demo_meets_han2015_targets(tmp_path):
-    """The README's demo: >= 12x fewer nonzero weights within 0.3 points of dense, both nets."""
+def test_demo_meets_deep_compression_targets(tmp_path):
+    """The README's demo: prune -> share -> pack; >= 12x fewer nonzero weights, the .slim file
+    >= 40x / 39x smaller than the dense fp32 file, test accuracy within 0.3 points of dense."""
     proc = _cli("demo", "--out", tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
-    for net in ("lenet300", "lenet5"):
+    for net, ratio in (("lenet300", 40), ("lenet5", 39)):
         rows = read_metrics(Path(tmp_path) / net)
         base, final = rows[0], rows[-1]
+        assert [r["stage"] for r in rows] == ["baseline", "prune", "share", "pack"]
         assert base["stage"] == "baseline" and base["nonzero_params"] == base["params"]
         assert base["params"] / final["nonzero_params"] >= 12
+        assert final["format"] == "slim"
+        assert (
+            final["size_bytes"] == (Path(tmp_path) / net / "stage-3" / "model.slim").stat().st_size
+        )
+        assert base["size_bytes"] / final["size_bytes"] >= ratio
         assert final["accuracy"] >= base["accuracy"] - 0.003
         assert (Path(tmp_path) / net / "report.md").is_file()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     CheckpointError,
     ConfigError,
+    ContainerError,
     DataError,
     EdgeslimError,
     ExportError,
@@ -71,6 +72,14 @@ _LAZY = {
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
+    "share_": "edgeslim.share",
+    "KMeansShare": "edgeslim.share",
+    "HashShare": "edgeslim.share",
+    "HashedLinear": "edgeslim.share",
+    "HashedConv2d": "edgeslim.share",
+    "pack": "edgeslim.codec",
+    "unpack": "edgeslim.codec",
+    "PackConfig": "edgeslim.codec",
     "export_tflite": "edgeslim.export.tflite",
     "export_c": "edgeslim.export.c",
     "load_device": "edgeslim.profile.devices",
@@ -80,6 +89,7 @@ _SUBMODULES = {"zoo"}
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ContainerError",
     "DataError",
     "EdgeslimError",
     "ExportError",
@@ -115,6 +125,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .calibrate import (
         compress_sharded as compress_sharded,
+    )
+    from .codec import (
+        PackConfig as PackConfig,
+    )
+    from .codec import (
+        pack as pack,
+    )
+    from .codec import (
+        unpack as unpack,
     )
     from .config import (
         Recipe as Recipe,
@@ -241,6 +260,21 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .report import (
         render_report as render_report,
+    )
+    from .share import (
+        HashedConv2d as HashedConv2d,
+    )
+    from .share import (
+        HashedLinear as HashedLinear,
+    )
+    from .share import (
+        HashShare as HashShare,
+    )
+    from .share import (
+        KMeansShare as KMeansShare,
+    )
+    from .share import (
+        share_ as share_,
     )
     from .train import (
         TrainConfig as TrainConfig,

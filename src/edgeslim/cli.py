@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import EdgeslimError
 
-DEMO_RECIPES = ("han2015_lenet300", "han2015_lenet5")
+DEMO_RECIPES = ("deep_compression_lenet300", "deep_compression_lenet5")
 
 
 def recipe_path(name: str) -> Path:
@@ -35,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     for name in DEMO_RECIPES:
-        net = name.split("_", 1)[1]
+        net = name.rsplit("_", 1)[1]
         result = run_recipe(recipe_path(name), out / net, restart=args.restart)
         _print_table(result.out, f"{name}  ->  {result.out}")
     print(f"run directories and reports under {out}/ (report.md in each)")
@@ -91,6 +91,55 @@ def cmd_report(args: argparse.Namespace) -> None:
     path = render_report(Path(args.dir))
     _print_table(Path(args.dir), str(args.dir))
     print(f"report: {path}")
+
+
+def _index_bits(text: str):
+    """``auto``, ``5`` or ``conv=8,linear=5`` (values ``auto`` or a number)."""
+    if "=" not in text:
+        return text if text == "auto" else int(text)
+    out: dict[str, object] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        out[key.strip()] = value.strip() if value.strip() == "auto" else int(value)
+    return out
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .codec.container import PackConfig, pack
+    from .codec.report import pack_tables
+    from .config import validate
+    from .models.io import load_model
+
+    try:
+        bits = _index_bits(args.index_bits)
+    except ValueError:
+        raise EdgeslimError(
+            f"--index-bits must be auto, N or conv=8,linear=5; got {args.index_bits!r}"
+        ) from None
+    cfg = validate(PackConfig, {"index_bits": bits, "architecture": args.architecture}, "pack")
+    model = load_model(args.model)
+    model.eval()
+    example = _example(model, args.input_shape, 2) if args.input_shape else None
+    report = pack(model, args.out, cfg, example=example)
+    for table in pack_tables(report):
+        Console().print(table)
+    print(f"wrote {args.out} ({report.size_bytes:,} bytes, {report.architecture} architecture)")
+
+
+def cmd_unpack(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .codec.container import unpack
+    from .codec.report import contents_table
+    from .models.io import save_model
+
+    model = unpack(args.file)  # decodes and checks every tensor
+    Console().print(contents_table(args.file))
+    if args.out:
+        save_model(model, args.out)
+        print(f"wrote {args.out}")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -204,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="prune LeNet-300-100 and LeNet-5 on MNIST as Han et al. did")
+    p = sub.add_parser(
+        "demo", help="Deep Compression of LeNet-300-100 and LeNet-5 on MNIST: prune, share, code"
+    )
     p.add_argument("--out", default="runs/demo", help="directory for the two runs")
     p.add_argument("--restart", action="store_true", help="discard finished stages")
     p.set_defaults(func=cmd_demo)
@@ -226,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("pack", help="write a model as a compressed .slim file")
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory, FILE.pt2 or FILE.slim")
+    p.add_argument("out", help="the .slim file to write")
+    p.add_argument(
+        "--index-bits",
+        default="conv=8,linear=5",
+        help="sparse index width: auto, N or conv=8,linear=5",
+    )
+    p.add_argument("--architecture", default="auto", choices=("auto", "zoo", "graph"))
+    p.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("unpack", help="check a .slim file and list its contents (or save it)")
+    p.add_argument("file", help="the .slim file")
+    p.add_argument("--out", help="also save the model as a .pt2 archive here")
+    p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
     fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")

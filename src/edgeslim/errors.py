@@ -39,6 +39,10 @@ class CheckpointError(EdgeslimError):
     """A saved stage or model file is missing, truncated or corrupt."""
 
 
+class ContainerError(CheckpointError):
+    """A ``.slim`` file (or one of its streams) is malformed, truncated, corrupt or hostile."""
+
+
 class RunDirError(EdgeslimError):
     """A run directory holds a different recipe's run, or cannot be written."""
 

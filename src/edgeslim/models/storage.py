@@ -9,7 +9,8 @@
              larger than the dense one (beyond a few bytes of header).
 
 Pruning masks (buffers named ``*_keep``) are not stored: a deployed model does not need
-them, and the sparse bitmap already records where the zeros are.
+them, and the sparse bitmap already records where the zeros are. Nor are the codes and
+centroids of shared weights (``*_codes``, ``*_centroids``): the weights hold their values.
 """
 
 from __future__ import annotations
@@ -29,17 +30,31 @@ from ..fileio import atomic_path
 
 FORMATS = ("dense", "sparse")
 MASK_SUFFIX = "_keep"
+CODES_SUFFIX, CENTROIDS_SUFFIX = "_codes", "_centroids"  # k-means shared weights
 _VALUES, _BITMAP = "::values", "::bitmap"
 
 
 def deployable_state(model_or_state: torch.nn.Module | dict[str, torch.Tensor]):
-    """The tensors a deployed model needs: parameters and buffers, without pruning masks."""
+    """The tensors a deployed model needs: parameters and buffers, without pruning masks or
+    sharing codes and centroids."""
     state = (
         model_or_state.state_dict()
         if isinstance(model_or_state, torch.nn.Module)
         else model_or_state
     )
-    return {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}
+    skip = training_only_keys(state)
+    return {k: v for k, v in state.items() if k not in skip}
+
+
+def training_only_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of pruning masks, and of the codes and centroids of each shared ``NAME`` that
+    ``state`` holds together with ``NAME`` itself."""
+    out = {k for k in state if k.endswith(MASK_SUFFIX)}
+    for key in state:
+        base = key[: -len(CODES_SUFFIX)]
+        if key.endswith(CODES_SUFFIX) and base in state and base + CENTROIDS_SUFFIX in state:
+            out |= {key, base + CENTROIDS_SUFFIX}
+    return out
 
 
 def dense_tensor_bytes(t: torch.Tensor) -> int:
