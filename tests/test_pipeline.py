@@ -204,7 +204,9 @@ def _compress(recipe: Path, out: Path) -> subprocess.Popen:
 
 def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     slow = _recipe()
-    slow["stages"][1]["finetune"]["epochs"] = 6  # stage 2 runs long enough to be killed in
+    slow["stages"][1]["finetune"]["epochs"] = (
+        40  # stage 2 runs long enough (seconds) to be killed in
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(slow))
 
@@ -218,7 +220,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "stage-2").exists(), "stage 2 finished before the kill; test is void"
