@@ -38,6 +38,13 @@ _LAZY = {
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
+    "distill": "edgeslim.distill",
+    "KD": "edgeslim.distill",
+    "lowrank_": "edgeslim.lowrank",
+    "SVD": "edgeslim.lowrank",
+    "ConvDecompose": "edgeslim.lowrank",
+    "haar_split": "edgeslim.data.transforms",
+    "HaarSplit": "edgeslim.data.transforms",
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
@@ -85,6 +92,27 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .data.datasets import (
         load_data as load_data,
+    )
+    from .data.transforms import (
+        HaarSplit as HaarSplit,
+    )
+    from .data.transforms import (
+        haar_split as haar_split,
+    )
+    from .distill import (
+        KD as KD,
+    )
+    from .distill import (
+        distill as distill,
+    )
+    from .lowrank import (
+        SVD as SVD,
+    )
+    from .lowrank import (
+        ConvDecompose as ConvDecompose,
+    )
+    from .lowrank import (
+        lowrank_ as lowrank_,
     )
     from .models.io import (
         load_model as load_model,

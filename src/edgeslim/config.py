@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,13 +77,16 @@ class StageKind:
     given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
     ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
     ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
-    sparse, whichever is smaller.
+    sparse, whichever is smaller. ``restore(model, state)``, for kinds that change the
+    model's structure, rebuilds that change in place from a saved ``state`` (a state dict)
+    before a resumed run loads it.
     """
 
     name: str
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
+    restore: Callable[..., None] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -101,6 +104,9 @@ class DataConfig(BaseModel):
 
     source: str = "mnist"
     max_train: int | None = Field(None, ge=1)
+    transform: Literal["haar"] | None = Field(
+        None, description="input transform (edgeslim.data.transforms), e.g. haar sub-bands"
+    )
 
 
 class Stage(BaseModel):
@@ -164,6 +170,11 @@ class Recipe(BaseModel):
             raw_data = {"source": raw_data}
         data_cfg = validate(DataConfig, raw_data, "data")
         train = None if data.get("train") is None else validate(TrainConfig, data["train"], "train")
+        if train is not None and train.distill is not None:
+            raise ConfigError(
+                "train.distill: baseline training has no teacher; set distill in a stage's "
+                "finetune, where the model before the stage is the teacher"
+            )
         raw_stages = data.get("stages", [])
         if not isinstance(raw_stages, list):
             raise ConfigError(f"stages: must be a list, got {type(raw_stages).__name__}")

@@ -21,6 +21,7 @@ stage index, so the final weights are bitwise identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from torch import nn
 from . import stages as _stages  # noqa: F401  (registers the built-in stage kinds)
 from .config import Recipe, Stage
 from .data.datasets import DataSplits, load_data
+from .data.transforms import apply_transform
 from .errors import CheckpointError, RunDirError
 from .masks import add_mask_buffers_
 from .models.io import load_model, save_model
@@ -59,6 +61,7 @@ class StageContext:
     index: int
     seed: int
     progress: bool | None = None
+    teacher: nn.Module | None = None  # the model before the stage, when finetune distils
 
 
 @dataclass
@@ -98,13 +101,14 @@ def run_recipe(
     done = _finished_stages(out, recipe, len(stages), restart)
     _write_text(out / "recipe.yaml", recipe.to_yaml())
 
-    data = load_data(recipe.data.source).limit(recipe.data.max_train)
+    data = apply_transform(load_data(recipe.data.source), recipe.data.transform)
+    data = data.limit(recipe.data.max_train)
     example = data.example(1)
     torch.manual_seed(recipe.seed)
     model = load_model(recipe.model)
     result = RunResult(out=out, model=model)
     if done >= 0:
-        _load_stage_state(model, out / f"stage-{done}")
+        _load_stage_state(model, out / f"stage-{done}", stages[1 : done + 1])
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
 
@@ -112,6 +116,8 @@ def run_recipe(
         stage = stages[index]
         console.print(f"[bold]stage {index}/{len(stages) - 1}[/] {_label(stage)}")
         ctx = StageContext(data, example, recipe, index, stage_seed(recipe.seed, index), progress)
+        if stage is not None and stage.finetune is not None and stage.finetune.distill is not None:
+            ctx.teacher = copy.deepcopy(model).eval()
         start = time.perf_counter()
         if stage is None:
             if recipe.train is not None:
@@ -178,7 +184,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load_stage_state(model: nn.Module, sdir: Path) -> None:
+def _load_stage_state(model: nn.Module, sdir: Path, finished: list[Stage | None]) -> None:
+    """Load ``sdir``'s state into ``model``, after the ``finished`` stages' structure changes."""
     meta = _read_meta(sdir)
     state_path = sdir / STATE_FILE
     if not state_path.is_file():
@@ -192,6 +199,11 @@ def _load_stage_state(model: nn.Module, sdir: Path) -> None:
         state = load_file(str(state_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"stage checkpoint {state_path} is corrupt: {exc}") from exc
+    from .config import STAGE_KINDS
+
+    for kind in dict.fromkeys(s.kind for s in finished if s is not None):
+        if STAGE_KINDS[kind].restore is not None:  # e.g. factorised layers: rebuild them
+            STAGE_KINDS[kind].restore(model, state)
     add_mask_buffers_(model, state)
     try:
         model.load_state_dict(state, strict=True)

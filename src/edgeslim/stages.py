@@ -8,4 +8,5 @@ here for a new one.
 
 from __future__ import annotations
 
+from .lowrank import stage as _lowrank  # noqa: F401
 from .prune import stage as _prune  # noqa: F401

@@ -20,7 +20,8 @@ from rich.progress import TextColumn
 from torch import nn
 
 from .data.datasets import DataSplits, Split
-from .errors import ShapeError
+from .distill.kd import KD, distillation
+from .errors import ConfigError, ShapeError
 from .masks import apply_masks_, mask_grads_
 from .progress import enabled, progress_bar
 
@@ -42,6 +43,7 @@ class TrainConfig(BaseModel):
     keep_best: bool = Field(True, description="restore the epoch with the best val accuracy")
     shift: int = Field(0, ge=0, description="augment: random translation by up to N pixels")
     seed: int = 0
+    distill: KD | None = Field(None, description="distil from the teacher given to fit()")
 
 
 FINETUNE_DEFAULTS = {"epochs": 3, "lr": 1e-4}
@@ -111,6 +113,7 @@ def fit(
     data: DataSplits,
     cfg: TrainConfig | None = None,
     *,
+    teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     progress: bool | None = None,
     **overrides: object,
@@ -118,12 +121,38 @@ def fit(
     """Train ``model`` in place on ``data.train``; returns one dict per epoch.
 
     ``cfg`` fields may be overridden by keyword (``fit(model, data, epochs=5)``).
-    ``loss_fn(logits, y, x)`` replaces cross-entropy (e.g. for distillation).
+    ``loss_fn(logits, y, x)`` replaces cross-entropy. With a ``teacher`` the loss is
+    knowledge distillation as ``cfg.distill`` says (``KD()`` when unset; see
+    :mod:`edgeslim.distill.kd`), with ``loss_fn`` as its hard-label term.
     With ``keep_best`` the weights of the epoch with the best validation accuracy are
     restored at the end (ties keep the earlier epoch).
     """
     cfg = (cfg or TrainConfig()).model_copy(update=overrides)
     cfg = TrainConfig.model_validate(cfg.model_dump())  # validate the overrides too
+    if cfg.distill is None and teacher is None:
+        return _train(model, data, cfg, loss_fn, progress)
+    if teacher is None:
+        raise ConfigError(
+            "distill is set but no teacher was given: pass teacher=MODEL (in a recipe, the "
+            "model before a stage teaches that stage's finetune)"
+        )
+    _check_input(model, data.train.x)
+    torch.manual_seed(cfg.seed)  # the hint adapters' initial weights
+    with distillation(model, teacher, cfg.distill or KD(), data.train.x[:2], loss_fn) as (
+        trainee,
+        kd_loss,
+    ):
+        return _train(trainee, data, cfg, kd_loss, progress)
+
+
+def _train(
+    model: nn.Module,
+    data: DataSplits,
+    cfg: TrainConfig,
+    loss_fn: LossFn | None,
+    progress: bool | None,
+) -> list[dict[str, float]]:
+    """The training loop of :func:`fit` (``cfg`` already validated)."""
     _check_input(model, data.train.x)
     torch.manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
@@ -178,10 +207,11 @@ def finetune(
     data: DataSplits,
     cfg: TrainConfig | None = None,
     *,
+    teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     progress: bool | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
     """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given."""
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
-    return fit(model, data, cfg, loss_fn=loss_fn, progress=progress, **overrides)
+    return fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn, progress=progress, **overrides)

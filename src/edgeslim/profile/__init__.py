@@ -25,9 +25,10 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from .._callable import make_callable
 from ..errors import EdgeslimError, ShapeError
 from ..models.storage import deployable_state, payload_bytes
-from .counting import ModuleCount, count_params, module_counts
+from .counting import ModuleCount, count_params, memory_access_bytes, module_counts
 from .latency import check_timing, eval_mode, measure_latency_ms
 from .memory import activation_trace, peak_activation_bytes
 
@@ -37,6 +38,7 @@ __all__ = [
     "activation_trace",
     "count_params",
     "measure_latency_ms",
+    "memory_access_bytes",
     "peak_activation_bytes",
     "profile",
 ]
@@ -80,6 +82,7 @@ class Profile:
     latency_ms: float | None
     layers: list[LayerProfile] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()  # one sample, without the batch dimension
+    memory_access_bytes: int = 0  # bytes read + written by all ops (ShuffleNetV2's MAC)
 
     @property
     def sparsity(self) -> float:
@@ -185,6 +188,7 @@ def profile(
         ep = _export(model, x)
         counts = module_counts(ep)
         peak = peak_activation_bytes(ep)
+        moved = memory_access_bytes(ep)
     del ep
     params, nonzero = count_params(model)
     state = deployable_state(model)
@@ -200,6 +204,7 @@ def profile(
         ),
         layers=_layers(model, counts),
         input_shape=tuple(example.shape[1:]),
+        memory_access_bytes=moved,
     )
 
 
@@ -292,3 +297,6 @@ def _row(name: str, kind: str, own: list[nn.Parameter], count: ModuleCount | Non
         effective_macs=count.effective_macs if count else 0,
         output_shape=count.output_shape if count else None,
     )
+
+
+make_callable(__name__, profile)  # edgeslim.profile(...) even when it is this package

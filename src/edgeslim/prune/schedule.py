@@ -8,6 +8,7 @@ surviving weights recover keeps more accuracy than pruning all at once.
 from __future__ import annotations
 
 from pydantic import BaseModel
+from torch import nn
 
 from ..data.datasets import DataSplits
 from ..masks import iter_masks
@@ -32,12 +33,15 @@ def prune_iteratively_(
     finetune_cfg: TrainConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
 ) -> list[dict[str, float]]:
     """Run ``steps`` prune -> fine-tune cycles in place; one log row per cycle.
 
     ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`). Each cycle's
-    fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible.
+    fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible; with a
+    ``teacher`` (e.g. the model before pruning) fine-tuning distils from it
+    (``finetune_cfg.distill``, see :mod:`edgeslim.distill.kd`).
     """
     from . import prune_  # the verb dispatches on the config type
 
@@ -49,7 +53,7 @@ def prune_iteratively_(
         prune_(model, cfg.scaled(k / steps), filter_fn=filter_fn)
         before = evaluate(model, data, "val")
         if ft.epochs > 0:
-            finetune(model, data, ft, seed=ft.seed + k, progress=progress)
+            finetune(model, data, ft, teacher=teacher, seed=ft.seed + k, progress=progress)
         log.append(
             {
                 "step": k,

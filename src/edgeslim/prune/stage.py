@@ -55,7 +55,9 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     ft = ft.model_copy(update={"seed": ctx.seed})
     if cfg.steps == 1 and ft.epochs == 0:
         return model, {"layer_sparsity": prune_(model, cfg.config)}
-    log = prune_iteratively_(model, cfg.config, ctx.data, cfg.steps, ft, progress=ctx.progress)
+    log = prune_iteratively_(
+        model, cfg.config, ctx.data, cfg.steps, ft, teacher=ctx.teacher, progress=ctx.progress
+    )
     return model, {"cycles": log}
 
 
