@@ -147,7 +147,8 @@ def test_summary_and_rich_table(run_dir: Path):
     )
     table = stage_table(rows, title="run")
     assert table.row_count == 3
-    assert [c.header for c in table.columns][:3] == ["stage", "accuracy", "Δ"]
+    assert [c.header for c in table.columns][:3] == ["stage", "accuracy\nΔ pts", "nonzero\nfewer"]
+    assert list(table.columns[1].cells) == ["97.40%\n+0.00", "97.60%\n+0.20", "97.30%\n−0.10"]
 
 
 def test_render_report_writes_markdown_and_pngs(run_dir: Path):

@@ -142,3 +142,13 @@ def test_iterative_pruning_reaches_target_and_recovers(mnist):
     assert all(r["val_after_finetune"] >= r["val_before_finetune"] for r in log)
     assert log[-1]["val_after_finetune"] - log[-1]["val_before_finetune"] > 0.05
     assert es.evaluate(m, mnist, "val") > dense - 0.02
+
+
+def test_prune_with_an_unregistered_config_names_the_known_ones():
+    class NotAPruner(es.TrainConfig):
+        pass
+
+    with pytest.raises(
+        es.ConfigError, match=r"prune_: no handler for config NotAPruner.*Magnitude"
+    ):
+        es.prune_(es.load_model("zoo:lenet300"), NotAPruner())

@@ -7,25 +7,17 @@ Later techniques register a handler with :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pydantic import BaseModel
 from torch import nn
 
-from ..errors import ConfigError
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
+from ..registry import Registry
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from .schedule import model_sparsity, prune_iteratively_
 
-Handler = Callable[..., dict[str, float]]
-_HANDLERS: dict[type[BaseModel], Handler] = {}
-METHODS: dict[str, type[BaseModel]] = {}  # recipe name -> config class
-
-
-def register(name: str, config_type: type[BaseModel], handler: Handler) -> None:
-    """Make ``prune_(model, config_type(...))`` call ``handler`` and ``method: name`` valid."""
-    _HANDLERS[config_type] = handler
-    METHODS[name] = config_type
+REGISTRY = Registry("prune_")
+METHODS = REGISTRY.methods  # recipe name -> config class
+register = REGISTRY.register
 
 
 def prune_(
@@ -37,15 +29,10 @@ def prune_(
 ) -> dict[str, float]:
     """Prune ``model`` in place as ``cfg`` says; returns each pruned layer's sparsity.
 
-    ``filter_fn(module, name)`` restricts which layers are considered.
+    ``filter_fn(module, name)`` restricts which layers are considered; other keyword
+    arguments (``calib=``, ``example=`` ...) go to the method's handler.
     """
-    handler = _HANDLERS.get(type(cfg))
-    if handler is None:
-        raise ConfigError(
-            f"no pruning method for config {type(cfg).__name__}; known: "
-            f"{', '.join(c.__name__ for c in _HANDLERS)}"
-        )
-    return handler(model, cfg, filter_fn=filter_fn, **kwargs)
+    return REGISTRY.handler(cfg)(model, cfg, filter_fn=filter_fn, **kwargs)
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)

@@ -14,18 +14,12 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from ..errors import ConfigError
+from ..registry import Registry
 
 FilterFn = Callable[[nn.Module, str], bool]
-Handler = Callable[..., Any]
-_HANDLERS: dict[type[BaseModel], Handler] = {}
-METHODS: dict[str, type[BaseModel]] = {}  # recipe name -> config class
-
-
-def register(name: str, config_type: type[BaseModel], handler: Handler) -> None:
-    """Make ``quantize_(model, config_type(...))`` call ``handler`` and ``method: name`` valid."""
-    _HANDLERS[config_type] = handler
-    METHODS[name] = config_type
+REGISTRY = Registry("quantize_")
+METHODS = REGISTRY.methods  # recipe name -> config class
+register = REGISTRY.register
 
 
 def quantize_(
@@ -41,11 +35,7 @@ def quantize_(
     ``calib`` is calibration data (a tensor of inputs or an iterable of batches) for methods
     that need it; ``filter_fn(module, name)`` restricts which layers are quantized.
     """
-    handler = _HANDLERS.get(type(cfg))
-    if handler is None:
-        known = ", ".join(c.__name__ for c in _HANDLERS) or "(none registered)"
-        raise ConfigError(f"no quantization method for config {type(cfg).__name__}; known: {known}")
-    return handler(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
+    return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
 
 
 __all__ = ["METHODS", "quantize_", "register"]

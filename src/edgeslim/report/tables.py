@@ -221,14 +221,37 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     )
 
 
+# (header, key of the main value, key shown under it) of the terminal table: pairs of
+# columns share a cell so that the table fits an 80-column terminal
+_TERMINAL_COLUMNS = [
+    ("stage", "stage", None),
+    ("accuracy\nΔ pts", "accuracy", "delta"),
+    ("nonzero\nfewer", "nonzero_params", "ratio"),
+    ("size\nsmaller", "size", "size_ratio"),
+    ("format", "format", None),
+    ("MACs\neff.", "macs", "effective_macs"),
+    ("latency\nms", "latency", None),
+]
+
+
 def stage_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
-    """A rich table of the run, one row per stage; ``rows`` as from :func:`read_metrics`."""
+    """A rich table of the run, one row per stage; ``rows`` as from :func:`read_metrics`.
+
+    Sized for a terminal: related values share a cell (accuracy over its change, nonzero
+    params over the ratio, size over its ratio, MACs over effective MACs).
+    """
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for key, header in COLUMNS:
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for header, key, _ in _TERMINAL_COLUMNS:
         left = key in ("stage", "format")
-        table.add_column(header, justify="left" if left else "right", no_wrap=key != "stage")
+        table.add_column(
+            header, justify="left" if left else "right", min_width=12 if key == "stage" else None
+        )
     for row in stage_rows(rows):
-        table.add_row(*(row[key] for key, _ in COLUMNS))
+        cells = [
+            row[key] + (f"\n{row[under]}" if under else "") for _, key, under in _TERMINAL_COLUMNS
+        ]
+        table.add_row(*cells, end_section=True)
     return table
