@@ -21,21 +21,16 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..errors import ConfigError, ShapeError
+from ..registry import Registry
 from .conv import ConvDecompose, response_factors
 from .layers import Factored, Factorization, geometries, restore_
 from .ranks import RankTarget, factorize_, inside_factored, is_excluded
 from .svd import SVD, weight_factors
 
 FilterFn = Callable[[nn.Module, str], bool]
-Handler = Callable[..., dict[str, dict[str, float]]]
-_HANDLERS: dict[type[BaseModel], Handler] = {}
-METHODS: dict[str, type[BaseModel]] = {}  # recipe name -> config class
-
-
-def register(name: str, config_type: type[BaseModel], handler: Handler) -> None:
-    """Make ``lowrank_(model, config_type(...))`` call ``handler`` and ``method: name`` valid."""
-    _HANDLERS[config_type] = handler
-    METHODS[name] = config_type
+REGISTRY = Registry("lowrank_")
+METHODS = REGISTRY.methods  # recipe name -> config class
+register = REGISTRY.register
 
 
 def lowrank_(
@@ -53,11 +48,7 @@ def lowrank_(
     before and ``factored_macs`` after (per sample). Layers whose factorised form would not
     be cheaper are left as they are.
     """
-    handler = _HANDLERS.get(type(cfg))
-    if handler is None:
-        known = ", ".join(c.__name__ for c in _HANDLERS)
-        raise ConfigError(f"no low-rank method for config {type(cfg).__name__}; known: {known}")
-    return handler(model, cfg, calib=calib, filter_fn=filter_fn)
+    return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn)
 
 
 # --------------------------------------------------------------------------------------

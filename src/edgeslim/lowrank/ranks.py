@@ -133,6 +133,7 @@ def allocate(
     each layer that is factorised; raises :class:`ConfigError` if the budget cannot be met.
     """
     state = {n: (dense[n], 0.0, 0) for n in options}  # rank 0 = not factorised
+    options = {n: [*opts, state[n]] for n, opts in options.items()}  # may go back to dense
     total = sum(dense[n] for n in options)
 
     def best_step(better) -> tuple[str, tuple[int, float, int]] | None:
