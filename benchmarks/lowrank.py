@@ -12,7 +12,7 @@ For each model, in one run:
 4. the response-reconstructed model fine-tuned with distillation from the dense model.
 
 Reported: MACs of the factorised layers and of the whole model (counted by ``profile``),
-measured latency (median of repeated forward passes, batch 1 and a larger batch), accuracy on
+measured latency (one thread, median of repeated forward passes, batch 1 and a larger batch), accuracy on
 the 1,000-image test split (CNNs) or fidelity (MiniLM: mean cosine between the dense and the
 factorised model's sentence embeddings on held-out English sentences from the Python
 standard library's docstrings), before and after fine-tuning, and for SVD at equal rank.
@@ -50,10 +50,15 @@ console = Console()
 
 
 def median_latency(model: nn.Module, x: torch.Tensor, repeats: int, rounds: int = 3) -> float:
-    """Median over ``rounds`` of the median batch latency (ms) of ``repeats`` passes."""
-    return statistics.median(
-        measure_latency_ms(model, x, repeats=repeats, warmup=5) for _ in range(rounds)
-    )
+    """Median over ``rounds`` of the median latency (ms) of ``repeats`` passes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no thread-pool noise; as on a one-core edge device
+    try:
+        return statistics.median(
+            measure_latency_ms(model, x, repeats=repeats, warmup=5) for _ in range(rounds)
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def batch_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:

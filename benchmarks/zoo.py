@@ -3,8 +3,9 @@
 Every zoo network, in one run, on one 1x28x28 MNIST image (haarnet: its 4x14x14 Haar
 sub-bands): parameters, MACs and memory access cost (bytes every op reads and writes, Ma et
 al. 2018) and peak activation memory counted by ``edgeslim.profile`` on the exported graph,
-and latency measured in PyTorch (median of repeated batch-1 forward passes, median over
-rounds) and, unless ``--no-onnx``, in ONNX Runtime (same input, 1 thread). With
+and latency measured on one thread in PyTorch (median of repeated batch-1 forward passes,
+median over 3 rounds) and, unless ``--no-onnx``, in ONNX Runtime (same input, checked against
+PyTorch). With
 ``--epochs N`` each model is also trained N epochs on the MNIST subset (Adam, lr 2e-3, shifts
 of up to 2 pixels) and its test accuracy and training time reported.
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200, help="timed passes per round")
     parser.add_argument("--no-onnx", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one core: latency without thread-pool noise, as on an MCU/phone
+    threads = torch.get_num_threads()
     mnist = es.load_data("mnist")
     haar = apply_transform(mnist, "haar")
     rows = []
@@ -95,11 +96,13 @@ def main() -> None:
         model = es.load_model(f"zoo:{name}")
         row: dict[str, object] = {"name": name}
         if args.epochs:
+            torch.set_num_threads(threads)
             start = time.perf_counter()
             es.fit(model, data, epochs=args.epochs, lr=2e-3, shift=2 if name != "haarnet" else 0)
             row["train_s"] = time.perf_counter() - start
             row["accuracy"] = es.evaluate(model, data)
         model.eval()
+        torch.set_num_threads(1)  # latency on one core: no thread-pool noise, as on a phone/MCU
         x = data.example()
         prof = profile(model, x, latency=False)
         row.update(
