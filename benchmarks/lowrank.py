@@ -13,9 +13,10 @@ For each model, in one run:
 
 Reported: MACs of the factorised layers and of the whole model (counted by ``profile``),
 measured latency (one thread, median of repeated forward passes, batch 1 and a larger
-batch), accuracy on the 1,000-image test split (CNNs) or fidelity (MiniLM: mean cosine between the dense and the
-factorised model's sentence embeddings on held-out English sentences from the Python
-standard library's docstrings), before and after fine-tuning, and for SVD at equal rank.
+batch), accuracy on the 1,000-image test split (CNNs) or fidelity (MiniLM: mean cosine
+between the dense and the factorised model's sentence embeddings on held-out English
+sentences from the Python standard library's docstrings), before and after fine-tuning, and
+for SVD at equal rank.
 
     python benchmarks/lowrank.py                 # all three (MiniLM needs the hf extra)
     python benchmarks/lowrank.py --only lenet5   # one of lenet5, mobilenetv2, minilm
