@@ -149,6 +149,15 @@ def test_allocate_takes_the_cheapest_harm_per_mac_then_fills_slack():
 # ------------------------------------------------------------------ validation
 
 
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)  # spare is never called
+
+    def forward(self, x):
+        return self.used(x)
+
+
 def test_lowrank_validation_errors():
     model = es.load_model("zoo:lenet5")
     with pytest.raises(ValueError, match="exactly one of"):
@@ -171,11 +180,26 @@ def test_lowrank_validation_errors():
         es.lowrank_(model, es.MagnitudePrune(sparsity=0.5))
     with pytest.raises(es.ConfigError, match="cannot be met"):
         es.lowrank_(model, es.SVD(macs=0.01), calib=torch.rand(8, 1, 28, 28))
+    with pytest.raises(es.ConfigError, match="'spare' of _Unused never ran as a module"):
+        es.lowrank_(_Unused(), es.SVD(rank=1), calib=torch.rand(2, 4))
     with pytest.raises(es.ShapeError, match=r"calibration batch 0 of shape \(2, 3, 28, 28\)"):
         es.lowrank_(model, es.ConvDecompose(rank=3), calib=torch.rand(2, 3, 28, 28))
 
 
 # ------------------------------------------------------------------ resume and recipes
+
+
+@pytest.mark.parametrize("name", ["lowrank_lenet5", "haar_lenet"])
+def test_shipped_recipes_validate_and_round_trip(name):
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    r = es.Recipe.from_yaml(root / "recipes" / f"{name}.yaml")
+    assert r.stages[0].finetune.distill is not None
+    again = es.Recipe.from_dict(yaml.safe_load(r.to_yaml()))
+    assert again.to_dict() == r.to_dict()
 
 
 def test_restore_rebuilds_factorised_layers_from_a_state_dict():

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..calibration import run_calibration
 from ..errors import ConfigError
-from .layers import Factorization, Shape, weight_matrix
+from .layers import Factorization, Shape, check_all_ran, weight_matrix
 from .ranks import RankTarget
 
 
@@ -87,6 +87,7 @@ def response_statistics(
             count[name] += len(y)
 
     run_calibration(model, calib, layers, see)
+    check_all_ran(layers, sums, model)
     stats = {}
     for name in layers:
         mean = sums[name] / count[name]

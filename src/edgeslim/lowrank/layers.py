@@ -22,6 +22,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..calibration import run_calibration
+from ..errors import ConfigError
+
 Shape = Literal["linear", "conv", "separable"]
 
 
@@ -167,8 +170,6 @@ def geometries(
     model: nn.Module, layers: dict[str, nn.Module], probe: torch.Tensor
 ) -> dict[str, Geometry]:
     """Output and separable-middle positions of each layer, from one forward pass on ``probe``."""
-    from ..calibration import run_calibration
-
     found: dict[str, Geometry] = {}
 
     def see(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -180,7 +181,19 @@ def geometries(
             found[name] = Geometry(positions, positions)
 
     run_calibration(model, probe[:1], layers, see)
+    check_all_ran(layers, found, model)
     return found
+
+
+def check_all_ran(layers: dict[str, nn.Module], seen: dict, model: nn.Module) -> None:
+    """A layer that never ran as a module (e.g. in a loaded ``.pt2`` graph) cannot be factorised."""
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        raise ConfigError(
+            f"layer {missing[0]!r} of {type(model).__name__} never ran as a module on the "
+            f"calibration input; a model loaded from a .pt2 graph cannot be factorised -- "
+            f"factorise the original nn.Module (or exclude the layer)"
+        )
 
 
 def replace_(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..calibration import run_calibration
 from ..errors import ConfigError
+from ..progress import enabled, progress_bar
 from .layers import Factored, Factorization, replace_
 
 MAC_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -103,8 +104,6 @@ def measure_sensitivity(
     model: nn.Module, factors: dict[str, Factorization], calib: Any
 ) -> dict[str, dict[int, float]]:
     """For each layer, output distortion when only it is factorised at each candidate rank."""
-    from ..progress import enabled, progress_bar
-
     reference = model_outputs(model, calib)
     ranks = {
         n: sorted({f.rank_for_macs(frac) for frac in MAC_FRACTIONS}) for n, f in factors.items()
