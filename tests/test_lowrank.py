@@ -103,10 +103,10 @@ def test_energy_rule_picks_the_smallest_rank_keeping_the_energy():
 
 
 def test_response_reconstruction_beats_weight_svd_on_structured_inputs():
-    """Inputs in a 6-dim subspace: responses are rank 6, the weights are not."""
+    """Inputs in a 6-dim affine subspace: responses are rank 6 around their mean."""
     torch.manual_seed(0)
-    basis = torch.randn(6, 64)
-    x = torch.randn(512, 6) @ basis  # (N, 64) lying in a 6-dim subspace
+    basis, offset = torch.randn(6, 64), torch.randn(64)
+    x = torch.randn(512, 6) @ basis + offset  # (N, 64); the mean response is re-added exactly
     lin = nn.Linear(64, 48)
     errs = {}
     for solver in ("svd", "response"):
