@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +56,10 @@ def test_haarnet_recipe_runs_on_sub_bands(tmp_path, mnist):
     saved = es.load_model(tmp_path / "run" / "stage-0" / "model.pt2")
     assert saved.input_shape == (4, 14, 14)
     assert es.evaluate(saved, apply_transform(mnist, "haar")) == row["accuracy"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeslim.cli", "evaluate", str(tmp_path / "run" / "stage-0" /
+         "model.pt2"), "--transform", "haar"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"{100 * row['accuracy']:.2f}%" in proc.stdout
