@@ -109,7 +109,7 @@ def main() -> None:
         )
     alone = statistics.mean(rows[s]["student alone"] for s in seeds)
     distilled = statistics.mean(rows[s]["student distilled"] for s in seeds)
-    Console().print(table)
+    Console(width=120).print(table)
     wins = sum(rows[s]["student distilled"] < rows[s]["student alone"] for s in seeds)
     print(
         f"distillation cuts the student's errors {alone:.1f} -> {distilled:.1f} "
