@@ -51,7 +51,7 @@ def _recipe(**changes) -> dict:
         ({"seed": "x"}, r"seed: .*integer"),
         ({"stages": {"prune": {}}}, r"stages: must be a list"),
         ({"stages": ["prune"]}, r"stages\[0\]: a stage must be a mapping"),
-        ({"stages": [{"quantize": {}}]}, r"stages\[0\]\.quantize: unknown stage kind"),
+        ({"stages": [{"teleport": {}}]}, r"stages\[0\]\.teleport: unknown stage kind"),
         ({"stages": [{"prune": {"method": "magic"}}]}, r"stages\[0\]\.prune\.method: unknown"),
         (
             {"stages": [{"prune": {"method": "magnitude", "sparsty": 0.5}}]},

@@ -14,6 +14,8 @@ from .errors import (
     ConfigError,
     DataError,
     EdgeslimError,
+    ExportError,
+    LoweringError,
     ModelSourceError,
     RunDirError,
     ShapeError,
@@ -45,9 +47,40 @@ _LAZY = {
     "ConvDecompose": "edgeslim.lowrank",
     "haar_split": "edgeslim.data.transforms",
     "HaarSplit": "edgeslim.data.transforms",
+    "Wanda": "edgeslim.prune",
+    "SparseGPT": "edgeslim.prune",
+    "quantize_": "edgeslim.quant",
+    "GPTQ": "edgeslim.quant",
+    "RTN": "edgeslim.quant",
+    "SmoothQuant": "edgeslim.quant",
+    "compress_sharded": "edgeslim.calibrate",
+    "compress_layerwise": "edgeslim.calibrate",
+    "load_text": "edgeslim.data.text",
+    "save_hf": "edgeslim.models.hf",
+    "Int8PTQ": "edgeslim.quant",
+    "QAT": "edgeslim.quant",
+    "LSQ": "edgeslim.quant",
+    "MixedPrecision": "edgeslim.quant",
+    "DynamicFixedPoint": "edgeslim.quant",
+    "BWN": "edgeslim.quant",
+    "TWN": "edgeslim.quant",
+    "TTQ": "edgeslim.quant",
+    "layer_qparams": "edgeslim.quant",
+    "export_onnx": "edgeslim.export.onnx",
+    "OBDPrune": "edgeslim.prune",
+    "NMPrune": "edgeslim.prune",
+    "ChannelPrune": "edgeslim.prune",
+    "AGPSchedule": "edgeslim.prune",
+    "prune_agp_": "edgeslim.prune",
+    "sensitivity": "edgeslim.prune",
+    "Sensitivity": "edgeslim.prune",
+    "english_sentences": "edgeslim.data.text",
     "Recipe": "edgeslim.config",
     "run_recipe": "edgeslim.pipeline",
     "render_report": "edgeslim.report",
+    "export_tflite": "edgeslim.export.tflite",
+    "export_c": "edgeslim.export.c",
+    "load_device": "edgeslim.profile.devices",
 }
 _SUBMODULES = {"zoo"}
 
@@ -56,6 +89,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EdgeslimError",
+    "ExportError",
+    "LoweringError",
     "ModelSourceError",
     "RunDirError",
     "ShapeError",
@@ -80,9 +115,13 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from . import (
-        zoo as zoo,
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches _LAZY)
+    from . import zoo as zoo
+    from .calibrate import (
+        compress_layerwise as compress_layerwise,
+    )
+    from .calibrate import (
+        compress_sharded as compress_sharded,
     )
     from .config import (
         Recipe as Recipe,
@@ -92,6 +131,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .data.datasets import (
         load_data as load_data,
+    )
+    from .data.text import (
+        english_sentences as english_sentences,
+    )
+    from .data.text import (
+        load_text as load_text,
     )
     from .data.transforms import (
         HaarSplit as HaarSplit,
@@ -105,6 +150,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .distill import (
         distill as distill,
     )
+    from .export.c import (
+        export_c as export_c,
+    )
+    from .export.onnx import (
+        export_onnx as export_onnx,
+    )
+    from .export.tflite import (
+        export_tflite as export_tflite,
+    )
     from .lowrank import (
         SVD as SVD,
     )
@@ -113,6 +167,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .lowrank import (
         lowrank_ as lowrank_,
+    )
+    from .models.hf import (
+        save_hf as save_hf,
     )
     from .models.io import (
         load_model as load_model,
@@ -129,8 +186,32 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .profile import (
         profile as profile,
     )
+    from .profile.devices import (
+        load_device as load_device,
+    )
+    from .prune import (
+        AGPSchedule as AGPSchedule,
+    )
+    from .prune import (
+        ChannelPrune as ChannelPrune,
+    )
     from .prune import (
         MagnitudePrune as MagnitudePrune,
+    )
+    from .prune import (
+        NMPrune as NMPrune,
+    )
+    from .prune import (
+        OBDPrune as OBDPrune,
+    )
+    from .prune import (
+        Sensitivity as Sensitivity,
+    )
+    from .prune import (
+        SparseGPT as SparseGPT,
+    )
+    from .prune import (
+        Wanda as Wanda,
     )
     from .prune import (
         apply_masks_ as apply_masks_,
@@ -139,7 +220,52 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         prune_ as prune_,
     )
     from .prune import (
+        prune_agp_ as prune_agp_,
+    )
+    from .prune import (
         prune_iteratively_ as prune_iteratively_,
+    )
+    from .prune import (
+        sensitivity as sensitivity,
+    )
+    from .quant import (
+        BWN as BWN,
+    )
+    from .quant import (
+        GPTQ as GPTQ,
+    )
+    from .quant import (
+        LSQ as LSQ,
+    )
+    from .quant import (
+        QAT as QAT,
+    )
+    from .quant import (
+        RTN as RTN,
+    )
+    from .quant import (
+        TTQ as TTQ,
+    )
+    from .quant import (
+        TWN as TWN,
+    )
+    from .quant import (
+        DynamicFixedPoint as DynamicFixedPoint,
+    )
+    from .quant import (
+        Int8PTQ as Int8PTQ,
+    )
+    from .quant import (
+        MixedPrecision as MixedPrecision,
+    )
+    from .quant import (
+        SmoothQuant as SmoothQuant,
+    )
+    from .quant import (
+        layer_qparams as layer_qparams,
+    )
+    from .quant import (
+        quantize_ as quantize_,
     )
     from .report import (
         render_report as render_report,

@@ -11,7 +11,8 @@ receive and produce. That loop lives here, once::
     run_calibration(model, calib, layers={"fc1": model.fc1}, callback=see)
 
 ``calib`` is a tensor of inputs ``(N, ...)`` (e.g. ``DataSplits.calib(256)``) or any iterable
-of input batches. Hooks are always removed, the model's training flags are restored and its
+of input batches; a batch that is a tuple is passed as ``model(*batch)``, a dict as
+``model(**batch)``. Hooks are always removed, the model's training flags are restored and its
 weights are not changed (unless the callback changes them).
 """
 
@@ -77,7 +78,12 @@ def run_calibration(
     with eval_mode(model), torch.no_grad(), forward_hooks(layers, callback):
         for batch in iter_batches(calib, batch_size):
             try:
-                model(batch)
+                if isinstance(batch, tuple):  # several inputs: model(*batch)
+                    model(*batch)
+                elif isinstance(batch, dict):  # keyword inputs (transformers): model(**batch)
+                    model(**batch)
+                else:
+                    model(batch)
             except RuntimeError as exc:
                 shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch)
                 first = str(exc).strip().splitlines()[0]

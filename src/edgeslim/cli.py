@@ -94,6 +94,110 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .export.onnx import export_onnx
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    model.eval()
+    example = _example(model, args.input_shape, args.batch)
+    if args.int8:
+        from .data.datasets import load_data
+        from .quant import Int8PTQ, quantize_
+
+        data = load_data(args.data)
+        cfg = Int8PTQ(calibration=args.calibration)
+        model = quantize_(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
+    res = export_onnx(model, args.out, example, verify=not args.no_verify)
+    kind = "int8 QDQ" if res.quantized else "fp32"
+    console = Console()
+    console.print(f"wrote {kind} ONNX {res.path} ({res.size_bytes:,} bytes)")
+    if res.tolerance is not None:
+        what = "max |ort - torch|" if res.metric == "max_abs" else "relative L2 error"
+        value = res.max_abs_diff if res.metric == "max_abs" else res.rel_l2_error
+        console.print(f"verified in ONNX Runtime: {what} {value:.3g} <= {res.tolerance:.3g}")
+    if res.integer_ops:
+        ops = ", ".join(f"{op} x{n}" for op, n in res.integer_ops.items())
+        console.print(f"ONNX Runtime runs it with integer kernels: {ops}")
+
+
+def _model_and_data(source: str, data_name: str | None):
+    """A model and its data from a model source, or from a recipe (trained as it says)."""
+    from .data.datasets import load_data
+    from .models.io import load_model
+
+    if source.endswith((".yaml", ".yml")):
+        import torch
+
+        from .config import Recipe
+        from .train import fit
+
+        recipe = Recipe.from_yaml(source)
+        data = load_data(data_name or recipe.data.source).limit(recipe.data.max_train)
+        torch.manual_seed(recipe.seed)
+        model = load_model(recipe.model)
+        if recipe.train is not None:
+            fit(model, data, recipe.train, seed=recipe.seed * 1000)
+        return model, data
+    return load_model(source), load_data(data_name or "mnist")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .fileio import atomic_write_text
+    from .prune.sensitivity import sensitivity
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise EdgeslimError(f"--ratios must look like 0.25,0.5,0.75, got {args.ratios!r}") from None
+    model, data = _model_and_data(args.model, args.data)
+    sens = sensitivity(model, data, kind=args.kind, ratios=ratios, metric=args.metric)
+    console = Console()
+    console.print(sens.table(title=f"{args.kind} sensitivity of {args.model} ({args.metric})"))
+    derived = None
+    if args.max_drop is not None:
+        derived = sens.ratios_for_drop(args.max_drop)
+        console.print(f"per-layer ratios for at most {args.max_drop:.2%} drop each:")
+    elif args.target is not None:
+        derived = sens.ratios_for_sparsity(args.target)
+        console.print(f"per-layer sparsities for {args.target:.0%} of all weights removed:")
+    if derived is not None:
+        for name, ratio in derived.items():
+            console.print(f"  {name}: {ratio:.3f}")
+    if args.plot:
+        print(f"plot: {sens.plot(args.plot)}")
+    if args.json:
+        import json
+
+        body = {**sens.to_dict(), "derived": derived}
+        print(f"curves: {atomic_write_text(args.json, json.dumps(body, indent=1))}")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .export.fit import calibration_inputs, fit_report
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    Console().print(fit_report(model, calib, args.device, name=args.model).table())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export.fit import calibration_inputs, export_file
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    calib = calibration_inputs(model, args.data, args.calib)
+    device, patch = getattr(args, "device", None), getattr(args, "patch", "auto")
+    print(export_file(args.format, model, args.out, calib, device=device, patch=patch))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeslim",
@@ -124,6 +228,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--transform", choices=("haar",), help="input transform the model expects")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
+    fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = fmt.add_parser("onnx", help="ONNX, fp32 or int8 QDQ, verified in ONNX Runtime")
+    q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    q.add_argument("--out", required=True, help="the .onnx file to write")
+    q.add_argument("--int8", action="store_true", help="post-training int8 quantization first")
+    q.add_argument("--calibration", default="mse", choices=("minmax", "percentile", "mse", "kl"))
+    q.add_argument("--data", default="mnist", help="calibration dataset: mnist or npz:PATH")
+    q.add_argument("--calib-size", type=int, default=256, help="calibration inputs")
+    q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
+    q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
+    q.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    q.set_defaults(func=cmd_export_onnx)
+    for name, text in (
+        ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro"),
+        ("c", "C99 for microcontrollers (model.h, model.c, weights.h), compiled and checked"),
+    ):
+        q = fmt.add_parser(name, help=text)
+        q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+        q.add_argument("--out", required=True, help="the file (tflite) or directory (c)")
+        q.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+        q.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
+        if name == "c":
+            q.add_argument("--device", help="device profile to fit (e.g. stm32f746)")
+            q.add_argument(
+                "--patch",
+                choices=("auto", "on", "off"),
+                default="auto",
+                help="patch-based execution of the first layers (auto: if needed)",
+            )
+        q.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "sensitivity", help="per-layer pruning sensitivity curves and the ratios they suggest"
+    )
+    p.add_argument("model", help="model source (FILE.pt2, py:module:factory) or a recipe YAML")
+    p.add_argument("--data", help="dataset: mnist or npz:PATH (default: the recipe's, or mnist)")
+    p.add_argument("--kind", default="unstructured", choices=("unstructured", "channel"))
+    p.add_argument("--metric", default="accuracy", choices=("accuracy", "fidelity"))
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--max-drop", type=float, help="allowed drop per layer, e.g. 0.01")
+    target.add_argument("--target", type=float, help="global sparsity to reach (unstructured)")
+    p.add_argument("--plot", help="write the curves to this PNG")
+    p.add_argument("--json", help="write the curves (and derived ratios) to this JSON file")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    p.add_argument("--device", required=True, help="device profile, e.g. stm32f446")
+    p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
+    p.add_argument("--calib", type=int, default=64, help="number of calibration inputs")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots")
     p.add_argument("dir", help="run directory written by compress or demo")

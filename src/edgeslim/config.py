@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -77,16 +77,17 @@ class StageKind:
     given, writes the stage's deployable file: ``artifact(model, stage, directory)`` returns
     ``(format, path)`` of a file it wrote inside ``directory``, whose size becomes the stage's
     ``size_bytes``; without it the pipeline stores the weights as safetensors, dense or
-    sparse, whichever is smaller. ``restore(model, state)``, for kinds that change the
-    model's structure, rebuilds that change in place from a saved ``state`` (a state dict)
-    before a resumed run loads it.
+    sparse, whichever is smaller. ``rebuild(model, stage, log, example)``, when given,
+    returns the model *structure* ``run`` produced (channels removed, quantized modules, a
+    traced graph) without redoing the work, from the stage's recorded ``log``: a resumed run
+    calls it for every finished stage in order, then loads the saved state into the result.
     """
 
     name: str
     parse: Callable[[Any, str], BaseModel]
     run: Callable[..., tuple[Any, dict[str, Any]]]
     artifact: Callable[..., tuple[str, Path]] | None = None
-    restore: Callable[..., None] | None = None
+    rebuild: Callable[..., Any] | None = None
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -98,7 +99,14 @@ def register_stage(kind: StageKind) -> None:
 
 
 class DataConfig(BaseModel):
-    """Which dataset, and optionally fewer training examples (for quick runs)."""
+    """Which dataset, and optionally fewer training examples (for quick runs).
+
+    ``source: text:stdlib`` is English text for language models (``hf:`` models): it is
+    tokenized with the model's tokenizer into ``seq_len``-token examples, and evaluated with a
+    language-model metric (perplexity, or embedding cosine to the dense model for encoders)
+    on at most ``max_eval`` paragraphs. ``calib`` is the number of calibration examples that
+    calibrated stages (Wanda, SparseGPT, GPTQ, SmoothQuant) receive.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -107,6 +115,23 @@ class DataConfig(BaseModel):
     transform: Literal["haar"] | None = Field(
         None, description="input transform (edgeslim.data.transforms), e.g. haar sub-bands"
     )
+    calib: int = Field(128, ge=1, description="calibration examples for calibrated stages")
+    seq_len: int | None = Field(None, ge=2, description="text: tokens per example (128)")
+    max_eval: int | None = Field(None, ge=1, description="text: evaluation paragraphs")
+
+    @property
+    def is_text(self) -> bool:
+        return self.source.startswith("text:")
+
+    @model_validator(mode="after")
+    def _text_only_keys(self) -> DataConfig:
+        if not self.is_text:
+            for key in ("seq_len", "max_eval"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}' applies to text sources (text:NAME) only")
+        elif self.transform is not None:
+            raise ValueError("'transform' applies to image data, not to text sources")
+        return self
 
 
 class Stage(BaseModel):
@@ -175,6 +200,8 @@ class Recipe(BaseModel):
                 "train.distill: baseline training has no teacher; set distill in a stage's "
                 "finetune, where the model before the stage is the teacher"
             )
+        if train is not None and data_cfg.is_text:
+            raise ConfigError("train: baseline training is not supported with text data")
         raw_stages = data.get("stages", [])
         if not isinstance(raw_stages, list):
             raise ConfigError(f"stages: must be a list, got {type(raw_stages).__name__}")

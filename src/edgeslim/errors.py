@@ -41,3 +41,11 @@ class CheckpointError(EdgeslimError):
 
 class RunDirError(EdgeslimError):
     """A run directory holds a different recipe's run, or cannot be written."""
+
+
+class ExportError(EdgeslimError):
+    """An exporter could not write a model, or what it wrote disagrees with PyTorch."""
+
+
+class LoweringError(ExportError):
+    """A model has layers the integer graph (TFLite / C export) does not support."""

@@ -41,7 +41,7 @@ from .config import Recipe, Stage
 from .data.datasets import DataSplits, load_data
 from .data.transforms import apply_transform
 from .errors import CheckpointError, RunDirError
-from .masks import add_mask_buffers_
+from .models.hf import is_hf_model, restore_buffers_, save_hf
 from .models.io import load_model, save_model
 from .models.storage import FORMATS, deployable_state, payload_bytes, save_weights
 from .profile import profile
@@ -62,6 +62,10 @@ class StageContext:
     seed: int
     progress: bool | None = None
     teacher: nn.Module | None = None  # the model before the stage, when finetune distils
+
+    def calibration(self) -> Any:
+        """The recipe's calibration set (``data.calib`` examples) for calibrated stages."""
+        return self.data.calib(self.recipe.data.calib)
 
 
 @dataclass
@@ -101,14 +105,14 @@ def run_recipe(
     done = _finished_stages(out, recipe, len(stages), restart)
     _write_text(out / "recipe.yaml", recipe.to_yaml())
 
-    data = apply_transform(load_data(recipe.data.source), recipe.data.transform)
-    data = data.limit(recipe.data.max_train)
-    example = data.example(1)
     torch.manual_seed(recipe.seed)
     model = load_model(recipe.model)
+    data = _load_data(recipe, model)
+    example = data.example(1)
     result = RunResult(out=out, model=model)
     if done >= 0:
-        _load_stage_state(model, out / f"stage-{done}", stages[1 : done + 1])
+        model = _restore_shapes(model, stages, out, done, example)
+        _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
 
@@ -136,6 +140,35 @@ def run_recipe(
 
     render_report(out)
     return result
+
+
+def _load_data(recipe: Recipe, model: nn.Module) -> Any:
+    """The recipe's data: ``DataSplits``, or for ``text:`` sources a :class:`TextTask`
+    bound to the model's tokenizer (its metric references are taken from ``model`` now)."""
+    cfg = recipe.data
+    if cfg.is_text:
+        from .data.text import TextTask, load_text
+
+        corpus = load_text(cfg.source.removeprefix("text:"))
+        return TextTask(corpus, model, seq_len=cfg.seq_len or 128, max_eval=cfg.max_eval)
+    return apply_transform(load_data(cfg.source), cfg.transform).limit(cfg.max_train)
+
+
+def _evaluate(model: nn.Module, data: Any, split: str) -> float:
+    """Top-1 accuracy, or the data's own metric (``data.evaluate``) for text tasks."""
+    own = getattr(data, "evaluate", None)
+    return own(model, split) if own is not None else evaluate(model, data, split)
+
+
+def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (an LM head sharing the embedding) copied apart."""
+    seen: set[int] = set()
+    state = {}
+    for key, value in model.state_dict().items():
+        ptr = value.untyped_storage().data_ptr()
+        state[key] = value.detach().clone() if ptr in seen else value.detach().contiguous()
+        seen.add(ptr)
+    return state
 
 
 # --------------------------------------------------------------------------------------
@@ -184,8 +217,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load_stage_state(model: nn.Module, sdir: Path, finished: list[Stage | None]) -> None:
-    """Load ``sdir``'s state into ``model``, after the ``finished`` stages' structure changes."""
+def _restore_shapes(
+    model: nn.Module, stages: list[Stage | None], out: Path, done: int, example: torch.Tensor
+) -> nn.Module:
+    """Redo the structural changes of finished stages 1..done, in order; return the model."""
+    from .config import STAGE_KINDS
+
+    for index in range(1, done + 1):
+        kind = STAGE_KINDS[stages[index].kind]
+        if kind.rebuild is not None:
+            log = _read_meta(out / f"stage-{index}")["row"].get("log", {})
+            model = kind.rebuild(model, stages[index], log, example)
+    return model
+
+
+def _load_stage_state(model: nn.Module, sdir: Path) -> None:
     meta = _read_meta(sdir)
     state_path = sdir / STATE_FILE
     if not state_path.is_file():
@@ -199,12 +245,7 @@ def _load_stage_state(model: nn.Module, sdir: Path, finished: list[Stage | None]
         state = load_file(str(state_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"stage checkpoint {state_path} is corrupt: {exc}") from exc
-    from .config import STAGE_KINDS
-
-    for kind in dict.fromkeys(s.kind for s in finished if s is not None):
-        if STAGE_KINDS[kind].restore is not None:  # e.g. factorised layers: rebuild them
-            STAGE_KINDS[kind].restore(model, state)
-    add_mask_buffers_(model, state)
+    restore_buffers_(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -241,17 +282,18 @@ def _write_stage(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / STATE_FILE))
+    save_file(_unshared_state(model), str(tmp / STATE_FILE))
     fmt, artifact = _write_artifact(model, stage, tmp)
     size = artifact.stat().st_size
-    save_model(model, tmp / "model.pt2", example)
+    if not is_hf_model(model):  # a transformers model's artifact is its reloadable directory
+        save_model(model, tmp / "model.pt2", example)
     row = {
         "stage": "baseline" if stage is None else stage.kind,
         "index": index,
         "name": f"stage-{index} {_label(stage)}",
-        "accuracy": evaluate(model, data, "test"),
-        "val_accuracy": evaluate(model, data, "val"),
+        "metric": getattr(data, "metric", "accuracy"),
+        "accuracy": _evaluate(model, data, "test"),
+        "val_accuracy": _evaluate(model, data, "val"),
         "params": prof.params,
         "nonzero_params": prof.nonzero_params,
         "macs": prof.macs,
@@ -271,6 +313,7 @@ def _write_stage(
             for layer in prof.layers
             if layer.params
         },
+        "notes": prof.notes,
         "seconds": round(seconds, 3),
         "log": log,
     }
@@ -285,8 +328,9 @@ def _write_stage(
         shutil.rmtree(final)
     os.replace(tmp, final)
     acc = row["accuracy"]
+    shown = f"{acc:.3f}" if row["metric"] == "perplexity" else f"{100 * acc:.2f}%"
     console.print(
-        f"  accuracy {100 * acc:.2f}%  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
+        f"  {row['metric']} {shown}  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
         f"{fmt} file {size:,} B  ({seconds:.1f} s)"
     )
 
@@ -302,6 +346,8 @@ def _write_artifact(model: nn.Module, stage: Stage | None, directory: Path) -> t
     kind = STAGE_KINDS[stage.kind] if stage is not None else None
     if kind is not None and kind.artifact is not None:
         return kind.artifact(model, stage, directory)
+    if is_hf_model(model):  # config + weights (packed / sparse / dense), reloadable as hf:DIR
+        return "hf", save_hf(model, directory / "hf")
     deploy = deployable_state(model)
     fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
     path = directory / f"weights.{fmt}.safetensors"

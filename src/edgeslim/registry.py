@@ -7,6 +7,7 @@ verb looks the handler up by the config's type, the recipe parser by the name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -39,3 +40,16 @@ class Registry:
                 f"{self.verb}: no handler for config {type(cfg).__name__}; known: {known}"
             )
         return found
+
+    def call(self, model: Any, cfg: BaseModel, **kwargs: Any) -> Any:
+        """Run ``cfg``'s handler; a keyword argument it does not take is a ConfigError."""
+        handler = self.handler(cfg)
+        unknown = sorted(set(kwargs) - set(inspect.signature(handler).parameters))
+        if unknown:
+            raise ConfigError(f"{type(cfg).__name__} takes no argument(s) {unknown}")
+        return handler(model, cfg, **kwargs)
+
+    def accepted(self, cfg: BaseModel, **context: Any) -> dict[str, Any]:
+        """The items of ``context`` (``data=``, ``example=`` ...) that ``cfg``'s handler takes."""
+        params = inspect.signature(self.handler(cfg)).parameters
+        return {k: v for k, v in context.items() if k in params}

@@ -10,3 +10,4 @@ from __future__ import annotations
 
 from .lowrank import stage as _lowrank  # noqa: F401
 from .prune import stage as _prune  # noqa: F401
+from .quant import stage as _quant  # noqa: F401

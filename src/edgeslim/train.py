@@ -26,6 +26,8 @@ from .masks import apply_masks_, mask_grads_
 from .progress import enabled, progress_bar
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# step_hook(model, step, total_steps): called after every optimizer step (step counts from 1)
+StepHook = Callable[[nn.Module, int, int], None]
 
 
 class TrainConfig(BaseModel):
@@ -115,6 +117,7 @@ def fit(
     *,
     teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    step_hook: StepHook | None = None,
     progress: bool | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
@@ -124,13 +127,15 @@ def fit(
     ``loss_fn(logits, y, x)`` replaces cross-entropy. With a ``teacher`` the loss is
     knowledge distillation as ``cfg.distill`` says (``KD()`` when unset; see
     :mod:`edgeslim.distill.kd`), with ``loss_fn`` as its hard-label term.
+    ``step_hook(model, step, total_steps)`` runs after every optimizer step (e.g. to prune
+    on a schedule during training, see :class:`edgeslim.prune.AGPSchedule`).
     With ``keep_best`` the weights of the epoch with the best validation accuracy are
     restored at the end (ties keep the earlier epoch).
     """
     cfg = (cfg or TrainConfig()).model_copy(update=overrides)
     cfg = TrainConfig.model_validate(cfg.model_dump())  # validate the overrides too
     if cfg.distill is None and teacher is None:
-        return _train(model, data, cfg, loss_fn, progress)
+        return _train(model, data, cfg, loss_fn, step_hook, progress)
     if teacher is None:
         raise ConfigError(
             "distill is set but no teacher was given: pass teacher=MODEL (in a recipe, the "
@@ -138,11 +143,17 @@ def fit(
         )
     _check_input(model, data.train.x)
     torch.manual_seed(cfg.seed)  # the hint adapters' initial weights
+    hook = None
+    if step_hook is not None:  # the hook sees the student, not the wrapper with the adapters
+
+        def hook(_trainee: nn.Module, step: int, total: int) -> None:
+            step_hook(model, step, total)
+
     with distillation(model, teacher, cfg.distill or KD(), data.train.x[:2], loss_fn) as (
         trainee,
         kd_loss,
     ):
-        return _train(trainee, data, cfg, kd_loss, progress)
+        return _train(trainee, data, cfg, kd_loss, hook, progress)
 
 
 def _train(
@@ -150,6 +161,7 @@ def _train(
     data: DataSplits,
     cfg: TrainConfig,
     loss_fn: LossFn | None,
+    step_hook: StepHook | None,
     progress: bool | None,
 ) -> list[dict[str, float]]:
     """The training loop of :func:`fit` (``cfg`` already validated)."""
@@ -167,6 +179,7 @@ def _train(
     )
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, None
+    step = 0
     columns = TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]}")
     with progress_bar(columns, disable=not enabled(progress)) as bar:
         task = bar.add_task("train", total=cfg.epochs * steps_per_epoch, loss=float("nan"), val="–")
@@ -189,6 +202,9 @@ def _train(
                 opt.step()
                 apply_masks_(model)
                 sched.step()
+                step += 1
+                if step_hook is not None:
+                    step_hook(model, step, total)
                 loss_sum += loss.item() * len(idx)
                 bar.update(task, advance=1, loss=loss.item())
             val_acc = evaluate(model, data, "val")
@@ -209,9 +225,13 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    step_hook: StepHook | None = None,
     progress: bool | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
     """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given."""
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
-    return fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn, progress=progress, **overrides)
+    return fit(
+        model, data, cfg, teacher=teacher, loss_fn=loss_fn, step_hook=step_hook,
+        progress=progress, **overrides,
+    )  # fmt: skip

@@ -5,7 +5,7 @@
 
 ``calib`` training inputs (drawn with the stage's seed) feed the response solver and the
 sensitivity measurement of a ``macs`` budget. Factorised layers change the model's
-structure; a resumed run rebuilds them from the saved state (:func:`.layers.restore_`).
+structure; a resumed run rebuilds them from the stage's logged ranks (:func:`rebuild`).
 """
 
 from __future__ import annotations
@@ -69,10 +69,23 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     return model, log
 
 
-def restore(model, state) -> None:
-    from .layers import restore_
+def rebuild(model, stage, log: dict[str, Any], example) -> Any:
+    """Redo a finished lowrank stage's structure from its log (for resume): each factorised
+    layer becomes an (uninitialised) pair of the logged rank; the saved state fills it."""
+    from torch import nn
 
-    restore_(model, state)
+    from .layers import replace_, thin_pair
+
+    cfg = stage.config.config
+    for name, entry in log.get("layers", {}).items():
+        layer = model.get_submodule(name)
+        separable = getattr(cfg, "separable", False) and 1 not in getattr(
+            layer, "kernel_size", (1,)
+        )
+        shape = "linear" if isinstance(layer, nn.Linear) else "separable" if separable else "conv"
+        bias = layer.bias is not None or cfg.solver == "response"  # response re-adds the mean
+        replace_(model, name, thin_pair(layer, int(entry["rank"]), shape, bias))
+    return model
 
 
-register_stage(StageKind("lowrank", parse, run, restore=restore))
+register_stage(StageKind("lowrank", parse, run, rebuild=rebuild))

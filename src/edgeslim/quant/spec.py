@@ -76,19 +76,33 @@ class QParams:
         return values.reshape(shape)
 
 
-def activation_qparams(rmin: float, rmax: float) -> QParams:
-    """Asymmetric int8 qparams for values in ``[rmin, rmax]`` (TFLite ChooseQuantizationParams).
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a signed ``bits``-bit integer; symmetric drops the lowest value.
+
+    8 bits: activations [-128, 127], weights [-127, 127]; 4 bits: [-8, 7] / [-7, 7];
+    2 bits: [-2, 1] / [-1, 1].
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bit width must be in 2..16, got {bits}")
+    qmax = (1 << (bits - 1)) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def activation_qparams(rmin: float, rmax: float, bits: int = 8) -> QParams:
+    """Asymmetric qparams for values in ``[rmin, rmax]`` (TFLite ChooseQuantizationParams).
 
     The range is first widened to contain 0 (so 0 is exactly representable). The zero point
-    is derived from whichever end gives the smaller error, clamped to [-128, 127], rounded
-    half away from zero. A degenerate range (all zeros) gets scale 1 and zero point 0.
+    is derived from whichever end gives the smaller error, clamped to [qmin, qmax] ([-128,
+    127] for 8 bits), rounded half away from zero. A degenerate range (all zeros) gets scale
+    1 and zero point 0.
     """
     if not (math.isfinite(rmin) and math.isfinite(rmax)) or rmin > rmax:
         raise ValueError(f"activation range must be finite with min <= max, got [{rmin}, {rmax}]")
     rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
-    qmin, qmax = float(INT8_MIN), float(INT8_MAX)
+    lo, hi = int_range(bits, symmetric=False)
+    qmin, qmax = float(lo), float(hi)
     if rmin == rmax:
-        return QParams(np.array([1.0]), np.array([0]))
+        return QParams(np.array([1.0]), np.array([0]), lo, hi)
     scale = (rmax - rmin) / (qmax - qmin)
     zp_from_min = qmin - rmin / scale
     zp_from_max = qmax - rmax / scale
@@ -96,21 +110,23 @@ def activation_qparams(rmin: float, rmax: float) -> QParams:
     err_max = abs(qmax) + abs(rmax / scale)
     zp = zp_from_min if err_min < err_max else zp_from_max
     nudged = int(min(max(round_half_away(zp), qmin), qmax))
-    return QParams(np.array([scale]), np.array([nudged]))
+    return QParams(np.array([scale]), np.array([nudged]), lo, hi)
 
 
-def weight_qparams(w: np.ndarray, axis: int | None = 0) -> QParams:
-    """Symmetric int8 qparams: ``scale = max|w| / 127`` per channel along ``axis`` (or tensor).
+def weight_qparams(w: np.ndarray, axis: int | None = 0, bits: int = 8) -> QParams:
+    """Symmetric qparams: ``scale = max|w| / 127`` per channel along ``axis`` (or tensor).
 
-    A channel of all zeros gets scale 1 (any scale represents it exactly).
+    ``bits`` other than 8 use ``qmax = 2^(bits-1) - 1`` in place of 127. A channel of all
+    zeros gets scale 1 (any scale represents it exactly).
     """
     w = np.asarray(w, dtype=np.float64)
     if axis is None:
         amax = np.array([np.abs(w).max(initial=0.0)])
     else:
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1, initial=0.0)
-    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0)
-    return QParams(scale, np.zeros_like(scale, dtype=np.int64), WEIGHT_MIN, WEIGHT_MAX, axis)
+    qmin, qmax = int_range(bits, symmetric=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return QParams(scale, np.zeros_like(scale, dtype=np.int64), qmin, qmax, axis)
 
 
 def quantize(x: np.ndarray, qp: QParams) -> IntArray:
@@ -307,3 +323,217 @@ def rounded_average(total: np.ndarray, count: np.ndarray | int) -> IntArray:
     num = np.where(total > 0, total + half, total - half)
     q = np.abs(num) // count
     return np.where(num < 0, -q, q)
+
+
+# ---------------------------------------------------------------------------- TFLite Micro
+# TFLite stores every scale as float32 and derives multipliers from those float32 values,
+# so edgeslim's integer graph keeps its scales float32-representable and computes the
+# multipliers exactly as TFLite Micro's Prepare functions do.
+
+
+def to_float32(x: np.ndarray | float) -> np.ndarray:
+    """``x`` rounded to float32 and widened back to float64 (how a .tflite stores scales)."""
+    return np.asarray(x, dtype=np.float32).astype(np.float64)
+
+
+def conv_multipliers(
+    input_scale: float, weight_scales: np.ndarray, output_scale: float
+) -> tuple[IntArray, IntArray]:
+    """Per-channel ``(m, shift)`` of a conv / depthwise / per-channel FC layer.
+
+    TFLite's PopulateConvolutionQuantizationParams: ``double(s_in) * double(s_w[c]) /
+    double(s_out)`` from the float32 scales, then :func:`quantize_multiplier`.
+    """
+    s_in, s_out = float(to_float32(input_scale)), float(to_float32(output_scale))
+    pairs = [quantize_multiplier(s_in * float(s) / s_out) for s in to_float32(weight_scales)]
+    return np.array([m for m, _ in pairs], np.int64), np.array([s for _, s in pairs], np.int64)
+
+
+def fc_multiplier(input_scale: float, weight_scale: float, output_scale: float) -> tuple[int, int]:
+    """``(m, shift)`` of a per-tensor fully connected layer.
+
+    TFLite's GetQuantizedConvolutionMultipler multiplies the two float32 scales *in float32*
+    (``double(s_in * s_w)``) before dividing by ``double(s_out)``: a different rounding from
+    :func:`conv_multipliers`, which can change the multiplier's last bit.
+    """
+    product = np.float32(input_scale) * np.float32(weight_scale)  # float32 product, as in C
+    return quantize_multiplier(float(product) / float(to_float32(output_scale)))
+
+
+def tflite_activation_range(
+    activation: str | None, scale: float, zero_point: int
+) -> tuple[int, int]:
+    """``(act_min, act_max)`` exactly as TFLite Micro computes them for an int8 output.
+
+    Like :func:`activation_range`, but ReLU6's upper end is ``zp + round(6.0f / scale)``
+    with the division done in *float32* (CalculateActivationRangeQuantized): where
+    ``6 / scale`` lies within a float32 rounding step of ``k + 0.5`` the two differ by one.
+    """
+    if activation != "relu6":
+        return activation_range(activation, scale, zero_point)
+    six = np.float32(6.0) / np.float32(scale)
+    top = zero_point + int(round_half_away(float(six)))
+    return max(INT8_MIN, zero_point), min(INT8_MAX, top)
+
+
+def requantize_params(input_scale: float, output_scale: float) -> tuple[int, int]:
+    """``(m, shift)`` of an int8 -> int8 QUANTIZE (requantize): ``double(s_in) / double(s_out)``."""
+    return quantize_multiplier(float(to_float32(input_scale)) / float(to_float32(output_scale)))
+
+
+def requantize_int8(q: np.ndarray, zp_in: int, m: int, shift: int, zp_out: int) -> IntArray:
+    """TFLite's reference Requantize: ``clamp(MBQM(q - zp_in, m, shift) + zp_out)``."""
+    return requantize(np.asarray(q, np.int64) - zp_in, m, shift, zp_out)
+
+
+# ---------------------------------------------------------------------------- softmax
+# TFLite's int8 softmax (reference_ops::Softmax, used by TFLite Micro) computes exp() and the
+# reciprocal of the sum with gemmlowp's fixed-point routines (fixedpoint.h). A value in
+# fixed point with I integer bits is an int32 ``raw`` standing for ``raw / 2^(31 - I)``;
+# fixed-point multiplication is :func:`srdhm`. Transcribed below on int64 arrays that hold
+# int32 values.
+
+SOFTMAX_DIFF_INTEGER_BITS = 5  # input differences in Q5.26
+SOFTMAX_ACCUM_INTEGER_BITS = 12  # sum of exponentials in Q12.19
+SOFTMAX_OUTPUT_SCALE = 1.0 / 256
+SOFTMAX_OUTPUT_ZERO_POINT = -128
+
+
+def saturating_rounding_mul_by_pot(x: np.ndarray, exponent: int) -> IntArray:
+    """``x * 2^exponent``: a saturating left shift, or :func:`rounding_divide_by_pot`."""
+    x = np.asarray(x, dtype=np.int64)
+    if exponent == 0:
+        return x
+    if exponent < 0:
+        return rounding_divide_by_pot(x, -exponent)
+    threshold = (1 << (31 - exponent)) - 1
+    shifted = x * (1 << exponent)
+    return np.where(x > threshold, INT32_MAX, np.where(x < -threshold, INT32_MIN, shifted))
+
+
+def rounding_half_sum(a: np.ndarray, b: np.ndarray | int) -> IntArray:
+    """``(a + b) / 2`` rounded half away from zero (gemmlowp RoundingHalfSum)."""
+    total = np.asarray(a, np.int64) + np.asarray(b, np.int64)
+    num = total + np.where(total >= 0, 1, -1)
+    return _truncating_div_pow2(num, 1)
+
+
+def _exp_on_interval_between_negative_one_quarter_and_0_excl(a: np.ndarray) -> IntArray:
+    """exp(a) for Q0.31 ``a`` in [-1/4, 0): a Taylor expansion around -1/8."""
+    constant_term = 1895147668  # exp(-1/8) in Q0.31
+    constant_1_over_3 = 715827883
+    x = a + (1 << 28)  # a + 1/8
+    x2 = srdhm(x, x)
+    x3 = srdhm(x2, x)
+    x4 = srdhm(x2, x2)
+    x4_over_4 = saturating_rounding_mul_by_pot(x4, -2)
+    poly = saturating_rounding_mul_by_pot(srdhm(x4_over_4 + x3, constant_1_over_3) + x2, -1)
+    return constant_term + srdhm(constant_term, x + poly)
+
+
+# exp(-2^k) in Q0.31 for the barrel shifter of exp_on_negative_values, k = -2 .. 4
+_EXP_BARREL = (
+    (-2, 1672461947),
+    (-1, 1302514674),
+    (0, 790015084),
+    (1, 290630308),
+    (2, 39332535),
+    (3, 720401),
+    (4, 242),
+)
+
+
+def exp_on_negative_values(a: np.ndarray, integer_bits: int) -> IntArray:
+    """exp(a) in Q0.31 for ``a <= 0`` given in fixed point with ``integer_bits`` integer bits."""
+    a = np.asarray(a, dtype=np.int64)
+    fractional_bits = 31 - integer_bits
+    one_quarter = 1 << (fractional_bits - 2)
+    a_mod_quarter_minus_one_quarter = (a & (one_quarter - 1)) - one_quarter
+    result = _exp_on_interval_between_negative_one_quarter_and_0_excl(
+        saturating_rounding_mul_by_pot(a_mod_quarter_minus_one_quarter, integer_bits)
+    )
+    remainder = a_mod_quarter_minus_one_quarter - a
+    for exponent, multiplier in _EXP_BARREL:
+        if integer_bits > exponent:
+            bit = (remainder & (1 << (fractional_bits + exponent))) != 0
+            result = np.where(bit, srdhm(result, multiplier), result)
+    if integer_bits > 5:
+        clamp = -(1 << (36 - integer_bits))  # -32.0
+        result = np.where(a < clamp, 0, result)
+    return np.where(a == 0, INT32_MAX, result)
+
+
+def one_over_one_plus_x_for_x_in_0_1(a: np.ndarray) -> IntArray:
+    """1 / (1 + a) in Q0.31 for Q0.31 ``a`` in [0, 1): three Newton-Raphson steps in Q2.29."""
+    half_denominator = rounding_half_sum(a, INT32_MAX)
+    constant_48_over_17 = 1515870810
+    constant_neg_32_over_17 = -1010580540
+    one_q2 = 1 << 29
+    x = constant_48_over_17 + srdhm(half_denominator, constant_neg_32_over_17)
+    for _ in range(3):
+        half_denominator_times_x = srdhm(half_denominator, x)
+        one_minus = one_q2 - half_denominator_times_x
+        x = x + saturating_rounding_mul_by_pot(srdhm(x, one_minus), 2)
+    return saturating_rounding_mul_by_pot(x, 1)
+
+
+def get_reciprocal(x: np.ndarray, integer_digits: int) -> tuple[IntArray, IntArray]:
+    """``(1 / x)`` as TFLite's GetReciprocal: a Q0.31 mantissa and ``num_bits_over_unit``.
+
+    ``x > 0`` is in fixed point with ``integer_digits`` integer bits.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    _, bit_length = np.frexp(x.astype(np.float64))  # exact for x < 2^53
+    headroom_plus_one = 32 - bit_length.astype(np.int64)  # count of leading zeros of uint32 x
+    num_bits_over_unit = integer_digits - headroom_plus_one
+    shifted_sum_minus_one = (x << headroom_plus_one) - (1 << 31)
+    return one_over_one_plus_x_for_x_in_0_1(shifted_sum_minus_one), num_bits_over_unit
+
+
+@dataclass(frozen=True)
+class SoftmaxParams:
+    """Fixed-point parameters of an int8 softmax (TFLite Micro's CalculateSoftmaxParams)."""
+
+    input_multiplier: int
+    input_left_shift: int
+    diff_min: int
+
+
+def softmax_params(input_scale: float, beta: float = 1.0) -> SoftmaxParams:
+    """PreprocessSoftmaxScaling and CalculateInputRadius for 5 integer bits.
+
+    ``M = min(beta * s_in * 2^26, 2^31 - 1)`` is quantized with :func:`quantize_multiplier`
+    (a left shift >= 0); differences below ``diff_min = -floor(31 * 2^26 / 2^shift)`` are
+    treated as exp(-inf) = 0.
+    """
+    bits = SOFTMAX_DIFF_INTEGER_BITS
+    real = min(float(beta) * float(to_float32(input_scale)) * (1 << (31 - bits)), 2.0**31 - 1)
+    if real <= 1.0:
+        raise ValueError(
+            f"softmax input scale {input_scale} is too small for int8 softmax "
+            "(TFLite needs beta * scale * 2^26 > 1)"
+        )
+    m, shift = quantize_multiplier(real)
+    radius = math.floor(((1 << bits) - 1) * (1 << (31 - bits)) / (1 << shift))
+    return SoftmaxParams(m, shift, -radius)
+
+
+def softmax_int8(q: np.ndarray, params: SoftmaxParams) -> IntArray:
+    """int8 softmax over the last axis, bit-exact with TFLite's reference kernel.
+
+    The output has scale 1/256 and zero point -128.
+    """
+    q = np.asarray(q, dtype=np.int64)
+    diff = q - q.max(axis=-1, keepdims=True)
+    valid = diff >= params.diff_min
+    scaled = srdhm(
+        np.where(valid, diff, 0) * (1 << params.input_left_shift), params.input_multiplier
+    )
+    exps = exp_on_negative_values(scaled, SOFTMAX_DIFF_INTEGER_BITS)  # Q0.31
+    accum = saturating_rounding_mul_by_pot(exps, -SOFTMAX_ACCUM_INTEGER_BITS)  # Q12.19
+    sum_of_exps = np.where(valid, accum, 0).sum(axis=-1, keepdims=True)
+    scale, num_bits_over_unit = get_reciprocal(sum_of_exps, SOFTMAX_ACCUM_INTEGER_BITS)
+    exponent = num_bits_over_unit + 31 - 8
+    out = rounding_divide_by_pot(srdhm(scale, exps), exponent) + INT8_MIN
+    out = np.clip(out, INT8_MIN, INT8_MAX)
+    return np.where(valid, out, INT8_MIN)

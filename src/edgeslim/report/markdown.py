@@ -8,13 +8,14 @@ from typing import Any
 import yaml
 
 from ..fileio import atomic_write_text
-from .plots import plot_accuracy_vs_size, plot_layer_sparsity
+from .plots import layer_bits_rows, plot_accuracy_vs_size, plot_layer_bits, plot_layer_sparsity
 from .tables import COLUMNS, layer_rows, read_metrics, stage_name, stage_rows, summary_line
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 ACCURACY_PLOT = "accuracy_vs_size.png"
 SPARSITY_PLOT = "layer_sparsity.png"
+BITS_PLOT = "layer_bits.png"
 LAYER_COLUMNS: list[tuple[str, str]] = [
     ("layer", "layer"),
     ("type", "type"),
@@ -62,13 +63,22 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
         "## Stages",
         markdown_table(stage_rows(rows), COLUMNS),
         f"**{summary_line(rows)}**",
+        *_notes(final),
         f"## Layers after {stage_name(final)}",
         layer_section,
         "## Plots",
         f"![accuracy vs size]({PLOTS_DIR}/{ACCURACY_PLOT})",
         f"![per-layer density]({PLOTS_DIR}/{SPARSITY_PLOT})",
     ]
+    if layer_bits_rows(rows):  # only when a stage chose per-layer bit widths
+        parts.append(f"![per-layer weight bits]({PLOTS_DIR}/{BITS_PLOT})")
     return "\n\n".join(parts) + "\n"
+
+
+def _notes(row: dict[str, Any]) -> list[str]:
+    """The final stage's profile notes (what its sparsity does not buy), as a list."""
+    notes = row.get("notes") or []
+    return ["## Notes", "\n".join(f"- {n}" for n in notes)] if notes else []
 
 
 def render_report(run_dir: str | Path) -> Path:
@@ -78,4 +88,5 @@ def render_report(run_dir: str | Path) -> Path:
     plots = run_dir / PLOTS_DIR
     plot_accuracy_vs_size(rows, plots / ACCURACY_PLOT)
     plot_layer_sparsity(rows, plots / SPARSITY_PLOT)
+    plot_layer_bits(rows, plots / BITS_PLOT)
     return atomic_write_text(run_dir / REPORT_FILE, build_markdown(rows, recipe_name(run_dir)))

@@ -43,7 +43,8 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     sizes = [row["size_bytes"] / 1024 for row in rows]
-    accs = [100 * row["accuracy"] for row in rows]
+    ppl = rows[0].get("metric") == "perplexity"  # language models: perplexity, as is
+    accs = [row["accuracy"] if ppl else 100 * row["accuracy"] for row in rows]
     ax.plot(sizes, accs, "-", color="0.6", zorder=1)
     ax.scatter(sizes, accs, c=range(len(rows)), cmap="viridis", s=50, zorder=2)
     for row, x, y in zip(rows, sizes, accs, strict=True):
@@ -52,7 +53,7 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:g}")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test perplexity" if ppl else f"test {rows[0].get('metric', 'accuracy')} (%)")
     ax.set_title("accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     _pad_axes(ax, sizes, accs)
@@ -110,6 +111,37 @@ def plot_layer_sparsity(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.yaxis.set_major_formatter(lambda y, _pos: f"{100 * y:.0f}%")
     ax.set_ylabel("weights kept (nonzero / params)")
     ax.set_title("per-layer density")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save_png(fig, Path(path))
+
+
+def layer_bits_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stages whose log records per-layer bit widths (``log.layer_bits``)."""
+    return [row for row in rows if (row.get("log") or {}).get("layer_bits")]
+
+
+def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Grouped bars: weight bits per layer for each stage that chose them (None if none did)."""
+    stages = layer_bits_rows(rows)
+    if not stages:
+        return None
+    layers: dict[str, None] = {}
+    for row in stages:
+        layers.update(dict.fromkeys(row["log"]["layer_bits"]))
+    names = list(layers)
+    fig = _new_figure(max(6.0, 0.9 * len(names) + 2.5), 4.0)
+    ax = fig.add_subplot()
+    width = 0.8 / len(stages)
+    for i, row in enumerate(stages):
+        xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(names))]
+        bits = [row["log"]["layer_bits"].get(n, 0) for n in names]
+        ax.bar(xs, bits, width, label=stage_name(row))
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks([1, 2, 4, 8])
+    ax.set_ylim(0, 8.5)
+    ax.set_ylabel("weight bits")
+    ax.set_title("per-layer weight bit width")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save_png(fig, Path(path))

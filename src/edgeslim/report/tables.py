@@ -98,6 +98,19 @@ def percent(fraction: float | None, digits: int = 2) -> str:
     return DASH if fraction is None else f"{100 * fraction:.{digits}f}%"
 
 
+def metric_text(row: dict[str, Any], digits: int = 2) -> str:
+    """A row's quality: accuracy (or embedding cosine) as a percentage, perplexity as is."""
+    if row.get("metric") == "perplexity":
+        return f"{row['accuracy']:.{digits}f} ppl"
+    return percent(row["accuracy"], digits)
+
+
+def metric_delta(row: dict[str, Any], base: dict[str, Any], digits: int = 2) -> str:
+    """The change from ``base``: percentage points, or perplexity units."""
+    scale = 1 if row.get("metric") == "perplexity" else 100
+    return signed(scale * (row["accuracy"] - base["accuracy"]), digits)
+
+
 def latency_text(ms: float | None) -> str:
     """Latency in milliseconds, three decimals below 1 ms and two above."""
     if ms is None:
@@ -173,8 +186,8 @@ def stage_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [
         {
             "stage": stage_name(row),
-            "accuracy": percent(row["accuracy"]),
-            "delta": signed(100 * (row["accuracy"] - base["accuracy"])),
+            "accuracy": metric_text(row),
+            "delta": metric_delta(row, base),
             "nonzero_params": _int_text(row.get("nonzero_params")),
             "ratio": ratio_text(base_params, row.get("nonzero_params")),
             "size": human_bytes(row["size_bytes"]),
@@ -214,10 +227,11 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     base, final = rows[0], rows[-1]
     fewer = ratio_text(base.get("params"), final.get("nonzero_params"))
     smaller = ratio_text(base["size_bytes"], final["size_bytes"])
-    delta = signed(100 * (final["accuracy"] - base["accuracy"]), digits=1)
+    delta = metric_delta(final, base, digits=1)
+    unit = "" if final.get("metric") == "perplexity" else " pt"
     return (
         f"final: {fewer} fewer nonzero weights, {smaller} smaller file, "
-        f"accuracy {percent(final['accuracy'], digits=1)} (Δ {delta} pt)"
+        f"{final.get('metric', 'accuracy')} {metric_text(final, digits=1)} (Δ {delta}{unit})"
     )
 
 

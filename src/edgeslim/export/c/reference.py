@@ -1,0 +1,166 @@
+"""Reference interpreter of the integer graph: numpy int64, TFLite Micro's arithmetic exactly.
+
+Every op is written from :mod:`edgeslim.quant.spec` (which is transcribed from TFLite's
+reference kernels) so that its int8 results equal TFLite Micro's and the generated C's bit
+for bit. It is the oracle the exporters check against; speed is secondary.
+
+    values = run(graph, q)            # q: int8 input (1, H, W, C); every tensor by name
+    q = quantize_input(graph, x)      # float NCHW batch -> int8 NHWC batch
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import ExportError, ShapeError
+from ...quant import spec
+from . import ir
+
+
+def run(graph: ir.Graph, q: np.ndarray) -> dict[str, np.ndarray]:
+    """Execute ``graph`` on one int8 input; return every activation tensor (int64) by name."""
+    inp = graph[graph.input]
+    q = np.asarray(q)
+    if q.shape != inp.shape:
+        raise ShapeError(f"input must have shape {inp.shape} (NHWC), got {q.shape}")
+    if q.min(initial=0) < spec.INT8_MIN or q.max(initial=0) > spec.INT8_MAX:
+        raise ShapeError("input values must be int8 (in [-128, 127])")
+    values = {graph.input: q.astype(np.int64)}
+    for op in graph.ops:
+        out = _KERNELS[type(op)](graph, op, values)
+        expected = graph[op.output].shape
+        values[op.output] = out.reshape(expected)
+    return values
+
+
+def run_batch(graph: ir.Graph, q: np.ndarray) -> np.ndarray:
+    """The graph output for each input of a batch ``(N, *input shape[1:])``."""
+    return np.concatenate([run(graph, x[None])[graph.output] for x in q])
+
+
+def quantize_input(graph: ir.Graph, x: np.ndarray) -> np.ndarray:
+    """A float batch in PyTorch layout (N, C, H, W) or (N, F) -> int8 graph inputs (NHWC)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 4:
+        x = x.transpose(0, 2, 3, 1)
+    t = graph[graph.input]
+    if x.shape[1:] != t.shape[1:]:
+        raise ShapeError(f"inputs must have shape (N, {t.shape[1:]}) in NHWC, got {x.shape}")
+    return spec.quantize(x, spec.QParams(t.scale, t.zero_point)).astype(np.int8)
+
+
+def dequantize(graph: ir.Graph, name: str, q: np.ndarray) -> np.ndarray:
+    """Float values of tensor ``name`` from its int8 values (NHWC stays NHWC)."""
+    t = graph[name]
+    return spec.dequantize(q, spec.QParams(t.scale, t.zero_point))
+
+
+# --------------------------------------------------------------------------------------
+# kernels: (graph, op, values) -> int64 output
+# --------------------------------------------------------------------------------------
+
+
+def _windows(x: np.ndarray, kernel, stride, padding, out_hw, fill: int) -> np.ndarray:
+    """Sliding windows of ``x`` (H, W, C) padded with ``fill``: (Ho, Wo, C, KH, KW)."""
+    top, left, bottom, right = padding
+    xp = np.pad(x, ((top, bottom), (left, right), (0, 0)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=(0, 1))
+    return win[:: stride[0], :: stride[1]][: out_hw[0], : out_hw[1]]
+
+
+def _conv(graph: ir.Graph, op: ir.Conv2D, values) -> np.ndarray:
+    x_t, out_t = graph[op.inputs[0]], graph[op.output]
+    w = graph[op.weight].data
+    x = values[op.inputs[0]][0] - x_t.qzero  # (H, W, Cin); padding contributes 0
+    _, ho, wo, cout = out_t.shape
+    kh, kw = w.shape[1:3]
+    win = _windows(x, (kh, kw), op.stride, op.padding, (ho, wo), 0)  # (Ho, Wo, Cin, KH, KW)
+    if op.depthwise:
+        mult = cout // x.shape[2]
+        win = np.repeat(win, mult, axis=2)  # output channel oc reads input channel oc // mult
+        acc = np.einsum("hwckl,klc->hwc", win, w[0])
+    else:
+        acc = np.einsum("hwikl,okli->hwo", win, w)
+    acc = _accumulate(op, acc, graph[op.bias].data)
+    out = spec.requantize(acc, op.multiplier, op.shift, out_t.qzero, op.act_min, op.act_max)
+    return out[None]
+
+
+def _accumulate(op: ir.Layer, products: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``products + bias``, refusing what an int32 accumulator (TFLite's, the C's) cannot
+    hold: there the sum would wrap (undefined behaviour in C) instead of being exact."""
+    acc = products + bias
+    for what, values in (("sum of products", products), ("sum with the bias", acc)):
+        if values.min() < spec.INT32_MIN or values.max() > spec.INT32_MAX:
+            raise ExportError(
+                f"{op.kind} {op.name!r}: the int32 accumulator overflows ({what} reaches "
+                f"{int(np.abs(values).max()):,}); its scales are degenerate (e.g. a tiny "
+                "input or weight scale makes the int32 bias huge)"
+            )
+    return acc
+
+
+def _fully_connected(graph: ir.Graph, op: ir.FullyConnected, values) -> np.ndarray:
+    x = values[op.inputs[0]].reshape(-1) - graph[op.inputs[0]].qzero
+    acc = _accumulate(op, graph[op.weight].data @ x, graph[op.bias].data)
+    out_t = graph[op.output]
+    return spec.requantize(acc, op.multiplier, op.shift, out_t.qzero, op.act_min, op.act_max)
+
+
+def _add(graph: ir.Graph, op: ir.Add, values) -> np.ndarray:
+    a, b = op.inputs
+    return spec.add_int8(
+        values[a],
+        graph[a].qzero,
+        values[b],
+        graph[b].qzero,
+        op.params,
+        graph[op.output].qzero,
+        op.act_min,
+        op.act_max,
+    )
+
+
+def _pool(graph: ir.Graph, op: ir.Pool2D, values) -> np.ndarray:
+    x = values[op.inputs[0]][0]
+    _, ho, wo, _ = graph[op.output].shape
+    if op.mode == "max":
+        win = _windows(x, op.kernel, op.stride, op.padding, (ho, wo), np.iinfo(np.int64).min)
+        out = win.max(axis=(3, 4))
+    else:
+        total = _windows(x, op.kernel, op.stride, op.padding, (ho, wo), 0).sum(axis=(3, 4))
+        ones = np.ones((*x.shape[:2], 1), np.int64)
+        count = _windows(ones, op.kernel, op.stride, op.padding, (ho, wo), 0).sum(axis=(3, 4))
+        out = spec.rounded_average(total, count)
+    return np.clip(out, op.act_min, op.act_max)[None]
+
+
+def _reshape(graph: ir.Graph, op: ir.Reshape, values) -> np.ndarray:
+    return values[op.inputs[0]].reshape(graph[op.output].shape)
+
+
+def _concat(graph: ir.Graph, op: ir.Concat, values) -> np.ndarray:
+    return np.concatenate([values[n] for n in op.inputs], axis=op.axis)
+
+
+def _softmax(graph: ir.Graph, op: ir.Softmax, values) -> np.ndarray:
+    return spec.softmax_int8(values[op.inputs[0]], op.params)
+
+
+def _requantize(graph: ir.Graph, op: ir.Requantize, values) -> np.ndarray:
+    src = op.inputs[0]
+    return spec.requantize_int8(
+        values[src], graph[src].qzero, op.multiplier, op.shift, graph[op.output].qzero
+    )
+
+
+_KERNELS = {
+    ir.Conv2D: _conv,
+    ir.FullyConnected: _fully_connected,
+    ir.Add: _add,
+    ir.Pool2D: _pool,
+    ir.Reshape: _reshape,
+    ir.Concat: _concat,
+    ir.Softmax: _softmax,
+    ir.Requantize: _requantize,
+}

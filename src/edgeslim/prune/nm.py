@@ -1,0 +1,133 @@
+"""N:M semi-structured sparsity: at most N nonzeros in every M consecutive weights.
+
+Asit Mishra, Jorge Albericio Latorre, Jeff Pool et al. "Accelerating Sparse Deep Neural
+Networks", 2021. https://arxiv.org/abs/2104.08378 (2:4 on NVIDIA Ampere sparse tensor cores);
+Aojun Zhou et al. "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch",
+ICLR 2021. https://arxiv.org/abs/2102.04010
+
+Groups of M run along the *input* dimension, the one a dot product reduces over: for a Linear
+weight (out, in) the groups are ``w[o, i:i+M]``; for a Conv weight (out, in/g, kh, kw) they are
+M consecutive input channels at the same kernel position. In each group the N entries of
+highest score (|w|, or the OBD saliency) are kept. A layer whose input size is not a multiple
+of M (e.g. a 1-channel stem, a depthwise conv) is left dense and named in a warning.
+
+**Speed.** Only hardware with sparse kernels for the pattern (NVIDIA Ampere and later, with
+cuSPARSELt/TensorRT) runs N:M faster. Dense CPU runtimes -- PyTorch, ONNX Runtime, TFLite --
+multiply the zeros like any other number: same latency, same dense file. :func:`nm_pattern`
+lets :func:`edgeslim.profile` say so next to every N:M model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..data.datasets import DataSplits
+from ..errors import ConfigError
+from .magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layers
+
+PATTERNS = ((1, 4), (2, 4), (4, 8))  # the patterns nm_pattern recognises, strictest first
+
+
+class NMPrune(BaseModel):
+    """Keep the ``n`` highest-scoring weights in every group of ``m`` along the input dim.
+
+    ``score`` is ``magnitude`` (|w|) or ``obd`` (h_kk w^2 / 2 with a Fisher Hessian estimate
+    on ``samples`` labelled examples: pass ``data=`` to :func:`prune_`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(2, ge=1)
+    m: int = Field(4, ge=2)
+    score: Literal["magnitude", "obd"] = "magnitude"
+    exclude: list[str] = Field(default_factory=list)
+    samples: int = Field(256, ge=1, description="labelled examples for score='obd'")
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> NMPrune:
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m, got {self.n}:{self.m}")
+        return self
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+
+def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """View of ``weight`` as (rows, groups, m) with groups along the input dimension."""
+    w = weight if weight.dim() == 2 else weight.movedim(1, -1)  # conv: (out, *k, in/g)
+    return w.reshape(-1, w.shape[-1] // m, m)
+
+
+def _ungroup(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_groups`."""
+    if like.dim() == 2:
+        return groups.reshape(like.shape)
+    moved = like.movedim(1, -1)
+    return groups.reshape(moved.shape).movedim(-1, 1)
+
+
+def nm_supported(weight: torch.Tensor, m: int) -> bool:
+    """True when the input dimension of ``weight`` splits into whole groups of ``m``."""
+    return weight.dim() >= 2 and weight.shape[1] % m == 0
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask with the ``n`` highest ``scores`` of every ``m`` along the input dim."""
+    groups = _groups(scores, m)  # (rows, groups, m)
+    top = groups.topk(n, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return _ungroup(keep, scores)
+
+
+def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
+    """The strictest pattern of :data:`PATTERNS` that ``weight`` satisfies, if it is sparse.
+
+    ``None`` for a dense tensor or one whose zeros follow no N:M pattern.
+    """
+    w = weight.detach()
+    if w.dim() < 2 or int(torch.count_nonzero(w)) == w.numel():
+        return None
+    for n, m in PATTERNS:
+        if nm_supported(w, m) and int((_groups(w, m) != 0).sum(-1).max()) <= n:
+            return n, m
+    return None
+
+
+def nm_prune_(
+    model: nn.Module,
+    cfg: NMPrune,
+    filter_fn: FilterFn | None = None,
+    *,
+    data: DataSplits | None = None,
+    calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Apply ``cfg.n``:``cfg.m`` masks in place; returns each pruned layer's sparsity."""
+    layers = select_layers(prunable_layers(model, filter_fn), cfg.exclude, None)
+    supported = {k: v for k, v in layers.items() if nm_supported(v.weight, cfg.m)}
+    if not supported:
+        raise ConfigError(
+            f"no layer of {type(model).__name__} has an input size divisible by m={cfg.m}"
+        )
+    skipped = sorted(set(layers) - set(supported))
+    if skipped:
+        warnings.warn(
+            f"N:M {cfg.n}:{cfg.m}: layers left dense (input size not a multiple of {cfg.m}): "
+            + ", ".join(skipped),
+            stacklevel=2,
+        )
+    if cfg.score == "obd":
+        from .obd import calibration_pairs, hessian_diagonal, obd_scores
+
+        x, y = calibration_pairs(calib if calib is not None else data, cfg.samples)
+        scores = obd_scores(supported, hessian_diagonal(model, supported, x, y))
+    else:
+        scores = {k: v.weight.detach().abs() for k, v in supported.items()}
+    masks = {k: nm_mask(s, cfg.n, cfg.m) for k, s in scores.items()}
+    return apply_new_masks_(supported, masks)

@@ -1,0 +1,326 @@
+"""GPTQ: weight-only quantization with second-order error compensation (and RTN beside it).
+
+Elias Frantar, Saleh Ashkboos, Torsten Hoefler, Dan Alistarh. "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", ICLR 2023.
+https://arxiv.org/abs/2210.17323
+
+Each linear layer's weights W (out, in) are quantized one input column at a time to an
+asymmetric ``bits``-bit grid (one scale and zero point per row and group of ``group_size``
+inputs); the rounding error of column i is spread over the columns not yet quantized with the
+upper Cholesky factor U of the damped inverse Hessian (H + damp I)^-1, H = 2/n X^T X::
+
+    err      = (w_i - quant(w_i)) / U_ii
+    W[:, i:] -= err (outer) U[i, i:]
+
+with lazy batch updates per ``blocksize`` columns (as in :mod:`edgeslim.prune.sparsegpt`).
+A group's scale and zero point are computed from the (already updated) weights when its first
+column is reached. ``act_order`` quantizes columns in order of decreasing H_jj; groups are then
+consecutive in that order and ``g_idx`` records each input's group.
+
+Round-to-nearest (:class:`RTN`) uses the same grid without any update: the baseline.
+
+Scales are rounded to float16 *before* quantizing, so the stored int codes, scales and zero
+points reproduce the model's weights exactly: ``W = scale[g] * (code - zero[g])``. A quantized
+layer keeps its dequantized weights (it runs as an ordinary float model) plus the buffers
+``weight_qscale`` (out, groups) float16, ``weight_qzero`` (out, groups) uint8,
+``weight_qgidx`` (in,) int32 and ``weight_qbits`` (a scalar) from which
+:mod:`edgeslim.models.hf` writes packed integer weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..calibrate import (
+    Hessian,
+    damped_inverse_cholesky,
+    set_weight_matrix_,
+    to_param_layout,
+    weight_matrix,
+)
+from ..errors import ConfigError
+
+QUANT_BUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
+
+
+class RTN(BaseModel):
+    """Round-to-nearest weight-only quantization (the baseline GPTQ is compared with)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(4, ge=2, le=8, description="bits per weight")
+    group_size: int | None = Field(128, ge=1, description="inputs per scale; None: per row")
+    sym: bool = Field(False, description="symmetric grid (zero point in the middle)")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns left in float")
+
+
+class GPTQ(RTN):
+    """GPTQ (Frantar et al. 2022): quantize column by column, compensating with H^-1."""
+
+    needs_calib: ClassVar[bool] = True
+
+    @property
+    def label(self) -> str:
+        return f"gptq int{self.bits} g{self.group_size}"
+
+    act_order: bool = Field(False, description="quantize columns by decreasing H_jj")
+    blocksize: int = Field(128, ge=1, description="columns per lazy batch update")
+    percdamp: float = Field(0.01, gt=0, description="damping, as a share of mean(diag H)")
+    batch_size: int = Field(8, ge=1, description="calibration batch size")
+
+
+# --------------------------------------------------------------------------------------
+# the grid (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-exact) and zero point per row of ``w`` (rows, cols): min-max grid."""
+    maxq = 2**bits - 1
+    lo = torch.clamp(w.amin(1), max=0)  # (rows,) the grid always holds 0
+    hi = torch.clamp(w.amax(1), min=0)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    flat = (hi - lo) == 0
+    lo, hi = torch.where(flat, -torch.ones_like(lo), lo), torch.where(flat, torch.ones_like(hi), hi)
+    scale = ((hi - lo) / maxq).to(torch.float16).to(w.dtype)  # stored as float16
+    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-14), scale)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+    return scale, zero.clamp(0, maxq)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
+    """Integer codes in [0, 2^bits - 1] of ``w`` (rows, ...) with per-row scale and zero."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.round(w / scale.reshape(shape)) + zero.reshape(shape)
+    return q.clamp(0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero)`` with per-row ``scale``/``zero``."""
+    shape = (-1,) + (1,) * (q.dim() - 1)
+    return scale.reshape(shape) * (q - zero.reshape(shape))
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight: ``weight == scale[:, g_idx] * (codes - zero[:, g_idx])`` exactly."""
+
+    weight: torch.Tensor  # (out, in) dequantized, float32
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, groups) float16
+    zero: torch.Tensor  # (out, groups) uint8
+    g_idx: torch.Tensor  # (in,) int32: the group of each input
+    bits: int
+
+
+def _groups(in_f: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-in_f // group_size)
+
+
+def rtn_quantize(
+    w: torch.Tensor, bits: int, group_size: int | None = None, sym: bool = False
+) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` (out, in) on the grid of each row and group."""
+    w = w.float()
+    _out_f, in_f = w.shape
+    g = group_size or in_f
+    g_idx = (torch.arange(in_f) // g).int()
+    scales, zeros = [], []
+    for start in range(0, in_f, g):
+        s, z = grid_params(w[:, start : start + g], bits, sym)
+        scales.append(s)
+        zeros.append(z)
+    scale, zero = torch.stack(scales, 1), torch.stack(zeros, 1)  # (out, groups)
+    s_full, z_full = scale[:, g_idx.long()], zero[:, g_idx.long()]  # (out, in)
+    codes = torch.clamp(torch.round(w / s_full) + z_full, 0, 2**bits - 1)
+    deq = s_full * (codes - z_full)
+    return QuantizedWeight(
+        deq, codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), g_idx, bits
+    )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    sym: bool = False,
+    act_order: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """GPTQ of ``w`` (out, in) with Hessian ``h`` (in, in); ``w`` itself is not changed.
+
+    ``keep`` (out, in) bool: a pruning mask to preserve. Pruned weights are "quantized" to
+    exactly 0 (the code of the zero point) and their error is compensated like any other,
+    which is SparseGPT's joint sparsify-and-quantize.
+    """
+    out_f, in_f = w.shape
+    if h.shape != (in_f, in_f):
+        raise ConfigError(f"Hessian shape {tuple(h.shape)} does not fit weight {(out_f, in_f)}")
+    work = w.float().clone()
+    h = h.double()
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    work, h = work[:, perm], h[perm][:, perm]
+    kept = torch.ones(out_f, in_f, dtype=torch.bool) if keep is None else keep.bool()[:, perm]
+    u = damped_inverse_cholesky(h, work, percdamp).float()  # (in, in) upper
+    g = group_size or in_f
+    n_groups = _groups(in_f, group_size)
+    scale = torch.zeros(out_f, n_groups)
+    zero = torch.zeros(out_f, n_groups)
+    codes = torch.zeros(out_f, in_f)
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        w1 = work[:, i1:i2].clone()  # (out, b)
+        u1 = u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:  # a new group: its grid from the current (updated) weights
+                grp = col // g
+                cols = torch.cat([w1[:, i:], work[:, i2:]], 1)[:, : min(g, in_f - col)]
+                s, z = grid_params(cols * kept[:, col : col + cols.shape[1]], bits, sym)
+                scale[:, grp], zero[:, grp] = s, z
+            grp = col // g
+            s, z = scale[:, grp], zero[:, grp]
+            q = torch.where(kept[:, col], quantize_codes(w1[:, i], s, z, bits), z)  # (out,)
+            deq = dequantize(q, s, z)
+            codes[:, col] = q
+            err = (w1[:, i] - deq) / u1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
+            w1[:, i] = deq
+            err1[:, i] = err
+        work[:, i1:i2] = w1
+        work[:, i2:] -= err1 @ u[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(in_f) // g)[inv].int()  # group of each original input
+    codes = codes[:, inv]
+    s_full = scale.float()[:, g_idx.long()]
+    z_full = zero.float()[:, g_idx.long()]
+    deq = s_full * (codes.float() - z_full)  # exactly what the stored integers give
+    return QuantizedWeight(
+        deq, codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), g_idx, bits
+    )
+
+
+# --------------------------------------------------------------------------------------
+# writing a quantized weight into a layer
+# --------------------------------------------------------------------------------------
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        module.register_buffer(name, value)
+
+
+def attach_quantized_(module: nn.Module, qw: QuantizedWeight) -> None:
+    """Give ``module`` the dequantized weight and the buffers that describe its integers."""
+    set_weight_matrix_(module, qw.weight)
+    _set_buffer(module, "weight_qscale", qw.scale)
+    _set_buffer(module, "weight_qzero", qw.zero)
+    _set_buffer(module, "weight_qgidx", qw.g_idx)
+    _set_buffer(module, "weight_qbits", torch.tensor(qw.bits, dtype=torch.uint8))
+
+
+def quantized_codes(module: nn.Module) -> torch.Tensor:
+    """The integer codes (out, in) uint8 of a quantized layer, recovered from its weight."""
+    w = weight_matrix(module)
+    g_idx = module.weight_qgidx.long()
+    s = module.weight_qscale.float()[:, g_idx]
+    z = module.weight_qzero.float()[:, g_idx]
+    return (torch.round(w / s) + z).clamp(0, 2 ** int(module.weight_qbits) - 1).to(torch.uint8)
+
+
+def _keep_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The layer's pruning mask as (out, in), or None: quantization keeps pruned weights 0."""
+    keep = getattr(module, "weight_keep", None)
+    if keep is None:
+        return None
+    return keep.t() if type(module).__name__ == "Conv1D" else keep
+
+
+class GPTQAlgorithm:
+    """Collect H per layer; GPTQ-quantize each layer of a block."""
+
+    stats_type = Hessian
+
+    def __init__(self, cfg: GPTQ):
+        self.cfg = cfg
+
+    def compress_block(
+        self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
+    ) -> dict[str, float]:
+        cfg, log = self.cfg, {}
+        for name, module in layers.items():
+            w = weight_matrix(module)
+            qw = gptq_quantize(
+                w,
+                stats[name].h,
+                cfg.bits,
+                cfg.group_size,
+                sym=cfg.sym,
+                act_order=cfg.act_order,
+                blocksize=cfg.blocksize,
+                percdamp=cfg.percdamp,
+                keep=_keep_matrix(module),
+            )
+            attach_quantized_(module, qw)
+            log[name] = float((qw.weight - w).pow(2).mean())
+        return log
+
+
+def rtn_quantize_(
+    model: nn.Module,
+    cfg: RTN,
+    *,
+    calib: Any = None,
+    filter_fn: Any = None,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Round-to-nearest the same layers GPTQ would quantize; returns each one's weight MSE.
+
+    No calibration data is needed (``calib`` is ignored).
+    """
+    from ..calibrate import find_blocks, is_linear, layer_filter
+
+    keep = layer_filter(cfg.exclude, filter_fn)
+    found = find_blocks(model)
+    prefix, root = found if found is not None else ("", model)
+    log = {}
+    for sub, module in root.named_modules():
+        name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
+        if not is_linear(module) or not keep(module, name):
+            continue
+        w = weight_matrix(module)  # a pruned weight is 0 and the grid holds 0 exactly
+        qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym)
+        attach_quantized_(module, qw)
+        log[name] = float((qw.weight - w).pow(2).mean())
+    if not log:
+        raise ConfigError(f"rtn: no linear layer was selected in {type(model).__name__}")
+    return log
+
+
+__all__ = [
+    "GPTQ",
+    "QUANT_BUFFERS",
+    "RTN",
+    "QuantizedWeight",
+    "attach_quantized_",
+    "gptq_quantize",
+    "quantized_codes",
+    "rtn_quantize",
+    "rtn_quantize_",
+    "to_param_layout",
+]

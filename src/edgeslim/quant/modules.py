@@ -1,0 +1,565 @@
+"""Quantized modules: activation quantizers and conv / linear / add / average-pool layers.
+
+Every module runs in one of four modes (set on the whole model with :func:`set_mode`):
+
+``"observe"``  calibration: record activations in an :class:`~.observers.Observer`, pass
+               values through unchanged (weights are left float).
+``"fake"``     float32 fake quantization with straight-through gradients: what QAT trains.
+``"exact"``    integer arithmetic (int64 / float64 carriers): a layer's int32 accumulator
+               and its requantization are those of ``spec``, so outputs equal the integer
+               reference bit for bit.
+``"export"``   ``quantized_decomposed`` Q/DQ ops that ``torch.onnx.export`` turns into ONNX
+               QuantizeLinear / DequantizeLinear (used by :mod:`edgeslim.export.onnx`).
+
+Quantized tensors carry their qparams in buffers with fixed names (``scale``,
+``zero_point``; ``weight_scale``; ``out_scale``, ``out_zero_point``), so a state dict holds
+everything needed to rebuild the integer model; :func:`edgeslim.quant.ptq.layer_qparams`
+turns them into :class:`~.ptq.LayerQParams`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+import torch.nn.functional as F
+from torch import nn
+
+from . import fake, spec
+from .observers import Method, Observer, weight_mse_scale
+
+Mode = Literal["observe", "fake", "exact", "export", "float"]
+MODES: tuple[str, ...] = ("observe", "fake", "exact", "export", "float")
+
+
+def _qd():
+    """``torch.ops.quantized_decomposed`` (registered on import of torch.ao's module)."""
+    return torch.ops.quantized_decomposed
+
+
+class QuantModule(nn.Module):
+    """Base class: a mode flag shared by every quantized module."""
+
+    mode: str = "fake"
+
+    def link(self, name: str, value: object) -> None:
+        """Point attribute ``name`` at another module without making it a child.
+
+        A quantizer shared by two modules (a layer's input and the previous layer's output)
+        lives once in the module tree and is referenced from the other place.
+        """
+        object.__setattr__(self, name, value)
+
+    def freeze(self) -> None:
+        """Compute the integer buffers that exact mode and export read (no-op by default)."""
+
+
+class ActQuant(QuantModule):
+    """Quantization of one activation tensor: asymmetric, per tensor, ``bits`` wide.
+
+    Buffers ``scale`` (float32, (1,)) and ``zero_point`` (int64, (1,)). With ``lsq=True``
+    ``scale`` is a learnable parameter instead (LSQ). ``dynamic=True`` chooses min-max qparams
+    from each batch at run time instead of from calibration.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        method: Method = "minmax",
+        percentile: float = 99.99,
+        dynamic: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = spec.int_range(bits, symmetric=False)
+        self.method = method
+        self.percentile = percentile
+        self.dynamic = dynamic
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int64))
+        self.observer: Observer | None = None
+        self.link("source", None)  # another ActQuant whose qparams this one shares
+        self.direct = False  # the input *is* the source's output: export emits no Q/DQ
+        self.lsq = False
+
+    def extra_repr(self) -> str:
+        how = "dynamic" if self.dynamic else self.method
+        return f"bits={self.bits}, {how}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+
+    @property
+    def root(self) -> ActQuant:
+        """The quantizer that owns these qparams (following ``source`` links)."""
+        q = self
+        while q.source is not None:
+            q = q.source
+        return q
+
+    def qparams(self) -> spec.QParams:
+        """The tensor's qparams (those of :attr:`source` when it shares another's)."""
+        src = self.root
+        return spec.QParams(
+            src.scale.detach().double().numpy().copy(),
+            src.zero_point.detach().numpy().copy(),
+            self.qmin,
+            self.qmax,
+        )
+
+    def set_qparams(self, qp: spec.QParams) -> None:
+        with torch.no_grad():
+            self.scale.copy_(torch.as_tensor(qp.scale, dtype=torch.float32))
+            self.zero_point.copy_(torch.as_tensor(qp.zero_point, dtype=torch.int64))
+
+    def calibrate(self) -> None:
+        """Set ``scale`` / ``zero_point`` from the observer; drop the observer."""
+        if self.observer is not None and self.observer.seen:
+            self.set_qparams(self.observer.qparams(self.bits))
+        self.observer = None
+
+    def enable_lsq(self) -> None:
+        """Make ``scale`` a learnable parameter (LSQ); its value is kept."""
+        if not self.lsq:
+            value = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(value)
+            self.lsq = True
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.root
+        return src.scale, src.zero_point
+
+    def export_qparams(self) -> tuple[float, int]:
+        """``(scale, zero_point)`` as Python numbers (constants in an exported graph)."""
+        qp = self.qparams()
+        return float(qp.scale[0]), int(qp.zero_point[0])
+
+    def freeze(self) -> None:
+        """Cache the qparams as Python numbers: tracing for export cannot read buffers."""
+        self._frozen = None if self.dynamic else self.export_qparams()
+
+    def _dynamic_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min-max qparams of ``x`` (the batch), as ``spec.activation_qparams`` computes them."""
+        rmin = torch.clamp(x.detach().min(), max=0.0).double()
+        rmax = torch.clamp(x.detach().max(), min=0.0).double()
+        span = rmax - rmin
+        scale = torch.where(span > 0, span / (self.qmax - self.qmin), torch.ones_like(span))
+        zp_min = self.qmin - rmin / scale
+        zp_max = self.qmax - rmax / scale
+        err_min = abs(self.qmin) + torch.abs(rmin / scale)
+        err_max = abs(self.qmax) + torch.abs(rmax / scale)
+        zp = torch.where(err_min < err_max, zp_min, zp_max)
+        zp = fake.round_half_away(zp).clamp(self.qmin, self.qmax).to(torch.int64)
+        return scale.reshape(1), zp.reshape(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.mode
+        if mode == "float" or (mode == "observe" and self.observer is None):
+            return x
+        if mode == "observe":
+            self.observer.update(x)
+            return x
+        scale, zp = self._dynamic_params(x) if self.dynamic else self._params()
+        if mode == "export":
+            if self.direct:
+                return x  # already Q -> DQ'd by the upstream quantizer
+            if self.dynamic:
+                raise NotImplementedError("dynamic activation quantization has no QDQ export")
+            qd = _qd()
+            s, z = self._frozen
+            if self.bits < 8:  # ONNX saturates to int8: clip to the narrower range first
+                x = torch.clamp(x, (self.qmin - z) * s, (self.qmax - z) * s)
+            q = qd.quantize_per_tensor(x, s, z, self.qmin, self.qmax, torch.int8)
+            return qd.dequantize_per_tensor(q, s, z, self.qmin, self.qmax, torch.int8)
+        if mode == "exact":
+            q = fake.quantize(x, scale, zp, self.qmin, self.qmax)
+            return fake.dequantize(q, scale, zp)
+        if self.lsq and self.source is None:
+            return fake.lsq_quant(x, scale, zp, self.qmin, self.qmax)
+        return fake.fake_quant(x, scale, zp, self.qmin, self.qmax)
+
+
+class WeightQuant(nn.Module):
+    """Symmetric per-output-channel weight quantization settings of a layer (no state).
+
+    ``method`` ``"minmax"``: ``scale = max|w_c| / qmax``; ``"mse"``: the per-channel scale
+    with the least squared error (worth it below 8 bits).
+    """
+
+    def __init__(self, bits: int = 8, method: Literal["minmax", "mse"] = "minmax") -> None:
+        super().__init__()
+        self.bits = bits
+        self.method = method
+        self.qmin, self.qmax = spec.int_range(bits, symmetric=True)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {self.method}"
+
+    def scales(self, w: torch.Tensor) -> np.ndarray:
+        if self.method == "mse":
+            return weight_mse_scale(w, self.bits)
+        return spec.weight_qparams(w.detach().double().numpy(), axis=0, bits=self.bits).scale
+
+
+class _QuantLayer(QuantModule):
+    """What quantized conv and linear layers share (mixed into nn.Conv2d / nn.Linear).
+
+    Buffers: ``weight_scale`` (C_out,) float32; ``out_scale`` / ``out_zero_point`` (1,) when
+    the output is requantized (``has_output``), else the layer outputs float (dequantized
+    accumulator), as a transformer's linear layers do. Child ``input_quant`` quantizes the
+    input; ``act`` is the fused activation (None, "relu", "relu6").
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quant(self, wq: WeightQuant, input_quant: ActQuant) -> None:
+        self.weight_quant = wq
+        self.input_quant = input_quant
+        self.act: str | None = None
+        self.has_output = False
+        self.lsq = False
+        self.scale_locked = False  # weight_scale set by an algorithm (fixed point): keep it
+        self.link("output_quant", None)  # the ActQuant after this layer (graph mode)
+        c = self.weight.shape[0]
+        self.register_buffer("weight_scale", torch.ones(c))
+        self.register_buffer("out_scale", torch.ones(1))
+        self.register_buffer("out_zero_point", torch.zeros(1, dtype=torch.int64))
+        # frozen integer form (see freeze): what exact mode, export and layer_qparams read
+        self.register_buffer("weight_int8", torch.zeros(self.weight.shape, dtype=torch.int8))
+        self.register_buffer("bias_int32", torch.zeros(c, dtype=torch.int32))
+        self.register_buffer("multiplier", torch.zeros(c, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(c, dtype=torch.int64))
+        self.register_buffer("act_limits", torch.tensor([-128, 127], dtype=torch.int64))
+        self.register_buffer("weight_bits", torch.tensor([wq.bits], dtype=torch.int64))
+        self.register_load_state_dict_post_hook(_QuantLayer._sync_bits)
+        self.refresh_weight_scale()
+
+    @staticmethod
+    def _sync_bits(module: _QuantLayer, _incompatible: object) -> None:
+        """After loading a state dict, take the weight bit width it records."""
+        bits = int(module.weight_bits)
+        if bits != module.weight_quant.bits:
+            module.weight_quant = WeightQuant(bits, module.weight_quant.method)
+
+    # ---- weights
+
+    def refresh_weight_scale(self) -> None:
+        """Recompute ``weight_scale`` from the current float weights (not for LSQ or locked)."""
+        if self.lsq or self.scale_locked:
+            return
+        with torch.no_grad():
+            scales = self.weight_quant.scales(self.weight)
+            self.weight_scale.copy_(torch.as_tensor(scales, dtype=torch.float32))
+
+    def enable_lsq(self) -> None:
+        """Make ``weight_scale`` a learnable parameter (LSQ)."""
+        if not self.lsq:
+            value = self.weight_scale.detach().clone()
+            del self.weight_scale
+            self.weight_scale = nn.Parameter(value)
+            self.lsq = True
+
+    def weight_int(self) -> torch.Tensor:
+        """The integer weights (int64, values in [qmin, qmax])."""
+        zp = torch.zeros_like(self.weight_scale, dtype=torch.int64)
+        wq = self.weight_quant
+        return fake.quantize(
+            self.weight.detach(), self.weight_scale.detach(), zp, wq.qmin, wq.qmax, 0
+        )
+
+    def _fake_weight(self) -> torch.Tensor:
+        wq = self.weight_quant
+        zp = torch.zeros_like(self.weight_scale)
+        if self.lsq:
+            return fake.lsq_quant(self.weight, self.weight_scale, zp, wq.qmin, wq.qmax, axis=0)
+        if self.training and wq.method == "minmax" and not self.scale_locked:
+            # QAT: the scale follows the weights as they train (max |w_c| / qmax)
+            with torch.no_grad():
+                amax = self.weight.detach().abs().reshape(self.weight.shape[0], -1).amax(1)
+                self.weight_scale.copy_(torch.where(amax > 0, amax / wq.qmax, 1.0))
+        return fake.fake_quant(self.weight, self.weight_scale, zp, wq.qmin, wq.qmax, axis=0)
+
+    # ---- requantization and the frozen integer form
+
+    def out_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output's ``(scale, zero_point)``: the linked output quantizer's, else buffers."""
+        if self.output_quant is not None:
+            return self.output_quant._params()
+        return self.out_scale, self.out_zero_point
+
+    def freeze(self) -> None:
+        """Fill the integer buffers from the float weights and the current qparams.
+
+        ``weight_int8`` (C_out, ...) int8, ``bias_int32`` (C_out,) int32 with scale
+        ``s_in * s_w[c]``, per-channel ``multiplier`` / ``shift`` of ``s_in * s_w[c] / s_out``
+        and ``act_limits`` = (act_min, act_max) of the fused activation. Called whenever
+        qparams may have changed (:func:`set_mode` to exact or export, :func:`finalize`).
+        """
+        with torch.no_grad():
+            self.weight_int8.copy_(self.weight_int().to(torch.int8))
+            if self.input_quant.dynamic:
+                return  # input qparams are only known per batch: requantization at run time
+            s_in = float(self.input_quant.qparams().scale[0])
+            sw = self.weight_scale.detach().double().numpy()
+            if self.bias is not None:
+                b = spec.quantize_bias(self.bias.detach().double().numpy(), s_in, sw)
+                self.bias_int32.copy_(torch.from_numpy(b).to(torch.int32))
+            if not self.has_output:
+                return
+            s_out_t, zp_out_t = self.out_qparams()
+            self.out_scale.copy_(s_out_t.detach())
+            self.out_zero_point.copy_(zp_out_t.detach())
+            s_out, zp_out = float(s_out_t), int(zp_out_t)
+            pairs = [spec.quantize_multiplier(s_in * float(c) / s_out) for c in sw]
+            self.multiplier.copy_(torch.tensor([m for m, _ in pairs], dtype=torch.int64))
+            self.shift.copy_(torch.tensor([sh for _, sh in pairs], dtype=torch.int64))
+            lo, hi = spec.activation_range(self.act, s_out, zp_out)
+            qmin, qmax = spec.int_range(self.input_quant.bits, symmetric=False)
+            self.act_limits.copy_(torch.tensor([max(lo, qmin), min(hi, qmax)]))
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.mode
+        if mode in ("float", "observe"):
+            x = self.input_quant(x)
+            return self._apply(x, self.weight, self.bias)
+        if mode == "exact":
+            return self._exact(x)
+        if mode == "export":
+            return self._export(x)
+        x = self.input_quant(x)
+        return self._apply(x, self._fake_weight(), self.bias)
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer inference from the frozen buffers (tensor ops only, so it exports).
+
+        ``acc = sum(w_q * (x_q - zp_in)) + bias_q`` exactly (float32 carries integers below
+        2^24, float64 below 2^53; the narrower one is used when the bound allows); then
+        ``clamp(MBQM(acc, m, shift) + zp_out, act_min, act_max)`` when the output is
+        quantized, else ``acc * s_in * s_w[c]`` in float.
+        """
+        aq = self.input_quant
+        s_in, zp_in = aq._dynamic_params(x) if aq.dynamic else aq._params()
+        xq = fake.quantize(x, s_in, zp_in, aq.qmin, aq.qmax)  # int64
+        # float32 holds every integer below 2^24 exactly: use it when no sum can get there
+        k = self.weight[0].numel()  # products per output value
+        bound = self.weight_quant.qmax * (aq.qmax - aq.qmin) * k
+        dtype = torch.float32 if bound < 2**24 else torch.float64
+        acc = self._apply((xq - zp_in).to(dtype), self.weight_int8.to(dtype), None)
+        acc = acc.to(torch.float64)
+        if self.bias is not None:
+            if aq.dynamic:  # bias scale depends on this batch's input scale
+                b = fake.round_half_away(
+                    self.bias.detach().double() / (s_in.double() * self.weight_scale.double())
+                )
+            else:
+                b = self.bias_int32.to(torch.float64)
+            acc = acc + self._channel_view(b, acc.dim())
+        acc = acc.round().to(torch.int64)
+        if not self.has_output:  # float output: dequantize the accumulator
+            scale = self.weight_scale.detach().double() * s_in.double()
+            return (acc.to(torch.float64) * self._channel_view(scale, acc.dim())).to(torch.float32)
+        m = self._channel_view(self.multiplier, acc.dim())
+        sh = self._channel_view(self.shift, acc.dim())
+        q = fake.multiply_by_quantized_multiplier(acc, m, sh) + self.out_zero_point
+        q = torch.maximum(torch.minimum(q, self.act_limits[1]), self.act_limits[0])
+        return fake.dequantize(q, self.out_scale, self.out_zero_point)
+
+    def _export(self, x: torch.Tensor) -> torch.Tensor:
+        """Q/DQ ops that ONNX export turns into QuantizeLinear / DequantizeLinear."""
+        qd = _qd()
+        x = self.input_quant(x)  # the input quantizer is in export mode too: Q -> DQ
+        w = qd.dequantize_per_channel(
+            self.weight_int8,
+            self.weight_scale.detach(),
+            torch.zeros_like(self.weight_scale, dtype=torch.int64),
+            0,
+            self.weight_quant.qmin,
+            self.weight_quant.qmax,
+            torch.int8,
+        )
+        return self._apply(x, w, None if self.bias is None else self.bias.detach())
+
+
+class QuantConv2d(_QuantLayer, nn.Conv2d):
+    """An ``nn.Conv2d`` whose input, weights (per output channel) and output are quantized."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wq: WeightQuant, input_quant: ActQuant) -> QuantConv2d:
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new._init_quant(wq, input_quant)
+        return new
+
+    def _apply(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_view(self, t, ndim):
+        return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+class QuantLinear(_QuantLayer, nn.Linear):
+    """An ``nn.Linear`` whose input, weights (per output row) and output are quantized."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, wq: WeightQuant, input_quant: ActQuant) -> QuantLinear:
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        new._init_quant(wq, input_quant)
+        return new
+
+    def _apply(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def _channel_view(self, t, ndim):
+        return t.reshape(*([1] * (ndim - 1)), -1)
+
+
+class QuantEmbedding(QuantModule):
+    """An embedding table stored as int8 rows with one symmetric scale per row (weight-only).
+
+    Buffers ``weight_int8`` (N, D) int8 and ``weight_scale`` (N,) float32; the lookup
+    gathers int8 rows and their scales and multiplies (in ONNX: Gather, Gather, Cast, Mul),
+    so the table is never dequantized as a whole.
+    """
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.padding_idx = emb.padding_idx
+        w = emb.weight.detach()
+        amax = w.abs().amax(1)
+        scale = torch.where(amax > 0, amax / spec.WEIGHT_MAX, torch.ones_like(amax))
+        q = fake.round_half_away(w / scale[:, None]).clamp(spec.WEIGHT_MIN, spec.WEIGHT_MAX)
+        self.register_buffer("weight_int8", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (N, D) float32 (what transformers code may read)."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_int8[ids].to(torch.float32)  # (..., D)
+        return rows * self.weight_scale[ids].unsqueeze(-1)
+
+
+class QuantAdd(QuantModule):
+    """Elementwise add of two quantized tensors; exact mode is ``spec.add_int8``.
+
+    ``sources`` are the :class:`ActQuant` of the two operands and ``output_quant`` the one
+    right after the add (linked, not owned). Buffer ``add_params`` (7,) int64 holds
+    ``spec.AddParams`` in field order once frozen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.link("sources", None)
+        self.link("output_quant", None)
+        self.register_buffer("add_params", torch.zeros(7, dtype=torch.int64))
+
+    def freeze(self) -> None:
+        if self.sources is None or self.output_quant is None:
+            return
+        (s1, _), (s2, _) = (q.export_qparams() for q in self.sources)
+        so, _ = self.output_quant.export_qparams()
+        p = spec.add_params(s1, s2, so)
+        values = [
+            p.left_shift,
+            p.input1_multiplier,
+            p.input1_shift,
+            p.input2_multiplier,
+            p.input2_shift,
+            p.output_multiplier,
+            p.output_shift,
+        ]
+        with torch.no_grad():
+            self.add_params.copy_(torch.tensor(values, dtype=torch.int64))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.mode != "exact" or self.sources is None or self.output_quant is None:
+            return a + b
+        q1, q2 = self.sources
+        s1, z1 = q1._params()
+        s2, z2 = q2._params()
+        so, zo = self.output_quant._params()
+        p = self.add_params
+        mbqm = fake.multiply_by_quantized_multiplier
+        x1 = (fake.quantize(a, s1, z1, q1.qmin, q1.qmax) - z1) << p[0]
+        x2 = (fake.quantize(b, s2, z2, q2.qmin, q2.qmax) - z2) << p[0]
+        total = mbqm(x1, p[1], p[2]) + mbqm(x2, p[3], p[4])
+        out = mbqm(total, p[5], p[6]) + zo
+        q = out.clamp(self.output_quant.qmin, self.output_quant.qmax)
+        return fake.dequantize(q, so, zo)
+
+
+class QuantAvgPool(QuantModule):
+    """Average pooling to 1x1 that keeps its input's qparams (as TFLite does).
+
+    ``source`` (linked) is the quantizer of the input. Exact mode sums the integer inputs and
+    divides with ``spec.rounded_average``'s rounding; fake mode averages in float and rounds
+    back onto the input's grid.
+    """
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+        self.link("source", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "export":  # AveragePool, which ORT fuses into QLinearAveragePool
+            return F.avg_pool2d(x, kernel_size=tuple(x.shape[-2:]))
+        if self.source is None or self.mode in ("float", "observe"):
+            return self.pool(x)
+        s, z = self.source._params()
+        qmin, qmax = self.source.qmin, self.source.qmax
+        if self.mode == "exact":
+            q = fake.quantize(x, s, z, qmin, qmax)  # (B, C, H, W)
+            total = q.sum(dim=(-2, -1), keepdim=True)  # (B, C, 1, 1)
+            count = x.shape[-1] * x.shape[-2]
+            half = count // 2
+            num = torch.where(total > 0, total + half, total - half)
+            avg = torch.div(num, count, rounding_mode="trunc")
+            return fake.dequantize(avg.clamp(qmin, qmax), s, z)
+        return fake.fake_quant(self.pool(x), s, z, qmin, qmax)
+
+
+def set_mode(model: nn.Module, mode: Mode) -> None:
+    """Put every quantized module of ``model`` in ``mode`` (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            m.mode = mode
+            if mode in ("exact", "export"):
+                m.freeze()
+
+
+def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:
+    """The quantized conv / linear layers of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantLayer)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantModule) for m in model.modules())

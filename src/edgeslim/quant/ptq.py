@@ -1,0 +1,511 @@
+"""Post-training int8 quantization (PTQ) with calibration, simulated exactly in PyTorch.
+
+Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", https://arxiv.org/abs/1712.05877 ; Krishnamoorthi 2018,
+"Quantizing deep convolutional networks for efficient inference: A whitepaper",
+https://arxiv.org/abs/1806.08342 (per-channel weights, BN folding, calibration choices).
+
+    qmodel = quantize_(model, Int8PTQ(calibration="mse"), calib=data.calib(256))
+
+Interface (stable; the microcontroller backend and the ONNX exporter build on it)
+-------------------------------------------------------------------------------
+- ``quantize_`` returns the quantized model. It is ``model`` itself in *module* mode and a
+  ``torch.fx.GraphModule`` holding ``model``'s modules in *graph* mode: always use the
+  return value. It is an ordinary ``nn.Module`` whose forward simulates integer inference.
+- *Graph* mode (any model ``torch.fx.symbolic_trace`` can trace; the zoo CNNs): every
+  tensor between quantized ops is int8 with its own qparams, as in TFLite. BatchNorm is
+  folded into the conv before it; a ReLU / ReLU6 right after a layer is fused into its
+  output range; :class:`~.modules.ActQuant` modules named ``<node>_quant`` follow every
+  quantized layer (after its fused activation) and every residual add (replaced by
+  :class:`~.modules.QuantAdd`); global average pooling keeps its input's qparams
+  (:class:`~.modules.QuantAvgPool`); max-pool, flatten, reshape and dropout keep qparams.
+- *Module* mode (anything else, e.g. transformers): each ``nn.Linear`` / ``nn.Conv2d`` is
+  replaced in place by a quantized one that quantizes its own input (static, calibrated;
+  or dynamic per batch) and outputs float (its dequantized int32 accumulator).
+- Per quantized layer (:class:`~.modules.QuantConv2d` / :class:`~.modules.QuantLinear`,
+  subclasses of ``nn.Conv2d`` / ``nn.Linear`` keeping the float ``weight`` / ``bias``),
+  buffers with fixed names: ``weight_scale`` (C_out,) f32, ``weight_int8`` int8,
+  ``bias_int32`` (C_out,) int32 (scale ``s_in * s_w[c]``), ``out_scale`` / ``out_zero_point``
+  (1,), ``multiplier`` / ``shift`` (C_out,) int64 (``spec.quantize_multiplier`` of
+  ``s_in * s_w[c] / s_out``), ``act_limits`` (2,) int64; child ``input_quant`` (an
+  ``ActQuant``: buffers ``scale`` (1,) f32, ``zero_point`` (1,) int64) whose qparams are
+  those of the upstream quantizer it is linked to (``input_quant.source``) in graph mode.
+- :func:`layer_qparams` returns ``{name: LayerQParams}``: exactly these numbers as numpy
+  (``spec.QParams`` for input / weight / output, int arrays for weights and bias).
+- Modes (:func:`~.modules.set_mode`): ``"exact"`` (default after PTQ: integer arithmetic,
+  equal to the integer reference bit for bit), ``"fake"`` (float32 fake quant, STE; for
+  QAT), ``"observe"`` (calibration), ``"export"`` (Q/DQ ops for ONNX).
+- First and last layers are quantized unless ``skip_first`` / ``skip_last``; the
+  handler's report (``qmodel.quant_info``) always lists the float layers and why.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import fx, nn
+
+from ..calibration import run_calibration
+from ..errors import ConfigError
+from . import spec
+from .fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
+from .modules import (
+    ActQuant,
+    QuantAdd,
+    QuantAvgPool,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    QuantModule,
+    WeightQuant,
+    quant_layers,
+    set_mode,
+)
+from .observers import Observer
+
+FilterFn = Callable[[nn.Module, str], bool]
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+class Int8PTQ(BaseModel):
+    """Post-training quantization: int8 activations (per tensor) and weights (per channel).
+
+    ``calibration`` picks the activation observer (min-max, percentile, MSE, KL);
+    ``weight_bits`` / ``layer_bits`` (per layer name, glob patterns allowed) give weight bit
+    widths other than 8 (mixed precision); ``activations="dynamic"`` quantizes each layer's
+    input per batch instead (transformers; module mode only).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
+    percentile: float = Field(99.99, gt=50, le=100)
+    weight_calibration: Literal["minmax", "mse"] = "minmax"
+    weight_bits: int = Field(8, ge=2, le=8)
+    layer_bits: dict[str, int] = Field(default_factory=dict)
+    activation_bits: int = Field(8, ge=2, le=8)
+    activations: Literal["static", "dynamic"] = "static"
+    graph: Literal["auto", "fx", "module"] = "auto"
+    fold_bn: bool = True
+    skip_first: bool = False
+    skip_last: bool = False
+    exclude: list[str] = Field(default_factory=list)
+    embeddings: bool = Field(True, description="module mode: int8 embedding tables (per row)")
+    calib_size: int = Field(256, ge=1, description="calibration inputs a pipeline stage uses")
+    simulate: Literal["exact", "fake"] = "exact"
+
+    def bits_for(self, name: str) -> int:
+        """The weight bit width of layer ``name`` (first matching ``layer_bits`` pattern)."""
+        for pattern, bits in self.layer_bits.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.weight_bits
+
+
+# ---------------------------------------------------------------------------- per-layer view
+
+
+@dataclass(frozen=True)
+class LayerQParams:
+    """Everything the integer kernel of one quantized conv / linear layer needs.
+
+    ``weight_int`` has the float weight's shape (int8 values in
+    ``[weight.qmin, weight.qmax]``); ``bias_int`` is int32 with scale ``s_in * s_w[c]``;
+    ``output`` is None when the layer outputs float (module mode), and then ``multiplier``
+    / ``shift`` are None too. ``act_min`` / ``act_max`` already include a fused ReLU/ReLU6.
+    """
+
+    name: str
+    kind: Literal["conv2d", "linear"]
+    input: spec.QParams
+    weight: spec.QParams
+    weight_int: np.ndarray
+    bias_int: np.ndarray | None
+    output: spec.QParams | None
+    multiplier: np.ndarray | None
+    shift: np.ndarray | None
+    activation: str | None
+    act_min: int
+    act_max: int
+    weight_bits: int
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+
+def layer_qparams(model: nn.Module) -> dict[str, LayerQParams]:
+    """The :class:`LayerQParams` of every quantized conv / linear layer, by module name."""
+    out: dict[str, LayerQParams] = {}
+    for name, layer in quant_layers(model).items():
+        if layer.input_quant.dynamic:
+            raise ConfigError(
+                f"layer {name!r} quantizes its input dynamically: it has no fixed input "
+                "qparams; quantize with activations='static' for integer-only backends"
+            )
+        layer.freeze()
+        wq = layer.weight_quant
+        scales = layer.weight_scale.detach().double().numpy().copy()
+        weight = spec.QParams(scales, np.zeros(len(scales), np.int64), wq.qmin, wq.qmax, 0)
+        output = None
+        if layer.has_output:
+            output = spec.QParams(
+                layer.out_scale.double().numpy().copy(), layer.out_zero_point.numpy().copy()
+            )
+        conv = isinstance(layer, nn.Conv2d)
+        lo, hi = (int(v) for v in layer.act_limits)
+        out[name] = LayerQParams(
+            name=name,
+            kind="conv2d" if conv else "linear",
+            input=layer.input_quant.qparams(),
+            weight=weight,
+            weight_int=layer.weight_int8.numpy().copy(),
+            bias_int=None if layer.bias is None else layer.bias_int32.numpy().copy(),
+            output=output,
+            multiplier=layer.multiplier.numpy().copy() if layer.has_output else None,
+            shift=layer.shift.numpy().copy() if layer.has_output else None,
+            activation=layer.act,
+            act_min=lo if layer.has_output else spec.INT8_MIN,
+            act_max=hi if layer.has_output else spec.INT8_MAX,
+            weight_bits=wq.bits,
+            stride=tuple(layer.stride) if conv else (1, 1),
+            padding=tuple(layer.padding) if conv else (0, 0),
+            dilation=tuple(layer.dilation) if conv else (1, 1),
+            groups=layer.groups if conv else 1,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def _select(
+    names: list[str],
+    modules: dict[str, nn.Module],
+    cfg: Int8PTQ,
+    filter_fn: FilterFn | None,
+) -> tuple[list[str], dict[str, str]]:
+    """Which of ``names`` (quantizable layers in execution order) to quantize, and why not."""
+    skipped: dict[str, str] = {}
+    for pattern in cfg.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(
+                f"exclude pattern {pattern!r} matches no quantizable layer; layers: {names}"
+            )
+    for pattern in cfg.layer_bits:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(
+                f"layer_bits pattern {pattern!r} matches no quantizable layer; layers: {names}"
+            )
+    for n in names:
+        if any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude):
+            skipped[n] = "excluded"
+        elif filter_fn is not None and not filter_fn(modules[n], n):
+            skipped[n] = "filter_fn"
+    if names and cfg.skip_first:
+        skipped.setdefault(names[0], "skip_first")
+    if names and cfg.skip_last:
+        skipped.setdefault(names[-1], "skip_last")
+    return [n for n in names if n not in skipped], skipped
+
+
+def _swap(root: nn.Module, name: str, cfg: Int8PTQ, bits: int) -> QuantConv2d | QuantLinear:
+    """Replace module ``name`` by its quantized version; return the new module."""
+    old = root.get_submodule(name)
+    aq = ActQuant(
+        cfg.activation_bits, cfg.calibration, cfg.percentile, cfg.activations == "dynamic"
+    )
+    wq = WeightQuant(bits, cfg.weight_calibration)
+    cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
+    new = cls.from_float(old, wq, aq)
+    _replace_module(root, name, new)
+    return new
+
+
+# ---------------------------------------------------------------------------- graph mode
+
+_ACTIVATIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6"}
+_PRESERVING_FUNCS = {torch.flatten, torch.reshape, F.max_pool2d, F.dropout}
+_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, QuantAvgPool)
+
+
+def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """``"relu"`` / ``"relu6"`` when ``node`` is that activation, else None."""
+    if node.op == "call_function" and node.target in _ACTIVATIONS:
+        return _ACTIVATIONS[node.target]
+    if node.op == "call_method" and node.target == "relu":
+        return "relu"
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        if isinstance(mod, nn.ReLU6):
+            return "relu6"
+        if isinstance(mod, nn.ReLU):
+            return "relu"
+    return None
+
+
+def _preserves_qparams(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _PRESERVING_FUNCS
+    if node.op == "call_method":
+        return node.target in _PRESERVING_METHODS
+    return node.op == "call_module" and isinstance(modules.get(node.target), _PRESERVING_MODULES)
+
+
+def _upstream_quant(node: Any, modules: dict[str, nn.Module]) -> ActQuant | None:
+    """The ActQuant whose qparams ``node``'s value has (through qparam-preserving ops)."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_module" and isinstance(modules.get(node.target), ActQuant):
+            return modules[node.target]
+        if not _preserves_qparams(node, modules) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _insert_quant_after(gm: fx.GraphModule, node: fx.Node, quant: ActQuant) -> fx.Node:
+    """Add ``quant`` as submodule ``<node>_quant`` and route ``node``'s users through it."""
+    name = f"{node.name}_quant"
+    gm.add_submodule(name, quant)
+    with gm.graph.inserting_after(node):
+        qnode = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+    return qnode
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in (operator.add, torch.add)
+        and len(node.args) == 2
+        and all(isinstance(a, fx.Node) for a in node.args)
+        and not node.kwargs
+    )
+
+
+def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1))
+
+
+def _prepare_graph(
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None
+) -> tuple[fx.GraphModule, dict[str, Any]]:
+    gm = fx.symbolic_trace(model)
+    for attr in ("input_shape", "num_classes"):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    folded = fold_bn_graph_(gm) if cfg.fold_bn else []
+    modules = dict(gm.named_modules())
+    layer_nodes = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE)
+    ]
+    order = [n.target for n in layer_nodes]
+    chosen, skipped = _select(order, modules, cfg, filter_fn)
+    layers: dict[str, QuantConv2d | QuantLinear] = {}
+    for node in layer_nodes:
+        if node.target not in chosen:
+            continue
+        layer = _swap(gm, node.target, cfg, cfg.bits_for(node.target))
+        layers[node.target] = layer
+        modules = dict(gm.named_modules())
+        tail = node
+        users = list(node.users)
+        if len(users) == 1 and _activation(users[0], modules):
+            layer.act = _activation(users[0], modules)
+            tail = users[0]
+        out_q = ActQuant(cfg.activation_bits, cfg.calibration, cfg.percentile)
+        _insert_quant_after(gm, tail, out_q)
+        layer.has_output = True
+        layer.link("output_quant", out_q)
+    adds = 0
+    for node in list(gm.graph.nodes):
+        if _is_add(node):
+            name = f"{node.name}_qadd"
+            gm.add_submodule(name, QuantAdd())
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(name, node.args)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            _insert_quant_after(gm, new, ActQuant(cfg.activation_bits, cfg.calibration))
+            adds += 1
+        elif _is_global_pool(node, dict(gm.named_modules())):
+            _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
+    _requantize_after_preserving_ops(gm, cfg)
+    gm.graph.lint()
+    gm.recompile()
+    _link_graph(gm)
+    info = {"graph": "fx", "folded_bn": folded, "adds": adds}
+    return gm, {**info, "quantized": list(layers), "float_layers": skipped}
+
+
+def _requantize_after_preserving_ops(gm: fx.GraphModule, cfg: Int8PTQ) -> None:
+    """Put a quantizer sharing the upstream qparams after each max-pool / flatten / reshape.
+
+    Numerically a no-op (the values are already on that grid), but in the exported graph it
+    makes ``DQ -> MaxPool -> Q`` and ``DQ -> Reshape -> Q``, which ONNX Runtime runs on int8
+    instead of dequantizing around them.
+    """
+    for node in list(gm.graph.nodes):
+        modules = dict(gm.named_modules())
+        if not _preserves_qparams(node, modules) or not node.args:
+            continue
+        if node.op == "call_module" and isinstance(modules.get(node.target), QuantAvgPool):
+            continue
+        src = _upstream_quant(node.args[0], modules)
+        if src is None:
+            continue
+        users = list(node.users)
+        if len(users) == 1 and _preserves_qparams(users[0], modules):
+            continue  # the last of a chain of such ops gets it
+        shared = ActQuant(cfg.activation_bits, cfg.calibration, cfg.percentile)
+        shared.link("source", src)
+        _insert_quant_after(gm, node, shared)
+
+
+def _link_graph(gm: fx.GraphModule) -> None:
+    """Share qparams: each layer input / add operand / pool takes its upstream quantizer's."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules[node.target]
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            src = _upstream_quant(node.args[0], modules)
+            mod.input_quant.link("source", src)
+            arg = node.args[0]
+            mod.input_quant.direct = (
+                src is not None and arg.op == "call_module" and modules.get(arg.target) is src
+            )
+        elif isinstance(mod, QuantAvgPool):
+            mod.link("source", _upstream_quant(node.args[0], modules))
+        elif isinstance(mod, QuantAdd):
+            srcs = [_upstream_quant(a, modules) for a in node.args]
+            users = list(node.users)
+            out = modules.get(users[0].target) if len(users) == 1 else None
+            ok = all(s is not None for s in srcs) and isinstance(out, ActQuant)
+            mod.link("sources", tuple(srcs) if ok else None)
+            mod.link("output_quant", out if ok else None)
+
+
+# ---------------------------------------------------------------------------- module mode
+
+
+def _prepare_modules(
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    folded = fold_bn_sequential_(model) if cfg.fold_bn else []
+    modules = dict(model.named_modules())
+    order = [n for n, m in modules.items() if isinstance(m, QUANTIZABLE) and n]
+    chosen, skipped = _select(order, modules, cfg, filter_fn)
+    for name in chosen:
+        _swap(model, name, cfg, cfg.bits_for(name))
+    embeddings = []
+    if cfg.embeddings:
+        for name, mod in modules.items():
+            if isinstance(mod, nn.Embedding) and not any(
+                fnmatch.fnmatchcase(name, p) for p in cfg.exclude
+            ):
+                _replace_module(model, name, QuantEmbedding(mod))
+                embeddings.append(name)
+    info = {"graph": "module", "folded_bn": folded, "embeddings": embeddings}
+    return model, {**info, "quantized": chosen, "float_layers": skipped}
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def prepare(
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fold BN and insert quantized modules (no calibration yet); return ``(qmodel, info)``.
+
+    ``info`` lists the quantized layers, the float ones with the reason, the folded convs.
+    """
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} is already quantized; quantize a float model")
+    model.eval()
+    if cfg.graph in ("auto", "fx") and cfg.activations == "static":
+        try:
+            qmodel, info = _prepare_graph(model, cfg, filter_fn)
+        except (fx.proxy.TraceError, TypeError, NotImplementedError) as exc:
+            if cfg.graph == "fx":
+                raise ConfigError(
+                    f"{type(model).__name__} cannot be traced by torch.fx ({exc}); use "
+                    "graph='module' (each layer quantizes its own input, float outputs)"
+                ) from exc
+            qmodel, info = _prepare_modules(model, cfg, filter_fn)
+    elif cfg.graph == "fx":
+        raise ConfigError("graph='fx' needs activations='static'")
+    else:
+        qmodel, info = _prepare_modules(model, cfg, filter_fn)
+    if not info["quantized"]:
+        raise ConfigError(
+            f"no layer of {type(model).__name__} was quantized (float: {info['float_layers']}); "
+            "check exclude / skip_first / skip_last / filter_fn"
+        )
+    set_mode(qmodel, "fake")
+    return qmodel, info
+
+
+def calibrate_(model: nn.Module, calib: Any, *, batch_size: int = 64) -> int:
+    """Run ``calib`` through ``model`` in observe mode and set every quantizer's qparams.
+
+    Quantizers that share an upstream one (``source``) and dynamic ones observe nothing.
+    Returns the number of batches.
+    """
+    quants = [m for m in model.modules() if isinstance(m, ActQuant)]
+    for q in quants:
+        q.observer = (
+            None
+            if (q.source is not None or q.dynamic)
+            else Observer(q.method, percentile=q.percentile)
+        )
+    set_mode(model, "observe")
+    n = run_calibration(model, calib, layers={}, callback=lambda *a: None, batch_size=batch_size)
+    unseen = [q for q in quants if q.observer is not None and not q.observer.seen]
+    for q in quants:
+        q.calibrate()
+    if unseen:
+        raise ConfigError(
+            f"{len(unseen)} activation quantizer(s) saw no calibration data (a branch the "
+            "calibration inputs never reach?)"
+        )
+    return n
+
+
+def int8_ptq_(
+    model: nn.Module,
+    cfg: Int8PTQ,
+    *,
+    calib: Any = None,
+    filter_fn: FilterFn | None = None,
+    batch_size: int = 64,
+    **_: Any,
+) -> nn.Module:
+    """Quantize ``model`` post-training; returns the quantized model (see module docstring).
+
+    ``calib`` (a tensor ``(N, ...)`` or iterable of batches) is required unless
+    ``activations="dynamic"``. The returned model is in ``cfg.simulate`` mode and carries
+    ``quant_info`` (layers quantized, float layers and why, folded BNs, batches).
+    """
+    if calib is None and cfg.activations == "static":
+        raise ConfigError(
+            "Int8PTQ needs calibration data: quantize_(model, Int8PTQ(...), calib=data.calib(256))"
+        )
+    qmodel, info = prepare(model, cfg, filter_fn)
+    info["batches"] = calibrate_(qmodel, calib, batch_size=batch_size) if calib is not None else 0
+    set_mode(qmodel, cfg.simulate)
+    qmodel.quant_info = info
+    return qmodel

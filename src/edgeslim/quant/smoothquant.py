@@ -1,0 +1,202 @@
+"""SmoothQuant: move activation outliers into the weights, then quantize both to int8 (W8A8).
+
+Guangxuan Xiao, Ji Lin, Mickael Seznec, Hao Wu, Julien Demouth, Song Han. "SmoothQuant:
+Accurate and Efficient Post-Training Quantization for Large Language Models", ICML 2023.
+https://arxiv.org/abs/2211.10438
+
+A few input channels of a transformer's linear layers carry values 100x larger than the rest,
+which ruins a per-tensor int8 grid for activations. SmoothQuant divides each input channel j
+by a smoothing factor and multiplies the matching weight column by it, which leaves the
+product unchanged::
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)       Y = (X diag(s)^-1) (diag(s) W^T)
+
+The division is folded into the LayerNorm (or RMSNorm) that produces X, so it costs nothing at
+run time; layers whose input does not come straight from a norm (attention output, second
+MLP layer) are quantized without smoothing, as in the paper.
+
+Quantization here is W8A8 in simulation: weights symmetric int8 per output channel (kept as
+their dequantized values plus the buffers of :mod:`.gptq`, one group per row), activations
+symmetric int8 per tensor with a *static* scale calibrated on the same data
+(``input_qscale``, applied by a forward pre-hook that rounds the layer's input).
+``smooth=False`` is naive W8A8, the baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..calibrate import (
+    InputAbsMax,
+    set_weight_matrix_,
+    weight_matrix,
+)
+from .gptq import QuantizedWeight, attach_quantized_
+
+# Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
+# nothing else: in a post-LN block (BERT) it is also the residual, so nothing is folded there.
+NORM_FEEDS: dict[str, list[tuple[str, list[str]]]] = {
+    "GPT2Block": [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])],
+    "OPTDecoderLayer": [
+        ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("final_layer_norm", ["fc1"]),
+    ],
+    "LlamaDecoderLayer": [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+    ],
+}
+
+
+class SmoothQuant(BaseModel):
+    """SmoothQuant W8A8 (Xiao et al. 2022); ``smooth=False`` gives naive W8A8."""
+
+    model_config = ConfigDict(extra="forbid")
+    needs_calib: ClassVar[bool] = True
+
+    alpha: float = Field(0.5, ge=0, le=1, description="migration strength")
+    smooth: bool = Field(True, description="False: naive W8A8 (no scale migration)")
+    weight_bits: int = Field(8, ge=2, le=8)
+    act_bits: int = Field(8, ge=2, le=8)
+    exclude: list[str] = Field(default_factory=list, description="glob patterns left in float")
+    batch_size: int = Field(8, ge=1, description="calibration batch size")
+
+    @property
+    def label(self) -> str:
+        return f"smoothquant a={self.alpha}" if self.smooth else "naive w8a8"
+
+
+# --------------------------------------------------------------------------------------
+# pure functions
+# --------------------------------------------------------------------------------------
+
+
+def smoothing_factors(
+    act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); ``weights`` are (out, in) sharing input j."""
+    w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)  # (in,)
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def fake_quant_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``scale * clamp(round(x / scale), -(2^(b-1) - 1), 2^(b-1) - 1)``."""
+    qmax = 2 ** (bits - 1) - 1
+    return scale * torch.clamp(torch.round(x / scale), -qmax, qmax)
+
+
+def symmetric_quantize(w: torch.Tensor, bits: int) -> QuantizedWeight:
+    """Symmetric per-output-channel quantization of ``w`` (out, in), scale max|w_i| / qmax.
+
+    Stored like GPTQ's grid with one group per row: codes ``round(w / s) + 2^(b-1)`` (so
+    code 2^(b-1) is zero) and a float16 scale.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(1) / qmax).clamp(min=2.0**-14).half().float()  # (out,)
+    zero = torch.full_like(scale, qmax + 1)
+    codes = torch.clamp(torch.round(w / scale.unsqueeze(1)), -qmax, qmax) + zero.unsqueeze(1)
+    deq = scale.unsqueeze(1) * (codes - zero.unsqueeze(1))
+    g_idx = torch.zeros(w.shape[1], dtype=torch.int32)
+    return QuantizedWeight(
+        deq,
+        codes.to(torch.uint8),
+        scale.half()[:, None],
+        zero.to(torch.uint8)[:, None],
+        g_idx,
+        bits,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# static activation quantization: a pre-hook that rounds a layer's input
+# --------------------------------------------------------------------------------------
+
+
+def _act_quant_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    q = fake_quant_symmetric(x, module.input_qscale.to(x.dtype), int(module.input_qbits))
+    return (q, *args[1:])
+
+
+def attach_act_quant_(module: nn.Module, scale: float, bits: int) -> None:
+    """Make ``module`` round its input to a static symmetric ``bits``-bit grid of ``scale``."""
+    for name, value in (
+        ("input_qscale", torch.tensor(float(scale))),
+        ("input_qbits", torch.tensor(bits, dtype=torch.uint8)),
+    ):
+        if name in module._buffers:
+            module._buffers[name] = value
+        else:
+            module.register_buffer(name, value)
+    restore_act_quant_(module)
+
+
+def restore_act_quant_(module: nn.Module) -> None:
+    """(Re)attach the input-rounding hook of a module that has ``input_qscale`` (idempotent)."""
+    if getattr(module, "input_qscale", None) is None or getattr(module, "_es_act_hook", None):
+        return
+    module._es_act_hook = module.register_forward_pre_hook(_act_quant_hook)
+
+
+# --------------------------------------------------------------------------------------
+# the algorithm, as the layer-by-layer engine sees it
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def smooth_block_(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    stats: dict[str, InputAbsMax],
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """Fold smoothing factors into the norms of ``block``; returns s per smoothed layer name.
+
+    ``stats[name].absmax`` of the smoothed layers is divided by s (their new input range).
+    """
+    modules = dict(block.named_modules())
+    done: dict[str, torch.Tensor] = {}
+    for norm_name, linear_names in NORM_FEEDS.get(type(block).__name__, []):
+        norm = modules.get(norm_name)
+        fulls = [next((f for f in layers if f.endswith("." + n)), None) for n in linear_names]
+        if norm is None or any(f is None for f in fulls):
+            continue  # a layer of the group is excluded: leave the group unsmoothed
+        act = torch.stack([stats[f].absmax for f in fulls]).amax(0)  # (in,)
+        s = smoothing_factors(act, [weight_matrix(layers[f]) for f in fulls], alpha)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(s.to(norm.bias.dtype))
+        for f in fulls:
+            set_weight_matrix_(layers[f], weight_matrix(layers[f]) * s.unsqueeze(0))
+            stats[f].absmax = stats[f].absmax / s
+            done[f] = s
+    return done
+
+
+class SmoothQuantAlgorithm:
+    """Collect max|X_j| per layer; smooth (optionally), then quantize weights and inputs."""
+
+    stats_type = InputAbsMax
+
+    def __init__(self, cfg: SmoothQuant):
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def compress_block(
+        self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        smoothed = smooth_block_(block, layers, stats, cfg.alpha) if cfg.smooth else {}
+        log: dict[str, Any] = {}
+        for name, module in layers.items():
+            attach_quantized_(module, symmetric_quantize(weight_matrix(module), cfg.weight_bits))
+            act_max = float(stats[name].absmax.max())
+            qmax = 2 ** (cfg.act_bits - 1) - 1
+            attach_act_quant_(module, max(act_max, 1e-8) / qmax, cfg.act_bits)
+            log[name] = {"smoothed": name in smoothed, "act_absmax": act_max}
+        return log

@@ -1,0 +1,238 @@
+"""QAT / LSQ, binary and ternary weights, dynamic fixed point, mixed precision, packing, stage."""
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from edgeslim import zoo
+from edgeslim.errors import ConfigError
+from edgeslim.quant import (
+    BWN,
+    LSQ,
+    QAT,
+    TTQ,
+    TWN,
+    DynamicFixedPoint,
+    Int8PTQ,
+    MixedPrecision,
+    layer_qparams,
+    quantize_,
+)
+from edgeslim.quant.mixed import choose_bits
+from edgeslim.quant.modules import ActQuant, quant_layers
+from edgeslim.quant.pack import pack_bits, save_packed, unpack_bits, unpack_weights
+from edgeslim.quant.ternary import lowbit_layers
+from edgeslim.train import TrainConfig, evaluate
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    return mnist.limit(600)
+
+
+@pytest.fixture(scope="module")
+def trained300(small):
+    torch.manual_seed(0)
+    model = zoo.create("lenet300")
+    from edgeslim.train import fit
+
+    fit(model, small, TrainConfig(epochs=3, lr=2e-3))
+    return model.state_dict()
+
+
+def _lenet300(state=None):
+    torch.manual_seed(0)
+    model = zoo.create("lenet300")
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------------------- binary / ternary
+
+
+def test_bwn_weights_are_sign_times_channel_mean(small, trained300):
+    model = _lenet300(trained300)
+    model = quantize_(model, BWN(epochs=2, skip_first=False), data=small)
+    assert model.quant_info["float_layers"] == {"fc3": "skip_last"}
+    layer = model.fc1
+    w = layer.projected_weight().detach()
+    alpha = layer.weight.detach().abs().mean(1, keepdim=True)
+    assert torch.allclose(w.abs(), alpha.expand_as(w))
+    assert torch.equal(torch.sign(w), torch.where(layer.weight >= 0, 1.0, -1.0))
+    assert evaluate(model, small) > 0.6  # it trained through fit
+
+
+def test_twn_threshold_and_values(small):
+    model = quantize_(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
+    layer = model.fc2
+    lat = layer.weight.detach()
+    w = layer.projected_weight().detach()
+    delta = 0.7 * lat.abs().mean()
+    keep = lat.abs() > delta
+    assert torch.equal(w != 0, keep)
+    alpha = lat.abs()[keep].mean()
+    assert torch.allclose(w[keep].abs(), alpha.expand(int(keep.sum())))
+
+
+def test_ttq_learns_two_scales(small):
+    model = quantize_(_lenet300(), TTQ(epochs=0, skip_first=False))
+    wp0, wn0 = float(model.fc1.wp.detach()), float(model.fc1.wn.detach())
+    w = model.fc1.projected_weight().detach()
+    assert set(torch.unique(w).tolist()) <= {wp0, 0.0, -wn0}
+    quantize_(_lenet300(), TTQ(epochs=0))  # fresh model: nothing trained
+    model2 = quantize_(_lenet300(), TTQ(epochs=1, skip_first=False), data=small)
+    assert float(model2.fc1.wp.detach()) != pytest.approx(wp0)  # the scales trained
+    assert float(model2.fc1.wn.detach()) != pytest.approx(wn0)
+
+
+def test_lowbit_validation(small):
+    with pytest.raises(ConfigError, match="pass data"):
+        quantize_(_lenet300(), BWN(epochs=1))
+    with pytest.raises(ConfigError, match="no layer left"):
+        quantize_(_lenet300(), BWN(exclude=["fc2"], epochs=0))
+    with pytest.raises(ValidationError):
+        TWN(threshold=-1)
+
+
+# ---------------------------------------------------------------------------- QAT / LSQ
+
+
+def test_qat_and_lsq_train_and_stay_integer(small, trained300):
+    calib = small.calib(128)
+    qat = quantize_(_lenet300(trained300), QAT(epochs=1), data=small, calib=calib)
+    assert len(qat.quant_info["history"]) == 1
+    assert evaluate(qat, small) > 0.6
+    assert set(layer_qparams(qat)) == {"fc1", "fc2", "fc3"}
+    lsq = quantize_(_lenet300(trained300), LSQ(epochs=0), data=small, calib=calib)
+    before = lsq.fc2.weight_scale.detach().clone()
+    lsq = quantize_(_lenet300(trained300), LSQ(epochs=1), data=small, calib=calib)
+    assert evaluate(lsq, small) > 0.6
+    assert isinstance(lsq.fc2.weight_scale, nn.Parameter)
+    assert not torch.allclose(lsq.fc2.weight_scale.detach(), before)  # the steps learned
+    learnable = [m for m in lsq.modules() if isinstance(m, ActQuant) and m.lsq]
+    assert learnable and all(isinstance(m.scale, nn.Parameter) for m in learnable)
+    with pytest.raises(ConfigError, match="pass data"):
+        quantize_(_lenet300(), QAT(), calib=calib)
+
+
+# ---------------------------------------------------------------------------- fixed point
+
+
+def test_dynamic_fixed_point_powers_of_two(small):
+    calib = small.calib(128)
+    torch.manual_seed(0)
+    base = zoo.create("lenet5").eval()
+    with torch.no_grad():
+        ref = base(calib)
+    errs = {}
+    for per_layer in (True, False):
+        model = zoo.create("lenet5").eval()
+        model.load_state_dict(base.state_dict())
+        q = quantize_(model, DynamicFixedPoint(bits=4, per_layer=per_layer), calib=calib)
+        info = q.quant_info
+        if not per_layer:
+            assert len(set(info["weight_fl"].values())) == 1
+            assert len(set(info["activation_fl"].values())) == 1
+        for lq in layer_qparams(q).values():
+            for qp in (lq.input, lq.output):
+                assert qp.zero_point[0] == 0
+                assert np.log2(qp.scale[0]) == np.round(np.log2(qp.scale[0]))
+            assert len(set(lq.weight.scale)) == 1
+        with torch.no_grad():
+            errs[per_layer] = float(((q(calib) - ref) ** 2).mean())
+    assert errs[True] < errs[False]  # layer-wise fractional lengths beat one global one
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+
+def test_choose_bits_respects_budget():
+    sens = {"a": {2: 5.0, 4: 1.0, 8: 0.0}, "b": {2: 0.5, 4: 0.1, 8: 0.0}}
+    numel = {"a": 100, "b": 100}
+    assert choose_bits(sens, numel, 8 * 200) == {"a": 8, "b": 8}
+    bits = choose_bits(sens, numel, 4 * 200)
+    assert sum(numel[n] * b for n, b in bits.items()) <= 800
+    assert bits == {"a": 4, "b": 4} or bits["a"] >= bits["b"]  # the sensitive layer keeps more
+    assert choose_bits(sens, numel, 6 * 100 + 2 * 100 + 200)["b"] <= 4
+    with pytest.raises(ConfigError, match="impossible budget"):
+        choose_bits(sens, numel, 100)
+
+
+def test_mixed_precision_under_budget(small):
+    calib = small.calib(64)
+    q = quantize_(zoo.create("lenet5").eval(), MixedPrecision(avg_bits=4), calib=calib)
+    info = q.quant_info
+    total = sum(lq.weight_int.size for lq in layer_qparams(q).values())
+    assert info["weight_bytes"] <= 4 * total / 8
+    assert {lq.weight_bits for lq in layer_qparams(q).values()} <= {2, 4, 8}
+    for s in info["sensitivity"].values():
+        assert s["2"] >= s["8"]
+    for name, lq in layer_qparams(q).items():
+        qmax = 2 ** (info["layer_bits"][name] - 1) - 1
+        assert np.abs(lq.weight_int).max() <= qmax
+    with pytest.raises(ValidationError, match="exactly one"):
+        MixedPrecision()
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def test_pack_bits_round_trip():
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 3, 4, 8):
+        v = rng.integers(0, 2**bits, 1001)
+        packed = pack_bits(v, bits)
+        assert packed.size == -(-1001 * bits // 8)
+        assert np.array_equal(unpack_bits(packed, bits, 1001), v)
+
+
+def test_packed_file_restores_integer_weights(tmp_path, small):
+    calib = small.calib(64)
+    q = quantize_(zoo.create("lenet5").eval(), Int8PTQ(layer_bits={"fc1": 4}), calib=calib)
+    size = save_packed(q, tmp_path / "w.safetensors")
+    codes = unpack_weights(tmp_path / "w.safetensors")
+    for name, layer in quant_layers(q).items():
+        assert np.array_equal(codes[name], layer.weight_int8.numpy())
+    assert size < 431_080 * 0.75  # fc1 (400K weights) at 4 bits
+    t = quantize_(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
+    save_packed(t, tmp_path / "t.safetensors")
+    codes = unpack_weights(tmp_path / "t.safetensors")
+    for name, layer in lowbit_layers(t).items():
+        assert np.array_equal(codes[name], layer.codes()[0].numpy())
+    assert (tmp_path / "t.safetensors").stat().st_size < 266_610 * 4 / 12
+
+
+# ---------------------------------------------------------------------------- pipeline stage
+
+
+def test_quantize_stage_recipe_and_resume(tmp_path):
+    from edgeslim.config import Recipe
+    from edgeslim.pipeline import run_recipe
+
+    base = {
+        "name": "q",
+        "model": "zoo:lenet300",
+        "data": {"source": "mnist", "max_train": 300},
+        "train": {"epochs": 1},
+        "stages": [{"quantize": {"method": "mixed_precision", "avg_bits": 4, "calib_size": 64}}],
+    }
+    result = run_recipe(Recipe.from_dict(base), tmp_path / "run", progress=False)
+    row = result.rows[-1]
+    assert row["format"] == "int" and row["file"] == "weights.int.safetensors"
+    assert row["size_bytes"] < result.rows[0]["size_bytes"] / 6  # ~4-bit weights vs fp32
+    assert set(row["log"]["layer_bits"]) == {"fc1", "fc2", "fc3"}
+    assert (tmp_path / "run" / "plots" / "layer_bits.png").is_file()
+    # a longer recipe resumes after the quantize stage: its structure is rebuilt first
+    longer = {
+        **base,
+        "stages": [*base["stages"], {"prune": {"method": "magnitude", "sparsity": 0.1}}],
+    }
+    again = run_recipe(Recipe.from_dict(longer), tmp_path / "run", progress=False)
+    assert again.resumed_from == 1
+    with pytest.raises(ConfigError, match="unknown quantization method"):
+        Recipe.from_dict({**base, "stages": [{"quantize": {"method": "int3"}}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.quantize"):
+        Recipe.from_dict({**base, "stages": [{"quantize": {"method": "int8_ptq", "bogus": 1}}]})
