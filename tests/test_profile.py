@@ -204,3 +204,23 @@ def test_transposed_conv_macs():
     model = nn.ConvTranspose2d(4, 6, 3, stride=2)  # each input pixel feeds 6 x 9 outputs
     p = _prof(model, (1, 4, 5, 5))
     assert p.macs == 4 * 5 * 5 * 6 * 9
+
+
+def test_memory_access_cost_counts_reads_and_writes_of_each_op():
+    # fc1: bias 20 + x 10 + W 200 + out 20; relu: 20 in + 20 out; fc2: 5 + 20 + 100 + 5
+    assert _prof(_MLP(), (3, 10)).memory_access_bytes == (250 + 40 + 130) * 4
+    # flatten is a view and moves nothing; fc: bias 4 + x 32 + W 128 + out 4
+    assert _prof(_Flatten(), (5, 2, 4, 4)).memory_access_bytes == 168 * 4
+    # a depthwise conv moves nearly as many bytes as a dense one with 16x the MACs
+    dw = _prof(nn.Conv2d(16, 16, 3, groups=16, bias=False), (1, 16, 10, 10))
+    dense = _prof(nn.Conv2d(16, 16, 3, bias=False), (1, 16, 10, 10))
+    assert dw.memory_access_bytes == (1600 + 144 + 16 * 64) * 4
+    assert dense.memory_access_bytes == (1600 + 2304 + 16 * 64) * 4
+    assert dense.macs == 16 * dw.macs
+
+
+def test_profile_stays_callable_after_its_submodules_are_imported():
+    import edgeslim as es
+    import edgeslim.profile.latency
+
+    assert es.profile(nn.Linear(3, 2), torch.rand(1, 3), latency=False).macs == 6

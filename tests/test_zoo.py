@@ -7,9 +7,21 @@ from edgeslim import zoo
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("lenet300", 266_610), ("lenet5", 431_080)],
+    [
+        ("lenet300", 266_610),
+        ("lenet5", 431_080),
+        ("mobilenetv1", 36_874),
+        ("mobilenetv2", 86_634),
+        ("shufflenetv2", 45_346),
+        ("squeezenet", 31_946),
+        ("vit_tiny", 139_018),
+        ("resnet8", 77_754),
+        ("mlp2x1200", 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10),
+        ("mlp2x800", 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10),
+        ("haarnet", 115_300),
+    ],
 )
-def test_lenet_param_counts_match_han2015(name, params):
+def test_zoo_param_counts(name, params):
     model = zoo.create(name)
     assert sum(p.numel() for p in model.parameters()) == params
 
@@ -24,8 +36,38 @@ def test_lenet5_is_the_caffe_architecture():
 @pytest.mark.parametrize("name", zoo.names())
 def test_every_zoo_model_runs_on_mnist_shape(name):
     m = zoo.create(name).eval()
-    assert m.input_shape == (1, 28, 28)
-    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    # haarnet takes the 4 Haar sub-bands of a 28x28 image (data transform "haar")
+    assert m.input_shape == ((4, 14, 14) if name == "haarnet" else (1, 28, 28))
+    assert m(torch.randn(3, *m.input_shape)).shape == (3, 10)
+
+
+def _convs(model, depthwise):
+    return [
+        c
+        for c in model.modules()
+        if isinstance(c, torch.nn.Conv2d) and (c.groups == c.in_channels > 1) == depthwise
+    ]
+
+
+def test_lightweight_architectures_have_their_signature_layers():
+    from edgeslim.models.zoo import Fire, ShuffleUnit, TransformerBlock, channel_shuffle
+
+    v1 = zoo.create("mobilenetv1")
+    assert len(_convs(v1, depthwise=True)) == 5
+    assert [c.kernel_size for c in _convs(v1, depthwise=False)][1:] == [(1, 1)] * 5  # pointwise
+    sh = zoo.create("shufflenetv2")
+    assert sum(isinstance(m, ShuffleUnit) for m in sh.modules()) == 6
+    x = torch.arange(8.0).reshape(1, 8, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    sq = zoo.create("squeezenet")
+    assert sum(isinstance(m, Fire) for m in sq.modules()) == 4
+    assert not any(isinstance(m, torch.nn.Linear) for m in sq.modules())  # conv classifier
+    vit = zoo.create("vit_tiny")
+    assert sum(isinstance(m, TransformerBlock) for m in vit.modules()) == 4
+    assert vit.patch(torch.zeros(1, 1, 28, 28)).shape == (1, 64, 4, 4)  # 16 patch tokens
+    teacher, student = zoo.create("mlp2x1200"), zoo.create("mlp2x800")
+    assert [m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.5]
+    assert [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
 
 
 def test_small_nets_are_small_and_use_depthwise_and_residuals():

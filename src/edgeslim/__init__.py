@@ -41,6 +41,13 @@ _LAZY = {
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
+    "distill": "edgeslim.distill",
+    "KD": "edgeslim.distill",
+    "lowrank_": "edgeslim.lowrank",
+    "SVD": "edgeslim.lowrank",
+    "ConvDecompose": "edgeslim.lowrank",
+    "haar_split": "edgeslim.data.transforms",
+    "HaarSplit": "edgeslim.data.transforms",
     "Wanda": "edgeslim.prune",
     "SparseGPT": "edgeslim.prune",
     "quantize_": "edgeslim.quant",
@@ -150,6 +157,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     from .data.text import (
         load_text as load_text,
     )
+    from .data.transforms import (
+        HaarSplit as HaarSplit,
+    )
+    from .data.transforms import (
+        haar_split as haar_split,
+    )
+    from .distill import (
+        KD as KD,
+    )
+    from .distill import (
+        distill as distill,
+    )
     from .export.c import (
         export_c as export_c,
     )
@@ -158,6 +177,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .export.tflite import (
         export_tflite as export_tflite,
+    )
+    from .lowrank import (
+        SVD as SVD,
+    )
+    from .lowrank import (
+        ConvDecompose as ConvDecompose,
+    )
+    from .lowrank import (
+        lowrank_ as lowrank_,
     )
     from .models.hf import (
         save_hf as save_hf,

@@ -77,11 +77,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .data.datasets import load_data
+    from .data.transforms import apply_transform
     from .models.io import load_model
     from .train import evaluate
 
     model = load_model(args.model)
-    acc = evaluate(model, load_data(args.data), args.split)
+    acc = evaluate(model, apply_transform(load_data(args.data), args.transform), args.split)
     print(f"{args.split} accuracy of {args.model} on {args.data}: {100 * acc:.2f}%")
 
 
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
     p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--transform", choices=("haar",), help="input transform the model expects")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("pack", help="write a model as a compressed .slim file")

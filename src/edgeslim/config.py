@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -112,6 +112,9 @@ class DataConfig(BaseModel):
 
     source: str = "mnist"
     max_train: int | None = Field(None, ge=1)
+    transform: Literal["haar"] | None = Field(
+        None, description="input transform (edgeslim.data.transforms), e.g. haar sub-bands"
+    )
     calib: int = Field(128, ge=1, description="calibration examples for calibrated stages")
     seq_len: int | None = Field(None, ge=2, description="text: tokens per example (128)")
     max_eval: int | None = Field(None, ge=1, description="text: evaluation paragraphs")
@@ -126,6 +129,8 @@ class DataConfig(BaseModel):
             for key in ("seq_len", "max_eval"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"'{key}' applies to text sources (text:NAME) only")
+        elif self.transform is not None:
+            raise ValueError("'transform' applies to image data, not to text sources")
         return self
 
 
@@ -190,6 +195,11 @@ class Recipe(BaseModel):
             raw_data = {"source": raw_data}
         data_cfg = validate(DataConfig, raw_data, "data")
         train = None if data.get("train") is None else validate(TrainConfig, data["train"], "train")
+        if train is not None and train.distill is not None:
+            raise ConfigError(
+                "train.distill: baseline training has no teacher; set distill in a stage's "
+                "finetune, where the model before the stage is the teacher"
+            )
         if train is not None and data_cfg.is_text:
             raise ConfigError("train: baseline training is not supported with text data")
         raw_stages = data.get("stages", [])

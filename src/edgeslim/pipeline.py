@@ -21,6 +21,7 @@ stage index, so the final weights are bitwise identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from torch import nn
 from . import stages as _stages  # noqa: F401  (registers the built-in stage kinds)
 from .config import Recipe, Stage
 from .data.datasets import DataSplits, load_data
+from .data.transforms import apply_transform
 from .errors import CheckpointError, RunDirError
 from .models.hf import is_hf_model, restore_buffers_, save_hf
 from .models.io import load_model, save_model
@@ -59,6 +61,7 @@ class StageContext:
     index: int
     seed: int
     progress: bool | None = None
+    teacher: nn.Module | None = None  # the model before the stage, when finetune distils
 
     def calibration(self) -> Any:
         """The recipe's calibration set (``data.calib`` examples) for calibrated stages."""
@@ -117,6 +120,8 @@ def run_recipe(
         stage = stages[index]
         console.print(f"[bold]stage {index}/{len(stages) - 1}[/] {_label(stage)}")
         ctx = StageContext(data, example, recipe, index, stage_seed(recipe.seed, index), progress)
+        if stage is not None and stage.finetune is not None and stage.finetune.distill is not None:
+            ctx.teacher = copy.deepcopy(model).eval()
         start = time.perf_counter()
         if stage is None:
             if recipe.train is not None:
@@ -146,7 +151,7 @@ def _load_data(recipe: Recipe, model: nn.Module) -> Any:
 
         corpus = load_text(cfg.source.removeprefix("text:"))
         return TextTask(corpus, model, seq_len=cfg.seq_len or 128, max_eval=cfg.max_eval)
-    return load_data(cfg.source).limit(cfg.max_train)
+    return apply_transform(load_data(cfg.source), cfg.transform).limit(cfg.max_train)
 
 
 def _evaluate(model: nn.Module, data: Any, split: str) -> float:

@@ -9,6 +9,7 @@ here for a new one.
 from __future__ import annotations
 
 from .codec import stage as _pack  # noqa: F401
+from .lowrank import stage as _lowrank  # noqa: F401
 from .prune import stage as _prune  # noqa: F401
 from .quant import stage as _quant  # noqa: F401
 from .share import stage as _share  # noqa: F401

@@ -20,7 +20,8 @@ from rich.progress import TextColumn
 from torch import nn
 
 from .data.datasets import DataSplits, Split
-from .errors import ShapeError
+from .distill.kd import KD, distillation
+from .errors import ConfigError, ShapeError
 from .masks import apply_masks_, mask_grads_
 from .progress import enabled, progress_bar
 
@@ -44,6 +45,7 @@ class TrainConfig(BaseModel):
     keep_best: bool = Field(True, description="restore the epoch with the best val accuracy")
     shift: int = Field(0, ge=0, description="augment: random translation by up to N pixels")
     seed: int = 0
+    distill: KD | None = Field(None, description="distil from the teacher given to fit()")
 
 
 FINETUNE_DEFAULTS = {"epochs": 3, "lr": 1e-4}
@@ -113,6 +115,7 @@ def fit(
     data: DataSplits,
     cfg: TrainConfig | None = None,
     *,
+    teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     step_hook: StepHook | None = None,
     progress: bool | None = None,
@@ -121,7 +124,9 @@ def fit(
     """Train ``model`` in place on ``data.train``; returns one dict per epoch.
 
     ``cfg`` fields may be overridden by keyword (``fit(model, data, epochs=5)``).
-    ``loss_fn(logits, y, x)`` replaces cross-entropy (e.g. for distillation).
+    ``loss_fn(logits, y, x)`` replaces cross-entropy. With a ``teacher`` the loss is
+    knowledge distillation as ``cfg.distill`` says (``KD()`` when unset; see
+    :mod:`edgeslim.distill.kd`), with ``loss_fn`` as its hard-label term.
     ``step_hook(model, step, total_steps)`` runs after every optimizer step (e.g. to prune
     on a schedule during training, see :class:`edgeslim.prune.AGPSchedule`).
     With ``keep_best`` the weights of the epoch with the best validation accuracy are
@@ -129,6 +134,37 @@ def fit(
     """
     cfg = (cfg or TrainConfig()).model_copy(update=overrides)
     cfg = TrainConfig.model_validate(cfg.model_dump())  # validate the overrides too
+    if cfg.distill is None and teacher is None:
+        return _train(model, data, cfg, loss_fn, step_hook, progress)
+    if teacher is None:
+        raise ConfigError(
+            "distill is set but no teacher was given: pass teacher=MODEL (in a recipe, the "
+            "model before a stage teaches that stage's finetune)"
+        )
+    _check_input(model, data.train.x)
+    torch.manual_seed(cfg.seed)  # the hint adapters' initial weights
+    hook = None
+    if step_hook is not None:  # the hook sees the student, not the wrapper with the adapters
+
+        def hook(_trainee: nn.Module, step: int, total: int) -> None:
+            step_hook(model, step, total)
+
+    with distillation(model, teacher, cfg.distill or KD(), data.train.x[:2], loss_fn) as (
+        trainee,
+        kd_loss,
+    ):
+        return _train(trainee, data, cfg, kd_loss, hook, progress)
+
+
+def _train(
+    model: nn.Module,
+    data: DataSplits,
+    cfg: TrainConfig,
+    loss_fn: LossFn | None,
+    step_hook: StepHook | None,
+    progress: bool | None,
+) -> list[dict[str, float]]:
+    """The training loop of :func:`fit` (``cfg`` already validated)."""
     _check_input(model, data.train.x)
     torch.manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
@@ -187,6 +223,7 @@ def finetune(
     data: DataSplits,
     cfg: TrainConfig | None = None,
     *,
+    teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     step_hook: StepHook | None = None,
     progress: bool | None = None,
@@ -195,5 +232,6 @@ def finetune(
     """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given."""
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
     return fit(
-        model, data, cfg, loss_fn=loss_fn, step_hook=step_hook, progress=progress, **overrides
-    )
+        model, data, cfg, teacher=teacher, loss_fn=loss_fn, step_hook=step_hook,
+        progress=progress, **overrides,
+    )  # fmt: skip

@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import sys
-import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -27,9 +25,10 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from .._callable import make_callable
 from ..errors import EdgeslimError, ShapeError
 from ..models.storage import deployable_state, payload_bytes
-from .counting import ModuleCount, count_params, module_counts
+from .counting import ModuleCount, count_params, memory_access_bytes, module_counts
 from .latency import check_timing, eval_mode, measure_latency_ms
 from .memory import activation_trace, peak_activation_bytes
 
@@ -39,6 +38,7 @@ __all__ = [
     "activation_trace",
     "count_params",
     "measure_latency_ms",
+    "memory_access_bytes",
     "peak_activation_bytes",
     "profile",
 ]
@@ -82,6 +82,7 @@ class Profile:
     latency_ms: float | None
     layers: list[LayerProfile] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()  # one sample, without the batch dimension
+    memory_access_bytes: int = 0  # bytes read + written by all ops (ShuffleNetV2's MAC)
     notes: list[str] = field(default_factory=list)  # e.g. "N:M sparsity gives no CPU speedup"
 
     @property
@@ -188,6 +189,7 @@ def profile(
         ep = _export(model, x)
         counts = module_counts(ep)
         peak = peak_activation_bytes(ep)
+        moved = memory_access_bytes(ep)
     del ep
     params, nonzero = count_params(model)
     state = deployable_state(model)
@@ -203,6 +205,7 @@ def profile(
         ),
         layers=_layers(model, counts),
         input_shape=tuple(example.shape[1:]),
+        memory_access_bytes=moved,
         notes=sparsity_notes(model),
     )
 
@@ -339,16 +342,4 @@ def _row(name: str, kind: str, own: list[nn.Parameter], count: ModuleCount | Non
     )
 
 
-class _CallableModule(types.ModuleType):
-    """``edgeslim.profile`` is both this package and the function :func:`profile`.
-
-    Importing any ``edgeslim.profile.*`` submodule makes the import system set the package
-    as the attribute ``edgeslim.profile``, hiding the lazily exported function; calling the
-    package calls the function, so ``edgeslim.profile(model, x)`` works either way.
-    """
-
-    def __call__(self, *args: object, **kwargs: object) -> Profile:
-        return profile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, profile)  # edgeslim.profile(...) even when it is this package

@@ -17,6 +17,12 @@ same number of MACs, so ``effective = macs * nnz(weight) / numel(weight)`` exact
 conv: ``out_spatial * nnz``; for a linear layer: ``rows * nnz``). When both operands are
 activations, effective = dense. When both are weights, the sparser one is used.
 A weight computed in ``forward`` by non-view ops (e.g. ``w * mask``) counts as an activation.
+
+Memory access cost (Ma et al. 2018, "ShuffleNet V2", guideline G1; :func:`memory_access_bytes`)
+is the bytes every op reads and writes: for each op that is not a view, the bytes of its
+distinct tensor inputs (activations and weights) plus the bytes of its outputs. It is what a
+runtime without fusion moves through memory, and it explains why a model with fewer MACs
+(many thin depthwise/1x1 layers, shuffles, concatenations) can still run slower.
 """
 
 from __future__ import annotations
@@ -212,3 +218,30 @@ def module_counts(ep: torch.export.ExportedProgram) -> dict[str, ModuleCount]:
             owner.effective_macs += found[1]
             owner.has_mac_ops = True
     return counts
+
+
+def _moves_no_data(node: Node) -> bool:
+    """A pure view (``view``, ``t``, ``permute``, ``expand`` ...): aliases, writes nothing."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    return all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _tensor_bytes(val: object) -> int:
+    if isinstance(val, torch.Tensor):
+        return val.numel() * val.dtype.itemsize
+    if isinstance(val, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in val)
+    return 0
+
+
+def memory_access_bytes(ep: torch.export.ExportedProgram) -> int:
+    """Bytes read and written by the graph's ops (see the module docstring), batch as traced."""
+    total = 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or _moves_no_data(node) or op_name(node) is None:
+            continue
+        reads = sum(_tensor_bytes(arg.meta.get("val")) for arg in node.all_input_nodes)
+        total += reads + _tensor_bytes(node.meta.get("val"))
+    return total

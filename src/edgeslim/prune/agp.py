@@ -94,11 +94,13 @@ def prune_agp_(
     train_cfg: TrainConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
     **prune_kwargs: object,
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``data`` while pruning it to ``cfg``'s target on the AGP schedule.
 
+    With a ``teacher`` the training distils from it (``train_cfg.distill``).
     ``keep_best`` is turned off (an early epoch has fewer pruned weights, not a better model)
     and the final target is applied once more at the end, so the model ends exactly at it.
     Methods that take ``data`` (OBD) get ``data``.
@@ -112,6 +114,6 @@ def prune_agp_(
         update={"keep_best": False}
     )
     hook = schedule.hook(cfg, filter_fn=filter_fn, **prune_kwargs)
-    history = fit(model, data, train_cfg, step_hook=hook, progress=progress)
+    history = fit(model, data, train_cfg, teacher=teacher, step_hook=hook, progress=progress)
     prune_(model, cfg, filter_fn=filter_fn, **prune_kwargs)
     return history

@@ -8,6 +8,7 @@ surviving weights recover keeps more accuracy than pruning all at once.
 from __future__ import annotations
 
 from pydantic import BaseModel
+from torch import nn
 
 from ..data.datasets import DataSplits
 from ..masks import iter_masks
@@ -32,13 +33,16 @@ def prune_iteratively_(
     finetune_cfg: TrainConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
     **prune_kwargs: object,
 ) -> list[dict[str, float]]:
     """Run ``steps`` prune -> fine-tune cycles in place; one log row per cycle.
 
     ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`, :class:`OBDPrune`).
-    Each cycle's fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible.
+    Each cycle's fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible;
+    with a ``teacher`` (e.g. the model before pruning) fine-tuning distils from it
+    (``finetune_cfg.distill``, see :mod:`edgeslim.distill.kd`).
     ``prune_kwargs`` go to :func:`prune_`; methods that take ``data`` (OBD) get ``data``.
     """
     from . import accepted, prune_  # the verb dispatches on the config type
@@ -52,7 +56,7 @@ def prune_iteratively_(
         prune_(model, cfg.scaled(k / steps), filter_fn=filter_fn, **prune_kwargs)
         before = evaluate(model, data, "val")
         if ft.epochs > 0:
-            finetune(model, data, ft, seed=ft.seed + k, progress=progress)
+            finetune(model, data, ft, teacher=teacher, seed=ft.seed + k, progress=progress)
         log.append(
             {
                 "step": k,

@@ -92,7 +92,9 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
         calib = {"calib": ctx.calibration(), "progress": ctx.progress}
         log = {"layer_sparsity": prune_(model, cfg.config, **calib)}
         if ft.epochs > 0:
-            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+            log["finetune"] = finetune(
+                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
+            )
         return model, log
     context = accepted(cfg.config, example=ctx.example, data=ctx.data)
     if cfg.agp is not None:
@@ -100,8 +102,9 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"stage {stage.label}: 'agp' prunes during training; add finetune")
         context.pop("data", None)  # prune_agp_ passes its own
         history = prune_agp_(
-            model, cfg.config, ctx.data, cfg.agp, ft, progress=ctx.progress, **context
-        )
+            model, cfg.config, ctx.data, cfg.agp, ft, teacher=ctx.teacher, progress=ctx.progress,
+            **context,
+        )  # fmt: skip
         return model, {"agp": history}
     if isinstance(cfg.config, ChannelPrune):
         plans = cut_channels_(model, cfg.config, **context)
@@ -110,17 +113,22 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
             "cut": [asdict(p) for p in plans],  # what restore() replays on resume
         }
         if ft.epochs > 0:
-            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+            log["finetune"] = finetune(
+                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
+            )
         return model, log
     if not hasattr(cfg.config, "scaled") or (cfg.steps == 1 and ft.epochs == 0):
         log = {"layer_sparsity": prune_(model, cfg.config, **context)}
         if ft.epochs > 0:
-            log["finetune"] = finetune(model, ctx.data, ft, progress=ctx.progress)
+            log["finetune"] = finetune(
+                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
+            )
         return model, log
     context.pop("data", None)  # prune_iteratively_ passes its own
     cycles = prune_iteratively_(
-        model, cfg.config, ctx.data, cfg.steps, ft, progress=ctx.progress, **context
-    )
+        model, cfg.config, ctx.data, cfg.steps, ft, teacher=ctx.teacher, progress=ctx.progress,
+        **context,
+    )  # fmt: skip
     return model, {"cycles": cycles}
 
 

@@ -69,6 +69,7 @@ def qat_(
     filter_fn: FilterFn | None = None,
     data: Any = None,
     train: Any = None,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
     seed: int = 0,
     **_: Any,
@@ -76,7 +77,8 @@ def qat_(
     """PTQ-initialise ``model``, fine-tune it with fake quantization, return it in exact mode.
 
     ``data`` (a :class:`~edgeslim.data.datasets.DataSplits`) is required; ``calib`` defaults
-    to ``data.calib(cfg.calib_size)``; ``train`` (a ``TrainConfig``) overrides the schedule.
+    to ``data.calib(cfg.calib_size)``; ``train`` (a ``TrainConfig``) overrides the schedule;
+    with a ``teacher`` (e.g. the float model) the fine-tuning distils from it.
     ``quant_info["history"]`` holds the per-epoch training log.
     """
     from ..train import fit
@@ -93,7 +95,7 @@ def qat_(
         enable_lsq(qmodel)
     set_mode(qmodel, "fake")
     tcfg = _train_config(cfg, train).model_copy(update={"seed": seed})
-    history = fit(qmodel, data, tcfg, progress=progress) if tcfg.epochs else []
+    history = fit(qmodel, data, tcfg, teacher=teacher, progress=progress) if tcfg.epochs else []
     for layer in quant_layers(qmodel).values():
         layer.refresh_weight_scale()
     with torch.no_grad():  # a learned step size must stay positive for the integer kernels

@@ -82,6 +82,7 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
         cfg.config,
         data=ctx.data,
         train=train if cfg.method in _TRAINING else None,
+        teacher=ctx.teacher,
         progress=ctx.progress,
         seed=ctx.seed,
     )
@@ -93,7 +94,7 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     log = dict(getattr(qmodel, "quant_info", {}))
     if train is not None and cfg.method not in _TRAINING and train.epochs:
         set_mode(qmodel, "fake")
-        log["finetune"] = fit(qmodel, ctx.data, train, progress=ctx.progress)
+        log["finetune"] = fit(qmodel, ctx.data, train, teacher=ctx.teacher, progress=ctx.progress)
         set_mode(qmodel, getattr(cfg.config, "simulate", "exact"))
     return qmodel, _jsonable(log)
 

@@ -201,6 +201,7 @@ def lowbit_(
     filter_fn: FilterFn | None = None,
     data: Any = None,
     train: Any = None,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
     seed: int = 0,
     **_: Any,
@@ -229,7 +230,8 @@ def lowbit_(
             raise ConfigError(
                 f"{scheme.upper()} trains {tcfg.epochs} epoch(s): pass data=DataSplits"
             )
-        history = fit(model, data, tcfg.model_copy(update={"seed": seed}), progress=progress)
+        tcfg = tcfg.model_copy(update={"seed": seed})
+        history = fit(model, data, tcfg, teacher=teacher, progress=progress)
     model.eval()
     model.quant_info = {
         "scheme": scheme,

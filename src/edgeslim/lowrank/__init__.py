@@ -1,0 +1,150 @@
+"""Low-rank factorisation: one verb, :func:`lowrank_`, dispatching on the config's type.
+
+    lowrank_(model, SVD(energy=0.9))                                  # Linear layers, weights
+    lowrank_(model, ConvDecompose(macs=0.5, linear=True), calib=data.calib(256))
+
+Each chosen layer becomes a :class:`Factored` pair of thinner layers (:mod:`.layers`). The
+components come from a solver -- weight SVD (:mod:`.svd`) or response reconstruction on
+calibration data (Zhang et al. 2015, :mod:`.conv`) -- and the number kept per layer from a
+rank rule (:mod:`.ranks`: fixed rank, energy share, or a MAC budget spent by measured
+sensitivity). ``method: NAME`` in a recipe's ``lowrank`` stage picks the config class
+registered under ``NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from ..errors import ConfigError, ShapeError
+from ..registry import Registry
+from .conv import ConvDecompose, response_factors
+from .layers import Factored, Factorization, geometries, restore_
+from .ranks import RankTarget, factorize_, inside_factored, is_excluded
+from .svd import SVD, weight_factors
+
+FilterFn = Callable[[nn.Module, str], bool]
+REGISTRY = Registry("lowrank_")
+METHODS = REGISTRY.methods  # recipe name -> config class
+register = REGISTRY.register
+
+
+def lowrank_(
+    model: nn.Module,
+    cfg: BaseModel,
+    *,
+    calib: Any = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, dict[str, float]]:
+    """Factorise ``model``'s layers in place as ``cfg`` says; one log entry per factorised layer.
+
+    ``calib`` (a tensor of inputs, or an iterable of batches) is needed by the response
+    solver and by a ``macs`` budget; ``filter_fn(module, name)`` restricts the layers.
+    Each entry has the layer's ``rank``, ``max_rank``, kept ``energy``, and its ``macs``
+    before and ``factored_macs`` after (per sample). Layers whose factorised form would not
+    be cheaper are left as they are.
+    """
+    return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn)
+
+
+# --------------------------------------------------------------------------------------
+# the two handlers share one driver: pick layers, solve, size, choose ranks, replace
+# --------------------------------------------------------------------------------------
+
+
+def candidates(
+    model: nn.Module,
+    types: tuple[type[nn.Module], ...],
+    exclude: list[str],
+    filter_fn: FilterFn | None = None,
+) -> dict[str, nn.Module]:
+    """Layers that can be factorised: ``types``, ungrouped convs, not already factorised."""
+    done = inside_factored(model)
+    found = {}
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, types) or name in done or is_excluded(name, exclude):
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            continue  # depthwise or grouped: no cross-channel structure to factor
+        if filter_fn is None or filter_fn(m, name):
+            found[name] = m
+    return found
+
+
+def probe_input(model: nn.Module, calib: Any) -> torch.Tensor:
+    """One input to trace layer shapes: the first calibration input, or the model's own."""
+    if isinstance(calib, torch.Tensor):
+        return calib[:1]
+    if calib is not None:
+        return next(iter(calib))[:1]
+    from ..models.io import example_input
+
+    try:
+        return example_input(model)
+    except ShapeError as exc:
+        raise ConfigError(
+            f"lowrank_ must run {type(model).__name__} once to size its layers: pass calib=INPUTS"
+        ) from exc
+
+
+def _factorize_layers_(
+    model: nn.Module,
+    cfg: RankTarget,
+    layers: dict[str, nn.Module],
+    calib: Any,
+    separable: bool = False,
+) -> dict[str, dict[str, float]]:
+    if cfg.solver == "response":
+        factors = response_factors(model, layers, calib)
+    else:
+        factors = {
+            name: weight_factors(
+                m, separable and isinstance(m, nn.Conv2d) and 1 not in m.kernel_size
+            )
+            for name, m in layers.items()
+        }
+    for name, geometry in geometries(model, layers, probe_input(model, calib)).items():
+        factors[name].geometry = geometry
+    return factorize_(model, cfg, factors, calib)
+
+
+def svd_(
+    model: nn.Module, cfg: SVD, *, calib: Any = None, filter_fn: FilterFn | None = None
+) -> dict[str, dict[str, float]]:
+    """Factor ``model``'s Linear layers in place as ``cfg`` says (see :class:`SVD`)."""
+    layers = candidates(model, (nn.Linear,), cfg.exclude, filter_fn)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no Linear layer to factorise")
+    return _factorize_layers_(model, cfg, layers, calib)
+
+
+def conv_decompose_(
+    model: nn.Module, cfg: ConvDecompose, *, calib: Any = None, filter_fn: FilterFn | None = None
+) -> dict[str, dict[str, float]]:
+    """Factor ``model``'s Conv2d (with ``linear``, also Linear) layers in place as ``cfg`` says."""
+    types = (nn.Conv2d, nn.Linear) if cfg.linear else (nn.Conv2d,)
+    layers = candidates(model, types, cfg.exclude, filter_fn)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no ungrouped Conv2d layer to factorise")
+    return _factorize_layers_(model, cfg, layers, calib, cfg.separable)
+
+
+register("svd", SVD, svd_)
+register("conv", ConvDecompose, conv_decompose_)
+
+__all__ = [
+    "METHODS",
+    "SVD",
+    "ConvDecompose",
+    "Factored",
+    "Factorization",
+    "lowrank_",
+    "register",
+    "response_factors",
+    "restore_",
+    "weight_factors",
+]
