@@ -69,6 +69,7 @@ _LAZY = {
     "layer_qparams": "edgeslim.quant",
     "export_onnx": "edgeslim.export.onnx",
     "OBDPrune": "edgeslim.prune",
+    "OBSPrune": "edgeslim.prune",
     "NMPrune": "edgeslim.prune",
     "ChannelPrune": "edgeslim.prune",
     "AGPSchedule": "edgeslim.prune",
@@ -222,6 +223,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .prune import (
         OBDPrune as OBDPrune,
+    )
+    from .prune import (
+        OBSPrune as OBSPrune,
     )
     from .prune import (
         Sensitivity as Sensitivity,
