@@ -70,6 +70,7 @@ _LAZY = {
     "export_onnx": "edgeslim.export.onnx",
     "OBDPrune": "edgeslim.prune",
     "OBSPrune": "edgeslim.prune",
+    "DepthPrune": "edgeslim.prune",
     "NMPrune": "edgeslim.prune",
     "ChannelPrune": "edgeslim.prune",
     "AGPSchedule": "edgeslim.prune",
@@ -214,6 +215,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .prune import (
         ChannelPrune as ChannelPrune,
+    )
+    from .prune import (
+        DepthPrune as DepthPrune,
     )
     from .prune import (
         MagnitudePrune as MagnitudePrune,

@@ -5,6 +5,7 @@
     prune_(model, OBSPrune(sparsity=0.9), data=data)             # layer-wise OBS + update
     prune_(model, NMPrune(n=2, m=4))                             # 2:4 semi-structured
     prune_(model, ChannelPrune(ratio=0.5), example=x)            # channels/heads removed
+    prune_(model, DepthPrune(blocks=1), example=x)               # residual blocks removed
 
 Later techniques register a handler with :func:`register`.
 """
@@ -19,6 +20,7 @@ from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from ..registry import Registry
 from .agp import AGPSchedule, prune_agp_
 from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
+from .depth import DepthPrune, depth_prune_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from .nm import NMPrune, nm_pattern, nm_prune_
 from .obd import OBDPrune, hessian_diagonal, obd_prune_
@@ -60,11 +62,13 @@ register("obd", OBDPrune, obd_prune_)
 register("obs", OBSPrune, obs_prune_)
 register("nm", NMPrune, nm_prune_)
 register("channel", ChannelPrune, channel_prune_)
+register("depth", DepthPrune, depth_prune_)
 
 __all__ = [
     "METHODS",
     "AGPSchedule",
     "ChannelPrune",
+    "DepthPrune",
     "MagnitudePrune",
     "NMPrune",
     "OBDPrune",
