@@ -45,20 +45,35 @@ from edgeslim.prune import ChannelPrune, DepthPrune, prune_
 from edgeslim.prune.channel import count_macs, search
 from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
 
-console = Console(width=160)
+console = Console(width=200)
 TMP = Path(tempfile.mkdtemp(prefix="edgeslim-structured-"))
 
 
-def latencies(model: nn.Module, x1, x32, name: str, repeats: int = 200) -> dict[str, float]:
+def latencies(
+    model: nn.Module, x1, x32, name: str, repeats: int = 200, fold_bn: bool = False
+) -> dict[str, float]:
     """Median ms in PyTorch and ONNX Runtime at batch 1 and 32 (ONNX checked vs PyTorch).
 
     One thread for both runtimes (the edge-device case, and steadier on a shared machine).
+    With ``fold_bn``, PyTorch is also timed with BatchNorm folded into the convs
+    (``torch.fx.experimental.optimization.fuse``, as a deployment would; ONNX Runtime folds it
+    itself), for every variant alike.
     """
     session, _ = export_and_check(copy.deepcopy(model), x1, TMP / f"{name}.onnx", threads=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    folded: dict[str, float] = {}
+    if fold_bn and isinstance(x1, torch.Tensor):
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(copy.deepcopy(model).eval())
+        torch.testing.assert_close(fused(x32), model.eval()(x32), rtol=1e-4, atol=1e-4)
+        folded = {
+            "torchf_1": torch_latency_ms(fused, x1, repeats=repeats),
+            "torchf_32": torch_latency_ms(fused, x32, repeats=max(5, repeats // 5)),
+        }
     try:
-        return {
+        return folded | {
             "torch_1": torch_latency_ms(model, x1, repeats=repeats),
             "torch_32": torch_latency_ms(model, x32, repeats=max(5, repeats // 5)),
             "ort_1": ort_latency_ms(session, x1, repeats=repeats),
@@ -162,7 +177,8 @@ def cnn_part(args: argparse.Namespace) -> None:
             macs = es.profile(model, x1, latency=False).macs
             row = {"net": name, "variant": label, "acc": es.evaluate(model, data)}
             row |= {"params": params(model), "macs": macs, "macs_ratio": base_macs / macs}
-            row |= latencies(model, x1, x32, f"{name}-{label.replace(' ', '_')}")
+            tag = f"{name}-{label.replace(' ', '_').replace('(', '').replace(')', '')}"
+            row |= latencies(model, x1, x32, tag, fold_bn=True)
             rows.append(row)
             console.print(f"  {label}: {100 * row['acc']:.2f}%  {base_macs / macs:.2f}x MACs")
     table = Table(
@@ -171,7 +187,7 @@ def cnn_part(args: argparse.Namespace) -> None:
     )
     for col in ("net", "variant", "test acc", "Δ acc", "params", "MACs", "MACs ↓"):
         table.add_column(col, justify="left" if col in ("net", "variant") else "right")
-    for col in ("torch b1", "torch b32", "ORT b1", "ORT b32"):
+    for col in ("torch b1", "torch b32", "ORT b1", "ORT b32", "torch b1 BNf", "torch b32 BNf"):
         table.add_column(col, justify="right")
     for row in rows:
         ref = next(r for r in rows if r["net"] == row["net"] and r["variant"] == "dense")
@@ -181,7 +197,7 @@ def cnn_part(args: argparse.Namespace) -> None:
             f"{row['macs_ratio']:.2f}x",
             *(
                 f"{row[k]:.3f} ms" if row is ref else f"{ref[k] / row[k]:.2f}x"
-                for k in ("torch_1", "torch_32", "ort_1", "ort_32")
+                for k in ("torch_1", "torch_32", "ort_1", "ort_32", "torchf_1", "torchf_32")
             ),
         )  # fmt: skip
     console.print(table)
