@@ -10,7 +10,9 @@ Four calibration methods, all ending in :func:`edgeslim.quant.spec.activation_qp
   recorded values) is smallest, ``a`` searched on a grid in (0, 1].
 - ``kl``: TensorRT's entropy calibration (Migacz 2017, "8-bit Inference with TensorRT"):
   the clipping threshold whose quantized histogram is closest to the float one in KL
-  divergence; on |x| (symmetric) for signed tensors, on x for non-negative ones.
+  divergence; on |x| (symmetric) for signed tensors, on x for non-negative ones; values
+  that occur exactly and often (ReLU's zeros, a constant background) are left out of the
+  histogram and never clipped (see :func:`kl_threshold`).
 
 An observer keeps the exact min and max plus a bounded, seeded reservoir of the values it
 saw (``max_samples``), so memory stays fixed however much calibration data runs through
