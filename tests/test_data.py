@@ -63,3 +63,26 @@ def test_data_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(es.DataError, match="cannot read"):
         es.load_data(f"npz:{tmp_path / 'junk.npz'}")
+
+
+def test_text_corpus_sentences_are_prose_and_disjoint_between_splits(tmp_path):
+    from edgeslim.data.text import split_of, stdlib_corpus
+
+    # a tiny "standard library": the module name decides the split
+    names = {"train": None, "test": None}
+    for i in range(200):
+        split = split_of(f"mod{i}")
+        if split in names and names[split] is None:
+            names[split] = f"mod{i}"
+    para = "Return the first item of the list when it exists. Short one. Set x = 1 for this."
+    for split, mod in names.items():
+        (tmp_path / f"{mod}.py").write_text(f'"""{para} This is the {split} module text."""\n')
+    corpus = stdlib_corpus(tmp_path)
+    train, test = corpus.sentences("train"), corpus.sentences("test")
+    assert train == ["Return the first item of the list when it exists.",
+                     "This is the train module text."]  # fmt: skip
+    assert test[-1] == "This is the test module text." and len(test) == 2
+    # word limits apply; an unknown split is an error
+    assert corpus.sentences("train", min_words=7) == [train[0]]
+    with pytest.raises(es.DataError, match="unknown text split"):
+        corpus.sentences("dev")

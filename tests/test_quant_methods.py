@@ -1,5 +1,7 @@
 """QAT / LSQ, binary and ternary weights, dynamic fixed point, mixed precision, packing, stage."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from edgeslim.quant import (
     layer_qparams,
     quantize_,
 )
-from edgeslim.quant.mixed import choose_bits
+from edgeslim.quant.mixed import candidate_bits, choose_bits
 from edgeslim.quant.modules import ActQuant, quant_layers
 from edgeslim.quant.pack import pack_bits, save_packed, unpack_bits, unpack_weights
 from edgeslim.quant.ternary import lowbit_layers
@@ -153,12 +155,46 @@ def test_choose_bits_respects_budget():
     sens = {"a": {2: 5.0, 4: 1.0, 8: 0.0}, "b": {2: 0.5, 4: 0.1, 8: 0.0}}
     numel = {"a": 100, "b": 100}
     assert choose_bits(sens, numel, 8 * 200) == {"a": 8, "b": 8}
-    bits = choose_bits(sens, numel, 4 * 200)
-    assert sum(numel[n] * b for n, b in bits.items()) <= 800
-    assert bits == {"a": 4, "b": 4} or bits["a"] >= bits["b"]  # the sensitive layer keeps more
-    assert choose_bits(sens, numel, 6 * 100 + 2 * 100 + 200)["b"] <= 4
+    assert choose_bits(sens, numel, 4 * 200) == {"a": 4, "b": 4}  # 1.1 < 2.0 (a=8, b=2)
+    assert choose_bits(sens, numel, 1000) == {"a": 8, "b": 2}  # 0.5 < 1.1 (a=4, b=4)
+    assert choose_bits(sens, numel, 2 * 200) == {"a": 2, "b": 2}  # exactly the narrowest
     with pytest.raises(ConfigError, match="impossible budget"):
-        choose_bits(sens, numel, 100)
+        choose_bits(sens, numel, 2 * 200 - 1)
+
+
+def test_choose_bits_is_the_exact_optimum_and_monotonic():
+    rng = np.random.default_rng(0)
+    menu = [2, 3, 4, 5, 6, 8]
+    numel = {f"l{i}": int(n) for i, n in enumerate(rng.integers(50, 5000, 5))}
+    # decreasing in bits, with a little noise (measured sensitivities are not smooth)
+    sens = {
+        n: {b: float(rng.uniform(0.5, 2.0) * 4.0**-b + rng.uniform(0, 1e-4)) for b in menu}
+        for n in numel
+    }
+    full = sum(numel.values())
+    combos = list(itertools.product(menu, repeat=len(numel)))
+    last = float("inf")
+    for avg in (2.0, 2.5, 3.0, 3.7, 4.0, 5.0, 6.5, 8.0):
+        budget = avg * full
+        bits = choose_bits(sens, numel, budget)
+        used = sum(numel[n] * b for n, b in bits.items())
+        total = sum(sens[n][b] for n, b in bits.items())
+        assert used <= budget and set(bits.values()) <= set(menu)
+        brute = min(
+            sum(sens[n][b] for n, b in zip(numel, c, strict=True))
+            for c in combos
+            if sum(numel[n] * b for n, b in zip(numel, c, strict=True)) <= budget
+        )
+        assert total == pytest.approx(brute, rel=1e-12)  # the exact knapsack optimum
+        assert total <= last  # more budget never makes the choice worse
+        last = total
+    assert choose_bits(sens, numel, 8 * full) == dict.fromkeys(numel, 8)
+    # the candidates measured jointly: one knapsack per sub-menu, uniform widths among them
+    found = candidate_bits(sens, numel, 4 * full)
+    assert dict.fromkeys(numel, 4) in found and dict.fromkeys(numel, 3) in found
+    assert dict.fromkeys(numel, 5) not in found  # over the budget
+    assert choose_bits(sens, numel, 4 * full) in found
+    assert all(sum(numel[n] * b for n, b in c.items()) <= 4 * full for c in found)
 
 
 def test_mixed_precision_under_budget(small):
@@ -167,7 +203,12 @@ def test_mixed_precision_under_budget(small):
     info = q.quant_info
     total = sum(lq.weight_int.size for lq in layer_qparams(q).values())
     assert info["weight_bytes"] <= 4 * total / 8
-    assert {lq.weight_bits for lq in layer_qparams(q).values()} <= {2, 4, 8}
+    assert {lq.weight_bits for lq in layer_qparams(q).values()} <= {2, 3, 4, 5, 6, 8}
+    # measured jointly on the calibration data, the choice is never worse than uniform 4-bit
+    assert info["selection"]["distance"] <= info["selection"]["uniform"]["4"]
+    assert info["selection"]["candidates"] >= 2
+    with pytest.raises(ConfigError, match="impossible budget"):
+        quantize_(zoo.create("lenet5").eval(), MixedPrecision(budget_bytes=1000), calib=calib)
     for s in info["sensitivity"].values():
         assert s["2"] >= s["8"]
     for name, lq in layer_qparams(q).items():

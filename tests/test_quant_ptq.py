@@ -94,6 +94,46 @@ def test_kl_threshold_of_uniform_keeps_range():
     assert kl_threshold(u, levels=256) > 0.95
 
 
+def test_kl_keeps_comb_like_relu6_output():
+    # what MobileNetV2's stem gives on MNIST: half exact zeros (ReLU), 8 repeated values
+    # (the black background through each channel), the strokes spread up to ~5
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            np.zeros(50_000),
+            np.repeat(np.linspace(0.05, 0.57, 8, dtype=np.float32), 4_200),
+            rng.uniform(0.0, 5.0, 16_000).astype(np.float32),
+        ]
+    )
+    obs = Observer("kl")
+    obs.update(torch.as_tensor(x))
+    lo, hi = obs.range()
+    assert lo == 0.0
+    assert np.mean(x <= hi) >= 0.99  # without the atom rule: keeps 0.87
+    assert hi >= 0.9 * x.max()
+    # a post-ReLU6 tensor with saturated values: the atom at 6 is never clipped
+    relu6 = np.clip(np.maximum(rng.normal(1.0, 2.0, 60_000), 0), 0, 6)
+    assert kl_threshold(relu6, levels=256) == 6.0
+    # an input that takes 256 grey levels only is all atoms: its range is kept whole
+    grey = rng.integers(0, 256, 40_000) / 255.0
+    assert kl_threshold(grey, levels=256) == 1.0
+
+
+def test_kl_clips_heavy_tails():
+    # a Gaussian with rare large outliers (and ReLU's zeros): KL clips far below the max
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 1.0, 200_000)
+    x[rng.integers(0, x.size, 40)] *= 25.0
+    obs = Observer("kl")
+    obs.update(torch.as_tensor(x, dtype=torch.float32))
+    lo, hi = obs.range()
+    assert 3.0 < hi < 0.5 * x.max() and -0.5 * abs(x.min()) < lo < -3.0
+    assert np.mean((x >= lo) & (x <= hi)) > 0.999
+    relu = np.maximum(x, 0.0)
+    t = kl_threshold(relu, levels=256)
+    assert 3.0 < t < 0.5 * relu.max()
+
+
 def test_observer_validation():
     with pytest.raises(ValueError, match="unknown calibration method"):
         Observer("median")

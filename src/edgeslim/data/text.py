@@ -175,6 +175,20 @@ class TextCorpus:
             raise DataError(f"unknown text split {name!r}: expected train, val or test")
         return getattr(self, name)
 
+    def sentences(self, split: str, *, min_words: int = 6, max_words: int = 40) -> list[str]:
+        """The prose sentences of one split, in corpus order, without duplicates.
+
+        The same prose rule as :func:`english_sentences` (capitalised, ends with a full stop,
+        ``min_words..max_words`` words, no code), so sentence-level tasks (embedding fidelity,
+        calibration of an encoder) get disjoint train / test text from the module split.
+        """
+        seen: dict[str, None] = {}
+        for paragraph in self.split(split):
+            for sentence in _SENTENCE_END.split(paragraph):
+                if _is_prose(sentence, min_words, max_words):
+                    seen.setdefault(sentence, None)
+        return list(seen)
+
     def manifest(self) -> dict[str, object]:
         """What this corpus is: source, Python version, modules and text hash per split."""
         return {

@@ -114,7 +114,9 @@ def rebuild(model, stage, log, example) -> Any:
     if stage.config.method == "dynamic_fixed_point":
         ptq = Int8PTQ(weight_bits=cfg.bits, activation_bits=cfg.bits, graph="fx")
     elif stage.config.method == "mixed_precision":
-        ptq = Int8PTQ(calibration=cfg.calibration, weight_calibration=cfg.weight_calibration)
+        ptq = Int8PTQ(
+            calibration=cfg.calibration, weight_calibration=cfg.weight_calibration, graph=cfg.graph
+        )
     else:
         ptq = Int8PTQ.model_validate(cfg.model_dump(include=set(Int8PTQ.model_fields)))
     for key in ("skip_first", "skip_last", "exclude"):

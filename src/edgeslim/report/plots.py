@@ -138,7 +138,7 @@ def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None
         bits = [row["log"]["layer_bits"].get(n, 0) for n in names]
         ax.bar(xs, bits, width, label=stage_name(row))
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks([1, 2, 4, 8])
+    ax.set_yticks(range(1, 9))
     ax.set_ylim(0, 8.5)
     ax.set_ylabel("weight bits")
     ax.set_title("per-layer weight bit width")
