@@ -3,9 +3,15 @@
     flock /tmp/edgeslim-cpu.lock python benchmarks/obd.py
 
 Trains LeNet-300-100 once per seed, then prunes copies of it to 50 / 70 / 90 / 95% global
-sparsity by |w| (Han et al.) and by OBD saliency h_kk w^2 / 2 (LeCun et al. 1989, Fisher and
-Hutchinson estimates of the Hessian diagonal on 512 training examples) and reports the test
-accuracy of each, with no fine-tuning. OBD should lose less.
+sparsity and reports the test accuracy of each, with no fine-tuning:
+
+- by |w| with one global threshold (Han et al.);
+- by OBD saliency h_kk w^2 / 2 of the loss (LeCun et al. 1989; Fisher and Hutchinson estimates
+  of the Hessian diagonal on 512 training examples, one global threshold);
+- by layer-wise OBD, w_ij^2 H_jj / 2 with H = 2 E[x x^T] of each layer's inputs (Dong et al.
+  2017), and layer-wise OBS (w_ij^2 / 2[H^-1]_jj, then each row's kept weights re-fit), with
+  the per-layer sparsities of the global |w| threshold ("magnitude" allocation) or one
+  threshold on saliency / layer output energy ("normalized").
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 import edgeslim as es
-from edgeslim.prune import OBDPrune, prune_
+from edgeslim.prune import OBDPrune, OBSPrune, prune_
 
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 
@@ -35,6 +41,16 @@ def main() -> None:
         "magnitude": lambda s: es.MagnitudePrune(sparsity=s),
         "OBD (Fisher)": lambda s: OBDPrune(sparsity=s, samples=512),
         "OBD (Hutchinson)": lambda s: OBDPrune(sparsity=s, samples=512, hessian="hutchinson"),
+        "layer-wise OBD, magnitude alloc.": lambda s: OBDPrune(
+            sparsity=s, samples=512, hessian="layerwise", allocation="magnitude"
+        ),
+        "layer-wise OBD, normalized alloc.": lambda s: OBDPrune(
+            sparsity=s, samples=512, hessian="layerwise", allocation="normalized"
+        ),
+        "layer-wise OBS, magnitude alloc.": lambda s: OBSPrune(sparsity=s, samples=512),
+        "layer-wise OBS, normalized alloc.": lambda s: OBSPrune(
+            sparsity=s, samples=512, allocation="normalized"
+        ),
     }
     results: dict[tuple[str, float], list[float]] = {}
     dense: list[float] = []
@@ -60,7 +76,7 @@ def main() -> None:
             accs = results[(name, s)]
             cells.append(f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.pstdev(accs):.2f}")
         table.add_row(name, *cells)
-    Console(width=140).print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

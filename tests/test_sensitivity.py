@@ -160,7 +160,17 @@ def test_resume_after_a_channel_stage_replays_the_cut(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["channel_resnet8", "obd_lenet300", "agp_lenet300", "nm24_lenet5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "channel_resnet8",
+        "depth_channel_resnet8",
+        "obd_lenet300",
+        "obs_lenet300",
+        "agp_lenet300",
+        "nm24_lenet5",
+    ],
+)
 def test_shipped_pruning_recipes_validate(name):
     from edgeslim.cli import recipe_path
 

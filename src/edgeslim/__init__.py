@@ -69,6 +69,8 @@ _LAZY = {
     "layer_qparams": "edgeslim.quant",
     "export_onnx": "edgeslim.export.onnx",
     "OBDPrune": "edgeslim.prune",
+    "OBSPrune": "edgeslim.prune",
+    "DepthPrune": "edgeslim.prune",
     "NMPrune": "edgeslim.prune",
     "ChannelPrune": "edgeslim.prune",
     "AGPSchedule": "edgeslim.prune",
@@ -215,6 +217,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
         ChannelPrune as ChannelPrune,
     )
     from .prune import (
+        DepthPrune as DepthPrune,
+    )
+    from .prune import (
         MagnitudePrune as MagnitudePrune,
     )
     from .prune import (
@@ -222,6 +227,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .prune import (
         OBDPrune as OBDPrune,
+    )
+    from .prune import (
+        OBSPrune as OBSPrune,
     )
     from .prune import (
         Sensitivity as Sensitivity,

@@ -2,8 +2,10 @@
 
     prune_(model, MagnitudePrune(sparsity=0.9))                  # unstructured, |w|
     prune_(model, OBDPrune(sparsity=0.9), data=data)             # unstructured, h w^2 / 2
+    prune_(model, OBSPrune(sparsity=0.9), data=data)             # layer-wise OBS + update
     prune_(model, NMPrune(n=2, m=4))                             # 2:4 semi-structured
     prune_(model, ChannelPrune(ratio=0.5), example=x)            # channels/heads removed
+    prune_(model, DepthPrune(blocks=1), example=x)               # residual blocks removed
 
 Later techniques register a handler with :func:`register`.
 """
@@ -18,9 +20,11 @@ from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from ..registry import Registry
 from .agp import AGPSchedule, prune_agp_
 from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
+from .depth import DepthPrune, depth_prune_
 from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from .nm import NMPrune, nm_pattern, nm_prune_
 from .obd import OBDPrune, hessian_diagonal, obd_prune_
+from .obs import OBSPrune, obs_prune_
 from .schedule import model_sparsity, prune_iteratively_
 from .sensitivity import Sensitivity, sensitivity
 from .sparsegpt import SparseGPT
@@ -55,16 +59,20 @@ register("magnitude", MagnitudePrune, magnitude_prune_)
 register("wanda", Wanda, _one_shot_)
 register("sparsegpt", SparseGPT, _one_shot_)
 register("obd", OBDPrune, obd_prune_)
+register("obs", OBSPrune, obs_prune_)
 register("nm", NMPrune, nm_prune_)
 register("channel", ChannelPrune, channel_prune_)
+register("depth", DepthPrune, depth_prune_)
 
 __all__ = [
     "METHODS",
     "AGPSchedule",
     "ChannelPrune",
+    "DepthPrune",
     "MagnitudePrune",
     "NMPrune",
     "OBDPrune",
+    "OBSPrune",
     "Sensitivity",
     "SparseGPT",
     "UnsupportedOpError",

@@ -18,8 +18,9 @@ Three separate steps:
    warning (``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
 2. **plan** (:func:`plan_groups`): per group, a ratio (uniform ``ratio``, per-layer
    ``layer_ratio``, or found for a ``macs`` target, uniformly or from a sensitivity analysis),
-   rounded so the channels kept are a multiple of ``round_to``; the lowest-importance
-   channels (:mod:`.importance`) are chosen. Attention groups lose whole heads.
+   rounded so the channels kept are a multiple of ``round_to`` (for a ``macs`` target, the
+   channels rounding cut beyond the budget are given back, :func:`fill_budget`); the
+   lowest-importance channels (:mod:`.importance`) are chosen. Attention groups lose whole heads.
 3. **surgery** (:func:`apply_plans`): checked first on a copy (the pruned copy must run and give
    outputs of the same shape; a group that breaks it is reported like an unsupported op), then
    done on the model.
@@ -72,6 +73,9 @@ class ChannelPrune(BaseModel):
     heads: float | None = Field(None, ge=0, lt=1)
     importance: Importance = "l2"
     round_to: int = Field(1, ge=1, description="channels kept: a multiple of this")
+    fill: bool = Field(
+        True, description="macs target with round_to > 1: give back channels rounding overcut"
+    )
     max_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more of one group")
     ignore: list[str] = Field(default_factory=list, description="layer names/globs kept whole")
     on_unsupported: Literal["skip", "error"] = "skip"
@@ -549,6 +553,35 @@ def search(
     return knob
 
 
+def fill_budget(
+    model: nn.Module,
+    example: torch.Tensor,
+    cfg: ChannelPrune,
+    groups: list[Group],
+    ratios: dict[str, float],
+    dense: int,
+) -> dict[str, float]:
+    """Give channels back, one ``round_to`` step at a time, while the MACs stay within budget.
+
+    Rounding kept channels to a multiple of ``round_to`` can overshoot a MACs target by far (a
+    16-wide group can only keep 8 or 16). Each pass offers every cut group, most-cut first,
+    ``round_to`` more kept channels and keeps the change when the model still fits
+    ``cfg.macs``; passes repeat until nothing fits.
+    """
+    ratios = {g.name: group_ratio(g, cfg, ratios) for g in groups}
+    changed = True
+    while changed:
+        changed = False
+        for g in sorted(groups, key=lambda g: -ratios[g.name]):
+            if g.heads or ratios[g.name] <= 0:
+                continue
+            step = cfg.round_to / g.channels  # one more step of kept channels
+            trial = {**ratios, g.name: max(0.0, ratios[g.name] - step)}
+            if macs_after(model, example, cfg, trial) <= cfg.macs * dense:
+                ratios, changed = trial, True
+    return ratios
+
+
 def ratios_for_macs(
     model: nn.Module,
     example: torch.Tensor,
@@ -562,13 +595,18 @@ def ratios_for_macs(
     def fraction(ratios: dict[str, float]) -> float:
         return macs_after(model, example, cfg, ratios) / dense
 
+    def filled(ratios: dict[str, float]) -> dict[str, float]:
+        if cfg.round_to == 1 or not cfg.fill:
+            return ratios
+        return fill_budget(model, example, cfg, groups, ratios, dense)
+
     if cfg.allocation == "uniform":
 
         def uniform(r: float) -> dict[str, float]:
             return {g.name: r for g in groups}
 
         r = search(lambda r: fraction(uniform(r)), cfg.macs, 0.0, cfg.max_ratio)
-        return uniform(r)
+        return filled(uniform(r))
     if data is None:
         raise ConfigError("ChannelPrune(allocation='sensitivity') needs data= (labelled splits)")
     from .sensitivity import SLOPE, channel_sensitivity
@@ -578,8 +616,8 @@ def ratios_for_macs(
     def ratios(drop: float) -> dict[str, float]:
         return sens.ratios_for_drop(drop, cfg.max_ratio, SLOPE)
 
-    top = sens.worst_drop() + SLOPE * cfg.max_ratio + 1e-6
-    return ratios(search(lambda d: fraction(ratios(d)), cfg.macs, 0.0, top))
+    top = max(sens.worst_drop(), 0.0) + SLOPE * cfg.max_ratio + 1e-6  # probes may gain
+    return filled(ratios(search(lambda d: fraction(ratios(d)), cfg.macs, 0.0, top)))
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,17 @@ The diagonal h_kk is estimated on labelled calibration data in one of two ways:
   (d loss_i / d w_k)^2, from per-sample gradients (``torch.func.vmap``);
 - ``hutchinson``: h_kk ~ mean over Rademacher vectors z of z_k (H z)_k, with Hessian-vector
   products by double back-propagation (Hutchinson's estimator; |h_kk| is used, since a
-  finite-sample estimate can come out negative).
+  finite-sample estimate can come out negative);
+- ``layerwise``: not the loss but each layer's own output error E||W x - W' x||^2, whose
+  Hessian H = 2 E[x x^T] is exact and the same for every output row (Dong et al. 2017,
+  :mod:`.obs`): s_ij = w_ij^2 H_jj / 2. It needs only unlabelled inputs. Since output errors
+  of different layers are not on one scale, ``allocation`` splits a global ``sparsity`` over
+  layers: ``magnitude`` (each layer loses as many weights as a global |w| threshold takes from
+  it; the default for ``layerwise``) or ``normalized`` (one threshold on s / E||W x||^2).
+  :class:`.obs.OBSPrune` adds the Optimal Brain Surgeon update of the kept weights.
+
+With the loss Hessian, one global threshold (``allocation="global"``, the default) runs over
+all layers, as in the paper.
 
 Scoring (:func:`hessian_diagonal`, :func:`obd_scores`) is separate from choosing how much to
 remove (the same ``sparsity`` / ``layer_sparsity`` targets as :class:`MagnitudePrune`, via
@@ -41,6 +51,7 @@ from .magnitude import (
     prunable_layers,
     select_layers,
 )
+from .obs import allocate_masks, calibration_inputs, layer_hessians, layerwise_obd_scores
 
 Calib = DataSplits | tuple[torch.Tensor, torch.Tensor]
 
@@ -49,7 +60,12 @@ class OBDPrune(BaseModel):
     """Remove the weights of lowest OBD saliency h_kk w_k^2 / 2 (LeCun et al. 1989).
 
     Give ``sparsity`` (one global threshold on saliency) or ``layer_sparsity`` (per layer
-    name or glob). The Hessian diagonal comes from ``samples`` labelled training examples.
+    name or glob). The Hessian diagonal comes from ``samples`` training examples: of the
+    loss (``fisher``, ``hutchinson``; labelled) or of each layer's output error
+    (``layerwise``; inputs only). ``allocation`` splits a global ``sparsity`` over layers:
+    ``global`` (one saliency threshold; default for the loss Hessian), ``magnitude`` (the
+    per-layer counts of a global |w| threshold; default for ``layerwise``) or ``normalized``
+    (layer-wise only: one threshold on saliency / the layer's output energy).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +73,10 @@ class OBDPrune(BaseModel):
     sparsity: float | None = Field(None, ge=0, lt=1)
     layer_sparsity: dict[str, float] | None = None
     exclude: list[str] = Field(default_factory=list)
-    hessian: Literal["fisher", "hutchinson"] = "fisher"
+    hessian: Literal["fisher", "hutchinson", "layerwise"] = "fisher"
+    allocation: Literal["global", "magnitude", "normalized"] | None = Field(
+        None, description="how a global sparsity is split over layers (None: by hessian)"
+    )
     samples: int = Field(256, ge=1, description="labelled examples for the Hessian estimate")
     probes: int = Field(8, ge=1, description="Rademacher vectors per batch (hutchinson)")
     damping: float = Field(
@@ -73,7 +92,21 @@ class OBDPrune(BaseModel):
         for name, s in (self.layer_sparsity or {}).items():
             if not 0 <= s < 1:
                 raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
+        if self.hessian == "layerwise" and self.allocation == "global":
+            raise ValueError(
+                "hessian='layerwise' saliencies of different layers are not on one scale: "
+                "use allocation='magnitude' or 'normalized' (or layer_sparsity)"
+            )
+        if self.hessian != "layerwise" and self.allocation == "normalized":
+            raise ValueError("allocation='normalized' needs hessian='layerwise'")
         return self
+
+    @property
+    def split(self) -> Literal["global", "magnitude", "normalized"]:
+        """The allocation in force: ``allocation``, or the default of the ``hessian``."""
+        if self.allocation is not None:
+            return self.allocation
+        return "magnitude" if self.hessian == "layerwise" else "global"
 
     def scaled(self, fraction: float) -> OBDPrune:
         """This target ``fraction`` of the way from dense (geometric in density)."""
@@ -107,6 +140,11 @@ def calibration_pairs(
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(data.train), generator=g)[:n]
         return data.train.x[idx], data.train.y[idx]
+    if not isinstance(data, tuple):
+        raise ConfigError(
+            "OBD with the loss Hessian needs labels: pass calib=(x, y), not inputs alone "
+            "(or use hessian='layerwise')"
+        )
     x, y = data
     if len(x) != len(y) or len(x) == 0:
         raise ShapeError(f"calib=(x, y) needs as many labels as inputs, got {len(x)} and {len(y)}")
@@ -211,16 +249,18 @@ def obd_prune_(
     filter_fn: FilterFn | None = None,
     *,
     data: DataSplits | None = None,
-    calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calib: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Prune ``model`` in place by OBD saliency; returns each pruned layer's sparsity.
 
-    Needs labelled data: ``data`` (``samples`` training examples are drawn from it) or
-    ``calib=(x, y)``.
+    Needs data: ``data`` (``samples`` training examples are drawn from it) or
+    ``calib=(x, y)`` (for ``hessian="layerwise"`` inputs alone will do: ``calib=x``).
     """
     layers = select_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
+    if cfg.hessian == "layerwise":
+        return _layerwise_obd_(model, cfg, layers, calib if calib is not None else data)
     x, y = calibration_pairs(calib if calib is not None else data, cfg.samples, cfg.seed)
     hessian = hessian_diagonal(
         model,
@@ -233,4 +273,32 @@ def obd_prune_(
         seed=cfg.seed,
     )
     scores = obd_scores(layers, hessian, cfg.damping)
+    if cfg.split == "magnitude" and cfg.sparsity is not None:
+        return apply_new_masks_(layers, allocate_masks(
+            layers, scores, {}, sparsity=cfg.sparsity, layer_sparsity=None,
+            allocation="magnitude",
+        ))  # fmt: skip
     return apply_new_masks_(layers, masks_from_scores(scores, cfg.sparsity, cfg.layer_sparsity))
+
+
+def _layerwise_obd_(
+    model: nn.Module,
+    cfg: OBDPrune,
+    layers: dict[str, nn.Module],
+    data: DataSplits | torch.Tensor | tuple[torch.Tensor, ...] | None,
+) -> dict[str, float]:
+    """OBD on each layer's output error: saliency w_ij^2 H_jj / 2, H = 2 E[x x^T]."""
+    x = calibration_inputs(data, cfg.samples, cfg.seed)
+    hessians = layer_hessians(model, layers, x, cfg.batch_size)
+    scores = layerwise_obd_scores(layers, hessians)
+    split = cfg.split
+    assert split != "global"  # rejected by the validator
+    masks = allocate_masks(
+        layers,
+        scores,
+        hessians,
+        sparsity=cfg.sparsity,
+        layer_sparsity=cfg.layer_sparsity,
+        allocation=split,
+    )
+    return apply_new_masks_(layers, masks)

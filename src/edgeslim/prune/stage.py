@@ -5,7 +5,8 @@
   magnitude, obd);
 - ``agp: {start, end, every, initial}``: prune during the stage's ``finetune`` training on
   Zhu & Gupta's cubic schedule (magnitude, obd);
-- ``method: channel`` / ``nm``: prune once, then fine-tune if ``finetune`` is given.
+- ``method: channel`` / ``depth`` / ``nm``: prune once, then fine-tune if ``finetune`` is
+  given.
 
 Methods that need them get the recipe's example input (``channel``) and data (``obd``,
 ``nm`` with ``score: obd``, ``channel`` with taylor importance or sensitivity allocation).
@@ -22,6 +23,7 @@ from ..config import StageKind, register_stage, validate
 from ..errors import ConfigError
 from .agp import AGPSchedule
 from .channel import ChannelPrune, cut_channels_, replay_
+from .depth import DepthPrune, replay_depth_
 
 
 class _Schedule(BaseModel):
@@ -117,6 +119,13 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
                 model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
             )
         return model, log
+    if isinstance(cfg.config, DepthPrune):  # the removed blocks: what rebuild() replays
+        log = {"removed_blocks": list(prune_(model, cfg.config, **context))}
+        if ft.epochs > 0:
+            log["finetune"] = finetune(
+                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
+            )
+        return model, log
     if not hasattr(cfg.config, "scaled") or (cfg.steps == 1 and ft.epochs == 0):
         log = {"layer_sparsity": prune_(model, cfg.config, **context)}
         if ft.epochs > 0:
@@ -133,9 +142,11 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
 
 
 def rebuild(model, stage, log: dict[str, Any], example):
-    """Redo a finished channel-pruning stage's cuts on a fresh model (for resume)."""
+    """Redo a finished channel- or depth-pruning stage's cuts on a fresh model (for resume)."""
     if log.get("cut"):
         replay_(model, example, log["cut"])
+    if log.get("removed_blocks"):
+        replay_depth_(model, log["removed_blocks"])
     return model
 
 
