@@ -246,3 +246,21 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(out.glob(".stage-*"))  # the interrupted stage's temporary is gone
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_every_public_config_refuses_bad_input_with_config_error():
+    from edgeslim.config import Options
+
+    configs = []
+    for name in sorted(es._LAZY):
+        obj = getattr(es, name)
+        if isinstance(obj, type) and issubclass(obj, Options):
+            configs.append(obj)
+    assert len(configs) >= 20, [c.__name__ for c in configs]
+    for cls in configs:
+        with pytest.raises(es.ConfigError, match=rf"^{cls.__name__}\.bogus: unknown key"):
+            cls(bogus=1)
+    with pytest.raises(es.ConfigError, match=r"^KD\.temperature: Input should be greater"):
+        es.KD(temperature=0)
+    with pytest.raises(es.ConfigError, match=r"^MagnitudePrune: give exactly one"):
+        es.MagnitudePrune(sparsity=0.5, layer_sparsity={"fc1": 0.5})

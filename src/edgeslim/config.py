@@ -51,8 +51,32 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{where}: {err['msg']}{shown}")
+            msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"{where}: {msg}{shown}")
     return "\n".join(lines)
+
+
+class Options(BaseModel):
+    """Base of every technique's config (``MagnitudePrune``, ``Int8PTQ``, ``KD`` ...).
+
+    Unknown keys are refused, and a bad value raises :class:`ConfigError` that names the class
+    and the field (``OBSPrune.sparsity: ...``) instead of pydantic's ``ValidationError``, so
+    every mistake a user can make is an :class:`~edgeslim.errors.EdgeslimError`. (Recipe
+    bodies are validated by :func:`validate`, which reports their YAML key path instead.)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+
+    # Tell pydantic this is its own __init__, so that validating a *mapping* (a recipe body,
+    # a nested config) keeps pydantic's path and goes through :func:`validate`, which names
+    # the YAML key path; only direct construction in Python comes through here.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
 def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:

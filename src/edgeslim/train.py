@@ -15,10 +15,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from rich.progress import TextColumn
 from torch import nn
 
+from .config import Options
 from .data.datasets import DataSplits, Split
 from .distill.kd import KD, distillation
 from .errors import ConfigError, ShapeError
@@ -30,7 +31,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module, int, int], None]
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Options):
     """Hyperparameters of :func:`fit` (and, with other defaults, :func:`finetune`)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from .. import __version__
-from ..config import format_validation_error
+from ..config import Options, format_validation_error
 from ..errors import ContainerError, EdgeslimError
 from ..fileio import atomic_path
 from ..masks import add_mask_buffers_, iter_shared, remove_masks_
@@ -54,7 +54,7 @@ PAPER_INDEX_BITS = {"conv": 8, "linear": 5}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class PackConfig(BaseModel):
+class PackConfig(Options):
     """How :func:`pack` stores a model.
 
     ``index_bits``: bits per sparse-index gap; one number, ``"auto"`` (the width with the

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from ..calibration import forward_hooks
+from ..config import Options
 from ..errors import ConfigError, ShapeError
 from ..profile.latency import eval_mode
 
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class KD(BaseModel):
+class KD(Options):
     """Distillation settings (Hinton et al. 2015; hints from FitNets, Romero et al. 2015).
 
     ``alpha`` weighs the soft-target term, ``1 - alpha`` the hard-label loss. ``hints`` maps

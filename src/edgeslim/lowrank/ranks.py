@@ -21,10 +21,11 @@ import fnmatch
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from ..calibration import run_calibration
+from ..config import Options
 from ..errors import ConfigError
 from ..progress import enabled, progress_bar
 from .layers import Factored, Factorization, replace_
@@ -32,7 +33,7 @@ from .layers import Factored, Factorization, replace_
 MAC_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
-class RankTarget(BaseModel):
+class RankTarget(Options):
     """Exactly one of ``rank``, ``energy`` or ``macs``; layers matching ``exclude`` are kept."""
 
     model_config = ConfigDict(extra="forbid")

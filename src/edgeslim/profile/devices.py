@@ -21,13 +21,13 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from ..config import validate
+from ..config import Options, validate
 from ..errors import ConfigError
 
 
-class Device(BaseModel):
+class Device(Options):
     """A deployment target: SRAM and flash budgets, clock, cost of one int8 MAC."""
 
     model_config = ConfigDict(extra="forbid")

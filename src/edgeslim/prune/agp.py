@@ -21,13 +21,14 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError
 from ..train import StepHook, TrainConfig, fit
 from .magnitude import FilterFn
 
 
-class AGPSchedule(BaseModel):
+class AGPSchedule(Options):
     """When AGP prunes: from ``start`` to ``end`` (fractions of all training steps),
     every ``every`` steps, from sparsity ``initial`` (times the target) to the target."""
 

@@ -38,9 +38,10 @@ from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, EdgeslimError, ShapeError
 from ..masks import iter_masks
@@ -54,7 +55,7 @@ class UnsupportedOpError(EdgeslimError):
     """Structured pruning met an op or tensor the dependency graph cannot handle."""
 
 
-class ChannelPrune(BaseModel):
+class ChannelPrune(Options):
     """Remove whole channels / neurons / heads (physically smaller layers).
 
     Give exactly one target: ``ratio`` (fraction of channels removed in every prunable group),

@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..masks import iter_masks
@@ -49,7 +50,7 @@ ADDS = (operator.add, torch.add)
 RELUS = (torch.relu, torch.nn.functional.relu)
 
 
-class DepthPrune(BaseModel):
+class DepthPrune(Options):
     """Remove whole residual blocks (x + f(x) -> x), least output damage per cost first.
 
     Give exactly one target: ``blocks`` (how many to remove), ``macs`` (fraction of the MACs

@@ -20,9 +20,10 @@ import fnmatch
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..errors import ConfigError
 from ..masks import get_mask, set_mask_
 
@@ -30,7 +31,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class MagnitudePrune(BaseModel):
+class MagnitudePrune(Options):
     """Remove the smallest-magnitude weights (Han et al. 2015).
 
     Give exactly one of ``sparsity`` (global), ``layer_sparsity`` (per layer name; glob

@@ -23,9 +23,10 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError
 from .magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layers
@@ -33,7 +34,7 @@ from .magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layer
 PATTERNS = ((1, 4), (2, 4), (4, 8))  # the patterns nm_pattern recognises, strictest first
 
 
-class NMPrune(BaseModel):
+class NMPrune(Options):
     """Keep the ``n`` highest-scoring weights in every group of ``m`` along the input dim.
 
     ``score`` is ``magnitude`` (|w|) or ``obd`` (h_kk w^2 / 2 with a Fisher Hessian estimate

@@ -38,9 +38,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..profile.latency import eval_mode
@@ -56,7 +57,7 @@ from .obs import allocate_masks, calibration_inputs, layer_hessians, layerwise_o
 Calib = DataSplits | tuple[torch.Tensor, torch.Tensor]
 
 
-class OBDPrune(BaseModel):
+class OBDPrune(Options):
     """Remove the weights of lowest OBD saliency h_kk w_k^2 / 2 (LeCun et al. 1989).
 
     Give ``sparsity`` (one global threshold on saliency) or ``layer_sparsity`` (per layer

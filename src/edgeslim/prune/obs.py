@@ -43,11 +43,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from ..calibrate import Hessian
 from ..calibration import run_calibration
+from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..masks import get_mask
@@ -63,7 +64,7 @@ from .magnitude import (
 Allocation = Literal["magnitude", "normalized"]
 
 
-class OBSPrune(BaseModel):
+class OBSPrune(Options):
     """Layer-wise Optimal Brain Surgeon (Dong et al. 2017): remove, then re-solve each row.
 
     Weights of lowest w^2 / (2 [H^-1]_jj) go, H = 2 E[x x^T] of each layer's inputs from

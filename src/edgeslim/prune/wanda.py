@@ -19,15 +19,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from ..calibrate import InputNorms, to_param_layout, weight_matrix
+from ..config import Options
 from ..errors import ConfigError
 from ..masks import get_mask, set_mask_
 
 
-class OneShotPruneConfig(BaseModel):
+class OneShotPruneConfig(Options):
     """Target of a one-shot pruner: ``sparsity`` per layer, or N:M (``n`` of every ``m``)."""
 
     model_config = ConfigDict(extra="forbid")

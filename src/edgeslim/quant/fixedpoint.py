@@ -23,10 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from ..calibration import iter_batches
+from ..config import Options
 from ..errors import ConfigError
 from . import fake
 from .modules import ActQuant, QuantAvgPool, quant_layers, set_mode
@@ -35,7 +36,7 @@ from .ptq import FilterFn, Int8PTQ, prepare
 FL_RANGE = range(-8, 25)  # candidate fractional lengths
 
 
-class DynamicFixedPoint(BaseModel):
+class DynamicFixedPoint(Options):
     """Power-of-two quantization with per-layer (or one global) fractional lengths."""
 
     model_config = ConfigDict(extra="forbid")

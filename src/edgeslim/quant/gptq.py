@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from ..calibrate import (
@@ -43,12 +43,13 @@ from ..calibrate import (
     to_param_layout,
     weight_matrix,
 )
+from ..config import Options
 from ..errors import ConfigError
 
 QUANT_BUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
 
 
-class RTN(BaseModel):
+class RTN(Options):
     """Round-to-nearest weight-only quantization (the baseline GPTQ is compared with)."""
 
     model_config = ConfigDict(extra="forbid")

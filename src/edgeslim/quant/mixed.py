@@ -38,16 +38,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from ..calibration import iter_batches
+from ..config import Options
 from ..errors import ConfigError
 from .modules import WeightQuant, quant_layers, set_mode
 from .ptq import FilterFn, Int8PTQ, int8_ptq_, prepare
 
 
-class MixedPrecision(BaseModel):
+class MixedPrecision(Options):
     """Per-layer weight bits from ``bits`` under a budget (``budget_bytes`` or ``avg_bits``).
 
     ``avg_bits`` = 4 gives the weights the size they would have at a uniform 4 bits.

@@ -50,10 +50,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import fx, nn
 
 from ..calibration import run_calibration
+from ..config import Options
 from ..errors import ConfigError
 from . import spec
 from .fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
@@ -75,7 +76,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
-class Int8PTQ(BaseModel):
+class Int8PTQ(Options):
     """Post-training quantization: int8 activations (per tensor) and weights (per channel).
 
     ``calibration`` picks the activation observer (min-max, percentile, MSE, KL);

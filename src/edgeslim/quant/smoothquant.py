@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from ..calibrate import (
@@ -35,6 +35,7 @@ from ..calibrate import (
     set_weight_matrix_,
     weight_matrix,
 )
+from ..config import Options
 from .gptq import QuantizedWeight, attach_quantized_
 
 # Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
@@ -52,7 +53,7 @@ NORM_FEEDS: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
-class SmoothQuant(BaseModel):
+class SmoothQuant(Options):
     """SmoothQuant W8A8 (Xiao et al. 2022); ``smooth=False`` gives naive W8A8."""
 
     model_config = ConfigDict(extra="forbid")

@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from ..config import Options
 from ..errors import ConfigError
 from .fold import _replace_module
 from .ptq import QUANTIZABLE, FilterFn, Int8PTQ, _select
@@ -34,7 +35,7 @@ from .ptq import QUANTIZABLE, FilterFn, Int8PTQ, _select
 Scheme = Literal["bwn", "twn", "ttq"]
 
 
-class _LowBitConfig(BaseModel):
+class _LowBitConfig(Options):
     model_config = ConfigDict(extra="forbid")
 
     skip_first: bool = True

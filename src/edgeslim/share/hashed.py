@@ -26,9 +26,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from ..config import Options
 from ..errors import ConfigError
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -36,7 +37,7 @@ _MASK64 = (1 << 64) - 1
 _INDEX_SALT, _SIGN_SALT = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
 
 
-class HashShare(BaseModel):
+class HashShare(Options):
     """Replace Linear and Conv2d layers by hashed ones with ``ratio`` of their weights.
 
     Each layer keeps ``max(1, round(ratio * weights))`` buckets (the paper's compression

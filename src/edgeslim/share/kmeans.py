@@ -26,9 +26,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
+from ..config import Options
 from ..errors import ConfigError
 from ..masks import set_shared_
 
@@ -38,7 +39,7 @@ TYPE_KEYS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 MAX_BITS = 12
 
 
-class KMeansShare(BaseModel):
+class KMeansShare(Options):
     """Share each layer's nonzero weights among ``2**bits`` values found by k-means.
 
     ``bits`` is one number for every Conv/Linear layer, or a mapping whose keys are layer
