@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import Options
@@ -31,7 +32,53 @@ FilterFn = Callable[[nn.Module, str], bool]
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class MagnitudePrune(Options):
+class SparsityTarget(Options):
+    """How much to prune, shared by the unstructured pruners (magnitude, OBD, OBS).
+
+    Exactly one target field (``TARGETS``) must be given: ``sparsity`` (one number for the
+    model) or ``layer_sparsity`` (per layer name; glob patterns such as ``"conv*"`` allowed).
+    Layers matching ``exclude`` are left dense.
+    """
+
+    TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "layer_sparsity")
+
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    layer_sparsity: dict[str, float] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_target(self) -> SparsityTarget:
+        given = [k for k in self.TARGETS if getattr(self, k) is not None]
+        if len(given) != 1:
+            names = [repr(k) for k in self.TARGETS]
+            raise ValueError(
+                f"give exactly one of {', '.join(names[:-1])} or {names[-1]}"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        for name, s in (self.layer_sparsity or {}).items():
+            if not 0 <= s < 1:
+                raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
+        return self
+
+    def scaled(self, fraction: float) -> SparsityTarget:
+        """This target ``fraction`` of the way from dense (for iterative schedules).
+
+        Sparsities move geometrically in density (each step removes the same share of the
+        remaining weights): density_k = density ** fraction.
+        """
+
+        def sp(s: float) -> float:
+            return 1 - (1 - s) ** fraction
+
+        update: dict[str, object] = {}
+        if self.sparsity is not None:
+            update["sparsity"] = sp(self.sparsity)
+        if self.layer_sparsity is not None:
+            update["layer_sparsity"] = {k: sp(v) for k, v in self.layer_sparsity.items()}
+        return self.model_copy(update=update)
+
+
+class MagnitudePrune(SparsityTarget):
     """Remove the smallest-magnitude weights (Han et al. 2015).
 
     Give exactly one of ``sparsity`` (global), ``layer_sparsity`` (per layer name; glob
@@ -39,26 +86,12 @@ class MagnitudePrune(Options):
     layer's weights; one number or per-layer). Layers matching ``exclude`` are left dense.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "layer_sparsity", "quality")
 
-    sparsity: float | None = Field(None, ge=0, lt=1)
-    layer_sparsity: dict[str, float] | None = None
     quality: float | dict[str, float] | None = None
-    exclude: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _one_target(self) -> MagnitudePrune:
-        given = [
-            k for k in ("sparsity", "layer_sparsity", "quality") if getattr(self, k) is not None
-        ]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'sparsity', 'layer_sparsity' or 'quality'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
-        for name, s in (self.layer_sparsity or {}).items():
-            if not 0 <= s < 1:
-                raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
+    def _check_quality(self) -> MagnitudePrune:
         qualities = self.quality if isinstance(self.quality, dict) else {"*": self.quality or 0}
         for name, q in qualities.items():
             if q < 0:
@@ -66,30 +99,13 @@ class MagnitudePrune(Options):
         return self
 
     def scaled(self, fraction: float) -> MagnitudePrune:
-        """This target ``fraction`` of the way from dense (for iterative schedules).
-
-        Sparsities move geometrically in density (each step removes the same share of the
-        remaining weights): density_k = density ** fraction. Quality scales linearly.
-        """
-
-        def sp(s: float) -> float:
-            return 1 - (1 - s) ** fraction
-
-        def q(v: float) -> float:
-            return v * fraction
-
-        update: dict[str, object] = {}
-        if self.sparsity is not None:
-            update["sparsity"] = sp(self.sparsity)
-        if self.layer_sparsity is not None:
-            update["layer_sparsity"] = {k: sp(v) for k, v in self.layer_sparsity.items()}
-        if self.quality is not None:
-            update["quality"] = (
-                {k: q(v) for k, v in self.quality.items()}
-                if isinstance(self.quality, dict)
-                else q(self.quality)
-            )
-        return self.model_copy(update=update)
+        """As :meth:`SparsityTarget.scaled`; ``quality`` scales linearly."""
+        out = super().scaled(fraction)
+        if self.quality is None:
+            return out
+        q = self.quality
+        scaled_q = {k: v * fraction for k, v in q.items()} if isinstance(q, dict) else q * fraction
+        return out.model_copy(update={"quality": scaled_q})
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:

@@ -38,15 +38,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..profile.latency import eval_mode
 from .magnitude import (
     FilterFn,
+    SparsityTarget,
     apply_new_masks_,
     masks_from_scores,
     prunable_layers,
@@ -57,7 +57,7 @@ from .obs import allocate_masks, calibration_inputs, layer_hessians, layerwise_o
 Calib = DataSplits | tuple[torch.Tensor, torch.Tensor]
 
 
-class OBDPrune(Options):
+class OBDPrune(SparsityTarget):
     """Remove the weights of lowest OBD saliency h_kk w_k^2 / 2 (LeCun et al. 1989).
 
     Give ``sparsity`` (one global threshold on saliency) or ``layer_sparsity`` (per layer
@@ -69,11 +69,6 @@ class OBDPrune(Options):
     (layer-wise only: one threshold on saliency / the layer's output energy).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    sparsity: float | None = Field(None, ge=0, lt=1)
-    layer_sparsity: dict[str, float] | None = None
-    exclude: list[str] = Field(default_factory=list)
     hessian: Literal["fisher", "hutchinson", "layerwise"] = "fisher"
     allocation: Literal["global", "magnitude", "normalized"] | None = Field(
         None, description="how a global sparsity is split over layers (None: by hessian)"
@@ -87,12 +82,7 @@ class OBDPrune(Options):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_target(self) -> OBDPrune:
-        if (self.sparsity is None) == (self.layer_sparsity is None):
-            raise ValueError("give exactly one of 'sparsity' or 'layer_sparsity'")
-        for name, s in (self.layer_sparsity or {}).items():
-            if not 0 <= s < 1:
-                raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
+    def _check_allocation(self) -> OBDPrune:
         if self.hessian == "layerwise" and self.allocation == "global":
             raise ValueError(
                 "hessian='layerwise' saliencies of different layers are not on one scale: "
@@ -108,19 +98,6 @@ class OBDPrune(Options):
         if self.allocation is not None:
             return self.allocation
         return "magnitude" if self.hessian == "layerwise" else "global"
-
-    def scaled(self, fraction: float) -> OBDPrune:
-        """This target ``fraction`` of the way from dense (geometric in density)."""
-
-        def sp(s: float) -> float:
-            return 1 - (1 - s) ** fraction
-
-        update: dict[str, object] = {}
-        if self.sparsity is not None:
-            update["sparsity"] = sp(self.sparsity)
-        if self.layer_sparsity is not None:
-            update["layer_sparsity"] = {k: sp(v) for k, v in self.layer_sparsity.items()}
-        return self.model_copy(update=update)
 
 
 # --------------------------------------------------------------------------------------

@@ -43,17 +43,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ..calibrate import Hessian
 from ..calibration import run_calibration
-from ..config import Options
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..masks import get_mask
 from .magnitude import (
     FilterFn,
+    SparsityTarget,
     _keep_smallest_removed,
     apply_new_masks_,
     masks_from_scores,
@@ -64,7 +64,7 @@ from .magnitude import (
 Allocation = Literal["magnitude", "normalized"]
 
 
-class OBSPrune(Options):
+class OBSPrune(SparsityTarget):
     """Layer-wise Optimal Brain Surgeon (Dong et al. 2017): remove, then re-solve each row.
 
     Weights of lowest w^2 / (2 [H^-1]_jj) go, H = 2 E[x x^T] of each layer's inputs from
@@ -73,38 +73,11 @@ class OBSPrune(Options):
     ``layer_sparsity`` (per layer name or glob).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    sparsity: float | None = Field(None, ge=0, lt=1)
-    layer_sparsity: dict[str, float] | None = None
-    exclude: list[str] = Field(default_factory=list)
     allocation: Allocation = "magnitude"
     samples: int = Field(512, ge=1, description="calibration inputs for H = 2 E[x x^T]")
     percdamp: float = Field(0.01, gt=0, description="damping of H, as a share of mean(diag H)")
     batch_size: int = Field(64, ge=1)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_target(self) -> OBSPrune:
-        if (self.sparsity is None) == (self.layer_sparsity is None):
-            raise ValueError("give exactly one of 'sparsity' or 'layer_sparsity'")
-        for name, s in (self.layer_sparsity or {}).items():
-            if not 0 <= s < 1:
-                raise ValueError(f"layer_sparsity[{name!r}] = {s} must be in [0, 1)")
-        return self
-
-    def scaled(self, fraction: float) -> OBSPrune:
-        """This target ``fraction`` of the way from dense (geometric in density)."""
-
-        def sp(s: float) -> float:
-            return 1 - (1 - s) ** fraction
-
-        update: dict[str, object] = {}
-        if self.sparsity is not None:
-            update["sparsity"] = sp(self.sparsity)
-        if self.layer_sparsity is not None:
-            update["layer_sparsity"] = {k: sp(v) for k, v in self.layer_sparsity.items()}
-        return self.model_copy(update=update)
 
 
 # --------------------------------------------------------------------------------------
