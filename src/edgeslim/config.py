@@ -19,6 +19,7 @@ key's path, e.g. ``stages[0].prune.layer_sparsity.fc1``.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -77,6 +78,18 @@ class Options(BaseModel):
     # a nested config) keeps pydantic's path and goes through :func:`validate`, which names
     # the YAML key path; only direct construction in Python comes through here.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def lookup_layer(table: dict[str, Any], name: str) -> Any | None:
+    """The value for layer ``name`` in a per-layer table (``layer_sparsity``, ``rank``,
+    ``layer_bits`` ...): an exact key wins, then the first glob pattern that matches; None if
+    nothing does."""
+    if name in table:
+        return table[name]
+    for pattern, value in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
 
 
 def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:

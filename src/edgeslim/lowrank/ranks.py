@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from ..calibration import run_calibration
-from ..config import Options
+from ..config import Options, lookup_layer
 from ..errors import ConfigError
 from ..progress import enabled, progress_bar
 from .layers import Factored, Factorization, replace_
@@ -175,15 +175,6 @@ def allocate(
 # --------------------------------------------------------------------------------------
 
 
-def _lookup(table: dict[str, int], name: str) -> int | None:
-    if name in table:
-        return table[name]
-    for pattern, value in table.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return value
-    return None
-
-
 def choose_ranks(
     model: nn.Module, cfg: RankTarget, factors: dict[str, Factorization], calib: Any
 ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
@@ -195,7 +186,7 @@ def choose_ranks(
                 f"rank names {unknown} match no layer that can be factorised; candidates: "
                 f"{list(factors)}"
             )
-        found = {n: _lookup(cfg.rank, n) for n in factors}
+        found = {n: lookup_layer(cfg.rank, n) for n in factors}
         return {n: min(r, factors[n].max_rank) for n, r in found.items() if r is not None}, {}
     if cfg.rank is not None:
         return {n: min(cfg.rank, f.max_rank) for n, f in factors.items()}, {}

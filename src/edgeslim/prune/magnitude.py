@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Options
+from ..config import Options, lookup_layer
 from ..errors import ConfigError
 from ..masks import get_mask, set_mask_
 
@@ -117,16 +117,6 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
     }
 
 
-def _lookup(table: dict[str, float], name: str) -> float | None:
-    """Value for layer ``name``: an exact key wins, then the first matching glob pattern."""
-    if name in table:
-        return table[name]
-    for pattern, value in table.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return value
-    return None
-
-
 def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     """Bool mask keeping all but the ``n_remove`` lowest scores (stable: exact count)."""
     keep = torch.ones(scores.numel(), dtype=torch.bool)
@@ -174,7 +164,7 @@ def masks_from_scores(
             start += s.numel()
         return masks
     for name, s in scores.items():
-        fraction = _lookup(layer_sparsity or {}, name)
+        fraction = lookup_layer(layer_sparsity or {}, name)
         if fraction is not None:
             masks[name] = _keep_smallest_removed(s, round(fraction * s.numel()))
     return masks
@@ -189,7 +179,7 @@ def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[s
     masks: dict[str, torch.Tensor] = {}
     for name, m in layers.items():
         w = m.weight.detach()
-        q = _lookup(cfg.quality, name) if isinstance(cfg.quality, dict) else cfg.quality
+        q = lookup_layer(cfg.quality, name) if isinstance(cfg.quality, dict) else cfg.quality
         if q is None:
             continue
         old = get_mask(m, "weight")

@@ -54,7 +54,7 @@ from pydantic import ConfigDict, Field
 from torch import fx, nn
 
 from ..calibration import run_calibration
-from ..config import Options
+from ..config import Options, lookup_layer
 from ..errors import ConfigError
 from . import spec
 from .fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
@@ -105,10 +105,8 @@ class Int8PTQ(Options):
 
     def bits_for(self, name: str) -> int:
         """The weight bit width of layer ``name`` (first matching ``layer_bits`` pattern)."""
-        for pattern, bits in self.layer_bits.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return bits
-        return self.weight_bits
+        bits = lookup_layer(self.layer_bits, name)
+        return self.weight_bits if bits is None else bits
 
 
 # ---------------------------------------------------------------------------- per-layer view
