@@ -6,6 +6,7 @@ untouched. Plain Python (no torch), so the report and CLI can use it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -46,3 +47,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with a canonical header: keys sorted, ``__metadata__`` first.
+
+    The safetensors writer emits the metadata map in hash order, which changes from process
+    to process, so two saves of the same tensors differ in their bytes. The tensor data and
+    its offsets are left exactly as written; only the JSON header is re-serialised (padded
+    with spaces to a multiple of 8 bytes, as the format asks).
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered: dict = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a safetensors file atomically and byte-reproducibly (see ``canonical_safetensors``)."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))

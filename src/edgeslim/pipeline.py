@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import stages as _stages  # noqa: F401  (registers the built-in stage kinds)
@@ -41,6 +41,7 @@ from .config import Recipe, Stage
 from .data.datasets import DataSplits, load_data
 from .data.transforms import apply_transform
 from .errors import CheckpointError, RunDirError
+from .fileio import save_tensors
 from .models.hf import is_hf_model, restore_buffers_, save_hf
 from .models.io import load_model, save_model
 from .models.storage import FORMATS, deployable_state, payload_bytes, save_weights
@@ -282,7 +283,7 @@ def _write_stage(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_unshared_state(model), str(tmp / STATE_FILE))
+    save_tensors(_unshared_state(model), tmp / STATE_FILE)
     fmt, artifact = _write_artifact(model, stage, tmp)
     size = artifact.stat().st_size
     if not is_hf_model(model):  # a transformers model's artifact is its reloadable directory

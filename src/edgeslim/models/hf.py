@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ModelSourceError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_write_text, save_tensors
 from .storage import MASK_SUFFIX, decode_sparse, encode_sparse
 
 WEIGHTS_FILE = "model.safetensors"
@@ -234,8 +233,7 @@ def write_shard(
         plain = {k: v.detach().contiguous() for k, v in source.items()}
         meta = {"shapes": {k: list(v.shape) for k, v in plain.items()}, "quantized": {}}
         tensors = encode_sparse(plain)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "edgeslim": json.dumps(meta)})
+    save_tensors(tensors, path, metadata={"format": "pt", "edgeslim": json.dumps(meta)})
     return list(meta["shapes"])
 
 
@@ -253,8 +251,7 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors, meta = encode_state(model)
     plain = not meta["quantized"] and not any(k.endswith("::values") for k in tensors)
     path = directory / WEIGHTS_FILE
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "edgeslim": json.dumps(meta)})
+    save_tensors(tensors, path, metadata={"format": "pt", "edgeslim": json.dumps(meta)})
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # which class load_hf builds
     model.config.save_pretrained(str(directory))

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_path
+from ..fileio import save_tensors
 from .modules import QuantEmbedding, quant_layers
 from .ternary import lowbit_layers
 
@@ -100,8 +99,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     """Write the packed file atomically; return its size in bytes."""
     tensors, meta = packed_tensors(model)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"edgeslim": json.dumps(meta)})
+    save_tensors(tensors, path, metadata={"edgeslim": json.dumps(meta)})
     return path.stat().st_size
 
 
