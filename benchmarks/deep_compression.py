@@ -46,9 +46,9 @@ import edgeslim as es
 from edgeslim.codec import ans, huffman
 from edgeslim.codec.container import PackConfig, pack
 from edgeslim.codec.symbols import entropy_bits
-from edgeslim.masks import add_mask_buffers_, iter_shared
-from edgeslim.models.storage import deployable_state
-from edgeslim.pipeline import stage_seed
+from edgeslim.core.masks import add_mask_buffers_, iter_shared
+from edgeslim.core.models.storage import deployable_state
+from edgeslim.pipeline.runner import stage_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 # Han et al. 2016, Table 1/2/3: dense KB, compressed KB, ratio, error before %, after %

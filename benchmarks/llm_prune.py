@@ -10,7 +10,7 @@ sentence-transformers pipeline does); we report the mean cosine between each par
 pruned and dense embedding, and nearest-neighbour agreement: the share of paragraphs whose
 nearest other paragraph is the same under the pruned model as under the dense one.
 
-Text: the Python standard library's docstrings (:mod:`edgeslim.data.text`); calibration from
+Text: the Python standard library's docstrings (:mod:`edgeslim.core.data.text`); calibration from
 the ``train`` modules, evaluation from the ``test`` modules (disjoint by module name; the
 manifest with module names and text hashes is written to ``--out``). Wall time of each
 method is the median of ``--repeats`` runs on 2 threads (run under the CPU lock).
@@ -34,8 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EDGESLIM_QUIET", "1")
 
 from _llm_common import magnitude_blocks_
-from edgeslim.data.text import load_text, sentence_embeddings, spread
-from edgeslim.models.hf import load_hf
+from edgeslim.core.data.text import load_text, sentence_embeddings, spread
+from edgeslim.core.models.hf import load_hf
 from edgeslim.prune import SparseGPT, Wanda, prune_
 
 

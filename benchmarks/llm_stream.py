@@ -104,14 +104,14 @@ def child(mode: str, args) -> None:
         from safetensors import safe_open
 
         index = json.loads((args.dir / "out" / "model.safetensors.index.json").read_text())
-        from edgeslim.models.hf import decode_state
+        from edgeslim.core.models.hf import decode_state
 
         with safe_open(str(args.dir / "out" / index["weight_map"][CHECK]), framework="pt") as f:
             meta = json.loads(f.metadata()["edgeslim"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         w = decode_state(tensors, meta, "out")[CHECK]
     else:
-        from edgeslim.models.hf import load_hf
+        from edgeslim.core.models.hf import load_hf
         from edgeslim.prune import prune_
 
         model = load_hf(args.dir / "src")

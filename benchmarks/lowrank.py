@@ -15,7 +15,7 @@ Reported: MACs of the factorised layers and of the whole model (counted by ``pro
 measured latency (one thread, median of repeated forward passes, batch 1 and a larger
 batch), accuracy on the 1,000-image test split (CNNs) or fidelity (MiniLM: mean cosine
 between the dense and the factorised model's sentence embeddings on held-out English
-sentences from the Python standard library's docstrings, ``edgeslim.data.text``, split by
+sentences from the Python standard library's docstrings, ``edgeslim.core.data.text``, split by
 module), before and after fine-tuning, and
 for SVD at equal rank.
 
@@ -45,9 +45,9 @@ from rich.table import Table
 from torch import nn
 
 import edgeslim as es
-from edgeslim.data.datasets import DataSplits, Split
-from edgeslim.data.text import load_text
-from edgeslim.profile import measure_latency_ms, profile
+from edgeslim.core.data.datasets import DataSplits, Split
+from edgeslim.core.data.text import load_text
+from edgeslim.profiling import measure_latency_ms, profile
 
 console = Console()
 
@@ -243,7 +243,7 @@ def minilm_case(args: argparse.Namespace) -> Case | None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
     # real English: prose sentences of the standard library's docstrings, split by module
-    # (edgeslim.data.text): fine-tuning / calibration text and evaluation text share no module
+    # (edgeslim.core.data.text): fine-tuning / calibration text and evaluation text share no module
     corpus = load_text("stdlib")
     train_text, eval_text = corpus.sentences("train"), corpus.sentences("test")
 

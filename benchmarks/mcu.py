@@ -34,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeslim import load_data, zoo
+from edgeslim.core.models.kws import ds_cnn
 from edgeslim.export import tflite
 from edgeslim.export.c import codegen, ir, lower, planner, reference
-from edgeslim.models.kws import ds_cnn
 
 REPEATS = 100
 TARGET_PLAIN, TARGET_PATCH = 0.7, 0.4  # MobileNetV2 arena vs TFLite Micro's total

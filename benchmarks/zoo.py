@@ -2,7 +2,7 @@
 
 Every zoo network, in one run, on one 1x28x28 MNIST image (haarnet: its 4x14x14 Haar
 sub-bands): parameters, MACs and memory access cost (bytes every op reads and writes, Ma et
-al. 2018) and peak activation memory counted by ``edgeslim.profile`` on the exported graph,
+al. 2018) and peak activation memory counted by ``edgeslim.profiling`` on the exported graph,
 and latency measured on one thread in PyTorch (median of repeated batch-1 forward passes,
 median over 3 rounds) and, unless ``--no-onnx``, in ONNX Runtime (same input, checked against
 PyTorch). With
@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 import edgeslim as es
-from edgeslim.data.transforms import apply_transform
-from edgeslim.profile import measure_latency_ms, profile
+from edgeslim.core.data.transforms import apply_transform
+from edgeslim.profiling import measure_latency_ms, profile
 
 MODELS = (
     "lenet300",

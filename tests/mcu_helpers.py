@@ -177,8 +177,8 @@ def model_and_graph(name: str):
     import torch
 
     from edgeslim import zoo
+    from edgeslim.core.models.kws import ds_cnn
     from edgeslim.export.c import lower
-    from edgeslim.models.kws import ds_cnn
 
     torch.manual_seed(0)
     model = ds_cnn() if name == "ds_cnn" else zoo.create(name)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import edgeslim as es
-from edgeslim.calibration import run_calibration
+from edgeslim.core.hooks import run_calibration
 
 
 def test_calibration_sees_every_input_once_and_restores_the_model():

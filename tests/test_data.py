@@ -66,7 +66,7 @@ def test_data_errors(tmp_path):
 
 
 def test_text_corpus_sentences_are_prose_and_disjoint_between_splits(tmp_path):
-    from edgeslim.data.text import split_of, stdlib_corpus
+    from edgeslim.core.data.text import split_of, stdlib_corpus
 
     # a tiny "standard library": the module name decides the split
     names = {"train": None, "test": None}

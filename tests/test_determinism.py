@@ -6,12 +6,12 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from edgeslim.fileio import canonical_safetensors, save_tensors
+from edgeslim.core.fileio import canonical_safetensors, save_tensors
 
 _SAVE = """
 import sys, torch
-from edgeslim.fileio import save_tensors
-from edgeslim.models.storage import save_weights
+from edgeslim.core.fileio import save_tensors
+from edgeslim.core.models.storage import save_weights
 g = torch.Generator().manual_seed(0)
 state = {{name: torch.randn(5, 3, generator=g) for name in ("fc1.weight", "b", "a", "zeta")}}
 state["fc1.weight"][state["fc1.weight"].abs() < 0.8] = 0

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgeslim as es
-import edgeslim.train as train_module
-from edgeslim.data.datasets import Split
-from edgeslim.distill import kd, soft_target_loss
+import edgeslim.core.train as train_module
+from edgeslim.core import kd
+from edgeslim.core.data.datasets import Split
+from edgeslim.distillation import soft_target_loss
 
 
 def test_soft_target_loss_is_t_squared_kl_of_softened_distributions():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgeslim import zoo
-from edgeslim.errors import ExportError
+from edgeslim.core.errors import ExportError
 from edgeslim.export import onnx as onnx_export
 from edgeslim.export.onnx import export_onnx
 from edgeslim.quant import Int8PTQ, quantize_

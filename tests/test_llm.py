@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import edgeslim as es  # noqa: E402
 from edgeslim.calibrate import compress_sharded, find_blocks, weight_matrix  # noqa: E402
-from edgeslim.data.text import TextTask, load_text, perplexity, split_of  # noqa: E402
-from edgeslim.models.hf import load_hf, pack_bits, save_hf, unpack_bits  # noqa: E402
+from edgeslim.core.data.text import TextTask, load_text, perplexity, split_of  # noqa: E402
+from edgeslim.core.models.hf import load_hf, pack_bits, save_hf, unpack_bits  # noqa: E402
 from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
 from edgeslim.prune.wanda import is_nm  # noqa: E402
 from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_  # noqa: E402
@@ -130,7 +130,7 @@ def test_layer_inputs_are_the_compressed_previous_blocks_outputs():
     compress_layerwise(model, ids(), Spy(Wanda(sparsity=0.5)), progress=False)
     dense = tiny("llama")
     dense_stats = {}
-    from edgeslim.calibration import run_calibration
+    from edgeslim.core.hooks import run_calibration
 
     layer = dense.model.layers[1].self_attn.q_proj
 
@@ -150,7 +150,7 @@ def test_layer_inputs_are_the_compressed_previous_blocks_outputs():
 
 def _dense_block0_q(model):
     sq = {}
-    from edgeslim.calibration import run_calibration
+    from edgeslim.core.hooks import run_calibration
 
     def see(name, module, inputs, output):
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()

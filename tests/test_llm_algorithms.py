@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.prune.sparsegpt import SparseGPT, sparsegpt_prune_
 from edgeslim.prune.wanda import Wanda, is_nm, nm_mask, row_mask, wanda_mask, wanda_scores
 from edgeslim.quant.gptq import GPTQ, dequantize, gptq_quantize, grid_params, rtn_quantize

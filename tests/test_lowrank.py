@@ -11,7 +11,7 @@ import edgeslim as es
 from edgeslim.lowrank import Factored, restore_, weight_factors
 from edgeslim.lowrank.conv import response_factors
 from edgeslim.lowrank.ranks import allocate
-from edgeslim.profile import profile
+from edgeslim.profiling import profile
 
 
 def _count(m: nn.Module) -> int:

@@ -67,7 +67,7 @@ def test_a_ptq_model_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
     import torch
 
     from edgeslim import export_c, export_tflite
-    from edgeslim.models.kws import ds_cnn
+    from edgeslim.core.models.kws import ds_cnn
     from edgeslim.quant import Int8PTQ, quantize_
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgeslim import export_c, export_tflite, load_device, zoo
-from edgeslim.errors import ConfigError, ExportError
+from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.export import tflite
 from edgeslim.export.c import codegen, lower, planner, reference
 from mcu_helpers import mnist_images, model_and_graph
@@ -180,7 +180,7 @@ def test_cli_export_c(tmp_path):
     proc = _cli(
         "export",
         "c",
-        "py:edgeslim.models.kws:ds_cnn",
+        "py:edgeslim.core.models.kws:ds_cnn",
         "--out",
         tmp_path / "c",
         "--data",
@@ -209,7 +209,7 @@ def test_cli_export_tflite_and_fit(tmp_path):
     proc = _cli(
         "export",
         "tflite",
-        "py:edgeslim.models.kws:ds_cnn",
+        "py:edgeslim.core.models.kws:ds_cnn",
         "--out",
         tmp_path / "k.tflite",
         "--calib",

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim import zoo
-from edgeslim.errors import LoweringError, ShapeError
+from edgeslim.core.errors import LoweringError, ShapeError
+from edgeslim.core.models.kws import ds_cnn
 from edgeslim.export.c import export_c, ir, lower, reference
 from edgeslim.export.tflite import PADDING_SAME, tflite_padding
-from edgeslim.models.kws import ds_cnn
 from mcu_helpers import AllOps
 
 
@@ -221,7 +221,7 @@ def test_a_quantized_relu_after_an_add_is_refused(calib):
 
 
 def test_an_accumulator_that_would_overflow_int32_is_refused():
-    from edgeslim.errors import ExportError
+    from edgeslim.core.errors import ExportError
     from mcu_helpers import GraphBuilder
 
     b = GraphBuilder((1, 4), zp=-128)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgeslim import zoo
-from edgeslim.errors import ExportError
+from edgeslim.core.errors import ExportError
 from edgeslim.export.c import lower, planner
 from edgeslim.export.c.planner import Buffer, Member, Region
 from mcu_helpers import GraphBuilder, check_no_overlap

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edgeslim as es
-from edgeslim.models.storage import load_weights, save_weights
+from edgeslim.core.models.storage import load_weights, save_weights
 
 
 def _run_python(code: str) -> str:

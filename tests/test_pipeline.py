@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import edgeslim as es
-from edgeslim.config import STAGE_KINDS
+from edgeslim.pipeline.stages.base import STAGE_KINDS
 
 SMALL = {
     "name": "small",
@@ -118,7 +118,7 @@ def test_every_technique_ships_recipes():
 
 @pytest.mark.parametrize("path", _RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_validate(path):
-    import edgeslim.stages  # noqa: F401  (registers every stage kind)
+    import edgeslim.pipeline.stages  # noqa: F401  (registers every stage kind)
 
     r = es.Recipe.from_yaml(path)  # every stage body is parsed by its kind's validator
     assert r.stages and all(s.kind in STAGE_KINDS for s in r.stages)
@@ -255,7 +255,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
 
 
 def test_every_public_config_refuses_bad_input_with_config_error():
-    from edgeslim.config import Options
+    from edgeslim.core.options import Options
 
     configs = []
     for name in sorted(es._LAZY):
@@ -273,7 +273,7 @@ def test_every_public_config_refuses_bad_input_with_config_error():
 
 
 def test_lookup_layer_exact_name_wins_then_first_glob():
-    from edgeslim.config import lookup_layer
+    from edgeslim.core.options import lookup_layer
 
     table = {"conv*": 8, "fc*": 5, "conv2": 4}
     assert lookup_layer(table, "conv2") == 4  # exact key beats the earlier pattern

@@ -8,10 +8,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgeslim.errors import EdgeslimError, ShapeError
-from edgeslim.models import zoo
-from edgeslim.models.storage import deployable_state, payload_bytes
-from edgeslim.profile import LayerProfile, Profile, profile
+from edgeslim.core.errors import EdgeslimError, ShapeError
+from edgeslim.core.models import zoo
+from edgeslim.core.models.storage import deployable_state, payload_bytes
+from edgeslim.profiling import LayerProfile, Profile, profile
 
 LENET5_MACS = 24 * 24 * 20 * 25 + 8 * 8 * 50 * 20 * 25 + 800 * 500 + 500 * 10  # 2,293,000
 
@@ -221,6 +221,6 @@ def test_memory_access_cost_counts_reads_and_writes_of_each_op():
 
 def test_profile_stays_callable_after_its_submodules_are_imported():
     import edgeslim as es
-    import edgeslim.profile.latency
+    import edgeslim.profiling.latency
 
     assert es.profile(nn.Linear(3, 2), torch.rand(1, 3), latency=False).macs == 6

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgeslim as es
-from edgeslim.masks import iter_masks
+from edgeslim.core.masks import iter_masks
 from edgeslim.prune import (
     AGPSchedule,
     NMPrune,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from edgeslim import zoo
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.train import TrainConfig, evaluate
 from edgeslim.quant import (
     BWN,
     LSQ,
@@ -25,7 +26,6 @@ from edgeslim.quant.mixed import candidate_bits, choose_bits
 from edgeslim.quant.modules import ActQuant, quant_layers
 from edgeslim.quant.pack import pack_bits, save_packed, unpack_bits, unpack_weights
 from edgeslim.quant.ternary import lowbit_layers
-from edgeslim.train import TrainConfig, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def small(mnist):
 def trained300(small):
     torch.manual_seed(0)
     model = zoo.create("lenet300")
-    from edgeslim.train import fit
+    from edgeslim.core.train import fit
 
     fit(model, small, TrainConfig(epochs=3, lr=2e-3))
     return model.state_dict()
@@ -249,8 +249,8 @@ def test_packed_file_restores_integer_weights(tmp_path, small):
 
 
 def test_quantize_stage_recipe_and_resume(tmp_path):
-    from edgeslim.config import Recipe
-    from edgeslim.pipeline import run_recipe
+    from edgeslim.pipeline.recipe import Recipe
+    from edgeslim.pipeline.runner import run_recipe
 
     base = {
         "name": "q",

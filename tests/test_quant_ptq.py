@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgeslim import zoo
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.quant import Int8PTQ, layer_qparams, quantize_, spec
 from edgeslim.quant import fake as F
 from edgeslim.quant.fold import fold_bn_sequential_

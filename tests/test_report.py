@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeslim.errors import CheckpointError, RunDirError
+from edgeslim.core.errors import CheckpointError, RunDirError
 from edgeslim.report import (
     human_bytes,
     human_count,

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import edgeslim as es
-from edgeslim.data.text import english_sentences
+from edgeslim.core.data.text import english_sentences
 from edgeslim.prune import ChannelPrune, Sensitivity, prune_, sensitivity
 from edgeslim.prune.channel import count_macs
 from test_cli import _cli

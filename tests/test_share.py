@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import edgeslim as es
-from edgeslim.masks import add_mask_buffers_, apply_masks_, iter_shared, mask_grads_
-from edgeslim.profile import profile
+from edgeslim.core.masks import add_mask_buffers_, apply_masks_, iter_shared, mask_grads_
+from edgeslim.profiling import profile
 from edgeslim.share.hashed import fmix64, hash_index, hash_sign
 from edgeslim.share.kmeans import assign, init_centroids, kmeans_1d
 

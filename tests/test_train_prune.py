@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import edgeslim as es
-from edgeslim.masks import iter_masks
+from edgeslim.core.masks import iter_masks
 
 
 def _small(mnist, n=600):
@@ -27,7 +27,7 @@ def test_fit_is_deterministic_and_learns(mnist):
 
 def test_evaluate_wrong_input_shape_is_a_shape_error(mnist):
     m = es.load_model("zoo:lenet5")
-    from edgeslim.data.datasets import Split
+    from edgeslim.core.data.datasets import Split
 
     bad = Split(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     with pytest.raises(es.ShapeError, match=r"\(3, 32, 32\)"):

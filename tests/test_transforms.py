@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import edgeslim as es
-from edgeslim.data.transforms import HaarSplit, apply_transform, haar_merge, haar_split
+from edgeslim.core.data.transforms import HaarSplit, apply_transform, haar_merge, haar_split
 
 
 def test_haar_split_is_the_2x2_haar_transform_and_inverts():

@@ -50,7 +50,7 @@ def _convs(model, depthwise):
 
 
 def test_lightweight_architectures_have_their_signature_layers():
-    from edgeslim.models.zoo import Fire, ShuffleUnit, TransformerBlock, channel_shuffle
+    from edgeslim.core.models.zoo import Fire, ShuffleUnit, TransformerBlock, channel_shuffle
 
     v1 = zoo.create("mobilenetv1")
     assert len(_convs(v1, depthwise=True)) == 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (
+from edgeslim.core.errors import (
     CheckpointError,
     ConfigError,
     ContainerError,
@@ -22,32 +22,31 @@ from .errors import (
     ShapeError,
     UnknownModelError,
 )
-
-__version__ = "0.1.0"
+from edgeslim.core.version import __version__
 
 # public name -> module that defines it
 _LAZY = {
-    "load_model": "edgeslim.models.io",
-    "save_model": "edgeslim.models.io",
-    "load_data": "edgeslim.data.datasets",
-    "DataSplits": "edgeslim.data.datasets",
-    "fit": "edgeslim.train",
-    "evaluate": "edgeslim.train",
-    "finetune": "edgeslim.train",
-    "TrainConfig": "edgeslim.train",
-    "profile": "edgeslim.profile",
-    "Profile": "edgeslim.profile",
+    "load_model": "edgeslim.core.models.io",
+    "save_model": "edgeslim.core.models.io",
+    "load_data": "edgeslim.core.data.datasets",
+    "DataSplits": "edgeslim.core.data.datasets",
+    "fit": "edgeslim.core.train",
+    "evaluate": "edgeslim.core.train",
+    "finetune": "edgeslim.core.train",
+    "TrainConfig": "edgeslim.core.train",
+    "profile": "edgeslim.profiling",
+    "Profile": "edgeslim.profiling",
     "prune_": "edgeslim.prune",
     "MagnitudePrune": "edgeslim.prune",
     "prune_iteratively_": "edgeslim.prune",
     "apply_masks_": "edgeslim.prune",
-    "distill": "edgeslim.distill",
-    "KD": "edgeslim.distill",
+    "distill": "edgeslim.distillation",
+    "KD": "edgeslim.distillation",
     "lowrank_": "edgeslim.lowrank",
     "SVD": "edgeslim.lowrank",
     "ConvDecompose": "edgeslim.lowrank",
-    "haar_split": "edgeslim.data.transforms",
-    "HaarSplit": "edgeslim.data.transforms",
+    "haar_split": "edgeslim.core.data.transforms",
+    "HaarSplit": "edgeslim.core.data.transforms",
     "Wanda": "edgeslim.prune",
     "SparseGPT": "edgeslim.prune",
     "quantize_": "edgeslim.quant",
@@ -56,8 +55,8 @@ _LAZY = {
     "SmoothQuant": "edgeslim.quant",
     "compress_sharded": "edgeslim.calibrate",
     "compress_layerwise": "edgeslim.calibrate",
-    "load_text": "edgeslim.data.text",
-    "save_hf": "edgeslim.models.hf",
+    "load_text": "edgeslim.core.data.text",
+    "save_hf": "edgeslim.core.models.hf",
     "Int8PTQ": "edgeslim.quant",
     "QAT": "edgeslim.quant",
     "LSQ": "edgeslim.quant",
@@ -77,9 +76,9 @@ _LAZY = {
     "prune_agp_": "edgeslim.prune",
     "sensitivity": "edgeslim.prune",
     "Sensitivity": "edgeslim.prune",
-    "english_sentences": "edgeslim.data.text",
-    "Recipe": "edgeslim.config",
-    "run_recipe": "edgeslim.pipeline",
+    "english_sentences": "edgeslim.core.data.text",
+    "Recipe": "edgeslim.pipeline.recipe",
+    "run_recipe": "edgeslim.pipeline.runner",
     "render_report": "edgeslim.report",
     "share_": "edgeslim.share",
     "KMeansShare": "edgeslim.share",
@@ -91,9 +90,11 @@ _LAZY = {
     "PackConfig": "edgeslim.codec",
     "export_tflite": "edgeslim.export.tflite",
     "export_c": "edgeslim.export.c",
-    "load_device": "edgeslim.profile.devices",
+    "load_device": "edgeslim.profiling.devices",
 }
-_SUBMODULES = {"zoo"}
+_SUBMODULES = {"zoo": "edgeslim.core.models.zoo"}
+# packages that register a file format with core's load_model (``.slim``): imported with it
+_FORMAT_PLUGINS = ("edgeslim.codec",)
 
 __all__ = [
     "CheckpointError",
@@ -115,8 +116,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f"edgeslim.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     if name in _LAZY:
+        if name == "load_model":
+            for plugin in _FORMAT_PLUGINS:
+                importlib.import_module(plugin)
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
@@ -128,199 +132,199 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches _LAZY)
-    from . import zoo as zoo
-    from .calibrate import (
+    from edgeslim.calibrate import (
         compress_layerwise as compress_layerwise,
     )
-    from .calibrate import (
+    from edgeslim.calibrate import (
         compress_sharded as compress_sharded,
     )
-    from .codec import (
+    from edgeslim.codec import (
         PackConfig as PackConfig,
     )
-    from .codec import (
+    from edgeslim.codec import (
         pack as pack,
     )
-    from .codec import (
+    from edgeslim.codec import (
         unpack as unpack,
     )
-    from .config import (
-        Recipe as Recipe,
-    )
-    from .data.datasets import (
+    from edgeslim.core.data.datasets import (
         DataSplits as DataSplits,
     )
-    from .data.datasets import (
+    from edgeslim.core.data.datasets import (
         load_data as load_data,
     )
-    from .data.text import (
+    from edgeslim.core.data.text import (
         english_sentences as english_sentences,
     )
-    from .data.text import (
+    from edgeslim.core.data.text import (
         load_text as load_text,
     )
-    from .data.transforms import (
+    from edgeslim.core.data.transforms import (
         HaarSplit as HaarSplit,
     )
-    from .data.transforms import (
+    from edgeslim.core.data.transforms import (
         haar_split as haar_split,
     )
-    from .distill import (
-        KD as KD,
-    )
-    from .distill import (
-        distill as distill,
-    )
-    from .export.c import (
-        export_c as export_c,
-    )
-    from .export.onnx import (
-        export_onnx as export_onnx,
-    )
-    from .export.tflite import (
-        export_tflite as export_tflite,
-    )
-    from .lowrank import (
-        SVD as SVD,
-    )
-    from .lowrank import (
-        ConvDecompose as ConvDecompose,
-    )
-    from .lowrank import (
-        lowrank_ as lowrank_,
-    )
-    from .models.hf import (
+    from edgeslim.core.models import zoo as zoo
+    from edgeslim.core.models.hf import (
         save_hf as save_hf,
     )
-    from .models.io import (
+    from edgeslim.core.models.io import (
         load_model as load_model,
     )
-    from .models.io import (
+    from edgeslim.core.models.io import (
         save_model as save_model,
     )
-    from .pipeline import (
-        run_recipe as run_recipe,
-    )
-    from .profile import (
-        Profile as Profile,
-    )
-    from .profile import (
-        profile as profile,
-    )
-    from .profile.devices import (
-        load_device as load_device,
-    )
-    from .prune import (
-        AGPSchedule as AGPSchedule,
-    )
-    from .prune import (
-        ChannelPrune as ChannelPrune,
-    )
-    from .prune import (
-        DepthPrune as DepthPrune,
-    )
-    from .prune import (
-        MagnitudePrune as MagnitudePrune,
-    )
-    from .prune import (
-        NMPrune as NMPrune,
-    )
-    from .prune import (
-        OBDPrune as OBDPrune,
-    )
-    from .prune import (
-        OBSPrune as OBSPrune,
-    )
-    from .prune import (
-        Sensitivity as Sensitivity,
-    )
-    from .prune import (
-        SparseGPT as SparseGPT,
-    )
-    from .prune import (
-        Wanda as Wanda,
-    )
-    from .prune import (
-        apply_masks_ as apply_masks_,
-    )
-    from .prune import (
-        prune_ as prune_,
-    )
-    from .prune import (
-        prune_agp_ as prune_agp_,
-    )
-    from .prune import (
-        prune_iteratively_ as prune_iteratively_,
-    )
-    from .prune import (
-        sensitivity as sensitivity,
-    )
-    from .quant import (
-        BWN as BWN,
-    )
-    from .quant import (
-        GPTQ as GPTQ,
-    )
-    from .quant import (
-        LSQ as LSQ,
-    )
-    from .quant import (
-        QAT as QAT,
-    )
-    from .quant import (
-        RTN as RTN,
-    )
-    from .quant import (
-        TTQ as TTQ,
-    )
-    from .quant import (
-        TWN as TWN,
-    )
-    from .quant import (
-        DynamicFixedPoint as DynamicFixedPoint,
-    )
-    from .quant import (
-        Int8PTQ as Int8PTQ,
-    )
-    from .quant import (
-        MixedPrecision as MixedPrecision,
-    )
-    from .quant import (
-        SmoothQuant as SmoothQuant,
-    )
-    from .quant import (
-        layer_qparams as layer_qparams,
-    )
-    from .quant import (
-        quantize_ as quantize_,
-    )
-    from .report import (
-        render_report as render_report,
-    )
-    from .share import (
-        HashedConv2d as HashedConv2d,
-    )
-    from .share import (
-        HashedLinear as HashedLinear,
-    )
-    from .share import (
-        HashShare as HashShare,
-    )
-    from .share import (
-        KMeansShare as KMeansShare,
-    )
-    from .share import (
-        share_ as share_,
-    )
-    from .train import (
+    from edgeslim.core.train import (
         TrainConfig as TrainConfig,
     )
-    from .train import (
+    from edgeslim.core.train import (
         evaluate as evaluate,
     )
-    from .train import (
+    from edgeslim.core.train import (
         finetune as finetune,
     )
-    from .train import (
+    from edgeslim.core.train import (
         fit as fit,
+    )
+    from edgeslim.distillation import (
+        KD as KD,
+    )
+    from edgeslim.distillation import (
+        distill as distill,
+    )
+    from edgeslim.export.c import (
+        export_c as export_c,
+    )
+    from edgeslim.export.onnx import (
+        export_onnx as export_onnx,
+    )
+    from edgeslim.export.tflite import (
+        export_tflite as export_tflite,
+    )
+    from edgeslim.lowrank import (
+        SVD as SVD,
+    )
+    from edgeslim.lowrank import (
+        ConvDecompose as ConvDecompose,
+    )
+    from edgeslim.lowrank import (
+        lowrank_ as lowrank_,
+    )
+    from edgeslim.pipeline.recipe import (
+        Recipe as Recipe,
+    )
+    from edgeslim.pipeline.runner import (
+        run_recipe as run_recipe,
+    )
+    from edgeslim.profiling import (
+        Profile as Profile,
+    )
+    from edgeslim.profiling import (
+        profile as profile,
+    )
+    from edgeslim.profiling.devices import (
+        load_device as load_device,
+    )
+    from edgeslim.prune import (
+        AGPSchedule as AGPSchedule,
+    )
+    from edgeslim.prune import (
+        ChannelPrune as ChannelPrune,
+    )
+    from edgeslim.prune import (
+        DepthPrune as DepthPrune,
+    )
+    from edgeslim.prune import (
+        MagnitudePrune as MagnitudePrune,
+    )
+    from edgeslim.prune import (
+        NMPrune as NMPrune,
+    )
+    from edgeslim.prune import (
+        OBDPrune as OBDPrune,
+    )
+    from edgeslim.prune import (
+        OBSPrune as OBSPrune,
+    )
+    from edgeslim.prune import (
+        Sensitivity as Sensitivity,
+    )
+    from edgeslim.prune import (
+        SparseGPT as SparseGPT,
+    )
+    from edgeslim.prune import (
+        Wanda as Wanda,
+    )
+    from edgeslim.prune import (
+        apply_masks_ as apply_masks_,
+    )
+    from edgeslim.prune import (
+        prune_ as prune_,
+    )
+    from edgeslim.prune import (
+        prune_agp_ as prune_agp_,
+    )
+    from edgeslim.prune import (
+        prune_iteratively_ as prune_iteratively_,
+    )
+    from edgeslim.prune import (
+        sensitivity as sensitivity,
+    )
+    from edgeslim.quant import (
+        BWN as BWN,
+    )
+    from edgeslim.quant import (
+        GPTQ as GPTQ,
+    )
+    from edgeslim.quant import (
+        LSQ as LSQ,
+    )
+    from edgeslim.quant import (
+        QAT as QAT,
+    )
+    from edgeslim.quant import (
+        RTN as RTN,
+    )
+    from edgeslim.quant import (
+        TTQ as TTQ,
+    )
+    from edgeslim.quant import (
+        TWN as TWN,
+    )
+    from edgeslim.quant import (
+        DynamicFixedPoint as DynamicFixedPoint,
+    )
+    from edgeslim.quant import (
+        Int8PTQ as Int8PTQ,
+    )
+    from edgeslim.quant import (
+        MixedPrecision as MixedPrecision,
+    )
+    from edgeslim.quant import (
+        SmoothQuant as SmoothQuant,
+    )
+    from edgeslim.quant import (
+        layer_qparams as layer_qparams,
+    )
+    from edgeslim.quant import (
+        quantize_ as quantize_,
+    )
+    from edgeslim.report import (
+        render_report as render_report,
+    )
+    from edgeslim.share import (
+        HashedConv2d as HashedConv2d,
+    )
+    from edgeslim.share import (
+        HashedLinear as HashedLinear,
+    )
+    from edgeslim.share import (
+        HashShare as HashShare,
+    )
+    from edgeslim.share import (
+        KMeansShare as KMeansShare,
+    )
+    from edgeslim.share import (
+        share_ as share_,
     )

@@ -44,10 +44,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .calibration import forward_hooks, iter_batches
-from .errors import CheckpointError, ConfigError, ShapeError
-from .profile.latency import eval_mode
-from .progress import console, enabled, progress_bar
+from edgeslim.core.errors import CheckpointError, ConfigError, ShapeError
+from edgeslim.core.hooks import eval_mode, forward_hooks, iter_batches
+from edgeslim.core.progress import console, enabled, progress_bar
 
 FilterFn = Callable[[nn.Module, str], bool]
 Batch = Any  # a tensor of input ids / features, or a dict of keyword arguments
@@ -521,10 +520,10 @@ def release_memory() -> None:
 
 def algorithm_for(cfg: Any) -> tuple[OneShotAlgorithm, str]:
     """The engine-side algorithm of a one-shot config (Wanda, SparseGPT, GPTQ, SmoothQuant)."""
-    from .prune.sparsegpt import SparseGPT, SparseGPTAlgorithm
-    from .prune.wanda import Wanda, WandaAlgorithm
-    from .quant.gptq import GPTQ, GPTQAlgorithm
-    from .quant.smoothquant import SmoothQuant, SmoothQuantAlgorithm
+    from edgeslim.prune.sparsegpt import SparseGPT, SparseGPTAlgorithm
+    from edgeslim.prune.wanda import Wanda, WandaAlgorithm
+    from edgeslim.quant.gptq import GPTQ, GPTQAlgorithm
+    from edgeslim.quant.smoothquant import SmoothQuant, SmoothQuantAlgorithm
 
     table = {
         Wanda: WandaAlgorithm,
@@ -587,7 +586,7 @@ def compress_sharded(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models.hf import model_class_for, write_index, write_shard
+    from edgeslim.core.models.hf import model_class_for, write_index, write_shard
 
     algo, label = algorithm_for(cfg)
     source, out = Path(source), Path(out)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EdgeslimError
+from edgeslim.core.errors import EdgeslimError
 
 DEMO_RECIPES = ("deep_compression_lenet300", "deep_compression_lenet5")
 
@@ -25,13 +25,13 @@ def recipe_path(name: str) -> Path:
 def _print_table(run_dir: Path, title: str) -> None:
     from rich.console import Console
 
-    from .report import read_metrics, stage_table
+    from edgeslim.report import read_metrics, stage_table
 
     Console().print(stage_table(read_metrics(run_dir), title=title))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .pipeline import run_recipe
+    from edgeslim.pipeline.runner import run_recipe
 
     out = Path(args.out)
     for name in DEMO_RECIPES:
@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .pipeline import run_recipe
+    from edgeslim.pipeline.runner import run_recipe
 
     result = run_recipe(args.recipe, args.out, restart=args.restart)
     _print_table(result.out, f"{args.recipe}  ->  {result.out}")
@@ -52,7 +52,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def _example(model, shape: str | None, batch: int):
     import torch
 
-    from .models.io import example_input
+    from edgeslim.core.models.io import example_input
 
     if shape:
         try:
@@ -66,8 +66,8 @@ def _example(model, shape: str | None, batch: int):
 def cmd_profile(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .models.io import load_model
-    from .profile import profile
+    from edgeslim.core.models.io import load_model
+    from edgeslim.profiling import profile
 
     model = load_model(args.model)
     model.eval()
@@ -76,10 +76,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .data.datasets import load_data
-    from .data.transforms import apply_transform
-    from .models.io import load_model
-    from .train import evaluate
+    from edgeslim.core.data.datasets import load_data
+    from edgeslim.core.data.transforms import apply_transform
+    from edgeslim.core.models.io import load_model
+    from edgeslim.core.train import evaluate
 
     model = load_model(args.model)
     acc = evaluate(model, apply_transform(load_data(args.data), args.transform), args.split)
@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import render_report
+    from edgeslim.report import render_report
 
     path = render_report(Path(args.dir))
     _print_table(Path(args.dir), str(args.dir))
@@ -108,10 +108,10 @@ def _index_bits(text: str):
 def cmd_pack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .codec.container import PackConfig, pack
-    from .codec.report import pack_tables
-    from .config import validate
-    from .models.io import load_model
+    from edgeslim.codec.container import PackConfig, pack
+    from edgeslim.codec.summary import pack_tables
+    from edgeslim.core.models.io import load_model
+    from edgeslim.core.options import validate
 
     try:
         bits = _index_bits(args.index_bits)
@@ -132,9 +132,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
 def cmd_unpack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .codec.container import unpack
-    from .codec.report import contents_table
-    from .models.io import save_model
+    from edgeslim.codec.container import unpack
+    from edgeslim.codec.summary import contents_table
+    from edgeslim.core.models.io import save_model
 
     model = unpack(args.file)  # decodes and checks every tensor
     Console().print(contents_table(args.file))
@@ -146,15 +146,15 @@ def cmd_unpack(args: argparse.Namespace) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .export.onnx import export_onnx
-    from .models.io import load_model
+    from edgeslim.core.models.io import load_model
+    from edgeslim.export.onnx import export_onnx
 
     model = load_model(args.model)
     model.eval()
     example = _example(model, args.input_shape, args.batch)
     if args.int8:
-        from .data.datasets import load_data
-        from .quant import Int8PTQ, quantize_
+        from edgeslim.core.data.datasets import load_data
+        from edgeslim.quant import Int8PTQ, quantize_
 
         data = load_data(args.data)
         cfg = Int8PTQ(calibration=args.calibration)
@@ -174,14 +174,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
 def _model_and_data(source: str, data_name: str | None):
     """A model and its data from a model source, or from a recipe (trained as it says)."""
-    from .data.datasets import load_data
-    from .models.io import load_model
+    from edgeslim.core.data.datasets import load_data
+    from edgeslim.core.models.io import load_model
 
     if source.endswith((".yaml", ".yml")):
         import torch
 
-        from .config import Recipe
-        from .train import fit
+        from edgeslim.core.train import fit
+        from edgeslim.pipeline.recipe import Recipe
 
         recipe = Recipe.from_yaml(source)
         data = load_data(data_name or recipe.data.source).limit(recipe.data.max_train)
@@ -196,8 +196,8 @@ def _model_and_data(source: str, data_name: str | None):
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .fileio import atomic_write_text
-    from .prune.sensitivity import sensitivity
+    from edgeslim.core.fileio import atomic_write_text
+    from edgeslim.prune.sensitivity import sensitivity
 
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -229,8 +229,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 def cmd_fit(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .export.fit import calibration_inputs, fit_report
-    from .models.io import load_model
+    from edgeslim.core.models.io import load_model
+    from edgeslim.export.devicefit import calibration_inputs, fit_report
 
     model = load_model(args.model)
     calib = calibration_inputs(model, args.data, args.calib)
@@ -238,8 +238,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export.fit import calibration_inputs, export_file
-    from .models.io import load_model
+    from edgeslim.core.models.io import load_model
+    from edgeslim.export.devicefit import calibration_inputs, export_file
 
     model = load_model(args.model)
     calib = calibration_inputs(model, args.data, args.calib)

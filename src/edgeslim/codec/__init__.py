@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
-from .container import PackConfig, PackReport, pack, read_container, unpack
+from edgeslim.codec.container import PackConfig, PackReport, pack, read_container, unpack
+from edgeslim.core.models.io import register_model_format
+
+register_model_format(".slim", unpack)  # edgeslim.load_model("m.slim")
 
 __all__ = ["PackConfig", "PackReport", "pack", "read_container", "unpack"]

@@ -18,8 +18,15 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
-from ..errors import ContainerError
-from .symbols import check_symbols, histogram, read_table, read_varints, write_table, write_varints
+from edgeslim.codec.symbols import (
+    check_symbols,
+    histogram,
+    read_table,
+    read_varints,
+    write_table,
+    write_varints,
+)
+from edgeslim.core.errors import ContainerError
 
 _EXACT_COUNTS_BELOW = 1 << 16
 

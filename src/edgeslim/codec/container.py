@@ -30,16 +30,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from .. import __version__
-from ..config import Options, format_validation_error
-from ..errors import ContainerError, EdgeslimError
-from ..fileio import atomic_path
-from ..masks import add_mask_buffers_, iter_shared, remove_masks_
-from ..models import zoo
-from ..models.storage import MASK_SUFFIX
-from ..share.hashed import HASHED_MODULES
-from . import layout
-from .layout import StreamStat, StreamWriter
+from edgeslim.codec import layout
+from edgeslim.codec.layout import StreamStat, StreamWriter
+from edgeslim.core.errors import ContainerError, EdgeslimError
+from edgeslim.core.fileio import atomic_path
+from edgeslim.core.masks import add_mask_buffers_, iter_shared, remove_masks_
+from edgeslim.core.models import zoo
+from edgeslim.core.models.storage import MASK_SUFFIX
+from edgeslim.core.options import Options, format_validation_error
+from edgeslim.core.version import __version__
+from edgeslim.share.hashed import HASHED_MODULES
 
 MAGIC = b"\x89SLIM\r\n\x1a"
 VERSION = 1
@@ -461,7 +461,7 @@ def _architecture(model: nn.Module, cfg: PackConfig, example: torch.Tensor | Non
         )
     from torch._export.serde.serialize import serialize
 
-    from ..models.io import export_program
+    from edgeslim.core.models.io import export_program
 
     ep = export_program(_without_masks(model), example)
     art = serialize(
@@ -678,7 +678,7 @@ def _build(header: Header, tensors: dict[str, torch.Tensor], streams, max_bytes:
 def _build_graph(header: Header, tensors, constant: set[str], streams) -> nn.Module:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
-    from ..models.io import module_from_program
+    from edgeslim.core.models.io import module_from_program
 
     arch = header.architecture
     inflater = lzma.LZMADecompressor()

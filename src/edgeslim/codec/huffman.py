@@ -23,8 +23,7 @@ import heapq
 
 import numpy as np
 
-from ..errors import ContainerError
-from .symbols import (
+from edgeslim.codec.symbols import (
     ceil_div,
     check_symbols,
     histogram,
@@ -33,6 +32,7 @@ from .symbols import (
     write_table,
     write_varints,
 )
+from edgeslim.core.errors import ContainerError
 
 MAX_CODE_LENGTH = 16
 DEFAULT_CHUNK = 4096  # symbols per chunk: C = ceil(n / S) chunk offsets are stored

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ContainerError
-from ..masks import shared_values
-from ..share.hashed import hash_index, hash_sign
-from . import ans, huffman
-from .sparse_index import best_index_bits, decode_gaps, encode_gaps
-from .symbols import entropy_bits, histogram
+from edgeslim.codec import ans, huffman
+from edgeslim.codec.sparse_index import best_index_bits, decode_gaps, encode_gaps
+from edgeslim.codec.symbols import entropy_bits, histogram
+from edgeslim.core.errors import ContainerError
+from edgeslim.core.masks import shared_values
+from edgeslim.share.hashed import hash_index, hash_sign
 
 CODECS = {  # name -> (encode, decode, payload_offset)
     "huffman": (huffman.encode, huffman.decode, huffman.payload_offset),

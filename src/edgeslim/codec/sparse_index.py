@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ContainerError
-from .ans import frequencies
-from .symbols import entropy_bits, write_table, write_varints
+from edgeslim.codec.ans import frequencies
+from edgeslim.codec.symbols import entropy_bits, write_table, write_varints
+from edgeslim.core.errors import ContainerError
 
 MAX_INDEX_BITS = 16
 AUTO_INDEX_BITS = range(1, 13)  # candidates for index_bits="auto"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ContainerError
+from edgeslim.core.errors import ContainerError
 
 MAX_VARINT_BYTES = 9  # values below 2**63
 

@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ExportError
-from ..fileio import atomic_path
+from edgeslim.core.errors import ExportError
+from edgeslim.core.fileio import atomic_path
 
 # the ONNX exporter builds its op table once: the quantized_decomposed ops must exist first
-from ..quant import modules as _quant_modules  # noqa: F401
+from edgeslim.quant import modules as _quant_modules  # noqa: F401
 
 INTEGER_OPS = (
     "QLinearConv",
@@ -110,7 +110,7 @@ def _quiet_exporter():
 
 @contextmanager
 def _export_mode(model: nn.Module, quantized: bool):
-    from ..quant.modules import QuantModule, set_mode
+    from edgeslim.quant.modules import QuantModule, set_mode
 
     modes = {m: m.mode for m in model.modules() if isinstance(m, QuantModule)}
     flags = [(m, m.training) for m in model.modules()]
@@ -128,14 +128,14 @@ def _export_mode(model: nn.Module, quantized: bool):
 
 def _reference_mode(model: nn.Module) -> None:
     """Quantized models are compared in their exact integer simulation."""
-    from ..quant.modules import set_mode
+    from edgeslim.quant.modules import set_mode
 
     set_mode(model, "exact")
 
 
 def _output_step(model: nn.Module) -> float | None:
     """The scale of the model's final int8 output, if its last op is an activation quantizer."""
-    from ..quant.modules import ActQuant
+    from edgeslim.quant.modules import ActQuant
 
     if not isinstance(model, torch.fx.GraphModule):
         return None
@@ -166,7 +166,7 @@ def export_onnx(
     fails or ORT's output is further from PyTorch's than the tolerance (module docstring);
     then nothing is written at ``path``.
     """
-    from ..quant.modules import is_quantized
+    from edgeslim.quant.modules import is_quantized
 
     inputs = _inputs(example)
     quantized = is_quantized(model)
@@ -312,7 +312,7 @@ def _verify(
     quantized: bool,
     result: ExportResult,
 ) -> None:
-    from ..quant.modules import QuantModule, set_mode
+    from edgeslim.quant.modules import QuantModule, set_mode
 
     modes = {m: m.mode for m in model.modules() if isinstance(m, QuantModule)}
     flags = [(m, m.training) for m in model.modules()]

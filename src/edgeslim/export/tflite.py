@@ -28,9 +28,9 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
-from ..errors import ExportError
-from ..fileio import atomic_write_bytes
-from .c import ir
+from edgeslim.core.errors import ExportError
+from edgeslim.core.fileio import atomic_write_bytes
+from edgeslim.export.c import ir
 
 # BuiltinOperator and BuiltinOptions codes, TensorType, Padding, ActivationFunctionType
 # (from tensorflow/lite/schema/schema.fbs)
@@ -568,7 +568,7 @@ def export_tflite(
     interpreter's bit for bit (skipped, with a warning, when ``tflite-micro`` is not
     installed). Nothing is written if a check fails.
     """
-    from .c import build_and_check_graph
+    from edgeslim.export.c import build_and_check_graph
 
     graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance)
     data = serialize(graph)
@@ -585,7 +585,7 @@ def export_tflite(
 
 def check_tflm(graph: ir.Graph, data: bytes, q: np.ndarray) -> None:
     """Raise :class:`ExportError` unless TFLite Micro's outputs equal the reference's."""
-    from .c import reference
+    from edgeslim.export.c import reference
 
     expected = reference.run_batch(graph, q)
     got = run_tflm(graph, data, q)

@@ -20,12 +20,12 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from ..errors import ConfigError, ShapeError
-from ..registry import Registry
-from .conv import ConvDecompose, response_factors
-from .layers import Factored, Factorization, geometries, restore_
-from .ranks import RankTarget, factorize_, inside_factored, is_excluded
-from .svd import SVD, weight_factors
+from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.registry import Registry
+from edgeslim.lowrank.conv import ConvDecompose, response_factors
+from edgeslim.lowrank.layers import Factored, Factorization, geometries, restore_
+from edgeslim.lowrank.ranks import RankTarget, factorize_, inside_factored, is_excluded
+from edgeslim.lowrank.svd import SVD, weight_factors
 
 FilterFn = Callable[[nn.Module, str], bool]
 REGISTRY = Registry("lowrank_")
@@ -81,7 +81,7 @@ def probe_input(model: nn.Module, calib: Any) -> torch.Tensor:
         return calib[:1]
     if calib is not None:
         return next(iter(calib))[:1]
-    from ..models.io import example_input
+    from edgeslim.core.models.io import example_input
 
     try:
         return example_input(model)

@@ -19,7 +19,7 @@ one k x k conv with r filters followed by a 1 x 1 conv::
     second = P_r,  bias m + P_r P_r^T (b - m)      (r -> d, 1 x 1)
 
 The covariance comes from one pass over calibration inputs
-(:func:`edgeslim.calibration.run_calibration`); every spatial position of every image is a
+(:func:`edgeslim.core.hooks.run_calibration`); every spatial position of every image is a
 sample. A Linear layer is the 1 x 1 case (every token is a sample). Plain weight SVD
 (:mod:`.svd`, ``solver: svd``) has the same structure but ignores the data; at equal rank
 response reconstruction loses less. The paper's nonlinear (ReLU-aware, GSVD) and
@@ -36,10 +36,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibration import run_calibration
-from ..errors import ConfigError
-from .layers import Factorization, Shape, check_all_ran, weight_matrix
-from .ranks import RankTarget
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import run_calibration
+from edgeslim.lowrank.layers import Factorization, Shape, check_all_ran, weight_matrix
+from edgeslim.lowrank.ranks import RankTarget
 
 
 class ConvDecompose(RankTarget):

@@ -22,8 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..calibration import run_calibration
-from ..errors import ConfigError
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import run_calibration
 
 Shape = Literal["linear", "conv", "separable"]
 

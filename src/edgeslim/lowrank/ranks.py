@@ -24,11 +24,11 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..calibration import run_calibration
-from ..config import Options, lookup_layer
-from ..errors import ConfigError
-from ..progress import enabled, progress_bar
-from .layers import Factored, Factorization, replace_
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import run_calibration
+from edgeslim.core.options import Options, lookup_layer
+from edgeslim.core.progress import enabled, progress_bar
+from edgeslim.lowrank.layers import Factored, Factorization, replace_
 
 MAC_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 

@@ -27,8 +27,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .layers import Factorization, Shape, weight_matrix
-from .ranks import RankTarget
+from edgeslim.lowrank.layers import Factorization, Shape, weight_matrix
+from edgeslim.lowrank.ranks import RankTarget
 
 
 class SVD(RankTarget):

@@ -15,20 +15,21 @@ from __future__ import annotations
 from pydantic import BaseModel
 from torch import nn
 
-from ..calibrate import one_shot_ as _one_shot_
-from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
-from ..registry import Registry
-from .agp import AGPSchedule, prune_agp_
-from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
-from .depth import DepthPrune, depth_prune_
-from .magnitude import FilterFn, MagnitudePrune, magnitude_prune_
-from .nm import NMPrune, nm_pattern, nm_prune_
-from .obd import OBDPrune, hessian_diagonal, obd_prune_
-from .obs import OBSPrune, obs_prune_
-from .schedule import model_sparsity, prune_iteratively_
-from .sensitivity import Sensitivity, sensitivity
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+from edgeslim.calibrate import one_shot_ as _one_shot_
+from edgeslim.core.masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
+from edgeslim.core.registry import Registry
+from edgeslim.core.sparsity import nm_pattern
+from edgeslim.prune.agp import AGPSchedule, prune_agp_
+from edgeslim.prune.channel import ChannelPrune, UnsupportedOpError, channel_prune_
+from edgeslim.prune.depth import DepthPrune, depth_prune_
+from edgeslim.prune.magnitude import FilterFn, MagnitudePrune, magnitude_prune_
+from edgeslim.prune.nm import NMPrune, nm_prune_
+from edgeslim.prune.obd import OBDPrune, hessian_diagonal, obd_prune_
+from edgeslim.prune.obs import OBSPrune, obs_prune_
+from edgeslim.prune.schedule import model_sparsity, prune_iteratively_
+from edgeslim.prune.sensitivity import Sensitivity, sensitivity
+from edgeslim.prune.sparsegpt import SparseGPT
+from edgeslim.prune.wanda import Wanda
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class

@@ -21,11 +21,11 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import Options
-from ..data.datasets import DataSplits
-from ..errors import ConfigError
-from ..train import StepHook, TrainConfig, fit
-from .magnitude import FilterFn
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
+from edgeslim.core.train import StepHook, TrainConfig, fit
+from edgeslim.prune.magnitude import FilterFn
 
 
 class AGPSchedule(Options):
@@ -59,7 +59,7 @@ class AGPSchedule(Options):
 
         ``kwargs`` (e.g. ``data=`` for OBD) are passed to :func:`edgeslim.prune_`.
         """
-        from . import prune_
+        from edgeslim.prune import prune_
 
         at_fraction(cfg, 1.0)  # fail now, not mid-training, on a config without a target
 
@@ -107,7 +107,7 @@ def prune_agp_(
     Methods that take ``data`` (OBD) get ``data``.
     Returns :func:`edgeslim.fit`'s per-epoch history.
     """
-    from . import accepted, prune_
+    from edgeslim.prune import accepted, prune_
 
     prune_kwargs = {**accepted(cfg, data=data), **prune_kwargs}  # e.g. OBD's Hessian data
     schedule = schedule or AGPSchedule()

@@ -41,12 +41,18 @@ import torch_pruning as tp
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import Options
-from ..data.datasets import DataSplits
-from ..errors import ConfigError, EdgeslimError, ShapeError
-from ..masks import iter_masks
-from ..profile.latency import eval_mode
-from .importance import Importance, accumulate_gradients, forget_inputs, record_inputs, scorer
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError, EdgeslimError, ShapeError
+from edgeslim.core.hooks import eval_mode
+from edgeslim.core.masks import iter_masks
+from edgeslim.core.options import Options
+from edgeslim.prune.importance import (
+    Importance,
+    accumulate_gradients,
+    forget_inputs,
+    record_inputs,
+    scorer,
+)
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -497,7 +503,7 @@ def apply_plans(
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Dense MACs of one sample in Conv and Linear layers (forward hooks; fast).
 
-    The same rule as :mod:`edgeslim.profile.counting` for these layers -- output elements
+    The same rule as :mod:`edgeslim.profiling.counting` for these layers -- output elements
     times ``weight.numel() / out_channels`` -- without tracing, for the ratio searches.
     """
     total = 0
@@ -610,7 +616,7 @@ def ratios_for_macs(
         return filled(uniform(r))
     if data is None:
         raise ConfigError("ChannelPrune(allocation='sensitivity') needs data= (labelled splits)")
-    from .sensitivity import SLOPE, channel_sensitivity
+    from edgeslim.prune.sensitivity import SLOPE, channel_sensitivity
 
     sens = channel_sensitivity(model, data, example, cfg, cfg.probe_ratios)
 
@@ -694,7 +700,7 @@ def cut_channels_(
         kept = [n for n, m in model.named_modules() if n and not filter_fn(m, n)]
         cfg = cfg.model_copy(update={"ignore": [*cfg.ignore, *kept]})
     if cfg.importance == "taylor":
-        from .obd import calibration_pairs
+        from edgeslim.prune.obd import calibration_pairs
 
         x, y = calibration_pairs(calib if calib is not None else data, cfg.samples)
         accumulate_gradients(model, x, y)

@@ -39,12 +39,12 @@ import torch.fx
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import Options
-from ..data.datasets import DataSplits
-from ..errors import ConfigError, ShapeError
-from ..masks import iter_masks
-from ..profile.latency import eval_mode
-from .channel import count_macs
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import eval_mode
+from edgeslim.core.masks import iter_masks
+from edgeslim.core.options import Options
+from edgeslim.prune.channel import count_macs
 
 ADDS = (operator.add, torch.add)
 RELUS = (torch.relu, torch.nn.functional.relu)
@@ -208,7 +208,7 @@ def output_damage(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) ->
 
 def measured_ms(model: nn.Module, x1: torch.Tensor, runtime: str, repeats: int) -> float:
     """Median batch-1 latency of ``model`` in ``runtime`` (ONNX Runtime: exported, 1 thread)."""
-    from .onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
+    from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
 
     if runtime == "torch":
         return torch_latency_ms(model, x1, repeats=repeats)

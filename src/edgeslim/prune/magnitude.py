@@ -24,9 +24,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Options, lookup_layer
-from ..errors import ConfigError
-from ..masks import get_mask, set_mask_
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.masks import get_mask, set_mask_
+from edgeslim.core.options import Options, lookup_layer
 
 FilterFn = Callable[[nn.Module, str], bool]
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

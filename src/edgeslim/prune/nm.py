@@ -14,7 +14,7 @@ of M (e.g. a 1-channel stem, a depthwise conv) is left dense and named in a warn
 **Speed.** Only hardware with sparse kernels for the pattern (NVIDIA Ampere and later, with
 cuSPARSELt/TensorRT) runs N:M faster. Dense CPU runtimes -- PyTorch, ONNX Runtime, TFLite --
 multiply the zeros like any other number: same latency, same dense file. :func:`nm_pattern`
-lets :func:`edgeslim.profile` say so next to every N:M model.
+lets :func:`edgeslim.profiling` say so next to every N:M model.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import Options
-from ..data.datasets import DataSplits
-from ..errors import ConfigError
-from .magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layers
-
-PATTERNS = ((1, 4), (2, 4), (4, 8))  # the patterns nm_pattern recognises, strictest first
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
+from edgeslim.core.sparsity import _groups, _ungroup, nm_supported
+from edgeslim.prune.magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layers
 
 
 class NMPrune(Options):
@@ -60,45 +59,12 @@ class NMPrune(Options):
         return 1 - self.n / self.m
 
 
-def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """View of ``weight`` as (rows, groups, m) with groups along the input dimension."""
-    w = weight if weight.dim() == 2 else weight.movedim(1, -1)  # conv: (out, *k, in/g)
-    return w.reshape(-1, w.shape[-1] // m, m)
-
-
-def _ungroup(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_groups`."""
-    if like.dim() == 2:
-        return groups.reshape(like.shape)
-    moved = like.movedim(1, -1)
-    return groups.reshape(moved.shape).movedim(-1, 1)
-
-
-def nm_supported(weight: torch.Tensor, m: int) -> bool:
-    """True when the input dimension of ``weight`` splits into whole groups of ``m``."""
-    return weight.dim() >= 2 and weight.shape[1] % m == 0
-
-
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask with the ``n`` highest ``scores`` of every ``m`` along the input dim."""
     groups = _groups(scores, m)  # (rows, groups, m)
     top = groups.topk(n, dim=-1).indices
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
     return _ungroup(keep, scores)
-
-
-def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
-    """The strictest pattern of :data:`PATTERNS` that ``weight`` satisfies, if it is sparse.
-
-    ``None`` for a dense tensor or one whose zeros follow no N:M pattern.
-    """
-    w = weight.detach()
-    if w.dim() < 2 or int(torch.count_nonzero(w)) == w.numel():
-        return None
-    for n, m in PATTERNS:
-        if nm_supported(w, m) and int((_groups(w, m) != 0).sum(-1).max()) <= n:
-            return n, m
-    return None
 
 
 def nm_prune_(
@@ -124,7 +90,7 @@ def nm_prune_(
             stacklevel=2,
         )
     if cfg.score == "obd":
-        from .obd import calibration_pairs, hessian_diagonal, obd_scores
+        from edgeslim.prune.obd import calibration_pairs, hessian_diagonal, obd_scores
 
         x, y = calibration_pairs(calib if calib is not None else data, cfg.samples)
         scores = obd_scores(supported, hessian_diagonal(model, supported, x, y))

@@ -28,7 +28,7 @@ all layers, as in the paper.
 
 Scoring (:func:`hessian_diagonal`, :func:`obd_scores`) is separate from choosing how much to
 remove (the same ``sparsity`` / ``layer_sparsity`` targets as :class:`MagnitudePrune`, via
-:func:`.magnitude.masks_from_scores`) and from masking (:mod:`edgeslim.masks`). OBD works
+:func:`.magnitude.masks_from_scores`) and from masking (:mod:`edgeslim.core.masks`). OBD works
 wherever magnitude does: one-shot, iterative (``scaled``), AGP and N:M (``NMPrune(score="obd")``).
 """
 
@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..data.datasets import DataSplits
-from ..errors import ConfigError, ShapeError
-from ..profile.latency import eval_mode
-from .magnitude import (
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import eval_mode
+from edgeslim.prune.magnitude import (
     FilterFn,
     SparsityTarget,
     apply_new_masks_,
@@ -52,7 +52,12 @@ from .magnitude import (
     prunable_layers,
     select_layers,
 )
-from .obs import allocate_masks, calibration_inputs, layer_hessians, layerwise_obd_scores
+from edgeslim.prune.obs import (
+    allocate_masks,
+    calibration_inputs,
+    layer_hessians,
+    layerwise_obd_scores,
+)
 
 Calib = DataSplits | tuple[torch.Tensor, torch.Tensor]
 

@@ -12,7 +12,7 @@ each output row is the same matrix for every row::
     H = 2 E[x x^T]                                    (in, in)
 
 It is exact (the error is quadratic) and cheap: one pass of calibration inputs
-(:func:`edgeslim.calibration.run_calibration`). A Conv2d (``groups=1``) is a linear layer on
+(:func:`edgeslim.core.hooks.run_calibration`). A Conv2d (``groups=1``) is a linear layer on
 the unfolded input patches (in = C_in * k_h * k_w).
 
 - Layer-wise OBD saliency (no update): s_ij = w_ij^2 H_jj / 2. An input that is always 0 (the
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import Hessian
-from ..calibration import run_calibration
-from ..data.datasets import DataSplits
-from ..errors import ConfigError, ShapeError
-from ..masks import get_mask
-from .magnitude import (
+from edgeslim.calibrate import Hessian
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import run_calibration
+from edgeslim.core.masks import get_mask
+from edgeslim.prune.magnitude import (
     FilterFn,
     SparsityTarget,
     _keep_smallest_removed,

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import EdgeslimError
-from ..fileio import atomic_path
-from ..profile.latency import eval_mode
+from edgeslim.core.errors import EdgeslimError
+from edgeslim.core.fileio import atomic_path
+from edgeslim.core.hooks import eval_mode
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    from .channel import _outputs as flatten
+    from edgeslim.prune.channel import _outputs as flatten
 
     return list(flatten(out))
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 from torch import nn
 
-from ..data.datasets import DataSplits
-from ..masks import iter_masks
-from ..train import TrainConfig, evaluate, finetune
-from .magnitude import FilterFn
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.masks import iter_masks
+from edgeslim.core.train import TrainConfig, evaluate, finetune
+from edgeslim.prune.magnitude import FilterFn
 
 
 def model_sparsity(model) -> float:
@@ -42,10 +42,10 @@ def prune_iteratively_(
     ``cfg`` must offer ``scaled(fraction)`` (e.g. :class:`MagnitudePrune`, :class:`OBDPrune`).
     Each cycle's fine-tuning uses seed ``finetune_cfg.seed + k`` so the run is reproducible;
     with a ``teacher`` (e.g. the model before pruning) fine-tuning distils from it
-    (``finetune_cfg.distill``, see :mod:`edgeslim.distill.kd`).
+    (``finetune_cfg.distill``, see :mod:`edgeslim.core.kd`).
     ``prune_kwargs`` go to :func:`prune_`; methods that take ``data`` (OBD) get ``data``.
     """
-    from . import accepted, prune_  # the verb dispatches on the config type
+    from edgeslim.prune import accepted, prune_  # the verb dispatches on the config type
 
     prune_kwargs = {**accepted(cfg, data=data), **prune_kwargs}  # e.g. OBD's Hessian data
     if steps < 1:

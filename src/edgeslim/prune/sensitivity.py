@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
-from ..data.datasets import DataSplits
-from ..errors import ConfigError
-from ..masks import get_mask
-from ..profile.latency import eval_mode
-from ..progress import enabled, progress_bar
-from ..train import evaluate
-from .magnitude import FilterFn, _keep_smallest_removed, prunable_layers
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import eval_mode
+from edgeslim.core.masks import get_mask
+from edgeslim.core.progress import enabled, progress_bar
+from edgeslim.core.train import evaluate
+from edgeslim.prune.magnitude import FilterFn, _keep_smallest_removed, prunable_layers
 
 Metric = Literal["accuracy", "fidelity"]
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -127,7 +127,7 @@ class Sensitivity:
 
     def plot(self, path: str | Path) -> Path:
         """Save the curves as a PNG (one line per layer)."""
-        from ..report.plots import _new_figure, _save_png
+        from edgeslim.report.plots import _new_figure, _save_png
 
         fig = _new_figure(6.4, 4.2)
         ax = fig.add_subplot(1, 1, 1)
@@ -227,7 +227,7 @@ def channel_sensitivity(
     ``cfg`` (a :class:`.channel.ChannelPrune`) sets importance, rounding and ignored layers;
     its own target is not used.
     """
-    from .channel import ChannelPrune, plan_groups, prepare, zeroed
+    from edgeslim.prune.channel import ChannelPrune, plan_groups, prepare, zeroed
 
     ratios = _check_ratios(ratios)
     base = (cfg or ChannelPrune(ratio=0.5)).model_copy(update={"max_ratio": 0.99})

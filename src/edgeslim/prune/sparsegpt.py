@@ -27,10 +27,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import Hessian, damped_inverse_cholesky, weight_matrix
-from ..calibrate import set_weight_matrix_ as _set_weight
-from ..errors import ConfigError
-from .wanda import OneShotPruneConfig, apply_keep_
+from edgeslim.calibrate import Hessian, damped_inverse_cholesky, weight_matrix
+from edgeslim.calibrate import set_weight_matrix_ as _set_weight
+from edgeslim.core.errors import ConfigError
+from edgeslim.prune.wanda import OneShotPruneConfig, apply_keep_
 
 
 class SparseGPT(OneShotPruneConfig):

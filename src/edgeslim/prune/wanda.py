@@ -22,10 +22,10 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..calibrate import InputNorms, to_param_layout, weight_matrix
-from ..config import Options
-from ..errors import ConfigError
-from ..masks import get_mask, set_mask_
+from edgeslim.calibrate import InputNorms, to_param_layout, weight_matrix
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.masks import get_mask, set_mask_
+from edgeslim.core.options import Options
 
 
 class OneShotPruneConfig(Options):

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from ..registry import Registry
+from edgeslim.core.registry import Registry
 
 FilterFn = Callable[[nn.Module, str], bool]
 REGISTRY = Registry("quantize_")
@@ -50,14 +50,14 @@ def quantize_(
 accepted = REGISTRY.accepted
 
 
-from ..calibrate import one_shot_  # noqa: E402
-from .fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
-from .gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
-from .mixed import MixedPrecision, mixed_precision_  # noqa: E402
-from .ptq import Int8PTQ, LayerQParams, int8_ptq_, layer_qparams  # noqa: E402
-from .qat import LSQ, QAT, qat_  # noqa: E402
-from .smoothquant import SmoothQuant  # noqa: E402
-from .ternary import BWN, TTQ, TWN, lowbit_  # noqa: E402
+from edgeslim.calibrate import one_shot_  # noqa: E402
+from edgeslim.quant.fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
+from edgeslim.quant.gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
+from edgeslim.quant.mixed import MixedPrecision, mixed_precision_  # noqa: E402
+from edgeslim.quant.ptq import Int8PTQ, LayerQParams, int8_ptq_, layer_qparams  # noqa: E402
+from edgeslim.quant.qat import LSQ, QAT, qat_  # noqa: E402
+from edgeslim.quant.smoothquant import SmoothQuant  # noqa: E402
+from edgeslim.quant.ternary import BWN, TTQ, TWN, lowbit_  # noqa: E402
 
 register("int8_ptq", Int8PTQ, int8_ptq_)
 register("qat", QAT, qat_)

@@ -26,12 +26,12 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ..calibration import iter_batches
-from ..config import Options
-from ..errors import ConfigError
-from . import fake
-from .modules import ActQuant, QuantAvgPool, quant_layers, set_mode
-from .ptq import FilterFn, Int8PTQ, prepare
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import iter_batches
+from edgeslim.core.options import Options
+from edgeslim.quant import fake
+from edgeslim.quant.modules import ActQuant, QuantAvgPool, quant_layers, set_mode
+from edgeslim.quant.ptq import FilterFn, Int8PTQ, prepare
 
 FL_RANGE = range(-8, 25)  # candidate fractional lengths
 

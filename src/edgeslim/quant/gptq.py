@@ -24,7 +24,7 @@ points reproduce the model's weights exactly: ``W = scale[g] * (code - zero[g])`
 layer keeps its dequantized weights (it runs as an ordinary float model) plus the buffers
 ``weight_qscale`` (out, groups) float16, ``weight_qzero`` (out, groups) uint8,
 ``weight_qgidx`` (in,) int32 and ``weight_qbits`` (a scalar) from which
-:mod:`edgeslim.models.hf` writes packed integer weights.
+:mod:`edgeslim.core.models.hf` writes packed integer weights.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ..calibrate import (
+from edgeslim.calibrate import (
     Hessian,
     damped_inverse_cholesky,
     set_weight_matrix_,
     to_param_layout,
     weight_matrix,
 )
-from ..config import Options
-from ..errors import ConfigError
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
 
 QUANT_BUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
 
@@ -294,7 +294,7 @@ def rtn_quantize_(
 
     No calibration data is needed (``calib`` is ignored).
     """
-    from ..calibrate import find_blocks, is_linear, layer_filter
+    from edgeslim.calibrate import find_blocks, is_linear, layer_filter
 
     keep = layer_filter(cfg.exclude, filter_fn)
     found = find_blocks(model)

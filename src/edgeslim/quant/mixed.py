@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from ..calibration import iter_batches
-from ..config import Options
-from ..errors import ConfigError
-from .modules import WeightQuant, quant_layers, set_mode
-from .ptq import FilterFn, Int8PTQ, int8_ptq_, prepare
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import iter_batches
+from edgeslim.core.options import Options
+from edgeslim.quant.modules import WeightQuant, quant_layers, set_mode
+from edgeslim.quant.ptq import FilterFn, Int8PTQ, int8_ptq_, prepare
 
 
 class MixedPrecision(Options):

@@ -27,8 +27,8 @@ import torch.ao.quantization.fx._decomposed  # registers the quantized_decompose
 import torch.nn.functional as F
 from torch import nn
 
-from . import fake, spec
-from .observers import Method, Observer, weight_mse_scale
+from edgeslim.quant import fake, spec
+from edgeslim.quant.observers import Method, Observer, weight_mse_scale
 
 Mode = Literal["observe", "fake", "exact", "export", "float"]
 MODES: tuple[str, ...] = ("observe", "fake", "exact", "export", "float")

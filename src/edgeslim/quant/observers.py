@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from . import spec
+from edgeslim.quant import spec
 
 Method = Literal["minmax", "percentile", "mse", "kl"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "kl")

@@ -29,10 +29,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import CheckpointError
-from ..fileio import save_tensors
-from .modules import QuantEmbedding, quant_layers
-from .ternary import lowbit_layers
+from edgeslim.core.errors import CheckpointError
+from edgeslim.core.fileio import save_tensors
+from edgeslim.quant.modules import QuantEmbedding, quant_layers
+from edgeslim.quant.ternary import lowbit_layers
 
 # buffers that the packed integer weights replace (rebuilt from them on load)
 _DERIVED = ("weight_int8", "bias_int32", "multiplier", "shift", "act_limits", "weight_scale")

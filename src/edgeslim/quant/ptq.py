@@ -53,12 +53,12 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
-from ..calibration import run_calibration
-from ..config import Options, lookup_layer
-from ..errors import ConfigError
-from . import spec
-from .fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
-from .modules import (
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import run_calibration
+from edgeslim.core.options import Options, lookup_layer
+from edgeslim.quant import spec
+from edgeslim.quant.fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
+from edgeslim.quant.modules import (
     ActQuant,
     QuantAdd,
     QuantAvgPool,
@@ -70,7 +70,7 @@ from .modules import (
     quant_layers,
     set_mode,
 )
-from .observers import Observer
+from edgeslim.quant.observers import Observer
 
 FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZABLE = (nn.Conv2d, nn.Linear)

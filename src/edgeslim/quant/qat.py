@@ -10,7 +10,7 @@
   gradient of :func:`edgeslim.quant.fake.lsq_quant`; they start from the calibrated values.
 
 Both start from post-training quantization (:mod:`.ptq`: same layers, same observers), train
-with :func:`edgeslim.train.fit` in ``"fake"`` mode and end in ``"exact"`` mode, so the result
+with :func:`edgeslim.core.train.fit` in ``"fake"`` mode and end in ``"exact"`` mode, so the result
 is the same kind of model PTQ gives (``layer_qparams``, ONNX QDQ export).
 """
 
@@ -22,9 +22,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
-from .modules import ActQuant, quant_layers, set_mode
-from .ptq import FilterFn, Int8PTQ, int8_ptq_
+from edgeslim.core.errors import ConfigError
+from edgeslim.quant.modules import ActQuant, quant_layers, set_mode
+from edgeslim.quant.ptq import FilterFn, Int8PTQ, int8_ptq_
 
 
 class QAT(Int8PTQ):
@@ -52,7 +52,7 @@ class LSQ(QAT):
 
 
 def _train_config(cfg: QAT, train: Any):
-    from ..train import TrainConfig
+    from edgeslim.core.train import TrainConfig
 
     if train is not None:
         return train
@@ -76,12 +76,12 @@ def qat_(
 ) -> nn.Module:
     """PTQ-initialise ``model``, fine-tune it with fake quantization, return it in exact mode.
 
-    ``data`` (a :class:`~edgeslim.data.datasets.DataSplits`) is required; ``calib`` defaults
+    ``data`` (a :class:`~edgeslim.core.data.datasets.DataSplits`) is required; ``calib`` defaults
     to ``data.calib(cfg.calib_size)``; ``train`` (a ``TrainConfig``) overrides the schedule;
     with a ``teacher`` (e.g. the float model) the fine-tuning distils from it.
     ``quant_info["history"]`` holds the per-epoch training log.
     """
-    from ..train import fit
+    from edgeslim.core.train import fit
 
     if data is None:
         raise ConfigError(

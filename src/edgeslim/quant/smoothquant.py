@@ -30,13 +30,13 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ..calibrate import (
+from edgeslim.calibrate import (
     InputAbsMax,
     set_weight_matrix_,
     weight_matrix,
 )
-from ..config import Options
-from .gptq import QuantizedWeight, attach_quantized_
+from edgeslim.core.options import Options
+from edgeslim.quant.gptq import QuantizedWeight, attach_quantized_
 
 # Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
 # nothing else: in a post-LN block (BERT) it is also the residual, so nothing is folded there.

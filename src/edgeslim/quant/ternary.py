@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ..config import Options
-from ..errors import ConfigError
-from .fold import _replace_module
-from .ptq import QUANTIZABLE, FilterFn, Int8PTQ, _select
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
+from edgeslim.quant.fold import _replace_module
+from edgeslim.quant.ptq import QUANTIZABLE, FilterFn, Int8PTQ, _select
 
 Scheme = Literal["bwn", "twn", "ttq"]
 
@@ -212,7 +212,7 @@ def lowbit_(
     Returns ``model`` (changed in place) with ``quant_info`` (layers, float layers and why,
     training history). ``data`` is needed when there are epochs to train.
     """
-    from ..train import TrainConfig, fit
+    from edgeslim.core.train import TrainConfig, fit
 
     scheme: Scheme = {BWN: "bwn", TWN: "twn", TTQ: "ttq"}[type(cfg)]
     modules = dict(model.named_modules())

@@ -5,9 +5,9 @@ Nothing here imports torch, so ``edgeslim report DIR`` re-renders a report quick
 
 from __future__ import annotations
 
-from .markdown import build_markdown, recipe_name, render_report
-from .plots import plot_accuracy_vs_size, plot_layer_sparsity
-from .tables import (
+from edgeslim.report.markdown import build_markdown, recipe_name, render_report
+from edgeslim.report.plots import plot_accuracy_vs_size, plot_layer_sparsity
+from edgeslim.report.tables import (
     COLUMNS,
     human_bytes,
     human_count,

@@ -7,9 +7,21 @@ from typing import Any
 
 import yaml
 
-from ..fileio import atomic_write_text
-from .plots import layer_bits_rows, plot_accuracy_vs_size, plot_layer_bits, plot_layer_sparsity
-from .tables import COLUMNS, layer_rows, read_metrics, stage_name, stage_rows, summary_line
+from edgeslim.core.fileio import atomic_write_text
+from edgeslim.report.plots import (
+    layer_bits_rows,
+    plot_accuracy_vs_size,
+    plot_layer_bits,
+    plot_layer_sparsity,
+)
+from edgeslim.report.tables import (
+    COLUMNS,
+    layer_rows,
+    read_metrics,
+    stage_name,
+    stage_rows,
+    summary_line,
+)
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"

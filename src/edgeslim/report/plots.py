@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fileio import atomic_path
-from .tables import human_count, stage_name
+from edgeslim.core.fileio import atomic_path
+from edgeslim.report.tables import human_count, stage_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure

@@ -11,14 +11,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, RunDirError
+from edgeslim.core.errors import CheckpointError, RunDirError
+from edgeslim.core.units import DASH, human_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
 
 METRICS_FILE = "metrics.jsonl"
 REQUIRED_KEYS = ("stage", "accuracy", "size_bytes")
-DASH = "–"
+
 MINUS = "−"
 
 # (key in a stage_rows() row, column header)
@@ -38,20 +39,6 @@ COLUMNS: list[tuple[str, str]] = [
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def human_bytes(n: float | None) -> str:
-    """Bytes in binary units: ``512 B``, ``98.3 KiB``, ``1.6 MiB``; ``–`` when unknown."""
-    if n is None:
-        return DASH
-    value = float(n)
-    if abs(value) < 1024:
-        return f"{int(value)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if abs(value) < 1023.95 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def human_count(n: float | None) -> str:

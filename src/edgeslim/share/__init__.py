@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from ..masks import iter_shared, remove_sharing_
-from ..registry import Registry
-from .hashed import HashedConv2d, HashedLinear, HashShare, hash_share_
-from .kmeans import KMeansShare, kmeans_share_
+from edgeslim.core.masks import iter_shared, remove_sharing_
+from edgeslim.core.registry import Registry
+from edgeslim.share.hashed import HashedConv2d, HashedLinear, HashShare, hash_share_
+from edgeslim.share.kmeans import KMeansShare, kmeans_share_
 
 FilterFn = Callable[[nn.Module, str], bool]
 REGISTRY = Registry("share_")

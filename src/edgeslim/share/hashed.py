@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from ..config import Options
-from ..errors import ConfigError
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
 
 FilterFn = Callable[[nn.Module, str], bool]
 _MASK64 = (1 << 64) - 1

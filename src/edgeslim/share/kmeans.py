@@ -10,11 +10,11 @@ code (0 for a zero weight, which stays zero). Centroid initialisation as in the 
 ``linear`` (evenly spaced between min and max: the paper's best, since it keeps the few large
 weights), ``density`` (evenly spaced in the weights' CDF) or ``random`` (Forgy: k weights
 drawn at random). Fine-tuning then trains the centroids: the gradient of every shared weight
-is summed into its centroid (eq. 3), done by :func:`edgeslim.masks.mask_grads_` inside the
+is summed into its centroid (eq. 3), done by :func:`edgeslim.core.masks.mask_grads_` inside the
 ordinary ``fit`` / ``finetune`` loop.
 
 Clustering (:func:`kmeans_1d`, pure numpy), choosing the bits of each layer
-(:func:`layer_bits`) and tying the model's weights (:func:`edgeslim.masks.set_shared_`) are
+(:func:`layer_bits`) and tying the model's weights (:func:`edgeslim.core.masks.set_shared_`) are
 separate steps.
 """
 
@@ -29,9 +29,9 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
-from ..config import Options
-from ..errors import ConfigError
-from ..masks import set_shared_
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.masks import set_shared_
+from edgeslim.core.options import Options
 
 FilterFn = Callable[[nn.Module, str], bool]
 SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

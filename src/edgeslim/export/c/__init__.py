@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ExportError, ShapeError
-from ...fileio import atomic_write_text
-from . import codegen, ir, planner, reference
+from edgeslim.core.errors import ExportError, ShapeError
+from edgeslim.core.fileio import atomic_write_text
+from edgeslim.export.c import codegen, ir, planner, reference
 
 __all__ = ["CExport", "build_and_check_graph", "export_c", "plan_for"]
 
@@ -42,8 +42,8 @@ def build_and_check_graph(
     """
     import torch
 
-    from ...quant.modules import is_quantized
-    from . import lower
+    from edgeslim.export.c import lower
+    from edgeslim.quant.modules import is_quantized
 
     quantized = is_quantized(model)
     if calib is None and not quantized:
@@ -140,7 +140,7 @@ def export_c(
     and without ``calib`` is checked on random int8 inputs. A prepared ``graph`` may be
     passed instead of lowering ``model`` again.
 
-    ``device`` (a profile name, see :func:`edgeslim.profile.devices.load_device`) must
+    ``device`` (a profile name, see :func:`edgeslim.profiling.devices.load_device`) must
     hold the arena and I/O buffers in SRAM and the constants in flash, else
     :class:`ExportError`; when the plain plan does not fit, patch-based execution is tried
     (``patch=None``); ``patch=True`` always searches for it, ``False`` never. With
@@ -148,7 +148,7 @@ def export_c(
     -fsanitize=undefined``) and run on the check inputs, and their outputs must equal the
     reference interpreter's bit for bit; nothing is written if any check fails.
     """
-    from ...profile.devices import load_device
+    from edgeslim.profiling.devices import load_device
 
     dev = load_device(device) if device is not None else None
     graph, q = build_and_check_graph(model, calib, graph, verify, tolerance)

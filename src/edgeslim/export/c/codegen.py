@@ -26,10 +26,10 @@ from string import Template
 
 import numpy as np
 
-from ... import __version__
-from ...errors import ExportError
-from . import ir
-from .planner import MemoryPlan, Region, full_region
+from edgeslim.core.errors import ExportError
+from edgeslim.core.version import __version__
+from edgeslim.export.c import ir
+from edgeslim.export.c.planner import MemoryPlan, Region, full_region
 
 GCC_FLAGS = (
     "-std=c99",

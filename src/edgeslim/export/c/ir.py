@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import ExportError
-from ...quant import spec
+from edgeslim.core.errors import ExportError
+from edgeslim.quant import spec
 
 
 @dataclass

@@ -21,7 +21,7 @@ Where qparams come from is a :class:`QParamSource`:
   every tensor) and its layers' frozen integer weights and biases, so the graph computes
   exactly what the quantized model simulates;
 - a float model is calibrated here (:class:`CalibratedQParams`): calibration inputs run
-  through it (:func:`edgeslim.calibration.run_calibration`) and every tensor gets TFLite's
+  through it (:func:`edgeslim.core.hooks.run_calibration`) and every tensor gets TFLite's
   min-max qparams (:func:`edgeslim.quant.spec.activation_qparams`), weights max |w| / 127.
 """
 
@@ -40,11 +40,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ...calibration import run_calibration
-from ...errors import LoweringError, ShapeError
-from ...quant import spec
-from ...quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
-from . import ir
+from edgeslim.core.errors import LoweringError, ShapeError
+from edgeslim.core.hooks import run_calibration
+from edgeslim.export.c import ir
+from edgeslim.quant import spec
+from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
     "Conv2d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "

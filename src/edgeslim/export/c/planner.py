@@ -40,8 +40,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ...errors import ExportError
-from . import ir
+from edgeslim.core.errors import ExportError
+from edgeslim.export.c import ir
 
 
 @dataclass(frozen=True)

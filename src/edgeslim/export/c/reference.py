@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import ExportError, ShapeError
-from ...quant import spec
-from . import ir
+from edgeslim.core.errors import ExportError, ShapeError
+from edgeslim.export.c import ir
+from edgeslim.quant import spec
 
 
 def run(graph: ir.Graph, q: np.ndarray) -> dict[str, np.ndarray]:

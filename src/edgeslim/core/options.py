@@ -1,0 +1,82 @@
+"""Config objects: the base every technique config inherits from, validation, per-layer lookup.
+
+Every technique takes a config (``MagnitudePrune(sparsity=0.9)``, ``Int8PTQ()`` ...) that is an
+:class:`Options`: unknown keys are refused and a bad value is a :class:`ConfigError` naming the
+class and the field. Recipes validate the same classes from YAML through :func:`validate`,
+which names the YAML key path instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgeslim.core.errors import ConfigError
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``path: what is wrong (got value)``."""
+    lines = []
+    for err in exc.errors():
+        path = prefix
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in ("function-after", "function-before"):
+                path += f".{part}" if path else str(part)
+        where = path or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"{where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+class Options(BaseModel):
+    """Base of every technique's config (``MagnitudePrune``, ``Int8PTQ``, ``KD`` ...).
+
+    Unknown keys are refused, and a bad value raises :class:`ConfigError` that names the class
+    and the field (``OBSPrune.sparsity: ...``) instead of pydantic's ``ValidationError``, so
+    every mistake a user can make is an :class:`~edgeslim.core.errors.EdgeslimError`. (Recipe
+    bodies are validated by :func:`validate`, which reports their YAML key path instead.)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+
+    # Tell pydantic this is its own __init__, so that validating a *mapping* (a recipe body,
+    # a nested config) keeps pydantic's path and goes through :func:`validate`, which names
+    # the YAML key path; only direct construction in Python comes through here.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def lookup_layer(table: dict[str, Any], name: str) -> Any | None:
+    """The value for layer ``name`` in a per-layer table (``layer_sparsity``, ``rank``,
+    ``layer_bits`` ...): an exact key wins, then the first glob pattern that matches; None if
+    nothing does."""
+    if name in table:
+        return table[name]
+    for pattern, value in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:
+    """``model_type.model_validate(data)`` with errors re-raised as ConfigError at ``prefix``."""
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix)) from None

@@ -1,0 +1,362 @@
+"""Pipeline: run a recipe stage by stage, measure every stage, checkpoint, resume.
+
+Run directory layout (``out``)::
+
+    recipe.yaml          the validated recipe, defaults filled in
+    stage-0/             the baseline (trained dense model), then stage-1/, stage-2/, ...
+      state.safetensors  exact state (weights + pruning masks): what a resume loads
+      weights.<fmt>.safetensors  the deployable weights, dense or sparse, whichever is smaller
+                         (a stage kind with an ``artifact`` writer saves its own file instead,
+                         e.g. a ``.slim`` container); metrics record its format and size
+      model.pt2          the whole model, reloadable without its class (``load_model``)
+      meta.json          the stage's metrics row, the recipe-prefix hash, the state's sha256
+    metrics.jsonl        one row per finished stage (rebuilt from the meta.json files)
+    report.md, plots/    the run report
+
+A stage directory is written under a temporary name and renamed when complete, so after an
+interruption every ``stage-N/`` is whole. Re-running the same recipe into the same directory
+resumes after the last finished stage; stage seeds depend only on the recipe seed and the
+stage index, so the final weights are bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from edgeslim.core.data.datasets import DataSplits, load_data
+from edgeslim.core.data.transforms import apply_transform
+from edgeslim.core.errors import CheckpointError, RunDirError
+from edgeslim.core.fileio import save_tensors
+from edgeslim.core.models.hf import is_hf_model, restore_buffers_, save_hf
+from edgeslim.core.models.io import load_model, save_model
+from edgeslim.core.models.storage import FORMATS, deployable_state, payload_bytes, save_weights
+from edgeslim.core.progress import console
+from edgeslim.core.train import evaluate, fit
+from edgeslim.pipeline.recipe import Recipe, Stage
+from edgeslim.pipeline.stages.base import STAGE_KINDS
+from edgeslim.profiling import profile
+
+STATE_FILE, META_FILE, METRICS_FILE = "state.safetensors", "meta.json", "metrics.jsonl"
+
+
+@dataclass
+class StageContext:
+    """What a stage runner may use besides the model."""
+
+    data: DataSplits
+    example: torch.Tensor
+    recipe: Recipe
+    index: int
+    seed: int
+    progress: bool | None = None
+    teacher: nn.Module | None = None  # the model before the stage, when finetune distils
+
+    def calibration(self) -> Any:
+        """The recipe's calibration set (``data.calib`` examples) for calibrated stages."""
+        return self.data.calib(self.recipe.data.calib)
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run_recipe`: the final model and one metrics row per stage."""
+
+    out: Path
+    model: nn.Module
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def stage_seed(recipe_seed: int, index: int) -> int:
+    """The seed of stage ``index``: a function of the recipe seed and the index only."""
+    return recipe_seed * 1000 + index
+
+
+def run_recipe(
+    recipe: Recipe | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    restart: bool = False,
+    progress: bool | None = None,
+) -> RunResult:
+    """Run (or resume) ``recipe`` into the run directory ``out``; see the module docstring.
+
+    ``restart=True`` discards finished stages in ``out`` instead of resuming from them.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run directory {out}: {exc}") from exc
+    stages: list[Stage | None] = [None, *recipe.stages]  # index 0 is the baseline
+    done = _finished_stages(out, recipe, len(stages), restart)
+    _write_text(out / "recipe.yaml", recipe.to_yaml())
+
+    torch.manual_seed(recipe.seed)
+    model = load_model(recipe.model)
+    data = _load_data(recipe, model)
+    example = data.example(1)
+    result = RunResult(out=out, model=model)
+    if done >= 0:
+        model = _restore_shapes(model, stages, out, done, example)
+        _load_stage_state(model, out / f"stage-{done}")
+        result.resumed_from = done
+        console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
+
+    for index in range(done + 1, len(stages)):
+        stage = stages[index]
+        console.print(f"[bold]stage {index}/{len(stages) - 1}[/] {_label(stage)}")
+        ctx = StageContext(data, example, recipe, index, stage_seed(recipe.seed, index), progress)
+        if stage is not None and stage.finetune is not None and stage.finetune.distill is not None:
+            ctx.teacher = copy.deepcopy(model).eval()
+        start = time.perf_counter()
+        if stage is None:
+            if recipe.train is not None:
+                fit(model, data, recipe.train, seed=ctx.seed, progress=progress)
+            log: dict[str, Any] = {}
+        else:
+            model, log = STAGE_KINDS[stage.kind].run(model, stage, ctx)
+        seconds = time.perf_counter() - start
+        _write_stage(out, index, stage, model, data, example, recipe, seconds, log)
+        _write_metrics(out, index)
+    result.model = model
+    result.rows = _read_rows(out, len(stages) - 1)
+    from edgeslim.report import render_report
+
+    render_report(out)
+    return result
+
+
+def _load_data(recipe: Recipe, model: nn.Module) -> Any:
+    """The recipe's data: ``DataSplits``, or for ``text:`` sources a :class:`TextTask`
+    bound to the model's tokenizer (its metric references are taken from ``model`` now)."""
+    cfg = recipe.data
+    if cfg.is_text:
+        from edgeslim.core.data.text import TextTask, load_text
+
+        corpus = load_text(cfg.source.removeprefix("text:"))
+        return TextTask(corpus, model, seq_len=cfg.seq_len or 128, max_eval=cfg.max_eval)
+    return apply_transform(load_data(cfg.source), cfg.transform).limit(cfg.max_train)
+
+
+def _evaluate(model: nn.Module, data: Any, split: str) -> float:
+    """Top-1 accuracy, or the data's own metric (``data.evaluate``) for text tasks."""
+    own = getattr(data, "evaluate", None)
+    return own(model, split) if own is not None else evaluate(model, data, split)
+
+
+def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (an LM head sharing the embedding) copied apart."""
+    seen: set[int] = set()
+    state = {}
+    for key, value in model.state_dict().items():
+        ptr = value.untyped_storage().data_ptr()
+        state[key] = value.detach().clone() if ptr in seen else value.detach().contiguous()
+        seen.add(ptr)
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# finished stages and resume
+# --------------------------------------------------------------------------------------
+
+
+def _label(stage: Stage | None) -> str:
+    return "baseline" if stage is None else stage.label
+
+
+def _finished_stages(out: Path, recipe: Recipe, n: int, restart: bool) -> int:
+    """Index of the last consecutive finished stage whose recipe prefix matches (-1: none)."""
+    done = -1
+    for index in range(n):
+        sdir = out / f"stage-{index}"
+        if not sdir.exists():
+            break
+        meta = _read_meta(sdir)
+        if meta.get("prefix_hash") != recipe.prefix_hash(index):
+            if not restart:
+                raise RunDirError(
+                    f"{sdir} was made by a different recipe (stage {index} or an earlier one "
+                    f"differs); use another --out, or restart to discard it"
+                )
+            break
+        if restart:
+            break
+        done = index
+    if restart:  # discard every stage directory of the old run
+        for sdir in out.glob("stage-*"):
+            shutil.rmtree(sdir)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        return -1
+    return done
+
+
+def _read_meta(sdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((sdir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"stage checkpoint {sdir} is corrupt: {META_FILE}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _restore_shapes(
+    model: nn.Module, stages: list[Stage | None], out: Path, done: int, example: torch.Tensor
+) -> nn.Module:
+    """Redo the structural changes of finished stages 1..done, in order; return the model."""
+
+    for index in range(1, done + 1):
+        kind = STAGE_KINDS[stages[index].kind]
+        if kind.rebuild is not None:
+            log = _read_meta(out / f"stage-{index}")["row"].get("log", {})
+            model = kind.rebuild(model, stages[index], log, example)
+    return model
+
+
+def _load_stage_state(model: nn.Module, sdir: Path) -> None:
+    meta = _read_meta(sdir)
+    state_path = sdir / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"stage checkpoint {sdir} is corrupt: {STATE_FILE} is missing")
+    if _sha256(state_path) != meta.get("state_sha256"):
+        raise CheckpointError(
+            f"stage checkpoint {state_path} is corrupt: its sha256 does not match {META_FILE}; "
+            f"delete {sdir} to recompute that stage"
+        )
+    try:
+        state = load_file(str(state_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"stage checkpoint {state_path} is corrupt: {exc}") from exc
+    restore_buffers_(model, state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{state_path} does not fit the recipe's model: {first}") from exc
+
+
+# --------------------------------------------------------------------------------------
+# writing a stage
+# --------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_stage(
+    out: Path,
+    index: int,
+    stage: Stage | None,
+    model: nn.Module,
+    data: DataSplits,
+    example: torch.Tensor,
+    recipe: Recipe,
+    seconds: float,
+    log: dict[str, Any],
+) -> None:
+    """Evaluate, profile and save stage ``index`` into ``out/stage-index`` atomically."""
+    model.eval()
+    prof = profile(model, example)
+    tmp = out / f".stage-{index}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_tensors(_unshared_state(model), tmp / STATE_FILE)
+    fmt, artifact = _write_artifact(model, stage, tmp)
+    size = artifact.stat().st_size
+    if not is_hf_model(model):  # a transformers model's artifact is its reloadable directory
+        save_model(model, tmp / "model.pt2", example)
+    row = {
+        "stage": "baseline" if stage is None else stage.kind,
+        "index": index,
+        "name": f"stage-{index} {_label(stage)}",
+        "metric": getattr(data, "metric", "accuracy"),
+        "accuracy": _evaluate(model, data, "test"),
+        "val_accuracy": _evaluate(model, data, "val"),
+        "params": prof.params,
+        "nonzero_params": prof.nonzero_params,
+        "macs": prof.macs,
+        "effective_macs": prof.effective_macs,
+        "size_bytes": size,
+        "format": fmt,
+        "file": artifact.name,
+        "latency_ms": prof.latency_ms,
+        "peak_activation_bytes": prof.peak_activation_bytes,
+        "bytes": prof.bytes,
+        "layers": {
+            layer.name: {
+                "type": layer.type,
+                "params": layer.params,
+                "nonzero_params": layer.nonzero_params,
+            }
+            for layer in prof.layers
+            if layer.params
+        },
+        "notes": prof.notes,
+        "seconds": round(seconds, 3),
+        "log": log,
+    }
+    meta = {
+        "row": row,
+        "prefix_hash": recipe.prefix_hash(index),
+        "state_sha256": _sha256(tmp / STATE_FILE),
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    final = out / f"stage-{index}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    acc = row["accuracy"]
+    shown = f"{acc:.3f}" if row["metric"] == "perplexity" else f"{100 * acc:.2f}%"
+    console.print(
+        f"  {row['metric']} {shown}  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
+        f"{fmt} file {size:,} B  ({seconds:.1f} s)"
+    )
+
+
+def _write_artifact(model: nn.Module, stage: Stage | None, directory: Path) -> tuple[str, Path]:
+    """Write the stage's deployable file; return its format and path.
+
+    A stage kind with an ``artifact`` writer decides (a ``.slim`` file, an int8 model ...);
+    otherwise the weights go to safetensors in the smaller of the dense and sparse formats.
+    """
+
+    kind = STAGE_KINDS[stage.kind] if stage is not None else None
+    if kind is not None and kind.artifact is not None:
+        return kind.artifact(model, stage, directory)
+    if is_hf_model(model):  # config + weights (packed / sparse / dense), reloadable as hf:DIR
+        return "hf", save_hf(model, directory / "hf")
+    deploy = deployable_state(model)
+    fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
+    path = directory / f"weights.{fmt}.safetensors"
+    save_weights(deploy, path, fmt)
+    return fmt, path
+
+
+def _read_rows(out: Path, last: int) -> list[dict[str, Any]]:
+    return [_read_meta(out / f"stage-{i}")["row"] for i in range(last + 1)]
+
+
+def _write_metrics(out: Path, last: int) -> None:
+    """Rebuild metrics.jsonl from the stage directories 0..last (atomically)."""
+    lines = [json.dumps(row) for row in _read_rows(out, last)]
+    _write_text(out / METRICS_FILE, "\n".join(lines) + "\n")
