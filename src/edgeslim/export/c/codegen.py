@@ -28,7 +28,7 @@ import numpy as np
 
 from ... import __version__
 from ...errors import ExportError
-from . import ir
+from ..int8 import ir
 from .planner import MemoryPlan, Region, full_region
 
 GCC_FLAGS = (

@@ -41,7 +41,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from ...errors import ExportError
-from . import ir
+from ..int8 import ir
 
 
 @dataclass(frozen=True)
