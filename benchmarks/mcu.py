@@ -35,8 +35,9 @@ from rich.table import Table
 
 from edgeslim import load_data, zoo
 from edgeslim.core.models.kws import ds_cnn
-from edgeslim.export import tflite
-from edgeslim.export.c import codegen, ir, lower, planner, reference
+from edgeslim.export import int8, tflite
+from edgeslim.export.c import codegen, planner
+from edgeslim.export.int8 import ir, reference
 
 REPEATS = 100
 TARGET_PLAIN, TARGET_PATCH = 0.7, 0.4  # MobileNetV2 arena vs TFLite Micro's total
@@ -80,7 +81,7 @@ def tflm_latency_us(data: bytes, q: np.ndarray) -> float:
 
 def measure(name: str, model) -> dict:
     model.eval()
-    graph = lower.lower(model, inputs(model, 64, "train"), name=name)
+    graph = int8.lower(model, inputs(model, 64, "train"), name=name)
     q = reference.quantize_input(graph, inputs(model, 8, "test").numpy())
     data = tflite.serialize(graph)
     plain = planner.plan_memory(graph)

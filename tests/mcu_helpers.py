@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.export.c import ir
+from edgeslim.export.int8 import ir
 
 
 class GraphBuilder:
@@ -178,13 +178,13 @@ def model_and_graph(name: str):
 
     from edgeslim import zoo
     from edgeslim.core.models.kws import ds_cnn
-    from edgeslim.export.c import lower
+    from edgeslim.export import int8
 
     torch.manual_seed(0)
     model = ds_cnn() if name == "ds_cnn" else zoo.create(name)
     model.eval()
     calib = mnist_images(tuple(model.input_shape), 64, "train")
-    return model, lower.lower(model, calib, name=name)
+    return model, int8.lower(model, calib, name=name)
 
 
 class AllOps(nn.Module):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edgeslim.export import tflite
-from edgeslim.export.c import codegen, planner, reference
+from edgeslim.export.c import codegen, planner
+from edgeslim.export.int8 import reference
 from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
 
 pytestmark = pytest.mark.skipif(codegen.compiler() is None, reason="needs a C compiler")
@@ -86,12 +87,12 @@ def test_every_op_kind_agrees_at_every_tensor():
     ReLU6, BatchNorm1d, softmax: reference = C (in place) = TFLite Micro."""
     import torch
 
-    from edgeslim.export.c import lower
+    from edgeslim.export import int8
     from mcu_helpers import AllOps
 
     torch.manual_seed(0)
     calib = mnist_images((1, 28, 28), 32, "train")
-    graph = lower.lower(AllOps().eval(), calib)
+    graph = int8.lower(AllOps().eval(), calib)
     kinds = {op.kind for op in graph.ops}
     assert {"Concat", "Requantize", "Softmax", "Pool2D", "Add"} <= kinds
     q = reference.quantize_input(graph, mnist_images((1, 28, 28), 4, "test").numpy())

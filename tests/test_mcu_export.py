@@ -15,7 +15,8 @@ import torch
 from edgeslim import export_c, export_tflite, load_device, zoo
 from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.export import tflite
-from edgeslim.export.c import codegen, lower, planner, reference
+from edgeslim.export.c import codegen, planner
+from edgeslim.export.int8 import build, fuse, qparams, reference, trace
 from mcu_helpers import mnist_images, model_and_graph
 
 GOLDEN = Path(__file__).parent / "golden" / "lenet5"
@@ -34,13 +35,14 @@ def test_golden_c_of_lenet5():
     """
     model, _ = model_and_graph("lenet5")
     calib = mnist_images((1, 28, 28), 64, "train")
-    gm = lower.trace(model, calib)
-    ops, first, last = lower.float_ops(gm)
+    gm = trace.trace(model, calib)
+    ops, first, last = trace.float_ops(gm)
     ranges = {
-        k: (round(lo, 2), round(hi, 2)) for k, (lo, hi) in lower.calibrate_ranges(gm, calib).items()
+        k: (round(lo, 2), round(hi, 2))
+        for k, (lo, hi) in qparams.calibrate_ranges(gm, calib).items()
     }
-    source = lower.CalibratedQParams(ranges)
-    graph = lower.build_graph(lower.fuse(ops), first, last, (1, 1, 28, 28), source, name="lenet5")
+    source = qparams.CalibratedQParams(ranges)
+    graph = build.build_graph(fuse.fuse(ops), first, last, (1, 1, 28, 28), source, name="lenet5")
     files = codegen.generate(graph, planner.plan_memory(graph))
     digest = hashlib.sha256(files["weights.h"].encode()).hexdigest()
     if os.environ.get("EDGESLIM_UPDATE_GOLDEN"):

@@ -9,7 +9,9 @@ from torch import nn
 from edgeslim import zoo
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.models.kws import ds_cnn
-from edgeslim.export.c import export_c, ir, lower, reference
+from edgeslim.export import int8
+from edgeslim.export.c import export_c
+from edgeslim.export.int8 import ir, reference
 from edgeslim.export.tflite import PADDING_SAME, tflite_padding
 from mcu_helpers import AllOps
 
@@ -29,7 +31,7 @@ def calib():
 
 def test_lenet5_graph(calib):
     model = zoo.create("lenet5").eval()
-    g = lower.lower(model, calib)
+    g = int8.lower(model, calib)
     assert [op.kind for op in g.ops] == [
         "Conv2D",
         "Pool2D",
@@ -62,7 +64,7 @@ def test_batchnorm_folded_relu6_fused_and_depthwise(calib):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
-    g = lower.lower(model, calib)
+    g = int8.lower(model, calib)
     kinds = {op.kind for op in g.ops}
     assert kinds == {"Conv2D", "Add", "Pool2D", "Reshape", "FullyConnected"}
     convs = [op for op in g.ops if isinstance(op, ir.Conv2D)]
@@ -84,7 +86,7 @@ def test_flatten_of_a_feature_map_permutes_the_linear_weights(calib):
 
     torch.manual_seed(0)
     model = Net().eval()
-    g = lower.lower(model, calib)
+    g = int8.lower(model, calib)
     w = model.fc.weight.detach().numpy().reshape(10, 4, 13, 13).transpose(0, 2, 3, 1)
     fc = g[g.ops[-1].weight]
     assert np.corrcoef(fc.data.reshape(-1), w.reshape(-1))[0, 1] > 0.999
@@ -94,7 +96,7 @@ def test_flatten_of_a_feature_map_permutes_the_linear_weights(calib):
 def test_every_op_kind_lowers_and_matches_pytorch(calib):
     torch.manual_seed(0)
     model = AllOps().eval()
-    g = lower.lower(model, calib)
+    g = int8.lower(model, calib)
     kinds = [op.kind for op in g.ops]
     for kind in (
         "Conv2D",
@@ -119,7 +121,7 @@ def test_every_op_kind_lowers_and_matches_pytorch(calib):
 
 def test_zero_padding_folds_into_the_conv_as_tflite_same():
     model = ds_cnn().eval()
-    g = lower.lower(model, torch.randn(8, 1, 49, 10))
+    g = int8.lower(model, torch.randn(8, 1, 49, 10))
     stem = g.ops[0]
     assert stem.padding == (4, 1, 5, 1) and stem.stride == (2, 2)
     assert g[stem.output].shape == (1, 25, 5, 64)
@@ -164,15 +166,15 @@ def test_activation_must_follow_a_layer_and_bad_calibration(calib):
             return torch.relu(F.max_pool2d(self.conv(x), 2)).flatten(1)
 
     with pytest.raises(LoweringError, match="must directly follow a conv, linear or add"):
-        lower.lower(ReluAfterPool(), calib)
+        int8.lower(ReluAfterPool(), calib)
     with pytest.raises(ShapeError, match="non-empty batch"):
-        lower.lower(zoo.create("lenet5"), torch.zeros(0, 1, 28, 28))
+        int8.lower(zoo.create("lenet5"), torch.zeros(0, 1, 28, 28))
     with pytest.raises(ShapeError, match="cannot run on input"):
-        lower.lower(zoo.create("lenet5"), torch.zeros(2, 3, 32, 32))
+        int8.lower(zoo.create("lenet5"), torch.zeros(2, 3, 32, 32))
 
 
 def test_reference_rejects_bad_inputs(calib):
-    g = lower.lower(zoo.create("lenet5").eval(), calib)
+    g = int8.lower(zoo.create("lenet5").eval(), calib)
     with pytest.raises(ShapeError, match="shape"):
         reference.run(g, np.zeros((1, 1, 28, 28)))
     with pytest.raises(ShapeError, match="int8"):
@@ -198,7 +200,7 @@ def test_a_ptq_model_lowers_to_exactly_its_own_integer_simulation(name):
     gen = torch.Generator().manual_seed(2)
     calib, x = torch.rand(32, *shape, generator=gen), torch.rand(8, *shape, generator=gen)
     qmodel = _ptq(model, calib, calibration="mse" if name == "ds_cnn" else "minmax")
-    g = lower.lower(qmodel, calib)
+    g = int8.lower(qmodel, calib)
     assert not any(op.kind == "Requantize" for op in g.ops)  # quantizers map onto tensors
     first = g.ops[0]
     layer = qmodel.get_submodule(first.name)
@@ -217,7 +219,7 @@ def test_a_quantized_relu_after_an_add_is_refused(calib):
     torch.manual_seed(0)
     qmodel = _ptq(zoo.create("resnet8"), calib)  # relu(add) is requantized in float
     with pytest.raises(LoweringError, match="relu_1: ReLU/ReLU6 must directly follow"):
-        lower.lower(qmodel, calib)
+        int8.lower(qmodel, calib)
 
 
 def test_an_accumulator_that_would_overflow_int32_is_refused():

@@ -8,7 +8,8 @@ import torch
 
 from edgeslim import zoo
 from edgeslim.core.errors import ExportError
-from edgeslim.export.c import lower, planner
+from edgeslim.export import int8
+from edgeslim.export.c import planner
 from edgeslim.export.c.planner import Buffer, Member, Region
 from mcu_helpers import GraphBuilder, check_no_overlap
 
@@ -155,7 +156,7 @@ def test_patch_regions_follow_receptive_fields():
 def test_plans_of_zoo_models_never_overlap_and_patches_cut_the_peak():
     calib = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    g = lower.lower(zoo.create("mobilenetv2").eval(), calib)
+    g = int8.lower(zoo.create("mobilenetv2").eval(), calib)
     plain = planner.plan_memory(g, inplace=False)
     inplace = planner.plan_memory(g)
     patched = planner.search_patch(g, max_mac_overhead=0.1)
@@ -172,7 +173,8 @@ def test_pointwise_in_place_needs_the_same_region_in_a_patch_stage():
     """An expanding 1x1 conv whose input another op reads with a halo must not run in place
     patch by patch (its input region is larger than its output region): checked by the plan
     and by running the generated C against the reference."""
-    from edgeslim.export.c import codegen, reference
+    from edgeslim.export.c import codegen
+    from edgeslim.export.int8 import reference
 
     b = GraphBuilder((1, 8, 8, 1))
     a = b.conv("a", b.input, 4)  # read by the 3x3 conv (with a halo) and by the 1x1 conv

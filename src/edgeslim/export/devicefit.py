@@ -17,7 +17,9 @@ from typing import Any
 from rich.table import Table
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.export.c import codegen, ir, lower, planner
+from edgeslim.export import int8
+from edgeslim.export.c import codegen, planner
+from edgeslim.export.int8 import ir
 
 
 def calibration_inputs(model: Any, data: str, n: int):
@@ -27,7 +29,7 @@ def calibration_inputs(model: Any, data: str, n: int):
 
     from edgeslim.core.data.datasets import load_data
 
-    shape = tuple(lower.example_of(model, None).shape[1:])
+    shape = tuple(int8.example_of(model, None).shape[1:])
     if n < 1:
         raise ConfigError(f"--calib must be >= 1, got {n}")
     if data != "random":
@@ -110,7 +112,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
     from edgeslim.profiling.devices import load_device
 
     dev = load_device(device)
-    graph: ir.Graph = lower.lower(model, calib, name=type(model).__name__)
+    graph: ir.Graph = int8.lower(model, calib, name=type(model).__name__)
     plain = planner.plan_memory(graph)
     patched = planner.search_patch(graph)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_write_bytes
-from edgeslim.export.c import ir
+from edgeslim.export.int8 import ir
 
 # BuiltinOperator and BuiltinOptions codes, TensorType, Padding, ActivationFunctionType
 # (from tensorflow/lite/schema/schema.fbs)
@@ -561,14 +561,14 @@ def export_tflite(
     ``calib`` (a batch of inputs, e.g. ``data.calib(128)``) sets the qparams of a float
     model; a model quantized by ``edgeslim.quantize_`` brings its own and needs none (it is
     then checked on random int8 inputs). A prepared ``graph`` (from
-    :func:`edgeslim.export.c.lower.lower`) may be passed instead.
+    :func:`edgeslim.export.int8.lower`) may be passed instead.
 
     With ``verify`` the graph's dequantized outputs must match the PyTorch model's within
     ``tolerance`` (relative L2 error), and TFLite Micro's outputs must equal the reference
     interpreter's bit for bit (skipped, with a warning, when ``tflite-micro`` is not
     installed). Nothing is written if a check fails.
     """
-    from edgeslim.export.c import build_and_check_graph
+    from edgeslim.export.int8.check import build_and_check_graph
 
     graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance)
     data = serialize(graph)
@@ -585,7 +585,7 @@ def export_tflite(
 
 def check_tflm(graph: ir.Graph, data: bytes, q: np.ndarray) -> None:
     """Raise :class:`ExportError` unless TFLite Micro's outputs equal the reference's."""
-    from edgeslim.export.c import reference
+    from edgeslim.export.int8 import reference
 
     expected = reference.run_batch(graph, q)
     got = run_tflm(graph, data, q)

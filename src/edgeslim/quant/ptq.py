@@ -42,7 +42,6 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 from __future__ import annotations
 
 import fnmatch
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +53,7 @@ from pydantic import ConfigDict, Field
 from torch import fx, nn
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.options import Options, lookup_layer
 from edgeslim.quant import spec
@@ -231,25 +231,9 @@ def _swap(root: nn.Module, name: str, cfg: Int8PTQ, bits: int) -> QuantConv2d | 
 
 # ---------------------------------------------------------------------------- graph mode
 
-_ACTIVATIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6"}
 _PRESERVING_FUNCS = {torch.flatten, torch.reshape, F.max_pool2d, F.dropout}
 _PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous"}
 _PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, QuantAvgPool)
-
-
-def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """``"relu"`` / ``"relu6"`` when ``node`` is that activation, else None."""
-    if node.op == "call_function" and node.target in _ACTIVATIONS:
-        return _ACTIVATIONS[node.target]
-    if node.op == "call_method" and node.target == "relu":
-        return "relu"
-    if node.op == "call_module":
-        mod = modules.get(node.target)
-        if isinstance(mod, nn.ReLU6):
-            return "relu6"
-        if isinstance(mod, nn.ReLU):
-            return "relu"
-    return None
 
 
 def _preserves_qparams(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -279,16 +263,6 @@ def _insert_quant_after(gm: fx.GraphModule, node: fx.Node, quant: ActQuant) -> f
         qnode = gm.graph.call_module(name, (node,))
     node.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
     return qnode
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target in (operator.add, torch.add)
-        and len(node.args) == 2
-        and all(isinstance(a, fx.Node) for a in node.args)
-        and not node.kwargs
-    )
 
 
 def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -321,8 +295,8 @@ def _prepare_graph(
         modules = dict(gm.named_modules())
         tail = node
         users = list(node.users)
-        if len(users) == 1 and _activation(users[0], modules):
-            layer.act = _activation(users[0], modules)
+        if len(users) == 1 and activation(users[0], modules):
+            layer.act = activation(users[0], modules)
             tail = users[0]
         out_q = ActQuant(cfg.activation_bits, cfg.calibration, cfg.percentile)
         _insert_quant_after(gm, tail, out_q)
@@ -330,7 +304,7 @@ def _prepare_graph(
         layer.link("output_quant", out_q)
     adds = 0
     for node in list(gm.graph.nodes):
-        if _is_add(node):
+        if is_add(node) and tensor_operands(node) is not None:  # a + b of two tensors
             name = f"{node.name}_qadd"
             gm.add_submodule(name, QuantAdd())
             with gm.graph.inserting_after(node):

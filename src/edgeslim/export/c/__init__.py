@@ -1,8 +1,9 @@
 """C99 for microcontrollers: ``export_c(model, out_dir, device=...)``.
 
-The pipeline, one module each: :mod:`.lower` (PyTorch -> integer graph :mod:`.ir`),
-:mod:`.reference` (numpy oracle), :mod:`.planner` (static arena), :mod:`.codegen` (C files
-from templates). :func:`edgeslim.export.tflite.export_tflite` shares the first two.
+The integer graph comes from :mod:`edgeslim.export.int8` (lowering, the numpy reference
+interpreter, the check against PyTorch), shared with
+:func:`edgeslim.export.tflite.export_tflite`; here: :mod:`.planner` (static arena) and
+:mod:`.codegen` (C files from templates).
 
     export_c(model, "out/", device="stm32f746", calib=data.calib(128))
 
@@ -22,62 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.core.errors import ExportError, ShapeError
+from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_write_text
-from edgeslim.export.c import codegen, ir, planner, reference
+from edgeslim.export.c import codegen, planner
+from edgeslim.export.int8 import ir, reference
+from edgeslim.export.int8.check import build_and_check_graph
 
-__all__ = ["CExport", "build_and_check_graph", "export_c", "plan_for"]
-
-VERIFY_SAMPLES = 32  # calibration inputs run through every check
-
-
-def build_and_check_graph(
-    model: Any, calib: Any, graph: ir.Graph | None, verify: bool, tolerance: float
-) -> tuple[ir.Graph, np.ndarray]:
-    """The integer graph of ``model`` and its int8 check inputs (from ``calib``).
-
-    A model quantized by ``edgeslim.quantize_`` needs no ``calib``: it is checked on random
-    int8 inputs. With ``verify`` the graph's dequantized outputs must be within
-    ``tolerance`` (relative L2 error) of the PyTorch model's on the check inputs.
-    """
-    import torch
-
-    from edgeslim.export.c import lower
-    from edgeslim.quant.modules import is_quantized
-
-    quantized = is_quantized(model)
-    if calib is None and not quantized:
-        raise ShapeError(
-            "exporting a float model needs calibration inputs: pass calib= a batch (N, ...) "
-            "such as data.calib(128) (they set the int8 ranges and check the exported file), "
-            "or quantize it first (edgeslim.quantize_)"
-        )
-    example = lower.example_of(model, None if calib is None else torch.as_tensor(calib))
-    if graph is None:
-        graph = lower.lower(model, example.float(), name=type(model).__name__)
-    if calib is None:  # random int8 inputs of the quantized model
-        rng = np.random.default_rng(0)
-        q = rng.integers(-128, 128, (VERIFY_SAMPLES, *graph[graph.input].shape[1:]))
-        sample = reference.dequantize(graph, graph.input, q).astype(np.float32)
-        if sample.ndim == 4:
-            sample = sample.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        sample = torch.from_numpy(np.ascontiguousarray(sample))
-    else:
-        sample = torch.as_tensor(calib, dtype=torch.float32)[:VERIFY_SAMPLES]
-    q = reference.quantize_input(graph, sample.numpy())
-    if verify:
-        got = reference.dequantize(graph, graph.output, reference.run_batch(graph, q))
-        model.eval()
-        with torch.no_grad():
-            want = model(sample).double().numpy().reshape(got.shape)
-        err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
-        if not err <= tolerance:
-            raise ExportError(
-                f"the int8 graph's outputs differ from the PyTorch model's by {err:.3f} "
-                f"(relative L2 error, tolerance {tolerance}); nothing was written. Check the "
-                "calibration data, or quantize the model (PTQ/QAT) before exporting"
-            )
-    return graph, q
+__all__ = ["CExport", "export_c", "plan_for"]
 
 
 def plan_for(

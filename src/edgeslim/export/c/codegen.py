@@ -28,8 +28,8 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.version import __version__
-from edgeslim.export.c import ir
 from edgeslim.export.c.planner import MemoryPlan, Region, full_region
+from edgeslim.export.int8 import ir
 
 GCC_FLAGS = (
     "-std=c99",

@@ -41,7 +41,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from edgeslim.core.errors import ExportError
-from edgeslim.export.c import ir
+from edgeslim.export.int8 import ir
 
 
 @dataclass(frozen=True)

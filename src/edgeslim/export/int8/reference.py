@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeslim.core.errors import ExportError, ShapeError
-from edgeslim.export.c import ir
+from edgeslim.export.int8 import ir
 from edgeslim.quant import spec
 
 

@@ -2,8 +2,9 @@
 
 This is what every microcontroller backend consumes: the numpy reference interpreter
 (:mod:`.reference`), the TFLite flatbuffer writer (:mod:`edgeslim.export.tflite`), the memory
-planner (:mod:`.planner`) and the C generator (:mod:`.codegen`). :mod:`.lower` builds it
-from a PyTorch model.
+planner (:mod:`edgeslim.export.c.planner`) and the C generator
+(:mod:`edgeslim.export.c.codegen`). :func:`edgeslim.export.int8.lower` builds it from a
+PyTorch model.
 
 - Tensors are int8 activations (one scale / zero point each), int8 weights (zero point 0,
   per output channel or per tensor) or int32 biases (scale ``s_in * s_w[c]``). Shapes are

@@ -1,0 +1,139 @@
+"""Where the int8 qparams of every tensor come from: a :class:`QParamSource`.
+
+- a model quantized by :func:`edgeslim.quantize_` (PTQ or QAT, graph mode) carries them:
+  :class:`QuantizedModelQParams` reads its quantizers (``ActQuant``: scale / zero point of
+  every tensor); its layers' frozen integer weights and biases are read by
+  :func:`.fuse.fuse`, so the graph computes exactly what the quantized model simulates;
+- a float model is calibrated (:class:`CalibratedQParams`): :func:`calibrate_ranges` runs
+  calibration inputs through it (:func:`edgeslim.core.hooks.run_calibration`) with a
+  min-max :class:`~edgeslim.quant.observers.Observer` on every tensor, which then gets
+  TFLite's min-max qparams (:func:`edgeslim.quant.spec.activation_qparams`); weights get
+  max |w| / 127.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from edgeslim.core.errors import LoweringError
+from edgeslim.core.fxpatterns import activation, called_module
+from edgeslim.core.hooks import run_calibration
+from edgeslim.export.int8.trace import FloatOp, shape_of
+from edgeslim.quant import spec
+from edgeslim.quant.modules import ActQuant
+from edgeslim.quant.observers import Observer
+
+
+class QParamSource(Protocol):
+    """Where the int8 qparams of each tensor come from."""
+
+    def activation(self, value: str) -> spec.QParams:
+        """Per-tensor qparams of the fx value ``value`` (an op's output or the input)."""
+
+    def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
+        """Symmetric qparams of ``op``'s (folded, float) weight; per channel along ``axis``."""
+
+
+class CalibratedQParams:
+    """Interim qparam source: min-max ranges of every tensor over calibration inputs.
+
+    Activations get :func:`~edgeslim.quant.spec.activation_qparams` of their observed range,
+    weights :func:`~edgeslim.quant.spec.weight_qparams` (max |w| / 127).
+    """
+
+    def __init__(self, ranges: dict[str, tuple[float, float]]) -> None:
+        self.ranges = ranges
+
+    def activation(self, value: str) -> spec.QParams:
+        lo, hi = self.ranges[value]
+        return spec.activation_qparams(lo, hi)
+
+    def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
+        return spec.weight_qparams(weight, axis=axis)
+
+
+class QuantizedModelQParams:
+    """Qparams of a model quantized by :func:`edgeslim.quantize_` (graph mode).
+
+    Every tensor's qparams are those of the ``ActQuant`` that quantizes it: the quantizer
+    node after a layer (and its fused activation) or an add; the graph input's are the
+    input quantizer of the first layer that reads it. Weights come from the layers' frozen
+    integer buffers (read by :func:`.fuse.fuse`), so :meth:`weight` is not used.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        modules = dict(gm.named_modules())
+        self.qparams: dict[str, spec.QParams] = {}
+        for node in gm.graph.nodes:
+            module = called_module(node, modules)
+            if isinstance(module, ActQuant):
+                self.qparams[node.name] = module.qparams()
+                src = node.args[0]  # the layer / activation / add it quantizes
+                while isinstance(src, fx.Node) and src.name not in self.qparams:
+                    self.qparams[src.name] = module.qparams()
+                    fused = src.op == "call_module" and activation(src, modules, hardtanh=True)
+                    src = src.args[0] if fused else None  # through a fused activation module
+            elif node.op == "placeholder":
+                layer = _first_layer(node, modules)
+                if layer is not None:
+                    self.qparams[node.name] = layer.input_quant.qparams()
+
+    def activation(self, value: str) -> spec.QParams:
+        if value not in self.qparams:
+            raise LoweringError(
+                f"{value}: no quantizer gives this tensor int8 qparams (a layer left in float, "
+                "or an op the quantizer does not cover)"
+            )
+        return self.qparams[value]
+
+    def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
+        raise LoweringError(f"{op.name}: a float layer inside a quantized model")
+
+
+def _first_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The first quantized layer reading ``node``, through qparam-preserving ops."""
+    for user in node.users:
+        module = called_module(user, modules)
+        if module is not None and hasattr(module, "input_quant"):
+            return module
+        found = _first_layer(user, modules)
+        if found is not None:
+            return found
+    return None
+
+
+class _Probe(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def calibrate_ranges(
+    gm: fx.GraphModule, calib: torch.Tensor, batch_size: int = 64
+) -> dict[str, tuple[float, float]]:
+    """``(min, max)`` of every tensor value of ``gm`` over the calibration inputs ``calib``."""
+    probed = copy.deepcopy(gm)
+    graph = probed.graph
+    probes: dict[str, nn.Module] = {}
+    for node in list(graph.nodes):
+        if node.op == "output" or shape_of(node) is None:
+            continue
+        name = f"_probe_{node.name}"
+        probed.add_submodule(name, _Probe())
+        with graph.inserting_after(node):
+            probe = graph.call_module(name, (node,))
+        node.replace_all_uses_with(probe)
+        probe.args = (node,)
+        probes[node.name] = probed.get_submodule(name)
+    probed.recompile()
+    observers = {name: Observer("minmax") for name in probes}
+
+    def see(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
+        observers[name].update(inputs[0])
+
+    run_calibration(probed, calib, probes, see, batch_size=batch_size)
+    return {name: obs.range() for name, obs in observers.items() if obs.seen}

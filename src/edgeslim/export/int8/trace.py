@@ -1,0 +1,366 @@
+"""Trace a PyTorch model with ``torch.fx`` and classify every node as a float op.
+
+:func:`trace` records every node's output shape (from one example); :func:`float_ops` turns
+the nodes into :class:`FloatOp` s, the float ops the int8 graph can express (conv, linear,
+BatchNorm, ReLU / ReLU6, add, pooling, flatten, cat, softmax, zero padding). Pass-through
+nodes (Identity, Dropout, ``contiguous``) become aliases of their input. Every node that
+cannot be lowered is collected and *all* of them are named in one :class:`LoweringError`,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeslim.core.errors import LoweringError, ShapeError
+from edgeslim.core.fxpatterns import activation, arg, called_module, is_add
+from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
+
+SUPPORTED = (
+    "Conv2d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
+    "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
+    "mean over H and W, flatten, cat, softmax, ZeroPad2d before a conv, Identity / Dropout"
+)
+
+_LEAVES = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Softmax,
+    nn.Identity,
+    nn.Dropout,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+)
+
+
+@dataclass
+class FloatOp:
+    """One float op of the traced model.
+
+    ``value`` names the fx node whose output this op produces (after fusion: the last fused
+    node, e.g. the ReLU); ``inputs`` are the values it reads. ``shape`` is PyTorch's output
+    shape at batch 1 (NCHW or (1, F)).
+    """
+
+    kind: str  # conv linear bn act add cat flatten pool gap softmax pad
+    name: str
+    value: str
+    inputs: list[str]
+    shape: tuple[int, ...]
+    module: nn.Module | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with every node's output shape (from ``example[:1]``)."""
+    name = type(model).__name__
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        raise LoweringError(
+            f"cannot trace {name} with torch.fx (data-dependent control flow?): "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from exc
+    gm = fx.GraphModule(model, graph, name)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example[:1])
+    except RuntimeError as exc:
+        raise ShapeError(
+            f"{name} cannot run on input of shape {tuple(example.shape)}: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from exc
+    return gm
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape :func:`trace` recorded for ``node``; None for non-tensor values."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    """``(v, v)`` for an int, else the first two entries (a module's 2-d size argument)."""
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
+    """Classify the traced graph: ``(ops, input value, output value)``.
+
+    Raises :class:`LoweringError` naming every node that cannot be lowered.
+    """
+    modules = dict(gm.named_modules())
+    alias: dict[str, str] = {}  # identity-like node -> the value it passes on
+    ops: list[FloatOp] = []
+    problems: list[str] = []
+    inputs: list[str] = []
+    output = ""
+
+    def value(a: object) -> str:
+        if not isinstance(a, fx.Node):
+            raise TypeError
+        return alias.get(a.name, a.name)
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            inputs.append(node.name)
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                problems.append(f"output: the model must return one tensor, got {out!r}")
+            else:
+                output = value(out)
+            continue
+        shape = shape_of(node)
+        if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
+            continue
+        module = called_module(node, modules)
+        where = node.target if node.op == "call_module" else node.name
+        try:
+            op = _classify(node, modules, shape, value)
+        except (TypeError, ValueError) as exc:
+            detail = str(exc) or "unsupported arguments"
+            problems.append(f"{where} ({_describe(node, module)}): {detail}")
+            continue
+        if op is None:
+            problems.append(f"{where} ({_describe(node, module)}): not supported")
+        elif op == "alias":
+            alias[node.name] = value(node.args[0])
+        else:
+            op.name = str(where)
+            ops.append(op)
+    if len(inputs) != 1:
+        problems.append(f"the model must take exactly one tensor input, it takes {len(inputs)}")
+    if problems:
+        raise LoweringError(
+            "cannot lower to the int8 graph; unsupported:\n  "
+            + "\n  ".join(problems)
+            + f"\nsupported: {SUPPORTED}"
+        )
+    return ops, inputs[0], output
+
+
+def _describe(node: fx.Node, module: nn.Module | None) -> str:
+    if module is not None:
+        return type(module).__name__
+    target = node.target
+    return getattr(target, "__name__", str(target))
+
+
+def _classify(
+    node: fx.Node, modules: dict[str, nn.Module], shape: tuple[int, ...], value: Callable
+) -> FloatOp | str | None:
+    """A :class:`FloatOp`, ``"alias"`` for pass-through nodes, or None if unsupported."""
+    module = called_module(node, modules)
+
+    def op(kind: str, inputs: list[str], **attrs: Any) -> FloatOp:
+        return FloatOp(kind, "", node.name, inputs, shape, module, attrs)
+
+    first = node.args[0] if node.args else None
+    act = activation(node, modules, inplace=True, hardtanh=True)
+    if module is not None:
+        x = [value(first)]
+        if isinstance(module, (nn.Identity, nn.Dropout)):
+            return "alias"
+        if isinstance(module, ActQuant):
+            return op("quant", x)
+        if isinstance(module, QuantAdd):
+            return _add(op, node, value)
+        if isinstance(module, QuantAvgPool):
+            if not isinstance(module.pool, nn.AdaptiveAvgPool2d):
+                raise ValueError(f"only global average pooling is supported, got {module.pool}")
+            return op("gap", x)
+        if isinstance(module, nn.Conv2d):
+            _check_conv(module)
+            return op("conv", x)
+        if isinstance(module, nn.Linear):
+            return op("linear", x)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return op("bn", x)
+        if act == "hardtanh":
+            raise ValueError("only Hardtanh(0, 6) (ReLU6) is supported")
+        if act is not None:
+            return op("act", x, activation=act)
+        if isinstance(module, nn.MaxPool2d):
+            return _pool(
+                op,
+                x,
+                "max",
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.ceil_mode,
+            )
+        if isinstance(module, nn.AvgPool2d):
+            if module.divisor_override is not None:
+                raise ValueError("divisor_override is not supported")
+            return _pool(
+                op,
+                x,
+                "avg",
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                1,
+                module.ceil_mode,
+                module.count_include_pad,
+            )
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            if pair(module.output_size) != (1, 1):
+                raise ValueError("only output size 1 (global average pooling) is supported")
+            return op("gap", x)
+        if isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise ValueError("only Flatten(1, -1) is supported")
+            return op("flatten", x)
+        if isinstance(module, nn.Softmax):
+            return op("softmax", x, dim=module.dim)
+        if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            if isinstance(module, nn.ConstantPad2d) and module.value != 0:
+                raise ValueError("only zero padding is supported")
+            return op("pad", x, pad=tuple(module.padding))
+        return None
+    if act == "hardtanh":
+        raise ValueError("only hardtanh(0, 6) (ReLU6) is supported")
+    if act is not None:
+        return op("act", [value(first)], activation=act)
+    if is_add(node, inplace=True, methods=True):
+        return _add(op, node, value)
+    target = node.target
+    if node.op == "call_function":
+        if target is torch.flatten:
+            return _flatten(op, node, shape, value)
+        if target is torch.cat:
+            tensors = arg(node, 0, "tensors", None)
+            return op("cat", [value(t) for t in tensors], dim=arg(node, 1, "dim", 0))
+        if target in (F.softmax, torch.softmax):
+            return op("softmax", [value(first)], dim=arg(node, 1, "dim", None))
+        if target is F.adaptive_avg_pool2d:
+            if pair(arg(node, 1, "output_size", None)) != (1, 1):
+                raise ValueError("only output size 1 (global average pooling) is supported")
+            return op("gap", [value(first)])
+        if target in _POOL_FUNCS:
+            return _pool_function(op, node, value)
+        if target is F.pad:
+            if arg(node, 2, "mode", "constant") != "constant" or arg(node, 3, "value", 0):
+                raise ValueError("only constant zero padding is supported")
+            return op("pad", [value(first)], pad=tuple(arg(node, 1, "pad", ())))
+        if target is torch.mean:
+            return _mean(op, node, value)
+        return None
+    if node.op == "call_method":
+        if target == "contiguous":
+            return "alias"
+        if target in ("view", "reshape", "flatten"):
+            return _flatten(op, node, shape, value)
+        if target == "mean":
+            return _mean(op, node, value)
+        return None
+    return None
+
+
+def _pool(op, x, mode, kernel, stride, padding, dilation, ceil_mode, count_include_pad=False):
+    if pair(dilation) != (1, 1) or ceil_mode:
+        raise ValueError("dilation and ceil_mode are not supported")
+    padding = pair(padding)
+    if mode == "avg" and count_include_pad and padding != (0, 0):
+        raise ValueError("average pooling with padding must use count_include_pad=False")
+    stride = pair(stride if stride is not None else kernel)
+    return op("pool", x, mode=mode, kernel=pair(kernel), stride=stride, padding=padding)
+
+
+# F.max_pool2d / F.avg_pool2d: the mode, then their arguments after the input, in order
+_POOL_FUNCS = {
+    F.max_pool2d: ("max", ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    F.avg_pool2d: (
+        "avg",
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    ),
+}
+_POOL_DEFAULTS = {
+    "stride": None,
+    "padding": 0,
+    "dilation": 1,
+    "ceil_mode": False,
+    "count_include_pad": True,
+    "divisor_override": None,
+}
+
+
+def _pool_function(op, node: fx.Node, value: Callable) -> FloatOp:
+    mode, names = _POOL_FUNCS[node.target]
+    a = {n: arg(node, i + 1, n, _POOL_DEFAULTS.get(n)) for i, n in enumerate(names)}
+    if a.get("divisor_override") is not None:
+        raise ValueError("divisor_override is not supported")
+    k = a["kernel_size"]
+    x = [value(node.args[0])]
+    return _pool(
+        op,
+        x,
+        mode,
+        k,
+        a["stride"] or k,
+        a["padding"],
+        a.get("dilation", 1),
+        a["ceil_mode"],
+        a.get("count_include_pad", False),
+    )
+
+
+def _add(op, node: fx.Node, value: Callable) -> FloatOp:
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        raise ValueError("only the sum of two tensors is supported (not tensor + constant)")
+    if arg(node, 2, "alpha", 1) != 1 or shape_of(a) != shape_of(b):
+        raise ValueError("only the sum of two tensors of the same shape is supported")
+    return op("add", [value(a), value(b)])
+
+
+def _flatten(op, node: fx.Node, shape: tuple[int, ...], value: Callable) -> FloatOp:
+    src = shape_of(node.args[0])
+    if len(shape) != 2 or src is None or shape[0] != src[0]:
+        raise ValueError(f"only flattening to (batch, features) is supported, got {shape}")
+    return op("flatten", [value(node.args[0])])
+
+
+def _mean(op, node: fx.Node, value: Callable) -> FloatOp:
+    dims = arg(node, 1, "dim", None)
+    dims = {int(d) % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+    if dims != {2, 3}:
+        raise ValueError("only the mean over H and W of an NCHW tensor is supported")
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    return op("gap", [value(node.args[0])], keepdim=keepdim)
+
+
+def _check_conv(conv: nn.Conv2d) -> None:
+    """Raise ValueError for conv settings the int8 graph does not support."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+    if pair(conv.dilation) != (1, 1):
+        raise ValueError("dilation is not supported")
+    cin, groups = conv.in_channels, conv.groups
+    if groups != 1 and not (groups == cin and conv.out_channels % cin == 0):
+        raise ValueError(f"grouped conv with groups={groups} is not supported (1 or depthwise)")
