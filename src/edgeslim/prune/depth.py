@@ -44,7 +44,7 @@ from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..masks import iter_masks
 from ..profile.latency import eval_mode
-from .channel import count_macs
+from .budget import count_macs
 
 ADDS = (operator.add, torch.add)
 RELUS = (torch.relu, torch.nn.functional.relu)

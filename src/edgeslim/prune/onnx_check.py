@@ -22,12 +22,11 @@ from torch import nn
 from ..errors import EdgeslimError
 from ..fileio import atomic_path
 from ..profile.latency import eval_mode
+from .groups import output_tensors
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    from .channel import _outputs as flatten
-
-    return list(flatten(out))
+    return list(output_tensors(out))
 
 
 class Positional(nn.Module):
