@@ -43,7 +43,7 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.prune import ChannelPrune, DepthPrune, prune_
-from edgeslim.prune.channel import count_macs, search
+from edgeslim.prune.budget import count_macs, search
 from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
 
 console = Console(width=200)

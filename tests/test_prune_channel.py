@@ -12,8 +12,11 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.prune import ChannelPrune, UnsupportedOpError, prune_
-from edgeslim.prune.channel import count_macs, plan_groups, prepare, zeroed
+from edgeslim.prune.budget import count_macs
+from edgeslim.prune.groups import prepare
 from edgeslim.prune.onnx_check import export_and_check
+from edgeslim.prune.plan import ProbeOptions, plan_groups
+from edgeslim.prune.surgery import zeroed
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
@@ -277,6 +280,14 @@ def test_validation_errors():
             ChannelPrune(macs=0.5, allocation="sensitivity"),
             example=torch.zeros(1, 1, 28, 28),
         )
+
+
+def test_probe_options_are_channel_prunes_defaults():
+    """Sensitivity probes and replays without a config choose channels as ChannelPrune would."""
+    defaults, probe = ChannelPrune(ratio=0.5), ProbeOptions()
+    for name in ("layer_ratio", "heads", "importance", "round_to", "ignore", "on_unsupported"):
+        assert getattr(probe, name) == getattr(defaults, name), name
+    assert probe.max_ratio == 0.99  # probes go further than a prune may
 
 
 def test_pruned_model_exports_to_onnx_and_agrees(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.prune import DepthPrune, MagnitudePrune, prune_
-from edgeslim.prune.channel import count_macs
+from edgeslim.prune.budget import count_macs
 from edgeslim.prune.depth import Bypass, residual_blocks
 
 

@@ -10,7 +10,7 @@ import yaml
 import edgeslim as es
 from edgeslim.core.data.text import english_sentences
 from edgeslim.prune import ChannelPrune, Sensitivity, prune_, sensitivity
-from edgeslim.prune.channel import count_macs
+from edgeslim.prune.budget import count_macs
 from test_cli import _cli
 
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from edgeslim.core.hooks import eval_mode
+from edgeslim.core.hooks import forward_hooks
+from edgeslim.profiling.latency import eval_mode
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "activation"]
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor", "activation")
@@ -85,7 +86,7 @@ def record_inputs(model: nn.Module, inputs: Any, batch_size: int = 64) -> None:
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
 
-    def hook(module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+    def hook(_name: str, module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         x = args[0].detach()
         if isinstance(module, nn.Linear):  # (..., in)
             flat = x.reshape(-1, x.shape[-1]).abs()
@@ -94,18 +95,14 @@ def record_inputs(model: nn.Module, inputs: Any, batch_size: int = 64) -> None:
         sums[module] = sums.get(module, 0) + flat.sum(0)
         counts[module] = counts.get(module, 0) + flat.shape[0]
 
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with eval_mode(model), torch.no_grad():
-            if isinstance(inputs, dict):
-                model(**inputs)
-            else:
-                for i in range(0, len(inputs), batch_size):
-                    model(inputs[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    kinds = nn.Linear | nn.Conv1d | nn.Conv2d
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    with forward_hooks(layers, hook), eval_mode(model), torch.no_grad():
+        if isinstance(inputs, dict):
+            model(**inputs)
+        else:
+            for i in range(0, len(inputs), batch_size):
+                model(inputs[i : i + batch_size])
     for module, total in sums.items():
         setattr(module, INPUT_STAT, total / counts[module])
 

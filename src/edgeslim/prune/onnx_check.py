@@ -21,13 +21,12 @@ from torch import nn
 
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.fileio import atomic_path
-from edgeslim.core.hooks import eval_mode
+from edgeslim.profiling.latency import eval_mode
+from edgeslim.prune.groups import output_tensors
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    from edgeslim.prune.channel import _outputs as flatten
-
-    return list(flatten(out))
+    return list(output_tensors(out))
 
 
 class Positional(nn.Module):

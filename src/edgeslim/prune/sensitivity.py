@@ -15,7 +15,7 @@ From the curves (linearly interpolated) per-layer ratios follow:
   stays within ``max_drop`` (an allowed accuracy drop);
 - :meth:`Sensitivity.ratios_for_sparsity`: the smallest common drop whose ratios remove a
   global fraction of the weights (unstructured); :class:`.channel.ChannelPrune` does the
-  same for a MACs target.
+  same for a MACs target (:mod:`.budget`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import get_mask
+from edgeslim.core.plotting import new_figure, save_png
 from edgeslim.core.progress import enabled, progress_bar
 from edgeslim.core.train import evaluate
+from edgeslim.profiling.latency import eval_mode
+from edgeslim.prune.groups import prepare
 from edgeslim.prune.magnitude import FilterFn, _keep_smallest_removed, prunable_layers
+from edgeslim.prune.plan import ProbeOptions, plan_groups
+from edgeslim.prune.surgery import zeroed
 
 Metric = Literal["accuracy", "fidelity"]
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -127,9 +131,7 @@ class Sensitivity:
 
     def plot(self, path: str | Path) -> Path:
         """Save the curves as a PNG (one line per layer)."""
-        from edgeslim.report.plots import _new_figure, _save_png
-
-        fig = _new_figure(6.4, 4.2)
+        fig = new_figure(6.4, 4.2)
         ax = fig.add_subplot(1, 1, 1)
         for name, scores in self.curves.items():
             ax.plot([0, *self.ratios], [self.baseline, *scores], marker=".", label=name)
@@ -139,7 +141,7 @@ class Sensitivity:
         ax.grid(alpha=0.3)
         if len(self.curves) <= 16:
             ax.legend(fontsize=6, ncol=2)
-        return _save_png(fig, Path(path))
+        return save_png(fig, Path(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -222,15 +224,13 @@ def channel_sensitivity(
     samples: int = 256,
     progress: bool | None = None,
 ) -> Sensitivity:
-    """Remove channels of each coupled group alone (on a copy) at each ratio; score.
+    """Remove channels of each coupled group alone (zeroed in place) at each ratio; score.
 
-    ``cfg`` (a :class:`.channel.ChannelPrune`) sets importance, rounding and ignored layers;
-    its own target is not used.
+    ``cfg`` (a :class:`~edgeslim.prune.ChannelPrune`) sets importance, rounding and ignored
+    layers; its own target is not used. Without it, ``ChannelPrune``'s defaults.
     """
-    from edgeslim.prune.channel import ChannelPrune, plan_groups, prepare, zeroed
-
     ratios = _check_ratios(ratios)
-    base = (cfg or ChannelPrune(ratio=0.5)).model_copy(update={"max_ratio": 0.99})
+    base = ProbeOptions() if cfg is None else cfg.model_copy(update={"max_ratio": 0.99})
     score = _scorer(model, data, metric, samples)
     dg, groups = prepare(model, example, base)
     if not groups:

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.hooks import iter_batches
+from edgeslim.core.hooks import forward_hooks, iter_batches
 from edgeslim.core.options import Options
 from edgeslim.quant import fake
 from edgeslim.quant.modules import ActQuant, QuantAvgPool, quant_layers, set_mode
@@ -71,28 +71,20 @@ def best_fl(
 def _capture(model: nn.Module, quants: list[ActQuant], calib: Any) -> dict[ActQuant, torch.Tensor]:
     """The input of each quantizer in ``quants`` over all of ``calib`` (concatenated)."""
     seen: dict[ActQuant, list[torch.Tensor]] = {q: [] for q in quants}
-    handles = [
-        q.register_forward_hook(lambda m, i, o: seen[m].append(i[0].detach())) for q in quants
-    ]
-    try:
-        with torch.no_grad():
-            for batch in iter_batches(calib):
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked = {str(k): q for k, q in enumerate(quants)}
+    see = lambda _n, m, i, o: seen[m].append(i[0].detach())  # noqa: E731
+    # the model's own mode (no eval_mode) and model(batch) for any batch: not run_calibration
+    with forward_hooks(hooked, see), torch.no_grad():
+        for batch in iter_batches(calib):
+            model(batch)
     return {q: torch.cat(v) for q, v in seen.items() if v}
 
 
 def _execution_order(model: nn.Module, quants: list[ActQuant], example: torch.Tensor):
     order: list[ActQuant] = []
-    handles = [q.register_forward_hook(lambda m, i, o: order.append(m)) for q in quants]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked = {str(k): q for k, q in enumerate(quants)}
+    with forward_hooks(hooked, lambda _n, m, i, o: order.append(m)), torch.no_grad():
+        model(example)
     return list(dict.fromkeys(order))
 
 

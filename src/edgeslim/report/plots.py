@@ -7,32 +7,12 @@ path, writes the PNG atomically (temporary file, then rename) and returns the pa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edgeslim.core.fileio import atomic_path
+from edgeslim.core.plotting import new_figure, save_png
 from edgeslim.report.tables import human_count, stage_name
 
-if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
-
 MAX_STAGES_PER_LAYER_PLOT = 6
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure detached from pyplot (no global state), rendered with the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=120, layout="constrained")
-
-
-def _save_png(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` to ``path`` as PNG atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
 
 
 def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -40,7 +20,7 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     Points are connected in stage order; each label also gives the stage's nonzero params.
     """
-    fig = _new_figure(7.0, 4.5)
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     sizes = [row["size_bytes"] / 1024 for row in rows]
     ppl = rows[0].get("metric") == "perplexity"  # language models: perplexity, as is
@@ -57,7 +37,7 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title("accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     _pad_axes(ax, sizes, accs)
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def _pad_axes(ax: Any, sizes: list[float], accs: list[float]) -> None:
@@ -96,12 +76,12 @@ def plot_layer_sparsity(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Grouped bars: per layer, the fraction of weights kept, for each plotted stage."""
     stages = plotted_stages(rows)
     layers = _layer_names(stages)
-    fig = _new_figure(max(6.0, 0.9 * len(layers) + 2.5), 4.5)
+    fig = new_figure(max(6.0, 0.9 * len(layers) + 2.5), 4.5)
     ax = fig.add_subplot()
     if not layers:
         ax.text(0.5, 0.5, "no per-layer data in metrics.jsonl", ha="center", va="center")
         ax.set_axis_off()
-        return _save_png(fig, Path(path))
+        return save_png(fig, Path(path))
     width = 0.8 / len(stages)
     for i, row in enumerate(stages):
         xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(layers))]
@@ -113,7 +93,7 @@ def plot_layer_sparsity(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title("per-layer density")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def layer_bits_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,7 +110,7 @@ def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     for row in stages:
         layers.update(dict.fromkeys(row["log"]["layer_bits"]))
     names = list(layers)
-    fig = _new_figure(max(6.0, 0.9 * len(names) + 2.5), 4.0)
+    fig = new_figure(max(6.0, 0.9 * len(names) + 2.5), 4.0)
     ax = fig.add_subplot()
     width = 0.8 / len(stages)
     for i, row in enumerate(stages):
@@ -144,4 +124,4 @@ def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     ax.set_title("per-layer weight bit width")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))

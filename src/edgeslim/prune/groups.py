@@ -1,0 +1,228 @@
+"""Coupled channel groups: which layers must lose the same channels, and which may not.
+
+Gongfan Fang et al. "DepGraph: Towards Any Structural Pruning", CVPR 2023.
+https://arxiv.org/abs/2301.12900 (the dependency graph, from the ``torch-pruning`` package)
+
+Torch-Pruning's ``DependencyGraph`` lists the coupled groups (:func:`prunable_groups`). A
+group is left alone when it produces the model's output (the classifier's classes, a
+transformer's hidden size), matches ``ignore``, or touches a tensor the graph cannot handle
+(a bare ``nn.Parameter`` outside a known layer): that op is named in a warning
+(``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from edgeslim.core.errors import EdgeslimError
+from edgeslim.core.hooks import forward_hooks
+from edgeslim.profiling.latency import eval_mode
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+HEAD_COUNTS = ("num_attention_heads", "num_heads")
+PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+class UnsupportedOpError(EdgeslimError):
+    """Structured pruning met an op or tensor the dependency graph cannot handle."""
+
+
+class GroupOptions(Protocol):
+    """What finding groups reads from a :class:`~edgeslim.prune.ChannelPrune`."""
+
+    @property
+    def ignore(self) -> list[str]: ...
+    @property
+    def on_unsupported(self) -> str: ...
+
+
+@dataclass
+class Group:
+    """One coupled group: the layers whose outputs it cuts, named by the first of them."""
+
+    name: str
+    root: nn.Module
+    handler: Callable[..., Any]
+    channels: int
+    layers: list[str]  # layers losing output channels (conv filters, BN entries, ...)
+    ch_groups: int = 1  # grouped conv: channels are cut the same way in each group
+    heads: int = 0  # attention: number of heads (0 when not attention)
+    attention: list[nn.Module] = field(default_factory=list)  # modules to update
+    deps: Any = None  # the Torch-Pruning group over all channels (for scoring)
+
+
+def output_tensors(out: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple, dict, ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from output_tensors(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from output_tensors(v)
+
+
+def call(model: nn.Module, example: Any) -> Any:
+    """``model(example)``, unpacking a dict of keyword inputs (transformers' tokenizers)."""
+    return model(**example) if isinstance(example, dict) else model(example)
+
+
+def output_modules(model: nn.Module, example: Any) -> set[nn.Module]:
+    """Modules whose forward result is (part of) the model's output: their width is fixed."""
+    produced: list[tuple[torch.Tensor, nn.Module]] = []  # tensors kept alive: ids stay unique
+
+    def seen(_name: str, mod: nn.Module, _inputs: Any, out: Any) -> None:
+        produced.extend((t, mod) for t in output_tensors(out))
+
+    with forward_hooks(dict(model.named_modules()), seen), eval_mode(model), torch.no_grad():
+        out = call(model, example)
+    results = {id(t) for t in output_tensors(out)}
+    return {mod for t, mod in produced if id(t) in results}
+
+
+def build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example``."""
+
+    def first(out: Any) -> torch.Tensor:
+        return sum(t.float().sum() for t in output_tensors(out))
+
+    forward = (lambda m, x: m(**x)) if isinstance(example, dict) else None
+    try:
+        with eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example,
+                forward_fn=forward,
+                output_transform=first,
+                verbose=False,
+            )
+    except Exception as exc:  # tracing failures come in many types
+        raise UnsupportedOpError(
+            f"cannot trace {type(model).__name__} for structured pruning: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        ) from exc
+
+
+def head_count(module: nn.Module) -> int:
+    """The number of heads an attention module declares (0 when it declares none)."""
+    for attr in HEAD_COUNTS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """q/k/v projection -> its attention module, for transformers-style self-attention.
+
+    Recognised: a module declaring ``num_attention_heads`` (or ``num_heads``) with Linear
+    children ``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj`` (BERT, ViT,
+    and the many models built like them), with as many key/value heads as query heads.
+    """
+    found: dict[nn.Module, nn.Module] = {}
+    for module in model.modules():
+        heads = head_count(module)
+        if not heads or getattr(module, "num_key_value_heads", heads) != heads:
+            continue
+        for names in PROJECTIONS:
+            projections = [getattr(module, k, None) for k in names]
+            if all(isinstance(p, nn.Linear) for p in projections):
+                for p in projections:
+                    found[p] = module
+    return found
+
+
+def _matches(name: str, patterns: list[str] | dict[str, float]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def report_unsupported(cfg: GroupOptions, what: str) -> None:
+    """Name an op structured pruning cannot handle: a warning, or per ``cfg`` an error."""
+    if cfg.on_unsupported == "error":
+        raise UnsupportedOpError(
+            f"structured pruning cannot handle {what}; "
+            f"set on_unsupported='skip' to prune the rest, or ignore those layers"
+        )
+    warnings.warn(f"structured pruning skipped {what}", stacklevel=3)
+
+
+def prunable_groups(
+    model: nn.Module, dg: tp.DependencyGraph, example: Any, cfg: GroupOptions
+) -> list[Group]:
+    """The groups that may be pruned, in graph order (see the module docstring)."""
+    names = {m: n for n, m in model.named_modules()}
+    order = {m: i for i, m in enumerate(names)}  # definition order names a group stably
+    fixed = output_modules(model, example)
+    heads = attention_heads(model)
+    ignored = [m for n, m in model.named_modules() if n and _matches(n, cfg.ignore)]
+    groups: list[Group] = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+        root = group[0].dep.target.module
+        handler = group[0].dep.handler
+        cut, bare, attention, ch_groups = [], [], [], 1
+        for dep, _ in group:
+            target = dep.target.module
+            if dep.target.type == tp.ops.OPTYPE.PARAMETER:
+                bare.append(dg._param_to_name.get(target, "a parameter"))
+                continue
+            grouped = isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1
+            if grouped and target.groups < target.out_channels:  # grouped, not depthwise:
+                ch_groups = max(ch_groups, target.groups)  # cut alike in every group
+            if not dg.is_out_channel_pruning_fn(dep.handler) or target not in names:
+                continue
+            cut.append(target)
+            if target in heads and heads[target] not in attention:
+                attention.append(heads[target])
+        cut.sort(key=order.__getitem__)
+        name = names[cut[0]] if cut else names[root]
+        if any(m in fixed for m in cut):
+            continue  # its width is the model's output width
+        if bare:
+            report_unsupported(
+                cfg,
+                f"the group of {name}: it reaches bare parameter(s) {sorted(set(bare))} "
+                "outside any layer the dependency graph knows",
+            )
+            continue
+        n_heads = head_count(attention[0]) if attention else 0
+        if attention:  # cut heads from the downstream projection (Torch-Pruning's advice)
+            for dep, _ in group:
+                if isinstance(dep.target.module, ROOT_TYPES) and dg.is_in_channel_pruning_fn(
+                    dep.handler
+                ):
+                    root, handler = dep.target.module, dep.handler
+        out = dg.is_out_channel_pruning_fn(handler)
+        channels = dg.get_out_channels(root) if out else dg.get_in_channels(root)
+        deps = dg.get_pruning_group(root, handler, list(range(channels))) if attention else group
+        groups.append(
+            Group(
+                name,
+                root,
+                handler,
+                channels,
+                [names[m] for m in cut],
+                ch_groups,
+                n_heads,
+                attention,
+                deps,
+            )
+        )
+    return groups
+
+
+def prepare(
+    model: nn.Module, example: Any, cfg: GroupOptions
+) -> tuple[tp.DependencyGraph, list[Group]]:
+    """The dependency graph of ``model`` and its prunable groups."""
+    dg = build_graph(model, example)
+    return dg, prunable_groups(model, dg, example, cfg)
