@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import edgeslim as es
-from edgeslim.codec.container import restorable_state
+from edgeslim.codec import restorable_state
 
 RECIPE = {
     "name": "dc-small",

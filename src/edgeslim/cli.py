@@ -108,8 +108,8 @@ def _index_bits(text: str):
 def cmd_pack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .codec.container import PackConfig, pack
-    from .codec.report import pack_tables
+    from .codec.packer import PackConfig, pack
+    from .codec.summary import pack_tables
     from .config import validate
     from .models.io import load_model
 
@@ -132,8 +132,8 @@ def cmd_pack(args: argparse.Namespace) -> None:
 def cmd_unpack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .codec.container import unpack
-    from .codec.report import contents_table
+    from .codec.summary import contents_table
+    from .codec.unpacker import unpack
     from .models.io import save_model
 
     model = unpack(args.file)  # decodes and checks every tensor

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import StageKind, register_stage, validate
-from .container import PackConfig
+from .packer import PackConfig
 
 SLIM_FILE = "model.slim"
 
@@ -21,7 +21,7 @@ def parse(body: Any, where: str) -> PackConfig:
 
 
 def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
-    from .container import encode_model
+    from .packer import encode_model
 
     _, report = encode_model(model, stage.config, ctx.example)
     log = report.to_dict()
@@ -30,7 +30,7 @@ def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
 
 
 def artifact(model, stage, directory: Path) -> tuple[str, Path]:
-    from .container import pack
+    from .packer import pack
 
     path = Path(directory) / SLIM_FILE
     pack(model, path, stage.config)

@@ -56,7 +56,7 @@ def load_model(source: str | os.PathLike, **kwargs: object) -> nn.Module:
     if text.endswith(".pt2"):
         return _load_pt2(Path(text))
     if text.endswith(".slim"):
-        from ..codec.container import unpack
+        from ..codec.unpacker import unpack
 
         return unpack(text)
     if text in zoo.names():

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from ..report.tables import human_bytes
-from .container import PackReport, read_container
+from .packer import PackReport
+from .unpacker import read_container
 
 
 def pack_tables(report: PackReport) -> list[Table]:
