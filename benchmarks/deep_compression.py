@@ -43,8 +43,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 import edgeslim as es
-from edgeslim.codec import ans, huffman
-from edgeslim.codec.container import PackConfig, pack
+from edgeslim.codec import PackConfig, ans, huffman, pack
 from edgeslim.codec.symbols import entropy_bits
 from edgeslim.core.masks import add_mask_buffers_, iter_shared
 from edgeslim.core.models.storage import deployable_state

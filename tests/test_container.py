@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import edgeslim as es
-from edgeslim.codec import container
-from edgeslim.codec.container import PackConfig, pack, restorable_state, unpack
+from edgeslim.codec import PackConfig, pack, restorable_state, unpack
+from edgeslim.codec.header import MAGIC, PREAMBLE, frame
 from edgeslim.codec.layout import tensor_bytes
 
 
@@ -166,7 +166,7 @@ def good(tmp_path_factory):
     path = tmp_path_factory.mktemp("slim") / "good.slim"
     pack(_shared_lenet300(), path)
     data = path.read_bytes()
-    _, _, flags, _, h, n, _ = container.PREAMBLE.unpack_from(data)
+    _, _, flags, _, h, n, _ = PREAMBLE.unpack_from(data)
     head = data[24 : 24 + h]
     header = json.loads(zlib.decompress(head) if flags else head)
     table = np.frombuffer(data[24 + h : 24 + h + 8 * n], "<u4").reshape(n, 2).astype(np.int64)
@@ -176,12 +176,12 @@ def good(tmp_path_factory):
 
 
 def _frame(header, streams) -> bytes:
-    return container._frame(header, streams)[0]
+    return frame(header, streams)[0]
 
 
 def _raw_frame(head: bytes, streams, flags: int = 0) -> bytes:
     directory = b"".join(struct.pack("<II", len(s), zlib.crc32(s)) for s in streams)
-    fixed = struct.pack("<8sBBHII", container.MAGIC, 1, flags, 0, len(head), len(streams))
+    fixed = struct.pack("<8sBBHII", MAGIC, 1, flags, 0, len(head), len(streams))
     crc = zlib.crc32(directory, zlib.crc32(head, zlib.crc32(fixed)))
     return fixed + struct.pack("<I", crc) + head + directory + b"".join(streams)
 

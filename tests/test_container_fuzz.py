@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgeslim as es
-from edgeslim.codec import container
+from edgeslim.codec import PackConfig, pack, unpack
+from edgeslim.codec.header import PREAMBLE, frame
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(
@@ -38,9 +39,9 @@ def base(tmp_path_factory):
     es.prune_(model, es.MagnitudePrune(layer_sparsity={"fc1": 0.97, "fc2": 0.9, "fc3": 0.5}))
     es.share_(model, es.KMeansShare(bits={"fc1": 3, "fc2": 5}))
     path = tmp_path_factory.mktemp("fuzz") / "base.slim"
-    container.pack(model, path, container.PackConfig(index_bits="auto"))
+    pack(model, path, PackConfig(index_bits="auto"))
     data = path.read_bytes()
-    _, _, flags, _, h, n, _ = container.PREAMBLE.unpack_from(data)
+    _, _, flags, _, h, n, _ = PREAMBLE.unpack_from(data)
     head = data[24 : 24 + h]
     header = json.loads(zlib.decompress(head) if flags else head)
     lengths = struct.unpack_from(f"<{2 * n}I", data, 24 + h)[::2]
@@ -63,7 +64,7 @@ def _check(data: bytes, where) -> None:
     path = where / "case.slim"
     path.write_bytes(data)
     try:
-        model = container.unpack(path, max_bytes=LIMIT)
+        model = unpack(path, max_bytes=LIMIT)
     except es.ContainerError:
         return
     assert isinstance(model, torch.nn.Module)
@@ -136,7 +137,7 @@ def test_valid_crc_mutations_reach_the_decoders_and_are_refused(base, data):
                 s = s[: data.draw(st.integers(0, len(s)))] + data.draw(st.binary(max_size=8))
             streams[i] = bytes(s)
     try:
-        framed = container._frame(header, streams)[0]
+        framed = frame(header, streams)[0]
     except (TypeError, ValueError):  # the mutation made the header unserialisable
         return
     _check(framed, where)

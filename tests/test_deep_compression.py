@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import edgeslim as es
-from edgeslim.codec.container import restorable_state
+from edgeslim.codec import restorable_state
 
 RECIPE = {
     "name": "dc-small",
@@ -137,3 +137,31 @@ def test_hashed_share_stage_resumes_with_its_hashed_layers(tmp_path):
     assert again.resumed_from == 1 and isinstance(again.model.fc1, es.HashedLinear)
     assert (out / "stage-2" / "model.slim").read_bytes() == first
     assert _rows(out)[1]["params"] == 29_400 + 3_750 + 125 + 410
+
+
+def test_pack_stage_encodes_the_model_once(tmp_path, monkeypatch):
+    """The stage's log and its ``model.slim`` come from one encoding, and agree."""
+    from edgeslim.codec import packer
+
+    calls = []
+    encode = packer.encode_model
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(packer, "encode_model", counting)
+    recipe = {
+        "name": "pack-once",
+        "seed": 0,
+        "model": "zoo:lenet300",
+        "data": {"source": "mnist", "max_train": 200},
+        "stages": [{"prune": {"method": "magnitude", "sparsity": 0.9}}, {"pack": {}}],
+    }
+    out = tmp_path / "run"
+    es.run_recipe(es.Recipe.from_dict(recipe), out, progress=False)
+    assert len(calls) == 1
+    packed = _rows(out)[2]
+    assert packed["format"] == "slim"
+    assert packed["size_bytes"] == packed["log"]["size_bytes"]
+    assert packed["size_bytes"] == (out / "stage-2" / "model.slim").stat().st_size

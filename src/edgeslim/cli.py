@@ -108,7 +108,7 @@ def _index_bits(text: str):
 def cmd_pack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from edgeslim.codec.container import PackConfig, pack
+    from edgeslim.codec.packer import PackConfig, pack
     from edgeslim.codec.summary import pack_tables
     from edgeslim.core.models.io import load_model
     from edgeslim.core.options import validate
@@ -132,8 +132,8 @@ def cmd_pack(args: argparse.Namespace) -> None:
 def cmd_unpack(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from edgeslim.codec.container import unpack
     from edgeslim.codec.summary import contents_table
+    from edgeslim.codec.unpacker import unpack
     from edgeslim.core.models.io import save_model
 
     model = unpack(args.file)  # decodes and checks every tensor

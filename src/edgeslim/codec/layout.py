@@ -241,7 +241,7 @@ def hash_record(name: str, t: torch.Tensor, role: str, buckets: int, seed: int) 
 
 
 # --------------------------------------------------------------------------------------
-# decoding (records are validated by the container before they get here)
+# decoding (records are validated by the unpacker before they get here)
 # --------------------------------------------------------------------------------------
 
 

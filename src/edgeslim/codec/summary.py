@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from edgeslim.codec.container import PackReport, read_container
+from edgeslim.codec.packer import PackReport
+from edgeslim.codec.unpacker import read_container
 from edgeslim.core.units import human_bytes
 
 

@@ -19,8 +19,7 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.hooks import forward_hooks
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.core.hooks import eval_mode, forward_hooks
 from edgeslim.prune.groups import ROOT_TYPES, Group, prepare
 from edgeslim.prune.plan import PlanOptions, group_ratio, plan_groups
 from edgeslim.prune.sensitivity import SLOPE, channel_sensitivity

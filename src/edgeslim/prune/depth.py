@@ -41,9 +41,9 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
-from edgeslim.profiling.latency import eval_mode
 from edgeslim.prune.budget import count_macs
 
 ADDS = (operator.add, torch.add)

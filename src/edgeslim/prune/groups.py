@@ -23,8 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeslim.core.errors import EdgeslimError
-from edgeslim.core.hooks import forward_hooks
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.core.hooks import eval_mode, forward_hooks
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_COUNTS = ("num_attention_heads", "num_heads")

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from edgeslim.core.hooks import forward_hooks
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.core.hooks import eval_mode, forward_hooks
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "activation"]
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor", "activation")

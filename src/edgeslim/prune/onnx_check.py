@@ -21,7 +21,7 @@ from torch import nn
 
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.fileio import atomic_path
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.core.hooks import eval_mode
 from edgeslim.prune.groups import output_tensors
 
 

@@ -32,11 +32,11 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import get_mask
 from edgeslim.core.plotting import new_figure, save_png
 from edgeslim.core.progress import enabled, progress_bar
 from edgeslim.core.train import evaluate
-from edgeslim.profiling.latency import eval_mode
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.magnitude import FilterFn, _keep_smallest_removed, prunable_layers
 from edgeslim.prune.plan import ProbeOptions, plan_groups

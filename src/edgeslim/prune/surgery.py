@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.core.hooks import eval_mode
 from edgeslim.prune.groups import (
     HEAD_COUNTS,
     Group,
