@@ -54,8 +54,8 @@ _LAZY = {
     "GPTQ": "edgeslim.quant",
     "RTN": "edgeslim.quant",
     "SmoothQuant": "edgeslim.quant",
-    "compress_sharded": "edgeslim.calibrate",
-    "compress_layerwise": "edgeslim.calibrate",
+    "compress_sharded": "edgeslim.oneshot.streaming",
+    "compress_layerwise": "edgeslim.oneshot.engine",
     "load_text": "edgeslim.data.text",
     "save_hf": "edgeslim.models.hf",
     "Int8PTQ": "edgeslim.quant",
@@ -129,12 +129,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches _LAZY)
     from . import zoo as zoo
-    from .calibrate import (
-        compress_layerwise as compress_layerwise,
-    )
-    from .calibrate import (
-        compress_sharded as compress_sharded,
-    )
     from .codec import (
         PackConfig as PackConfig,
     )
@@ -197,6 +191,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from .models.io import (
         save_model as save_model,
+    )
+    from .oneshot.engine import (
+        compress_layerwise as compress_layerwise,
+    )
+    from .oneshot.streaming import (
+        compress_sharded as compress_sharded,
     )
     from .pipeline import (
         run_recipe as run_recipe,

@@ -54,7 +54,6 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 _QCODES, _QSCALE, _QZERO, _QGIDX = "::qcodes", "::qscale", "::qzero", "::qgidx"
-_QBUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -125,8 +124,8 @@ def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
 
     ``model`` may be one block of a bigger model whose tensors are named ``prefix + key``.
     """
-    from ..calibrate import to_param_layout
-    from ..quant.gptq import quantized_codes
+    from ..oneshot.linear import to_param_layout
+    from ..quant.weightonly import QUANT_BUFFERS, quantized_codes
 
     state = {prefix + k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
     for tied in _tied_keys(model):
@@ -152,7 +151,7 @@ def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
         }
         meta["shapes"][key] = list(module.weight.shape)
         state.pop(key)
-        for buf in _QBUFFERS:
+        for buf in QUANT_BUFFERS:
             state.pop(f"{name}.{buf}", None)
     rest = {k: v.detach().contiguous() for k, v in state.items()}
     meta["shapes"].update({k: list(v.shape) for k, v in rest.items()})
@@ -312,6 +311,7 @@ def restore_buffers_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     ``model`` lacks, and re-attach activation quantization; call before ``load_state_dict``."""
     from ..masks import add_mask_buffers_
     from ..quant.smoothquant import restore_act_quant_
+    from ..quant.weightonly import QUANT_BUFFERS
 
     add_mask_buffers_(model, state)
     modules = dict(model.named_modules())
@@ -320,7 +320,7 @@ def restore_buffers_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         module = modules.get(mname)
         if module is None or hasattr(module, bname):
             continue
-        if bname in (*_QBUFFERS, "input_qscale", "input_qbits"):
+        if bname in (*QUANT_BUFFERS, "input_qscale", "input_qbits"):
             module.register_buffer(bname, torch.zeros_like(value))
     for module in modules.values():
         restore_act_quant_(module)

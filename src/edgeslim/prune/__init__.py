@@ -15,8 +15,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 from torch import nn
 
-from ..calibrate import one_shot_ as _one_shot_
 from ..masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
+from ..oneshot.engine import one_shot_ as _one_shot_
 from ..registry import Registry
 from .agp import AGPSchedule, prune_agp_
 from .channel import ChannelPrune, UnsupportedOpError, channel_prune_
@@ -27,8 +27,8 @@ from .obd import OBDPrune, hessian_diagonal, obd_prune_
 from .obs import OBSPrune, obs_prune_
 from .schedule import model_sparsity, prune_iteratively_
 from .sensitivity import Sensitivity, sensitivity
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+from .sparsegpt import SparseGPT  # registers SparseGPTAlgorithm with the one-shot engine
+from .wanda import Wanda  # registers WandaAlgorithm
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import Hessian
 from ..calibration import run_calibration
 from ..data.datasets import DataSplits
 from ..errors import ConfigError, ShapeError
 from ..masks import get_mask
+from ..oneshot.stats import Hessian
 from .magnitude import (
     FilterFn,
     SparsityTarget,
