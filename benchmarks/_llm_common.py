@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from edgeslim.calibrate import find_blocks, is_linear, weight_matrix
+from edgeslim.core.linear import is_linear, weight_matrix
+from edgeslim.oneshot.blocks import find_blocks
 from edgeslim.prune.wanda import apply_keep_, nm_mask
 
 

@@ -5,8 +5,8 @@
 1. Writes a randomly initialised Llama-architecture model (float32, default 36 layers of width
    1024, vocab 32000: 2.11 GB) as safetensors shards under ``--dir`` (in /tmp, not the repo),
    one tensor group at a time, never holding the model in memory.
-2. In a child process, :func:`edgeslim.calibrate.compress_sharded` prunes it with Wanda 50%
-   from the shards into a new sharded directory, block by block.
+2. In a child process, :func:`edgeslim.oneshot.streaming.compress_sharded` prunes it with
+   Wanda 50% from the shards into a new sharded directory, block by block.
 3. In another child process, the peer: the whole model loaded with transformers and pruned
    in memory with ``prune_(model, Wanda(...))`` on the same calibration tokens.
 4. Peak RSS of each child (``ru_maxrss`` of the finished child, as /usr/bin/time reports), the
@@ -98,7 +98,7 @@ def child(mode: str, args) -> None:
     cfg = Wanda(sparsity=0.5, batch_size=4)
     start = time.perf_counter()
     if mode == "stream":
-        from edgeslim.calibrate import compress_sharded
+        from edgeslim.oneshot.streaming import compress_sharded
 
         log = compress_sharded(args.dir / "src", args.dir / "out", cfg, calib=calib_tokens(args))
         from safetensors import safe_open

@@ -13,9 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import edgeslim as es  # noqa: E402
-from edgeslim.calibrate import compress_sharded, find_blocks, weight_matrix  # noqa: E402
 from edgeslim.core.data.text import TextTask, load_text, perplexity, split_of  # noqa: E402
+from edgeslim.core.linear import weight_matrix  # noqa: E402
 from edgeslim.core.models.hf import load_hf, pack_bits, save_hf, unpack_bits  # noqa: E402
+from edgeslim.oneshot.blocks import find_blocks  # noqa: E402
+from edgeslim.oneshot.streaming import compress_sharded  # noqa: E402
 from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
 from edgeslim.prune.wanda import is_nm  # noqa: E402
 from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_  # noqa: E402
@@ -121,11 +123,11 @@ def test_layer_inputs_are_the_compressed_previous_blocks_outputs():
     from edgeslim.prune import wanda as wanda_mod
 
     class Spy(wanda_mod.WandaAlgorithm):
-        def compress_block(self, block, layers, stats):
+        def prepare_block(self, block, layers, stats):
             seen.append({k: v.sq.clone() for k, v in stats.items()})
-            return super().compress_block(block, layers, stats)
+            return super().prepare_block(block, layers, stats)
 
-    from edgeslim.calibrate import compress_layerwise
+    from edgeslim.oneshot.engine import compress_layerwise
 
     compress_layerwise(model, ids(), Spy(Wanda(sparsity=0.5)), progress=False)
     dense = tiny("llama")
@@ -224,16 +226,23 @@ def test_smoothing_alone_preserves_the_block_and_smoothquant_beats_naive_on_outl
     x = ids()
     ref = out(model, x)
     smoothed = copy.deepcopy(model)
-    from edgeslim.calibrate import InputAbsMax, compress_layerwise
+    from edgeslim.oneshot.engine import compress_layerwise
+    from edgeslim.oneshot.registry import OneShotAlgorithm
+    from edgeslim.oneshot.stats import InputAbsMax
 
-    class SmoothOnly:
+    class SmoothOnly(OneShotAlgorithm):
         stats_type = InputAbsMax
 
-        def compress_block(self, block, layers, stats):
-            return {k: 1 for k in smooth_block_(block, layers, stats, alpha=0.5)}
+        def prepare_block(self, block, layers, stats):
+            self.smoothed = smooth_block_(block, layers, stats, alpha=0.5)
 
-    log = compress_layerwise(smoothed, x, SmoothOnly(), progress=False)
-    assert len(log) == 4  # c_attn and c_fc of both blocks
+        def compress_layer(self, name, module, stats):
+            return name in self.smoothed
+
+    log = compress_layerwise(smoothed, x, SmoothOnly(None), progress=False)
+    assert sorted(k for k, v in log.items() if v) == [  # c_attn and c_fc of both blocks
+        f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_fc")
+    ]
     assert torch.allclose(out(smoothed, x), ref, atol=1e-3, rtol=1e-4)
     errors = {}
     for smooth in (True, False):

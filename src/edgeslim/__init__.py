@@ -53,8 +53,8 @@ _LAZY = {
     "GPTQ": "edgeslim.quant",
     "RTN": "edgeslim.quant",
     "SmoothQuant": "edgeslim.quant",
-    "compress_sharded": "edgeslim.calibrate",
-    "compress_layerwise": "edgeslim.calibrate",
+    "compress_sharded": "edgeslim.oneshot.streaming",
+    "compress_layerwise": "edgeslim.oneshot.engine",
     "load_text": "edgeslim.core.data.text",
     "save_hf": "edgeslim.core.models.hf",
     "Int8PTQ": "edgeslim.quant",
@@ -132,12 +132,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches _LAZY)
-    from edgeslim.calibrate import (
-        compress_layerwise as compress_layerwise,
-    )
-    from edgeslim.calibrate import (
-        compress_sharded as compress_sharded,
-    )
     from edgeslim.codec import (
         PackConfig as PackConfig,
     )
@@ -210,6 +204,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from edgeslim.lowrank import (
         lowrank_ as lowrank_,
+    )
+    from edgeslim.oneshot.engine import (
+        compress_layerwise as compress_layerwise,
+    )
+    from edgeslim.oneshot.streaming import (
+        compress_sharded as compress_sharded,
     )
     from edgeslim.pipeline.recipe import (
         Recipe as Recipe,

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 from torch import nn
 
-from edgeslim.calibrate import one_shot_ as _one_shot_
 from edgeslim.core.masks import apply_masks_, iter_masks, mask_grads_, remove_masks_
 from edgeslim.core.registry import Registry
 from edgeslim.core.sparsity import nm_pattern
+from edgeslim.oneshot.engine import one_shot_ as _one_shot_
 from edgeslim.prune.agp import AGPSchedule, prune_agp_
 from edgeslim.prune.channel import ChannelPrune, UnsupportedOpError, channel_prune_
 from edgeslim.prune.depth import DepthPrune, depth_prune_
@@ -28,8 +28,10 @@ from edgeslim.prune.obd import OBDPrune, hessian_diagonal, obd_prune_
 from edgeslim.prune.obs import OBSPrune, obs_prune_
 from edgeslim.prune.schedule import model_sparsity, prune_iteratively_
 from edgeslim.prune.sensitivity import Sensitivity, sensitivity
-from edgeslim.prune.sparsegpt import SparseGPT
-from edgeslim.prune.wanda import Wanda
+from edgeslim.prune.sparsegpt import (
+    SparseGPT,  # registers SparseGPTAlgorithm with the one-shot engine
+)
+from edgeslim.prune.wanda import Wanda  # registers WandaAlgorithm
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from edgeslim.calibrate import Hessian
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.masks import get_mask
+from edgeslim.oneshot.stats import Hessian
 from edgeslim.prune.magnitude import (
     FilterFn,
     SparsityTarget,

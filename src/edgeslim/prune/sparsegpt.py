@@ -21,15 +21,14 @@ M columns keeps the N entries with the largest w^2 / U_jj^2 of each row.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import nn
 
-from edgeslim.calibrate import Hessian, damped_inverse_cholesky, weight_matrix
-from edgeslim.calibrate import set_weight_matrix_ as _set_weight
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.linear import set_weight_matrix_, weight_matrix
+from edgeslim.oneshot.registry import OneShotAlgorithm, register
+from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
 from edgeslim.prune.wanda import OneShotPruneConfig, apply_keep_
 
 
@@ -102,29 +101,26 @@ def sparsegpt_prune_(
     return ~pruned
 
 
-class SparseGPTAlgorithm:
-    """Collect H = 2/n X^T X per layer; prune and reconstruct each layer of a block."""
+class SparseGPTAlgorithm(OneShotAlgorithm):
+    """Collect H = 2/n X^T X per layer; prune and reconstruct each layer."""
 
     stats_type = Hessian
+    cfg: SparseGPT
 
-    def __init__(self, cfg: SparseGPT):
-        self.cfg = cfg
+    def compress_layer(self, name: str, module: nn.Module, stats: Hessian) -> float:
+        cfg = self.cfg
+        w = weight_matrix(module)  # (out, in)
+        keep = sparsegpt_prune_(
+            w,
+            stats.h,
+            sparsity=cfg.sparsity,
+            n=cfg.n,
+            m=cfg.m,
+            blocksize=cfg.blocksize,
+            percdamp=cfg.percdamp,
+        )
+        set_weight_matrix_(module, w)
+        return apply_keep_(module, keep)
 
-    def compress_block(
-        self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
-    ) -> dict[str, float]:
-        cfg, log = self.cfg, {}
-        for name, module in layers.items():
-            w = weight_matrix(module)  # (out, in)
-            keep = sparsegpt_prune_(
-                w,
-                stats[name].h,
-                sparsity=cfg.sparsity,
-                n=cfg.n,
-                m=cfg.m,
-                blocksize=cfg.blocksize,
-                percdamp=cfg.percdamp,
-            )
-            _set_weight(module, w)
-            log[name] = apply_keep_(module, keep)
-        return log
+
+register(SparseGPT, SparseGPTAlgorithm)

@@ -11,21 +11,23 @@ feature it multiplies over the calibration tokens::
 and weights are compared *within each output row*: every row loses the same fraction of its
 lowest-scoring weights (or, for N:M, each group of M consecutive inputs of a row keeps its N
 best). No weights are updated. Statistics are gathered block by block by
-:mod:`edgeslim.calibrate`; scoring and mask choice are the pure functions below.
+:mod:`edgeslim.oneshot.engine`; scoring and mask choice are the pure functions below.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from edgeslim.calibrate import InputNorms, to_param_layout, weight_matrix
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.linear import to_param_layout, weight_matrix
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
+from edgeslim.oneshot.registry import OneShotAlgorithm, register
+from edgeslim.oneshot.stats import InputNorms
 
 
 class OneShotPruneConfig(Options):
@@ -131,19 +133,15 @@ def apply_keep_(module: nn.Module, keep: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------
 
 
-class WandaAlgorithm:
-    """Collect ||X_j||^2 per layer; prune each layer of a block from them."""
+class WandaAlgorithm(OneShotAlgorithm):
+    """Collect ||X_j||^2 per layer; prune each layer from them."""
 
     stats_type = InputNorms
+    cfg: OneShotPruneConfig
 
-    def __init__(self, cfg: OneShotPruneConfig):
-        self.cfg = cfg
+    def compress_layer(self, name: str, module: nn.Module, stats: InputNorms) -> float:
+        keep = wanda_mask(weight_matrix(module), stats.sq, self.cfg)
+        return apply_keep_(module, keep)
 
-    def compress_block(
-        self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
-    ) -> dict[str, float]:
-        log = {}
-        for name, module in layers.items():
-            keep = wanda_mask(weight_matrix(module), stats[name].sq, self.cfg)
-            log[name] = apply_keep_(module, keep)
-        return log
+
+register(Wanda, WandaAlgorithm)

@@ -50,7 +50,8 @@ def quantize_(
 accepted = REGISTRY.accepted
 
 
-from edgeslim.calibrate import one_shot_  # noqa: E402
+# gptq and smoothquant register their algorithms with the one-shot engine on import
+from edgeslim.oneshot.engine import one_shot_  # noqa: E402
 from edgeslim.quant.fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
 from edgeslim.quant.gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
 from edgeslim.quant.mixed import MixedPrecision, mixed_precision_  # noqa: E402

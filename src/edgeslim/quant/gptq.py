@@ -23,30 +23,25 @@ Scales are rounded to float16 *before* quantizing, so the stored int codes, scal
 points reproduce the model's weights exactly: ``W = scale[g] * (code - zero[g])``. A quantized
 layer keeps its dequantized weights (it runs as an ordinary float model) plus the buffers
 ``weight_qscale`` (out, groups) float16, ``weight_qzero`` (out, groups) uint8,
-``weight_qgidx`` (in,) int32 and ``weight_qbits`` (a scalar) from which
-:mod:`edgeslim.core.models.hf` writes packed integer weights.
+``weight_qgidx`` (in,) int32 and ``weight_qbits`` (a scalar), the format of
+:mod:`.weightonly`, from which :mod:`edgeslim.core.models.hf` writes packed integer weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from edgeslim.calibrate import (
-    Hessian,
-    damped_inverse_cholesky,
-    set_weight_matrix_,
-    to_param_layout,
-    weight_matrix,
-)
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.linear import layer_filter, linear_layers, weight_matrix
+from edgeslim.core.models.quantstate import QuantizedWeight, attach_quantized_
 from edgeslim.core.options import Options
-
-QUANT_BUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
+from edgeslim.oneshot.blocks import find_blocks
+from edgeslim.oneshot.registry import OneShotAlgorithm, register
+from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
 
 
 class RTN(Options):
@@ -107,18 +102,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     """``scale * (q - zero)`` with per-row ``scale``/``zero``."""
     shape = (-1,) + (1,) * (q.dim() - 1)
     return scale.reshape(shape) * (q - zero.reshape(shape))
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized weight: ``weight == scale[:, g_idx] * (codes - zero[:, g_idx])`` exactly."""
-
-    weight: torch.Tensor  # (out, in) dequantized, float32
-    codes: torch.Tensor  # (out, in) uint8
-    scale: torch.Tensor  # (out, groups) float16
-    zero: torch.Tensor  # (out, groups) uint8
-    g_idx: torch.Tensor  # (in,) int32: the group of each input
-    bits: int
 
 
 def _groups(in_f: int, group_size: int | None) -> int:
@@ -215,33 +198,8 @@ def gptq_quantize(
 
 
 # --------------------------------------------------------------------------------------
-# writing a quantized weight into a layer
+# the algorithm, as the layer-by-layer engine sees it
 # --------------------------------------------------------------------------------------
-
-
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value)
-
-
-def attach_quantized_(module: nn.Module, qw: QuantizedWeight) -> None:
-    """Give ``module`` the dequantized weight and the buffers that describe its integers."""
-    set_weight_matrix_(module, qw.weight)
-    _set_buffer(module, "weight_qscale", qw.scale)
-    _set_buffer(module, "weight_qzero", qw.zero)
-    _set_buffer(module, "weight_qgidx", qw.g_idx)
-    _set_buffer(module, "weight_qbits", torch.tensor(qw.bits, dtype=torch.uint8))
-
-
-def quantized_codes(module: nn.Module) -> torch.Tensor:
-    """The integer codes (out, in) uint8 of a quantized layer, recovered from its weight."""
-    w = weight_matrix(module)
-    g_idx = module.weight_qgidx.long()
-    s = module.weight_qscale.float()[:, g_idx]
-    z = module.weight_qzero.float()[:, g_idx]
-    return (torch.round(w / s) + z).clamp(0, 2 ** int(module.weight_qbits) - 1).to(torch.uint8)
 
 
 def _keep_matrix(module: nn.Module) -> torch.Tensor | None:
@@ -252,34 +210,28 @@ def _keep_matrix(module: nn.Module) -> torch.Tensor | None:
     return keep.t() if type(module).__name__ == "Conv1D" else keep
 
 
-class GPTQAlgorithm:
-    """Collect H per layer; GPTQ-quantize each layer of a block."""
+class GPTQAlgorithm(OneShotAlgorithm):
+    """Collect H per layer; GPTQ-quantize each layer."""
 
     stats_type = Hessian
+    cfg: GPTQ
 
-    def __init__(self, cfg: GPTQ):
-        self.cfg = cfg
-
-    def compress_block(
-        self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
-    ) -> dict[str, float]:
-        cfg, log = self.cfg, {}
-        for name, module in layers.items():
-            w = weight_matrix(module)
-            qw = gptq_quantize(
-                w,
-                stats[name].h,
-                cfg.bits,
-                cfg.group_size,
-                sym=cfg.sym,
-                act_order=cfg.act_order,
-                blocksize=cfg.blocksize,
-                percdamp=cfg.percdamp,
-                keep=_keep_matrix(module),
-            )
-            attach_quantized_(module, qw)
-            log[name] = float((qw.weight - w).pow(2).mean())
-        return log
+    def compress_layer(self, name: str, module: nn.Module, stats: Hessian) -> float:
+        cfg = self.cfg
+        w = weight_matrix(module)
+        qw = gptq_quantize(
+            w,
+            stats.h,
+            cfg.bits,
+            cfg.group_size,
+            sym=cfg.sym,
+            act_order=cfg.act_order,
+            blocksize=cfg.blocksize,
+            percdamp=cfg.percdamp,
+            keep=_keep_matrix(module),
+        )
+        attach_quantized_(module, qw)
+        return float((qw.weight - w).pow(2).mean())
 
 
 def rtn_quantize_(
@@ -294,16 +246,11 @@ def rtn_quantize_(
 
     No calibration data is needed (``calib`` is ignored).
     """
-    from edgeslim.calibrate import find_blocks, is_linear, layer_filter
-
     keep = layer_filter(cfg.exclude, filter_fn)
     found = find_blocks(model)
     prefix, root = found if found is not None else ("", model)
     log = {}
-    for sub, module in root.named_modules():
-        name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
-        if not is_linear(module) or not keep(module, name):
-            continue
+    for name, module in linear_layers(root, prefix, keep).items():
         w = weight_matrix(module)  # a pruned weight is 0 and the grid holds 0 exactly
         qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym)
         attach_quantized_(module, qw)
@@ -313,15 +260,12 @@ def rtn_quantize_(
     return log
 
 
+register(GPTQ, GPTQAlgorithm)
+
 __all__ = [
     "GPTQ",
-    "QUANT_BUFFERS",
     "RTN",
-    "QuantizedWeight",
-    "attach_quantized_",
     "gptq_quantize",
-    "quantized_codes",
     "rtn_quantize",
     "rtn_quantize_",
-    "to_param_layout",
 ]

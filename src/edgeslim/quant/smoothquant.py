@@ -16,7 +16,7 @@ run time; layers whose input does not come straight from a norm (attention outpu
 MLP layer) are quantized without smoothing, as in the paper.
 
 Quantization here is W8A8 in simulation: weights symmetric int8 per output channel (kept as
-their dequantized values plus the buffers of :mod:`.gptq`, one group per row), activations
+their dequantized values plus the buffers of :mod:`.weightonly`, one group per row), activations
 symmetric int8 per tensor with a *static* scale calibrated on the same data
 (``input_qscale``, applied by a forward pre-hook that rounds the layer's input).
 ``smooth=False`` is naive W8A8, the baseline.
@@ -30,13 +30,11 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from edgeslim.calibrate import (
-    InputAbsMax,
-    set_weight_matrix_,
-    weight_matrix,
-)
+from edgeslim.core.linear import set_weight_matrix_, weight_matrix
+from edgeslim.core.models.quantstate import QuantizedWeight, attach_act_quant_, attach_quantized_
 from edgeslim.core.options import Options
-from edgeslim.quant.gptq import QuantizedWeight, attach_quantized_
+from edgeslim.oneshot.registry import OneShotAlgorithm, register
+from edgeslim.oneshot.stats import InputAbsMax
 
 # Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
 # nothing else: in a post-LN block (BERT) it is also the residual, so nothing is folded there.
@@ -85,12 +83,6 @@ def smoothing_factors(
     return s.clamp(min=1e-5)
 
 
-def fake_quant_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``scale * clamp(round(x / scale), -(2^(b-1) - 1), 2^(b-1) - 1)``."""
-    qmax = 2 ** (bits - 1) - 1
-    return scale * torch.clamp(torch.round(x / scale), -qmax, qmax)
-
-
 def symmetric_quantize(w: torch.Tensor, bits: int) -> QuantizedWeight:
     """Symmetric per-output-channel quantization of ``w`` (out, in), scale max|w_i| / qmax.
 
@@ -116,32 +108,6 @@ def symmetric_quantize(w: torch.Tensor, bits: int) -> QuantizedWeight:
 # --------------------------------------------------------------------------------------
 # static activation quantization: a pre-hook that rounds a layer's input
 # --------------------------------------------------------------------------------------
-
-
-def _act_quant_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    x = args[0]
-    q = fake_quant_symmetric(x, module.input_qscale.to(x.dtype), int(module.input_qbits))
-    return (q, *args[1:])
-
-
-def attach_act_quant_(module: nn.Module, scale: float, bits: int) -> None:
-    """Make ``module`` round its input to a static symmetric ``bits``-bit grid of ``scale``."""
-    for name, value in (
-        ("input_qscale", torch.tensor(float(scale))),
-        ("input_qbits", torch.tensor(bits, dtype=torch.uint8)),
-    ):
-        if name in module._buffers:
-            module._buffers[name] = value
-        else:
-            module.register_buffer(name, value)
-    restore_act_quant_(module)
-
-
-def restore_act_quant_(module: nn.Module) -> None:
-    """(Re)attach the input-rounding hook of a module that has ``input_qscale`` (idempotent)."""
-    if getattr(module, "input_qscale", None) is None or getattr(module, "_es_act_hook", None):
-        return
-    module._es_act_hook = module.register_forward_pre_hook(_act_quant_hook)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,25 +145,32 @@ def smooth_block_(
     return done
 
 
-class SmoothQuantAlgorithm:
-    """Collect max|X_j| per layer; smooth (optionally), then quantize weights and inputs."""
+class SmoothQuantAlgorithm(OneShotAlgorithm):
+    """Collect max|X_j| per layer; smooth the block (optionally), then quantize each layer's
+    weights and inputs."""
 
     stats_type = InputAbsMax
+    cfg: SmoothQuant
 
     def __init__(self, cfg: SmoothQuant):
-        self.cfg = cfg
+        super().__init__(cfg)
+        self.smoothed: dict[str, torch.Tensor] = {}  # of the block being compressed
 
     @torch.no_grad()
-    def compress_block(
+    def prepare_block(
         self, block: nn.Module, layers: dict[str, nn.Module], stats: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> None:
         cfg = self.cfg
-        smoothed = smooth_block_(block, layers, stats, cfg.alpha) if cfg.smooth else {}
-        log: dict[str, Any] = {}
-        for name, module in layers.items():
-            attach_quantized_(module, symmetric_quantize(weight_matrix(module), cfg.weight_bits))
-            act_max = float(stats[name].absmax.max())
-            qmax = 2 ** (cfg.act_bits - 1) - 1
-            attach_act_quant_(module, max(act_max, 1e-8) / qmax, cfg.act_bits)
-            log[name] = {"smoothed": name in smoothed, "act_absmax": act_max}
-        return log
+        self.smoothed = smooth_block_(block, layers, stats, cfg.alpha) if cfg.smooth else {}
+
+    @torch.no_grad()
+    def compress_layer(self, name: str, module: nn.Module, stats: InputAbsMax) -> dict[str, Any]:
+        cfg = self.cfg
+        attach_quantized_(module, symmetric_quantize(weight_matrix(module), cfg.weight_bits))
+        act_max = float(stats.absmax.max())
+        qmax = 2 ** (cfg.act_bits - 1) - 1
+        attach_act_quant_(module, max(act_max, 1e-8) / qmax, cfg.act_bits)
+        return {"smoothed": name in self.smoothed, "act_absmax": act_max}
+
+
+register(SmoothQuant, SmoothQuantAlgorithm)

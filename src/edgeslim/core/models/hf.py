@@ -41,6 +41,9 @@ from torch import nn
 
 from edgeslim.core.errors import CheckpointError, ModelSourceError
 from edgeslim.core.fileio import atomic_write_text, save_tensors
+from edgeslim.core.linear import to_param_layout
+from edgeslim.core.masks import add_mask_buffers_
+from edgeslim.core.models.quantstate import QUANT_BUFFERS, quantized_codes, restore_act_quant_
 from edgeslim.core.models.storage import MASK_SUFFIX, decode_sparse, encode_sparse
 
 WEIGHTS_FILE = "model.safetensors"
@@ -54,7 +57,6 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 _QCODES, _QSCALE, _QZERO, _QGIDX = "::qcodes", "::qscale", "::qzero", "::qgidx"
-_QBUFFERS = ("weight_qscale", "weight_qzero", "weight_qgidx", "weight_qbits")
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -125,8 +127,6 @@ def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
 
     ``model`` may be one block of a bigger model whose tensors are named ``prefix + key``.
     """
-    from edgeslim.calibrate import to_param_layout
-    from edgeslim.quant.gptq import quantized_codes
 
     state = {prefix + k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
     for tied in _tied_keys(model):
@@ -152,7 +152,7 @@ def encode_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
         }
         meta["shapes"][key] = list(module.weight.shape)
         state.pop(key)
-        for buf in _QBUFFERS:
+        for buf in QUANT_BUFFERS:
             state.pop(f"{name}.{buf}", None)
     rest = {k: v.detach().contiguous() for k, v in state.items()}
     meta["shapes"].update({k: list(v.shape) for k, v in rest.items()})
@@ -310,8 +310,6 @@ def _read(directory: Path) -> dict[str, torch.Tensor]:
 def restore_buffers_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Create the compression buffers (masks, quantization grids) that ``state`` has and
     ``model`` lacks, and re-attach activation quantization; call before ``load_state_dict``."""
-    from edgeslim.core.masks import add_mask_buffers_
-    from edgeslim.quant.smoothquant import restore_act_quant_
 
     add_mask_buffers_(model, state)
     modules = dict(model.named_modules())
@@ -320,7 +318,7 @@ def restore_buffers_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         module = modules.get(mname)
         if module is None or hasattr(module, bname):
             continue
-        if bname in (*_QBUFFERS, "input_qscale", "input_qbits"):
+        if bname in (*QUANT_BUFFERS, "input_qscale", "input_qbits"):
             module.register_buffer(bname, torch.zeros_like(value))
     for module in modules.values():
         restore_act_quant_(module)

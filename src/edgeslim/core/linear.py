@@ -1,0 +1,71 @@
+"""The linear view: which modules are linear layers, and their weights always as (out, in).
+
+Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's, with the weight stored
+transposed, ``(in, out)``); :func:`weight_matrix` always gives ``(out, in)`` and
+:func:`set_weight_matrix_` writes such a matrix back in the layer's own layout.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _transposed(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # weight (in, out)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A float32 copy of the layer's weight as ``(out, in)``."""
+    w = module.weight.detach()
+    return (
+        (w.t() if _transposed(module) else w).float().clone(memory_format=torch.contiguous_format)
+    )
+
+
+@torch.no_grad()
+def set_weight_matrix_(module: nn.Module, w: torch.Tensor) -> None:
+    """Write ``w`` ``(out, in)`` back into the layer's weight (its dtype and layout)."""
+    target = module.weight
+    target.copy_((w.t() if _transposed(module) else w).to(target.dtype))
+
+
+def to_param_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``W (out, in)`` in the layout of the layer's own weight."""
+    return t.t().contiguous() if _transposed(module) else t
+
+
+def weight_in(module: nn.Module) -> int:
+    """Input features of a linear layer."""
+    return module.weight.shape[0 if _transposed(module) else 1]
+
+
+def layer_filter(exclude: list[str], filter_fn: FilterFn | None) -> FilterFn:
+    """A filter that keeps layers that ``filter_fn`` accepts and no ``exclude`` glob matches."""
+
+    def keep(module: nn.Module, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            return False
+        return filter_fn is None or filter_fn(module, name)
+
+    return keep
+
+
+def linear_layers(root: nn.Module, prefix: str, keep: FilterFn) -> dict[str, nn.Module]:
+    """The linear layers under ``root`` that ``keep`` accepts, by full name (``prefix.NAME``)."""
+    layers = {}
+    for name, module in root.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if is_linear(module) and keep(module, full):
+            layers[full] = module
+    return layers
