@@ -30,8 +30,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,9 +39,11 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
-from edgeslim.profiling.latency import eval_mode
+from edgeslim.profiling.latency import measure_latency_ms
+from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
 
 ADDS = (operator.add, torch.add)
@@ -208,13 +208,10 @@ def output_damage(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) ->
 
 def measured_ms(model: nn.Module, x1: torch.Tensor, runtime: str, repeats: int) -> float:
     """Median batch-1 latency of ``model`` in ``runtime`` (ONNX Runtime: exported, 1 thread)."""
-    from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
-
     if runtime == "torch":
-        return torch_latency_ms(model, x1, repeats=repeats)
-    with tempfile.TemporaryDirectory(prefix="edgeslim-depth-") as tmp:
-        session, _ = export_and_check(copy.deepcopy(model), x1, Path(tmp) / "m.onnx")
-        return ort_latency_ms(session, x1, repeats=repeats)
+        return measure_latency_ms(model, x1, repeats=repeats)
+    session = ort_session(copy.deepcopy(model), x1)
+    return ort_latency_ms(session, x1, repeats=repeats)
 
 
 def choose_blocks(model: nn.Module, x: torch.Tensor, cfg: DepthPrune) -> list[str]:

@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.hooks import output_tensors
 from edgeslim.profiling.latency import eval_mode
 from edgeslim.prune.groups import (
     HEAD_COUNTS,
@@ -27,7 +28,6 @@ from edgeslim.prune.groups import (
     GroupOptions,
     call,
     head_count,
-    output_tensors,
     prepare,
     report_unsupported,
 )
