@@ -36,10 +36,8 @@ import hashlib
 import importlib
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -65,6 +63,7 @@ from torch import nn
 import edgeslim as es
 from edgeslim.core.data.text import load_text, spread
 from edgeslim.core.fileio import atomic_write_text
+from edgeslim.core.timing import median_ms
 from edgeslim.export.onnx import export_onnx, integer_ops
 from edgeslim.quant.modules import ActQuant, set_mode
 from edgeslim.quant.pack import save_packed
@@ -96,14 +95,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def latency_ms(sess: ort.InferenceSession, feeds: dict, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(lambda: sess.run(None, feeds), repeats, warmup)
 
 
 def ort_accuracy(sess: ort.InferenceSession, split) -> float:

@@ -23,9 +23,7 @@ Run under the CPU lock: ``flock /tmp/edgeslim-cpu.lock python benchmarks/mcu.py`
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from rich.table import Table
 
 from edgeslim import load_data, zoo
 from edgeslim.core.models.kws import ds_cnn
+from edgeslim.core.timing import median_ms
 from edgeslim.export import int8, tflite
 from edgeslim.export.c import codegen, planner
 from edgeslim.export.int8 import ir, reference
@@ -70,13 +69,7 @@ def same_padding_variant(graph: ir.Graph) -> ir.Graph:
 def tflm_latency_us(data: bytes, q: np.ndarray) -> float:
     interp = tflite.tflm_interpreter(data)
     interp.set_input(q, 0)
-    interp.invoke()
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter_ns()
-        interp.invoke()
-        times.append((time.perf_counter_ns() - t0) / 1e3)
-    return statistics.median(times)
+    return median_ms(interp.invoke, REPEATS, warmup=1) * 1e3
 
 
 def measure(name: str, model) -> dict:

@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +41,17 @@ from rich.table import Table
 from torch import nn
 
 import edgeslim as es
+from edgeslim.core.hooks import eval_mode, output_tensors
+from edgeslim.profiling.latency import batch_latency_ms
+from edgeslim.profiling.runtimes import ort_latency_ms, ort_outputs, ort_session
 from edgeslim.prune import ChannelPrune, DepthPrune, prune_
 from edgeslim.prune.budget import count_macs, search
-from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
 
 console = Console(width=200)
-TMP = Path(tempfile.mkdtemp(prefix="edgeslim-structured-"))
 
 
 def latencies(
-    model: nn.Module, x1, x32, name: str, repeats: int = 200, fold_bn: bool = False
+    model: nn.Module, x1, x32, repeats: int = 200, fold_bn: bool = False
 ) -> dict[str, float]:
     """Median ms in PyTorch and ONNX Runtime at batch 1 and 32 (ONNX checked vs PyTorch).
 
@@ -60,7 +60,7 @@ def latencies(
     (``torch.fx.experimental.optimization.fuse``, as a deployment would; ONNX Runtime folds it
     itself), for every variant alike.
     """
-    session, _ = export_and_check(copy.deepcopy(model), x1, TMP / f"{name}.onnx", threads=1)
+    session = ort_session(copy.deepcopy(model), x1, threads=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folded: dict[str, float] = {}
@@ -70,18 +70,30 @@ def latencies(
         fused = fuse(copy.deepcopy(model).eval())
         torch.testing.assert_close(fused(x32), model.eval()(x32), rtol=1e-4, atol=1e-4)
         folded = {
-            "torchf_1": torch_latency_ms(fused, x1, repeats=repeats),
-            "torchf_32": torch_latency_ms(fused, x32, repeats=max(5, repeats // 5)),
+            "torchf_1": batch_latency_ms(fused, x1, repeats=repeats),
+            "torchf_32": batch_latency_ms(fused, x32, repeats=max(5, repeats // 5)),
         }
     try:
         return folded | {
-            "torch_1": torch_latency_ms(model, x1, repeats=repeats),
-            "torch_32": torch_latency_ms(model, x32, repeats=max(5, repeats // 5)),
+            "torch_1": batch_latency_ms(model, x1, repeats=repeats),
+            "torch_32": batch_latency_ms(model, x32, repeats=max(5, repeats // 5)),
             "ort_1": ort_latency_ms(session, x1, repeats=repeats),
             "ort_32": ort_latency_ms(session, x32, repeats=max(5, repeats // 5)),
         }
     finally:
         torch.set_num_threads(threads)
+
+
+def checked_session(model: nn.Module, x) -> tuple[Any, float]:
+    """An ONNX Runtime session of ``model`` and its largest |ORT - PyTorch| over every output
+    on ``x`` (a tensor or a dict of keyword inputs); ``ort_session`` itself raises past 1e-3
+    of the outputs' magnitude."""
+    session = ort_session(model, x)
+    with eval_mode(model), torch.no_grad():
+        reference = list(output_tensors(model(**x) if isinstance(x, dict) else model(x)))
+    got = ort_outputs(session, x)
+    diff = max(float(abs(r.numpy() - g).max()) for r, g in zip(reference, got, strict=True))
+    return session, diff
 
 
 def params(model: nn.Module) -> int:
@@ -179,8 +191,7 @@ def cnn_part(args: argparse.Namespace) -> None:
             macs = es.profile(model, x1, latency=False).macs
             row = {"net": name, "variant": label, "acc": es.evaluate(model, data)}
             row |= {"params": params(model), "macs": macs, "macs_ratio": base_macs / macs}
-            tag = f"{name}-{label.replace(' ', '_').replace('(', '').replace(')', '')}"
-            row |= latencies(model, x1, x32, tag, fold_bn=True)
+            row |= latencies(model, x1, x32, fold_bn=True)
             rows.append(row)
             console.print(f"  {label}: {100 * row['acc']:.2f}%  {base_macs / macs:.2f}x MACs")
     table = Table(
@@ -279,11 +290,11 @@ def minilm_part(args: argparse.Namespace) -> None:
     worst = float((tuned * reference).sum(1).min())
 
     x1, x32 = encode(test[:1]), encode(test[:32])
-    session, diff = export_and_check(copy.deepcopy(pruned), x1, TMP / "minilm.onnx")
-    onnx_emb = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in x32.items()})[0])
+    session, diff = checked_session(copy.deepcopy(pruned), x1)
+    onnx_emb = torch.from_numpy(ort_outputs(session, x32)[0])
     onnx_cos = float((onnx_emb * tuned[:32]).sum(1).min())
-    lat_d = latencies(dense, x1, x32, "minilm-dense", repeats=50)
-    lat_p = latencies(pruned, x1, x32, "minilm-pruned", repeats=50)
+    lat_d = latencies(dense, x1, x32, repeats=50)
+    lat_p = latencies(pruned, x1, x32, repeats=50)
     table = Table(title="all-MiniLM-L6-v2: 25% of heads and FFN neurons removed (seq 64)")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -381,7 +392,7 @@ def hf_part(args: argparse.Namespace) -> None:
         skipped = [str(w.message) for w in caught if "structured pruning skipped" in str(w.message)]
         with torch.no_grad():
             shape = tuple(model(x).logits.shape)
-        _, diff = export_and_check(model, x, TMP / f"{name.split()[0]}.onnx")
+        _, diff = checked_session(model, x)
         table.add_row(
             name, f"{before_p:,} -> {params(model):,}",
             f"{before_m / count_macs(model, x):.2f}x fewer",

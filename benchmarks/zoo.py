@@ -35,6 +35,7 @@ from rich.table import Table
 
 import edgeslim as es
 from edgeslim.core.data.transforms import apply_transform
+from edgeslim.core.timing import median_ms
 from edgeslim.profiling import measure_latency_ms, profile
 
 MODELS = (
@@ -77,14 +78,7 @@ def onnx_latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> fl
         got = sess.run(None, feed)[0]
         if not np.allclose(got, expected, atol=1e-4):
             raise RuntimeError(f"ONNX Runtime output of {type(model).__name__} differs")
-        for _ in range(10):
-            sess.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return median_ms(lambda: sess.run(None, feed), repeats, warmup=10)
 
 
 def main() -> None:

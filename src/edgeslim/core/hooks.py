@@ -43,6 +43,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 Callback = Callable[[str, nn.Module, tuple[Any, ...], Any], None]
 
 
+def output_tensors(out: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple, dict, ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from output_tensors(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from output_tensors(v)
+
+
 def iter_batches(calib: torch.Tensor | Iterable[Any], batch_size: int = 64) -> Iterator[Any]:
     """Batches of ``calib``: slices of a tensor ``(N, ...)``, or the items of an iterable."""
     if isinstance(calib, torch.Tensor):

@@ -26,16 +26,18 @@ from rich.table import Table
 from torch import nn
 
 from edgeslim.core.errors import EdgeslimError, ShapeError
+from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.models.storage import deployable_state, payload_bytes
 from edgeslim.core.sparsity import nm_pattern
+from edgeslim.core.timing import check_timing
 from edgeslim.profiling.counting import (
     ModuleCount,
     count_params,
     memory_access_bytes,
     module_counts,
 )
-from edgeslim.profiling.latency import check_timing, eval_mode, measure_latency_ms
+from edgeslim.profiling.latency import measure_latency_ms
 from edgeslim.profiling.memory import activation_trace, peak_activation_bytes
 
 __all__ = [

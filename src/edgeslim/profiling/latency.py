@@ -1,23 +1,20 @@
-"""Measured latency: the median wall-clock time of repeated batch-1 forward passes."""
+"""Measured latency in PyTorch: the median wall-clock time of repeated forward passes.
+
+Both functions time with :func:`edgeslim.core.timing.median_ms` (untimed warm-up, then the
+median of the timed passes); ONNX Runtime's latency is in :mod:`.runtimes`.
+"""
 
 from __future__ import annotations
 
-import statistics
-import time
+from typing import Any
 
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import eval_mode
+from edgeslim.core.timing import check_timing, median_ms
 
-
-def check_timing(repeats: int, warmup: int) -> None:
-    """Raise :class:`ConfigError` unless ``repeats >= 1`` and ``warmup >= 0``."""
-    if repeats < 1:
-        raise ConfigError(f"latency repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ConfigError(f"latency warmup must be >= 0, got {warmup}")
+__all__ = ["batch_latency_ms", "check_timing", "eval_mode", "measure_latency_ms"]
 
 
 def measure_latency_ms(
@@ -29,16 +26,22 @@ def measure_latency_ms(
     ``torch.inference_mode``. ``example`` is a batch ``(B, ...)``; only ``example[:1]`` is used.
     """
     check_timing(repeats, warmup)
-    x = example[:1]
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times: list[float] = []
+    return batch_latency_ms(model, example[:1], repeats=repeats, warmup=warmup)
+
+
+def batch_latency_ms(
+    model: nn.Module, example: Any, *, repeats: int = 30, warmup: int = 5
+) -> float:
+    """Median milliseconds of one forward pass on the whole batch ``example``.
+
+    ``example`` is a tensor or a dict of keyword inputs (``model(**example)``). As
+    :func:`measure_latency_ms`: ``warmup`` untimed passes, eval mode, ``torch.inference_mode``,
+    CUDA synchronized after every pass when the inputs are on a GPU.
+    """
+    tensors = list(example.values()) if isinstance(example, dict) else [example]
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    sync = torch.cuda.synchronize if cuda else None
     with eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        sync()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        if isinstance(example, dict):
+            return median_ms(lambda: model(**example), repeats, warmup, sync)
+        return median_ms(lambda: model(example), repeats, warmup, sync)

@@ -20,8 +20,9 @@ from edgeslim.core.registry import Registry
 from edgeslim.core.sparsity import nm_pattern
 from edgeslim.oneshot.engine import one_shot_ as _one_shot_
 from edgeslim.prune.agp import AGPSchedule, prune_agp_
-from edgeslim.prune.channel import ChannelPrune, UnsupportedOpError, channel_prune_
+from edgeslim.prune.channel import ChannelPrune, channel_prune_
 from edgeslim.prune.depth import DepthPrune, depth_prune_
+from edgeslim.prune.groups import UnsupportedOpError
 from edgeslim.prune.magnitude import FilterFn, MagnitudePrune, magnitude_prune_
 from edgeslim.prune.nm import NMPrune, nm_prune_
 from edgeslim.prune.obd import OBDPrune, hessian_diagonal, obd_prune_

@@ -34,12 +34,12 @@ from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
 from edgeslim.prune.budget import ratios_for_macs
-from edgeslim.prune.groups import UnsupportedOpError, prepare
+from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
 from edgeslim.prune.plan import Plan, plan_groups
-from edgeslim.prune.surgery import apply_plans, replay_
+from edgeslim.prune.surgery import apply_plans
 
-__all__ = ["ChannelPrune", "UnsupportedOpError", "channel_prune_", "cut_channels_", "replay_"]
+__all__ = ["ChannelPrune", "channel_prune_", "cut_channels_"]
 
 
 class ChannelPrune(Options):

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import operator
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,13 +38,13 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.fxpatterns import activation, is_add
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
+from edgeslim.profiling.latency import measure_latency_ms
+from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
-
-ADDS = (operator.add, torch.add)
-RELUS = (torch.relu, torch.nn.functional.relu)
 
 
 class DepthPrune(Options):
@@ -102,22 +99,6 @@ class Bypass(nn.Module):
         return "relu" if self.relu else "identity"
 
 
-def _is_relu(node: torch.fx.Node, module: nn.Module) -> bool:
-    if node.op == "call_function":
-        return node.target in RELUS
-    if node.op == "call_method":
-        return node.target == "relu"
-    if node.op == "call_module":
-        return type(module.get_submodule(str(node.target))) is nn.ReLU
-    return False
-
-
-def _is_add(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ADDS) or (
-        node.op == "call_method" and node.target == "add"
-    )
-
-
 def _through_identity(node: Any, module: nn.Module) -> Any:
     """Follow ``nn.Identity`` calls back to what they pass on."""
     while (
@@ -144,10 +125,10 @@ def skip_kind(module: nn.Module) -> Bypass | None:
     out = next(n for n in graph.nodes if n.op == "output").args[0]
     if len(inputs) != 1 or not isinstance(out, torch.fx.Node):
         return None
-    relu = _is_relu(out, module)
+    relu = activation(out, dict(module.named_modules(remove_duplicate=False))) == "relu"
     if relu:
         out = out.args[0]
-    if not isinstance(out, torch.fx.Node) or not _is_add(out) or len(out.args) != 2:
+    if not isinstance(out, torch.fx.Node) or not is_add(out, methods=True) or len(out.args) != 2:
         return None
     if any(_through_identity(a, module) is inputs[0] for a in out.args):
         return Bypass(relu)
@@ -208,13 +189,10 @@ def output_damage(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) ->
 
 def measured_ms(model: nn.Module, x1: torch.Tensor, runtime: str, repeats: int) -> float:
     """Median batch-1 latency of ``model`` in ``runtime`` (ONNX Runtime: exported, 1 thread)."""
-    from edgeslim.prune.onnx_check import export_and_check, ort_latency_ms, torch_latency_ms
-
     if runtime == "torch":
-        return torch_latency_ms(model, x1, repeats=repeats)
-    with tempfile.TemporaryDirectory(prefix="edgeslim-depth-") as tmp:
-        session, _ = export_and_check(copy.deepcopy(model), x1, Path(tmp) / "m.onnx")
-        return ort_latency_ms(session, x1, repeats=repeats)
+        return measure_latency_ms(model, x1, repeats=repeats)
+    session = ort_session(copy.deepcopy(model), x1)
+    return ort_latency_ms(session, x1, repeats=repeats)
 
 
 def choose_blocks(model: nn.Module, x: torch.Tensor, cfg: DepthPrune) -> list[str]:

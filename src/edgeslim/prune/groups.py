@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeslim.core.errors import EdgeslimError
-from edgeslim.core.hooks import eval_mode, forward_hooks
+from edgeslim.core.hooks import eval_mode, forward_hooks, output_tensors
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_COUNTS = ("num_attention_heads", "num_heads")
@@ -56,18 +56,6 @@ class Group:
     heads: int = 0  # attention: number of heads (0 when not attention)
     attention: list[nn.Module] = field(default_factory=list)  # modules to update
     deps: Any = None  # the Torch-Pruning group over all channels (for scoring)
-
-
-def output_tensors(out: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a model output (tensor, tuple, dict, ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from output_tensors(v)
-    elif isinstance(out, (tuple, list)):
-        for v in out:
-            yield from output_tensors(v)
 
 
 def call(model: nn.Module, example: Any) -> Any:

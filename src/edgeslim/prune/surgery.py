@@ -20,14 +20,13 @@ import torch_pruning as tp
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.hooks import eval_mode
+from edgeslim.core.hooks import eval_mode, output_tensors
 from edgeslim.prune.groups import (
     HEAD_COUNTS,
     Group,
     GroupOptions,
     call,
     head_count,
-    output_tensors,
     prepare,
     report_unsupported,
 )

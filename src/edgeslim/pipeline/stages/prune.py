@@ -23,8 +23,9 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import validate
 from edgeslim.pipeline.stages.base import StageKind, register_stage
 from edgeslim.prune.agp import AGPSchedule
-from edgeslim.prune.channel import ChannelPrune, cut_channels_, replay_
+from edgeslim.prune.channel import ChannelPrune, cut_channels_
 from edgeslim.prune.depth import DepthPrune, replay_depth_
+from edgeslim.prune.surgery import replay_
 
 
 class _Schedule(BaseModel):
