@@ -127,7 +127,7 @@ def onnx_accuracy(q: nn.Module, data, tmp: Path, name: str) -> float:
 
 
 def ptq(model: nn.Module, calib, **cfg) -> nn.Module:
-    return es.quantize_(copy.deepcopy(model), es.Int8PTQ(**cfg), calib=calib)
+    return es.quantize(copy.deepcopy(model), es.Int8PTQ(**cfg), calib=calib)
 
 
 # ---------------------------------------------------------------------------- 1. CNNs
@@ -282,7 +282,7 @@ def minilm_rows(tmp: Path) -> tuple[list[dict], dict]:
     names = ["input_ids", "attention_mask"]
     example = (ids[test][:16], mask[test][:16])
     fp32 = export_onnx(model, tmp / "minilm.onnx", example, input_names=names)
-    ours_model = es.quantize_(
+    ours_model = es.quantize(
         copy.deepcopy(model), es.Int8PTQ(calibration="minmax", graph="module"), calib=calib
     )
     ours = export_onnx(ours_model, tmp / "minilm_int8.onnx", example, input_names=names)
@@ -339,7 +339,7 @@ def calibration_rows(
         sub = range(test.start, test.start + 64, 16)
         row = {"model": "minilm", "metric": "cosine to fp32", "fp32": 1.0}
         for method in CALIBRATIONS:
-            q = es.quantize_(
+            q = es.quantize(
                 copy.deepcopy(minilm["model"]),
                 es.Int8PTQ(calibration=method, graph="module"),
                 calib=minilm["calib"],
@@ -357,7 +357,7 @@ def lowbit_rows(model: nn.Module, data) -> list[dict]:
     train = es.TrainConfig(epochs=REPEATS["lowbit_epochs"], lr=1e-3, shift=2)
     with tempfile.TemporaryDirectory() as d:
         for cfg in (es.BWN(), es.TWN(), es.TTQ()):
-            q = es.quantize_(copy.deepcopy(model), cfg, data=data, train=train)
+            q = es.quantize(copy.deepcopy(model), cfg, data=data, train=train)
             size = save_packed(q, Path(d) / "w.safetensors")
             rows.append(
                 {
@@ -411,7 +411,7 @@ def mixed_rows(
             variants = [(f"uniform {b}-bit", uniform, numel * b / 8)]
             for label, menu in MENUS.items():
                 cfg = es.MixedPrecision(avg_bits=b, bits=menu)
-                q = es.quantize_(copy.deepcopy(model), cfg, calib=calib)
+                q = es.quantize(copy.deepcopy(model), cfg, calib=calib)
                 variants.append((f"mixed {label} (<= {b} bits)", q, q.quant_info["weight_bytes"]))
             for label, q, wbytes in variants:
                 logits = ort_logits(q, data, tmp, f"{name}_mixed")
@@ -447,13 +447,13 @@ def minilm_mixed_rows(minilm: dict, budgets: tuple[int, ...] = (4, 3)) -> list[d
     numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     rows = []
     for b in budgets:
-        uniform = es.quantize_(
+        uniform = es.quantize(
             copy.deepcopy(model),
             es.Int8PTQ(weight_bits=b, weight_calibration="mse", graph="module"),
             calib=calib,
         )
         cfg = es.MixedPrecision(avg_bits=b, graph="module", metric="mse")
-        mixed = es.quantize_(copy.deepcopy(model), cfg, calib=calib)
+        mixed = es.quantize(copy.deepcopy(model), cfg, calib=calib)
         for label, q, wbytes in (
             (f"uniform {b}-bit", uniform, numel * b / 8),
             (f"mixed 2..8 (<= {b} bits)", mixed, mixed.quant_info["weight_bytes"]),
@@ -494,7 +494,7 @@ def fixedpoint_rows(model: nn.Module, data) -> list[dict]:
         row = {"bits": bits, "fp32": 100 * es.evaluate(model, data)}
         for per_layer, label in ((True, "dynamic"), (False, "static")):
             cfg = es.DynamicFixedPoint(bits=bits, per_layer=per_layer)
-            q = es.quantize_(copy.deepcopy(model), cfg, calib=calib)
+            q = es.quantize(copy.deepcopy(model), cfg, calib=calib)
             row[label] = 100 * es.evaluate(q, data)
         rows.append(row)
     return rows

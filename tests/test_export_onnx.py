@@ -9,7 +9,7 @@ from edgeslim import zoo
 from edgeslim.core.errors import ExportError
 from edgeslim.export import onnx as onnx_export
 from edgeslim.export.onnx import export_onnx
-from edgeslim.quant import Int8PTQ, quantize_
+from edgeslim.quant import Int8PTQ, quantize
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_fp32_export_matches_torch(tmp_path, inputs):
 
 def test_int8_qdq_export_fuses_into_integer_kernels(tmp_path, inputs):
     torch.manual_seed(0)
-    q = quantize_(zoo.create("lenet5").eval(), Int8PTQ(), calib=inputs)
+    q = quantize(zoo.create("lenet5").eval(), Int8PTQ(), calib=inputs)
     res = export_onnx(q, tmp_path / "q.onnx", inputs[:8])
     assert res.quantized
     assert res.integer_ops == {"QLinearConv": 2, "QGemm": 2}  # every layer runs in int8
@@ -55,7 +55,7 @@ def test_int8_qdq_export_fuses_into_integer_kernels(tmp_path, inputs):
 @pytest.mark.slow
 def test_int8_residual_net_exports(tmp_path, inputs):
     torch.manual_seed(0)
-    q = quantize_(zoo.create("mobilenetv2").eval(), Int8PTQ(), calib=inputs)
+    q = quantize(zoo.create("mobilenetv2").eval(), Int8PTQ(), calib=inputs)
     res = export_onnx(q, tmp_path / "q.onnx", inputs[:4])
     assert res.integer_ops.get("QLinearConv", 0) >= 14
     assert res.max_abs_diff <= res.tolerance

@@ -20,7 +20,7 @@ from edgeslim.oneshot.blocks import find_blocks  # noqa: E402
 from edgeslim.oneshot.streaming import compress_sharded  # noqa: E402
 from edgeslim.prune import SparseGPT, Wanda, prune_  # noqa: E402
 from edgeslim.prune.wanda import is_nm  # noqa: E402
-from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize_  # noqa: E402
+from edgeslim.quant import GPTQ, RTN, SmoothQuant, quantize, quantize_  # noqa: E402
 from edgeslim.quant.smoothquant import smooth_block_  # noqa: E402
 
 VOCAB = 96
@@ -211,7 +211,7 @@ def test_rtn_and_smoothquant_reload_with_activation_rounding(tmp_path):
     layer = again.model.layers[0].self_attn.q_proj
     assert float(layer.input_qscale) > 0 and int(layer.weight_qbits) == 8
     rtn = tiny("gpt2")
-    log = quantize_(rtn, RTN(bits=4, group_size=32)).quant_info["layers"]
+    log = quantize(rtn, RTN(bits=4, group_size=32)).quant_info["layers"]
     assert len(log) == 8
     save_hf(rtn, tmp_path / "rtn")
     assert torch.equal(out(rtn, ids(2)), out(load_hf(tmp_path / "rtn"), ids(2)))

@@ -69,11 +69,11 @@ def test_a_ptq_model_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
 
     from edgeslim import export_c, export_tflite
     from edgeslim.core.models.kws import ds_cnn
-    from edgeslim.quant import Int8PTQ, quantize_
+    from edgeslim.quant import Int8PTQ, quantize
 
     torch.manual_seed(0)
     calib = mnist_images((1, 49, 10), 32, "train")
-    qmodel = quantize_(ds_cnn().eval(), Int8PTQ(calibration="mse"), calib=calib)
+    qmodel = quantize(ds_cnn().eval(), Int8PTQ(calibration="mse"), calib=calib)
     result = export_c(qmodel, tmp_path / "c", calib=calib)
     assert "compiled C bit-exact on 32 inputs" in result.verified
     if tflite.tflm_available():

@@ -185,9 +185,9 @@ def test_reference_rejects_bad_inputs(calib):
 
 
 def _ptq(model, calib, **cfg):
-    from edgeslim.quant import Int8PTQ, quantize_
+    from edgeslim.quant import Int8PTQ, quantize
 
-    return quantize_(model.eval(), Int8PTQ(**cfg), calib=calib)
+    return quantize(model.eval(), Int8PTQ(**cfg), calib=calib)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "mobilenetv2", "ds_cnn"])

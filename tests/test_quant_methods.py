@@ -20,6 +20,7 @@ from edgeslim.quant import (
     Int8PTQ,
     MixedPrecision,
     layer_qparams,
+    quantize,
     quantize_,
 )
 from edgeslim.quant.mixed import candidate_bits, choose_bits
@@ -56,7 +57,7 @@ def _lenet300(state=None):
 
 def test_bwn_weights_are_sign_times_channel_mean(small, trained300):
     model = _lenet300(trained300)
-    model = quantize_(model, BWN(epochs=2, skip_first=False), data=small)
+    model = quantize(model, BWN(epochs=2, skip_first=False), data=small)
     assert model.quant_info["float_layers"] == {"fc3": "skip_last"}
     layer = model.fc1
     w = layer.projected_weight().detach()
@@ -67,7 +68,7 @@ def test_bwn_weights_are_sign_times_channel_mean(small, trained300):
 
 
 def test_twn_threshold_and_values(small):
-    model = quantize_(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
+    model = quantize(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
     layer = model.fc2
     lat = layer.weight.detach()
     w = layer.projected_weight().detach()
@@ -79,12 +80,12 @@ def test_twn_threshold_and_values(small):
 
 
 def test_ttq_learns_two_scales(small):
-    model = quantize_(_lenet300(), TTQ(epochs=0, skip_first=False))
+    model = quantize(_lenet300(), TTQ(epochs=0, skip_first=False))
     wp0, wn0 = float(model.fc1.wp.detach()), float(model.fc1.wn.detach())
     w = model.fc1.projected_weight().detach()
     assert set(torch.unique(w).tolist()) <= {wp0, 0.0, -wn0}
     quantize_(_lenet300(), TTQ(epochs=0))  # fresh model: nothing trained
-    model2 = quantize_(_lenet300(), TTQ(epochs=1, skip_first=False), data=small)
+    model2 = quantize(_lenet300(), TTQ(epochs=1, skip_first=False), data=small)
     assert float(model2.fc1.wp.detach()) != pytest.approx(wp0)  # the scales trained
     assert float(model2.fc1.wn.detach()) != pytest.approx(wn0)
 
@@ -103,13 +104,13 @@ def test_lowbit_validation(small):
 
 def test_qat_and_lsq_train_and_stay_integer(small, trained300):
     calib = small.calib(128)
-    qat = quantize_(_lenet300(trained300), QAT(epochs=1), data=small, calib=calib)
+    qat = quantize(_lenet300(trained300), QAT(epochs=1), data=small, calib=calib)
     assert len(qat.quant_info["history"]) == 1
     assert evaluate(qat, small) > 0.6
     assert set(layer_qparams(qat)) == {"fc1", "fc2", "fc3"}
-    lsq = quantize_(_lenet300(trained300), LSQ(epochs=0), data=small, calib=calib)
+    lsq = quantize(_lenet300(trained300), LSQ(epochs=0), data=small, calib=calib)
     before = lsq.fc2.weight_scale.detach().clone()
-    lsq = quantize_(_lenet300(trained300), LSQ(epochs=1), data=small, calib=calib)
+    lsq = quantize(_lenet300(trained300), LSQ(epochs=1), data=small, calib=calib)
     assert evaluate(lsq, small) > 0.6
     assert isinstance(lsq.fc2.weight_scale, nn.Parameter)
     assert not torch.allclose(lsq.fc2.weight_scale.detach(), before)  # the steps learned
@@ -132,7 +133,7 @@ def test_dynamic_fixed_point_powers_of_two(small):
     for per_layer in (True, False):
         model = zoo.create("lenet5").eval()
         model.load_state_dict(base.state_dict())
-        q = quantize_(model, DynamicFixedPoint(bits=4, per_layer=per_layer), calib=calib)
+        q = quantize(model, DynamicFixedPoint(bits=4, per_layer=per_layer), calib=calib)
         info = q.quant_info
         if not per_layer:
             assert len(set(info["weight_fl"].values())) == 1
@@ -198,7 +199,7 @@ def test_choose_bits_is_the_exact_optimum_and_monotonic():
 
 def test_mixed_precision_under_budget(small):
     calib = small.calib(64)
-    q = quantize_(zoo.create("lenet5").eval(), MixedPrecision(avg_bits=4), calib=calib)
+    q = quantize(zoo.create("lenet5").eval(), MixedPrecision(avg_bits=4), calib=calib)
     info = q.quant_info
     total = sum(lq.weight_int.size for lq in layer_qparams(q).values())
     assert info["weight_bytes"] <= 4 * total / 8
@@ -231,13 +232,13 @@ def test_pack_bits_round_trip():
 
 def test_packed_file_restores_integer_weights(tmp_path, small):
     calib = small.calib(64)
-    q = quantize_(zoo.create("lenet5").eval(), Int8PTQ(layer_bits={"fc1": 4}), calib=calib)
+    q = quantize(zoo.create("lenet5").eval(), Int8PTQ(layer_bits={"fc1": 4}), calib=calib)
     size = save_packed(q, tmp_path / "w.safetensors")
     codes = unpack_weights(tmp_path / "w.safetensors")
     for name, layer in quant_layers(q).items():
         assert np.array_equal(codes[name], layer.weight_int8.numpy())
     assert size < 431_080 * 0.75  # fc1 (400K weights) at 4 bits
-    t = quantize_(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
+    t = quantize(_lenet300(), TWN(epochs=0, skip_first=False, skip_last=False))
     save_packed(t, tmp_path / "t.safetensors")
     codes = unpack_weights(tmp_path / "t.safetensors")
     for name, layer in lowbit_layers(t).items():

@@ -7,7 +7,7 @@ from torch import nn
 
 from edgeslim import zoo
 from edgeslim.core.errors import ConfigError
-from edgeslim.quant import Int8PTQ, layer_qparams, quantize_, spec
+from edgeslim.quant import Int8PTQ, layer_qparams, quantize, quantize_, spec
 from edgeslim.quant import fake as F
 from edgeslim.quant.fold import fold_bn_sequential_
 from edgeslim.quant.modules import QuantAdd, QuantConv2d, QuantLinear, set_mode
@@ -219,7 +219,7 @@ def calib():
 def test_exact_layers_equal_integer_reference(name, calib):
     torch.manual_seed(0)
     model = zoo.create(name).eval()
-    q = quantize_(model, Int8PTQ(calibration="percentile"), calib=calib)
+    q = quantize(model, Int8PTQ(calibration="percentile"), calib=calib)
     lqs = layer_qparams(q)
     seen = {}
 
@@ -247,7 +247,7 @@ def test_exact_layers_equal_integer_reference(name, calib):
 
 def test_whole_lenet5_equals_integer_pipeline(calib):
     torch.manual_seed(0)
-    q = quantize_(zoo.create("lenet5").eval(), Int8PTQ(calibration="mse"), calib=calib)
+    q = quantize(zoo.create("lenet5").eval(), Int8PTQ(calibration="mse"), calib=calib)
     lq = layer_qparams(q)
     x = calib[:16]
     h = spec.quantize(x.double().numpy(), lq["conv1"].input)
@@ -266,7 +266,7 @@ def test_whole_lenet5_equals_integer_pipeline(calib):
 
 def test_quant_add_equals_spec_add_int8(calib):
     torch.manual_seed(0)
-    q = quantize_(zoo.create("mobilenetv2").eval(), Int8PTQ(), calib=calib)
+    q = quantize(zoo.create("mobilenetv2").eval(), Int8PTQ(), calib=calib)
     adds = [m for m in q.modules() if isinstance(m, QuantAdd)]
     assert len(adds) == 4 and all(a.sources is not None for a in adds)
     add = adds[0]
@@ -287,7 +287,7 @@ def test_quant_add_equals_spec_add_int8(calib):
 
 def test_fake_mode_close_to_exact(calib):
     torch.manual_seed(0)
-    q = quantize_(zoo.create("lenet5").eval(), Int8PTQ(), calib=calib)
+    q = quantize(zoo.create("lenet5").eval(), Int8PTQ(), calib=calib)
     with torch.no_grad():
         exact = q(calib)
         set_mode(q, "fake")
@@ -302,8 +302,9 @@ def test_fake_mode_close_to_exact(calib):
 def test_module_mode_and_first_last_handling(calib):
     torch.manual_seed(0)
     model = zoo.create("lenet5").eval()
-    q = quantize_(model, Int8PTQ(graph="module", skip_first=True, skip_last=True), calib=calib)
-    assert q is model
+    info = quantize_(model, Int8PTQ(graph="module", skip_first=True, skip_last=True), calib=calib)
+    q = model  # module mode: changed in place
+    assert info == q.quant_info
     assert q.quant_info["float_layers"] == {"conv1": "skip_first", "fc2": "skip_last"}
     assert q.quant_info["quantized"] == ["conv2", "fc1"]
     assert isinstance(q.conv1, nn.Conv2d) and not isinstance(q.conv1, QuantConv2d)
@@ -320,7 +321,7 @@ def test_dynamic_activations(calib):
     torch.manual_seed(0)
     model = zoo.create("lenet300").eval()
     ref = model(calib).detach()
-    q = quantize_(model, Int8PTQ(activations="dynamic"))
+    q = quantize(model, Int8PTQ(activations="dynamic"))
     with torch.no_grad():
         assert torch.allclose(q(calib), ref, atol=0.05)
     with pytest.raises(ConfigError, match="dynamically"):
@@ -335,7 +336,7 @@ def test_ptq_validation(calib):
         quantize_(model, Int8PTQ(exclude=["conv9"]), calib=calib)
     with pytest.raises(ConfigError, match="no layer"):
         quantize_(model, Int8PTQ(exclude=["*"]), calib=calib)
-    q = quantize_(model, Int8PTQ(), calib=calib)
+    q = quantize(model, Int8PTQ(), calib=calib)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_(q, Int8PTQ(), calib=calib)
     with pytest.raises(ConfigError, match=r"Int8PTQ.bogus: unknown key"):

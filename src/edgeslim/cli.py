@@ -154,11 +154,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     example = _example(model, args.input_shape, args.batch)
     if args.int8:
         from edgeslim.core.data.datasets import load_data
-        from edgeslim.quant import Int8PTQ, quantize_
+        from edgeslim.quant import Int8PTQ, quantize
 
         data = load_data(args.data)
         cfg = Int8PTQ(calibration=args.calibration)
-        model = quantize_(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
+        model = quantize(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
     res = export_onnx(model, args.out, example, verify=not args.no_verify)
     kind = "int8 QDQ" if res.quantized else "fp32"
     console = Console()
@@ -178,18 +178,16 @@ def _model_and_data(source: str, data_name: str | None):
     from edgeslim.core.models.io import load_model
 
     if source.endswith((".yaml", ".yml")):
-        import torch
-
-        from edgeslim.core.train import fit
         from edgeslim.pipeline.recipe import Recipe
+        from edgeslim.pipeline.runner import recipe_inputs, train_baseline
 
         recipe = Recipe.from_yaml(source)
-        data = load_data(data_name or recipe.data.source).limit(recipe.data.max_train)
-        torch.manual_seed(recipe.seed)
-        model = load_model(recipe.model)
-        if recipe.train is not None:
-            fit(model, data, recipe.train, seed=recipe.seed * 1000)
-        return model, data
+        if data_name is not None:
+            recipe = recipe.model_copy(
+                update={"data": recipe.data.model_copy(update={"source": data_name})}
+            )
+        model, data = recipe_inputs(recipe)
+        return train_baseline(model, data, recipe), data
     return load_model(source), load_data(data_name or "mnist")
 
 

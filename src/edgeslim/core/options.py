@@ -9,7 +9,7 @@ which names the YAML key path instead.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -49,6 +49,21 @@ class Options(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+
+    # Capabilities, declared by each config class and read by verbs and pipeline stages
+    # (never probed with getattr): see docs/architecture.md.
+    needs_calib: ClassVar[bool] = False  # consumes the recipe's calibration set (one-shot LLM)
+    trains: ClassVar[bool] = False  # trains the model itself: a stage's finetune is its schedule
+    graded: ClassVar[bool] = False  # has a sparsity target that can be reached in steps (scaled)
+    builds_graph: ClassVar[bool] = False  # may return a new module (graph mode), never in place
+
+    def in_place(self) -> bool:
+        """Whether the verb changes the model in place (else it builds a new module)."""
+        return not self.builds_graph
+
+    def calib_count(self) -> int | None:
+        """How many calibration inputs a pipeline stage draws for this config (None: none)."""
+        return None
 
     def __init__(self, **data: Any) -> None:
         try:

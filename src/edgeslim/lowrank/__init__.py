@@ -13,33 +13,31 @@ registered under ``NAME``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.registry import Registry
+from edgeslim.core.selection import FilterFn
 from edgeslim.lowrank.conv import ConvDecompose, response_factors
-from edgeslim.lowrank.layers import Factored, Factorization, geometries, restore_
+from edgeslim.lowrank.layers import (
+    Factored,
+    Factorization,
+    geometries,
+    replace_,
+    restore_,
+    thin_pair,
+)
 from edgeslim.lowrank.ranks import RankTarget, factorize_, inside_factored, is_excluded
 from edgeslim.lowrank.svd import SVD, weight_factors
 
-FilterFn = Callable[[nn.Module, str], bool]
 REGISTRY = Registry("lowrank_")
 METHODS = REGISTRY.methods  # recipe name -> config class
 register = REGISTRY.register
 
-
-def lowrank_(
-    model: nn.Module,
-    cfg: BaseModel,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-) -> dict[str, dict[str, float]]:
+lowrank_ = REGISTRY.verb(
     """Factorise ``model``'s layers in place as ``cfg`` says; one log entry per factorised layer.
 
     ``calib`` (a tensor of inputs, or an iterable of batches) is needed by the response
@@ -48,7 +46,7 @@ def lowrank_(
     before and ``factored_macs`` after (per sample). Layers whose factorised form would not
     be cheaper are left as they are.
     """
-    return REGISTRY.handler(cfg)(model, cfg, calib=calib, filter_fn=filter_fn)
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -133,8 +131,24 @@ def conv_decompose_(
     return _factorize_layers_(model, cfg, layers, calib, cfg.separable)
 
 
-register("svd", SVD, svd_)
-register("conv", ConvDecompose, conv_decompose_)
+def replay_factors_(model: nn.Module, cfg: RankTarget, log: dict, example: Any) -> nn.Module:
+    """Replace each layer the log names by an (uninitialised) factored pair of the logged
+    rank; the saved state fills it."""
+    for name, entry in log.items():
+        layer = model.get_submodule(name)
+        separable = (
+            isinstance(cfg, ConvDecompose)
+            and cfg.separable
+            and 1 not in getattr(layer, "kernel_size", (1,))
+        )
+        shape = "linear" if isinstance(layer, nn.Linear) else "separable" if separable else "conv"
+        bias = layer.bias is not None or cfg.solver == "response"  # response re-adds the mean
+        replace_(model, name, thin_pair(layer, int(entry["rank"]), shape, bias))
+    return model
+
+
+register("svd", SVD, svd_, replay=replay_factors_)
+register("conv", ConvDecompose, conv_decompose_, replay=replay_factors_)
 
 __all__ = [
     "METHODS",

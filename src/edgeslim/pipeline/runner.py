@@ -21,6 +21,7 @@ stage index, so the final weights are bitwise identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -44,7 +45,7 @@ from edgeslim.core.models.hf import is_hf_model, restore_buffers_, save_hf
 from edgeslim.core.models.io import load_model, save_model
 from edgeslim.core.models.storage import FORMATS, deployable_state, payload_bytes, save_weights
 from edgeslim.core.progress import console
-from edgeslim.core.train import evaluate, fit
+from edgeslim.core.train import evaluate, finetune, fit
 from edgeslim.pipeline.recipe import Recipe, Stage
 from edgeslim.pipeline.stages.base import STAGE_KINDS
 from edgeslim.profiling import profile
@@ -106,9 +107,7 @@ def run_recipe(
     done = _finished_stages(out, recipe, len(stages), restart)
     _write_text(out / "recipe.yaml", recipe.to_yaml())
 
-    torch.manual_seed(recipe.seed)
-    model = load_model(recipe.model)
-    data = _load_data(recipe, model)
+    model, data = recipe_inputs(recipe)
     example = data.example(1)
     result = RunResult(out=out, model=model)
     if done >= 0:
@@ -125,11 +124,13 @@ def run_recipe(
             ctx.teacher = copy.deepcopy(model).eval()
         start = time.perf_counter()
         if stage is None:
-            if recipe.train is not None:
-                fit(model, data, recipe.train, seed=ctx.seed, progress=progress)
+            train_baseline(model, data, recipe, progress=progress)
             log: dict[str, Any] = {}
         else:
-            model, log = STAGE_KINDS[stage.kind].run(model, stage, ctx)
+            kind = STAGE_KINDS[stage.kind]
+            model, log = kind.run(model, stage, ctx)
+            if stage.finetune is not None and not kind.trains(stage):
+                log.update(_finetune(model, stage, kind, ctx))
         seconds = time.perf_counter() - start
         _write_stage(out, index, stage, model, data, example, recipe, seconds, log)
         _write_metrics(out, index)
@@ -139,6 +140,36 @@ def run_recipe(
 
     render_report(out)
     return result
+
+
+def _finetune(model: nn.Module, stage: Stage, kind: Any, ctx: StageContext) -> dict[str, Any]:
+    """The stage's ``finetune`` block, run by the pipeline for every stage kind that does not
+    train itself: with the teacher (the model before the stage) when it distils, inside the
+    kind's ``tuning`` context (e.g. fake quantization); validation accuracy before and after."""
+    ft = stage.finetune.model_copy(update={"seed": ctx.seed})
+    if ft.epochs == 0:
+        return {}
+    log: dict[str, Any] = {"val_before_finetune": _evaluate(model, ctx.data, "val")}
+    with kind.tuning(model) if kind.tuning is not None else contextlib.nullcontext():
+        log["finetune"] = finetune(model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress)
+    log["val_after_finetune"] = _evaluate(model, ctx.data, "val")
+    return log
+
+
+def recipe_inputs(recipe: Recipe) -> tuple[nn.Module, Any]:
+    """The recipe's model (seeded) and data (its transform applied): what stage 0 starts from."""
+    torch.manual_seed(recipe.seed)
+    model = load_model(recipe.model)
+    return model, _load_data(recipe, model)
+
+
+def train_baseline(
+    model: nn.Module, data: Any, recipe: Recipe, *, progress: bool | None = None
+) -> nn.Module:
+    """Stage 0: train ``model`` in place as the recipe's ``train`` block says (if any)."""
+    if recipe.train is not None:
+        fit(model, data, recipe.train, seed=stage_seed(recipe.seed, 0), progress=progress)
+    return model
 
 
 def _load_data(recipe: Recipe, model: nn.Module) -> Any:
@@ -281,7 +312,8 @@ def _write_stage(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_tensors(_unshared_state(model), tmp / STATE_FILE)
-    fmt, artifact = _write_artifact(model, stage, tmp)
+    fmt, artifact, extra = _write_artifact(model, stage, tmp, example)
+    log = {**log, **extra}
     size = artifact.stat().st_size
     if not is_hf_model(model):  # a transformers model's artifact is its reloadable directory
         save_model(model, tmp / "model.pt2", example)
@@ -333,8 +365,10 @@ def _write_stage(
     )
 
 
-def _write_artifact(model: nn.Module, stage: Stage | None, directory: Path) -> tuple[str, Path]:
-    """Write the stage's deployable file; return its format and path.
+def _write_artifact(
+    model: nn.Module, stage: Stage | None, directory: Path, example: torch.Tensor
+) -> tuple[str, Path, dict[str, Any]]:
+    """Write the stage's deployable file; return its format, path and what it adds to the log.
 
     A stage kind with an ``artifact`` writer decides (a ``.slim`` file, an int8 model ...);
     otherwise the weights go to safetensors in the smaller of the dense and sparse formats.
@@ -342,14 +376,14 @@ def _write_artifact(model: nn.Module, stage: Stage | None, directory: Path) -> t
 
     kind = STAGE_KINDS[stage.kind] if stage is not None else None
     if kind is not None and kind.artifact is not None:
-        return kind.artifact(model, stage, directory)
+        return kind.artifact(model, stage, directory, example)
     if is_hf_model(model):  # config + weights (packed / sparse / dense), reloadable as hf:DIR
-        return "hf", save_hf(model, directory / "hf")
+        return "hf", save_hf(model, directory / "hf"), {}
     deploy = deployable_state(model)
     fmt = min(FORMATS, key=lambda f: (payload_bytes(deploy, f), f != "dense"))
     path = directory / f"weights.{fmt}.safetensors"
     save_weights(deploy, path, fmt)
-    return fmt, path
+    return fmt, path, {}
 
 
 def _read_rows(out: Path, last: int) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ This module holds the config and the verb; the steps live apart:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -95,13 +96,17 @@ def channel_prune_(
     example: Any = None,
     data: DataSplits | None = None,
     calib: Any = None,
-) -> dict[str, float]:
-    """Remove channels from ``model`` in place; returns each cut group's removed fraction.
+) -> dict[str, Any]:
+    """Remove channels from ``model`` in place; returns each cut group's removed fraction
+    (``removed``) and the plans that were cut (``cut``: what :func:`replay_` redoes).
 
     See :func:`cut_channels_` for the arguments.
     """
     plans = cut_channels_(model, cfg, filter_fn, example=example, data=data, calib=calib)
-    return {p.group: len(p.remove) / p.channels for p in plans}
+    return {
+        "removed": {p.group: len(p.remove) / p.channels for p in plans},
+        "cut": [asdict(p) for p in plans],  # what a resumed run replays (replay_)
+    }
 
 
 def cut_channels_(

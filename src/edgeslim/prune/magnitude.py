@@ -41,6 +41,7 @@ class SparsityTarget(Options):
     """
 
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "layer_sparsity")
+    graded: ClassVar[bool] = True  # scaled(): reachable in steps (iterative, AGP)
 
     sparsity: float | None = Field(None, ge=0, lt=1)
     layer_sparsity: dict[str, float] | None = None

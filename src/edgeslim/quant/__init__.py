@@ -1,9 +1,13 @@
-"""Quantization: one verb, :func:`quantize_`, dispatching on the config's type.
+"""Quantization: two verbs over one registry, dispatching on the config's type.
 
-    quantize_(model, Int8PTQ(calibration="mse"), calib=data.calib(256))
+    qmodel = quantize(model, Int8PTQ(calibration="mse"), calib=data.calib(256))  # new model
+    quantize_(model, GPTQ(bits=4), calib=tokens)                                # in place
 
-Each technique registers a handler with :func:`register`; ``method: NAME`` in a recipe's
-``quantize`` stage picks the config class registered under ``NAME``.
+:func:`quantize` returns a quantized copy and leaves ``model`` untouched; it is the form for
+graph-mode quantization (a new ``torch.fx.GraphModule``). :func:`quantize_` changes ``model``
+in place (each layer quantizes its own input) and returns its ``quant_info``. Each technique
+registers a handler with :func:`register`; ``method: NAME`` in a recipe's ``quantize`` stage
+picks the config class registered under ``NAME``.
 """
 
 from __future__ import annotations
@@ -15,42 +19,62 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.options import Options
 from edgeslim.core.registry import Registry
+from edgeslim.core.selection import FilterFn
 
-FilterFn = Callable[[nn.Module, str], bool]
-REGISTRY = Registry("quantize_")
+REGISTRY = Registry("quantize")
 METHODS = REGISTRY.methods  # recipe name -> config class
 register = REGISTRY.register
+accepted = REGISTRY.accepted
+
+quantize = REGISTRY.verb(
+    """Return a quantized copy of ``model`` as ``cfg`` says; ``model`` is left untouched.
+
+    Use this form for graph-mode quantization (``Int8PTQ(graph="auto" | "fx")``,
+    ``DynamicFixedPoint``), which builds a new ``torch.fx.GraphModule`` from the model.
+    ``calib`` is calibration data (a tensor of inputs or an iterable of batches) for methods
+    that need it; ``filter_fn(module, name)`` restricts which layers are quantized. Methods
+    that train (QAT, LSQ, BWN, TWN, TTQ) also take ``data=`` (a DataSplits) and optionally
+    ``train=`` (a TrainConfig). The result carries ``quant_info`` (layers quantized, float
+    layers and why ...).
+    """,
+    in_place=False,
+)
 
 
 def quantize_(
     model: nn.Module,
-    cfg: BaseModel,
+    cfg: Options,
     *,
     calib: Any = None,
     filter_fn: FilterFn | None = None,
     **kwargs: Any,
-) -> Any:
-    """Quantize ``model`` as ``cfg`` says and return the quantized model.
+) -> dict[str, Any]:
+    """Quantize ``model`` in place as ``cfg`` says; returns its ``quant_info``.
 
-    ``calib`` is calibration data (a tensor of inputs or an iterable of batches) for methods
-    that need it; ``filter_fn(module, name)`` restricts which layers are quantized. Layers
-    are replaced in place where possible, but graph-mode quantization returns a new
-    ``torch.fx.GraphModule`` built from ``model``'s modules: always use the return value.
-    Methods that train (QAT, LSQ, BWN, TWN, TTQ) also take ``data=`` (a DataSplits) and
-    optionally ``train=`` (a TrainConfig).
+    Each layer quantizes its own input (``graph="module"``): a config with
+    ``graph="auto"`` is run in module mode here, and one that must build a new graph
+    (``graph="fx"``, :class:`DynamicFixedPoint`) is refused -- use :func:`quantize`, which
+    returns the new model. Arguments as for :func:`quantize`.
     """
-    if calib is not None:
-        kwargs["calib"] = calib
-    if filter_fn is not None:
-        kwargs["filter_fn"] = filter_fn
-    return REGISTRY.call(model, cfg, **kwargs)
+    REGISTRY.handler(cfg)  # an unknown config is a ConfigError before anything else
+    if "graph" in type(cfg).model_fields and cfg.graph == "auto":
+        cfg = cfg.model_copy(update={"graph": "module"})
+    if not cfg.in_place():
+        raise ConfigError(
+            f"{type(cfg).__name__} builds a new torch.fx graph module, which cannot replace "
+            f"{type(model).__name__} in place: use model = edgeslim.quantize(model, cfg, ...)"
+        )
+    result = REGISTRY.call(model, cfg, calib=calib, filter_fn=filter_fn, **kwargs)
+    if result is not model:
+        raise ConfigError(
+            f"{type(cfg).__name__} returned a new model; use model = edgeslim.quantize(model, cfg)"
+        )
+    return dict(getattr(model, "quant_info", {}))
 
 
-accepted = REGISTRY.accepted
-
-
-# gptq and smoothquant register their algorithms with the one-shot engine on import
 from edgeslim.oneshot.engine import one_shot_  # noqa: E402
 from edgeslim.quant.fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
 from edgeslim.quant.gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
@@ -101,6 +125,7 @@ __all__ = [
     "MixedPrecision",
     "SmoothQuant",
     "layer_qparams",
+    "quantize",
     "quantize_",
     "register",
 ]

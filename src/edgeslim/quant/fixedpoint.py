@@ -20,7 +20,7 @@ the same kind of quantized model (exact integer simulation, ``layer_qparams``, O
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import ConfigDict, Field
@@ -47,6 +47,11 @@ class DynamicFixedPoint(Options):
     skip_last: bool = False
     exclude: list[str] = Field(default_factory=list)
     calib_size: int = Field(256, ge=1)
+
+    builds_graph: ClassVar[bool] = True  # quantized as a torch.fx graph: use quantize()
+
+    def calib_count(self) -> int:
+        return self.calib_size
 
 
 def _fixed_error(x: torch.Tensor, fl: int, qmin: int, qmax: int, ref: torch.Tensor) -> float:

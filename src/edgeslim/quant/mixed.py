@@ -67,6 +67,13 @@ class MixedPrecision(Options):
     exclude: list[str] = Field(default_factory=list)
     calib_size: int = Field(256, ge=1)
     graph: Literal["auto", "fx", "module"] = "auto"
+
+    def calib_count(self) -> int:
+        return self.calib_size
+
+    def in_place(self) -> bool:
+        return self.graph == "module"  # "auto" / "fx" build a torch.fx graph module
+
     metric: Literal["kl", "mse"] | None = Field(
         None,
         description="sensitivity: KL of the softmax ('kl') or relative squared error ('mse'); "

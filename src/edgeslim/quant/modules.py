@@ -19,6 +19,8 @@ turns them into :class:`~.ptq.LayerQParams`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -554,6 +556,23 @@ def set_mode(model: nn.Module, mode: Mode) -> None:
             m.mode = mode
             if mode in ("exact", "export"):
                 m.freeze()
+
+
+@contextmanager
+def fake_quant_training(model: nn.Module) -> Iterator[nn.Module]:
+    """Train ``model`` through fake quantization, then put every quantized module back in
+    the mode it had (a pipeline stage's fine-tuning of a quantized model)."""
+    modes = {m: m.mode for m in model.modules() if isinstance(m, QuantModule)}
+    set_mode(model, "fake")
+    try:
+        yield model
+    finally:
+        for mode in dict.fromkeys(modes.values()):
+            for m, was in modes.items():
+                if was == mode:
+                    m.mode = mode
+                    if mode in ("exact", "export"):
+                        m.freeze()
 
 
 def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:

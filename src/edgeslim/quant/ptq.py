@@ -5,7 +5,7 @@ Integer-Arithmetic-Only Inference", https://arxiv.org/abs/1712.05877 ; Krishnamo
 "Quantizing deep convolutional networks for efficient inference: A whitepaper",
 https://arxiv.org/abs/1806.08342 (per-channel weights, BN folding, calibration choices).
 
-    qmodel = quantize_(model, Int8PTQ(calibration="mse"), calib=data.calib(256))
+    qmodel = quantize(model, Int8PTQ(calibration="mse"), calib=data.calib(256))
 
 Interface (stable; the microcontroller backend and the ONNX exporter build on it)
 -------------------------------------------------------------------------------
@@ -102,6 +102,12 @@ class Int8PTQ(Options):
     embeddings: bool = Field(True, description="module mode: int8 embedding tables (per row)")
     calib_size: int = Field(256, ge=1, description="calibration inputs a pipeline stage uses")
     simulate: Literal["exact", "fake"] = "exact"
+
+    def calib_count(self) -> int:
+        return self.calib_size
+
+    def in_place(self) -> bool:
+        return self.graph == "module"  # "auto" / "fx" build a torch.fx graph module
 
     def bits_for(self, name: str) -> int:
         """The weight bit width of layer ``name`` (first matching ``layer_bits`` pattern)."""

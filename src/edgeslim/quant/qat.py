@@ -16,7 +16,7 @@ is the same kind of model PTQ gives (``layer_qparams``, ONNX QDQ export).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +35,8 @@ class QAT(Int8PTQ):
     """
 
     epochs: int = Field(3, ge=0)
+
+    trains: ClassVar[bool] = True  # a stage's finetune is its training schedule
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"

@@ -20,7 +20,7 @@ scales that the packed artifact stores: 1 bit (BWN) or 2 bits (TWN, TTQ) per wei
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ class _LowBitConfig(Options):
     skip_last: bool = True
     exclude: list[str] = Field(default_factory=list)
     epochs: int = Field(10, ge=0, description="training epochs through the projection")
+
+    trains: ClassVar[bool] = True  # a stage's finetune is its training schedule
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 

@@ -8,10 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
 from torch import nn
 
 from edgeslim.core.masks import iter_shared, remove_sharing_
@@ -19,24 +17,28 @@ from edgeslim.core.registry import Registry
 from edgeslim.share.hashed import HashedConv2d, HashedLinear, HashShare, hash_share_
 from edgeslim.share.kmeans import KMeansShare, kmeans_share_
 
-FilterFn = Callable[[nn.Module, str], bool]
 REGISTRY = Registry("share_")
 METHODS = REGISTRY.methods  # recipe name -> config class
 register = REGISTRY.register
 
-
-def share_(
-    model: nn.Module, cfg: BaseModel, *, filter_fn: FilterFn | None = None, **kwargs: Any
-) -> dict[str, Any]:
+share_ = REGISTRY.verb(
     """Share ``model``'s weights in place as ``cfg`` says; returns a log row per layer.
 
     ``filter_fn(module, name)`` restricts which layers are considered.
     """
-    return REGISTRY.handler(cfg)(model, cfg, filter_fn=filter_fn, **kwargs)
+)
+
+
+def replay_hashing_(model: nn.Module, cfg: HashShare, log: Any, example: Any) -> nn.Module:
+    """Swap the hashed layers in again: their index and sign come from the same seeds (the
+    saved state is loaded next). k-means sharing changes no structure: its codes and
+    centroids come back with the state."""
+    share_(model, cfg)
+    return model
 
 
 register("kmeans", KMeansShare, kmeans_share_)
-register("hash", HashShare, hash_share_)
+register("hash", HashShare, hash_share_, replay=replay_hashing_)
 
 __all__ = [
     "METHODS",

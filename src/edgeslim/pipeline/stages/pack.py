@@ -4,39 +4,23 @@ The stage leaves the model as it is; its deployable artifact is ``model.slim``, 
 size becomes the stage's ``size_bytes`` (format ``slim``). Its log holds the file's make-up:
 header and graph bytes, and each coded stream's Huffman and ANS sizes beside its entropy.
 
-The model is encoded once: ``run`` encodes it (for the log) and keeps the bytes until the
-pipeline asks for the artifact, which writes (and verifies) exactly those bytes.
+The model is encoded once, by ``artifact`` (the pipeline gives it the recipe's example input,
+used to trace a model the zoo cannot rebuild); the encoder's report becomes the stage's log.
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from edgeslim.codec import packer
-from edgeslim.codec.packer import PackConfig, PackReport
+from edgeslim.codec.packer import PackConfig
 from edgeslim.core.options import validate
 from edgeslim.pipeline.stages.base import StageKind, register_stage
 
 SLIM_FILE = "model.slim"
-
-
-@dataclass
-class _Encoded:
-    """What ``run`` encoded, for ``artifact`` to write."""
-
-    stage: Any
-    data: bytes
-    report: PackReport
-    example: torch.Tensor | None
-
-
-_ENCODED: weakref.WeakKeyDictionary[nn.Module, _Encoded] = weakref.WeakKeyDictionary()
 
 
 def parse(body: Any, where: str) -> PackConfig:
@@ -44,24 +28,20 @@ def parse(body: Any, where: str) -> PackConfig:
 
 
 def run(model: nn.Module, stage: Any, ctx: Any) -> tuple[nn.Module, dict[str, Any]]:
-    # the example pack() would use, so that the log describes the very file written
-    example = packer.default_example(model, None)
-    data, report = packer.encode_model(model, stage.config, example)
-    _ENCODED[model] = _Encoded(stage, data, report, example)
+    return model, {}  # packing changes nothing; the file is written as the artifact
+
+
+def artifact(
+    model: nn.Module, stage: Any, directory: Path, example: Any
+) -> tuple[str, Path, dict[str, Any]]:
+    # a model with input_shape is encoded with the seeded batch pack() itself would use (the
+    # same bytes as edgeslim.pack); otherwise the recipe's example traces it
+    example = packer.default_example(model, None) if hasattr(model, "input_shape") else example
+    path = Path(directory) / SLIM_FILE
+    report = packer.pack(model, path, stage.config, example=example)
     log = report.to_dict()
     log.pop("file")
-    return model, log
-
-
-def artifact(model: nn.Module, stage: Any, directory: Path) -> tuple[str, Path]:
-    path = Path(directory) / SLIM_FILE
-    done = _ENCODED.pop(model, None)
-    if done is None or done.stage is not stage:  # not encoded by run: encode now
-        packer.pack(model, path, stage.config)
-    else:
-        verify = stage.config.verify
-        packer.write_encoded(model, path, done.data, done.report, done.example, verify=verify)
-    return "slim", path
+    return "slim", path, log
 
 
 register_stage(StageKind("pack", parse, run, artifact))

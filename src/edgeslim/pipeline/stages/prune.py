@@ -1,31 +1,28 @@
 """The ``prune`` pipeline stage: ``{method: NAME, steps: K, agp: {...}, ...method's own keys}``.
 
-- ``steps: 1`` (default) with no stage ``finetune``: one-shot;
-- ``steps: K`` with ``finetune``: K prune -> fine-tune cycles (methods with ``scaled``:
-  magnitude, obd);
+- ``steps: 1`` (default): prune once; the pipeline fine-tunes after if ``finetune`` is given;
+- ``steps: K`` with ``finetune``: K prune -> fine-tune cycles (``graded`` methods: magnitude,
+  obd, obs);
 - ``agp: {start, end, every, initial}``: prune during the stage's ``finetune`` training on
-  Zhu & Gupta's cubic schedule (magnitude, obd);
-- ``method: channel`` / ``depth`` / ``nm``: prune once, then fine-tune if ``finetune`` is
-  given.
+  Zhu & Gupta's cubic schedule (graded methods).
 
-Methods that need them get the recipe's example input (``channel``) and data (``obd``,
-``nm`` with ``score: obd``, ``channel`` with taylor importance or sensitivity allocation).
+Methods get what their handler takes of the recipe's example input and data, and one-shot
+methods (``needs_calib``: wanda, sparsegpt) the recipe's calibration set. What a resume must
+replay (a ``ChannelPrune`` plan, the blocks ``DepthPrune`` removed) is in the verb's log.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.options import validate
+from edgeslim.core.train import TrainConfig
 from edgeslim.pipeline.stages.base import StageKind, register_stage
-from edgeslim.prune.agp import AGPSchedule
-from edgeslim.prune.channel import ChannelPrune, cut_channels_
-from edgeslim.prune.depth import DepthPrune, replay_depth_
-from edgeslim.prune.surgery import replay_
+from edgeslim.pipeline.stages.method import MethodStage, calibration, parse_method, verb_context
+from edgeslim.prune import REGISTRY, prune_, prune_agp_, prune_iteratively_
+from edgeslim.prune.agp import AGPSchedule, at_fraction
 
 
 class _Schedule(BaseModel):
@@ -36,120 +33,63 @@ class _Schedule(BaseModel):
     agp: AGPSchedule | None = None
 
 
-class PruneStage(BaseModel):
-    """A validated prune stage: the method's config and the number of cycles."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    method: str
-    steps: int
-    config: BaseModel
-    agp: AGPSchedule | None = None
-
-    def to_recipe(self) -> dict[str, Any]:
-        extra = {"agp": self.agp.model_dump()} if self.agp is not None else {}
-        return {"method": self.method, "steps": self.steps, **extra, **self.config.model_dump()}
-
-
-def parse(body: Any, where: str) -> PruneStage:
-    from edgeslim.prune import METHODS
-
-    if not isinstance(body, dict):
-        raise ConfigError(f"{where}: must be a mapping with a 'method' key, got {body!r}")
-    schedule_keys = {"method", "steps", "agp"}
-    sched = validate(_Schedule, {k: v for k, v in body.items() if k in schedule_keys}, where)
-    if sched.method not in METHODS:
+def parse(body: Any, where: str) -> MethodStage:
+    stage = parse_method(body, where, REGISTRY, "pruning method", own=_Schedule)
+    steps, agp = stage.extra.get("steps", 1), stage.extra.get("agp")
+    if (steps > 1 or agp is not None) and not stage.config.graded:
+        graded = ", ".join(sorted(n for n, c in REGISTRY.methods.items() if c.graded))
         raise ConfigError(
-            f"{where}.method: unknown pruning method {sched.method!r}; known: {sorted(METHODS)}"
+            f"{where}: method {stage.method!r} prunes in one step; 'steps' > 1 and 'agp' need "
+            f"a method with a sparsity target ({graded})"
         )
-    rest = {k: v for k, v in body.items() if k not in schedule_keys}
-    config = validate(METHODS[sched.method], rest, where)
-    if (sched.steps > 1 or sched.agp is not None) and not hasattr(config, "scaled"):
-        raise ConfigError(
-            f"{where}: method {sched.method!r} prunes in one step; 'steps' > 1 and 'agp' need "
-            f"a method with a sparsity target ({', '.join(_graded(METHODS))})"
-        )
-    if sched.agp is not None:
-        from edgeslim.prune.agp import at_fraction
-
+    if agp is not None:
         try:
-            at_fraction(config, 1.0)
+            at_fraction(stage.config, 1.0)
         except ConfigError as exc:
             raise ConfigError(f"{where}.agp: {exc}") from None
-    if sched.steps > 1 and sched.agp is not None:
+    if steps > 1 and agp is not None:
         raise ConfigError(f"{where}: give 'steps' (iterative) or 'agp' (gradual), not both")
-    return PruneStage(method=sched.method, steps=sched.steps, config=config, agp=sched.agp)
+    return stage
 
 
-def _graded(methods: dict[str, type[BaseModel]]) -> list[str]:
-    return sorted(name for name, cls in methods.items() if hasattr(cls, "scaled"))
+def _scheduled(stage: Any) -> bool:
+    """Whether the stage prunes during its fine-tuning: AGP, or prune -> fine-tune cycles of
+    a graded method (one cycle when ``steps`` is 1 and the stage fine-tunes)."""
+    extra, ft = stage.config.extra, stage.finetune
+    if extra.get("agp") is not None:
+        return True
+    tunes = ft is not None and ft.epochs > 0
+    return stage.config.config.graded and (extra.get("steps", 1) > 1 or tunes)
 
 
 def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
-    from edgeslim.core.train import TrainConfig, finetune
-    from edgeslim.prune import accepted, prune_, prune_agp_, prune_iteratively_
-
-    cfg: PruneStage = stage.config
-    ft = stage.finetune or TrainConfig(epochs=0)
-    ft = ft.model_copy(update={"seed": ctx.seed})
-    if getattr(cfg.config, "needs_calib", False):  # one shot, from the calibration set
-        calib = {"calib": ctx.calibration(), "progress": ctx.progress}
-        log = {"layer_sparsity": prune_(model, cfg.config, **calib)}
-        if ft.epochs > 0:
-            log["finetune"] = finetune(
-                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
-            )
-        return model, log
-    context = accepted(cfg.config, example=ctx.example, data=ctx.data)
-    if cfg.agp is not None:
+    cfg = stage.config.config
+    context = verb_context(REGISTRY, cfg, ctx, ("example", "data"))
+    if cfg.needs_calib:  # one shot, from the calibration set
+        context = {"calib": calibration(cfg, ctx), "progress": ctx.progress}
+    if not _scheduled(stage):
+        return model, {"result": prune_(model, cfg, **context)}
+    ft = (stage.finetune or TrainConfig(epochs=0)).model_copy(update={"seed": ctx.seed})
+    context.pop("data", None)  # the schedules pass their own
+    extra = stage.config.extra
+    if extra.get("agp") is not None:
         if ft.epochs == 0:
             raise ConfigError(f"stage {stage.label}: 'agp' prunes during training; add finetune")
-        context.pop("data", None)  # prune_agp_ passes its own
+        agp = AGPSchedule.model_validate(extra["agp"])
         history = prune_agp_(
-            model, cfg.config, ctx.data, cfg.agp, ft, teacher=ctx.teacher, progress=ctx.progress,
-            **context,
-        )  # fmt: skip
+            model, cfg, ctx.data, agp, ft, teacher=ctx.teacher, progress=ctx.progress, **context
+        )
         return model, {"agp": history}
-    if isinstance(cfg.config, ChannelPrune):
-        plans = cut_channels_(model, cfg.config, **context)
-        log: dict[str, Any] = {
-            "removed": {p.group: len(p.remove) / p.channels for p in plans},
-            "cut": [asdict(p) for p in plans],  # what restore() replays on resume
-        }
-        if ft.epochs > 0:
-            log["finetune"] = finetune(
-                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
-            )
-        return model, log
-    if isinstance(cfg.config, DepthPrune):  # the removed blocks: what rebuild() replays
-        log = {"removed_blocks": list(prune_(model, cfg.config, **context))}
-        if ft.epochs > 0:
-            log["finetune"] = finetune(
-                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
-            )
-        return model, log
-    if not hasattr(cfg.config, "scaled") or (cfg.steps == 1 and ft.epochs == 0):
-        log = {"layer_sparsity": prune_(model, cfg.config, **context)}
-        if ft.epochs > 0:
-            log["finetune"] = finetune(
-                model, ctx.data, ft, teacher=ctx.teacher, progress=ctx.progress
-            )
-        return model, log
-    context.pop("data", None)  # prune_iteratively_ passes its own
     cycles = prune_iteratively_(
-        model, cfg.config, ctx.data, cfg.steps, ft, teacher=ctx.teacher, progress=ctx.progress,
+        model, cfg, ctx.data, extra.get("steps", 1), ft, teacher=ctx.teacher, progress=ctx.progress,
         **context,
     )  # fmt: skip
     return model, {"cycles": cycles}
 
 
 def rebuild(model, stage, log: dict[str, Any], example):
-    """Redo a finished channel- or depth-pruning stage's cuts on a fresh model (for resume)."""
-    if log.get("cut"):
-        replay_(model, example, log["cut"])
-    if log.get("removed_blocks"):
-        replay_depth_(model, log["removed_blocks"])
-    return model
+    """Replay a finished stage's structural change on a fresh model (for resume)."""
+    return REGISTRY.replay(model, stage.config.config, log.get("result", {}), example)
 
 
-register_stage(StageKind("prune", parse, run, rebuild=rebuild))
+register_stage(StageKind("prune", parse, run, rebuild=rebuild, trains=_scheduled))

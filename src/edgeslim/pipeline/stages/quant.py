@@ -18,46 +18,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from edgeslim.core.errors import ConfigError
-from edgeslim.core.options import validate
+from edgeslim.core.models.hf import is_hf_model, save_hf
 from edgeslim.pipeline.stages.base import StageKind, register_stage
+from edgeslim.pipeline.stages.method import MethodStage, calibration, parse_method, verb_context
+from edgeslim.quant import REGISTRY, quantize, quantize_
+from edgeslim.quant.modules import fake_quant_training, quant_layers, set_mode
+from edgeslim.quant.pack import save_packed
+from edgeslim.quant.ptq import Int8PTQ, prepare
+from edgeslim.quant.qat import LSQ, enable_lsq
+from edgeslim.quant.ternary import lowbit_
 
 ARTIFACT = "weights.int.safetensors"
-_TRAINING = {"qat", "lsq", "bwn", "twn", "ttq"}
 _ONE_SHOT = {"gptq", "rtn", "smoothquant"}  # layer by layer on language models, in place
 
 
-class QuantizeStage(BaseModel):
-    """A validated quantize stage: the method's name and its config."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    method: str
-    config: BaseModel
-
-    def to_recipe(self) -> dict[str, Any]:
-        return {"method": self.method, **self.config.model_dump()}
-
-
-def parse(body: Any, where: str) -> QuantizeStage:
-    from edgeslim.quant import METHODS
-
-    if not isinstance(body, dict) or "method" not in body:
-        raise ConfigError(f"{where}: must be a mapping with a 'method' key, got {body!r}")
-    method = body["method"]
-    if method not in METHODS:
-        raise ConfigError(
-            f"{where}.method: unknown quantization method {method!r}; known: {sorted(METHODS)}"
-        )
-    rest = {k: v for k, v in body.items() if k != "method"}
-    return QuantizeStage(method=method, config=validate(METHODS[method], rest, where))
-
-
-def _calib(cfg: BaseModel, ctx) -> Any:
-    n = getattr(cfg, "calib_size", None)
-    return None if n is None else ctx.data.calib(min(n, len(ctx.data.train)), seed=ctx.seed)
+def parse(body: Any, where: str) -> MethodStage:
+    return parse_method(body, where, REGISTRY, "quantization method")
 
 
 def _jsonable(value: Any) -> Any:
@@ -70,43 +46,26 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
-    from edgeslim.core.train import fit
-    from edgeslim.quant import accepted, quantize_
-    from edgeslim.quant.modules import set_mode
+def _trains(stage: Any) -> bool:
+    return stage.config.config.trains
 
-    cfg: QuantizeStage = stage.config
-    train = None
-    if stage.finetune is not None:
-        train = stage.finetune.model_copy(update={"seed": ctx.seed})
-    context = accepted(
-        cfg.config,
-        data=ctx.data,
-        train=train if cfg.method in _TRAINING else None,
-        teacher=ctx.teacher,
-        progress=ctx.progress,
-        seed=ctx.seed,
-    )
-    if getattr(cfg.config, "needs_calib", False):  # one-shot, layer by layer (GPTQ ...)
-        calib = ctx.calibration()
-    else:
-        calib = _calib(cfg.config, ctx)
-    qmodel = quantize_(model, cfg.config, calib=calib, **context)
-    log = dict(getattr(qmodel, "quant_info", {}))
-    if train is not None and cfg.method not in _TRAINING and train.epochs:
-        set_mode(qmodel, "fake")
-        log["finetune"] = fit(qmodel, ctx.data, train, teacher=ctx.teacher, progress=ctx.progress)
-        set_mode(qmodel, getattr(cfg.config, "simulate", "exact"))
-    return qmodel, _jsonable(log)
+
+def run(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
+    cfg = stage.config.config
+    context = verb_context(REGISTRY, cfg, ctx, ("data", "teacher", "progress", "seed"))
+    if cfg.trains and stage.finetune is not None:  # the stage's finetune is its schedule
+        context.update(
+            REGISTRY.accepted(cfg, train=stage.finetune.model_copy(update={"seed": ctx.seed}))
+        )
+    if cfg.in_place():  # one-shot LLM methods, ternary ...: no copy of a big model
+        quantize_(model, cfg, calib=calibration(cfg, ctx), **context)
+        return model, _jsonable(dict(getattr(model, "quant_info", {})))
+    qmodel = quantize(model, cfg, calib=calibration(cfg, ctx), **context)
+    return qmodel, _jsonable(dict(getattr(qmodel, "quant_info", {})))
 
 
 def rebuild(model, stage, log, example) -> Any:
     """The structure ``run`` creates, without calibration or training (to resume into)."""
-    from edgeslim.quant.modules import quant_layers, set_mode
-    from edgeslim.quant.ptq import Int8PTQ, prepare
-    from edgeslim.quant.qat import LSQ, enable_lsq
-    from edgeslim.quant.ternary import lowbit_
-
     cfg = stage.config.config
     if stage.config.method in _ONE_SHOT:  # their buffers are restored with the state
         return model
@@ -132,15 +91,22 @@ def rebuild(model, stage, log, example) -> Any:
     return qmodel
 
 
-def artifact(model, stage, directory: Path) -> tuple[str, Path]:
-    from edgeslim.core.models.hf import is_hf_model, save_hf
-    from edgeslim.quant.pack import save_packed
-
+def artifact(model, stage, directory: Path, example) -> tuple[str, Path, dict[str, Any]]:
     if is_hf_model(model):
-        return "hf", save_hf(model, Path(directory) / "hf")
+        return "hf", save_hf(model, Path(directory) / "hf"), {}
     path = Path(directory) / ARTIFACT
     save_packed(model, path)
-    return "int", path
+    return "int", path, {}
 
 
-register_stage(StageKind("quantize", parse, run, artifact, rebuild=rebuild))
+register_stage(
+    StageKind(
+        "quantize",
+        parse,
+        run,
+        artifact,
+        rebuild=rebuild,
+        trains=_trains,
+        tuning=fake_quant_training,
+    )
+)
