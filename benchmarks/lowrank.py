@@ -47,6 +47,7 @@ from torch import nn
 import edgeslim as es
 from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.data.text import load_text
+from edgeslim.core.selection import FilterFn
 from edgeslim.profiling import measure_latency_ms, profile
 
 console = Console()
@@ -107,7 +108,7 @@ class Case:
     budget: BaseModel  # the MAC-budget config
     at_ranks: Callable[[dict[str, int], str], BaseModel]  # (ranks, solver) -> config
     finetune: Callable[[nn.Module, nn.Module], None]  # (student, teacher), in place
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    filter_fn: FilterFn | None = None
     repeats: tuple[int, int] = (300, 50)  # timed passes at batch 1 and for the batch
 
 

@@ -270,13 +270,3 @@ def test_every_public_config_refuses_bad_input_with_config_error():
         es.KD(temperature=0)
     with pytest.raises(es.ConfigError, match=r"^MagnitudePrune: give exactly one"):
         es.MagnitudePrune(sparsity=0.5, layer_sparsity={"fc1": 0.5})
-
-
-def test_lookup_layer_exact_name_wins_then_first_glob():
-    from edgeslim.core.options import lookup_layer
-
-    table = {"conv*": 8, "fc*": 5, "conv2": 4}
-    assert lookup_layer(table, "conv2") == 4  # exact key beats the earlier pattern
-    assert lookup_layer(table, "conv1") == 8 and lookup_layer(table, "fc3") == 5
-    assert lookup_layer(table, "head") is None and lookup_layer({}, "conv1") is None
-    assert es.Int8PTQ(weight_bits=8, layer_bits={"fc*": 4, "fc2": 6}).bits_for("fc2") == 6

@@ -8,7 +8,6 @@ before it reports success. :func:`encode_model` is the encoder alone (bytes and 
 
 from __future__ import annotations
 
-import fnmatch
 import lzma
 import os
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from edgeslim.core.errors import ContainerError
 from edgeslim.core.fileio import atomic_path
 from edgeslim.core.masks import iter_shared
 from edgeslim.core.options import Options
+from edgeslim.core.selection import matches
 from edgeslim.core.version import __version__
 from edgeslim.share.hashed import HASHED_MODULES
 
@@ -250,7 +250,7 @@ def _index_bits(spec: Any, name: str, kinds: dict[str, type]) -> int | str:
             return spec[key]
     for pattern, value in spec.items():
         if pattern not in PAPER_INDEX_BITS and (
-            fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module, pattern)
+            matches(name, (pattern,)) or matches(module, (pattern,))
         ):
             return value
     kind = "conv" if issubclass(kinds.get(module, nn.Module), _CONV) else "linear"

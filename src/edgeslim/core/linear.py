@@ -7,13 +7,10 @@ transposed, ``(in, out)``); :func:`weight_matrix` always gives ``(out, in)`` and
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-FilterFn = Callable[[nn.Module, str], bool]
+from edgeslim.core.selection import FilterFn
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -48,17 +45,6 @@ def to_param_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 def weight_in(module: nn.Module) -> int:
     """Input features of a linear layer."""
     return module.weight.shape[0 if _transposed(module) else 1]
-
-
-def layer_filter(exclude: list[str], filter_fn: FilterFn | None) -> FilterFn:
-    """A filter that keeps layers that ``filter_fn`` accepts and no ``exclude`` glob matches."""
-
-    def keep(module: nn.Module, name: str) -> bool:
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            return False
-        return filter_fn is None or filter_fn(module, name)
-
-    return keep
 
 
 def linear_layers(root: nn.Module, prefix: str, keep: FilterFn) -> dict[str, nn.Module]:

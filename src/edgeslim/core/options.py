@@ -1,4 +1,4 @@
-"""Config objects: the base every technique config inherits from, validation, per-layer lookup.
+"""Config objects: the base every technique config inherits from, and their validation.
 
 Every technique takes a config (``MagnitudePrune(sparsity=0.9)``, ``Int8PTQ()`` ...) that is an
 :class:`Options`: unknown keys are refused and a bad value is a :class:`ConfigError` naming the
@@ -8,7 +8,6 @@ which names the YAML key path instead.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -75,18 +74,6 @@ class Options(BaseModel):
     # a nested config) keeps pydantic's path and goes through :func:`validate`, which names
     # the YAML key path; only direct construction in Python comes through here.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
-
-def lookup_layer(table: dict[str, Any], name: str) -> Any | None:
-    """The value for layer ``name`` in a per-layer table (``layer_sparsity``, ``rank``,
-    ``layer_bits`` ...): an exact key wins, then the first glob pattern that matches; None if
-    nothing does."""
-    if name in table:
-        return table[name]
-    for pattern, value in table.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return value
-    return None
 
 
 def validate(model_type: type[BaseModel], data: Any, prefix: str) -> BaseModel:

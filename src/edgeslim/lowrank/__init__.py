@@ -20,7 +20,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.registry import Registry
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.selection import FilterFn, matches
 from edgeslim.lowrank.conv import ConvDecompose, response_factors
 from edgeslim.lowrank.layers import (
     Factored,
@@ -30,7 +30,7 @@ from edgeslim.lowrank.layers import (
     restore_,
     thin_pair,
 )
-from edgeslim.lowrank.ranks import RankTarget, factorize_, inside_factored, is_excluded
+from edgeslim.lowrank.ranks import RankTarget, factorize_, inside_factored
 from edgeslim.lowrank.svd import SVD, weight_factors
 
 REGISTRY = Registry("lowrank_")
@@ -64,7 +64,7 @@ def candidates(
     done = inside_factored(model)
     found = {}
     for name, m in model.named_modules():
-        if not name or not isinstance(m, types) or name in done or is_excluded(name, exclude):
+        if not name or not isinstance(m, types) or name in done or matches(name, exclude):
             continue
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             continue  # depthwise or grouped: no cross-channel structure to factor

@@ -17,7 +17,6 @@ A layer whose chosen pair would not cost fewer MACs than the layer itself is lef
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import torch
@@ -26,8 +25,9 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import run_calibration
-from edgeslim.core.options import Options, lookup_layer
+from edgeslim.core.options import Options
 from edgeslim.core.progress import enabled, progress_bar
+from edgeslim.core.selection import lookup_layer, unmatched
 from edgeslim.lowrank.layers import Factored, Factorization, replace_
 
 MAC_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -58,10 +58,6 @@ class RankTarget(Options):
             if r < 1:
                 raise ValueError(f"rank[{name!r}] = {r} must be >= 1")
         return self
-
-
-def is_excluded(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def inside_factored(model: nn.Module) -> set[str]:
@@ -180,7 +176,7 @@ def choose_ranks(
 ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
     """Rank per layer as ``cfg`` says (layers absent are kept), and any measured sensitivity."""
     if isinstance(cfg.rank, dict):
-        unknown = [k for k in cfg.rank if not any(fnmatch.fnmatchcase(n, k) for n in factors)]
+        unknown = unmatched(cfg.rank, factors)
         if unknown:
             raise ConfigError(
                 f"rank names {unknown} match no layer that can be factorised; candidates: "

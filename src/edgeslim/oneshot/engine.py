@@ -18,8 +18,9 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import eval_mode, forward_hooks
-from edgeslim.core.linear import FilterFn, is_linear, layer_filter, linear_layers, weight_in
+from edgeslim.core.linear import is_linear, linear_layers, weight_in
 from edgeslim.core.progress import console, enabled, progress_bar
+from edgeslim.core.selection import FilterFn, layer_filter
 from edgeslim.oneshot.blocks import (
     Batch,
     BlockInputs,

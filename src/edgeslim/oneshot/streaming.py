@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import CheckpointError, ConfigError
-from edgeslim.core.linear import FilterFn, layer_filter
 from edgeslim.core.models.hf import model_class_for, write_index, write_shard
 from edgeslim.core.progress import console, enabled, progress_bar
+from edgeslim.core.selection import FilterFn, layer_filter
 from edgeslim.oneshot.blocks import Batch, calibration_batches, capture_block_inputs, find_blocks
 from edgeslim.oneshot.engine import Plan, compress_block_
 from edgeslim.oneshot.registry import algorithm_for

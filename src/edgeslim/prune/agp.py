@@ -24,8 +24,8 @@ from torch import nn
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.core.train import StepHook, TrainConfig, fit
-from edgeslim.prune.magnitude import FilterFn
 
 
 class AGPSchedule(Options):

@@ -22,7 +22,6 @@ This module holds the config and the verb; the steps live apart:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.prune.budget import ratios_for_macs
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
@@ -91,7 +91,7 @@ class ChannelPrune(Options):
 def channel_prune_(
     model: nn.Module,
     cfg: ChannelPrune,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: FilterFn | None = None,
     *,
     example: Any = None,
     data: DataSplits | None = None,
@@ -112,7 +112,7 @@ def channel_prune_(
 def cut_channels_(
     model: nn.Module,
     cfg: ChannelPrune,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    filter_fn: FilterFn | None = None,
     *,
     example: Any = None,
     data: DataSplits | None = None,

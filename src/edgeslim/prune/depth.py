@@ -28,7 +28,6 @@ Three steps, as for channels:
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any, Literal
 
 import torch
@@ -42,6 +41,7 @@ from edgeslim.core.fxpatterns import activation, is_add
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, matches
 from edgeslim.profiling.latency import measure_latency_ms
 from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
@@ -141,7 +141,7 @@ def residual_blocks(model: nn.Module, ignore: list[str] | None = None) -> dict[s
     for name, module in model.named_modules():
         if not name or any(name.startswith(f"{b}.") for b in found):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in ignore or []):
+        if matches(name, ignore or ()):
             continue
         bypass = skip_kind(module)
         if bypass is not None:
@@ -257,7 +257,7 @@ def choose_blocks(model: nn.Module, x: torch.Tensor, cfg: DepthPrune) -> list[st
 def depth_prune_(
     model: nn.Module,
     cfg: DepthPrune,
-    filter_fn: Any = None,
+    filter_fn: FilterFn | None = None,
     *,
     example: torch.Tensor | None = None,
     data: DataSplits | None = None,

@@ -12,7 +12,6 @@ transformer's hidden size), matches ``ignore``, or touches a tensor the graph ca
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.hooks import eval_mode, forward_hooks, output_tensors
+from edgeslim.core.selection import matches
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_COUNTS = ("num_attention_heads", "num_heads")
@@ -129,10 +129,6 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return found
 
 
-def _matches(name: str, patterns: list[str] | dict[str, float]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def report_unsupported(cfg: GroupOptions, what: str) -> None:
     """Name an op structured pruning cannot handle: a warning, or per ``cfg`` an error."""
     if cfg.on_unsupported == "error":
@@ -151,7 +147,7 @@ def prunable_groups(
     order = {m: i for i, m in enumerate(names)}  # definition order names a group stably
     fixed = output_modules(model, example)
     heads = attention_heads(model)
-    ignored = [m for n, m in model.named_modules() if n and _matches(n, cfg.ignore)]
+    ignored = [m for n, m in model.named_modules() if n and matches(n, cfg.ignore)]
     groups: list[Group] = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module

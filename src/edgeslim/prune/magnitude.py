@@ -16,8 +16,6 @@ once pruned stays pruned.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -26,9 +24,9 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import get_mask, set_mask_
-from edgeslim.core.options import Options, lookup_layer
+from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
 
-FilterFn = Callable[[nn.Module, str], bool]
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -111,11 +109,7 @@ class MagnitudePrune(SparsityTarget):
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
     """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, PRUNABLE) and (filter_fn is None or filter_fn(m, name))
-    }
+    return select_layers(model, PRUNABLE, filter_fn=filter_fn)
 
 
 def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
@@ -127,15 +121,13 @@ def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def select_layers(
+def target_layers(
     layers: dict[str, nn.Module], exclude: list[str], layer_sparsity: dict[str, float] | None
 ) -> dict[str, nn.Module]:
     """``layers`` without the ``exclude`` patterns; every ``layer_sparsity`` key must match one."""
-    layers = {
-        n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
-    }
+    layers = {n: m for n, m in layers.items() if not matches(n, exclude)}
     if layer_sparsity is not None:
-        unknown = [k for k in layer_sparsity if not any(fnmatch.fnmatchcase(n, k) for n in layers)]
+        unknown = unmatched(layer_sparsity, layers)
         if unknown:
             raise ConfigError(
                 f"layer_sparsity names {unknown} match no prunable layer; "
@@ -173,7 +165,7 @@ def masks_from_scores(
 
 def magnitude_masks(cfg: MagnitudePrune, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """New keep-masks for each layer's weight (pure: the model is not changed)."""
-    layers = select_layers(layers, cfg.exclude, cfg.layer_sparsity)
+    layers = target_layers(layers, cfg.exclude, cfg.layer_sparsity)
     if cfg.quality is None:
         scores = {name: m.weight.detach().abs() for name, m in layers.items()}
         return masks_from_scores(scores, cfg.sparsity, cfg.layer_sparsity)

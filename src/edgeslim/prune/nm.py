@@ -29,8 +29,9 @@ from torch import nn
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.core.sparsity import _groups, _ungroup, nm_supported
-from edgeslim.prune.magnitude import FilterFn, apply_new_masks_, prunable_layers, select_layers
+from edgeslim.prune.magnitude import apply_new_masks_, prunable_layers, target_layers
 
 
 class NMPrune(Options):
@@ -76,7 +77,7 @@ def nm_prune_(
     calib: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Apply ``cfg.n``:``cfg.m`` masks in place; returns each pruned layer's sparsity."""
-    layers = select_layers(prunable_layers(model, filter_fn), cfg.exclude, None)
+    layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, None)
     supported = {k: v for k, v in layers.items() if nm_supported(v.weight, cfg.m)}
     if not supported:
         raise ConfigError(

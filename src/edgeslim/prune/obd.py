@@ -44,13 +44,13 @@ from torch import nn
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import eval_mode
+from edgeslim.core.selection import FilterFn
 from edgeslim.prune.magnitude import (
-    FilterFn,
     SparsityTarget,
     apply_new_masks_,
     masks_from_scores,
     prunable_layers,
-    select_layers,
+    target_layers,
 )
 from edgeslim.prune.obs import (
     allocate_masks,
@@ -239,7 +239,7 @@ def obd_prune_(
     Needs data: ``data`` (``samples`` training examples are drawn from it) or
     ``calib=(x, y)`` (for ``hessian="layerwise"`` inputs alone will do: ``calib=x``).
     """
-    layers = select_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
+    layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
     if cfg.hessian == "layerwise":

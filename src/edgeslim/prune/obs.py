@@ -50,15 +50,15 @@ from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.masks import get_mask
+from edgeslim.core.selection import FilterFn
 from edgeslim.oneshot.stats import Hessian
 from edgeslim.prune.magnitude import (
-    FilterFn,
     SparsityTarget,
     _keep_smallest_removed,
     apply_new_masks_,
     masks_from_scores,
     prunable_layers,
-    select_layers,
+    target_layers,
 )
 
 Allocation = Literal["magnitude", "normalized"]
@@ -260,7 +260,7 @@ def obs_prune_(
     Needs calibration inputs: ``data`` (``samples`` training inputs are drawn from it) or
     ``calib`` (a batch of inputs, or ``(x, y)``).
     """
-    layers = select_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
+    layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
     x = calibration_inputs(calib if calib is not None else data, cfg.samples, cfg.seed)

@@ -8,11 +8,11 @@ Nothing is cut here: :mod:`.surgery` does that.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.selection import matches
 from edgeslim.prune.groups import Group, GroupOptions
 from edgeslim.prune.importance import Importance, scorer
 
@@ -76,7 +76,7 @@ def group_ratio(group: Group, cfg: PlanOptions, ratios: dict[str, float] | None)
     else:
         r = 0.0
         for key, value in table.items():
-            if any(fnmatch.fnmatchcase(n, key) for n in [group.name, *group.layers]):
+            if any(matches(n, (key,)) for n in [group.name, *group.layers]):
                 r = value
                 break
     if group.heads and cfg.heads is not None:

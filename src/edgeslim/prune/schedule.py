@@ -12,8 +12,8 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.masks import iter_masks
+from edgeslim.core.selection import FilterFn
 from edgeslim.core.train import TrainConfig, evaluate, finetune
-from edgeslim.prune.magnitude import FilterFn
 
 
 def model_sparsity(model) -> float:

@@ -36,9 +36,10 @@ from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import get_mask
 from edgeslim.core.plotting import new_figure, save_png
 from edgeslim.core.progress import enabled, progress_bar
+from edgeslim.core.selection import FilterFn
 from edgeslim.core.train import evaluate
 from edgeslim.prune.groups import prepare
-from edgeslim.prune.magnitude import FilterFn, _keep_smallest_removed, prunable_layers
+from edgeslim.prune.magnitude import _keep_smallest_removed, prunable_layers
 from edgeslim.prune.plan import ProbeOptions, plan_groups
 from edgeslim.prune.surgery import zeroed
 

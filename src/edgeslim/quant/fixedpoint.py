@@ -29,9 +29,10 @@ from torch import nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import forward_hooks, iter_batches
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.quant import fake
 from edgeslim.quant.modules import ActQuant, QuantAvgPool, quant_layers, set_mode
-from edgeslim.quant.ptq import FilterFn, Int8PTQ, prepare
+from edgeslim.quant.ptq import Int8PTQ, prepare
 
 FL_RANGE = range(-8, 25)  # candidate fractional lengths
 

@@ -36,9 +36,10 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.linear import layer_filter, linear_layers, weight_matrix
+from edgeslim.core.linear import linear_layers, weight_matrix
 from edgeslim.core.models.quantstate import QuantizedWeight, attach_quantized_
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, layer_filter
 from edgeslim.oneshot.blocks import find_blocks
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
@@ -239,7 +240,7 @@ def rtn_quantize_(
     cfg: RTN,
     *,
     calib: Any = None,
-    filter_fn: Any = None,
+    filter_fn: FilterFn | None = None,
     progress: bool | None = None,
 ) -> dict[str, float]:
     """Round-to-nearest the same layers GPTQ would quantize; returns each one's weight MSE.

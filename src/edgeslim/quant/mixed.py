@@ -44,8 +44,9 @@ from torch import nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import iter_batches
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.quant.modules import WeightQuant, quant_layers, set_mode
-from edgeslim.quant.ptq import FilterFn, Int8PTQ, int8_ptq_, prepare
+from edgeslim.quant.ptq import Int8PTQ, int8_ptq_, prepare
 
 
 class MixedPrecision(Options):

@@ -41,8 +41,6 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,7 +53,8 @@ from torch import fx, nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
 from edgeslim.core.hooks import run_calibration
-from edgeslim.core.options import Options, lookup_layer
+from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, lookup_layer, matches, unmatched
 from edgeslim.quant import spec
 from edgeslim.quant.fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
 from edgeslim.quant.modules import (
@@ -72,7 +71,6 @@ from edgeslim.quant.modules import (
 )
 from edgeslim.quant.observers import Observer
 
-FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -200,18 +198,13 @@ def _select(
 ) -> tuple[list[str], dict[str, str]]:
     """Which of ``names`` (quantizable layers in execution order) to quantize, and why not."""
     skipped: dict[str, str] = {}
-    for pattern in cfg.exclude:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+    for field_name, patterns in (("exclude", cfg.exclude), ("layer_bits", cfg.layer_bits)):
+        if unknown := unmatched(patterns, names):
             raise ConfigError(
-                f"exclude pattern {pattern!r} matches no quantizable layer; layers: {names}"
-            )
-    for pattern in cfg.layer_bits:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ConfigError(
-                f"layer_bits pattern {pattern!r} matches no quantizable layer; layers: {names}"
+                f"{field_name} pattern {unknown[0]!r} matches no quantizable layer; layers: {names}"
             )
     for n in names:
-        if any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude):
+        if matches(n, cfg.exclude):
             skipped[n] = "excluded"
         elif filter_fn is not None and not filter_fn(modules[n], n):
             skipped[n] = "filter_fn"
@@ -393,9 +386,7 @@ def _prepare_modules(
     embeddings = []
     if cfg.embeddings:
         for name, mod in modules.items():
-            if isinstance(mod, nn.Embedding) and not any(
-                fnmatch.fnmatchcase(name, p) for p in cfg.exclude
-            ):
+            if isinstance(mod, nn.Embedding) and not matches(name, cfg.exclude):
                 _replace_module(model, name, QuantEmbedding(mod))
                 embeddings.append(name)
     info = {"graph": "module", "folded_bn": folded, "embeddings": embeddings}

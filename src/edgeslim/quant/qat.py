@@ -23,8 +23,9 @@ from pydantic import Field
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.selection import FilterFn
 from edgeslim.quant.modules import ActQuant, quant_layers, set_mode
-from edgeslim.quant.ptq import FilterFn, Int8PTQ, int8_ptq_
+from edgeslim.quant.ptq import Int8PTQ, int8_ptq_
 
 
 class QAT(Int8PTQ):

@@ -29,8 +29,9 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn
 from edgeslim.quant.fold import _replace_module
-from edgeslim.quant.ptq import QUANTIZABLE, FilterFn, Int8PTQ, _select
+from edgeslim.quant.ptq import QUANTIZABLE, Int8PTQ, _select
 
 Scheme = Literal["bwn", "twn", "ttq"]
 

@@ -18,10 +18,8 @@ with buckets initialised to the least-squares fit of the old weights, and ``fit`
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import zlib
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,8 +29,8 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, select_layers
 
-FilterFn = Callable[[nn.Module, str], bool]
 _MASK64 = (1 << 64) - 1
 _INDEX_SALT, _SIGN_SALT = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
 
@@ -265,14 +263,8 @@ def hash_share_(
     model: nn.Module, cfg: HashShare, filter_fn: FilterFn | None = None
 ) -> dict[str, dict[str, int]]:
     """Swap ``model``'s Linear and Conv2d layers for hashed ones in place; a log row per layer."""
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        and (filter_fn is None or filter_fn(m, n))
-        and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)
-        and n != ""
-    }
+    layers = select_layers(model, (nn.Linear, nn.Conv2d), exclude=cfg.exclude, filter_fn=filter_fn)
+    layers.pop("", None)  # the model itself cannot be swapped in place
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Linear or Conv2d layer to hash")
     log: dict[str, dict[str, int]] = {}

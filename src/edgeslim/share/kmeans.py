@@ -20,8 +20,6 @@ separate steps.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -32,8 +30,8 @@ from torch import nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import set_shared_
 from edgeslim.core.options import Options
+from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
 
-FilterFn = Callable[[nn.Module, str], bool]
 SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TYPE_KEYS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
 MAX_BITS = 12
@@ -119,22 +117,18 @@ def kmeans_1d(
 
 def layer_bits(cfg: KMeansShare, layers: dict[str, nn.Module]) -> dict[str, int]:
     """Bits of each layer that ``cfg`` shares (layers without an entry are left out)."""
-    layers = {
-        n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)
-    }
+    layers = {n: m for n, m in layers.items() if not matches(n, cfg.exclude)}
     if isinstance(cfg.bits, int):
         return dict.fromkeys(layers, cfg.bits)
     names = {k: v for k, v in cfg.bits.items() if k not in TYPE_KEYS}
-    unknown = [k for k in names if not any(fnmatch.fnmatchcase(n, k) for n in layers)]
+    unknown = unmatched(names, layers)
     if unknown:
         raise ConfigError(
             f"bits names {unknown} match no Conv or Linear layer; layers: {list(layers)}"
         )
     out: dict[str, int] = {}
     for name, module in layers.items():
-        match = names.get(name)
-        if match is None:
-            match = next((b for p, b in names.items() if fnmatch.fnmatchcase(name, p)), None)
+        match = lookup_layer(names, name)
         if match is None:
             match = next(
                 (
@@ -176,11 +170,7 @@ def kmeans_share_(
     model: nn.Module, cfg: KMeansShare, filter_fn: FilterFn | None = None
 ) -> dict[str, dict[str, float]]:
     """Share the weights of ``model``'s Conv/Linear layers in place; a log row per tensor."""
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, SHAREABLE) and (filter_fn is None or filter_fn(m, n))
-    }
+    layers = select_layers(model, SHAREABLE, filter_fn=filter_fn)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to share")
     log: dict[str, dict[str, float]] = {}
