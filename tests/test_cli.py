@@ -108,3 +108,18 @@ def test_demo_meets_deep_compression_targets(tmp_path):
         assert base["size_bytes"] / final["size_bytes"] >= ratio
         assert final["accuracy"] >= base["accuracy"] - 0.003
         assert (Path(tmp_path) / net / "report.md").is_file()
+
+
+def test_sensitivity_on_a_recipe_applies_its_data_transform(tmp_path):
+    """Regression: the CLI rebuilt the baseline itself and fed haarnet untransformed digits."""
+    recipe = tmp_path / "haar.yaml"
+    recipe.write_text(
+        "name: haar_small\nmodel: zoo:haarnet\n"
+        "data: {source: mnist, transform: haar, max_train: 200}\n"
+        "train: {epochs: 1}\n"
+    )
+    out = tmp_path / "curves.json"
+    proc = _cli("sensitivity", recipe, "--ratios", "0.5", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    curves = json.loads(out.read_text())
+    assert curves, "no curves written"

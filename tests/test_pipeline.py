@@ -270,3 +270,33 @@ def test_every_public_config_refuses_bad_input_with_config_error():
         es.KD(temperature=0)
     with pytest.raises(es.ConfigError, match=r"^MagnitudePrune: give exactly one"):
         es.MagnitudePrune(sparsity=0.5, layer_sparsity={"fc1": 0.5})
+
+
+# ------------------------------------------------------- the pipeline owns stage fine-tuning
+
+
+def test_share_stage_fine_tunes_with_the_teacher_when_it_distils(tmp_path, monkeypatch):
+    """Regression: the share stage fine-tuned itself and forgot ``teacher=``."""
+    import edgeslim.pipeline.runner as runner
+
+    seen = []
+    real = runner.finetune
+
+    def spy(model, data, cfg, *, teacher=None, **kw):
+        seen.append((cfg.distill is not None, teacher is not None))
+        return real(model, data, cfg, teacher=teacher, **kw)
+
+    monkeypatch.setattr(runner, "finetune", spy)
+    recipe = _recipe(
+        train={"epochs": 1},
+        stages=[
+            {
+                "share": {"method": "kmeans", "bits": 3},
+                "finetune": {"epochs": 1, "distill": {"temperature": 4, "alpha": 0.7}},
+            }
+        ],
+    )
+    result = es.run_recipe(es.Recipe.from_dict(recipe), tmp_path / "run", progress=False)
+    assert seen == [(True, True)]
+    log = result.rows[1]["log"]
+    assert {"layers", "finetune", "val_before_finetune", "val_after_finetune"} <= set(log)

@@ -86,7 +86,7 @@ def test_residual_and_depthwise_cut_equals_zeroed_channels(name):
     cfg = ChannelPrune(ratio=0.5, round_to=4)
     expected, plans = _zeroed_reference(model, x, cfg)
     before = _params(model)
-    got = prune_(model, cfg, example=x)
+    got = prune_(model, cfg, example=x)["removed"]
     assert set(got) == {p.group for p in plans} and len(got) >= 6
     assert _params(model) < 0.45 * before  # physically smaller, not masked
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
@@ -163,7 +163,7 @@ def test_attention_loses_whole_heads_and_ffn_neurons():
     before = model(x)
     # the residual stream holds the model's input: the graph would cut it, the check refuses
     with pytest.warns(UserWarning, match="group of attn.out: cutting it breaks"):
-        got = prune_(model, ChannelPrune(layer_ratio={"attn.*": 0.25}), example=x)
+        got = prune_(model, ChannelPrune(layer_ratio={"attn.*": 0.25}), example=x)["removed"]
     assert got == {"attn.query": 0.25}
     assert model.attn.num_attention_heads == 3
     assert model.attn.query.out_features == model.attn.out.in_features == 24
@@ -251,7 +251,7 @@ def test_unsupported_op_is_named_and_the_rest_is_pruned():
     x = torch.rand(2, 1, 10, 10)
     model = BareScale().eval()
     with pytest.warns(UserWarning, match=r"group of c1.*bare parameter.*'scale'"):
-        got = prune_(model, ChannelPrune(ratio=0.5), example=x)
+        got = prune_(model, ChannelPrune(ratio=0.5), example=x)["removed"]
     assert set(got) == {"c2", "c3"}
     assert model.c1.out_channels == 8 and model.c2.out_channels == 4
     assert model(x).shape == (2, 2)

@@ -39,7 +39,8 @@ def test_bert_heads_and_ffn_are_removed_and_exported():
         attention.value.bias[16:32] = 0
         model.encoder.layer[0].attention.output.dense.weight[:, 16:32] = 0
         before = model(**x).last_hidden_state
-    got = prune_(model, ChannelPrune(layer_ratio={"encoder.layer.0.attention.*": 0.25}), example=x)
+    cfg = ChannelPrune(layer_ratio={"encoder.layer.0.attention.*": 0.25})
+    got = prune_(model, cfg, example=x)["removed"]
     assert got == {"encoder.layer.0.attention.self.query": 0.25}
     assert attention.num_attention_heads == 3 and attention.query.out_features == 48
     torch.testing.assert_close(model(**x).last_hidden_state, before, atol=1e-5, rtol=1e-4)

@@ -64,7 +64,7 @@ def test_channel_prune_from_sensitivity_hits_a_macs_target(mnist):
     x = data.example()
     dense = count_macs(model, x)
     cfg = ChannelPrune(macs=0.5, allocation="sensitivity")
-    got = prune_(model, cfg, example=x, data=data)
+    got = prune_(model, cfg, example=x, data=data)["removed"]
     assert 0.4 < count_macs(model, x) / dense <= 0.5
     assert len(set(round(r, 2) for r in got.values())) > 1  # not uniform
 
@@ -152,7 +152,7 @@ def test_resume_after_a_channel_stage_replays_the_cut(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(body))
     first = es.run_recipe(path, tmp_path / "run")
-    assert first.model.conv2.out_channels == 25 and first.rows[1]["log"]["cut"]
+    assert first.model.conv2.out_channels == 25 and first.rows[1]["log"]["result"]["cut"]
     shutil.rmtree(tmp_path / "run" / "stage-2")  # as if killed during the last stage
     again = es.run_recipe(path, tmp_path / "run")
     assert again.resumed_from == 1 and again.model.conv2.out_channels == 25

@@ -49,6 +49,7 @@ _LAZY = {
     "HaarSplit": "edgeslim.core.data.transforms",
     "Wanda": "edgeslim.prune",
     "SparseGPT": "edgeslim.prune",
+    "quantize": "edgeslim.quant",
     "quantize_": "edgeslim.quant",
     "GPTQ": "edgeslim.quant",
     "RTN": "edgeslim.quant",
@@ -306,6 +307,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from edgeslim.quant import (
         layer_qparams as layer_qparams,
+    )
+    from edgeslim.quant import (
+        quantize as quantize,
     )
     from edgeslim.quant import (
         quantize_ as quantize_,
