@@ -91,8 +91,8 @@ def test_export_c_refuses_code_that_does_not_match(tmp_path, monkeypatch):
     calib = mnist_images((1, 28, 28), 8, "train")
     real = codegen.generate
 
-    def broken(graph, plan):
-        files = real(graph, plan)
+    def broken(graph, plan, packed=None):
+        files = real(graph, plan, packed)
         files["model.c"] = files["model.c"].replace(
             "acc += ((int32_t)in[ic]", "acc -= ((int32_t)in[ic]"
         )
