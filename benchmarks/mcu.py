@@ -17,13 +17,29 @@ weights, int8 qparams from 64 real MNIST digits, resized to 49x10 for the DS-CNN
 - **Bit-exactness**: outputs of the reference interpreter, our C and TFLite Micro on 8 real
   inputs (must be identical).
 
+On a Cortex-M (needs ``arm-none-eabi-gcc`` and ``qemu-system-arm``; skipped otherwise):
+
+- **Deep Compression on the microcontroller**: LeNet-5 and LeNet-300-100 after the shipped
+  recipes (``recipes/deep_compression_*.yaml``, run with ``es.run_recipe`` into ``--runs``,
+  resumed when already there), exported dense int8 and with compressed weights
+  (``export/c/compress.py``), built for Cortex-M4 (``-Os`` and ``-O2``) and run on QEMU
+  ``mps2-an386``: flash (``model.o``'s text + rodata + data in the ARM link) beside the
+  ``.slim`` and ``.tflite`` sizes, instructions per inference (``-icount``), bit-exactness of
+  QEMU = host C = reference = TFLite Micro (dense equivalent) on 8 test digits.
+- **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights):
+  flash, SRAM (arena + stack painted on QEMU + caller I/O), instructions per inference, the
+  device model's latency estimate against the instruction count, and a one-constant
+  instructions-per-MAC fit with its error.
+
 Run under the CPU lock: ``flock /tmp/edgeslim-cpu.lock python benchmarks/mcu.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,12 +47,14 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+import edgeslim as es
 from edgeslim import load_data, zoo
 from edgeslim.core.models.kws import ds_cnn
 from edgeslim.core.timing import median_ms
 from edgeslim.export import int8, tflite
-from edgeslim.export.c import codegen, planner
+from edgeslim.export.c import arm, codegen, compress, packed_scratch, planner
 from edgeslim.export.int8 import ir, reference
+from edgeslim.profiling.devices import load_device
 
 REPEATS = 100
 TARGET_PLAIN, TARGET_PATCH = 0.7, 0.4  # MobileNetV2 arena vs TFLite Micro's total
@@ -112,7 +130,171 @@ def measure(name: str, model) -> dict:
     }
 
 
+GOALS = {"lenet5": 64 * 1024, "lenet300": 40 * 1024}  # flash of the whole model, bytes
+N_ARM = 8  # test inputs run on QEMU
+
+
+def arm_measure(graph: ir.Graph, packed: dict, q: np.ndarray, opt: str = "-Os") -> dict:
+    """ARM build for Cortex-M4 + QEMU run: sizes, instructions, stack, bit-exactness."""
+    plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
+    sources = codegen.generate(graph, plan, packed)
+    expected = reference.run_batch(graph, q)
+    with codegen.Build(sources) as build:
+        host = build.run(q, graph[graph.output].size)
+    built = arm.build(graph, sources, "cortex-m4", q, opt=opt)  # raises unless bit-exact
+    return {
+        "flash": built.flash,
+        "text": built.model["text"],
+        "arena": plan.arena_size,
+        "sram": built.sram,
+        "stack": built.stack,
+        "instructions": built.instructions,
+        "exact": bool(
+            np.array_equal(built.run.outputs, host)
+            and np.array_equal(host, expected.reshape(host.shape))
+        ),
+    }
+
+
+def deep_compression(runs: Path) -> list[dict]:
+    rows = []
+    test = load_data("mnist").test.x[:N_ARM].numpy()
+    calib = load_data("mnist").train.x[:64]
+    for name in ("lenet5", "lenet300"):
+        res = es.run_recipe(f"recipes/deep_compression_{name}.yaml", runs / name, progress=False)
+        model = res.model.eval()
+        graph = int8.lower(model, calib, name=name)
+        q = reference.quantize_input(graph, test.reshape(len(test), *model.input_shape))
+        packed = compress.choose(graph, "auto")
+        data = tflite.serialize(graph)
+        row = {
+            "name": name,
+            "slim": int(res.rows[-1]["size_bytes"]),
+            "accuracy": float(res.rows[-1]["accuracy"]),
+            "tflite": len(data),
+            "tflm_exact": bool(
+                tflite.tflm_available()
+                and np.array_equal(tflite.run_tflm(graph, data, q), reference.run_batch(graph, q))
+            ),
+            "layers": compress.summary(graph, packed),
+            "macs": graph.macs(),
+        }
+        for opt in ("-Os", "-O2"):
+            row[f"dense{opt}"] = arm_measure(graph, {}, q, opt)
+            row[f"packed{opt}"] = arm_measure(graph, packed, q, opt)
+        rows.append(row)
+    return rows
+
+
+def int8_nets() -> list[dict]:
+    dev = load_device("stm32f446")
+    rows = []
+    torch.manual_seed(0)
+    for name, model in (
+        ("mobilenetv2", zoo.create("mobilenetv2")),
+        ("ds_cnn", ds_cnn()),
+        ("resnet8", zoo.create("resnet8")),
+    ):
+        model.eval()
+        graph = int8.lower(model, inputs(model, 64, "train"), name=name)
+        q = reference.quantize_input(graph, inputs(model, N_ARM, "test").numpy())
+        packed = compress.choose(graph, "auto")  # random dense weights: nothing to compress
+        r = arm_measure(graph, packed, q)
+        r.update(name=name, macs=graph.macs(), estimate_ms=dev.latency_ms(graph.macs()))
+        rows.append(r)
+    return rows
+
+
+def arm_tables(console: Console, dc: list[dict], nets: list[dict]) -> bool:
+    ok = True
+    t = Table(title="Deep Compression on Cortex-M4 (ARM link, QEMU mps2-an386)")
+    cols = ["model", ".slim", ".tflite", "flash dense -Os", "flash compressed -Os"]
+    cols += ["x smaller", "goal", "flash dense -O2", "flash compressed -O2"]
+    cols += ["instr. dense -Os", "instr. compressed -Os", "instr. dense -O2"]
+    cols += ["instr. compressed -O2", "arena (compressed)", "stack", "bit-exact"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in dc:
+        d, p = r["dense-Os"], r["packed-Os"]
+        d2, p2 = r["dense-O2"], r["packed-O2"]
+        goal = GOALS[r["name"]]
+        met = p["flash"] <= goal
+        exact = all(x["exact"] for x in (d, p, d2, p2)) and r["tflm_exact"]
+        ok &= exact
+        t.add_row(
+            r["name"],
+            f"{r['slim']:,}",
+            f"{r['tflite']:,}",
+            f"{d['flash']:,}",
+            f"{p['flash']:,}",
+            f"{d['flash'] / p['flash']:.1f}x",
+            f"<= {goal:,}: {'met' if met else 'MISSED'}",
+            f"{d2['flash']:,}",
+            f"{p2['flash']:,}",
+            f"{d['instructions']:,}",
+            f"{p['instructions']:,}",
+            f"{d2['instructions']:,}",
+            f"{p2['instructions']:,}",
+            f"{p['arena']:,}",
+            f"{p['stack']:,}",
+            "yes" if exact else "NO",
+        )
+    console.print(t)
+    for r in dc:
+        print(f"{r['name']} (recipe accuracy {r['accuracy']:.3f}, {r['macs']:,} dense MACs):")
+        for line in r["layers"]:
+            print(f"  {line}")
+    t = Table(title="Int8 nets on Cortex-M4 (-Os, QEMU mps2-an386; STM32F446 device model)")
+    for c in ("model", "MACs", "flash", "arena", "stack", "SRAM (+io)", "instructions"):
+        t.add_column(c, justify="right")
+    for c in ("instr./MAC", "device model ms", "instr. at 180 MHz, 1/cycle (ms)"):
+        t.add_column(c, justify="right")
+    t.add_column("bit-exact", justify="right")
+    for r in nets:
+        ok &= r["exact"]
+        t.add_row(
+            r["name"],
+            f"{r['macs']:,}",
+            f"{r['flash']:,}",
+            f"{r['arena']:,}",
+            f"{r['stack']:,}",
+            f"{r['sram']:,}",
+            f"{r['instructions']:,}",
+            f"{r['instructions'] / r['macs']:.2f}",
+            f"{r['estimate_ms']:.2f}",
+            f"{r['instructions'] / 180e3:.2f}",
+            "yes" if r["exact"] else "NO",
+        )
+    console.print(t)
+    dense = [(x["macs"], x["instructions"]) for x in nets] + [
+        (r["macs"], r["dense-Os"]["instructions"]) for r in dc
+    ]
+    m = np.array([a for a, _ in dense], float)
+    i = np.array([b for _, b in dense], float)
+    k = float((m * i).sum() / (m * m).sum())  # least squares through the origin
+    err = np.abs(k * m - i) / i
+    print(
+        f"instructions = {k:.2f} x MACs (fit over {len(m)} dense -Os builds): error "
+        f"mean {100 * err.mean():.1f}%, max {100 * err.max():.1f}%"
+    )
+    return ok
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="/tmp/edgeslim-mcu-runs", help="recipe run dirs")
+    parser.add_argument("--arm-only", action="store_true", help="only the Cortex-M tables")
+    args = parser.parse_args()
+    console = Console(width=250)
+    arm_ok = True
+    if arm.missing():
+        print(f"Cortex-M tables skipped: {arm.missing()}")
+    else:
+        dc = deep_compression(Path(args.runs))
+        nets = int8_nets()
+        arm_ok = arm_tables(console, dc, nets)
+    if args.arm_only:
+        return 0 if arm_ok else 1
     if not tflite.tflm_available() or codegen.compiler() is None:
         print("needs tflite-micro (pip install 'edgeslim[mcu]') and gcc")
         return 2
@@ -123,7 +305,6 @@ def main() -> int:
         ("ds_cnn", ds_cnn()),
     ]
     rows = [measure(name, model) for name, model in nets]
-    console = Console(width=200)
 
     ram = Table(title="RAM: edgeslim arena vs TFLite Micro arena (same .tflite)")
     for col in (
@@ -198,7 +379,7 @@ def main() -> int:
         ratio = mbv2[key] / total
         verdict = "met" if ratio <= target else "MISSED"
         print(f"MobileNetV2 {label} <= {target}x TFLite Micro's total: {ratio:.3f} ({verdict})")
-    return 0 if all(r["exact"] for r in rows) else 1
+    return 0 if all(r["exact"] for r in rows) and arm_ok else 1
 
 
 if __name__ == "__main__":

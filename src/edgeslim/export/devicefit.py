@@ -1,10 +1,19 @@
 """``edgeslim fit`` and ``edgeslim export``: does a model fit a device, and the export call.
 
 :func:`fit_report` lowers the model to the int8 graph, plans its memory (plain and with
-patch-based execution) and compares SRAM (arena + the caller's input and output buffers)
-and flash (the compiled ``model.c``'s ``.text`` + ``.rodata`` on this host, or the constants
-alone without a compiler) with the device's budgets, with the latency estimate of the
-device's cycles-per-MAC model (:mod:`edgeslim.profiling.devices`).
+patch-based execution; conv / fully connected weights compressed where that saves flash, as
+``export_c`` stores them) and compares SRAM and flash with the device's budgets, with the
+latency estimate of the device's cycles-per-MAC model (:mod:`edgeslim.profiling.devices`).
+
+Where the numbers come from, best first (the report says which):
+
+- a Cortex-M device with ``arm-none-eabi-gcc`` installed: flash = ``model.o``'s ``.text +
+  .rodata + .data`` in the ARM link; with ``qemu-system-arm`` also the stack measured on
+  the emulated board (stack painting, one random input) and the emulator's instruction count;
+- otherwise flash = ``.text + .rodata`` of ``model.c`` compiled on this host (an estimate: host
+  code, not Thumb-2), or the constants alone without a C compiler (an estimate);
+- SRAM = arena + the caller's input and output buffers (+ the measured stack when run on QEMU;
+  without it the stack is not counted).
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ class FitRow:
     sram: int
     flash: int
     macs: int
+    instructions: int | None = None  # per inference on QEMU (-icount)
 
 
 @dataclass
@@ -79,6 +89,8 @@ class FitReport:
     device: Any  # profile.devices.Device
     rows: list[FitRow]
     flash_source: str  # how flash was measured
+    sram_source: str = "arena + input + output buffers (stack not counted: an estimate)"
+    compressed: str = ""  # which layers keep compressed weights
 
     def fits(self, row: FitRow) -> bool:
         return not self.device.check_fit(row.sram, row.flash)
@@ -88,50 +100,84 @@ class FitReport:
         table = Table(
             title=f"{self.model} on {dev.description or dev.name}",
             caption=(
-                f"SRAM = arena + input + output buffers (% of {dev.sram_bytes:,} B); flash = "
+                f"SRAM = {self.sram_source} (% of {dev.sram_bytes:,} B); flash = "
                 f"{self.flash_source} (% of {dev.flash_bytes:,} B); latency = MACs x "
                 f"{dev.cycles_per_mac} cycles / {dev.clock_mhz:g} MHz (an estimate)"
+                + (f"; {self.compressed}" if self.compressed else "")
             ),
         )
-        for col in ("execution", "SRAM", "flash", "MACs", "latency", "fits"):
+        counted = any(row.instructions is not None for row in self.rows)
+        columns = ["execution", "SRAM", "flash", "MACs", "latency"]
+        columns += ["instructions (QEMU)"] if counted else []
+        for col in [*columns, "fits"]:
             table.add_column(col, justify="left" if col == "execution" else "right")
         for row in self.rows:
-            table.add_row(
+            cells = [
                 row.label,
                 f"{row.sram:,} B ({100 * row.sram / dev.sram_bytes:.1f}%)",
                 f"{row.flash:,} B ({100 * row.flash / dev.flash_bytes:.1f}%)",
                 f"{row.macs:,}",
                 f"{dev.latency_ms(row.macs):.2f} ms",
-                "yes" if self.fits(row) else "[bold red]no[/]",
-            )
+            ]
+            if counted:
+                cells.append(f"{row.instructions:,}" if row.instructions is not None else "-")
+            table.add_row(*cells, "yes" if self.fits(row) else "[bold red]no[/]")
         return table
 
 
 def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = None) -> FitReport:
     """Flash, SRAM and estimated latency of ``model`` on ``device`` (see the module docstring)."""
+    import numpy as np
+
+    from edgeslim.export.c import arm, compress, packed_scratch
     from edgeslim.profiling.devices import load_device
 
     dev = load_device(device)
     graph: ir.Graph = int8.lower(model, calib, name=type(model).__name__)
-    plain = planner.plan_memory(graph)
-    patched = planner.search_patch(graph)
+    packed = compress.choose(graph, "auto")
+    scratch = packed_scratch(graph, packed)
+    plain = planner.plan_memory(graph, scratch=scratch)
+    patched = planner.search_patch(graph, scratch=scratch)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes
     plans = [("plain", plain)]
     if patched.patch is not None:
         p = patched.patch
         plans.append((f"patches {p.grid[0]}x{p.grid[1]} (ops 0-{p.stage_ops - 1})", patched))
+    use_arm = dev.core.lower() in arm.CORES and arm.toolchain() is not None
+    run_qemu = use_arm and arm.qemu() is not None
+    q = np.random.default_rng(0).integers(-128, 128, (1, *graph[graph.input].shape[1:]))
     rows = []
-    flash_source = "text + rodata of model.c compiled on this host"
+    if use_arm:
+        flash_source = f"model.o's text + rodata + data in the ARM link ({dev.core}, -Os)"
+    elif codegen.compiler() is not None:
+        flash_source = (
+            "text + rodata of model.c compiled on this host (an estimate: "
+            f"{arm.missing() or 'no ARM build for ' + dev.core})"
+        )
+    else:
+        flash_source = "constants only (an estimate: no C compiler to measure code)"
+    sram_source = "arena + input + output buffers (stack not counted: an estimate)"
+    if run_qemu:
+        sram_source = "arena + stack measured on QEMU (painting) + input + output buffers"
     for label, plan in plans:
-        sources = codegen.generate(graph, plan)
-        if codegen.compiler() is not None:
+        sources = codegen.generate(graph, plan, packed)
+        sram, instructions = plan.arena_size + io, None
+        if use_arm:
+            built = arm.build(graph, sources, dev.core, q.astype(np.int8) if run_qemu else None)
+            flash = built.flash
+            if built.run is not None:
+                sram, instructions = built.sram, built.instructions
+        elif codegen.compiler() is not None:
             sizes = codegen.object_size(sources)
             flash = sizes["text"] + sizes["rodata"]
         else:
-            flash = graph.constant_bytes()
-            flash_source = "constants only (no C compiler to measure code)"
+            flash = codegen.constant_bytes(graph, packed)
         macs = graph.macs()
         if plan.patch is not None:
             macs = round(macs * (1 + plan.patch.mac_overhead))
-        rows.append(FitRow(label, plan, plan.arena_size + io, flash, macs))
-    return FitReport(name or type(model).__name__, dev, rows, flash_source)
+        rows.append(FitRow(label, plan, sram, flash, macs, instructions))
+    compressed = ""
+    if packed:
+        names = ", ".join(graph.ops[i].name for i in sorted(packed))
+        compressed = f"compressed weights: {names}"
+    return FitReport(name or type(model).__name__, dev, rows, flash_source, sram_source, compressed)

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_write_text
-from edgeslim.export.c import codegen, planner
+from edgeslim.export.c import codegen, compress, planner
 from edgeslim.export.int8 import ir, reference
 from edgeslim.export.int8.check import build_and_check_graph
 
@@ -38,15 +38,23 @@ def plan_for(
     patch: bool | None = None,
     sram_bytes: int | None = None,
     max_mac_overhead: float = 0.3,
+    packed: dict[int, compress.Packed] | None = None,
 ) -> planner.MemoryPlan:
     """The memory plan: in-place rules always; patch-based execution when asked (``True``)
-    or, with ``None``, only if the plain plan does not fit ``sram_bytes``."""
-    plain = planner.plan_memory(graph)
+    or, with ``None``, only if the plain plan does not fit ``sram_bytes``. The convs with
+    ``packed`` weights get their im2col scratch."""
+    scratch = packed_scratch(graph, packed)
+    plain = planner.plan_memory(graph, scratch=scratch)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes
     needs = sram_bytes is not None and plain.arena_size + io > sram_bytes
     if patch is False or (patch is None and not needs):
         return plain
-    return planner.search_patch(graph, max_mac_overhead=max_mac_overhead)
+    return planner.search_patch(graph, max_mac_overhead=max_mac_overhead, scratch=scratch)
+
+
+def packed_scratch(graph: ir.Graph, packed: dict[int, compress.Packed] | None) -> dict[int, int]:
+    """``{op index: bytes}`` of scratch the kernels of the ``packed`` layers need."""
+    return {i: compress.scratch_bytes(graph, graph.ops[i]) for i in packed or {}}
 
 
 @dataclass
@@ -57,20 +65,33 @@ class CExport:
     files: list[Path]
     plan: planner.MemoryPlan
     graph: ir.Graph
-    weight_bytes: int  # int8 weights, int32 biases, multipliers and shifts (all rodata)
+    weight_bytes: int  # weights (packed or int8), int32 biases, multipliers and shifts
     io_bytes: int  # the caller's input and output buffers
     verified: list[str] = field(default_factory=list)  # what was checked
+    packed: dict[int, compress.Packed] = field(default_factory=dict)  # compressed layers
+    arm: Any = None  # an .arm.ArmBuild when built for the device's Cortex-M core
 
     @property
     def arena_bytes(self) -> int:
         return self.plan.arena_size
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.directory}: {', '.join(p.name for p in self.files)}; "
             f"{self.plan.summary()}; {self.weight_bytes:,} B of constants"
             + (f"; checked: {', '.join(self.verified)}" if self.verified else "")
         )
+        if self.arm is not None:
+            text += f"\n{self.arm.summary()}"
+        layers = compress.summary(self.graph, self.packed)
+        if layers:
+            saved = sum(p.dense_bytes - p.nbytes for p in self.packed.values())
+            head = (
+                f"weights: {len(self.packed)} of {len(layers)} layers compressed "
+                f"(only where it saves flash), {saved:,} B saved"
+            )
+            text += "\n" + "\n  ".join([head, *layers])
+        return text
 
 
 def export_c(
@@ -84,6 +105,9 @@ def export_c(
     max_mac_overhead: float = 0.3,
     verify: bool = True,
     tolerance: float = 0.25,
+    compress_weights: str | dict = "auto",
+    arm: bool | None = None,
+    opt: str = "-Os",
 ) -> CExport:
     """Write ``model.h``, ``model.c``, ``weights.h`` for ``model`` into ``out_dir``.
 
@@ -99,16 +123,30 @@ def export_c(
     ``verify`` the files are compiled (``gcc -std=c99 -O2 -Wall -Werror
     -fsanitize=undefined``) and run on the check inputs, and their outputs must equal the
     reference interpreter's bit for bit; nothing is written if any check fails.
+
+    ``compress_weights`` (:func:`.compress.choose`): ``"auto"`` stores a conv or fully
+    connected layer's weights compressed (value table + packed codes, sparse index) where
+    that is smaller than int8, ``"off"`` never, or ``{layer: format}`` forces formats; the
+    summary states each layer's choice.
+
+    ``arm``: build for the device's Cortex-M core with ``arm-none-eabi-gcc`` (``opt``,
+    ``-Os`` by default) and, where ``qemu-system-arm`` is installed, run the check inputs on
+    the emulated MPS2 board and require the reference's outputs bit for bit (``None``: when
+    the device is a Cortex-M and the toolchain is installed; ``True``: required). Flash and
+    SRAM then come from the ARM link (:class:`.arm.ArmBuild`).
     """
     from edgeslim.profiling.devices import load_device
 
     dev = load_device(device) if device is not None else None
     graph, q = build_and_check_graph(model, calib, graph, verify, tolerance)
     sram = dev.sram_bytes if dev is not None else None
-    plan = plan_for(graph, patch=patch, sram_bytes=sram, max_mac_overhead=max_mac_overhead)
-    sources = codegen.generate(graph, plan)
+    packed = compress.choose(graph, compress_weights)
+    plan = plan_for(
+        graph, patch=patch, sram_bytes=sram, max_mac_overhead=max_mac_overhead, packed=packed
+    )
+    sources = codegen.generate(graph, plan, packed)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes
-    weights = graph.constant_bytes()
+    weights = codegen.constant_bytes(graph, packed)
     if dev is not None:
         problems = dev.check_fit(plan.arena_size + io, weights)
         if problems:
@@ -124,9 +162,18 @@ def export_c(
         else:
             check_c(graph, sources, q)
             verified.append(f"compiled C bit-exact on {len(q)} inputs")
+    arm_build = None
+    if dev is not None and arm is not False:
+        from edgeslim.export.c import arm as armlib
+
+        arm_build = armlib.build_for_device(
+            graph, sources, dev, q if verify else None, required=bool(arm), opt=opt
+        )
+        if arm_build is not None:
+            verified += arm_build.verified
     out = Path(out_dir)
     written = [atomic_write_text(out / name, text) for name, text in sources.items()]
-    return CExport(out, written, plan, graph, weights, io, verified)
+    return CExport(out, written, plan, graph, weights, io, verified, packed, arm_build)
 
 
 def check_c(graph: ir.Graph, sources: dict[str, str], q: np.ndarray) -> None:

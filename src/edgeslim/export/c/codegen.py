@@ -28,6 +28,7 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.version import __version__
+from edgeslim.export.c import compress
 from edgeslim.export.c.planner import MemoryPlan, Region, full_region
 from edgeslim.export.int8 import ir
 
@@ -79,9 +80,12 @@ def _float(x: float) -> str:
 class _Writer:
     """Builds the text of the three files for one graph and memory plan."""
 
-    def __init__(self, graph: ir.Graph, plan: MemoryPlan) -> None:
+    def __init__(
+        self, graph: ir.Graph, plan: MemoryPlan, packed: dict[int, compress.Packed] | None = None
+    ) -> None:
         self.g = graph
         self.plan = plan
+        self.packed = packed or {}
         self.arrays: list[str] = []
         self.params: list[str] = []
         self.body: list[str] = []
@@ -146,8 +150,32 @@ class _Writer:
 
     # ---- ops
 
-    def call(self, kernel: str, args: str, indent: str) -> None:
+    def packed_weights(self, i: int) -> str:
+        """C name of op ``i``'s packed weights (stream and table in weights.h)."""
+        p = self.packed[i]
+        self.arrays.append(_c_array("uint8_t", f"pk{i}_stream", np.frombuffer(p.stream, np.uint8)))
+        self.arrays.append(_c_array("int8_t", f"pk{i}_table", p.table))
+        fields = [
+            compress.FORMAT_ID[p.format],
+            p.rows,
+            p.cols,
+            p.code_bits,
+            p.index_bits,
+            p.run_bits,
+            p.entries,
+            f"pk{i}_stream",
+            f"pk{i}_table",
+        ]
+        self.params.append(
+            f"/* op {i} weights: {p.describe()} */\n"
+            f"static const packed_t PK{i} = {{{', '.join(map(str, fields))}}};"
+        )
+        return f"&PK{i}"
+
+    def call(self, kernel: str, args: str, indent: str, uses: str | None = None) -> None:
         self.kernels.add(kernel)
+        if uses:
+            self.kernels.add(uses)
         self.body.append(f"{indent}{kernel}_s8({args});")
 
     def emit(self, i: int, indent: str) -> None:
@@ -180,7 +208,7 @@ class _Writer:
             out.qzero,
             op.act_min,
             op.act_max,
-            self.const(op.weight),
+            "0" if i in self.packed else self.const(op.weight),
             self.const(op.bias),
             f"op{i}_mult",
             f"op{i}_shift",
@@ -191,7 +219,12 @@ class _Writer:
             f"{self.ptr(op.output)}, {self.layout(op.output, i)}, {self.todo(i)}"
         )
         rule = self.plan.inplace.get(i)
-        if op.depthwise:
+        if i in self.packed:
+            im2col = int(compress.scratch_bytes(self.g, op) > 0)
+            pk = self.packed_weights(i)
+            args = f"&OP{i}, {pk}, {args.split(', ', 1)[1]}, {im2col}, {self.scratch(i)}"
+            self.call("conv2d_packed", args, indent, "packed")
+        elif op.depthwise:
             self.call("dwconv", f"{args}, {self.scratch(i)}", indent)
         elif rule == "pointwise":
             self.call("pointwise", f"{args}, {self.scratch(i)}", indent)
@@ -212,13 +245,17 @@ class _Writer:
             op.act_min,
             op.act_max,
             int(len(op.multiplier) > 1),
-            self.const(op.weight),
+            "0" if i in self.packed else self.const(op.weight),
             self.const(op.bias),
             f"op{i}_mult",
             f"op{i}_shift",
         ]
         self.params.append(f"static const fc_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
-        self.call("fc", f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}", indent)
+        io = f"{self.ptr(op.inputs[0])}, {self.ptr(op.output)}"
+        if i in self.packed:
+            self.call("fc_packed", f"&OP{i}, {self.packed_weights(i)}, {io}", indent, "packed")
+        else:
+            self.call("fc", f"&OP{i}, {io}", indent)
 
     def _Pool2D(self, i: int, op: ir.Pool2D, indent: str) -> None:
         x = self.g[op.inputs[0]]
@@ -371,7 +408,10 @@ class _Writer:
         source = Template(_template("model.c.tmpl")).substitute(
             name=name,
             version=__version__,
-            summary=f"{len(g.ops)} ops, {g.macs():,} MACs; {self.plan.summary()}",
+            summary=f"{len(g.ops)} ops, {g.macs():,} MACs; {self.plan.summary()}"
+            + "".join(
+                f"\n * {line}" for line in (compress.summary(g, self.packed) if self.packed else [])
+            ),
             kernels=_kernels(self.kernels),
             arena_note=f"activations: {self.plan.summary()}",
             arena_alloc=max(arena, 1),
@@ -379,7 +419,7 @@ class _Writer:
             patch_tables=tables,
             body="\n".join(self.body),
         )
-        nbytes = g.constant_bytes()
+        nbytes = constant_bytes(g, self.packed)
         weights = Template(_template("weights.h.tmpl")).substitute(
             name=name,
             version=__version__,
@@ -390,9 +430,19 @@ class _Writer:
         return {"model.h": header, "model.c": source, "weights.h": weights}
 
 
-def generate(graph: ir.Graph, plan: MemoryPlan) -> dict[str, str]:
-    """The text of ``model.h``, ``model.c`` and ``weights.h`` for ``graph`` laid out by ``plan``."""
-    return _Writer(graph, plan).run()
+def generate(
+    graph: ir.Graph, plan: MemoryPlan, packed: dict[int, compress.Packed] | None = None
+) -> dict[str, str]:
+    """The text of ``model.h``, ``model.c`` and ``weights.h`` for ``graph`` laid out by
+    ``plan``; the layers in ``packed`` (:func:`.compress.choose`) keep compressed weights."""
+    return _Writer(graph, plan, packed).run()
+
+
+def constant_bytes(graph: ir.Graph, packed: dict[int, compress.Packed] | None = None) -> int:
+    """Bytes of constants in ``weights.h``: :meth:`ir.Graph.constant_bytes` with the packed
+    layers' weights counted in their compressed form."""
+    saved = sum(p.dense_bytes - p.nbytes for p in (packed or {}).values())
+    return graph.constant_bytes() - saved
 
 
 # --------------------------------------------------------------------------------------

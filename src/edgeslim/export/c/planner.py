@@ -248,8 +248,13 @@ def plan_memory(
     inplace: bool = True,
     patch: PatchPlan | None = None,
     alignment: int = 4,
+    scratch: dict[int, int] | None = None,
 ) -> MemoryPlan:
-    """Plan the arena of ``graph``: lifetimes, in-place rules, greedy first-fit placement."""
+    """Plan the arena of ``graph``: lifetimes, in-place rules, greedy first-fit placement.
+
+    ``scratch`` asks for bytes of scratch that an op's kernel needs while it runs (``{op
+    index: bytes}``, e.g. the im2col patch of a conv with packed weights).
+    """
     names = graph.activations()
     start, end = _lifetimes(graph, patch)
     sizes = _sizes(graph, patch)
@@ -302,13 +307,16 @@ def plan_memory(
         }
         buffers.append(Buffer(members, kind))
     buffer_of = {m: i for i, b in enumerate(buffers) for m in b.members}
-    scratch: dict[int, int] = {}
-    for i, size in scratch_sizes.items():
+    for i, size in (scratch or {}).items():
+        if size > 0:
+            scratch_sizes[i] = max(size, scratch_sizes.get(i, 0))
+    scratch_of: dict[int, int] = {}
+    for i, size in sorted(scratch_sizes.items()):
         buffers.append(Buffer({f"scratch_op{i}": Member(0, size, i, i)}, "scratch"))
-        scratch[i] = len(buffers) - 1
+        scratch_of[i] = len(buffers) - 1
 
     arena = _place(buffers, alignment)
-    plan = MemoryPlan(buffers, buffer_of, chosen, scratch, arena, 0, alignment, patch)
+    plan = MemoryPlan(buffers, buffer_of, chosen, scratch_of, arena, 0, alignment, patch)
     plan.lower_bound = lower_bound(plan, len(graph.ops))
     return plan
 
@@ -463,19 +471,22 @@ def search_patch(
     max_grid: int = 8,
     inplace: bool = True,
     alignment: int = 4,
+    scratch: dict[int, int] | None = None,
 ) -> MemoryPlan:
     """The smallest-arena plan over patch stages and grids (n x n) within the MAC budget.
 
-    Returns the plain plan when no patch plan is smaller.
+    Returns the plain plan when no patch plan is smaller. ``scratch``: see :func:`plan_memory`.
     """
-    best = plan_memory(graph, inplace=inplace, alignment=alignment)
+    best = plan_memory(graph, inplace=inplace, alignment=alignment, scratch=scratch)
     for k in stage_candidates(graph):
         h, w = graph[graph.ops[k - 1].output].shape[1:3]
         for n in range(2, min(max_grid, h, w) + 1):
             patch = patch_plan(graph, k, (n, n))
             if patch.mac_overhead > max_mac_overhead:
                 break  # finer grids only recompute more
-            plan = plan_memory(graph, inplace=inplace, patch=patch, alignment=alignment)
+            plan = plan_memory(
+                graph, inplace=inplace, patch=patch, alignment=alignment, scratch=scratch
+            )
             better = plan.arena_size < best.arena_size or (
                 plan.arena_size == best.arena_size
                 and best.patch is not None

@@ -8,7 +8,10 @@
   calibration inputs through it (:func:`edgeslim.core.hooks.run_calibration`) with a
   min-max :class:`~edgeslim.quant.observers.Observer` on every tensor, which then gets
   TFLite's min-max qparams (:func:`edgeslim.quant.spec.activation_qparams`); weights get
-  max |w| / 127.
+  max |w| / 127, per output channel -- except a layer whose weights are k-means shared
+  (:mod:`edgeslim.share.kmeans`): one scale for the whole tensor (repeated per channel), so
+  its ``<= 2**bits`` shared values stay ``<= 2**bits`` distinct int8 codes, which the C
+  backend stores as a value table and packed indices.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import fx, nn
 from edgeslim.core.errors import LoweringError
 from edgeslim.core.fxpatterns import activation, called_module
 from edgeslim.core.hooks import run_calibration
+from edgeslim.core.models.storage import CODES_SUFFIX
 from edgeslim.export.int8.trace import FloatOp, shape_of
 from edgeslim.quant import spec
 from edgeslim.quant.modules import ActQuant
@@ -54,7 +58,18 @@ class CalibratedQParams:
         return spec.activation_qparams(lo, hi)
 
     def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
+        if axis is not None and is_shared(op.module):
+            one = spec.weight_qparams(weight, axis=None)
+            n = weight.shape[axis]
+            return spec.QParams(
+                np.repeat(one.scale, n), np.zeros(n, np.int64), one.qmin, one.qmax, axis
+            )
         return spec.weight_qparams(weight, axis=axis)
+
+
+def is_shared(module: nn.Module | None) -> bool:
+    """Are ``module``'s weights k-means shared (codes + centroids, :mod:`edgeslim.share`)?"""
+    return module is not None and getattr(module, "weight" + CODES_SUFFIX, None) is not None
 
 
 class QuantizedModelQParams:

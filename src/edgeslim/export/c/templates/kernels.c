@@ -368,3 +368,141 @@ static void softmax_s8(const softmax_params_t *p, const int8_t *in, int8_t *out)
         }
     }
 }
+
+/* ==== packed ==== */
+/* Compressed weights (edgeslim/export/c/compress.py): a (rows x cols) int8 matrix as codes
+ * into a table of its distinct values, packed LSB first at their bit-width; "relative":
+ * only the nonzeros, each after a gap (zeros skipped, across row ends; an all-ones gap is a
+ * filler that skips that many positions and carries no weight); "runs": (zeros, nonzeros)
+ * run-length pairs, each followed by its nonzeros' codes. The kernels decode the stream
+ * row by row while they multiply: no weight is expanded in RAM. Products and sums are the
+ * dense kernels' (integer, exact), so the outputs are bit-exact with them. */
+
+typedef struct {
+    int32_t format;         /* 1 codebook, 2 relative, 3 runs */
+    int32_t rows, cols, code_bits, index_bits, run_bits, entries;
+    const uint8_t *stream;
+    const int8_t *table;
+} packed_t;
+
+#define PK_NEED(k) while (nbits < (k)) { buf |= (uint32_t)(*sp++) << nbits; nbits += 8; }
+#define PK_TAKE(v, k, mask) do { PK_NEED(k); (v) = buf & (mask); buf >>= (k); nbits -= (k); } while (0)
+#define PK_ROW() do { \
+        const int32_t q_ = per_channel ? row : 0; \
+        const int32_t y_ = mbqm(acc + bias[row], mult[q_], shift[q_]) + out_zp; \
+        out[row] = (int8_t)clamp32(y_, act_min, act_max); \
+        acc = 0; \
+        ++row; \
+    } while (0)
+
+/* out[r] = requantized (sum over c of W[r][c] * (x[c] - in_zp)) + bias[r], every row r */
+static void packed_mv(const packed_t *w, const int8_t *x, int32_t in_zp, const int32_t *bias,
+                      const int32_t *mult, const int32_t *shift, int32_t per_channel,
+                      int32_t out_zp, int32_t act_min, int32_t act_max, int8_t *out)
+{
+    const uint8_t *sp = w->stream;
+    const int8_t *table = w->table;
+    const int32_t cols = w->cols, cb = w->code_bits;
+    const uint32_t cmask = (1u << cb) - 1u;
+    uint32_t buf = 0;
+    int32_t nbits = 0, row = 0, col = 0, acc = 0, e;
+    if (w->format == 1) {
+        while (row < w->rows) {
+            for (col = 0; col < cols; ++col) {
+                uint32_t c;
+                PK_TAKE(c, cb, cmask);
+                acc += ((int32_t)x[col] - in_zp) * table[c];
+            }
+            PK_ROW();
+        }
+        return;
+    }
+    if (w->format == 2) {
+        const int32_t ib = w->index_bits, width = ib + cb;
+        const uint32_t top = (1u << ib) - 1u, fmask = (1u << width) - 1u;
+        for (e = 0; e < w->entries; ++e) {
+            uint32_t f, g;
+            PK_TAKE(f, width, fmask);
+            g = f & top;
+            col += (int32_t)g;
+            while (col >= cols) { PK_ROW(); col -= cols; }
+            if (g == top) continue;  /* filler */
+            acc += ((int32_t)x[col] - in_zp) * table[f >> ib];
+            ++col;
+        }
+    } else {
+        const int32_t zb = w->index_bits, width = zb + w->run_bits;
+        const uint32_t zmask = (1u << zb) - 1u, fmask = (1u << width) - 1u;
+        for (e = 0; e < w->entries; ++e) {
+            uint32_t f, k;
+            PK_TAKE(f, width, fmask);
+            col += (int32_t)(f & zmask);
+            for (k = f >> zb; k > 0; --k) {
+                uint32_t c;
+                while (col >= cols) { PK_ROW(); col -= cols; }
+                PK_TAKE(c, cb, cmask);
+                acc += ((int32_t)x[col] - in_zp) * table[c];
+                ++col;
+            }
+        }
+    }
+    while (row < w->rows) PK_ROW();
+}
+
+/* ==== fc_packed ==== */
+
+static void fc_packed_s8(const fc_params_t *p, const packed_t *w, const int8_t *in, int8_t *out)
+{
+    packed_mv(w, in, p->in_zp, p->bias, p->mult, p->shift, p->per_channel, p->out_zp,
+              p->act_min, p->act_max, out);
+}
+
+/* ==== conv2d_packed ==== */
+
+/* Conv from packed weights, one output pixel at a time. With `im2col`, the pixel's input
+ * patch (kh x kw x cin, padding taps = the input zero point, which contributes nothing) is
+ * gathered into `scratch` first; without, the conv is 1x1 and unpadded and reads the input
+ * pixel in place, and a non-null `scratch` (cout bytes) makes it safe to run in place as
+ * pointwise_s8 does (expanding convs run backward). */
+static void conv2d_packed_s8(const conv_params_t *p, const packed_t *w, const int8_t *in,
+                             region_t ir, int8_t *out, region_t orr, region_t todo,
+                             int32_t im2col, int8_t *scratch)
+{
+    const int32_t n = todo.h * todo.w;
+    const int32_t backward = !im2col && scratch != 0 && p->cout > p->cin;
+    int32_t k;
+    for (k = 0; k < n; ++k) {
+        const int32_t idx = backward ? n - 1 - k : k;
+        const int32_t oy = todo.y0 + idx / todo.w, ox = todo.x0 + idx % todo.w;
+        int8_t *dst = out + ((oy - orr.y0) * orr.w + (ox - orr.x0)) * p->cout;
+        const int8_t *x;
+        int8_t *y = dst;
+        if (im2col) {
+            int8_t *patch = scratch;
+            int32_t ky, kx, ic;
+            for (ky = 0; ky < p->kh; ++ky) {
+                const int32_t iy = oy * p->sh - p->pad_t + ky;
+                for (kx = 0; kx < p->kw; ++kx) {
+                    const int32_t ix = ox * p->sw - p->pad_l + kx;
+                    if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
+                        for (ic = 0; ic < p->cin; ++ic) patch[ic] = (int8_t)p->in_zp;
+                    } else {
+                        const int8_t *src = in + ((iy - ir.y0) * ir.w + (ix - ir.x0)) * p->cin;
+                        for (ic = 0; ic < p->cin; ++ic) patch[ic] = src[ic];
+                    }
+                    patch += p->cin;
+                }
+            }
+            x = scratch;
+        } else {
+            x = in + ((oy * p->sh - ir.y0) * ir.w + (ox * p->sw - ir.x0)) * p->cin;
+            if (scratch != 0) y = scratch;
+        }
+        packed_mv(w, x, p->in_zp, p->bias, p->mult, p->shift, 1, p->out_zp, p->act_min,
+                  p->act_max, y);
+        if (y != dst) {
+            int32_t oc;
+            for (oc = 0; oc < p->cout; ++oc) dst[oc] = y[oc];
+        }
+    }
+}
