@@ -298,6 +298,17 @@ def test_a_legitimate_pt2_still_loads_and_matches(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_a_legitimate_int8_ptq_pt2_still_loads(tmp_path):
+    """Integer PTQ graphs use ATen ops such as ``__rshift__``: they pass the target check."""
+    from edgeslim.quant import Int8PTQ, quantize_
+
+    calib = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model = quantize_(es.zoo.create("lenet5").eval(), Int8PTQ(), calib=calib)
+    loaded = es.load_model(es.save_model(model, tmp_path / "q.pt2"))
+    with torch.no_grad():
+        assert torch.equal(loaded(calib), model(calib))
+
+
 # --------------------------------------------------------------------------------------
 # fuzzing
 # --------------------------------------------------------------------------------------

@@ -268,7 +268,10 @@ def _check_pt2(data: bytes, path: Path) -> None:
             record = f"data/{folder}/{name}"
             if record not in rel:
                 raise CheckpointError(f"refusing to load {cfg_where}: entry {fqn!r} has no record")
-            size = reader.get_record_size(record)
+            try:
+                size = reader.get_record_size(record)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read member {record!r}: {exc}") from exc
             _check_payload_fits(entry["tensor_meta"], size, f"{cfg_where} entry {fqn!r}")
             records_named.add(record)
     extra = sorted(rel - _PT2_FIXED - records_named)

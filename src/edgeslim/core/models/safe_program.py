@@ -22,6 +22,7 @@ names the file and the place in it. The checks parse and walk; they never evalua
 from __future__ import annotations
 
 import ast
+import functools
 import pickletools
 import re
 from collections.abc import Iterator
@@ -230,13 +231,29 @@ def check_op_target(text: object, where: str) -> None:
     if text in _BUILTIN_TARGETS:
         return
     match = _OP_TARGET.match(text)
-    if match is None or "__" in match.group(2) + "." + match.group(3):
+    if match is None or not _is_op_overload(*match.groups()):
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise _refuse(
             where,
             f"node target {shown!r} is not an operator of torch.ops.{{{','.join(_OP_NAMESPACES)}}}"
             " or a plain arithmetic operator",
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_op_overload(namespace: str, op: str, overload: str) -> bool:
+    """Whether ``torch.ops.<namespace>.<op>.<overload>`` is a registered operator overload
+    (looking one up only consults the operator registry; ``__class__`` and the like are
+    not overloads and are refused)."""
+    import torch
+
+    try:
+        packet = getattr(getattr(torch.ops, namespace), op)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            return False
+        return isinstance(getattr(packet, overload), torch._ops.OpOverload)
+    except Exception:  # AttributeError and RuntimeError for unknown names
+        return False
 
 
 def check_treespec(text: object, where: str) -> None:
