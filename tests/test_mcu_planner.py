@@ -188,7 +188,7 @@ def test_pointwise_in_place_needs_the_same_region_in_a_patch_stage():
     assert planner.plan_memory(g).inplace[2] == "pointwise"  # whole maps: in place is fine
     check_no_overlap(g, plan)
     if codegen.compiler() is None:
-        return
+        pytest.skip("no C compiler: plan checked, generated C not run")
     rng = np.random.default_rng(0)
     q = rng.integers(-128, 128, (2, 8, 8, 1))
     with codegen.Build(codegen.generate(g, plan)) as build:

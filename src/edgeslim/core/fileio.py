@@ -14,6 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeslim.core.errors import CheckpointError
+
+MAX_JSON_INT_DIGITS = 100
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -72,3 +76,44 @@ def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None =
     from safetensors.torch import save
 
     return atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _BadJson(f"{name} is not valid JSON")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _BadJson(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > MAX_JSON_INT_DIGITS:
+        raise _BadJson(f"a number of {len(text)} characters")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _BadJson(f"number {text} overflows")
+    return value
+
+
+def strict_json_loads(data: str | bytes, where: str) -> object:
+    """``json.loads`` for untrusted files: ``NaN``/``Infinity``, integers of more than
+    ``MAX_JSON_INT_DIGITS`` digits, overflowing floats, invalid UTF-8 and too deep nesting
+    are all a :class:`~edgeslim.core.errors.CheckpointError` naming ``where``."""
+    try:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        return json.loads(
+            data,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except (ValueError, RecursionError, MemoryError, TypeError) as exc:
+        # JSONDecodeError, UnicodeDecodeError and _BadJson are ValueErrors
+        raise CheckpointError(f"{where}: invalid JSON: {exc}") from exc

@@ -40,11 +40,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgeslim.core.errors import CheckpointError, ModelSourceError
-from edgeslim.core.fileio import atomic_write_text, save_tensors
+from edgeslim.core.fileio import atomic_write_text, save_tensors, strict_json_loads
 from edgeslim.core.linear import to_param_layout
 from edgeslim.core.masks import add_mask_buffers_
 from edgeslim.core.models.quantstate import QUANT_BUFFERS, quantized_codes, restore_act_quant_
-from edgeslim.core.models.storage import MASK_SUFFIX, decode_sparse, encode_sparse
+from edgeslim.core.models.storage import MASK_SUFFIX, check_shape, decode_sparse, encode_sparse
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -166,6 +166,10 @@ def decode_state(
     """Dense state dict (quantized layers dequantized, with their buffers) from a file."""
     shapes = meta.get("shapes", {})
     quantized = meta.get("quantized", {})
+    if not isinstance(shapes, dict) or not isinstance(quantized, dict):
+        raise CheckpointError(f"{path}: 'shapes' and 'quantized' metadata must be JSON objects")
+    if not all(isinstance(info, dict) for info in quantized.values()):
+        raise CheckpointError(f"{path}: 'quantized' metadata entries must be JSON objects")
     plain = {
         k: v
         for k, v in tensors.items()
@@ -175,10 +179,15 @@ def decode_state(
     for key, info in quantized.items():
         try:
             packed, scale, zero = (tensors[key + s] for s in (_QCODES, _QSCALE, _QZERO))
-            shape = shapes[key]
-            bits = int(info["bits"])
+            shape = check_shape(shapes[key], path, key)
+            bits = info["bits"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: quantized tensor {key!r} is incomplete: {exc}") from exc
+        if type(bits) is not int or not 1 <= bits <= 8 or len(shape) != 2:
+            raise CheckpointError(
+                f"{path}: quantized tensor {key!r} needs 1-8 bits and a 2-D shape, has "
+                f"{str(bits)[:20]} bits and shape {list(shape)}"
+            )
         numel = math.prod(shape)
         if packed.numel() != math.ceil(numel * bits / 8):
             raise CheckpointError(f"{path}: {key!r} holds {packed.numel()} bytes of codes")
@@ -299,10 +308,13 @@ def _read(directory: Path) -> dict[str, torch.Tensor]:
         path = directory / file
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("edgeslim", "{}"))
+                text = (f.metadata() or {}).get("edgeslim", "{}")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        meta = strict_json_loads(text, f"{path}: 'edgeslim' metadata")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: 'edgeslim' metadata is not a JSON object")
         state.update(decode_state(tensors, meta, path))
     return state
 

@@ -11,8 +11,10 @@ Model sources accepted by :func:`load_model`:
 
 A ``.pt2`` file holds the graph and the weights, not Python classes, so it reloads in a fresh
 process without the model's class definition and gives identical outputs. Loading checks the
-archive first: every pickled entry must load with ``torch.load(weights_only=True)``; a file
-that would need a full unpickler is refused, never executed.
+archive first (:func:`_check_pt2`): only the current archive layout, no pickle beyond the
+sample inputs (plain tensors, checked opcode by opcode and with ``weights_only``), no
+shape expression, operator or pytree type outside a whitelist
+(:mod:`edgeslim.core.models.safe_program`); anything else is refused, never executed.
 
 A loaded ``.pt2`` model is an inference graph: its parameters are ordinary, trainable
 ``nn.Parameter`` objects under the original names (``fc1.weight``), but BatchNorm and dropout
@@ -26,6 +28,7 @@ import importlib
 import io
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +37,9 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import CheckpointError, ModelSourceError, ShapeError
-from edgeslim.core.fileio import atomic_path
+from edgeslim.core.fileio import atomic_path, strict_json_loads
 from edgeslim.core.models import zoo
+from edgeslim.core.models.safe_program import check_torch_save, load_program_json
 
 _META_FILE = "edgeslim.json"
 
@@ -166,47 +170,203 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
             raise ModelSourceError(f"cannot export {type(model).__name__}: {first}") from exc
 
 
-def _check_pickles(path: Path) -> None:
-    """Refuse an archive with any pickle that plain ``weights_only`` loading rejects."""
+# The members a ``.pt2`` of the current layout (``torch.export.save``, one program named
+# ``model``) may hold, relative to its one top folder; weight and constant records are
+# further limited to those the configs name.
+_PT2_FIXED = frozenset(
+    {
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+        "extra/" + _META_FILE,
+    }
+)
+_PT2_REQUIRED = frozenset(
+    {
+        "archive_format",
+        "archive_version",
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+    }
+)
+_RECORD_NAME = re.compile(r"[A-Za-z0-9_.]{1,128}\Z")
+
+
+def _check_pt2(data: bytes, path: Path) -> None:
+    """Refuse a ``.pt2`` that torch would read by any route but its plain current layout.
+
+    ``torch.export.load`` falls back to the torch 2.7 layout (pickles at the zip's root,
+    retried with the full unpickler) when the current reader fails, retries a sample-input
+    pickle without ``weights_only``, unpickles weights marked ``use_pickle``, ``sympify``s
+    the program's shape expressions and imports modules its pytree specs name. So, before
+    torch sees the bytes: every member must be one of the current layout's, under one
+    folder, stored uncompressed, and seen alike by Python's zip reader (which the fallback
+    uses) and torch's; weights and constants are raw records (no pickles) whose declared
+    shapes fit their bytes; the sample inputs are a ``torch.save`` of plain tensors; and the
+    program passes :func:`~edgeslim.core.models.safe_program.load_program_json`.
+    """
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            pickled: list[str] = [n for n in names if "/data/sample_inputs/" in n]
-            for cfg_name in (n for n in names if n.endswith("_config.json") and "/data/" in n):
-                folder = cfg_name.rsplit("/", 1)[0]
-                config = json.loads(zf.read(cfg_name)).get("config", {})
-                for entry in config.values():
-                    if isinstance(entry, dict) and entry.get("use_pickle"):
-                        pickled.append(f"{folder}/{entry.get('path_name')}")
-            for name in pickled:
-                try:
-                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
-                except Exception as exc:
-                    raise CheckpointError(
-                        f"refusing to load {path}: entry {name!r} is a pickle that does not "
-                        f"load as plain tensors ({type(exc).__name__})"
-                    ) from exc
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except Exception as exc:  # zipfile raises many types on garbage (NotImplementedError...)
         raise CheckpointError(f"{path} is not a valid .pt2 archive: {exc}") from exc
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"refusing to load {path}: the archive has duplicate members")
+    if any("/" not in n for n in names) or len({n.split("/", 1)[0] for n in names}) != 1:
+        raise CheckpointError(
+            f"refusing to load {path}: members outside the archive's one folder (a legacy or "
+            "foreign layout, which torch would unpickle)"
+        )
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.compress_type != zipfile.ZIP_STORED or total > len(data):
+            raise CheckpointError(
+                f"refusing to load {path}: member {info.filename!r} is compressed"
+            )
+    rel = {n.split("/", 1)[1] for n in names}
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        records = set(reader.get_all_records())
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a valid .pt2 archive: {exc}") from exc
+    if records != rel:
+        raise CheckpointError(f"refusing to load {path}: zip readers disagree on its members")
+    missing = sorted(_PT2_REQUIRED - rel)
+    if missing:
+        raise CheckpointError(
+            f"refusing to load {path}: not a current .pt2 archive (lacks {missing})"
+        )
+
+    def read(name: str) -> bytes:
+        try:
+            return bytes(reader.get_record(name))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read member {name!r}: {exc}") from exc
+
+    if read("archive_format") != b"pt2":
+        raise CheckpointError(f"refusing to load {path}: archive_format is not 'pt2'")
+    records_named = set()
+    for folder, prefix in (("weights", ""), ("constants", "tensor_")):
+        cfg_name = f"data/{folder}/model_{folder}_config.json"
+        cfg_where = f"{path} ({cfg_name})"
+        config = strict_json_loads(read(cfg_name), cfg_where)
+        entries = config.get("config") if isinstance(config, dict) else None
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"refusing to load {cfg_where}: no 'config' object")
+        for fqn, entry in entries.items():
+            name = _check_payload_entry(entry, prefix, f"{cfg_where} entry {fqn!r}")
+            record = f"data/{folder}/{name}"
+            if record not in rel:
+                raise CheckpointError(f"refusing to load {cfg_where}: entry {fqn!r} has no record")
+            try:
+                size = reader.get_record_size(record)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read member {record!r}: {exc}") from exc
+            _check_payload_fits(entry["tensor_meta"], size, f"{cfg_where} entry {fqn!r}")
+            records_named.add(record)
+    extra = sorted(rel - _PT2_FIXED - records_named)
+    if extra:
+        shown = ", ".join(repr(n) for n in extra[:5])
+        raise CheckpointError(f"refusing to load {path}: members not of the .pt2 layout: {shown}")
+    sample = read("data/sample_inputs/model.pt")
+    check_torch_save(sample, f"{path} (data/sample_inputs/model.pt)")
+    try:  # torch retries a failure here with the full unpickler: it must not fail
+        torch.load(io.BytesIO(sample), weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: sample inputs do not load as plain tensors "
+            f"({type(exc).__name__})"
+        ) from exc
+    load_program_json(read("models/model.json"), f"{path} (models/model.json)")
+    if "extra/" + _META_FILE in rel:
+        strict_json_loads(read("extra/" + _META_FILE), f"{path} (extra/{_META_FILE})")
+
+
+def _check_payload_entry(entry: object, prefix: str, where: str) -> str:
+    """The record name of one weights/constants config entry of plain tensor bytes."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"refusing to load {where}: not an object")
+    if entry.get("use_pickle") is not False:
+        raise CheckpointError(f"refusing to load {where}: a pickled payload (edgeslim writes none)")
+    name = entry.get("path_name")
+    if not isinstance(name, str) or not _RECORD_NAME.match(name) or not name.startswith(prefix):
+        raise CheckpointError(f"refusing to load {where}: record name {str(name)[:80]!r}")
+    if not isinstance(entry.get("tensor_meta"), dict):
+        raise CheckpointError(f"refusing to load {where}: no tensor_meta")
+    return name
+
+
+def _as_ints(values: object, where: str, field: str) -> list[int]:
+    if not isinstance(values, list) or len(values) > 16:
+        raise CheckpointError(f"refusing to load {where}: {field} is not a list of at most 16 ints")
+    out = []
+    for v in values:
+        n = v.get("as_int") if isinstance(v, dict) and len(v) == 1 else None
+        if type(n) is not int or not 0 <= n < 2**62:
+            raise CheckpointError(f"refusing to load {where}: {field} holds {str(v)[:80]}")
+        out.append(n)
+    return out
+
+
+def _check_payload_fits(meta: dict, nbytes: int, where: str) -> None:
+    """The declared sizes/strides/offset of a tensor stay inside its record's bytes (torch
+    allocates ``zeros(sizes)`` for an empty record)."""
+    sizes = _as_ints(meta.get("sizes"), where, "sizes")
+    strides = _as_ints(meta.get("strides"), where, "strides")
+    (offset,) = _as_ints([meta.get("storage_offset")], where, "storage_offset")
+    if len(sizes) != len(strides):
+        raise CheckpointError(
+            f"refusing to load {where}: {len(sizes)} sizes, {len(strides)} strides"
+        )
+    if 0 in sizes:
+        return
+    last = offset + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))
+    if last >= nbytes:  # one byte per element at the least
+        raise CheckpointError(
+            f"refusing to load {where}: shape {sizes} needs more than the record's {nbytes} bytes"
+        )
 
 
 def _load_pt2(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelSourceError(f"model file {path} does not exist")
-    _check_pickles(path)
+    try:
+        data = path.read_bytes()  # checked and loaded from the same bytes
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    _check_pt2(data, path)
     extra = {_META_FILE: ""}
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
+        ep = torch.export.load(io.BytesIO(data), extra_files=extra)
     except CheckpointError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {path}: {first}") from exc
-    try:
-        meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
-    except json.JSONDecodeError:
+    meta = (
+        strict_json_loads(extra[_META_FILE], f"{path} ({_META_FILE})") if extra[_META_FILE] else {}
+    )
+    if not isinstance(meta, dict):
         meta = {}
-    return module_from_program(ep, meta.get("input_shape"), meta.get("num_classes"))
+    shape, classes = meta.get("input_shape"), meta.get("num_classes")
+    if not (shape is None or (isinstance(shape, list) and all(type(n) is int for n in shape))):
+        raise CheckpointError(f"{path} ({_META_FILE}): input_shape is not a list of ints")
+    if not (classes is None or type(classes) is int):
+        raise CheckpointError(f"{path} ({_META_FILE}): num_classes is not an int")
+    try:
+        return module_from_program(ep, shape, classes)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def module_from_program(

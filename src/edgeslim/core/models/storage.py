@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edgeslim.core.errors import CheckpointError
-from edgeslim.core.fileio import save_tensors
+from edgeslim.core.fileio import save_tensors, strict_json_loads
 
 FORMATS = ("dense", "sparse")
 MASK_SUFFIX = "_keep"
@@ -108,8 +108,17 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: s
     return path.stat().st_size
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a dense or sparse weight file back into a dense state dict."""
+# A sparse tensor costs at most 8 x itemsize bytes per bitmap byte; reading one also needs
+# a one-byte-per-element mask: a file may expand to this many times its size, no more.
+MAX_EXPANSION = 8 * (8 + 1)
+MAX_DIMS = 16
+
+
+def load_weights(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read a dense or sparse weight file back into a dense state dict.
+
+    ``max_bytes`` caps the memory decoding may take (see :func:`decode_sparse`).
+    """
     path = Path(path)
     try:
         # own, 64-byte aligned memory: a mapped tensor starts wherever the header ends, and
@@ -121,37 +130,101 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read weight file {path}: {exc}") from exc
+    shapes = strict_json_loads(meta.get("shapes", "{}"), f"{path}: 'shapes' metadata")
+    if not isinstance(shapes, dict):
+        raise CheckpointError(f"{path}: 'shapes' metadata is not a JSON object")
+    return decode_sparse(raw, shapes, path, max_bytes=max_bytes)
+
+
+def check_shape(shape: object, path: str | os.PathLike, name: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints (at most ``MAX_DIMS``), or a
+    :class:`CheckpointError` naming the file and the tensor."""
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_DIMS:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {str(shape)[:80]}, not a list of at most "
+            f"{MAX_DIMS} dimensions"
+        )
+    for dim in shape:
+        if type(dim) is not int or not 0 <= dim < 2**62:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {str(shape)[:80]}: dimensions must be "
+                "non-negative integers"
+            )
+    return tuple(shape)
+
+
+def decode_budget(path: str | os.PathLike, max_bytes: int | None = None) -> int:
+    """Bytes decoding ``path`` may allocate: ``MAX_EXPANSION`` times the file's size, and
+    no more than ``max_bytes`` when given."""
     try:
-        shapes: dict[str, list[int]] = json.loads(meta.get("shapes", "{}"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt 'shapes' metadata: {exc}") from exc
-    return decode_sparse(raw, shapes, path)
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    budget = MAX_EXPANSION * size + (1 << 20)
+    return budget if max_bytes is None else min(budget, max_bytes)
 
 
 def decode_sparse(
-    raw: dict[str, torch.Tensor], shapes: dict[str, list[int]], path: str | os.PathLike
+    raw: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+    path: str | os.PathLike,
+    max_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Undo :func:`encode_sparse`: dense tensors by name (``path`` names the file in errors)."""
+    """Undo :func:`encode_sparse`: dense tensors by name (``path`` names the file in errors).
+
+    Every sparse tensor's shape is checked before anything is allocated: non-negative
+    dimensions, a bitmap of exactly ``ceil(numel / 8)`` bytes with as many set bits as
+    there are values, and the dense tensors plus the largest temporary mask within
+    :func:`decode_budget` (``max_bytes`` caps it further).
+    """
+    if not isinstance(shapes, dict):
+        raise CheckpointError(f"{path}: shapes metadata is not a JSON object")
+    plan: dict[str, tuple[tuple[int, ...], int]] = {}
+    total = largest_mask = 0
+    for name, t in raw.items():
+        if not name.endswith(_VALUES):
+            continue
+        base = name[: -len(_VALUES)]
+        if base not in shapes or base + _BITMAP not in raw:
+            raise CheckpointError(f"{path}: sparse tensor {base!r} lacks its shape or bitmap")
+        shape = check_shape(shapes[base], path, base)
+        numel = math.prod(shape)
+        bitmap = raw[base + _BITMAP]
+        if bitmap.dtype != torch.uint8 or bitmap.dim() != 1 or t.dim() != 1:
+            raise CheckpointError(
+                f"{path}: sparse tensor {base!r} needs a 1-D uint8 bitmap and 1-D values"
+            )
+        if bitmap.numel() != -(-numel // 8):
+            raise CheckpointError(
+                f"{path}: sparse tensor {base!r} of shape {list(shape)} ({numel} elements) "
+                f"has a bitmap of {bitmap.numel()} bytes, not {-(-numel // 8)}"
+            )
+        total += numel * t.element_size()
+        largest_mask = max(largest_mask, numel)
+        plan[base] = (shape, numel)
+    budget = decode_budget(path, max_bytes)
+    if total + largest_mask > budget:
+        raise CheckpointError(
+            f"{path}: decoding its sparse tensors needs {total + largest_mask} bytes, over "
+            f"the budget of {budget} bytes for this file"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         if name.endswith(_BITMAP):
             continue
-        if name.endswith(_VALUES):
-            base = name[: -len(_VALUES)]
-            if base not in shapes or base + _BITMAP not in raw:
-                raise CheckpointError(f"{path}: sparse tensor {base!r} lacks its shape or bitmap")
-            shape = shapes[base]
-            numel = math.prod(shape)
-            bits = raw[base + _BITMAP].numpy()
-            nz = np.unpackbits(bits, count=numel).astype(bool) if numel else np.zeros(0, bool)
-            if int(nz.sum()) != t.numel():
-                raise CheckpointError(
-                    f"{path}: sparse tensor {base!r} has {t.numel()} values for "
-                    f"{int(nz.sum())} bitmap entries"
-                )
-            dense = torch.zeros(numel, dtype=t.dtype)
-            dense[torch.from_numpy(nz)] = t
-            out[base] = dense.reshape(shape)
-        else:
+        if not name.endswith(_VALUES):
             out[name] = t
+            continue
+        base = name[: -len(_VALUES)]
+        shape, numel = plan[base]
+        bits = raw[base + _BITMAP].numpy()
+        nz = np.unpackbits(bits, count=numel).view(bool)
+        count = int(np.count_nonzero(nz))
+        if count != t.numel():
+            raise CheckpointError(
+                f"{path}: sparse tensor {base!r} has {t.numel()} values for {count} bitmap entries"
+            )
+        dense = torch.zeros(numel, dtype=t.dtype)
+        dense[torch.from_numpy(nz)] = t
+        out[base] = dense.reshape(shape)
     return out

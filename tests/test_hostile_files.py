@@ -1,0 +1,428 @@
+"""Hostile files: proof-of-concept attacks on the readers, and a fuzzer.
+
+Every file is built here (no binary fixtures) and loaded in a fresh subprocess, which
+reports the exception and how far its peak resident memory rose during the load. Each
+attack must be refused with an ``EdgeslimError``, leave no marker file (no code ran) and
+stay under ``2 x the tensor bytes the file holds + 64 MB``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+import edgeslim as es
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MB = 1 << 20
+
+# Runs in a fresh interpreter: loads argv[2] with loader argv[1], prints one JSON line.
+_CHILD = r"""
+import json, resource, sys
+from pathlib import Path
+import edgeslim
+from edgeslim.core.errors import EdgeslimError
+from edgeslim.core.models import hf, storage
+
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+kind, path = sys.argv[1], sys.argv[2]
+loaders = {
+    "pt2": lambda p: edgeslim.load_model(p),
+    "weights": lambda p: storage.load_weights(p),
+    "hf": lambda p: hf._read(Path(p).parent),
+}
+base = rss()
+result = {"error": None, "edgeslim": False, "message": ""}
+try:
+    loaders[kind](path)
+except EdgeslimError as exc:
+    result.update(error=type(exc).__name__, edgeslim=True, message=str(exc)[:300])
+except BaseException as exc:
+    result.update(error=type(exc).__name__, message=str(exc)[:300])
+result["peak_delta"] = rss() - base
+print(json.dumps(result))
+"""
+
+
+def load_isolated(kind: str, path: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, kind, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=path.parent,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_refused(kind: str, path: Path, marker: Path, tensor_bytes: int) -> dict:
+    out = load_isolated(kind, path)
+    assert not marker.exists(), f"{path.name}: the planted code ran"
+    assert out["edgeslim"], f"{path.name}: {out['error']}: {out['message']}"
+    assert out["peak_delta"] < 2 * tensor_bytes + 64 * MB, out
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------
+
+
+class _Plant:
+    """Unpickling this runs code that writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+def valid_pt2(tmp_path: Path) -> Path:
+    """A legitimate .pt2 with a dynamic batch dimension (so it holds a shape symbol)."""
+    return es.save_model(_tiny_model(), tmp_path / "ok.pt2", torch.zeros(2, 8))
+
+
+def rezip(src: Path, dst: Path, change=None, add=None) -> Path:
+    """Copy a .pt2 member by member (stored, like torch writes), replacing member bytes
+    through ``change(name, data) -> data`` and appending ``add`` members."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item, change(item.filename, data) if change else data)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def _edit_json(member: str, edit):
+    def change(name: str, data: bytes) -> bytes:
+        if not name.endswith(member):
+            return data
+        obj = json.loads(data)
+        edit(obj)
+        return json.dumps(obj).encode()
+
+    return change
+
+
+def _sparse_file(path: Path, shapes_json: str, values=(1.0,), bitmap=(0x80,)) -> Path:
+    tensors = {
+        "w::values": torch.tensor(values, dtype=torch.float32),
+        "w::bitmap": torch.tensor(bitmap, dtype=torch.uint8),
+    }
+    path.write_bytes(st_save(tensors, metadata={"format": "sparse", "shapes": shapes_json}))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# proof-of-concept attacks
+# --------------------------------------------------------------------------------------
+
+
+def test_legacy_layout_pt2_with_root_pickles_runs_nothing(tmp_path):
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    marker = tmp_path / "MARKER"
+    ok = valid_pt2(tmp_path)
+    with zipfile.ZipFile(ok) as zf:
+        program = zf.read(next(n for n in zf.namelist() if n.endswith("models/model.json")))
+    evil = pickle.dumps(_Plant(marker))
+    path = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(path, "w") as zf:  # the torch 2.7 layout: everything at the root
+        zf.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        zf.writestr("serialized_exported_program.json", program)
+        for name in ("state_dict", "constants", "example_inputs"):
+            zf.writestr(f"serialized_{name}.pt", evil)
+    out = assert_refused("pt2", path, marker, tensor_bytes=len(evil))
+    assert "legacy" in out["message"] and "legacy.pt2" in out["message"]
+
+
+def test_pt2_with_a_legacy_weights_pickle_in_its_folder_runs_nothing(tmp_path):
+    marker = tmp_path / "MARKER"
+    ok = valid_pt2(tmp_path)
+    prefix = zipfile.ZipFile(ok).namelist()[0].split("/")[0]
+    buf = io.BytesIO()
+    torch.save({"w": _Plant(marker)}, buf)
+    path = rezip(
+        ok, tmp_path / "legacyw.pt2", add={f"{prefix}/data/weights/model.pt": buf.getvalue()}
+    )
+    out = assert_refused("pt2", path, marker, tensor_bytes=len(buf.getvalue()))
+    assert "data/weights/model.pt" in out["message"]
+
+
+def test_pt2_with_a_sympy_payload_in_a_shape_expression_runs_nothing(tmp_path):
+    marker = tmp_path / "MARKER"
+    ok = valid_pt2(tmp_path)
+    text = zipfile.ZipFile(ok).read(
+        next(n for n in zipfile.ZipFile(ok).namelist() if n.endswith("models/model.json"))
+    )
+    assert b'"expr_str": "Symbol(' in text  # the payload goes where torch sympifies
+    payload = f"(__import__('pathlib').Path({str(marker)!r}).write_text('ran'), \\1)[1]"
+
+    def change(name: str, data: bytes) -> bytes:
+        if not name.endswith("models/model.json"):
+            return data
+        import re
+
+        return re.sub(
+            rb'"expr_str": "(Symbol\([^"]*\))"',
+            lambda m: (
+                b'"expr_str": "' + payload.replace("\\1", m.group(1).decode()).encode() + b'"'
+            ),
+            data,
+        )
+
+    path = rezip(ok, tmp_path / "sympy.pt2", change)
+    out = assert_refused("pt2", path, marker, tensor_bytes=ok.stat().st_size)
+    assert "expr_str" in out["message"] and "sympy.pt2" in out["message"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.os.system",
+        "torch.ops.load_library",
+        "builtins.exec",
+        "#custom.op",
+        "torch.ops.aten.__class__.x",
+    ],
+)
+def test_pt2_with_a_non_operator_node_target_is_refused(tmp_path, target):
+    ok = valid_pt2(tmp_path)
+
+    def edit(program):
+        program["graph_module"]["graph"]["nodes"][0]["target"] = target
+
+    path = rezip(ok, tmp_path / "target.pt2", _edit_json("models/model.json", edit))
+    out = assert_refused("pt2", path, tmp_path / "MARKER", tensor_bytes=ok.stat().st_size)
+    assert "node target" in out["message"]
+
+
+def test_pt2_with_an_importing_pytree_spec_is_refused(tmp_path):
+    ok = valid_pt2(tmp_path)
+    enum = json.dumps([{"__enum__": True, "fqn": "antigravity:x", "name": "y"}])
+    spec = json.dumps([1, {"type": "builtins.dict", "context": enum, "children_spec": []}])
+
+    def edit(program):
+        program["graph_module"]["module_call_graph"][0]["signature"]["in_spec"] = spec
+
+    path = rezip(ok, tmp_path / "spec.pt2", _edit_json("models/model.json", edit))
+    out = assert_refused("pt2", path, tmp_path / "MARKER", tensor_bytes=ok.stat().st_size)
+    assert "in_spec" in out["message"]
+
+
+def test_pt2_with_an_empty_record_of_a_huge_declared_shape_is_refused(tmp_path):
+    ok = valid_pt2(tmp_path)
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("data/weights/weight_0"):
+            return b""
+        if name.endswith("model_weights_config.json"):
+            cfg = json.loads(data)
+            entry = next(e for e in cfg["config"].values() if e["path_name"] == "weight_0")
+            entry["tensor_meta"]["sizes"] = [{"as_int": 60_000}, {"as_int": 60_000}]
+            return json.dumps(cfg).encode()
+        return data
+
+    path = rezip(ok, tmp_path / "zeros.pt2", change)
+    out = assert_refused("pt2", path, tmp_path / "MARKER", tensor_bytes=ok.stat().st_size)
+    assert "weight" in out["message"]
+
+
+def test_five_byte_sparse_payload_with_huge_shape_is_refused(tmp_path):
+    path = _sparse_file(tmp_path / "huge.safetensors", json.dumps({"w": [40_000_000]}))
+    out = assert_refused("weights", path, tmp_path / "MARKER", tensor_bytes=5)
+    assert "'w'" in out["message"] and "huge.safetensors" in out["message"]
+
+
+@pytest.mark.parametrize("shape", [[-8], [-2, -4], [2.5], [True], "8", [[8]]])
+def test_sparse_payload_with_bad_dimensions_is_refused(tmp_path, shape):
+    path = _sparse_file(tmp_path / "neg.safetensors", json.dumps({"w": shape}))
+    out = assert_refused("weights", path, tmp_path / "MARKER", tensor_bytes=5)
+    assert "'w'" in out["message"]
+
+
+@pytest.mark.parametrize(
+    "shapes_json",
+    ['{"w": [1' + "0" * 5000 + "]}", '{"w": [Infinity]}', '{"w": [NaN]}', '{"w": [1e999]}'],
+    ids=["huge-int", "infinity", "nan", "overflow"],
+)
+def test_hostile_json_numbers_in_sparse_metadata_are_refused(tmp_path, shapes_json):
+    path = _sparse_file(tmp_path / "num.safetensors", shapes_json)
+    out = assert_refused("weights", path, tmp_path / "MARKER", tensor_bytes=5)
+    assert "num.safetensors" in out["message"]
+
+
+@pytest.mark.parametrize(
+    "meta_json",
+    ['{"shapes": {"w": [1' + "0" * 5000 + ']}, "quantized": {}}', '{"shapes": {"w": [-8]}}'],
+    ids=["huge-int", "negative"],
+)
+def test_hostile_hf_shard_metadata_is_refused(tmp_path, meta_json):
+    tensors = {
+        "w::values": torch.tensor([1.0]),
+        "w::bitmap": torch.tensor([0x80], dtype=torch.uint8),
+    }
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(st_save(tensors, metadata={"format": "pt", "edgeslim": meta_json}))
+    assert_refused("hf", path, tmp_path / "MARKER", tensor_bytes=5)
+
+
+def test_a_legitimate_pt2_still_loads_and_matches(tmp_path):
+    model = _tiny_model()
+    loaded = es.load_model(valid_pt2(tmp_path))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_legitimate_int8_ptq_pt2_still_loads(tmp_path):
+    """Integer PTQ graphs use ATen ops such as ``__rshift__``: they pass the target check."""
+    from edgeslim.quant import Int8PTQ, quantize
+
+    calib = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model = quantize(es.zoo.create("lenet5").eval(), Int8PTQ(), calib=calib)
+    loaded = es.load_model(es.save_model(model, tmp_path / "q.pt2"))
+    with torch.no_grad():
+        assert torch.equal(loaded(calib), model(calib))
+
+
+# --------------------------------------------------------------------------------------
+# fuzzing
+# --------------------------------------------------------------------------------------
+
+# Runs in a fresh interpreter: mutates the two seed files argv[1], argv[2] argv[3] times
+# each (seed argv[4]); prints counts and the peak resident-memory rise over all cases.
+_FUZZ = r"""
+import json, random, resource, sys, zipfile, io
+from pathlib import Path
+import edgeslim
+from edgeslim.core.errors import EdgeslimError
+from edgeslim.core.models import storage
+
+pt2, sparse, n, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+work = pt2.parent / "fuzz"
+work.mkdir(exist_ok=True)
+
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def flip(data):
+    data = bytearray(data)
+    for _ in range(rng.choice([1, 1, 2, 4, 16])):
+        op = rng.random()
+        i = rng.randrange(len(data)) if data else 0
+        if op < 0.6 and data:
+            data[i] = rng.randrange(256)
+        elif op < 0.8:
+            data[i:i] = bytes([rng.choice([0, 0x22, 0x2d, 0x30, 0x39, 0x5b, 0x7b, 0xff])])
+        elif data:
+            del data[i : i + rng.randrange(1, 9)]
+    if rng.random() < 0.05:
+        data = data[: rng.randrange(len(data) + 1)]
+    return bytes(data)
+
+def mutate_pt2(raw):
+    if rng.random() < 0.3:
+        return flip(raw)  # whole-file bytes: mostly caught by the zip's CRCs
+    with zipfile.ZipFile(io.BytesIO(raw)) as zin:
+        infos = zin.infolist()
+        victim = rng.choice(infos).filename
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zout:
+            for item in infos:
+                data = zin.read(item.filename)
+                zout.writestr(item, flip(data) if item.filename == victim else data)
+    return out.getvalue()
+
+def mutate_sparse(raw):
+    n = int.from_bytes(raw[:8], "little")
+    if rng.random() < 0.5:  # inside the JSON header (shapes, offsets, dtypes)
+        head = bytearray(raw[8 : 8 + n])
+        for _ in range(rng.choice([1, 2, 3])):
+            head[rng.randrange(len(head))] = rng.choice(b'0123456789-[],:"{}eE.')
+        return raw[:8] + bytes(head) + raw[8 + n :]
+    return flip(raw)
+
+cases = {"pt2": [0, 0], "weights": [0, 0]}  # [loaded, refused]
+base = rss()
+seeds = {"pt2": (pt2.read_bytes(), mutate_pt2), "weights": (sparse.read_bytes(), mutate_sparse)}
+for i in range(n):
+    for kind, (raw, mutate) in seeds.items():
+        path = work / ("case.pt2" if kind == "pt2" else "case.safetensors")
+        path.write_bytes(mutate(raw))
+        try:
+            if kind == "pt2":
+                edgeslim.load_model(path)
+            else:
+                storage.load_weights(path)
+            cases[kind][0] += 1
+        except EdgeslimError:
+            cases[kind][1] += 1
+        except BaseException as exc:
+            path.rename(work / f"crash-{kind}-{i}")
+            print(json.dumps({"crash": f"{type(exc).__name__}: {exc}"[:500], "case": i}))
+            sys.exit(0)
+print(json.dumps({"cases": cases, "peak_delta": rss() - base}))
+"""
+
+
+def _fuzz(tmp_path: Path, n: int, seed: int) -> dict:
+    from edgeslim.core.models.storage import save_weights
+
+    pt2 = valid_pt2(tmp_path)
+    state = {k: v.clone() for k, v in _tiny_model().state_dict().items()}
+    state["0.weight"][state["0.weight"].abs() < 0.3] = 0  # sparse enough to be stored sparse
+    sparse = tmp_path / "ok.safetensors"
+    save_weights(state, sparse, "sparse")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FUZZ, str(pt2), str(sparse), str(n), str(seed)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=7200,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "crash" not in out, out
+    assert not list(tmp_path.rglob("MARKER*"))
+    # both seed files are a few KB: nothing may take more than the fixed allowance
+    assert out["peak_delta"] < 64 * MB, out
+    print(f"fuzz: {out}")
+    return out
+
+
+def test_fuzz_readers_small(tmp_path):
+    out = _fuzz(tmp_path, n=150, seed=1)
+    assert sum(out["cases"]["pt2"]) == sum(out["cases"]["weights"]) == 150
+
+
+@pytest.mark.slow
+def test_fuzz_readers_10000(tmp_path):
+    out = _fuzz(tmp_path, n=5000, seed=2)
+    assert sum(map(sum, out["cases"].values())) == 10_000
