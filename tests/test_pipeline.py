@@ -250,6 +250,11 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
         if not torch.equal(a[k], b[k])
     }
     assert not differ, f"resumed weights differ from the straight run's: {differ}"
+    # the files, byte for byte (meta.json differs: it records the stage's wall time)
+    files = ["state.safetensors", "model.pt2", *(p.name for p in out.glob("stage-2/weights.*"))]
+    for name in files:
+        a_bytes = (tmp_path / "straight" / "stage-2" / name).read_bytes()
+        assert a_bytes == (out / "stage-2" / name).read_bytes(), f"stage-2/{name} differs"
     assert not list(out.glob(".stage-*"))  # the interrupted stage's temporary is gone
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
