@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from edgeslim.core.errors import (
+    CalibrationError,
     CheckpointError,
     ConfigError,
     ContainerError,
@@ -98,6 +99,7 @@ _SUBMODULES = {"zoo": "edgeslim.core.models.zoo"}
 _FORMAT_PLUGINS = ("edgeslim.codec",)
 
 __all__ = [
+    "CalibrationError",
     "CheckpointError",
     "ConfigError",
     "ContainerError",

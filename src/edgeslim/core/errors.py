@@ -31,6 +31,10 @@ class DataError(EdgeslimError):
     """A dataset cannot be found, read, or has inconsistent arrays."""
 
 
+class CalibrationError(DataError, TypeError):
+    """Calibration data in a form edgeslim does not take (the message lists the forms)."""
+
+
 class ShapeError(EdgeslimError, ValueError):
     """An input tensor does not have the shape the model expects."""
 

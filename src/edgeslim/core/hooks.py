@@ -10,22 +10,26 @@ receive and produce. That loop lives here, once::
 
     run_calibration(model, calib, layers={"fc1": model.fc1}, callback=see)
 
-``calib`` is a tensor of inputs ``(N, ...)`` (e.g. ``DataSplits.calib(256)``) or any iterable
-of input batches; a batch that is a tuple is passed as ``model(*batch)``, a dict as
-``model(**batch)``. Hooks are always removed, the model's training flags are restored and its
-weights are not changed (unless the callback changes them).
+``calib`` is calibration data in any form users hold it (:func:`iter_batches`): a tensor of
+inputs ``(N, ...)``, a list of tensors, a tokenizer's output (one batch of keyword inputs), a
+list of such mappings, a torch ``Dataset`` / ``DataLoader``, or a ``DataSplits``; a batch that
+is a tuple is passed as ``model(*batch)``, a dict as ``model(**batch)``. Hooks are always
+removed, the model's training flags are restored and its weights are not changed (unless the
+callback changes them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from edgeslim.core.errors import ShapeError
+from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.errors import CalibrationError, ShapeError
 
 
 @contextmanager
@@ -55,8 +59,21 @@ def output_tensors(out: Any) -> Iterator[torch.Tensor]:
             yield from output_tensors(v)
 
 
-def iter_batches(calib: torch.Tensor | Iterable[Any], batch_size: int = 64) -> Iterator[Any]:
-    """Batches of ``calib``: slices of a tensor ``(N, ...)``, or the items of an iterable."""
+CALIB_FORMS = (
+    "a tensor (N, ...); a list or tuple of tensors (one batch each); a mapping of keyword "
+    "inputs such as a tokenizer's output (one batch); a list of mappings; a torch Dataset or "
+    "DataLoader (items x or (x, y)); a DataSplits (its calibration set)"
+)
+DATASPLITS_CALIB = 256  # inputs drawn from a DataSplits' training split
+
+
+def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[Any]:
+    """The batches of calibration data ``calib``, in any form users hold it (``CALIB_FORMS``).
+
+    Each batch is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a dict of
+    keyword inputs (``model(**x)``). Anything else is a :class:`CalibrationError` naming the
+    type it got and the forms it takes.
+    """
     if isinstance(calib, torch.Tensor):
         if calib.dim() == 0 or calib.shape[0] == 0:
             raise ShapeError(
@@ -64,8 +81,81 @@ def iter_batches(calib: torch.Tensor | Iterable[Any], batch_size: int = 64) -> I
             )
         for i in range(0, calib.shape[0], batch_size):
             yield calib[i : i + batch_size]
+    elif isinstance(calib, Mapping):  # a tokenizer's BatchEncoding, {"input_ids": ...}: one batch
+        yield _keyword_batch(calib, "calibration mapping")
+    elif isinstance(calib, DataSplits):
+        yield from iter_batches(calib.calib(min(DATASPLITS_CALIB, len(calib.train))), batch_size)
+    elif isinstance(calib, DataLoader):
+        for k, item in enumerate(calib):
+            yield _batch(_input_of(item), f"DataLoader batch {k}")
+    elif isinstance(calib, Dataset) and hasattr(calib, "__len__"):
+        items = [_input_of(calib[k]) for k in range(len(calib))]  # type: ignore[arg-type]
+        if not items:
+            raise ShapeError("calibration Dataset is empty")
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            yield _collate(chunk, f"Dataset items {start}..{start + len(chunk) - 1}")
+    elif isinstance(calib, (list, tuple)) or (
+        isinstance(calib, Iterable) and not isinstance(calib, (str, bytes))
+    ):
+        count = 0
+        for k, item in enumerate(calib):
+            count += 1
+            yield _batch(item, f"calibration item {k}")
+        if count == 0:
+            raise ShapeError("calibration data is empty")
     else:
-        yield from calib
+        raise CalibrationError(
+            f"calibration data of type {type(calib).__name__} is not supported; give {CALIB_FORMS}"
+        )
+
+
+def _input_of(item: Any) -> Any:
+    """The input of a dataset item: ``x`` of ``(x, y)`` or ``(x,)``, else the item."""
+    if (
+        isinstance(item, (tuple, list))
+        and len(item) in (1, 2)
+        and isinstance(item[0], torch.Tensor)
+    ):
+        return item[0]
+    return item
+
+
+def _keyword_batch(batch: Mapping, where: str) -> dict[str, Any]:
+    bad = [k for k, v in batch.items() if not isinstance(k, str)]
+    if bad:
+        raise CalibrationError(f"{where}: keys must be argument names, got {bad[:3]}")
+    return dict(batch)
+
+
+def _batch(item: Any, where: str) -> Any:
+    """One batch as the model takes it (a tensor, a tuple of inputs, or keyword inputs)."""
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, Mapping):
+        return _keyword_batch(item, where)
+    if isinstance(item, (tuple, list)) and item and all(isinstance(t, torch.Tensor) for t in item):
+        return tuple(item)
+    raise CalibrationError(
+        f"{where} is a {type(item).__name__}; a batch must be a tensor, a tuple of tensors or "
+        f"a mapping of keyword inputs (calibration data takes {CALIB_FORMS})"
+    )
+
+
+def _collate(items: list[Any], where: str) -> Any:
+    """Stack dataset items (tensors, or mappings of tensors) into one batch."""
+    first = items[0]
+    try:
+        if isinstance(first, torch.Tensor):
+            return torch.stack(items)
+        if isinstance(first, Mapping):
+            return {k: torch.stack([item[k] for item in items]) for k in first}
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{where}: cannot stack the items into a batch: {exc}") from exc
+    raise CalibrationError(
+        f"{where}: a Dataset item is a {type(first).__name__}; expected a tensor, (x, y) or a "
+        "mapping of tensors"
+    )
 
 
 @contextmanager
