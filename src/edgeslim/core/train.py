@@ -220,19 +220,8 @@ def _train(
 
 
 def finetune(
-    model: nn.Module,
-    data: DataSplits,
-    cfg: TrainConfig | None = None,
-    *,
-    teacher: nn.Module | None = None,
-    loss_fn: LossFn | None = None,
-    step_hook: StepHook | None = None,
-    progress: bool | None = None,
-    **overrides: object,
+    model: nn.Module, data: DataSplits, cfg: TrainConfig | None = None, **kwargs: object
 ) -> list[dict[str, float]]:
-    """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given."""
-    cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
-    return fit(
-        model, data, cfg, teacher=teacher, loss_fn=loss_fn, step_hook=step_hook,
-        progress=progress, **overrides,
-    )  # fmt: skip
+    """:func:`fit` with fine-tuning defaults (3 epochs at lr 1e-4) unless ``cfg`` is given;
+    every other argument as for :func:`fit`."""
+    return fit(model, data, cfg or TrainConfig(**FINETUNE_DEFAULTS), **kwargs)

@@ -37,10 +37,10 @@ from edgeslim.core.selection import FilterFn
 from edgeslim.prune.budget import ratios_for_macs
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
-from edgeslim.prune.plan import Plan, plan_groups
+from edgeslim.prune.plan import plan_groups
 from edgeslim.prune.surgery import apply_plans
 
-__all__ = ["ChannelPrune", "channel_prune_", "cut_channels_"]
+__all__ = ["ChannelPrune", "channel_prune_"]
 
 
 class ChannelPrune(Options):
@@ -100,26 +100,6 @@ def channel_prune_(
     """Remove channels from ``model`` in place; returns each cut group's removed fraction
     (``removed``) and the plans that were cut (``cut``: what :func:`replay_` redoes).
 
-    See :func:`cut_channels_` for the arguments.
-    """
-    plans = cut_channels_(model, cfg, filter_fn, example=example, data=data, calib=calib)
-    return {
-        "removed": {p.group: len(p.remove) / p.channels for p in plans},
-        "cut": [asdict(p) for p in plans],  # what a resumed run replays (replay_)
-    }
-
-
-def cut_channels_(
-    model: nn.Module,
-    cfg: ChannelPrune,
-    filter_fn: FilterFn | None = None,
-    *,
-    example: Any = None,
-    data: DataSplits | None = None,
-    calib: Any = None,
-) -> list[Plan]:
-    """Remove channels from ``model`` in place; returns the plans that were cut.
-
     ``example`` (an input batch, or a dict of keyword inputs) is needed to trace the model.
     Layers for which ``filter_fn(module, name)`` is False are kept whole. ``data`` (or
     ``calib=(x, y)``) is needed for ``importance='taylor'`` and ``allocation='sensitivity'``;
@@ -161,4 +141,7 @@ def cut_channels_(
     if cfg.importance == "taylor":
         model.zero_grad(set_to_none=True)
     forget_inputs(model)
-    return done
+    return {
+        "removed": {p.group: len(p.remove) / p.channels for p in done},
+        "cut": [asdict(p) for p in done],  # what a resumed run replays (replay_)
+    }

@@ -145,7 +145,7 @@ def apply_plans(
 
 
 def replay_(model: nn.Module, example: Any, plans: list[dict[str, Any]]) -> None:
-    """Cut the channels that :func:`~edgeslim.prune.channel.cut_channels_` chose again.
+    """Cut the channels that :func:`~edgeslim.prune.channel.channel_prune_` chose again.
 
     ``plans`` are its plans, as dicts. For a fresh copy of the original model, e.g. when a
     pipeline resumes after a channel pruning stage: the structure is redone, then the saved
