@@ -43,6 +43,7 @@ loaders = {
     "pt2": lambda p: edgeslim.load_model(p),
     "weights": lambda p: storage.load_weights(p),
     "hf": lambda p: hf._read(Path(p).parent),
+    "slim": lambda p: edgeslim.unpack(p),
 }
 base = rss()
 result = {"error": None, "edgeslim": False, "message": ""}
@@ -288,6 +289,150 @@ def test_hostile_hf_shard_metadata_is_refused(tmp_path, meta_json):
     path = tmp_path / "model.safetensors"
     path.write_bytes(st_save(tensors, metadata={"format": "pt", "edgeslim": meta_json}))
     assert_refused("hf", path, tmp_path / "MARKER", tensor_bytes=5)
+
+
+# ------------------------------------------------------------------------------ .slim files
+
+
+def _slim_parts(path: Path) -> tuple[dict, list[bytes]]:
+    """The header (as data) and the streams of a ``.slim`` file."""
+    import zlib
+
+    import numpy as np
+
+    from edgeslim.codec.header import PREAMBLE
+
+    data = path.read_bytes()
+    _, _, flags, _, h, n, _ = PREAMBLE.unpack_from(data)
+    head = data[24 : 24 + h]
+    header = json.loads(zlib.decompress(head) if flags else head)
+    table = np.frombuffer(data[24 + h : 24 + h + 8 * n], "<u4").reshape(n, 2).astype(np.int64)
+    offsets = 24 + h + 8 * n + np.concatenate(([0], np.cumsum(table[:, 0])))
+    return header, [data[offsets[i] : offsets[i + 1]] for i in range(n)]
+
+
+def _slim_file(path: Path, header: dict, streams: list[bytes]) -> Path:
+    from edgeslim.codec.header import frame
+
+    path.write_bytes(frame(header, streams)[0])
+    return path
+
+
+def graph_slim(tmp_path: Path) -> Path:
+    """A legitimate graph-form .slim of a tiny model."""
+    from edgeslim.codec import PackConfig, pack
+
+    path = tmp_path / "graph.slim"
+    pack(_tiny_model(), path, PackConfig(architecture="graph"), example=torch.zeros(2, 8))
+    return path
+
+
+def zoo_slim(tmp_path: Path) -> Path:
+    """A legitimate zoo-form .slim of a hashed LeNet-300-100 (small buckets)."""
+    from edgeslim.codec import PackConfig, pack
+
+    torch.manual_seed(0)
+    model = es.load_model("zoo:lenet300")
+    es.share_(model, es.HashShare(ratio=1 / 64))
+    path = tmp_path / "zoo.slim"
+    pack(model, path, PackConfig(architecture="zoo"))
+    return path
+
+
+def _zoo_header(tensors: list[dict], modules: dict | None = None) -> dict:
+    arch = {"kind": "zoo", "name": "lenet300", "kwargs": {}, "modules": modules or {}}
+    return {
+        "format": "edgeslim.slim", "edgeslim": "0", "architecture": arch,
+        "input_shape": None, "num_classes": None, "tensors": tensors,
+    }  # fmt: skip
+
+
+def test_slim_with_a_sympy_payload_in_its_graph_runs_nothing(tmp_path):
+    import lzma
+    import re
+
+    marker = tmp_path / "MARKER"
+    ok = graph_slim(tmp_path)
+    header, streams = _slim_parts(ok)
+    sid = header["architecture"]["stream"]
+    text = lzma.decompress(streams[sid]).decode()
+    assert '"expr_str": "Symbol(' in text  # the payload goes where torch sympifies
+    payload = f"(__import__('pathlib').Path({str(marker)!r}).write_text('ran'), \\1)[1]"
+    text = re.sub(
+        r'"expr_str": "(Symbol\([^"]*\))"',
+        lambda m: '"expr_str": "' + payload.replace("\\1", m.group(1)) + '"',
+        text,
+    )
+    streams[sid] = lzma.compress(text.encode())
+    path = _slim_file(tmp_path / "sympy.slim", header, streams)
+    out = assert_refused("slim", path, marker, tensor_bytes=ok.stat().st_size)
+    assert "graph stream" in out["message"] and "sympy.slim" in out["message"]
+
+
+def test_slim_with_a_non_operator_target_in_its_graph_is_refused(tmp_path):
+    import lzma
+
+    ok = graph_slim(tmp_path)
+    header, streams = _slim_parts(ok)
+    sid = header["architecture"]["stream"]
+    program = json.loads(lzma.decompress(streams[sid]))
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
+    streams[sid] = lzma.compress(json.dumps(program).encode())
+    path = _slim_file(tmp_path / "target.slim", header, streams)
+    out = assert_refused("slim", path, tmp_path / "MARKER", tensor_bytes=ok.stat().st_size)
+    assert "node target" in out["message"]
+
+
+def test_tiny_hashed_slim_cannot_make_the_reader_allocate_much(tmp_path):
+    # the issue's 334-byte file: one hashed record, no streams, 4M virtual weights
+    rec = {
+        "name": "fc1.sign", "layout": "hash", "dtype": "float32", "shape": [2000, 2000],
+        "crc": 0, "role": "sign", "buckets": 1, "seed": 0,
+    }  # fmt: skip
+    path = _slim_file(tmp_path / "hashed.slim", _zoo_header([rec]), [])
+    size = path.stat().st_size
+    assert size < 400
+    out = assert_refused("slim", path, tmp_path / "MARKER", tensor_bytes=size)
+    assert "fc1.sign" in out["message"] and "limit" in out["message"]
+
+
+def test_slim_record_without_stream_bytes_and_a_huge_shape_is_refused(tmp_path):
+    rec = {
+        "name": "fc1.weight", "layout": "sparse", "dtype": "float32", "shape": [8000, 8000],
+        "crc": 0, "order": "row", "index_bits": 4, "entries": 0, "index": None, "values": 0,
+    }  # fmt: skip
+    path = _slim_file(tmp_path / "zeros.slim", _zoo_header([rec]), [b""])
+    out = assert_refused("slim", path, tmp_path / "MARKER", tensor_bytes=path.stat().st_size)
+    assert "fc1.weight" in out["message"] and "limit" in out["message"]
+
+
+def _buckets_slim(path: Path, buckets) -> Path:
+    spec = {
+        "class": "HashedLinear",
+        "args": {"in_features": 784, "out_features": 300, "buckets": buckets, "seed": 0},
+    }
+    return _slim_file(path, _zoo_header([], {"fc1": spec}), [])
+
+
+@pytest.mark.parametrize("buckets", [float("inf"), 10**30])
+def test_slim_hashed_module_with_infinite_or_huge_buckets_is_refused(tmp_path, buckets):
+    path = _buckets_slim(tmp_path / "buckets.slim", buckets)
+    out = assert_refused("slim", path, tmp_path / "MARKER", tensor_bytes=path.stat().st_size)
+    assert "buckets" in out["message"] or "Infinity" in out["message"], out
+
+
+def test_slim_hashed_module_with_bad_buckets_is_refused(tmp_path):
+    from edgeslim.core.errors import ContainerError
+
+    for buckets in (0, -3, 2.5, True, "8", None, 300 * 784 + 1):
+        path = _buckets_slim(tmp_path / "buckets.slim", buckets)
+        with pytest.raises(ContainerError, match="buckets"):
+            es.unpack(path)
+
+
+def test_legitimate_slim_files_still_load(tmp_path):
+    for path in (graph_slim(tmp_path), zoo_slim(tmp_path)):
+        assert isinstance(es.unpack(path), nn.Module)
 
 
 def test_a_legitimate_pt2_still_loads_and_matches(tmp_path):
