@@ -20,7 +20,7 @@ from edgeslim.codec.sparse_index import best_index_bits, decode_gaps, encode_gap
 from edgeslim.codec.symbols import entropy_bits, histogram
 from edgeslim.core.errors import ContainerError
 from edgeslim.core.masks import shared_values
-from edgeslim.share.hashed import hash_index, hash_sign
+from edgeslim.share.hashed import HASH_TEMP_BYTES, hash_index, hash_sign
 
 CODECS = {  # name -> (encode, decode, payload_offset)
     "huffman": (huffman.encode, huffman.decode, huffman.payload_offset),
@@ -246,14 +246,22 @@ def hash_record(name: str, t: torch.Tensor, role: str, buckets: int, seed: int) 
 
 
 def record_bytes(rec: Any) -> int:
-    """Bytes of the tensors a record restores (for the reader's memory budget)."""
+    """Peak bytes decoding a record takes (for the reader's memory budget): the tensors it
+    restores plus the temporaries of :func:`decode_record` -- a sparse tensor is scattered
+    into a flat buffer and reordered (two dense copies), a shared tensor's codes likewise
+    and its values gathered through an int64 index, a hashed index or sign needs the hash's
+    chunked working memory, and coded streams their decoder arrays."""
     numel = int(np.prod(rec.shape, dtype=np.int64)) if rec.shape else 1
-    total = numel * itemsize(rec.dtype)
-    if rec.layout == "shared":
-        total += numel * itemsize(rec.codes_dtype) + rec.clusters * itemsize(rec.dtype)
-    if rec.layout in ("sparse", "shared"):
-        total += 24 * rec.entries  # decoder working arrays: symbols and positions
-    return total
+    dense = numel * itemsize(rec.dtype)
+    if rec.layout == "raw":
+        return dense
+    if rec.layout == "hash":
+        return dense + HASH_TEMP_BYTES
+    work = 24 * rec.entries  # decoder working arrays: symbols and positions
+    if rec.layout == "sparse":
+        return 2 * dense + rec.entries * itemsize(rec.dtype) + work
+    codes = numel * itemsize(rec.codes_dtype)
+    return dense + 2 * codes + 8 * numel + 2 * rec.clusters * itemsize(rec.dtype) + work
 
 
 def _from_bytes(data: memoryview, dtype: str, shape: list[int]) -> torch.Tensor:

@@ -3,14 +3,18 @@
 :func:`unpack` accepts untrusted files. Before anything is decoded or allocated, the
 framing's lengths and CRCs are checked against the bytes really there, the header against
 its schema, every record's counts and stream sizes against its shape, and the total the
-tensors would take against ``max_bytes``; inflating the header and the graph is bounded.
-Every failure is a :class:`ContainerError`.
+real peak memory decoding the tensors takes (temporaries included) against a budget derived
+from the file's size and ``max_bytes`` (:func:`slim_budget`); inflating the header and the
+graph is bounded. The graph of a graph-form file passes
+:func:`~edgeslim.core.models.safe_program.load_program_json` (a whitelist: no sympy string,
+op target or pytree spec torch would evaluate or import) before torch sees it. Every failure
+is a :class:`ContainerError`.
 """
 
 from __future__ import annotations
 
-import json
 import lzma
+import math
 import os
 import zlib
 from pathlib import Path
@@ -35,15 +39,28 @@ from edgeslim.codec.header import (
     GraphArchitecture,
     Header,
 )
-from edgeslim.core.errors import ContainerError
+from edgeslim.core.errors import CheckpointError, ContainerError
+from edgeslim.core.fileio import strict_json_loads
+from edgeslim.core.models.safe_program import load_program_json
+from edgeslim.core.models.storage import check_shape
 from edgeslim.core.options import format_validation_error
+from edgeslim.share.hashed import check_buckets
+
+SLIM_MAX_EXPANSION = 1024  # bytes decoding may allocate per byte of file ...
+SLIM_BUDGET_SLACK = 16 << 20  # ... plus this allowance (all-zero tensors, hashed layers)
+
+
+def slim_budget(size: int, max_bytes: int) -> int:
+    """Bytes reading a ``.slim`` file of ``size`` bytes may allocate: ``SLIM_MAX_EXPANSION``
+    times its size plus ``SLIM_BUDGET_SLACK``, and never more than ``max_bytes``."""
+    return min(max_bytes, SLIM_MAX_EXPANSION * size + SLIM_BUDGET_SLACK)
 
 
 def unpack(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> nn.Module:
     """Rebuild the model in a ``.slim`` file (in eval mode); no Python class is needed.
 
-    Refuses (``ContainerError``) a file that is malformed, corrupt, or would make the
-    restored tensors exceed ``max_bytes`` in total.
+    Refuses (``ContainerError``) a file that is malformed, corrupt, hostile, or whose
+    decoding would allocate more than :func:`slim_budget` (at most ``max_bytes``).
     """
     path = Path(path)
     try:
@@ -57,11 +74,15 @@ def unpack(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> nn
     except OSError as exc:
         raise ContainerError(f"cannot read {path}: {exc}") from exc
     try:
-        header, streams = read_container(data, max_bytes=max_bytes)
-        tensors = decode_tensors(header, streams)
+        budget = slim_budget(len(data), max_bytes)
+        header, streams = read_container(data, max_bytes=budget)
         arch = header.architecture
         graph = _inflate_graph(streams[arch.stream]) if arch.kind == "graph" else None
-        model = rebuild(header, tensors, graph, max_bytes)
+        if graph is not None:
+            _check_graph(graph)
+        charged = decode_bytes(header)
+        tensors = decode_tensors(header, streams)
+        model = rebuild(header, tensors, graph, max(0, budget - charged))
     except ContainerError as exc:
         raise ContainerError(f"{path}: {exc}") from None
     return model.eval()
@@ -70,7 +91,10 @@ def unpack(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> nn
 def read_container(
     data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[Header, list[memoryview]]:
-    """Validate the framing and header of a ``.slim`` file: ``(header, streams)``."""
+    """Validate the framing and header of a ``.slim`` file: ``(header, streams)``.
+
+    ``max_bytes`` bounds the peak memory decoding the records takes (:func:`decode_bytes`).
+    """
     view = memoryview(data)
     if len(view) < PREAMBLE.size:
         raise ContainerError(f"truncated: {len(view)} bytes, a .slim file has at least 24")
@@ -118,9 +142,10 @@ def _parse_header(head: memoryview, flags: int) -> Header:
         if inflater.unconsumed_tail or not inflater.eof:
             raise ContainerError("compressed header is truncated or inflates past 16 MiB")
     try:
-        raw = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ContainerError(f"header is not valid JSON: {str(exc)[:200]}") from None
+        raw = strict_json_loads(text, "header")
+    except CheckpointError as exc:
+        detail = str(exc).removeprefix("header: invalid JSON: ")
+        raise ContainerError(f"header is not valid JSON: {detail[:200]}") from None
     try:
         return Header.model_validate(raw)
     except ValidationError as exc:
@@ -148,7 +173,11 @@ def _check_records(header: Header, streams: list[memoryview], max_bytes: int) ->
         if rec.name in names:
             raise ContainerError(f"{where} appears twice")
         names.add(rec.name)
-        numel = int(np.prod(rec.shape, dtype=np.int64)) if rec.shape else 1
+        try:
+            shape = check_shape(list(rec.shape), "the file", rec.name)
+        except CheckpointError as exc:
+            raise ContainerError(f"{where}: {str(exc)[:200]}") from None
+        numel = math.prod(shape)
         if numel >= MAX_NUMEL:
             raise ContainerError(f"{where}: shape {rec.shape} has more than 2**31 elements")
         size = layout.itemsize(rec.dtype)
@@ -176,12 +205,27 @@ def _check_records(header: Header, streams: list[memoryview], max_bytes: int) ->
             want = "int64" if rec.role == "index" else "float"
             if not rec.dtype.startswith(want):
                 raise ContainerError(f"{where}: hash {rec.role} cannot have dtype {rec.dtype}")
+            check_buckets(rec.buckets, numel, where)
         total += layout.record_bytes(rec)
-    if total > max_bytes:
-        raise ContainerError(
-            f"restoring it would allocate {total:,} bytes, over the limit of {max_bytes:,} "
-            "(pass a larger max_bytes to unpack if the file is trusted)"
-        )
+        if total > max_bytes:
+            raise ContainerError(
+                f"{where}: restoring the tensors up to it would allocate {total:,} bytes, over "
+                f"the limit of {max_bytes:,} for this file (at most {SLIM_MAX_EXPANSION}x its "
+                "size + 16 MiB, and max_bytes)"
+            )
+
+
+def decode_bytes(header: Header) -> int:
+    """Peak bytes decoding every record of ``header`` takes (what the budget charged)."""
+    return sum(layout.record_bytes(rec) for rec in header.tensors)
+
+
+def _check_graph(graph: bytes) -> None:
+    """Refuse a graph stream torch would evaluate, import or exec anything from."""
+    try:
+        load_program_json(graph, "graph stream")
+    except CheckpointError as exc:
+        raise ContainerError(str(exc)[:400]) from None
 
 
 def decode_tensors(header: Header, streams: list[memoryview]) -> dict[str, torch.Tensor]:

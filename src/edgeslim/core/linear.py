@@ -55,3 +55,38 @@ def linear_layers(root: nn.Module, prefix: str, keep: FilterFn) -> dict[str, nn.
         if is_linear(module) and keep(module, full):
             layers[full] = module
     return layers
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Modules whose ``weight`` is the very tensor another module holds too (tied weights,
+    like GPT-2's ``lm_head`` and ``transformer.wte``): module name -> the other owners'
+    parameter names. A technique that changes such a weight would silently change the other
+    module as well."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mname, f"{mname}.{pname}" if mname else pname))
+    out: dict[str, list[str]] = {}
+    for mname, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            others = [full for owner, full in owners.get(id(w), []) if owner != mname]
+            if others:
+                out[mname] = sorted(set(others))
+    return out
+
+
+def skip_tied(layers: dict[str, nn.Module], model: nn.Module, what: str) -> dict[str, nn.Module]:
+    """``layers`` without those whose weight is tied to another module's (warning that each
+    is left as it is, since ``what`` would change the other module too)."""
+    import warnings
+
+    tied = tied_weights(model)
+    for name in [n for n in layers if n in tied]:
+        warnings.warn(
+            f"{what}: {name or 'the model'} left unchanged: its weight is tied to "
+            f"{', '.join(tied[name])} (changing it would change that too)",
+            stacklevel=3,
+        )
+        del layers[name]
+    return layers

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.linear import skip_tied
 from edgeslim.core.registry import Registry
 from edgeslim.core.selection import FilterFn, matches
 from edgeslim.lowrank.conv import ConvDecompose, response_factors
@@ -70,7 +71,7 @@ def candidates(
             continue  # depthwise or grouped: no cross-channel structure to factor
         if filter_fn is None or filter_fn(m, name):
             found[name] = m
-    return found
+    return skip_tied(found, model, "low-rank")
 
 
 def probe_input(model: nn.Module, calib: Any) -> torch.Tensor:
@@ -116,7 +117,12 @@ def svd_(
     """Factor ``model``'s Linear layers in place as ``cfg`` says (see :class:`SVD`)."""
     layers = candidates(model, (nn.Linear,), cfg.exclude, filter_fn)
     if not layers:
-        raise ConfigError(f"{type(model).__name__} has no Linear layer to factorise")
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        raise ConfigError(
+            f"{type(model).__name__} has no Linear layer to factorise (tied layers are left "
+            "as they are"
+            + ("; transformers' Conv1D layers are not factorised yet)" if conv1d else ")")
+        )
     return _factorize_layers_(model, cfg, layers, calib)
 
 

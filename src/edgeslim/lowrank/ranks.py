@@ -196,6 +196,12 @@ def choose_ranks(
     return allocate(options, dense, cfg.macs * sum(dense.values())), sens
 
 
+def _kept(name: str, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"low-rank: {name} left as it is: {why}", stacklevel=3)
+
+
 def factorize_(
     model: nn.Module, cfg: RankTarget, factors: dict[str, Factorization], calib: Any
 ) -> dict[str, dict[str, float]]:
@@ -205,8 +211,15 @@ def factorize_(
     for name, rank in ranks.items():
         fz = factors[name]
         if fz.macs(rank) >= fz.dense_macs():
+            _kept(name, f"rank {rank} costs {fz.macs(rank):,} MACs, the layer {fz.dense_macs():,}")
             continue  # not cheaper than the layer itself
-        replace_(model, name, fz.build(rank))
+        built = fz.build(rank)
+        before = sum(p.numel() for p in model.get_submodule(name).parameters())
+        after = sum(p.numel() for p in built.parameters())
+        if after >= before:
+            _kept(name, f"rank {rank} needs {after:,} parameters, the layer has {before:,}")
+            continue  # a factorisation must never make the layer larger
+        replace_(model, name, built)
         log[name] = {
             "rank": rank,
             "max_rank": fz.max_rank,

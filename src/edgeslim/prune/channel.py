@@ -138,6 +138,17 @@ def channel_prune_(
         ratios = ratios_for_macs(model, example, cfg, groups, data)
     plans = plan_groups(groups, cfg, ratios)
     done = apply_plans(model, example, cfg, dg, groups, plans)
+    if not any(p.remove for p in done):
+        import warnings
+
+        why = (
+            f"it found no channel group it can prune in {type(model).__name__} (only Conv, "
+            "Linear and norm layers are cut; recurrent, attention-internal and ignored layers "
+            "are not)"
+            if not groups
+            else f"the {len(groups)} prunable groups all round to zero channels at this ratio"
+        )
+        warnings.warn(f"ChannelPrune removed no channel: {why}", stacklevel=2)
     if cfg.importance == "taylor":
         model.zero_grad(set_to_none=True)
     forget_inputs(model)

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.linear import is_linear, skip_tied
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
@@ -203,8 +204,19 @@ def apply_new_masks_(
 def magnitude_prune_(
     model: nn.Module, cfg: MagnitudePrune, filter_fn: FilterFn | None = None
 ) -> dict[str, float]:
-    """Prune ``model`` in place; returns each pruned layer's sparsity."""
+    """Prune ``model`` in place; returns each pruned layer's sparsity.
+
+    Transformers' ``Conv1D`` layers (GPT-2's linear layers) are pruned like ``nn.Linear``
+    (the score is element-wise, so their transposed layout does not matter). A layer whose
+    weight is tied to another module's (a tied ``lm_head``) is left dense, with a warning:
+    pruning it would zero the same entries of the input embedding.
+    """
     layers = prunable_layers(model, filter_fn)
+    keep = filter_fn or (lambda m, n: True)
+    for name, m in model.named_modules():
+        if is_linear(m) and name not in layers and keep(m, name):
+            layers[name] = m  # transformers' Conv1D
+    layers = skip_tied(layers, model, "MagnitudePrune")
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
     return apply_new_masks_(layers, magnitude_masks(cfg, layers))

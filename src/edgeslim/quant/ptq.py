@@ -53,6 +53,7 @@ from torch import fx, nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
 from edgeslim.core.hooks import run_calibration
+from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, unmatched
 from edgeslim.quant import spec
@@ -396,6 +397,29 @@ def _prepare_modules(
 # ---------------------------------------------------------------------------- the steps
 
 
+def _left_float(model: nn.Module, qmodel: nn.Module, info: dict[str, Any]) -> dict[str, str]:
+    """Every Conv2d / linear layer of ``model`` that ``qmodel`` did not quantize and ``info``
+    does not list yet, with the reason: nothing may stay float without
+    ``quant_info['float_layers']`` saying so."""
+    inside = [n for n, m in qmodel.named_modules() if n and isinstance(m, QuantModule)]
+    done = set(info["quantized"]) | set(info["float_layers"])
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not name or name in done or isinstance(m, QuantModule):
+            continue
+        if any(name.startswith(q + ".") for q in inside):
+            continue  # the float parts a quantized module holds
+        if isinstance(m, QUANTIZABLE):
+            out[name] = (
+                "not called as a layer in the traced graph (used through its weight?)"
+                if info.get("graph") == "fx"
+                else "not quantized"
+            )
+        elif is_linear(m):
+            out[name] = f"{type(m).__name__} layers are not quantized"
+    return out
+
+
 def prepare(
     model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -409,7 +433,7 @@ def prepare(
     if cfg.graph in ("auto", "fx") and cfg.activations == "static":
         try:
             qmodel, info = _prepare_graph(model, cfg, filter_fn)
-        except (fx.proxy.TraceError, TypeError, NotImplementedError) as exc:
+        except Exception as exc:  # torch.fx fails in many ways (ValueError on bytecode...)
             if cfg.graph == "fx":
                 raise ConfigError(
                     f"{type(model).__name__} cannot be traced by torch.fx ({exc}); use "
@@ -420,6 +444,7 @@ def prepare(
         raise ConfigError("graph='fx' needs activations='static'")
     else:
         qmodel, info = _prepare_modules(model, cfg, filter_fn)
+    info["float_layers"] = {**info["float_layers"], **_left_float(model, qmodel, info)}
     if not info["quantized"]:
         raise ConfigError(
             f"no layer of {type(model).__name__} was quantized (float: {info['float_layers']}); "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from edgeslim.core.errors import ConfigError
+from edgeslim.core.errors import ConfigError, ContainerError
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, select_layers
 
@@ -63,21 +63,60 @@ def fmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(33))
 
 
-def _hash(numel: int, seed: int, salt: int) -> np.ndarray:
-    positions = np.arange(numel, dtype=np.uint64)
+HASH_CHUNK = 1 << 16  # positions hashed at a time: temporaries stay ~2.5 MB, not ~40 B/element
+HASH_TEMP_BYTES = 40 * HASH_CHUNK  # working memory of hash_index / hash_sign, at most
+
+
+def _hash_range(start: int, stop: int, seed: int, salt: int) -> np.ndarray:
+    positions = np.arange(start, stop, dtype=np.uint64)
     return fmix64(positions ^ np.uint64((seed * salt) & _MASK64))
 
 
 def hash_index(shape: tuple[int, ...], buckets: int, seed: int) -> torch.Tensor:
-    """Bucket of every position of a tensor of ``shape`` (int64, same shape)."""
-    h = _hash(math.prod(shape), seed, _INDEX_SALT) % np.uint64(buckets)
-    return torch.from_numpy(h.astype(np.int64)).reshape(shape)
+    """Bucket of every position of a tensor of ``shape`` (int64, same shape).
+
+    Hashed ``HASH_CHUNK`` positions at a time, so the only large allocation is the result
+    (8 bytes per element)."""
+    numel = math.prod(shape)
+    out = np.empty(numel, dtype=np.int64)
+    k = np.uint64(buckets)
+    for start in range(0, numel, HASH_CHUNK):
+        stop = min(numel, start + HASH_CHUNK)
+        out[start:stop] = _hash_range(start, stop, seed, _INDEX_SALT) % k
+    return torch.from_numpy(out).reshape(shape)
 
 
 def hash_sign(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
-    """+1 or -1 for every position of a tensor of ``shape`` (``dtype``, same shape)."""
-    top = _hash(math.prod(shape), seed, _SIGN_SALT) >> np.uint64(63)
-    return torch.from_numpy(1.0 - 2.0 * top.astype(np.float64)).to(dtype).reshape(shape)
+    """+1 or -1 for every position of a tensor of ``shape`` (``dtype``, same shape).
+
+    Chunked like :func:`hash_index`: the only large allocation is the result."""
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=dtype)
+    for start in range(0, numel, HASH_CHUNK):
+        stop = min(numel, start + HASH_CHUNK)
+        top = _hash_range(start, stop, seed, _SIGN_SALT) >> np.uint64(63)
+        out[start:stop] = torch.from_numpy(1.0 - 2.0 * top.astype(np.float64))
+    return out.reshape(shape)
+
+
+def check_buckets(buckets: object, numel: int, where: str) -> int:
+    """``buckets`` of a hashed layer read from a file: an int with ``1 <= buckets <= numel``
+    (a :class:`~edgeslim.core.errors.ContainerError` otherwise)."""
+    if type(buckets) is not int or not 1 <= buckets <= max(1, numel):
+        raise ContainerError(
+            f"{where}: buckets must be an integer from 1 to the layer's {numel} weights, "
+            f"got {str(buckets)[:40]!r}"
+        )
+    return buckets
+
+
+def _int_arg(args: dict, key: str, where: str, default: object = None) -> int:
+    value = args.get(key, default)
+    if type(value) is not int or not 0 <= value < 1 << 31:
+        raise ContainerError(
+            f"{where}: {key} must be a non-negative integer, got {str(value)[:40]!r}"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -132,8 +171,12 @@ class HashedLinear(_Hashed):
     @staticmethod
     def build_bytes(args: dict) -> int:
         """Memory that ``HashedLinear(**args)`` allocates (checked before building one from a
-        file): buckets, bias, and the int64 index and float sign of every virtual weight."""
-        return 4 * int(args["buckets"]) + 12 * int(args["in_features"]) * int(args["out_features"])
+        file): buckets, bias, and the int64 index and float sign of every virtual weight,
+        plus the hash's working memory. Refuses arguments that are not sane integers."""
+        where = "HashedLinear"
+        numel = _int_arg(args, "in_features", where) * _int_arg(args, "out_features", where)
+        buckets = check_buckets(args.get("buckets"), numel, where)
+        return 4 * buckets + 12 * numel + HASH_TEMP_BYTES
 
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""
@@ -184,10 +227,19 @@ class HashedConv2d(_Hashed):
     @staticmethod
     def build_bytes(args: dict) -> int:
         """Memory that ``HashedConv2d(**args)`` allocates (see ``HashedLinear.build_bytes``)."""
-        k = args["kernel_size"]
-        kh, kw = (k, k) if isinstance(k, int) else k
-        per_out = int(args["in_channels"]) // max(1, int(args.get("groups", 1))) * int(kh) * int(kw)
-        return 4 * int(args["buckets"]) + 12 * int(args["out_channels"]) * per_out
+        where = "HashedConv2d"
+        k = args.get("kernel_size")
+        ks = list(k) if isinstance(k, list | tuple) else [k, k]
+        if len(ks) != 2:
+            raise ContainerError(
+                f"{where}: kernel_size must be an integer or two, got {str(k)[:40]!r}"
+            )
+        kh, kw = (_int_arg({"kernel_size": v}, "kernel_size", where) for v in ks)
+        groups = max(1, _int_arg(args, "groups", where, 1))
+        per_out = _int_arg(args, "in_channels", where) // groups * kh * kw
+        numel = _int_arg(args, "out_channels", where) * per_out
+        buckets = check_buckets(args.get("buckets"), numel, where)
+        return 4 * buckets + 12 * numel + HASH_TEMP_BYTES
 
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""

@@ -1,0 +1,145 @@
+"""Regressions for silent wrong results on transformers and friends (issue 20, point 4):
+GPT-2's ``Conv1D`` layers pruned, tied weights left alone (and said so), low-rank never
+making a layer larger, a structured prune that cuts nothing saying so, and every layer left
+float listed by ``Int8PTQ``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim as es
+from edgeslim.core.errors import ConfigError
+from edgeslim.quant import Int8PTQ, quantize
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 96
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def opt():
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+        vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _conv1d(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+
+
+def test_magnitude_prune_gpt2_prunes_conv1d_and_leaves_the_tied_embedding():
+    model = gpt2()
+    embedding = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"lm_head left unchanged: .*tied to transformer\.wte"):
+        sparsity = es.prune_(model, es.MagnitudePrune(sparsity=0.5))
+    layers = _conv1d(model)
+    assert len(layers) == 8 and set(layers) <= set(sparsity)
+    for name, m in layers.items():
+        assert float((m.weight == 0).float().mean()) > 0.2, name  # pruned, not left dense
+    assert "lm_head" not in sparsity
+    assert torch.equal(model.transformer.wte.weight, embedding)  # not half zeroed
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    model(torch.randint(0, VOCAB, (1, 8)))
+
+
+def test_magnitude_prune_opt_leaves_the_tied_embedding():
+    model = opt()
+    embedding = model.model.decoder.embed_tokens.weight.detach().clone()
+    with pytest.warns(UserWarning, match="lm_head left unchanged"):
+        sparsity = es.prune_(model, es.MagnitudePrune(sparsity=0.5))
+    assert "lm_head" not in sparsity and "model.decoder.layers.0.fc1" in sparsity
+    assert torch.equal(model.model.decoder.embed_tokens.weight, embedding)
+
+
+def test_svd_never_factorises_a_tied_lm_head_nor_grows_a_model():
+    model = gpt2()  # only the tied lm_head is an nn.Linear: nothing to do, said plainly
+    with pytest.warns(UserWarning, match="tied"), pytest.raises(ConfigError, match="tied"):
+        es.lowrank_(model, es.SVD(rank=8), calib=torch.randint(0, VOCAB, (2, 8)))
+    model = opt()
+    before = _params(model)
+    with pytest.warns(UserWarning, match="lm_head left unchanged"):
+        log = es.lowrank_(model, es.SVD(rank=8), calib=torch.randint(0, VOCAB, (2, 8)))
+    assert "lm_head" not in log and log
+    assert isinstance(model.lm_head, nn.Linear)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert _params(model) < before
+
+
+def test_svd_skips_a_layer_it_would_make_larger_with_a_note():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 256)).eval()
+    before = {n: _params(m) for n, m in model.named_children()}
+    with pytest.warns(UserWarning, match="0 left as it is"):
+        log = es.lowrank_(model, es.SVD(rank=40), calib=torch.randn(4, 64))
+    assert "0" not in log and isinstance(model[0], nn.Linear)
+    for name, m in model.named_children():
+        assert _params(m) <= before[name], name
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.emb(x))
+        return self.fc(out[:, -1])
+
+
+def test_channel_prune_that_cuts_nothing_says_why():
+    torch.manual_seed(0)
+    model = LSTMClassifier().eval()
+    with pytest.warns(UserWarning, match="removed no channel: .*no channel group"):
+        out = es.prune_(model, es.ChannelPrune(ratio=0.5), example=torch.randint(0, 50, (2, 7)))
+    assert out["removed"] == {}
+
+
+class FunctionalUse(nn.Module):
+    """``head`` is used through its weight, never called: the traced graph has no call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.body(x)), self.head.weight, self.head.bias)
+
+
+def test_int8ptq_lists_every_layer_it_leaves_float():
+    torch.manual_seed(0)
+    model = FunctionalUse().eval()
+    q = quantize(model, Int8PTQ(), calib=torch.randn(8, 16))
+    info = q.quant_info
+    assert info["quantized"] == ["body"]
+    assert "head" in info["float_layers"], info
+
+
+def test_int8ptq_on_gpt2_falls_back_to_modules_and_lists_conv1d_as_float():
+    model = gpt2()
+    q = quantize(model, Int8PTQ(), calib=torch.randint(0, VOCAB, (2, 8)))
+    info = q.quant_info
+    assert info["graph"] == "module"
+    assert set(_conv1d(model)) <= set(info["float_layers"]), info["float_layers"]
+    every = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    every |= set(_conv1d(model))
+    assert every <= set(info["quantized"]) | set(info["float_layers"])
