@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.linear import is_linear
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
@@ -108,8 +109,12 @@ class MagnitudePrune(SparsityTarget):
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given."""
-    return select_layers(model, PRUNABLE, filter_fn=filter_fn)
+    """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given.
+
+    Linear layers include transformers' ``Conv1D`` (GPT-2's, see ``core.linear.is_linear``).
+    """
+    layers = select_layers(model, filter_fn=filter_fn)
+    return {n: m for n, m in layers.items() if isinstance(m, PRUNABLE) or is_linear(m)}
 
 
 def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:

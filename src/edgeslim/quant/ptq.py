@@ -409,7 +409,14 @@ def prepare(
     if cfg.graph in ("auto", "fx") and cfg.activations == "static":
         try:
             qmodel, info = _prepare_graph(model, cfg, filter_fn)
-        except (fx.proxy.TraceError, TypeError, NotImplementedError) as exc:
+        except (
+            fx.proxy.TraceError,
+            TypeError,
+            NotImplementedError,
+            ValueError,  # e.g. fx on a transformers model: "co_varnames is too small"
+            AttributeError,
+            RuntimeError,
+        ) as exc:
             if cfg.graph == "fx":
                 raise ConfigError(
                     f"{type(model).__name__} cannot be traced by torch.fx ({exc}); use "
