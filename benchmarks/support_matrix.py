@@ -416,9 +416,13 @@ TECHNIQUES: dict[str, Callable[[Arch, Path], str]] = {
 }
 
 
+def kind_of(arch: str) -> str:
+    return HAND[arch][2] if arch in HAND else ("hf_vision" if arch in HF_VISION else "hf_text")
+
+
 def applies(arch: str, technique: str) -> bool:
     """Cells of the matrix: int8 backends for the CNNs, one-shot methods for transformers."""
-    kind = HAND[arch][2] if arch in HAND else ("hf_vision" if arch in HF_VISION else "hf_text")
+    kind = kind_of(arch)
     if technique in ("int8->tflite", "int8->C"):
         return kind in ("cnn", "hf_vision")
     if technique in ("wanda", "sparsegpt", "gptq"):

@@ -30,8 +30,15 @@ FAST = [
     ("gru-classifier", "kmeans+pack", "ok"),
     ("hf-vit", "magnitude", "ok"),
     ("hf-resnet", "int8->C", "refused"),  # torch.fx cannot trace it: named, with a way out
-    ("hf-bert", "svd", "ok"),
+    ("hf-bert", "magnitude", "ok"),
     ("hf-gpt2", "kmeans+pack", "ok"),
+    # a tokenizer's dict as calib=: needs core.hooks to take mappings (issue 13 point 2)
+    pytest.param(
+        "hf-opt",
+        "wanda",
+        "ok",
+        marks=pytest.mark.xfail(reason="calib= as a mapping: core.hooks (another branch)"),
+    ),
 ]
 
 
@@ -45,8 +52,9 @@ def test_cell(arch, technique, expected):
 
 
 def test_fast_cells_cover_every_technique_and_family():
-    assert {t for _, t, _ in FAST} == set(sm.TECHNIQUES) - {"wanda", "sparsegpt", "gptq"}
-    kinds = {sm.build(a, 2).kind for a, _, _ in FAST}
+    plain = [p.values if hasattr(p, "marks") else p for p in FAST]
+    assert {t for _, t, _ in plain} == set(sm.TECHNIQUES) - {"sparsegpt", "gptq"}
+    kinds = {sm.kind_of(a) for a, _, _ in plain}
     assert kinds == {"cnn", "seq", "hf_vision", "hf_text"}
 
 
