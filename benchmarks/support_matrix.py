@@ -464,8 +464,10 @@ def run_cell(arch: str, technique: str, n: int = 32) -> Cell:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else "")[:300]
+    """The message on one line (a multi-line refusal lists the layers it cannot handle)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines and lines[0].endswith(":") else (lines or [""])[0]
+    return text[:300]
 
 
 # --------------------------------------------------------------------------------------
