@@ -16,7 +16,7 @@ from edgeslim import export_c, export_tflite, load_device, zoo
 from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.export import tflite
 from edgeslim.export.c import codegen, planner
-from edgeslim.export.int8 import build, fuse, qparams, reference, trace
+from edgeslim.export.int8 import build, fuse, ir, qparams, reference, trace
 from mcu_helpers import mnist_images, model_and_graph
 
 GOLDEN = Path(__file__).parent / "golden" / "lenet5"
@@ -228,3 +228,55 @@ def test_cli_export_tflite_and_fit(tmp_path):
     # SRAM adds the stack measured on QEMU where the ARM toolchain and QEMU are installed
     assert ("ARM link" in proc.stdout) == (arm.toolchain() is not None)
     assert ("15,194 B" in proc.stdout) == (arm.missing() != "")
+
+
+class _MeanHead(torch.nn.Module):
+    """A CNN as users write it: global average pool by ``x.mean((2, 3))``, then Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@needs_cc
+def test_quantize_then_export_a_mean_head(tmp_path):
+    """Regression (issue 13, point 3): PTQ's qparams of the mean head's output reach the
+    lowering (the Linear's input quantizer is the source of truth; the pooled tensor is
+    requantized to it), so a quantized model exports without ``calib`` to C (bit-exact)
+    and ``.tflite`` (TFLite Micro, where installed)."""
+    import edgeslim as es
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    q = es.quantize(_MeanHead().eval(), es.Int8PTQ(), calib=x)
+    out = export_c(q, tmp_path / "c", example=x[:1])
+    assert "compiled C bit-exact on 32 inputs" in out.verified
+    assert any(isinstance(op, ir.Requantize) for op in out.graph.ops)
+    with torch.no_grad():
+        want = q(x[:8])
+    assert export_tflite(q, tmp_path / "m.tflite", calib=x[:8]).stat().st_size > 0
+    assert torch.equal(q(x[:8]), want)  # exporting does not touch the model
+
+
+def test_export_tflite_without_input_shape_names_only_arguments_it_takes(tmp_path):
+    """Regression (issue 13, point 3): the error for a model without ``input_shape`` names
+    ``example=`` / ``calib=``, and ``export_tflite`` takes ``example=``."""
+    import inspect
+
+    import edgeslim as es
+    from edgeslim.core.errors import EdgeslimError
+
+    q = es.quantize(_MeanHead().eval(), es.Int8PTQ(), calib=torch.randn(16, 3, 16, 16))
+    with pytest.raises(EdgeslimError, match="example=") as info:
+        export_tflite(q, tmp_path / "m.tflite")
+    for fn in (export_tflite, export_c):
+        named = {w.rstrip("=") for w in str(info.value).split() if w.endswith("=")}
+        assert named <= set(inspect.signature(fn).parameters), (fn.__name__, named)
+    export_tflite(q, tmp_path / "m.tflite", example=torch.zeros(1, 3, 16, 16), verify=False)
+    assert (tmp_path / "m.tflite").exists()

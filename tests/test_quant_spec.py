@@ -187,3 +187,13 @@ def test_rounded_average():
     counts = np.array([2, 2, 4, 4, 9, 4])
     # 3.5->4, -3.5->-4, -1.25->-1, 1.5->2, 0, -0.5->-1
     assert spec.rounded_average(totals, counts).tolist() == [4, -4, -1, 2, 0, -1]
+
+
+def test_activation_qparams_of_a_range_float32_cannot_scale():
+    """Regression (issue 13 matrix, EfficientNet): denormal activations gave scale 0 in
+    float32 and a raw ValueError at freeze; such a range is degenerate (scale 1)."""
+    from edgeslim.quant import spec as s
+
+    qp = s.activation_qparams(-5e-40, 5.7e-40)
+    assert float(qp.scale[0]) == 1.0 and int(qp.zero_point[0]) == 0
+    assert s.activation_qparams(-1.0, 1.0).scale[0] == 2.0 / 255

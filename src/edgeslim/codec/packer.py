@@ -282,6 +282,21 @@ def verify_file(model: nn.Module, path: Path, example: torch.Tensor | None) -> N
         with torch.no_grad():
             want, got = model(example), restored(example)
         model.train(was_training)
-        if not torch.allclose(want, got, rtol=1e-5, atol=1e-6):
-            diff = float((want - got).abs().max())
-            raise ContainerError(f"{path}: restored model's outputs differ by up to {diff:.3g}")
+        want, got = _tensors(want), _tensors(got)
+        if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got, strict=True)):
+            raise ContainerError(f"{path}: restored model's outputs have other shapes")
+        for a, b in zip(want, got, strict=True):
+            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                diff = float((a - b).abs().max())
+                raise ContainerError(f"{path}: restored model's outputs differ by up to {diff:.3g}")
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    """Every tensor of a model's output: a tensor, tuple / list, dict or ``ModelOutput``."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []

@@ -89,8 +89,9 @@ def _inputs(example: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _first_output(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
+    """The model's first output tensor (of a tuple, or a dict / ``ModelOutput``: logits)."""
+    while isinstance(out, (tuple, list, dict)) and len(out):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
     if not isinstance(out, torch.Tensor):
         raise ExportError(f"the model's first output must be a tensor, got {type(out).__name__}")
     return out

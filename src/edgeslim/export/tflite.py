@@ -552,6 +552,7 @@ def export_tflite(
     path: str | os.PathLike,
     *,
     calib: Any = None,
+    example: Any = None,
     graph: ir.Graph | None = None,
     verify: bool = True,
     tolerance: float = 0.25,
@@ -560,7 +561,8 @@ def export_tflite(
 
     ``calib`` (a batch of inputs, e.g. ``data.calib(128)``) sets the qparams of a float
     model; a model quantized by ``edgeslim.quantize_`` brings its own and needs none (it is
-    then checked on random int8 inputs). A prepared ``graph`` (from
+    then checked on random int8 inputs of the shape of ``example``, an input batch, needed
+    only when the model has no ``input_shape``). A prepared ``graph`` (from
     :func:`edgeslim.export.int8.lower`) may be passed instead.
 
     With ``verify`` the graph's dequantized outputs must match the PyTorch model's within
@@ -570,7 +572,7 @@ def export_tflite(
     """
     from edgeslim.export.int8.check import build_and_check_graph
 
-    graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance)
+    graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance, example)
     data = serialize(graph)
     if verify:
         if tflm_available():

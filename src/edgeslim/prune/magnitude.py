@@ -109,8 +109,12 @@ class MagnitudePrune(SparsityTarget):
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given."""
-    return select_layers(model, PRUNABLE, filter_fn=filter_fn)
+    """Conv and Linear layers by name, narrowed by ``filter_fn(module, name)`` if given.
+
+    Linear layers include transformers' ``Conv1D`` (GPT-2's, see ``core.linear.is_linear``).
+    """
+    layers = select_layers(model, filter_fn=filter_fn)
+    return {n: m for n, m in layers.items() if isinstance(m, PRUNABLE) or is_linear(m)}
 
 
 def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
@@ -211,11 +215,7 @@ def magnitude_prune_(
     weight is tied to another module's (a tied ``lm_head``) is left dense, with a warning:
     pruning it would zero the same entries of the input embedding.
     """
-    layers = prunable_layers(model, filter_fn)
-    keep = filter_fn or (lambda m, n: True)
-    for name, m in model.named_modules():
-        if is_linear(m) and name not in layers and keep(m, name):
-            layers[name] = m  # transformers' Conv1D
+    layers = prunable_layers(model, filter_fn)  # Conv1D included
     layers = skip_tied(layers, model, "MagnitudePrune")
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")

@@ -93,17 +93,18 @@ def activation_qparams(rmin: float, rmax: float, bits: int = 8) -> QParams:
 
     The range is first widened to contain 0 (so 0 is exactly representable). The zero point
     is derived from whichever end gives the smaller error, clamped to [qmin, qmax] ([-128,
-    127] for 8 bits), rounded half away from zero. A degenerate range (all zeros) gets scale
-    1 and zero point 0.
+    127] for 8 bits), rounded half away from zero. A degenerate range (all zeros, or so
+    small that its scale is below float32's smallest normal number) gets scale 1 and zero
+    point 0.
     """
     if not (math.isfinite(rmin) and math.isfinite(rmax)) or rmin > rmax:
         raise ValueError(f"activation range must be finite with min <= max, got [{rmin}, {rmax}]")
     rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
     lo, hi = int_range(bits, symmetric=False)
     qmin, qmax = float(lo), float(hi)
-    if rmin == rmax:
-        return QParams(np.array([1.0]), np.array([0]), lo, hi)
     scale = (rmax - rmin) / (qmax - qmin)
+    if scale < np.finfo(np.float32).tiny:  # all zeros, or only values float32 cannot scale
+        return QParams(np.array([1.0]), np.array([0]), lo, hi)
     zp_from_min = qmin - rmin / scale
     zp_from_max = qmax - rmax / scale
     err_min = abs(qmin) + abs(rmin / scale)

@@ -100,6 +100,7 @@ def export_c(
     device: str | None = None,
     *,
     calib: Any = None,
+    example: Any = None,
     graph: ir.Graph | None = None,
     patch: bool | None = None,
     max_mac_overhead: float = 0.3,
@@ -113,7 +114,8 @@ def export_c(
 
     ``calib`` (a batch of inputs) sets the int8 ranges of a float model and is what the
     files are checked on; a model quantized by ``edgeslim.quantize_`` brings its own qparams
-    and without ``calib`` is checked on random int8 inputs. A prepared ``graph`` may be
+    and without ``calib`` is checked on random int8 inputs of the shape of ``example`` (an
+    input batch, needed only when the model has no ``input_shape``). A prepared ``graph`` may be
     passed instead of lowering ``model`` again.
 
     ``device`` (a profile name, see :func:`edgeslim.profiling.devices.load_device`) must
@@ -138,7 +140,7 @@ def export_c(
     from edgeslim.profiling.devices import load_device
 
     dev = load_device(device) if device is not None else None
-    graph, q = build_and_check_graph(model, calib, graph, verify, tolerance)
+    graph, q = build_and_check_graph(model, calib, graph, verify, tolerance, example)
     sram = dev.sram_bytes if dev is not None else None
     packed = compress.choose(graph, compress_weights)
     plan = plan_for(

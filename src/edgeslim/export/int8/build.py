@@ -123,15 +123,6 @@ class _Builder:
         """
         s_in = self.tensors[x.tensor].qscale
         if "weight_int" in o.attrs:
-            layer_in = o.module.input_quant.qparams()
-            if (spec.to_float32(layer_in.scale[0]), int(layer_in.zero_point[0])) != (
-                s_in,
-                self.tensors[x.tensor].qzero,
-            ):
-                raise LoweringError(
-                    f"{o.name}: the layer's input quantizer disagrees with the qparams of the "
-                    f"tensor it reads ({x.tensor}); re-run quantize_ on the float model"
-                )
             wq = layout(o.attrs["weight_int"])
             w_scale = spec.to_float32(o.attrs["weight_scale"])
             bq = o.attrs["bias_int"]
@@ -149,8 +140,27 @@ class _Builder:
         bias = self.const(f"{o.name}.bias", bq, "int32", spec.to_float32(s_in * w_scale), 0)
         return weight, bias
 
-    def _lower_conv(self, o: FloatOp) -> None:
+    def _layer_input(self, o: FloatOp) -> _Value:
+        """The input of a conv / linear, on the qparams the layer was quantized with.
+
+        A quantized layer's input quantizer is the source of truth for the tensor it reads:
+        where the tensor's qparams differ (it comes from a qparam-preserving op such as a
+        mean / pooling head, whose output the layer's quantizer observed), it is requantized
+        to them first -- exactly what the quantized model simulates.
+        """
         x = self._input(o)
+        if "weight_int" not in o.attrs:
+            return x
+        qp = o.module.input_quant.qparams()
+        t = self.tensors[x.tensor]
+        if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
+            return x
+        out = self.act(f"{x.tensor}_requant", t.shape, qp)
+        self.ops.append(ir.Requantize(f"{o.name} (input)", [x.tensor], out))
+        return _Value(out, x.torch_shape, x.nchw_flatten)
+
+    def _lower_conv(self, o: FloatOp) -> None:
+        x = self._layer_input(o)
         conv: nn.Conv2d = o.module
         if conv.groups == 1:  # (Cout, Cin, KH, KW) -> (Cout, KH, KW, Cin)
             depthwise, axis = False, 0
@@ -175,7 +185,7 @@ class _Builder:
         self._output(o, out)
 
     def _lower_linear(self, o: FloatOp) -> None:
-        x = self._input(o)
+        x = self._layer_input(o)
         if len(x.torch_shape) != 2:
             raise LoweringError(f"{o.name}: Linear needs a (N, F) input, got {x.torch_shape}")
 

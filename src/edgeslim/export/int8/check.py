@@ -19,12 +19,18 @@ VERIFY_SAMPLES = 32  # calibration inputs run through every check
 
 
 def build_and_check_graph(
-    model: Any, calib: Any, graph: ir.Graph | None, verify: bool, tolerance: float
+    model: Any,
+    calib: Any,
+    graph: ir.Graph | None,
+    verify: bool,
+    tolerance: float,
+    example: Any = None,
 ) -> tuple[ir.Graph, np.ndarray]:
     """The integer graph of ``model`` and its int8 check inputs (from ``calib``).
 
     A model quantized by ``edgeslim.quantize_`` needs no ``calib``: it is checked on random
-    int8 inputs. With ``verify`` the graph's dequantized outputs must be within
+    int8 inputs of the shape of ``example`` (an input batch; needed when the model has no
+    ``input_shape``). With ``verify`` the graph's dequantized outputs must be within
     ``tolerance`` (relative L2 error) of the PyTorch model's on the check inputs.
     """
     import torch
@@ -38,7 +44,11 @@ def build_and_check_graph(
             "such as data.calib(128) (they set the int8 ranges and check the exported file), "
             "or quantize it first (edgeslim.quantize_)"
         )
-    example = example_of(model, None if calib is None else torch.as_tensor(calib))
+    if calib is not None:
+        example = torch.as_tensor(calib)
+    elif example is not None:
+        example = torch.as_tensor(example)
+    example = example_of(model, example)
     if graph is None:
         graph = lower(model, example.float(), name=type(model).__name__)
     if calib is None:  # random int8 inputs of the quantized model

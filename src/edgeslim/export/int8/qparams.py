@@ -97,6 +97,28 @@ class QuantizedModelQParams:
                 layer = _first_layer(node, modules)
                 if layer is not None:
                     self.qparams[node.name] = layer.input_quant.qparams()
+            elif _is_cat(node) and node.name not in self.qparams:
+                self._cat(node)
+
+    def _cat(self, node: fx.Node) -> None:
+        """A cat no quantizer follows: the qparams of the union of its inputs' ranges.
+
+        Every input is exactly representable on them (no clipping), which is what the
+        quantized model computes (a cat of int8 values, left as they are).
+        """
+        parts = [self.qparams.get(x.name) for x in node.args[0] if isinstance(x, fx.Node)]
+        if not parts or any(p is None for p in parts):
+            return  # activation() names the tensor
+        first = parts[0]
+        if all(
+            np.array_equal(p.scale, first.scale) and np.array_equal(p.zero_point, first.zero_point)
+            for p in parts
+        ):
+            self.qparams[node.name] = first
+            return
+        lo = min(float(p.scale[0]) * (p.qmin - int(p.zero_point[0])) for p in parts)
+        hi = max(float(p.scale[0]) * (p.qmax - int(p.zero_point[0])) for p in parts)
+        self.qparams[node.name] = spec.activation_qparams(lo, hi)
 
     def activation(self, value: str) -> spec.QParams:
         if value not in self.qparams:
@@ -108,6 +130,10 @@ class QuantizedModelQParams:
 
     def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
         raise LoweringError(f"{op.name}: a float layer inside a quantized model")
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.cat, torch.concat)
 
 
 def _first_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:

@@ -80,7 +80,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise LoweringError(
             f"cannot trace {name} with torch.fx (data-dependent control flow?): "
-            f"{str(exc).strip().splitlines()[0]}"
+            f"{str(exc).strip().splitlines()[0]}; the int8 backends (.tflite, C) need a "
+            "model torch.fx can trace: export it to ONNX instead (edgeslim.export_onnx)"
         ) from exc
     gm = fx.GraphModule(model, graph, name)
     try:
@@ -157,7 +158,9 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
         raise LoweringError(
             "cannot lower to the int8 graph; unsupported:\n  "
             + "\n  ".join(problems)
-            + f"\nsupported: {SUPPORTED}"
+            + f"\nsupported: {SUPPORTED}\nwhat to do: export the model to ONNX instead "
+            "(edgeslim.export_onnx supports every layer), or replace these layers with "
+            "supported ones (e.g. ReLU / ReLU6 for SiLU / Hardswish, Conv2d for Conv1d)"
         )
     return ops, inputs[0], output
 
