@@ -17,6 +17,13 @@ from pydantic import BaseModel
 from torch import nn
 
 from edgeslim.core.registry import Registry
+from edgeslim.dynamic.cache import (
+    FrameCache,
+    FrameCachedModel,
+    add_frame_cache,
+    skip_stats,
+    stream_stats,
+)
 from edgeslim.dynamic.calibration import (
     ExitCalibration,
     calibrate_exits,
@@ -39,7 +46,9 @@ from edgeslim.dynamic.gating import (
     gate_channels_,
     gate_loss,
     gated_units,
+    train_gates,
 )
+from edgeslim.dynamic.multitask import Heads, MultiHead, add_heads, task_accuracy, train_heads
 from edgeslim.dynamic.segments import count_macs, split
 
 REGISTRY = Registry("dynamic_")
@@ -54,6 +63,8 @@ def dynamic_(model: nn.Module, cfg: BaseModel, **kwargs: Any) -> Any:
 
 register("exits", Exits, add_exits_)
 register("gating", ChannelGating, gate_channels_)
+register("cache", FrameCache, add_frame_cache)
+register("multitask", Heads, add_heads)
 
 __all__ = [
     "METHODS",
@@ -62,9 +73,15 @@ __all__ = [
     "ExitModel",
     "ExitTraining",
     "Exits",
+    "FrameCache",
+    "FrameCachedModel",
     "GatedConv",
     "GatedInvertedResidual",
+    "Heads",
+    "MultiHead",
     "add_exits_",
+    "add_frame_cache",
+    "add_heads",
     "calibrate_exits",
     "count_macs",
     "dynamic_",
@@ -76,6 +93,11 @@ __all__ = [
     "get_thresholds",
     "register",
     "set_thresholds",
+    "skip_stats",
     "split",
+    "stream_stats",
+    "task_accuracy",
     "train_exits",
+    "train_gates",
+    "train_heads",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "gate_channels_",
     "gate_loss",
     "gated_units",
+    "train_gates",
 ]
 
 
@@ -259,3 +260,27 @@ def gate_loss(model: nn.Module) -> torch.Tensor:
         m.gate.last.abs().mean() for m in gated_units(model).values() if m.gate.last is not None
     ]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def train_gates(
+    model: nn.Module,
+    data,
+    cfg=None,
+    *,
+    l1: float = 1e-4,
+    teacher: nn.Module | None = None,
+    progress: bool | None = None,
+) -> list[dict[str, float]]:
+    """Fine-tune a gated ``model`` (gates and weights): cross-entropy + ``l1`` x
+    :func:`gate_loss`, distilled from ``teacher`` when given (``cfg.distill`` or ``KD()``).
+    ``cfg`` is a :class:`~edgeslim.core.train.TrainConfig` (fine-tuning defaults)."""
+    from edgeslim.core.train import FINETUNE_DEFAULTS, TrainConfig, fit
+
+    if not gated_units(model):
+        raise ConfigError("train_gates: the model has no gated units (gate_channels_ first)")
+    cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y) + l1 * gate_loss(model)
+
+    return fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn, progress=progress)
