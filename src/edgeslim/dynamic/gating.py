@@ -173,17 +173,29 @@ class GatedInvertedResidual(nn.Module):
         self.gate = _Gate(cin, hidden, density)
         self.computed = 0
 
+    def train(self, mode: bool = True) -> GatedInvertedResidual:
+        self._folded = None  # weights may change: fold BN again at the next inference
+        return super().train(mode)
+
+    def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per unit, the conv weight with BN folded in, and the bias (eval mode)."""
+        if getattr(self, "_folded", None) is None:
+            out = []
+            for conv, bn, _act in [u for u in (self.expand, self.dw, self.project) if u]:
+                scale, shift = _fold_bn(bn, conv.out_channels, conv.bias)
+                out.append((conv.weight * scale[:, None, None, None], shift))
+            self._folded = [tuple(t.detach() for t in pair) for pair in out]
+        return self._folded
+
     @staticmethod
-    def _apply(unit, x, rows=None, cols=None, groups=1, s=None):
-        conv, bn, act = unit
-        w = conv.weight
-        scale, shift = _fold_bn(bn, conv.out_channels, conv.bias)
+    def _apply(unit, folded, x, rows=None, cols=None, groups=1):
+        conv, _bn, act = unit
+        w, b = folded
         if rows is not None:
-            w, scale, shift = w.index_select(0, rows), scale[rows], shift[rows]
+            w, b = w.index_select(0, rows), b.index_select(0, rows)
         if cols is not None:
             w = w.index_select(1, cols)
-        y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, groups)
-        return act(y * scale[:, None, None] + shift[:, None, None])
+        return act(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or _is_exporting():
@@ -196,16 +208,18 @@ class GatedInvertedResidual(nn.Module):
             y = act(bn(conv(h)) if bn is not None else conv(h))
             return x + y if self.use_residual else y
         s, idx = self.gate(x)
+        folded = self._fold()
+        f_dw, f_proj = folded[-2], folded[-1]
         outs = []
         for i in range(x.shape[0]):
             sel, xi = idx[i], x[i : i + 1]
             if self.expand is not None:
-                h = self._apply(self.expand, xi, rows=sel)
+                h = self._apply(self.expand, folded[0], xi, rows=sel)
             else:
                 h = xi.index_select(1, sel)
-            h = self._apply(self.dw, h, rows=sel, groups=sel.numel())
+            h = self._apply(self.dw, f_dw, h, rows=sel, groups=sel.numel())
             h = h * s[i, sel, None, None]
-            y = self._apply(self.project, h, cols=sel)
+            y = self._apply(self.project, f_proj, h, cols=sel)
             outs.append(xi + y if self.use_residual else y)
         self.computed = int(idx.numel())
         return torch.cat(outs)
@@ -215,11 +229,28 @@ def _is_inverted_residual(m: nn.Module) -> bool:
     return isinstance(getattr(m, "block", None), nn.Sequential) and hasattr(m, "use_residual")
 
 
-def gate_channels_(model: nn.Module, cfg: ChannelGating) -> dict[str, dict[str, int]]:
+def _importance(model: nn.Module, producers: dict[str, nn.Module], calib: torch.Tensor):
+    """Mean |activation| per channel of each producer's output on ``calib``."""
+    from edgeslim.core.hooks import run_calibration
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def see(name, _module, _inputs, output):
+        sums[name] = sums.get(name, 0) + output.abs().mean(dim=(0, 2, 3))
+
+    run_calibration(model, calib, producers, see)
+    return sums
+
+
+def gate_channels_(
+    model: nn.Module, cfg: ChannelGating, *, calib: torch.Tensor | None = None
+) -> dict[str, dict[str, int]]:
     """Replace the units ``cfg`` names with gated ones, in place; returns one row per unit.
 
-    Train afterwards (:func:`edgeslim.fit` with ``loss_fn`` adding :func:`gate_loss`, or the
-    ``gating`` recipe stage): fresh gates keep random channels.
+    Fresh gates predict a saliency near 1 for every channel. With ``calib`` (inputs), each
+    gate's bias starts at ``1 + 0.1 x`` the channel's normalised mean |activation| on them,
+    so the gates first keep the statically most active channels. Train afterwards
+    (:func:`train_gates`, or the ``gating`` recipe stage).
     """
     modules = dict(model.named_modules())
     names = cfg.layers
@@ -230,11 +261,16 @@ def gate_channels_(model: nn.Module, cfg: ChannelGating) -> dict[str, dict[str, 
                 f"ChannelGating: {type(model).__name__} has no inverted-residual blocks; "
                 "name the convolutions to gate in 'layers'"
             )
-    log = {}
     for name in names:
         if name not in modules or not name:
             known = [n for n in modules if n][:25]
             raise ConfigError(f"ChannelGating.layers: no module {name!r}; modules include {known}")
+    producers = {
+        n: modules[n].block[-2] if _is_inverted_residual(modules[n]) else modules[n] for n in names
+    }
+    importance = _importance(model, producers, calib) if calib is not None else {}
+    log = {}
+    for name in names:
         unit = modules[name]
         if _is_inverted_residual(unit):
             gated: nn.Module = GatedInvertedResidual(unit, cfg.density, name)
@@ -243,6 +279,10 @@ def gate_channels_(model: nn.Module, cfg: ChannelGating) -> dict[str, dict[str, 
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, gated)
+        if name in importance:
+            imp = importance[name]
+            with torch.no_grad():
+                gated.gate.fc.bias.copy_(1 + 0.1 * imp / imp.max().clamp_min(1e-12))
         log[name] = {"channels": gated.gate.fc.out_features, "kept": gated.gate.k}
     return log
 
