@@ -10,7 +10,7 @@ Exiting from Deep Neural Networks", ICPR 2016. https://arxiv.org/abs/1709.01686
     model(x)      # eval: each sample leaves at the first exit that is confident enough
 
 The network is cut into segments after the named modules (:mod:`.segments`); each early exit
-is a small head (adaptive max-pool to ``pool x pool``, optionally a 3x3 conv of ``conv``
+is a small head (max-pool to about ``pool x pool``, optionally a 3x3 conv of ``conv``
 channels, a hidden layer of ``hidden`` units, the classes). Joint training minimises
 BranchyNet's weighted sum of the exits' losses; here each early exit also distils from the
 final exit (Hinton's soft targets,
@@ -52,7 +52,7 @@ class Exits(Options):
 
     after: list[str] = Field(..., min_length=1, description="module names, in forward order")
     hidden: int = Field(64, ge=1, description="hidden units of each head")
-    pool: int = Field(4, ge=1, description="features are max-pooled to pool x pool first")
+    pool: int = Field(4, ge=1, description="features are max-pooled to about pool x pool")
     conv: int = Field(0, ge=0, description="channels of a 3x3 conv after the pool (0: none)")
     criterion: Criterion = Field("maxprob", description="confidence: max softmax or -entropy")
 
@@ -97,15 +97,17 @@ def confidence(logits: torch.Tensor, criterion: Criterion) -> torch.Tensor:
 def make_head(feature: torch.Tensor, classes: int, cfg: Exits) -> nn.Module:
     """An exit head for features like ``feature`` (B, C, H, W) or (B, F)."""
     if feature.dim() == 4:
-        c = feature.shape[1]
-        layers: list[nn.Module] = [nn.AdaptiveMaxPool2d(cfg.pool)]
+        c, h, w = feature.shape[1:]
+        k = max(1, math.ceil(max(h, w) / cfg.pool))  # a plain max pool: exports everywhere
+        layers: list[nn.Module] = [nn.MaxPool2d(k, k, ceil_mode=True)]
         if cfg.conv:
             layers += [nn.Conv2d(c, cfg.conv, 3, padding=1), nn.ReLU()]
-            c = cfg.conv
+        with torch.no_grad():
+            flat = nn.Sequential(*layers)(feature[:1]).numel()
         return nn.Sequential(
             *layers,
             nn.Flatten(),
-            nn.Linear(c * cfg.pool * cfg.pool, cfg.hidden),
+            nn.Linear(flat, cfg.hidden),
             nn.ReLU(),
             nn.Linear(cfg.hidden, classes),
         )
