@@ -119,6 +119,7 @@ def ort_session(path: Path):
 
 
 def exits_part(name: str, seed: int, data) -> dict:
+    console.print(f"exits: {name} seed {seed}")
     spec = EXITS[name]
     static = trained(name, data, spec["epochs"], seed)
     static_acc = es.evaluate(static, data)

@@ -221,17 +221,16 @@ class FrameCachedModel(nn.Module):
         span = (t - 1) * s + d * (k - 1) + 1
         need_h, need_w = (th * t - 1) * s + d * (k - 1) + 1, (tw * t - 1) * s + d * (k - 1) + 1
         xp = F.pad(x, (p, max(0, need_w - x.shape[3] - p), p, max(0, need_h - x.shape[2] - p)))
+        xp = xp[:, :, :need_h, :need_w]
         ty, tx = tiles.nonzero(as_tuple=True)
-        patches = torch.cat(
-            [
-                xp[:, :, i * t * s : i * t * s + span, j * t * s : j * t * s + span]
-                for i, j in zip(ty.tolist(), tx.tolist(), strict=True)
-            ]
-        )
+        cols = F.unfold(xp, span, stride=t * s)[0]  # (C * span * span, th * tw)
+        patches = cols[:, ty * tw + tx].T.reshape(n, x.shape[1], span, span)
         y = F.conv2d(patches, conv.weight, conv.bias, s, 0, d, conv.groups)  # (n, C, t, t)
-        for m, (i, j) in enumerate(zip(ty.tolist(), tx.tolist(), strict=True)):
-            hh, ww = min(t, ho - i * t), min(t, wo - j * t)
-            out[0, :, i * t : i * t + hh, j * t : j * t + ww] = y[m, :, :hh, :ww]
+        c = out.shape[1]
+        grid = out.new_zeros((c, th * t, tw * t))
+        grid[:, :ho, :wo] = out[0]
+        grid.view(c, th, t, tw, t).permute(1, 3, 0, 2, 4)[ty, tx] = y
+        out[0] = grid[:, :ho, :wo]
         return n
 
     def step(self, frame: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,9 @@ class ExitModel(nn.Module):
         """
         b = x.shape[0]
         last = len(self.heads)
+        thresholds = self.thresholds.tolist()
+        if b == 1:
+            return self._infer_one(x, thresholds)
         out: torch.Tensor | None = None
         taken = torch.full((b,), last, dtype=torch.long)
         idx = torch.arange(b)
@@ -181,7 +184,7 @@ class ExitModel(nn.Module):
                 logits = h
                 done = None
             else:
-                t = float(self.thresholds[k])
+                t = thresholds[k]
                 if t == math.inf:
                     continue
                 logits = self.heads[k](h)
@@ -191,12 +194,6 @@ class ExitModel(nn.Module):
             if done is None:
                 out[idx] = logits
                 break
-            if b == 1:  # batch 1: a plain branch
-                if bool(done[0]):
-                    out[0] = logits[0]
-                    taken[0] = k
-                    break
-                continue
             if bool(done.any()):
                 out[idx[done]] = logits[done]
                 taken[idx[done]] = k
@@ -206,6 +203,22 @@ class ExitModel(nn.Module):
                     break
         self.last_exit = taken
         return out, taken
+
+    def _infer_one(
+        self, x: torch.Tensor, thresholds: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch 1: a plain branch after each enabled exit, nothing after the one taken."""
+        h = x
+        last = len(self.heads)
+        for k, segment in enumerate(self.segments):
+            h = segment(h)
+            if k < last and thresholds[k] != math.inf:
+                logits = self.heads[k](h)
+                if float(confidence(logits, self.criterion)) >= thresholds[k]:
+                    self.last_exit = torch.tensor([k])
+                    return logits, self.last_exit
+        self.last_exit = torch.tensor([last])
+        return h, self.last_exit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.joint and self.training:
