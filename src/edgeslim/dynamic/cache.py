@@ -6,8 +6,9 @@ Cache for Mobile Deep Vision", MobiCom 2018. https://arxiv.org/abs/1712.01670
 For each new frame, as in DeepCache:
 
 1. **Block matching on the input**: the frame is cut into ``block x block`` blocks; each is
-   searched in the previous frame within ``search`` pixels. A block whose best match has a
-   mean absolute difference at most ``threshold`` is reusable, with that motion vector.
+   searched in the previous frame within ``search`` pixels, nearest offsets first (as
+   DeepCache's search starts from the zero vector). A block is reusable with the smallest
+   motion vector whose mean absolute difference is at most ``threshold``.
 2. **Propagation through the receptive fields**: for each convolution of the cached prefix,
    an output position is reused when every input pixel of its receptive field is reusable
    and moved by one motion vector; its value is the cached output at the position that
@@ -162,10 +163,13 @@ class FrameCachedModel(nn.Module):
             [p[:, :, r - dy : r - dy + hb * b, r - dx : r - dx + wb * b] for dy, dx in offsets]
         )  # (offsets, C, H', W')
         err = (shifted - c).abs().mean(1).reshape(len(offsets), hb, b, wb, b).mean((2, 4))
-        best, which = err.nan_to_num(math.inf).min(0)  # (hb, wb): nan where off-frame
+        # as DeepCache's search from the zero vector: the smallest motion that matches wins
+        # (the best match of a flat or noisy block is often a meaningless shift)
+        match = err.nan_to_num(math.inf) <= self.cfg.threshold  # (offsets, hb, wb)
+        ok = match.any(0)
+        which = match.to(torch.uint8).argmax(0)  # first matching offset: offsets are sorted
         table = torch.tensor(offsets)
         my, mx = table[which, 0], table[which, 1]
-        ok = best <= self.cfg.threshold
 
         def up(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(b, 0).repeat_interleave(b, 1)[:h, :w]
