@@ -269,7 +269,7 @@ def test_every_public_config_refuses_bad_input_with_config_error():
             configs.append(obj)
     assert len(configs) >= 20, [c.__name__ for c in configs]
     for cls in configs:
-        with pytest.raises(es.ConfigError, match=rf"^{cls.__name__}\.bogus: unknown key"):
+        with pytest.raises(es.ConfigError, match=rf"(?m)^{cls.__name__}\.bogus: unknown key"):
             cls(bogus=1)
     with pytest.raises(es.ConfigError, match=r"^KD\.temperature: Input should be greater"):
         es.KD(temperature=0)

@@ -93,6 +93,21 @@ _LAZY = {
     "export_tflite": "edgeslim.export.tflite",
     "export_c": "edgeslim.export.c",
     "load_device": "edgeslim.profiling.devices",
+    "add_exits_": "edgeslim.dynamic",
+    "Exits": "edgeslim.dynamic",
+    "ExitTraining": "edgeslim.dynamic",
+    "ExitCalibration": "edgeslim.dynamic",
+    "train_exits": "edgeslim.dynamic",
+    "calibrate_exits": "edgeslim.dynamic",
+    "gate_channels_": "edgeslim.dynamic",
+    "ChannelGating": "edgeslim.dynamic",
+    "FrameCache": "edgeslim.dynamic",
+    "add_frame_cache": "edgeslim.dynamic",
+    "add_heads": "edgeslim.dynamic",
+    "Heads": "edgeslim.dynamic",
+    "dynamic_": "edgeslim.dynamic",
+    "export_exits": "edgeslim.export.exits",
+    "export_heads": "edgeslim.export.multitask",
 }
 _SUBMODULES = {"zoo": "edgeslim.core.models.zoo"}
 # packages that register a file format with core's load_model (``.slim``): imported with it

@@ -10,9 +10,11 @@ import yaml
 from edgeslim.core.fileio import atomic_write_text
 from edgeslim.report.plots import (
     layer_bits_rows,
+    plot_accuracy_vs_compute,
     plot_accuracy_vs_size,
     plot_layer_bits,
     plot_layer_sparsity,
+    tradeoff_rows,
 )
 from edgeslim.report.tables import (
     COLUMNS,
@@ -28,6 +30,7 @@ PLOTS_DIR = "plots"
 ACCURACY_PLOT = "accuracy_vs_size.png"
 SPARSITY_PLOT = "layer_sparsity.png"
 BITS_PLOT = "layer_bits.png"
+COMPUTE_PLOT = "accuracy_vs_compute.png"
 LAYER_COLUMNS: list[tuple[str, str]] = [
     ("layer", "layer"),
     ("type", "type"),
@@ -84,6 +87,8 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
     ]
     if layer_bits_rows(rows):  # only when a stage chose per-layer bit widths
         parts.append(f"![per-layer weight bits]({PLOTS_DIR}/{BITS_PLOT})")
+    if tradeoff_rows(rows):  # dynamic stages: their threshold sweeps
+        parts.append(f"![accuracy vs average compute]({PLOTS_DIR}/{COMPUTE_PLOT})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -101,4 +106,5 @@ def render_report(run_dir: str | Path) -> Path:
     plot_accuracy_vs_size(rows, plots / ACCURACY_PLOT)
     plot_layer_sparsity(rows, plots / SPARSITY_PLOT)
     plot_layer_bits(rows, plots / BITS_PLOT)
+    plot_accuracy_vs_compute(rows, plots / COMPUTE_PLOT)
     return atomic_write_text(run_dir / REPORT_FILE, build_markdown(rows, recipe_name(run_dir)))

@@ -125,3 +125,19 @@ def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_png(fig, Path(path))
+
+
+def tradeoff_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stages that logged an accuracy-compute curve (dynamic stages)."""
+    return [row for row in rows if isinstance((row.get("log") or {}).get("tradeoff"), dict)]
+
+
+def plot_accuracy_vs_compute(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Accuracy against average MACs of each dynamic stage's threshold sweep (None if none)."""
+    from edgeslim.dynamic.plot import plot_tradeoffs
+
+    stages = tradeoff_rows(rows)
+    if not stages:
+        return None
+    curves = {stage_name(row): row["log"]["tradeoff"] for row in stages}
+    return plot_tradeoffs(curves, path, "accuracy vs compute")

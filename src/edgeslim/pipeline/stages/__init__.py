@@ -8,6 +8,7 @@ below for a new one.
 
 from __future__ import annotations
 
+from edgeslim.pipeline.stages import dynamic as _dynamic  # noqa: F401
 from edgeslim.pipeline.stages import lowrank as _lowrank  # noqa: F401
 from edgeslim.pipeline.stages import pack as _pack  # noqa: F401
 from edgeslim.pipeline.stages import prune as _prune  # noqa: F401

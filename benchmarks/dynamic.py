@@ -1,0 +1,454 @@
+"""Dynamic inference and result reuse, measured: early exits, channel gating, frame cache,
+one backbone for two tasks (issue 18).
+
+    flock /tmp/edgeslim-cpu.lock python benchmarks/dynamic.py              # everything
+    flock /tmp/edgeslim-cpu.lock python benchmarks/dynamic.py --part exits --seeds 0,1,2
+
+Parts:
+
+- ``exits``: BranchyNet exits on LeNet-5 (after conv1, conv2) for each seed, and on the zoo's
+  MobileNetV2-style net (after blocks.0, .2, .4; seed 0): trained static, exits added and
+  trained jointly (distillation from the final exit), thresholds calibrated on validation
+  for at most 0.3 points below the static network's validation accuracy. Test accuracy,
+  average MACs per input (counted on the ops that ran), average batch-1 latency over the
+  test images in PyTorch and in ONNX Runtime (the exported segments + runner) vs the static
+  network in each runtime; the threshold sweep is plotted.
+- ``gating``: FBS-style channel gating of MobileNetV2's inverted-residual blocks at density
+  0.5, fine-tuned with distillation, vs static ``ChannelPrune`` to the same average MACs
+  with the same fine-tuning; test accuracy, MACs and batch-1 latency in PyTorch.
+- ``cache``: LeNet-5 trained on MNIST rendered in the synthetic video's style, run on a
+  600-frame synthetic test video: the DeepCache-style cache at several matching thresholds
+  (share of MACs reused, latency per frame, accuracy) vs recomputing every frame and vs
+  running every 2nd / 3rd / 5th frame only.
+- ``multitask``: digit and parity from one LeNet-5 trunk with two heads vs two LeNet-5s.
+
+Latency: one thread, medians or means over single-sample calls as stated. Results go to
+``benchmarks/results/dynamic.json`` and the plots to ``benchmarks/results/dynamic_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import edgeslim as es
+from edgeslim.core.data.video import synthetic_video, video_splits
+from edgeslim.dynamic import (
+    ChannelGating,
+    ExitCalibration,
+    Exits,
+    ExitTraining,
+    Heads,
+    add_exits_,
+    add_heads,
+    calibrate_exits,
+    count_macs,
+    exit_accuracies,
+    gate_channels_,
+    skip_stats,
+    stream_stats,
+    task_accuracy,
+    train_gates,
+    train_heads,
+)
+from edgeslim.dynamic.cache import FrameCache
+from edgeslim.dynamic.exits import train_exits
+from edgeslim.dynamic.plot import plot_tradeoffs, tradeoff
+from edgeslim.export.exits import export_exits, load_runner
+
+console = Console(width=200)
+RESULTS = Path(__file__).parent / "results"
+TMP = Path(tempfile.mkdtemp(prefix="edgeslim-dynamic-"))
+EXITS = {
+    "lenet5": dict(after=["conv1", "conv2"], epochs=8, exit_epochs=15),
+    "mobilenetv2": dict(after=["blocks.0", "blocks.2", "blocks.4"], epochs=8, exit_epochs=6),
+}
+
+
+_TRAINED: dict[tuple, dict] = {}
+
+
+def trained(name: str, data, epochs: int, seed: int, **kwargs) -> torch.nn.Module:
+    """A zoo net trained on ``data`` (trained once per setting within a run)."""
+    key = (name, data.name, epochs, seed, tuple(sorted(kwargs.items())))
+    if key in _TRAINED:
+        model = es.zoo.create(name, **kwargs)
+        model.load_state_dict(_TRAINED[key])
+        return model.eval()
+    torch.manual_seed(seed)
+    model = es.zoo.create(name, **kwargs)
+    es.fit(model, data, es.TrainConfig(epochs=epochs, shift=2, seed=seed), progress=False)
+    _TRAINED[key] = copy.deepcopy(model.state_dict())
+    return model.eval()
+
+
+def mean_latency_ms(fn, xs: torch.Tensor, warmup: int = 20) -> float:
+    """Mean milliseconds of ``fn(x)`` over the single samples of ``xs`` (one thread)."""
+    with torch.inference_mode():
+        for i in range(warmup):
+            fn(xs[i : i + 1])
+        times = []
+        for i in range(len(xs)):
+            start = time.perf_counter()
+            fn(xs[i : i + 1])
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.fmean(times)
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x.numpy()})
+
+
+# --------------------------------------------------------------------------------------
+
+
+def exits_part(name: str, seed: int, data) -> dict:
+    console.print(f"exits: {name} seed {seed}")
+    spec = EXITS[name]
+    static = trained(name, data, spec["epochs"], seed)
+    static_acc = es.evaluate(static, data)
+    x = data.test.x
+    static_macs = count_macs(static, x[:1])
+    em = add_exits_(copy.deepcopy(static), Exits(after=spec["after"], pool=6, hidden=128))
+    train_exits(
+        em, data, ExitTraining(epochs=spec["exit_epochs"], shift=2, seed=seed), progress=False
+    )
+    cal = calibrate_exits(em, data, ExitCalibration(max_loss=0.003))
+    em.eval()
+    acc = es.evaluate(em, data)
+    with torch.no_grad():
+        em(x)
+    shares = (torch.bincount(em.last_exit, minlength=em.num_exits).double() / len(x)).tolist()
+    avg_macs = count_macs(em, x) / len(x)
+    final_acc = exit_accuracies(em, x, data.test.y)[-1]
+    torch.set_num_threads(1)
+    lat_static = mean_latency_ms(static, x)
+    lat_exits = mean_latency_ms(em, x)
+    out = TMP / f"{name}-{seed}"
+    es.export_onnx(static, out / "static.onnx", x[:32])
+    export_exits(em, out / "exits", x[:64])
+    runner = load_runner(out / "exits")
+    ort_static = mean_latency_ms(ort_session(out / "static.onnx"), x)
+    ort_exits = mean_latency_ms(lambda t: runner.run(t.numpy()), x)
+    torch.set_num_threads(2)
+    return {
+        "net": name,
+        "seed": seed,
+        "static_accuracy": static_acc,
+        "final_exit_accuracy": final_acc,
+        "accuracy": acc,
+        "static_macs": static_macs,
+        "avg_macs": avg_macs,
+        "exit_shares": shares,
+        "thresholds": cal["thresholds"],
+        "val": {k: cal[k] for k in ("accuracy", "macs", "static_accuracy")},
+        "latency_ms": {
+            "torch_static": lat_static,
+            "torch_exits": lat_exits,
+            "ort_static": ort_static,
+            "ort_exits": ort_exits,
+        },
+        "tradeoff": tradeoff(
+            cal["curve"],
+            {"macs": static_macs, "accuracy": cal["static_accuracy"]},
+            cal,
+            x_label="average MACs per input (validation)",
+        ),
+    }
+
+
+def exits_table(rows: list[dict]) -> Table:
+    t = Table(title="early exits (test split; latency: mean over the 1,000 test images, batch 1)")
+    for col in (
+        "net",
+        "seed",
+        "static acc",
+        "exits acc",
+        "Δ pts",
+        "avg MACs",
+        "fewer",
+        "torch ms static/exits",
+        "speedup",
+        "ORT ms static/exits",
+        "speedup",
+        "shares",
+    ):
+        t.add_column(col)
+    for r in rows:
+        lat = r["latency_ms"]
+        t.add_row(
+            r["net"],
+            str(r["seed"]),
+            f"{100 * r['static_accuracy']:.1f}",
+            f"{100 * r['accuracy']:.1f}",
+            f"{100 * (r['accuracy'] - r['static_accuracy']):+.1f}",
+            f"{r['avg_macs'] / 1e6:.2f}M / {r['static_macs'] / 1e6:.2f}M",
+            f"{r['static_macs'] / r['avg_macs']:.2f}x",
+            f"{lat['torch_static']:.3f} / {lat['torch_exits']:.3f}",
+            f"{lat['torch_static'] / lat['torch_exits']:.2f}x",
+            f"{lat['ort_static']:.3f} / {lat['ort_exits']:.3f}",
+            f"{lat['ort_static'] / lat['ort_exits']:.2f}x",
+            " ".join(f"{s:.2f}" for s in r["exit_shares"]),
+        )
+    return t
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _gated_vs_pruned(static, data, density: float, ft, static_macs: float, seed: int):
+    x = data.test.x
+    gated = copy.deepcopy(static)
+    gate_channels_(gated, ChannelGating(density=density), calib=data.calib(256, seed=seed))
+    train_gates(gated, data, ft, teacher=static, progress=False)
+    gated.eval()
+    g_macs = count_macs(gated, x[:200]) / 200
+    pruned = copy.deepcopy(static)
+    es.prune_(pruned, es.ChannelPrune(macs=g_macs / static_macs), example=x[:1])
+    es.finetune(pruned, data, ft, teacher=static, progress=False)
+    pruned.eval()
+    torch.set_num_threads(1)
+    rows = [
+        {
+            "method": f"FBS gating, density {density}",
+            "accuracy": es.evaluate(gated, data),
+            "macs": g_macs,
+            "latency_ms": mean_latency_ms(gated, x[:300]),
+        },
+        {
+            "method": f"ChannelPrune, same MACs as density {density}",
+            "accuracy": es.evaluate(pruned, data),
+            "macs": count_macs(pruned, x[:1]),
+            "latency_ms": mean_latency_ms(pruned, x[:300]),
+        },
+    ]
+    torch.set_num_threads(2)
+    return rows
+
+
+def gating_part(data, seed: int = 0, epochs: int = 5, densities=(0.5, 0.75)) -> list[dict]:
+    spec = EXITS["mobilenetv2"]
+    static = trained("mobilenetv2", data, spec["epochs"], seed)
+    x = data.test.x
+    rows = []
+    torch.set_num_threads(1)
+    base = {
+        "method": "static",
+        "accuracy": es.evaluate(static, data),
+        "macs": count_macs(static, x[:1]),
+        "latency_ms": mean_latency_ms(static, x[:300]),
+    }
+    torch.set_num_threads(2)
+    rows.append(base)
+    ft = es.TrainConfig(epochs=epochs, lr=1e-3, shift=2, seed=seed, distill=es.KD(alpha=0.5))
+    for density in densities:
+        rows += _gated_vs_pruned(static, data, density, ft, base["macs"], seed)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+
+
+def cache_part(seed: int = 0, n_frames: int = 600) -> dict:
+    mnist = es.load_data("mnist")
+    vdata = video_splits(mnist, seed=seed)
+    model = trained("lenet5", vdata, 8, seed)
+    video = synthetic_video(mnist.test, n_frames, seed=seed)
+    torch.set_num_threads(1)
+    rows = []
+    for t in (0.0, 0.02, 0.03, 0.05, 0.1):
+        row = stream_stats(model, video, FrameCache(threshold=t), timing=True)
+        rows.append({"threshold": t, **row})
+    skips = [skip_stats(model, video, k) for k in (2, 3, 5)]
+    torch.set_num_threads(2)
+    return {
+        "frames": n_frames,
+        "image_accuracy": es.evaluate(model, vdata),
+        "cache": rows,
+        "skip": skips,
+    }
+
+
+# --------------------------------------------------------------------------------------
+
+
+def multitask_part(data, seed: int, epochs: int = 8) -> dict:
+    x = data.test.x
+    digit = trained("lenet5", data, epochs, seed)
+    from edgeslim.core.data.datasets import DataSplits, Split
+
+    parity_data = DataSplits(
+        "mnist-parity", *(Split(s.x, s.y % 2) for s in (data.train, data.val, data.test)), 2
+    )
+    parity = trained("lenet5", parity_data, epochs, seed, num_classes=2)
+    torch.manual_seed(seed)
+    mh = add_heads(
+        es.zoo.create("lenet5"), Heads(after="fc1", tasks={"digit": "label", "parity": "parity"})
+    )
+    train_heads(mh, data, es.TrainConfig(epochs=epochs, shift=2, seed=seed), progress=False)
+    acc = task_accuracy(mh, x, data.test.y)
+    torch.set_num_threads(1)
+    two_lat = mean_latency_ms(lambda t: (digit(t), parity(t)), x[:300])
+    mh_lat = mean_latency_ms(mh.forward_all, x[:300])
+    torch.set_num_threads(2)
+    from edgeslim.export.multitask import export_heads
+
+    diffs = export_heads(mh.eval(), TMP / f"mt-{seed}.onnx", x[:16])
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "seed": seed,
+        "two_nets": {
+            "digit": es.evaluate(digit, data),
+            "parity": es.evaluate(parity, parity_data),
+            "macs": count_macs(digit, x[:1]) + count_macs(parity, x[:1]),
+            "params": params(digit) + params(parity),
+            "latency_ms": two_lat,
+        },
+        "shared": {
+            **acc,
+            "macs": count_macs(mh.forward_all, x[:1]),
+            "params": params(mh),
+            "latency_ms": mh_lat,
+            "onnx_max_diff": max(diffs.values()),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--part", choices=["all", "exits", "gating", "cache", "multitask"], default="all"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="LeNet-5 seeds (exits, multitask)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(2)
+    data = es.load_data("mnist")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "dynamic.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    start = time.perf_counter()
+    if args.part in ("all", "exits"):
+        rows = [exits_part("lenet5", s, data) for s in seeds]
+        rows.append(exits_part("mobilenetv2", seeds[0], data))
+        results["exits"] = rows
+        console.print(exits_table(rows))
+        curves = {f"{r['net']} seed {r['seed']}": r["tradeoff"] for r in rows}
+        for net in ("lenet5", "mobilenetv2"):
+            plot_tradeoffs(
+                {k: v for k, v in curves.items() if k.startswith(net)},
+                RESULTS / f"dynamic_exits_{net}.png",
+                f"early exits, {net}",
+            )
+        console.print(f"[{time.perf_counter() - start:.0f} s]")
+    if args.part in ("all", "gating"):
+        results["gating"] = gating_part(data)
+        t = Table(title="channel gating vs static channel pruning, MobileNetV2 (test split)")
+        for col in ("method", "test acc %", "MACs (avg)", "torch ms (batch 1, mean)"):
+            t.add_column(col)
+        for r in results["gating"]:
+            t.add_row(
+                r["method"],
+                f"{100 * r['accuracy']:.1f}",
+                f"{r['macs'] / 1e6:.2f}M",
+                f"{r['latency_ms']:.3f}",
+            )
+        console.print(t)
+        console.print(f"[{time.perf_counter() - start:.0f} s]")
+    if args.part in ("all", "cache"):
+        results["cache"] = c = cache_part()
+        t = Table(title=f"frame cache on {c['frames']} synthetic frames (LeNet-5)")
+        for col in ("method", "acc %", "agree %", "MACs/frame", "reused", "ms/frame (median)"):
+            t.add_column(col)
+        s0 = c["cache"][0]
+        t.add_row(
+            "recompute every frame",
+            f"{100 * s0['static_accuracy']:.1f}",
+            "100",
+            f"{s0['static_macs'] / 1e6:.2f}M",
+            "0",
+            f"{s0['static_latency_ms']:.3f}",
+        )
+        for r in c["cache"]:
+            t.add_row(
+                f"cache, threshold {r['threshold']}",
+                f"{100 * r['accuracy']:.1f}",
+                f"{100 * r['agreement']:.1f}",
+                f"{r['macs'] / 1e6:.2f}M",
+                f"{100 * r['reused_macs_share']:.0f}%",
+                f"{r['latency_ms']:.3f}",
+            )
+        for r in c["skip"]:
+            t.add_row(
+                f"run every {r['every']} frames",
+                f"{100 * r['accuracy']:.1f}",
+                "",
+                f"{r['macs'] / 1e6:.2f}M",
+                "",
+                "",
+            )
+        console.print(t)
+        curves = {
+            "frame cache": tradeoff(
+                c["cache"],
+                {"macs": s0["static_macs"], "accuracy": s0["static_accuracy"]},
+                x_label="average MACs per frame",
+            ),
+            "frame skipping": tradeoff(
+                c["skip"], {"macs": s0["static_macs"], "accuracy": s0["static_accuracy"]}
+            ),
+        }
+        plot_tradeoffs(curves, RESULTS / "dynamic_cache.png", "frame cache vs skipping")
+        console.print(f"[{time.perf_counter() - start:.0f} s]")
+    if args.part in ("all", "multitask"):
+        results["multitask"] = rows = [multitask_part(data, s) for s in seeds]
+        t = Table(title="digit + parity: two LeNet-5s vs one trunk with two heads (test)")
+        for col in (
+            "seed",
+            "setup",
+            "digit acc %",
+            "parity acc %",
+            "MACs",
+            "params",
+            "ms (batch 1)",
+        ):
+            t.add_column(col)
+        for r in rows:
+            for key, label in (("two_nets", "two networks"), ("shared", "shared trunk")):
+                v = r[key]
+                t.add_row(
+                    str(r["seed"]),
+                    label,
+                    f"{100 * v['digit']:.1f}",
+                    f"{100 * v['parity']:.1f}",
+                    f"{v['macs'] / 1e6:.2f}M",
+                    f"{v['params']:,}",
+                    f"{v['latency_ms']:.3f}",
+                )
+        console.print(t)
+    results["seconds"] = time.perf_counter() - start
+    path.write_text(json.dumps(results, indent=1, default=float))
+    console.print(f"wrote {path} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

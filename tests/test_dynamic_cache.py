@@ -1,0 +1,108 @@
+"""Frame cache and frame sources: reuse when frames repeat, recompute when they change."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslim import ConfigError, DataError, ShapeError
+from edgeslim.core.data.video import load_frames, render_digits, synthetic_video
+from edgeslim.core.models import zoo
+from edgeslim.dynamic import FrameCache, FrameCachedModel, count_macs, skip_stats, stream_stats
+
+
+def test_synthetic_video_is_deterministic(mnist):
+    a = synthetic_video(mnist.test, 50, seed=3)
+    b = synthetic_video(mnist.test, 50, seed=3)
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.labels, b.labels)
+    assert a.frames.shape == (50, 1, 28, 28) and a.frames.min() >= 0 and a.frames.max() <= 1
+    assert len(set(a.labels.tolist())) > 1  # the digit changes
+    assert render_digits(mnist.val).x.shape == mnist.val.x.shape
+
+
+def test_cache_reuses_repeats_and_recomputes_changes():
+    model = zoo.create("lenet5").eval()
+    cached = FrameCachedModel(model, FrameCache(threshold=0.01))
+    frame = torch.rand(1, 1, 28, 28)
+    full = count_macs(model, frame)
+    first = count_macs(cached.step, frame)
+    assert first == full
+    repeat = count_macs(cached.step, frame)
+    assert cached.last_stats["reused"] == 1.0
+    assert repeat == full - count_macs(cached._full, frame)  # only the classifier ran
+    with torch.no_grad():
+        assert torch.allclose(cached.step(frame), model(frame), atol=1e-5)
+    changed = frame.clone()
+    changed[..., 20:, 20:] = torch.rand(1, 1, 8, 8)  # a corner changes
+    with torch.no_grad():
+        out = cached.step(changed)
+        assert torch.allclose(out, model(changed), atol=1e-5)  # exact: no motion involved
+    assert 0 < cached.last_stats["reused"] < 1
+    different = torch.rand(1, 1, 28, 28)
+    cached.step(different)
+    assert cached.last_stats["reused"] < 0.2
+
+
+def test_cache_follows_motion():
+    model = zoo.create("lenet5").eval()
+    cached = FrameCachedModel(model, FrameCache(threshold=0.01, search=2))
+    frame = torch.zeros(1, 1, 28, 28)
+    frame[..., 8:20, 8:20] = torch.rand(12, 12)
+    cached.step(frame)
+    moved = torch.roll(frame, shifts=(2, 0), dims=(2, 3))  # moved 2 px down
+    cached.step(moved)
+    assert cached.last_stats["reused"] > 0.5
+    assert cached.last_stats["dirty_pixels"] < 0.1
+
+
+def test_stream_and_skip_stats(mnist):
+    model = zoo.create("lenet5").eval()
+    video = synthetic_video(mnist.test, 30)
+    row = stream_stats(model, video, FrameCache(threshold=0.05))
+    assert 0 < row["reused_macs_share"] < 1 and row["macs"] < row["static_macs"]
+    none = stream_stats(model, video, FrameCache(threshold=0.0, search=0))
+    assert none["agreement"] == 1.0
+    skip = skip_stats(model, video, 3)
+    assert skip["macs"] == pytest.approx(row["static_macs"] / 3)
+
+
+def test_frames_sources(tmp_path):
+    frames = (np.random.default_rng(0).random((5, 28, 28)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "clip.npz", frames=frames, labels=np.arange(5))
+    v = load_frames(f"frames:{tmp_path / 'clip.npz'}")
+    assert v.frames.shape == (5, 1, 28, 28) and v.labels.tolist() == [0, 1, 2, 3, 4]
+    d = tmp_path / "dir"
+    d.mkdir()
+    for i, f in enumerate(frames):
+        np.save(d / f"{i:03d}.npy", f)
+    (d / "labels.txt").write_text("1\n2\n3\n4\n5\n")
+    v = load_frames(f"frames:{d}")
+    assert torch.allclose(v.frames[:, 0], torch.from_numpy(frames / 255.0).float())
+    from PIL import Image
+
+    p = tmp_path / "png"
+    p.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(p / f"{i:03d}.png")
+    assert load_frames(f"frames:{p}").labels.tolist() == [-1] * 5
+
+
+def test_cache_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown frame source"):
+        load_frames("video.mp4")
+    with pytest.raises(DataError, match="not a directory"):
+        load_frames(f"frames:{tmp_path / 'missing.npz'}")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((2, 4, 4)))
+    with pytest.raises(DataError, match="no 'frames'"):
+        load_frames(f"frames:{tmp_path / 'bad.npz'}")
+    np.savez(tmp_path / "lab.npz", frames=np.zeros((3, 4, 4)), labels=np.zeros(2, dtype=int))
+    with pytest.raises(DataError, match="one per frame"):
+        load_frames(f"frames:{tmp_path / 'lab.npz'}")
+    model = zoo.create("lenet5")
+    with pytest.raises(ConfigError, match="until"):
+        FrameCachedModel(model, FrameCache(until="fc1"))
+    with pytest.raises(ConfigError, match="does not start with a convolution"):
+        FrameCachedModel(zoo.create("lenet300"), FrameCache())
+    with pytest.raises(ShapeError, match="one frame"):
+        FrameCachedModel(model, FrameCache()).step(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ConfigError, match="threshold"):
+        FrameCache(threshold=-1)

@@ -1,0 +1,169 @@
+"""Early exits: shapes, real stopping, threshold calibration, ONNX runner, errors."""
+
+import math
+
+import pytest
+import torch
+
+from edgeslim import ConfigError, EdgeslimError, ShapeError
+from edgeslim.core.models import zoo
+from edgeslim.core.train import fit
+from edgeslim.dynamic import (
+    ExitCalibration,
+    Exits,
+    ExitTraining,
+    add_exits_,
+    calibrate_exits,
+    count_macs,
+    exit_costs,
+    get_thresholds,
+    set_thresholds,
+    train_exits,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist):
+    torch.manual_seed(0)
+    data = mnist.limit(1000)
+    model = zoo.create("lenet5")
+    fit(model, data, epochs=1, progress=False)
+    em = add_exits_(model, Exits(after=["conv1", "conv2"], pool=4, hidden=32))
+    train_exits(em, data, ExitTraining(epochs=1), progress=False)
+    return em, data
+
+
+def test_shapes_and_static_equivalence():
+    model = zoo.create("lenet5").eval()
+    x = torch.randn(5, 1, 28, 28)
+    ref = model(x)
+    em = add_exits_(model, Exits(after=["conv1", "conv2"]))
+    outs = em.all_exits(x)
+    assert [tuple(o.shape) for o in outs] == [(5, 10)] * 3
+    assert torch.allclose(outs[-1], ref)
+    assert get_thresholds(em) == [None, None]
+    y = em(x)  # no threshold set: every sample takes the final exit
+    assert torch.allclose(y, ref) and em.last_exit.tolist() == [2] * 5
+
+
+def test_exits_really_stop():
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"]))
+    x = torch.randn(4, 1, 28, 28)
+    costs = exit_costs(em, x)
+    calls = []
+    handle = em.segments[1].register_forward_hook(lambda *a: calls.append(1))
+    set_thresholds(em, [0.0, None])  # max prob >= 0: everyone leaves at exit 0
+    assert count_macs(em, x) == 4 * (costs["segments"][0] + costs["heads"][0])
+    assert count_macs(em, x[:1]) == costs["segments"][0] + costs["heads"][0]
+    assert em.last_exit.tolist() == [0] and not calls
+    handle.remove()
+    # a threshold half of the batch passes: the batch shrinks, the rest pays for more
+    with torch.no_grad():
+        scores = torch.softmax(em.all_exits(x)[0], -1).max(-1).values
+    t = float(scores.median())
+    set_thresholds(em, [t, None])
+    with torch.no_grad():
+        em(x)
+    taken = em.last_exit
+    per_exit = [costs["segments"][0] + costs["heads"][0], sum(costs["segments"][:3])]
+    per_exit[1] += costs["heads"][0]
+    expected = sum(per_exit[0] if k == 0 else per_exit[1] for k in taken.tolist())
+    assert 0 < int((taken == 0).sum()) < 4
+    assert count_macs(em, x) == expected
+
+
+def test_batch_and_single_agree(trained):
+    em, data = trained
+    set_thresholds(em, [0.9, 0.9])
+    x = data.test.x[:20]
+    with torch.no_grad():
+        batched, taken = em.infer(x)
+        single = [em.infer(x[i : i + 1]) for i in range(20)]
+    assert torch.allclose(batched, torch.cat([s[0] for s in single]), atol=1e-5)
+    assert taken.tolist() == [int(s[1]) for s in single]
+
+
+def test_calibration_meets_target_on_val(trained):
+    em, data = trained
+    log = calibrate_exits(em, data, ExitCalibration(max_loss=0.01))
+    em.eval()
+    with torch.no_grad():
+        pred = em(data.val.x).argmax(1)
+    acc = float((pred == data.val.y).float().mean())
+    assert acc >= log["static_accuracy"] - 0.01 - 1e-9
+    assert math.isclose(acc, log["accuracy"], abs_tol=1e-6)
+    assert log["macs"] <= log["static_macs"]
+    macs = count_macs(em, data.val.x) / len(data.val)
+    assert math.isclose(macs, log["macs"], rel_tol=1e-6)
+    assert len(log["curve"]) > 2
+    budget = calibrate_exits(em, data, ExitCalibration(budget=0.6))
+    assert budget["macs"] <= 0.6 * budget["static_macs"] + 1e-6
+    with pytest.raises(ConfigError, match="budget"):
+        calibrate_exits(em, data, ExitCalibration(budget=0.01))
+
+
+def test_entropy_criterion(trained):
+    em, data = trained
+    em.criterion = "entropy"
+    try:
+        log = calibrate_exits(em, data, ExitCalibration(max_loss=0.02))
+        assert all(t is None or t >= 0 for t in log["thresholds"])
+    finally:
+        em.criterion = "maxprob"
+
+
+def test_onnx_runner_equals_pytorch(trained, tmp_path):
+    from edgeslim.export.exits import export_exits, load_runner
+
+    em, data = trained
+    x = data.test.x[:32]
+    with torch.no_grad():
+        scores = torch.softmax(em.all_exits(x)[0], -1).max(-1).values
+    set_thresholds(em, [float(scores.median()) + 1e-4, None])
+    result = export_exits(em, tmp_path, x)
+    assert result.exits_match and result.files == ["exit-0.onnx", "exit-1.onnx"]
+    logits, taken = load_runner(tmp_path).run(x.numpy())
+    with torch.no_grad():
+        ref, ref_taken = em.infer(x)
+    assert taken.tolist() == ref_taken.tolist()
+    assert 0 < int((ref_taken == 0).sum()) < 32  # some leave early, some do not
+    assert abs(logits - ref.numpy()).max() < 1e-4
+
+
+def test_static_under_export():
+    from edgeslim.profiling import profile
+
+    model = zoo.create("lenet5")
+    em = add_exits_(model, Exits(after=["conv1"]))
+    set_thresholds(em, [0.0])
+    assert (
+        profile(em, torch.randn(1, 1, 28, 28)).macs
+        == profile(model, torch.zeros(1, 1, 28, 28)).macs
+    )
+
+
+def test_errors():
+    model = zoo.create("lenet5")
+    with pytest.raises(ConfigError, match="no module 'nope'"):
+        add_exits_(model, Exits(after=["nope"]))
+    with pytest.raises(ConfigError, match="order"):
+        add_exits_(model, Exits(after=["conv2", "conv1"]))
+    with pytest.raises(ConfigError, match="after"):
+        Exits(after=[])
+    with pytest.raises(ConfigError, match="cross"):
+        add_exits_(zoo.create("mobilenetv2"), Exits(after=["blocks.2.block.0"]))
+    em = add_exits_(model, Exits(after=["conv1", "conv2"]))
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        set_thresholds(em, [1.5, None])
+    with pytest.raises(ConfigError, match="2 early exits"):
+        set_thresholds(em, [0.5])
+    em.criterion = "entropy"
+    with pytest.raises(ConfigError, match=">= 0"):
+        set_thresholds(em, [-0.1, None])
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExitCalibration(max_loss=0.01, budget=0.5)
+    with pytest.raises(ConfigError, match="weights"):
+        train_exits(em, None, ExitTraining(weights=[1.0]))  # type: ignore[arg-type]
+    with pytest.raises(ShapeError):
+        add_exits_(zoo.create("lenet5"), Exits(after=["fc1"]), example=torch.zeros(1, 5))
+    assert issubclass(ConfigError, EdgeslimError)
