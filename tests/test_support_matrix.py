@@ -31,8 +31,7 @@ FAST = [
     ("hf-vit", "magnitude", "ok"),
     ("hf-resnet", "int8->C", "refused"),  # torch.fx cannot trace it: named, with a way out
     ("hf-bert", "magnitude", "ok"),
-    # the .slim graph reader refuses a transformers ModelOutput pytree (no code from files)
-    ("hf-gpt2", "kmeans+pack", "refused"),
+    ("hf-gpt2", "kmeans+pack", "ok"),  # a ModelOutput pytree in the .slim graph
     ("hf-opt", "wanda", "ok"),  # a tokenizer's dict as calib= (issue 13 point 2)
 ]
 

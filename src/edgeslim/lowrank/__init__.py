@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import iter_batches
 from edgeslim.core.linear import skip_tied
 from edgeslim.core.registry import Registry
 from edgeslim.core.selection import FilterFn, matches
@@ -74,12 +75,16 @@ def candidates(
     return skip_tied(found, model, "low-rank")
 
 
-def probe_input(model: nn.Module, calib: Any) -> torch.Tensor:
-    """One input to trace layer shapes: the first calibration input, or the model's own."""
-    if isinstance(calib, torch.Tensor):
-        return calib[:1]
+def probe_input(model: nn.Module, calib: Any) -> Any:
+    """One input to trace layer shapes: the first calibration input (a tensor, or keyword
+    inputs), or the model's own."""
     if calib is not None:
-        return next(iter(calib))[:1]
+        batch = next(iter_batches(calib))
+        if isinstance(batch, dict):
+            return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if isinstance(batch, tuple):
+            return batch[0][:1]
+        return batch[:1]
     from edgeslim.core.models.io import example_input
 
     try:

@@ -180,7 +180,8 @@ def geometries(
             positions = output.numel() // output.shape[-1]
             found[name] = Geometry(positions, positions)
 
-    run_calibration(model, probe[:1], layers, see)
+    one = probe[:1] if isinstance(probe, torch.Tensor) else probe  # a dict: keyword inputs
+    run_calibration(model, [one], layers, see)
     check_all_ran(layers, found, model)
     return found
 

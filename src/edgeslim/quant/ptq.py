@@ -387,9 +387,13 @@ def _prepare_modules(
     embeddings = []
     if cfg.embeddings:
         for name, mod in modules.items():
-            if isinstance(mod, nn.Embedding) and not matches(name, cfg.exclude):
-                _replace_module(model, name, QuantEmbedding(mod))
-                embeddings.append(name)
+            if not isinstance(mod, nn.Embedding) or matches(name, cfg.exclude):
+                continue
+            if type(mod).forward is not nn.Embedding.forward:  # e.g. OPT's positions
+                skipped[name] = "embedding with its own forward (left float)"
+                continue
+            _replace_module(model, name, QuantEmbedding(mod))
+            embeddings.append(name)
     info = {"graph": "module", "folded_bn": folded, "embeddings": embeddings}
     return model, {**info, "quantized": chosen, "float_layers": skipped}
 

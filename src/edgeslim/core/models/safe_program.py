@@ -273,7 +273,7 @@ def check_treespec(text: object, where: str) -> None:
             raise _refuse(where, "pytree spec has more than 100,000 nodes")
         if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
             raise _refuse(where, "pytree spec node is not {type, context, children_spec}")
-        if node["type"] not in _TREESPEC_TYPES:
+        if node["type"] not in _TREESPEC_TYPES and not _is_model_output(node["type"]):
             raise _refuse(where, f"pytree node type {str(node['type'])[:80]!r} is not allowed")
         context = node["context"]
         if context is not None:
@@ -285,6 +285,24 @@ def check_treespec(text: object, where: str) -> None:
         if not isinstance(node["children_spec"], list):
             raise _refuse(where, "pytree children_spec is not a list")
         stack.extend(node["children_spec"])
+
+
+_MODEL_OUTPUT = re.compile(r"transformers\.modeling_outputs\.[A-Z][A-Za-z0-9]{0,80}")
+
+
+def _is_model_output(name: object) -> bool:
+    """A transformers output class (``CausalLMOutputWithPast`` ...): a dataclass of tensors
+    that transformers registers as a pytree node. Checked by looking the name up in that one
+    fixed module, never by importing a module the file names."""
+    if not isinstance(name, str) or not _MODEL_OUTPUT.fullmatch(name):
+        return False
+    try:
+        from transformers import modeling_outputs
+        from transformers.utils import ModelOutput
+    except ImportError:
+        return False
+    cls = getattr(modeling_outputs, name.rsplit(".", 1)[1], None)
+    return isinstance(cls, type) and issubclass(cls, ModelOutput)
 
 
 def _walk(value: object) -> Iterator[object]:
