@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
@@ -50,11 +50,17 @@ Criterion = Literal["maxprob", "entropy"]
 class Exits(Options):
     """Where to attach early exits and what their heads look like."""
 
-    after: list[str] = Field(..., min_length=1, description="module names, in forward order")
+    after: list[str] = Field(default_factory=list, description="module names, in forward order")
     hidden: int = Field(64, ge=1, description="hidden units of each head")
     pool: int = Field(4, ge=1, description="features are max-pooled to about pool x pool")
     conv: int = Field(0, ge=0, description="channels of a 3x3 conv after the pool (0: none)")
     criterion: Criterion = Field("maxprob", description="confidence: max softmax or -entropy")
+
+    @model_validator(mode="after")
+    def _some_exit(self) -> Exits:
+        if not self.after:
+            raise ValueError("'after' must name at least one module to attach an exit after")
+        return self
 
 
 class ExitTraining(Options):

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
@@ -46,10 +46,18 @@ DERIVED: dict[str, tuple[Target, int | None]] = {
 class Heads(Options):
     """Where the trunk ends and which tasks get a head."""
 
-    after: str = Field(..., description="the last module of the shared trunk")
+    after: str = Field("", description="the last module of the shared trunk")
     tasks: dict[str, Literal["label", "parity", "gt4"]] = Field(
-        ..., min_length=1, description="task name -> how its labels derive from the data's"
+        default_factory=dict, description="task name -> how its labels derive from the data's"
     )
+
+    @model_validator(mode="after")
+    def _required(self) -> Heads:
+        if not self.after:
+            raise ValueError("'after' must name the last module of the shared trunk")
+        if not self.tasks:
+            raise ValueError("'tasks' must name at least one task")
+        return self
 
 
 class MultiHead(nn.Module):
