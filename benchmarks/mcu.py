@@ -52,7 +52,7 @@ from edgeslim import load_data, zoo
 from edgeslim.core.models.kws import ds_cnn
 from edgeslim.core.timing import median_ms
 from edgeslim.export import int8, tflite
-from edgeslim.export.c import arm, codegen, compress, packed_scratch, planner
+from edgeslim.export.c import arm, codegen, compress, hostbuild, packed_scratch, planner
 from edgeslim.export.int8 import ir, reference
 from edgeslim.profiling.devices import load_device
 
@@ -101,14 +101,14 @@ def measure(name: str, model) -> dict:
     arena = tflite.tflm_arena(data)
     same = tflite.tflm_arena(tflite.serialize(same_padding_variant(graph)))
     sources = codegen.generate(graph, plain)
-    sizes = codegen.object_size(sources)
+    sizes = hostbuild.object_size(sources)
     expected = reference.run_batch(graph, q)
-    with codegen.Build(sources) as build:
+    with hostbuild.Build(sources) as build:
         exact_c = np.array_equal(build.run(q, graph[graph.output].size), expected)
-    with codegen.Build(codegen.generate(graph, patched)) as build:
+    with hostbuild.Build(codegen.generate(graph, patched)) as build:
         exact_c &= np.array_equal(build.run(q, graph[graph.output].size), expected)
     exact_tflm = np.array_equal(tflite.run_tflm(graph, data, q), expected)
-    with codegen.Build(sources, sanitize=False) as build:
+    with hostbuild.Build(sources, sanitize=False) as build:
         ours_us = build.time_us(q[:1], REPEATS)
     return {
         "name": name,
@@ -139,7 +139,7 @@ def arm_measure(graph: ir.Graph, packed: dict, q: np.ndarray, opt: str = "-Os") 
     plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
     sources = codegen.generate(graph, plan, packed)
     expected = reference.run_batch(graph, q)
-    with codegen.Build(sources) as build:
+    with hostbuild.Build(sources) as build:
         host = build.run(q, graph[graph.output].size)
     built = arm.build(graph, sources, "cortex-m4", q, opt=opt)  # raises unless bit-exact
     return {
@@ -295,7 +295,7 @@ def main() -> int:
         arm_ok = arm_tables(console, dc, nets)
     if args.arm_only:
         return 0 if arm_ok else 1
-    if not tflite.tflm_available() or codegen.compiler() is None:
+    if not tflite.tflm_available() or hostbuild.compiler() is None:
         print("needs tflite-micro (pip install 'edgeslim[mcu]') and gcc")
         return 2
     torch.manual_seed(0)

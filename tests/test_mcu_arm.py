@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import ExportError
-from edgeslim.export.c import arm, codegen, compress, export_c, plan_for
+from edgeslim.export.c import arm, codegen, compress, export_c, hostbuild, plan_for
 from edgeslim.export.int8 import reference
 from mcu_helpers import GraphBuilder
 
@@ -41,7 +41,7 @@ def test_arm_build_on_qemu_is_bit_exact_with_the_host_build_and_the_reference(co
     packed = compress.choose(g, {"c1": "codebook", "c2": "relative", "fc": "runs"})
     sources = codegen.generate(g, plan_for(g, packed=packed), packed)
     q = np.random.default_rng(1).integers(-128, 128, (4, 8, 8, 2)).astype(np.int8)
-    with codegen.Build(sources) as host:
+    with hostbuild.Build(sources) as host:
         host_out = host.run(q, 10)
     result = arm.build(g, sources, core, q)
     assert np.array_equal(result.run.outputs, host_out)

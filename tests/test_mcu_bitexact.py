@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from edgeslim.export import tflite
-from edgeslim.export.c import codegen, planner
+from edgeslim.export.c import codegen, hostbuild, planner
 from edgeslim.export.int8 import reference
 from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
 
-pytestmark = pytest.mark.skipif(codegen.compiler() is None, reason="needs a C compiler")
+pytestmark = pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
 
 
 def inputs(graph, model):
@@ -33,13 +33,13 @@ def test_reference_c_and_tflite_micro_agree_at_every_tensor(name):
         "patches": planner.plan_memory(graph, patch=planner.patch_plan(graph, stage, (2, 2))),
     }
     for label, plan in plans.items():
-        with codegen.Build(codegen.generate(graph, plan), trace=True) as build:
+        with hostbuild.Build(codegen.generate(graph, plan), trace=True) as build:
             out, trace = build.run(q, graph[graph.output].size, trace=True)
         per_input = len(trace) // len(q)
         for k in range(len(q)):
             assert np.array_equal(out[k], expected[k][graph.output].reshape(-1)), (label, k)
             records = trace[k * per_input : (k + 1) * per_input]
-            assert codegen.check_trace(graph, expected[k], records) == [], (label, k)
+            assert hostbuild.check_trace(graph, expected[k], records) == [], (label, k)
     if not tflite.tflm_available():
         pytest.skip("tflite-micro is not installed: TFLite Micro not compared")
     data = tflite.serialize(graph)
@@ -57,9 +57,9 @@ def test_a_wrong_kernel_is_caught_at_the_tensor_where_it_goes_wrong():
     good = "static const pool_params_t OP3 = {0, 8, 8, 50, 2, 2, 2, 2, 0, 0, -128, 127};"
     assert good in sources["model.c"]
     sources["model.c"] = sources["model.c"].replace(good, good.replace("127}", "0}"))
-    with codegen.Build(sources, trace=True) as build:
+    with hostbuild.Build(sources, trace=True) as build:
         _, trace = build.run(q, 10, trace=True)
-    problems = codegen.check_trace(graph, expected, trace)
+    problems = hostbuild.check_trace(graph, expected, trace)
     assert problems and problems[0].startswith("op 3 (Pool2D")
 
 
@@ -98,11 +98,11 @@ def test_every_op_kind_agrees_at_every_tensor():
     assert {"Concat", "Requantize", "Softmax", "Pool2D", "Add"} <= kinds
     q = reference.quantize_input(graph, mnist_images((1, 28, 28), 4, "test").numpy())
     expected = [reference.run(graph, x[None]) for x in q]
-    with codegen.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
+    with hostbuild.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
         _, trace = b.run(q, graph[graph.output].size, trace=True)
     n = len(trace) // len(q)
     for k in range(len(q)):
-        assert codegen.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
+        assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
     if not tflite.tflm_available():
         pytest.skip("tflite-micro is not installed: C checked, TFLite Micro not compared")
     _, tensors = tflite.run_tflm(graph, tflite.serialize(graph), q, every_tensor=True)

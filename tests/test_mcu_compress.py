@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import ExportError
-from edgeslim.export.c import codegen, compress, export_c, plan_for
+from edgeslim.export.c import codegen, compress, export_c, hostbuild, plan_for
 from edgeslim.export.int8 import reference
 from mcu_helpers import GraphBuilder
 
-pytestmark = pytest.mark.skipif(codegen.compiler() is None, reason="no C compiler (gcc)")
+pytestmark = pytest.mark.skipif(hostbuild.compiler() is None, reason="no C compiler (gcc)")
 
 FORMATS = ("codebook", "relative", "runs")
 
@@ -44,11 +44,11 @@ def _check(graph, packed, n=3, seed=0):
     rng = np.random.default_rng(seed)
     q = rng.integers(-128, 128, (n, *graph[graph.input].shape[1:])).astype(np.int8)
     expected = reference.run_batch(graph, q)
-    with codegen.Build(sources, trace=True) as build:
+    with hostbuild.Build(sources, trace=True) as build:
         got = build.run(q, graph[graph.output].size)
         _, records = build.run(q[:1], graph[graph.output].size, trace=True)
     assert np.array_equal(got, expected.reshape(got.shape))
-    assert codegen.check_trace(graph, reference.run(graph, q[:1]), records) == []
+    assert hostbuild.check_trace(graph, reference.run(graph, q[:1]), records) == []
     return sources
 
 

@@ -15,12 +15,12 @@ import torch
 from edgeslim import export_c, export_tflite, load_device, zoo
 from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.export import tflite
-from edgeslim.export.c import codegen, planner
+from edgeslim.export.c import codegen, hostbuild, planner
 from edgeslim.export.int8 import build, fuse, ir, qparams, reference, trace
 from mcu_helpers import mnist_images, model_and_graph
 
 GOLDEN = Path(__file__).parent / "golden" / "lenet5"
-needs_cc = pytest.mark.skipif(codegen.compiler() is None, reason="needs a C compiler")
+needs_cc = pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
 needs_tflm = pytest.mark.skipif(not tflite.tflm_available(), reason="needs tflite-micro")
 
 

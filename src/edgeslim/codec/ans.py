@@ -18,14 +18,7 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
-from edgeslim.codec.symbols import (
-    check_symbols,
-    histogram,
-    read_table,
-    read_varints,
-    write_table,
-    write_varints,
-)
+from edgeslim.codec import symbols as sym
 from edgeslim.core.errors import ContainerError
 
 _EXACT_COUNTS_BELOW = 1 << 16
@@ -47,12 +40,12 @@ def frequencies(counts: np.ndarray) -> np.ndarray:
 
 def encode(symbols: np.ndarray, alphabet: int) -> bytes:
     """ANS-code ``symbols`` (ints in ``[0, alphabet)``) into a self-describing stream."""
-    s = check_symbols(symbols, alphabet)
+    s = sym.check_symbols(symbols, alphabet)
     if s.size == 0:
         raise ValueError("cannot code an empty symbol stream")
-    present, counts = histogram(s, alphabet)
+    present, counts = sym.histogram(s, alphabet)
     freqs = frequencies(counts)
-    table = write_table(present) + write_varints(freqs)
+    table = sym.write_table(present) + sym.write_varints(freqs)
     if present.size == 1:
         return table
     rank = np.zeros(alphabet, dtype=np.int32)
@@ -65,8 +58,8 @@ def encode(symbols: np.ndarray, alphabet: int) -> bytes:
 def _parse(buf: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Check a stream's header: ``(symbols, frequencies, payload offset)``."""
     what = "ans stream"
-    symbols, pos = read_table(buf, alphabet, what)
-    freqs, pos = read_varints(buf, pos, symbols.size, what)
+    symbols, pos = sym.read_table(buf, alphabet, what)
+    freqs, pos = sym.read_varints(buf, pos, symbols.size, what)
     if int(freqs.min()) < 1 or int(freqs.max()) >= 1 << 32:
         raise ContainerError(f"{what}: frequencies must be in [1, 2**32)")
     return symbols, freqs.astype(np.int64), pos

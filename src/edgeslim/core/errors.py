@@ -38,6 +38,12 @@ class CalibrationError(DataError, TypeError):
 class ShapeError(EdgeslimError, ValueError):
     """An input tensor does not have the shape the model expects."""
 
+    @classmethod
+    def from_torch(cls, what: str, exc: BaseException) -> ShapeError:
+        """``what``, followed by the first line of torch's own message (the useful one)."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return cls(f"{what}: {first}")
+
 
 class CheckpointError(EdgeslimError):
     """A saved stage or model file is missing, truncated or corrupt."""

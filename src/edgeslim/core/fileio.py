@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from edgeslim.core.errors import CheckpointError
 
@@ -117,3 +118,22 @@ def strict_json_loads(data: str | bytes, where: str) -> object:
     except (ValueError, RecursionError, MemoryError, TypeError) as exc:
         # JSONDecodeError, UnicodeDecodeError and _BadJson are ValueErrors
         raise CheckpointError(f"{where}: invalid JSON: {exc}") from exc
+
+
+_Scratch = TypeVar("_Scratch", bound="ScratchDir")
+
+
+class ScratchDir:
+    """A temporary working directory (``self.dir``) removed by :meth:`close` or ``with``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self: _Scratch) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -56,6 +56,15 @@ class Options(BaseModel):
     graded: ClassVar[bool] = False  # has a sparsity target that can be reached in steps (scaled)
     builds_graph: ClassVar[bool] = False  # may return a new module (graph mode), never in place
 
+    def require_one_of(self, *fields: str) -> None:
+        """Raise ValueError (a validator's error) unless exactly one of ``fields`` is set."""
+        given = [k for k in fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            quoted = [f"'{k}'" for k in fields]
+            choices = ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+            got = f" (got {', '.join(given)})" if given else ""
+            raise ValueError(f"give exactly one of {choices}{got}")
+
     def in_place(self) -> bool:
         """Whether the verb changes the model in place (else it builds a new module)."""
         return not self.builds_graph

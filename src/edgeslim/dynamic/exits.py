@@ -252,11 +252,8 @@ def add_exits_(model: nn.Module, cfg: Exits, *, example: torch.Tensor | None = N
             try:
                 h = segment(h)
             except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ShapeError(
-                    f"add_exits_: segment {k} cannot run on the example of shape "
-                    f"{tuple(example.shape)}: {first}"
-                ) from exc
+                where = f"add_exits_: segment {k} cannot run on the example of shape"
+                raise ShapeError.from_torch(f"{where} {tuple(example.shape)}", exc) from exc
             feats.append(h)
     final = feats[-1]
     if final.dim() != 2:

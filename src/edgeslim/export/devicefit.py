@@ -27,7 +27,7 @@ from rich.table import Table
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.export import int8
-from edgeslim.export.c import codegen, planner
+from edgeslim.export.c import codegen, hostbuild, planner
 from edgeslim.export.int8 import ir
 
 
@@ -149,7 +149,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
     rows = []
     if use_arm:
         flash_source = f"model.o's text + rodata + data in the ARM link ({dev.core}, -Os)"
-    elif codegen.compiler() is not None:
+    elif hostbuild.compiler() is not None:
         flash_source = (
             "text + rodata of model.c compiled on this host (an estimate: "
             f"{arm.missing() or 'no ARM build for ' + dev.core})"
@@ -167,8 +167,8 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
             flash = built.flash
             if built.run is not None:
                 sram, instructions = built.sram, built.instructions
-        elif codegen.compiler() is not None:
-            sizes = codegen.object_size(sources)
+        elif hostbuild.compiler() is not None:
+            sizes = hostbuild.object_size(sources)
             flash = sizes["text"] + sizes["rodata"]
         else:
             flash = codegen.constant_bytes(graph, packed)

@@ -47,12 +47,7 @@ class RankTarget(Options):
 
     @model_validator(mode="after")
     def _one_target(self) -> RankTarget:
-        given = [k for k in ("rank", "energy", "macs") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'rank', 'energy' or 'macs'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+        self.require_one_of("rank", "energy", "macs")
         ranks = self.rank if isinstance(self.rank, dict) else {"*": self.rank or 1}
         for name, r in ranks.items():
             if r < 1:

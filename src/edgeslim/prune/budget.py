@@ -29,14 +29,10 @@ from edgeslim.prune.surgery import cut
 class BudgetOptions(PlanOptions, Protocol):
     """What the MAC-budget search reads from a :class:`~edgeslim.prune.ChannelPrune`."""
 
-    @property
-    def macs(self) -> float | None: ...
-    @property
-    def allocation(self) -> str: ...
-    @property
-    def fill(self) -> bool: ...
-    @property
-    def probe_ratios(self) -> list[float]: ...
+    macs: float | None
+    allocation: str
+    fill: bool
+    probe_ratios: list[float]
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

@@ -38,7 +38,8 @@ from edgeslim.prune.budget import ratios_for_macs
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
 from edgeslim.prune.plan import plan_groups
-from edgeslim.prune.surgery import apply_plans
+from edgeslim.prune.registry import REGISTRY
+from edgeslim.prune.surgery import apply_plans, replay_
 
 __all__ = ["ChannelPrune", "channel_prune_"]
 
@@ -76,12 +77,7 @@ class ChannelPrune(Options):
 
     @model_validator(mode="after")
     def _one_target(self) -> ChannelPrune:
-        given = [k for k in ("ratio", "layer_ratio", "macs") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'ratio', 'layer_ratio' or 'macs'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+        self.require_one_of("ratio", "layer_ratio", "macs")
         for name, r in (self.layer_ratio or {}).items():
             if not 0 <= r < 1:
                 raise ValueError(f"layer_ratio[{name!r}] = {r} must be in [0, 1)")
@@ -91,8 +87,8 @@ class ChannelPrune(Options):
 def channel_prune_(
     model: nn.Module,
     cfg: ChannelPrune,
-    filter_fn: FilterFn | None = None,
     *,
+    filter_fn: FilterFn | None = None,
     example: Any = None,
     data: DataSplits | None = None,
     calib: Any = None,
@@ -156,3 +152,12 @@ def channel_prune_(
         "removed": {p.group: len(p.remove) / p.channels for p in done},
         "cut": [asdict(p) for p in done],  # what a resumed run replays (replay_)
     }
+
+
+def replay_channels_(model: nn.Module, cfg: ChannelPrune, log: dict, example: Any) -> nn.Module:
+    """Cut the channels a ``ChannelPrune`` log records (its ``cut`` plans) again."""
+    replay_(model, example, log.get("cut", []))
+    return model
+
+
+REGISTRY.register("channel", ChannelPrune, channel_prune_, replay=replay_channels_)

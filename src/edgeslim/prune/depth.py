@@ -45,6 +45,7 @@ from edgeslim.core.selection import FilterFn, matches
 from edgeslim.profiling.latency import measure_latency_ms
 from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
+from edgeslim.prune.registry import REGISTRY
 
 
 class DepthPrune(Options):
@@ -69,12 +70,7 @@ class DepthPrune(Options):
 
     @model_validator(mode="after")
     def _one_target(self) -> DepthPrune:
-        given = [k for k in ("blocks", "macs", "names") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of 'blocks', 'macs' or 'names'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+        self.require_one_of("blocks", "macs", "names")
         if self.names is not None and not self.names:
             raise ValueError("'names' is empty: name at least one block")
         return self
@@ -257,8 +253,8 @@ def choose_blocks(model: nn.Module, x: torch.Tensor, cfg: DepthPrune) -> list[st
 def depth_prune_(
     model: nn.Module,
     cfg: DepthPrune,
-    filter_fn: FilterFn | None = None,
     *,
+    filter_fn: FilterFn | None = None,
     example: torch.Tensor | None = None,
     data: DataSplits | None = None,
     calib: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
@@ -289,3 +285,12 @@ def depth_prune_(
     names = choose_blocks(model, x[: cfg.samples], cfg)
     replay_depth_(model, names)
     return dict.fromkeys(names, 1.0)
+
+
+def replay_blocks_(model: nn.Module, cfg: DepthPrune, log: dict, example: Any) -> nn.Module:
+    """Remove the residual blocks a ``DepthPrune`` log names again."""
+    replay_depth_(model, list(log))
+    return model
+
+
+REGISTRY.register("depth", DepthPrune, depth_prune_, replay=replay_blocks_)

@@ -37,10 +37,8 @@ class UnsupportedOpError(EdgeslimError):
 class GroupOptions(Protocol):
     """What finding groups reads from a :class:`~edgeslim.prune.ChannelPrune`."""
 
-    @property
-    def ignore(self) -> list[str]: ...
-    @property
-    def on_unsupported(self) -> str: ...
+    ignore: list[str]
+    on_unsupported: str
 
 
 @dataclass

@@ -27,6 +27,7 @@ from edgeslim.core.linear import is_linear, skip_tied
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
+from edgeslim.prune.registry import REGISTRY
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -206,7 +207,7 @@ def apply_new_masks_(
 
 
 def magnitude_prune_(
-    model: nn.Module, cfg: MagnitudePrune, filter_fn: FilterFn | None = None
+    model: nn.Module, cfg: MagnitudePrune, *, filter_fn: FilterFn | None = None
 ) -> dict[str, float]:
     """Prune ``model`` in place; returns each pruned layer's sparsity.
 
@@ -220,3 +221,6 @@ def magnitude_prune_(
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
     return apply_new_masks_(layers, magnitude_masks(cfg, layers))
+
+
+REGISTRY.register("magnitude", MagnitudePrune, magnitude_prune_)

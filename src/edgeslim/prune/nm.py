@@ -32,6 +32,7 @@ from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn
 from edgeslim.core.sparsity import _groups, _ungroup, nm_supported
 from edgeslim.prune.magnitude import apply_new_masks_, prunable_layers, target_layers
+from edgeslim.prune.registry import REGISTRY
 
 
 class NMPrune(Options):
@@ -71,8 +72,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def nm_prune_(
     model: nn.Module,
     cfg: NMPrune,
-    filter_fn: FilterFn | None = None,
     *,
+    filter_fn: FilterFn | None = None,
     data: DataSplits | None = None,
     calib: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -99,3 +100,6 @@ def nm_prune_(
         scores = {k: v.weight.detach().abs() for k, v in supported.items()}
     masks = {k: nm_mask(s, cfg.n, cfg.m) for k, s in scores.items()}
     return apply_new_masks_(supported, masks)
+
+
+REGISTRY.register("nm", NMPrune, nm_prune_)

@@ -54,10 +54,10 @@ from edgeslim.prune.magnitude import (
 )
 from edgeslim.prune.obs import (
     allocate_masks,
-    calibration_inputs,
-    layer_hessians,
+    layerwise_masks,
     layerwise_obd_scores,
 )
+from edgeslim.prune.registry import REGISTRY
 
 Calib = DataSplits | tuple[torch.Tensor, torch.Tensor]
 
@@ -229,8 +229,8 @@ def obd_scores(
 def obd_prune_(
     model: nn.Module,
     cfg: OBDPrune,
-    filter_fn: FilterFn | None = None,
     *,
+    filter_fn: FilterFn | None = None,
     data: DataSplits | None = None,
     calib: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -271,17 +271,9 @@ def _layerwise_obd_(
     data: DataSplits | torch.Tensor | tuple[torch.Tensor, ...] | None,
 ) -> dict[str, float]:
     """OBD on each layer's output error: saliency w_ij^2 H_jj / 2, H = 2 E[x x^T]."""
-    x = calibration_inputs(data, cfg.samples, cfg.seed)
-    hessians = layer_hessians(model, layers, x, cfg.batch_size)
-    scores = layerwise_obd_scores(layers, hessians)
-    split = cfg.split
-    assert split != "global"  # rejected by the validator
-    masks = allocate_masks(
-        layers,
-        scores,
-        hessians,
-        sparsity=cfg.sparsity,
-        layer_sparsity=cfg.layer_sparsity,
-        allocation=split,
-    )
+    assert cfg.split != "global"  # rejected by the validator
+    _, masks = layerwise_masks(model, layers, cfg, data, layerwise_obd_scores, cfg.split)
     return apply_new_masks_(layers, masks)
+
+
+REGISTRY.register("obd", OBDPrune, obd_prune_)

@@ -39,7 +39,8 @@ Scoring, choosing how much (:func:`allocate_masks`) and the update are separate 
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ from edgeslim.prune.magnitude import (
     prunable_layers,
     target_layers,
 )
+from edgeslim.prune.registry import REGISTRY
 
 Allocation = Literal["magnitude", "normalized"]
 
@@ -221,6 +223,29 @@ def allocate_masks(
     return {n: _keep_smallest_removed(scores[n], counts[n]) for n in scores}
 
 
+def layerwise_masks(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    cfg: SparsityTarget,
+    calib: Any,
+    score: Callable[[dict[str, nn.Module], dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    allocation: Allocation,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layer-wise Hessians on ``cfg.samples`` calibration inputs, and the keep-masks of
+    ``score(layers, hessians)`` at ``cfg``'s sparsity (OBD's and OBS's shared first half)."""
+    x = calibration_inputs(calib, cfg.samples, cfg.seed)
+    hessians = layer_hessians(model, layers, x, cfg.batch_size)
+    masks = allocate_masks(
+        layers,
+        score(layers, hessians),
+        hessians,
+        sparsity=cfg.sparsity,
+        layer_sparsity=cfg.layer_sparsity,
+        allocation=allocation,
+    )
+    return hessians, masks
+
+
 # --------------------------------------------------------------------------------------
 # the update: re-fit each row on its kept weights
 # --------------------------------------------------------------------------------------
@@ -250,8 +275,8 @@ def obs_update(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Te
 def obs_prune_(
     model: nn.Module,
     cfg: OBSPrune,
-    filter_fn: FilterFn | None = None,
     *,
+    filter_fn: FilterFn | None = None,
     data: DataSplits | None = None,
     calib: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> dict[str, float]:
@@ -263,16 +288,13 @@ def obs_prune_(
     layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
-    x = calibration_inputs(calib if calib is not None else data, cfg.samples, cfg.seed)
-    hessians = layer_hessians(model, layers, x, cfg.batch_size)
-    scores = obs_scores(layers, hessians, cfg.percdamp)
-    masks = allocate_masks(
+    hessians, masks = layerwise_masks(
+        model,
         layers,
-        scores,
-        hessians,
-        sparsity=cfg.sparsity,
-        layer_sparsity=cfg.layer_sparsity,
-        allocation=cfg.allocation,
+        cfg,
+        calib if calib is not None else data,
+        lambda layers, hessians: obs_scores(layers, hessians, cfg.percdamp),
+        cfg.allocation,
     )
     for name, keep in masks.items():
         module = layers[name]
@@ -283,3 +305,6 @@ def obs_prune_(
         with torch.no_grad():
             module.weight.copy_(w.reshape(module.weight.shape).to(module.weight.dtype))
     return apply_new_masks_(layers, masks)
+
+
+REGISTRY.register("obs", OBSPrune, obs_prune_)

@@ -20,18 +20,12 @@ from edgeslim.prune.importance import Importance, scorer
 class PlanOptions(GroupOptions, Protocol):
     """What planning reads from a :class:`~edgeslim.prune.ChannelPrune`."""
 
-    @property
-    def ratio(self) -> float | None: ...
-    @property
-    def layer_ratio(self) -> dict[str, float] | None: ...
-    @property
-    def heads(self) -> float | None: ...
-    @property
-    def importance(self) -> Importance: ...
-    @property
-    def round_to(self) -> int: ...
-    @property
-    def max_ratio(self) -> float: ...
+    ratio: float | None
+    layer_ratio: dict[str, float] | None
+    heads: float | None
+    importance: Importance
+    round_to: int
+    max_ratio: float
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import set_weight_matrix_, weight_matrix
+from edgeslim.oneshot.engine import one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
+from edgeslim.prune.registry import REGISTRY
 from edgeslim.prune.wanda import OneShotPruneConfig, apply_keep_
 
 
@@ -124,3 +126,5 @@ class SparseGPTAlgorithm(OneShotAlgorithm):
 
 
 register(SparseGPT, SparseGPTAlgorithm)
+
+REGISTRY.register("sparsegpt", SparseGPT, one_shot_)

@@ -26,8 +26,10 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import to_param_layout, weight_matrix
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
+from edgeslim.oneshot.engine import one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import InputNorms
+from edgeslim.prune.registry import REGISTRY
 
 
 class OneShotPruneConfig(Options):
@@ -145,3 +147,5 @@ class WandaAlgorithm(OneShotAlgorithm):
 
 
 register(Wanda, WandaAlgorithm)
+
+REGISTRY.register("wanda", Wanda, one_shot_)

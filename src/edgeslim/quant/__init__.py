@@ -12,20 +12,15 @@ picks the config class registered under ``NAME``.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
-from edgeslim.core.registry import Registry
 from edgeslim.core.selection import FilterFn
+from edgeslim.quant.registry import METHODS, REGISTRY
 
-REGISTRY = Registry("quantize")
-METHODS = REGISTRY.methods  # recipe name -> config class
 register = REGISTRY.register
 accepted = REGISTRY.accepted
 
@@ -75,40 +70,13 @@ def quantize_(
     return dict(getattr(model, "quant_info", {}))
 
 
-from edgeslim.oneshot.engine import one_shot_  # noqa: E402
-from edgeslim.quant.fixedpoint import DynamicFixedPoint, dynamic_fixed_point_  # noqa: E402
-from edgeslim.quant.gptq import GPTQ, RTN, rtn_quantize_  # noqa: E402
-from edgeslim.quant.mixed import MixedPrecision, mixed_precision_  # noqa: E402
-from edgeslim.quant.ptq import Int8PTQ, LayerQParams, int8_ptq_, layer_qparams  # noqa: E402
-from edgeslim.quant.qat import LSQ, QAT, qat_  # noqa: E402
+from edgeslim.quant.fixedpoint import DynamicFixedPoint  # noqa: E402
+from edgeslim.quant.gptq import GPTQ, RTN  # noqa: E402
+from edgeslim.quant.mixed import MixedPrecision  # noqa: E402
+from edgeslim.quant.ptq import Int8PTQ, LayerQParams, layer_qparams  # noqa: E402
+from edgeslim.quant.qat import LSQ, QAT  # noqa: E402
 from edgeslim.quant.smoothquant import SmoothQuant  # noqa: E402
-from edgeslim.quant.ternary import BWN, TTQ, TWN, lowbit_  # noqa: E402
-
-register("int8_ptq", Int8PTQ, int8_ptq_)
-register("qat", QAT, qat_)
-register("lsq", LSQ, qat_)
-register("mixed_precision", MixedPrecision, mixed_precision_)
-register("dynamic_fixed_point", DynamicFixedPoint, dynamic_fixed_point_)
-register("bwn", BWN, lowbit_)
-register("twn", TWN, lowbit_)
-register("ttq", TTQ, lowbit_)
-
-
-def _returning_model(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Adapt an in-place handler that returns a log: keep the log as ``model.quant_info``
-    (as every quantize_ handler does) and return the model."""
-
-    def run(model: nn.Module, cfg: BaseModel, **kwargs: Any) -> nn.Module:
-        model.quant_info = {"layers": handler(model, cfg, **kwargs)}
-        return model
-
-    run.__signature__ = inspect.signature(handler)  # Registry.call checks these keywords
-    return run
-
-
-register("gptq", GPTQ, _returning_model(one_shot_))
-register("rtn", RTN, _returning_model(rtn_quantize_))
-register("smoothquant", SmoothQuant, _returning_model(one_shot_))
+from edgeslim.quant.ternary import BWN, TTQ, TWN  # noqa: E402
 
 __all__ = [
     "BWN",

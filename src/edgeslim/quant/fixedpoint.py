@@ -33,6 +33,7 @@ from edgeslim.core.selection import FilterFn
 from edgeslim.quant import fake
 from edgeslim.quant.modules import ActQuant, QuantAvgPool, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, prepare
+from edgeslim.quant.registry import REGISTRY
 
 FL_RANGE = range(-8, 25)  # candidate fractional lengths
 
@@ -177,3 +178,6 @@ def _set_fixed(q: ActQuant, fl: int) -> None:
     with torch.no_grad():
         q.scale.fill_(2.0 ** (-fl))
         q.zero_point.zero_()
+
+
+REGISTRY.register("dynamic_fixed_point", DynamicFixedPoint, dynamic_fixed_point_)

@@ -41,8 +41,10 @@ from edgeslim.core.models.quantstate import QuantizedWeight, attach_quantized_
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, layer_filter
 from edgeslim.oneshot.blocks import find_blocks
+from edgeslim.oneshot.engine import one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
+from edgeslim.quant.registry import REGISTRY, returning_model
 
 
 class RTN(Options):
@@ -270,3 +272,6 @@ __all__ = [
     "rtn_quantize",
     "rtn_quantize_",
 ]
+
+REGISTRY.register("gptq", GPTQ, returning_model(one_shot_))
+REGISTRY.register("rtn", RTN, returning_model(rtn_quantize_))

@@ -47,6 +47,7 @@ from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn
 from edgeslim.quant.modules import WeightQuant, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, int8_ptq_, prepare
+from edgeslim.quant.registry import REGISTRY
 
 
 class MixedPrecision(Options):
@@ -291,3 +292,6 @@ def mixed_precision_(
         selection={"candidates": len(measured), "distance": distance, "uniform": uniform},
     )
     return qmodel
+
+
+REGISTRY.register("mixed_precision", MixedPrecision, mixed_precision_)

@@ -41,6 +41,13 @@ def _qd():
     return torch.ops.quantized_decomposed
 
 
+def make_learnable_(module: nn.Module, name: str) -> None:
+    """Turn ``module``'s buffer ``name`` into an ``nn.Parameter`` holding the same value."""
+    value = getattr(module, name).detach().clone()
+    delattr(module, name)
+    setattr(module, name, nn.Parameter(value))
+
+
 class QuantModule(nn.Module):
     """Base class: a mode flag shared by every quantized module."""
 
@@ -122,9 +129,7 @@ class ActQuant(QuantModule):
     def enable_lsq(self) -> None:
         """Make ``scale`` a learnable parameter (LSQ); its value is kept."""
         if not self.lsq:
-            value = self.scale.detach().clone()
-            del self.scale
-            self.scale = nn.Parameter(value)
+            make_learnable_(self, "scale")
             self.lsq = True
 
     def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +220,14 @@ class _QuantLayer(QuantModule):
     weight: nn.Parameter
     bias: nn.Parameter | None
 
+    def _init_from(self, layer: nn.Module, wq: WeightQuant, input_quant: ActQuant) -> None:
+        """Copy the float ``layer``'s weight and bias, then set up the quantizers."""
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        self._init_quant(wq, input_quant)
+
     def _init_quant(self, wq: WeightQuant, input_quant: ActQuant) -> None:
         self.weight_quant = wq
         self.input_quant = input_quant
@@ -257,9 +270,7 @@ class _QuantLayer(QuantModule):
     def enable_lsq(self) -> None:
         """Make ``weight_scale`` a learnable parameter (LSQ)."""
         if not self.lsq:
-            value = self.weight_scale.detach().clone()
-            del self.weight_scale
-            self.weight_scale = nn.Parameter(value)
+            make_learnable_(self, "weight_scale")
             self.lsq = True
 
     def weight_int(self) -> torch.Tensor:
@@ -405,11 +416,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
             conv.bias is not None,
             conv.padding_mode,
         )
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-        new._init_quant(wq, input_quant)
+        new._init_from(conv, wq, input_quant)
         return new
 
     def _apply(self, x, w, b):
@@ -425,11 +432,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, wq: WeightQuant, input_quant: ActQuant) -> QuantLinear:
         new = cls(lin.in_features, lin.out_features, lin.bias is not None)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias)
-        new._init_quant(wq, input_quant)
+        new._init_from(lin, wq, input_quant)
         return new
 
     def _apply(self, x, w, b):
@@ -487,15 +490,7 @@ class QuantAdd(QuantModule):
         (s1, _), (s2, _) = (q.export_qparams() for q in self.sources)
         so, _ = self.output_quant.export_qparams()
         p = spec.add_params(s1, s2, so)
-        values = [
-            p.left_shift,
-            p.input1_multiplier,
-            p.input1_shift,
-            p.input2_multiplier,
-            p.input2_shift,
-            p.output_multiplier,
-            p.output_shift,
-        ]
+        values = p.values()
         with torch.no_grad():
             self.add_params.copy_(torch.tensor(values, dtype=torch.int64))
 

@@ -71,6 +71,7 @@ from edgeslim.quant.modules import (
     set_mode,
 )
 from edgeslim.quant.observers import Observer
+from edgeslim.quant.registry import REGISTRY
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -508,3 +509,6 @@ def int8_ptq_(
     set_mode(qmodel, cfg.simulate)
     qmodel.quant_info = info
     return qmodel
+
+
+REGISTRY.register("int8_ptq", Int8PTQ, int8_ptq_)

@@ -26,6 +26,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.selection import FilterFn
 from edgeslim.quant.modules import ActQuant, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, int8_ptq_
+from edgeslim.quant.registry import REGISTRY
 
 
 class QAT(Int8PTQ):
@@ -127,3 +128,7 @@ def enable_lsq(model: nn.Module) -> int:
             m.enable_lsq()
             count += 1
     return count
+
+
+REGISTRY.register("qat", QAT, qat_)
+REGISTRY.register("lsq", LSQ, qat_)

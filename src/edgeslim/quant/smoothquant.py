@@ -33,8 +33,10 @@ from torch import nn
 from edgeslim.core.linear import set_weight_matrix_, weight_matrix
 from edgeslim.core.models.quantstate import QuantizedWeight, attach_act_quant_, attach_quantized_
 from edgeslim.core.options import Options
+from edgeslim.oneshot.engine import one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import InputAbsMax
+from edgeslim.quant.registry import REGISTRY, returning_model
 
 # Which norm feeds which linear layers, inside one pre-LN block. The norm's output must feed
 # nothing else: in a post-LN block (BERT) it is also the residual, so nothing is folded there.
@@ -174,3 +176,5 @@ class SmoothQuantAlgorithm(OneShotAlgorithm):
 
 
 register(SmoothQuant, SmoothQuantAlgorithm)
+
+REGISTRY.register("smoothquant", SmoothQuant, returning_model(one_shot_))

@@ -23,7 +23,7 @@ int32 range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -279,6 +279,10 @@ class AddParams:
     input2_shift: int
     output_multiplier: int
     output_shift: int
+
+    def values(self) -> list[int]:
+        """The fields in declaration order (the order of the C ``add_params_t`` struct)."""
+        return [int(getattr(self, f.name)) for f in fields(self)]
 
 
 ADD_LEFT_SHIFT = 20

@@ -32,6 +32,7 @@ from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn
 from edgeslim.quant.fold import _replace_module
 from edgeslim.quant.ptq import QUANTIZABLE, Int8PTQ, _select
+from edgeslim.quant.registry import REGISTRY
 
 Scheme = Literal["bwn", "twn", "ttq"]
 
@@ -245,3 +246,8 @@ def lowbit_(
         "history": history,
     }
     return model
+
+
+REGISTRY.register("bwn", BWN, lowbit_)
+REGISTRY.register("twn", TWN, lowbit_)
+REGISTRY.register("ttq", TTQ, lowbit_)

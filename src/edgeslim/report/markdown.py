@@ -31,11 +31,9 @@ ACCURACY_PLOT = "accuracy_vs_size.png"
 SPARSITY_PLOT = "layer_sparsity.png"
 BITS_PLOT = "layer_bits.png"
 COMPUTE_PLOT = "accuracy_vs_compute.png"
+# (key in a layer_rows() row, column header)
 LAYER_COLUMNS: list[tuple[str, str]] = [
-    ("layer", "layer"),
-    ("type", "type"),
-    ("params", "params"),
-    ("nonzero", "nonzero"),
+    *((key, key) for key in ("layer", "type", "params", "nonzero")),
     ("kept", "kept %"),
 ]
 _LEFT = {"stage", "format", "layer", "type"}

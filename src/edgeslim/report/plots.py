@@ -82,15 +82,20 @@ def plot_layer_sparsity(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.text(0.5, 0.5, "no per-layer data in metrics.jsonl", ha="center", va="center")
         ax.set_axis_off()
         return save_png(fig, Path(path))
-    width = 0.8 / len(stages)
-    for i, row in enumerate(stages):
-        xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(layers))]
-        ax.bar(xs, [_kept(row, name) for name in layers], width, label=stage_name(row))
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
     ax.set_ylim(0, 1.05)
     ax.yaxis.set_major_formatter(lambda y, _pos: f"{100 * y:.0f}%")
     ax.set_ylabel("weights kept (nonzero / params)")
     ax.set_title("per-layer density")
+    return _grouped_bars(fig, ax, stages, list(layers), _kept, path)
+
+
+def _grouped_bars(fig, ax, stages: list[dict], names: list[str], value, path) -> Path:
+    """One bar per (layer, stage) — ``value(row, layer)`` — grouped by layer; saved as PNG."""
+    width = 0.8 / len(stages)
+    for i, row in enumerate(stages):
+        xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [value(row, n) for n in names], width, label=stage_name(row))
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_png(fig, Path(path))
@@ -112,19 +117,13 @@ def plot_layer_bits(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     names = list(layers)
     fig = new_figure(max(6.0, 0.9 * len(names) + 2.5), 4.0)
     ax = fig.add_subplot()
-    width = 0.8 / len(stages)
-    for i, row in enumerate(stages):
-        xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(names))]
-        bits = [row["log"]["layer_bits"].get(n, 0) for n in names]
-        ax.bar(xs, bits, width, label=stage_name(row))
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(1, 9))
     ax.set_ylim(0, 8.5)
     ax.set_ylabel("weight bits")
     ax.set_title("per-layer weight bit width")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_png(fig, Path(path))
+    return _grouped_bars(
+        fig, ax, stages, names, lambda row, n: row["log"]["layer_bits"].get(n, 0), path
+    )
 
 
 def tradeoff_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

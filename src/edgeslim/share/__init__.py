@@ -8,17 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-
 from edgeslim.core.masks import iter_shared, remove_sharing_
-from edgeslim.core.registry import Registry
-from edgeslim.share.hashed import HashedConv2d, HashedLinear, HashShare, hash_share_
-from edgeslim.share.kmeans import KMeansShare, kmeans_share_
+from edgeslim.share.hashed import HashedConv2d, HashedLinear, HashShare
+from edgeslim.share.kmeans import KMeansShare
+from edgeslim.share.registry import METHODS, REGISTRY
 
-REGISTRY = Registry("share_")
-METHODS = REGISTRY.methods  # recipe name -> config class
 register = REGISTRY.register
 
 share_ = REGISTRY.verb(
@@ -28,17 +22,6 @@ share_ = REGISTRY.verb(
     """
 )
 
-
-def replay_hashing_(model: nn.Module, cfg: HashShare, log: Any, example: Any) -> nn.Module:
-    """Swap the hashed layers in again: their index and sign come from the same seeds (the
-    saved state is loaded next). k-means sharing changes no structure: its codes and
-    centroids come back with the state."""
-    share_(model, cfg)
-    return model
-
-
-register("kmeans", KMeansShare, kmeans_share_)
-register("hash", HashShare, hash_share_, replay=replay_hashing_)
 
 __all__ = [
     "METHODS",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from edgeslim.core.errors import ConfigError, ContainerError
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, select_layers
+from edgeslim.share.registry import REGISTRY
 
 _MASK64 = (1 << 64) - 1
 _INDEX_SALT, _SIGN_SALT = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
@@ -151,6 +153,13 @@ class _Hashed(nn.Module):
         self.buckets.copy_((sums / counts).to(self.buckets.dtype))
 
 
+def build_bytes_for(args: dict, numel: int, where: str) -> int:
+    """Bytes a hashed layer of ``numel`` virtual weights allocates: its buckets, the int64
+    index and float sign per virtual weight, and the hash's working memory."""
+    buckets = check_buckets(args.get("buckets"), numel, where)
+    return 4 * buckets + 12 * numel + HASH_TEMP_BYTES
+
+
 class HashedLinear(_Hashed):
     """A Linear layer whose ``(out, in)`` weight is hashed into ``buckets`` shared values."""
 
@@ -175,8 +184,7 @@ class HashedLinear(_Hashed):
         plus the hash's working memory. Refuses arguments that are not sane integers."""
         where = "HashedLinear"
         numel = _int_arg(args, "in_features", where) * _int_arg(args, "out_features", where)
-        buckets = check_buckets(args.get("buckets"), numel, where)
-        return 4 * buckets + 12 * numel + HASH_TEMP_BYTES
+        return build_bytes_for(args, numel, where)
 
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""
@@ -238,8 +246,7 @@ class HashedConv2d(_Hashed):
         groups = max(1, _int_arg(args, "groups", where, 1))
         per_out = _int_arg(args, "in_channels", where) // groups * kh * kw
         numel = _int_arg(args, "out_channels", where) * per_out
-        buckets = check_buckets(args.get("buckets"), numel, where)
-        return 4 * buckets + 12 * numel + HASH_TEMP_BYTES
+        return build_bytes_for(args, numel, where)
 
     def slim_args(self) -> dict:
         """Constructor arguments, recorded in ``.slim`` files."""
@@ -325,3 +332,14 @@ def hash_share_(
         model.set_submodule(name, new)
         log[name] = {"virtual": module.weight.numel(), "buckets": new.num_buckets}
     return log
+
+
+def replay_hashing_(model: nn.Module, cfg: HashShare, log: Any, example: Any) -> nn.Module:
+    """Swap the hashed layers in again: their index and sign come from the same seeds (the
+    saved state is loaded next). k-means sharing changes no structure: its codes and
+    centroids come back with the state."""
+    hash_share_(model, cfg)
+    return model
+
+
+REGISTRY.register("hash", HashShare, hash_share_, replay=replay_hashing_)

@@ -31,6 +31,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import set_shared_
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
+from edgeslim.share.registry import REGISTRY
 
 SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TYPE_KEYS = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear": (nn.Linear,)}
@@ -180,3 +181,6 @@ def kmeans_share_(
         if cfg.bias_bits is not None and module.bias is not None:
             log[f"{name}.bias"] = share_tensor_(module, "bias", cfg.bias_bits, cfg)
     return log
+
+
+REGISTRY.register("kmeans", KMeansShare, kmeans_share_)

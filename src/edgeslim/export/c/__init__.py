@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_write_text
-from edgeslim.export.c import codegen, compress, planner
+from edgeslim.export.c import codegen, compress, hostbuild, planner
 from edgeslim.export.int8 import ir, reference
 from edgeslim.export.int8.check import build_and_check_graph
 
@@ -159,7 +159,7 @@ def export_c(
     verified = []
     if verify:
         verified.append("PyTorch outputs within tolerance")
-        if codegen.compiler() is None:
+        if hostbuild.compiler() is None:
             warnings.warn("no C compiler: the generated C was not compiled", stacklevel=2)
         else:
             check_c(graph, sources, q)
@@ -181,7 +181,7 @@ def export_c(
 def check_c(graph: ir.Graph, sources: dict[str, str], q: np.ndarray) -> None:
     """Compile ``sources``, run them on ``q`` and raise unless they match the reference."""
     expected = reference.run_batch(graph, q)
-    with codegen.Build(sources) as build:
+    with hostbuild.Build(sources) as build:
         got = build.run(q, graph[graph.output].size)
     if not np.array_equal(got, expected.reshape(got.shape)):
         bad = int(np.sum(got != expected.reshape(got.shape)))

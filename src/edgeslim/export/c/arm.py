@@ -29,14 +29,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from importlib.resources import files
-from pathlib import Path
 
 import numpy as np
 
 from edgeslim.core.errors import ExportError
+from edgeslim.core.fileio import ScratchDir
+from edgeslim.export.c.codegen import template
 from edgeslim.export.int8 import ir, reference
 
 TOOLCHAIN = "arm-none-eabi-gcc"
@@ -103,10 +102,6 @@ def core_of(core: str) -> Core:
     if key not in CORES:
         raise ExportError(f"no ARM build for core {core!r}; supported: {', '.join(sorted(CORES))}")
     return CORES[key]
-
-
-def _template(name: str) -> str:
-    return (files("edgeslim.export.c") / "templates" / name).read_text(encoding="utf-8")
 
 
 @dataclass
@@ -197,7 +192,7 @@ def _map_sizes(text: str, obj: str) -> dict[str, int]:
     return sizes
 
 
-class Firmware:
+class Firmware(ScratchDir):
     """``model.c`` linked into test firmware for ``core`` in a temporary directory."""
 
     def __init__(self, sources: dict[str, str], core: str, opt: str = "-Os") -> None:
@@ -206,11 +201,11 @@ class Firmware:
             raise ExportError(f"cannot build for {core}: {missing()}")
         self.core = core_of(core)
         self.opt = opt
-        self.dir = Path(tempfile.mkdtemp(prefix="edgeslim-arm-"))
+        super().__init__(prefix="edgeslim-arm-")
         for name, text in sources.items():
             (self.dir / name).write_text(text, encoding="utf-8")
         for name in ("arm_harness.c", "arm_startup.c", "arm.ld"):
-            (self.dir / name).write_text(_template(name), encoding="utf-8")
+            (self.dir / name).write_text(template(name), encoding="utf-8")
         flags = [*self.core.flags, opt, *CFLAGS]
         objects = []
         for src in ("model.c", "arm_harness.c", "arm_startup.c"):
@@ -295,15 +290,6 @@ class Firmware:
             [int(s) for s in stats[1:, 1]],
             per_tick,
         )
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Firmware:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def build(
