@@ -71,7 +71,7 @@ def _check_input(model: nn.Module, x: torch.Tensor) -> None:
     one = x[:1]
     try:
         with torch.inference_mode():
-            model(to_device(one, model_device(model)))
+            _forward(model, to_device(one, model_device(model)))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         shape = tuple(one.shape[1:]) if isinstance(one, torch.Tensor) else type(one).__name__
