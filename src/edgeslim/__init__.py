@@ -31,6 +31,9 @@ _LAZY = {
     "save_model": "edgeslim.core.models.io",
     "load_data": "edgeslim.core.data.datasets",
     "DataSplits": "edgeslim.core.data.datasets",
+    "DatasetSplit": "edgeslim.core.data.datasets",
+    "Metric": "edgeslim.core.metrics",
+    "get_metric": "edgeslim.core.metrics",
     "fit": "edgeslim.core.train",
     "evaluate": "edgeslim.core.train",
     "finetune": "edgeslim.core.train",
@@ -160,6 +163,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
         unpack as unpack,
     )
     from edgeslim.core.data.datasets import (
+        DatasetSplit as DatasetSplit,
+    )
+    from edgeslim.core.data.datasets import (
         DataSplits as DataSplits,
     )
     from edgeslim.core.data.datasets import (
@@ -176,6 +182,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     )
     from edgeslim.core.data.transforms import (
         haar_split as haar_split,
+    )
+    from edgeslim.core.metrics import (
+        Metric as Metric,
+    )
+    from edgeslim.core.metrics import (
+        get_metric as get_metric,
     )
     from edgeslim.core.models import zoo as zoo
     from edgeslim.core.models.hf import (

@@ -13,6 +13,9 @@ from pathlib import Path
 from edgeslim.core.errors import EdgeslimError
 
 DEMO_RECIPES = ("deep_compression_lenet300", "deep_compression_lenet5")
+DATA_HELP = (
+    "dataset: mnist, npz:PATH, folder:DIR, py:module:factory, or a recipe YAML (its data block)"
+)
 
 
 def recipe_path(name: str) -> Path:
@@ -75,15 +78,35 @@ def cmd_profile(args: argparse.Namespace) -> None:
     Console().print(prof.table(title=f"profile of {args.model}"))
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def _load_data_arg(text: str):
+    """``--data``: a data source (mnist, npz:, folder:, py:), or a recipe YAML whose ``data``
+    block (source, image options, metric ...) is used."""
+    if text.endswith((".yaml", ".yml")):
+        from edgeslim.pipeline.recipe import Recipe
+        from edgeslim.pipeline.runner import load_recipe_data
+
+        cfg = Recipe.from_yaml(text).data
+        if cfg.is_text:
+            raise EdgeslimError(f"--data {text}: a text source needs its model; use compress")
+        return load_recipe_data(cfg.model_copy(update={"max_train": None}))
     from edgeslim.core.data.datasets import load_data
+
+    return load_data(text)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from edgeslim.core.data.transforms import apply_transform
+    from edgeslim.core.metrics import format_value, get_metric
     from edgeslim.core.models.io import load_model
     from edgeslim.core.train import evaluate
 
     model = load_model(args.model)
-    acc = evaluate(model, apply_transform(load_data(args.data), args.transform), args.split)
-    print(f"{args.split} accuracy of {args.model} on {args.data}: {100 * acc:.2f}%")
+    data = apply_transform(_load_data_arg(args.data), args.transform)
+    metric = get_metric(args.metric or data.metric)
+    reference = load_model(args.reference) if args.reference else None
+    value = evaluate(model, data, args.split, metric=metric, reference=reference)
+    shown = format_value(metric.name, value)
+    print(f"{args.split} {metric.title} of {args.model} on {args.data}: {shown}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -153,10 +176,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     model.eval()
     example = _example(model, args.input_shape, args.batch)
     if args.int8:
-        from edgeslim.core.data.datasets import load_data
         from edgeslim.quant import Int8PTQ, quantize
 
-        data = load_data(args.data)
+        data = _load_data_arg(args.data)
         cfg = Int8PTQ(calibration=args.calibration)
         model = quantize(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
     res = export_onnx(model, args.out, example, verify=not args.no_verify)
@@ -271,11 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("evaluate", help="top-1 accuracy of a model on a dataset split")
+    p = sub.add_parser("evaluate", help="a model's metric (top-1 accuracy ...) on a dataset split")
     p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
-    p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
+    p.add_argument("--data", default="mnist", help=DATA_HELP)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--transform", choices=("haar",), help="input transform the model expects")
+    p.add_argument(
+        "--metric",
+        help="top1 (default: the data's), top5, mse, cosine, perplexity or py:module:function",
+    )
+    p.add_argument("--reference", help="model source that --metric cosine compares with")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("pack", help="write a model as a compressed .slim file")
@@ -302,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="the .onnx file to write")
     q.add_argument("--int8", action="store_true", help="post-training int8 quantization first")
     q.add_argument("--calibration", default="mse", choices=("minmax", "percentile", "mse", "kl"))
-    q.add_argument("--data", default="mnist", help="calibration dataset: mnist or npz:PATH")
+    q.add_argument("--data", default="mnist", help=f"calibration {DATA_HELP}")
     q.add_argument("--calib-size", type=int, default=256, help="calibration inputs")
     q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
     q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import eval_mode, forward_hooks
 from edgeslim.core.options import Options
@@ -163,6 +164,10 @@ def distillation(
     same ``x`` and returns the loss in the module docstring. ``probe`` is a small input batch
     used once to size the adapters; ``hard_loss`` replaces cross-entropy for the label term.
     Hooks are removed and the teacher's training flags restored on exit.
+
+    Student and teacher may live on different devices: the teacher gets each batch on its
+    own device and its outputs (and hint features) come back to the student's; the adapters
+    are made on the student's device.
     """
     if teacher is student:
         raise ConfigError("distillation needs a separate teacher model (got the student itself)")
@@ -182,18 +187,19 @@ def distillation(
         forward_hooks(s_layers, keep(s_feat)),
         forward_hooks(t_layers, keep(t_feat)),
     ):
+        s_dev, t_dev = model_device(student), model_device(teacher)
         with torch.no_grad(), eval_mode(student):
-            student(probe)
-            teacher(probe)
+            student(to_device(probe, s_dev))
+            teacher(to_device(probe, t_dev))
         adapters = {
-            s: _adapter(s_feat[s].shape, t_feat[t].shape, f"{s} -> {t}")
+            s: _adapter(s_feat[s].shape, t_feat[t].shape, f"{s} -> {t}").to(s_dev)
             for s, t in cfg.hints.items()
         }
         trainee = Distilling(student, adapters)
 
         def loss_fn(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                t_out = teacher(x)
+                t_out = to_device(teacher(to_device(x, t_dev)), logits.device)
             if cfg.soft == "kl":
                 soft = soft_target_loss(logits, t_out, cfg.temperature)
             else:
@@ -204,7 +210,8 @@ def distillation(
                 loss = loss + (1 - cfg.alpha) * hard
             for s, t in cfg.hints.items():
                 adapted = trainee.adapters[s.replace(".", "/")](s_feat[s])
-                loss = loss + cfg.hint_weight * F.mse_loss(adapted, t_feat[t])
+                target = to_device(t_feat[t], adapted.device)
+                loss = loss + cfg.hint_weight * F.mse_loss(adapted, target)
             return loss
 
         yield trainee, loss_fn

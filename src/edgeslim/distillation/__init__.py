@@ -10,6 +10,7 @@ this package is the verb::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
@@ -27,13 +28,15 @@ def distill(
     train: TrainConfig | None = None,
     *,
     progress: bool | None = None,
+    device: torch.device | str | None = None,
     **overrides: object,
 ) -> list[dict[str, float]]:
     """Train ``student`` in place on ``data`` with ``teacher``'s knowledge; one dict per epoch.
 
     ``cfg`` defaults to ``KD()`` (T = 4, alpha = 0.7); ``train`` (a :class:`TrainConfig`,
     default ``TrainConfig()``) and keyword ``overrides`` set the training loop, as in
-    :func:`edgeslim.fit`. The teacher is not changed.
+    :func:`edgeslim.fit`. The teacher is not changed. The student trains on its device
+    (``device`` moves it there first), the teacher runs on its own: batches are moved whole.
     """
     train = (train or TrainConfig()).model_copy(update={"distill": cfg or KD()})
-    return fit(student, data, train, teacher=teacher, progress=progress, **overrides)
+    return fit(student, data, train, teacher=teacher, progress=progress, device=device, **overrides)

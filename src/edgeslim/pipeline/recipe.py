@@ -36,7 +36,16 @@ from edgeslim.pipeline.stages.base import STAGE_KINDS
 
 
 class DataConfig(BaseModel):
-    """Which dataset, and optionally fewer training examples (for quick runs).
+    """Which dataset, how it is read and scored, and optionally fewer training examples.
+
+    ``source`` is ``mnist``, ``npz:PATH``, ``folder:PATH`` (an image folder, one sub-folder per
+    class, read lazily) or ``py:package.module:factory`` (the user's own datasets); see
+    :func:`edgeslim.core.data.datasets.load_data`. ``image_size``, ``channels``, ``mean`` and
+    ``std`` say how ``folder:`` images become tensors; ``num_workers`` worker processes read a
+    streamed source (it does not change the results). ``metric`` scores every stage
+    (:mod:`edgeslim.core.metrics`: ``top1`` by default, ``top5``, ``mse`` -- a regression
+    task, fine-tuned on the squared error --, ``cosine`` to the baseline's outputs,
+    ``perplexity``, or ``py:module:function``).
 
     ``source: text:stdlib`` is English text for language models (``hf:`` models): it is
     tokenized with the model's tokenizer into ``seq_len``-token examples, and evaluated with a
@@ -55,6 +64,14 @@ class DataConfig(BaseModel):
     calib: int = Field(128, ge=1, description="calibration examples for calibrated stages")
     seq_len: int | None = Field(None, ge=2, description="text: tokens per example (128)")
     max_eval: int | None = Field(None, ge=1, description="text: evaluation paragraphs")
+    metric: str | None = Field(None, description="how stages are scored (default top1)")
+    image_size: int | list[int] | None = Field(
+        None, description="folder: resize images to N x N or [H, W]"
+    )
+    channels: Literal[1, 3] | None = Field(None, description="folder: 1 grey, 3 RGB")
+    mean: float | list[float] | None = Field(None, description="folder: subtract (per channel)")
+    std: float | list[float] | None = Field(None, description="folder: divide (per channel)")
+    num_workers: int = Field(0, ge=0, description="worker processes reading streamed data")
 
     @property
     def is_text(self) -> bool:
@@ -68,7 +85,48 @@ class DataConfig(BaseModel):
                     raise ValueError(f"'{key}' applies to text sources (text:NAME) only")
         elif self.transform is not None:
             raise ValueError("'transform' applies to image data, not to text sources")
+        elif self.metric is not None:
+            raise ValueError(
+                "'metric': a text source is scored by the model's own metric (perplexity for "
+                "a causal LM, embedding cosine for an encoder); leave it unset"
+            )
+        if not self.source.startswith("folder:"):
+            for key in ("image_size", "channels", "mean", "std"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}' applies to image folders (folder:PATH) only")
+        if isinstance(self.image_size, list) and (
+            len(self.image_size) != 2 or min(self.image_size) < 1
+        ):
+            raise ValueError(f"'image_size' must be N or [H, W], got {self.image_size}")
+        if isinstance(self.image_size, int) and self.image_size < 1:
+            raise ValueError(f"'image_size' must be positive, got {self.image_size}")
+        if self.metric is not None:
+            from edgeslim.core.metrics import check_name
+
+            try:
+                check_name(self.metric)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~edgeslim.core.data.datasets.load_data`."""
+        keys = ("image_size", "channels", "mean", "std", "num_workers", "metric")
+        return {k: getattr(self, k) for k in keys}
+
+
+# keys added to DataConfig after recipes were first hashed: left out of a recipe's dump while
+# at their defaults, so run directories made before them still resume
+_LATER_DATA_KEYS = {
+    "metric": None,
+    "image_size": None,
+    "channels": None,
+    "mean": None,
+    "std": None,
+    "num_workers": 0,
+}
+# keys that never change the results (left out of the prefix hash)
+_UNHASHED_DATA_KEYS = ("num_workers",)
 
 
 class Stage(BaseModel):
@@ -152,7 +210,7 @@ class Recipe(BaseModel):
             "description": self.description,
             "seed": self.seed,
             "model": self.model,
-            "data": self.data.model_dump(),
+            "data": _dump_data(self.data),
             "train": None if self.train is None else self.train.model_dump(),
             "stages": [],
         }
@@ -172,6 +230,8 @@ class Recipe(BaseModel):
         """Hash of everything that determines the model after the first ``n_stages`` stages."""
         d = self.to_dict()
         d.pop("name"), d.pop("description")
+        for key in _UNHASHED_DATA_KEYS:
+            d["data"].pop(key, None)
         d["stages"] = d["stages"][:n_stages]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -208,6 +268,14 @@ def _parse_stage(entry: Any, where: str) -> Stage:
     ft = entry.get("finetune")
     finetune = None if ft is None else validate(TrainConfig, ft, f"{where}.finetune")
     return Stage(kind=kind, config=config, name=name, finetune=finetune)
+
+
+def _dump_data(data: DataConfig) -> dict[str, Any]:
+    dump = data.model_dump()
+    for key, default in _LATER_DATA_KEYS.items():
+        if dump.get(key) == default:
+            dump.pop(key)
+    return dump
 
 
 def _dump_stage_config(stage: Stage) -> Any:

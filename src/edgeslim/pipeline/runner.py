@@ -41,12 +41,13 @@ from edgeslim.core.data.datasets import DataSplits, load_data
 from edgeslim.core.data.transforms import apply_transform
 from edgeslim.core.errors import CheckpointError, RunDirError
 from edgeslim.core.fileio import save_tensors
+from edgeslim.core.metrics import display, format_value, get_metric
 from edgeslim.core.models.hf import is_hf_model, restore_buffers_, save_hf
 from edgeslim.core.models.io import load_model, save_model
 from edgeslim.core.models.storage import FORMATS, deployable_state, payload_bytes, save_weights
 from edgeslim.core.progress import console
 from edgeslim.core.train import evaluate, finetune, fit
-from edgeslim.pipeline.recipe import Recipe, Stage
+from edgeslim.pipeline.recipe import DataConfig, Recipe, Stage
 from edgeslim.pipeline.stages.base import STAGE_KINDS
 from edgeslim.profiling import profile
 
@@ -111,6 +112,8 @@ def run_recipe(
     example = data.example(1)
     result = RunResult(out=out, model=model)
     if done >= 0:
+        if _needs_reference(data):  # the baseline, as stage 0 saved it
+            data = with_reference(data, _stage_zero(model, out))
         model = _restore_shapes(model, stages, out, done, example)
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
@@ -125,6 +128,8 @@ def run_recipe(
         start = time.perf_counter()
         if stage is None:
             train_baseline(model, data, recipe, progress=progress)
+            if _needs_reference(data):  # later stages are compared with the baseline
+                data = with_reference(data, model)
             log: dict[str, Any] = {}
         else:
             kind = STAGE_KINDS[stage.kind]
@@ -181,13 +186,50 @@ def _load_data(recipe: Recipe, model: nn.Module) -> Any:
 
         corpus = load_text(cfg.source.removeprefix("text:"))
         return TextTask(corpus, model, seq_len=cfg.seq_len or 128, max_eval=cfg.max_eval)
-    return apply_transform(load_data(cfg.source), cfg.transform).limit(cfg.max_train)
+    return load_recipe_data(cfg)
+
+
+def load_recipe_data(cfg: DataConfig) -> DataSplits:
+    """A recipe's ``data`` block (not text) loaded: source, image options, workers, metric,
+    transform and ``max_train`` applied."""
+    data = load_data(cfg.source, **cfg.load_options())
+    return apply_transform(data, cfg.transform).limit(cfg.max_train)
+
+
+def _needs_reference(data: Any) -> bool:
+    return isinstance(data, DataSplits) and get_metric(data.metric).reference
+
+
+def with_reference(data: DataSplits, model: nn.Module) -> DataSplits:
+    """``data`` scored against a frozen copy of ``model`` (the baseline, for ``cosine``)."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return data.with_metric(None, reference)
+
+
+def _stage_zero(model: nn.Module, out: Path) -> nn.Module:
+    """A copy of the freshly loaded ``model`` with the baseline's saved state."""
+    baseline = copy.deepcopy(model)
+    _load_stage_state(baseline, out / "stage-0")
+    return baseline
 
 
 def _evaluate(model: nn.Module, data: Any, split: str) -> float:
-    """Top-1 accuracy, or the data's own metric (``data.evaluate``) for text tasks."""
+    """The data's metric: its own (``data.evaluate``) for text tasks, else
+    :func:`~edgeslim.core.train.evaluate` with the data's ``metric`` (top-1 by default)."""
     own = getattr(data, "evaluate", None)
     return own(model, split) if own is not None else evaluate(model, data, split)
+
+
+def _metric_name(data: Any) -> str:
+    return getattr(data, "metric", None) or "top1"
+
+
+def _higher_is_better(data: Any) -> bool:
+    if isinstance(data, DataSplits):
+        return get_metric(data.metric).higher_is_better
+    return display(_metric_name(data))[1]  # a text task's own metric
 
 
 def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -321,7 +363,8 @@ def _write_stage(
         "stage": "baseline" if stage is None else stage.kind,
         "index": index,
         "name": f"stage-{index} {_label(stage)}",
-        "metric": getattr(data, "metric", "accuracy"),
+        "metric": _metric_name(data),
+        "higher_is_better": _higher_is_better(data),
         "accuracy": _evaluate(model, data, "test"),
         "val_accuracy": _evaluate(model, data, "val"),
         "params": prof.params,
@@ -357,8 +400,7 @@ def _write_stage(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    acc = row["accuracy"]
-    shown = f"{acc:.3f}" if row["metric"] == "perplexity" else f"{100 * acc:.2f}%"
+    shown = format_value(row["metric"], row["accuracy"])
     console.print(
         f"  {row['metric']} {shown}  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
         f"{fmt} file {size:,} B  ({seconds:.1f} s)"

@@ -19,6 +19,7 @@ from edgeslim.report.plots import (
 from edgeslim.report.tables import (
     COLUMNS,
     layer_rows,
+    metric_header,
     read_metrics,
     stage_name,
     stage_rows,
@@ -74,7 +75,7 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
         f"{len(rows)} stage(s); ratios are relative to the baseline "
         "(ratio = baseline params / nonzero params, size = bytes of the saved weights file).",
         "## Stages",
-        markdown_table(stage_rows(rows), COLUMNS),
+        markdown_table(stage_rows(rows), _columns(rows)),
         f"**{summary_line(rows)}**",
         *_notes(final),
         f"## Layers after {stage_name(final)}",
@@ -88,6 +89,12 @@ def build_markdown(rows: list[dict[str, Any]], title: str) -> str:
     if tradeoff_rows(rows):  # dynamic stages: their threshold sweeps
         parts.append(f"![accuracy vs average compute]({PLOTS_DIR}/{COMPUTE_PLOT})")
     return "\n\n".join(parts) + "\n"
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """:data:`COLUMNS` with the quality column named after the run's metric."""
+    title = metric_header(rows[0])
+    return [(key, title if key == "accuracy" else head) for key, head in COLUMNS]
 
 
 def _notes(row: dict[str, Any]) -> list[str]:

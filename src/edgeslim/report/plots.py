@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.core.plotting import new_figure, save_png
-from edgeslim.report.tables import human_count, stage_name
+from edgeslim.report.tables import human_count, metric_title, metric_unit, stage_name
 
 MAX_STAGES_PER_LAYER_PLOT = 6
 
@@ -23,8 +23,8 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     sizes = [row["size_bytes"] / 1024 for row in rows]
-    ppl = rows[0].get("metric") == "perplexity"  # language models: perplexity, as is
-    accs = [row["accuracy"] if ppl else 100 * row["accuracy"] for row in rows]
+    percent = metric_unit(rows[0]) == "%"  # accuracies in %; perplexity, MSE ... as they are
+    accs = [100 * row["accuracy"] if percent else row["accuracy"] for row in rows]
     ax.plot(sizes, accs, "-", color="0.6", zorder=1)
     ax.scatter(sizes, accs, c=range(len(rows)), cmap="viridis", s=50, zorder=2)
     for row, x, y in zip(rows, sizes, accs, strict=True):
@@ -33,19 +33,19 @@ def plot_accuracy_vs_size(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:g}")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("test perplexity" if ppl else f"test {rows[0].get('metric', 'accuracy')} (%)")
+    ax.set_ylabel(f"test {metric_title(rows[0])}" + (" (%)" if percent else ""))
     ax.set_title("accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
-    _pad_axes(ax, sizes, accs)
+    _pad_axes(ax, sizes, accs, 1.0 if percent else 0.05 * max(map(abs, accs)) or 1.0)
     return save_png(fig, Path(path))
 
 
-def _pad_axes(ax: Any, sizes: list[float], accs: list[float]) -> None:
+def _pad_axes(ax: Any, sizes: list[float], accs: list[float], min_span: float = 1.0) -> None:
     """Leave room to the right and above the points for their labels."""
     lo, hi = min(sizes), max(sizes)
     ax.set_xlim(lo / 1.5, hi * 3.0)
     bottom, top = min(accs), max(accs)
-    span = max(top - bottom, 1.0)
+    span = max(top - bottom, min_span)
     ax.set_ylim(bottom - 0.3 * span, top + 0.4 * span)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeslim.core.errors import CheckpointError, RunDirError
+from edgeslim.core.metrics import display, format_value
 from edgeslim.core.units import DASH, human_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,16 +87,31 @@ def percent(fraction: float | None, digits: int = 2) -> str:
 
 
 def metric_text(row: dict[str, Any], digits: int = 2) -> str:
-    """A row's quality: accuracy (or embedding cosine) as a percentage, perplexity as is."""
-    if row.get("metric") == "perplexity":
-        return f"{row['accuracy']:.{digits}f} ppl"
-    return percent(row["accuracy"], digits)
+    """A row's quality (the value under ``accuracy``, named by ``metric``): accuracies (and
+    embedding cosine) as a percentage, perplexity in ppl, other metrics as plain numbers."""
+    return format_value(row.get("metric"), row["accuracy"], digits)
+
+
+def metric_unit(row: dict[str, Any]) -> str:
+    """``%``, ``ppl`` or ``""``: how the row's metric is shown (``core.metrics.display``)."""
+    return display(row.get("metric"), row.get("higher_is_better"))[0]
+
+
+def metric_title(row: dict[str, Any]) -> str:
+    """The metric's name as reports print it (``accuracy`` for top-1)."""
+    return display(row.get("metric"), row.get("higher_is_better"))[2]
 
 
 def metric_delta(row: dict[str, Any], base: dict[str, Any], digits: int = 2) -> str:
-    """The change from ``base``: percentage points, or perplexity units."""
-    scale = 1 if row.get("metric") == "perplexity" else 100
-    return signed(scale * (row["accuracy"] - base["accuracy"]), digits)
+    """The change from ``base``: percentage points, perplexity units, or the metric's own."""
+    change = row["accuracy"] - base["accuracy"]
+    unit = metric_unit(row)
+    if unit == "%":
+        return signed(100 * change, digits)
+    if unit == "ppl":
+        return signed(change, digits)
+    text = f"{change:+.{digits + 1}g}"
+    return text.replace("-", MINUS) if float(text) else "+0"
 
 
 def latency_text(ms: float | None) -> str:
@@ -215,11 +231,19 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     fewer = ratio_text(base.get("params"), final.get("nonzero_params"))
     smaller = ratio_text(base["size_bytes"], final["size_bytes"])
     delta = metric_delta(final, base, digits=1)
-    unit = "" if final.get("metric") == "perplexity" else " pt"
+    unit = " pt" if metric_unit(final) == "%" else ""
     return (
         f"final: {fewer} fewer nonzero weights, {smaller} smaller file, "
-        f"{final.get('metric', 'accuracy')} {metric_text(final, digits=1)} (Δ {delta}{unit})"
+        f"{metric_title(final)} {metric_text(final, digits=1)} (Δ {delta}{unit})"
     )
+
+
+def metric_header(row: dict[str, Any], terminal: bool = False) -> str:
+    """The header of the quality column: ``accuracy`` (``top-5 accuracy``, ``MSE`` ...)."""
+    title = metric_title(row)
+    if not terminal:
+        return title
+    return f"{title}\nΔ pts" if metric_unit(row) == "%" else f"{title}\nΔ"
 
 
 # (header, key of the main value, key shown under it) of the terminal table: pairs of
@@ -246,6 +270,8 @@ def stage_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
 
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for header, key, _ in _TERMINAL_COLUMNS:
+        if key == "accuracy" and rows:
+            header = metric_header(rows[0], terminal=True)
         left = key in ("stage", "format")
         table.add_column(
             header, justify="left" if left else "right", min_width=12 if key == "stage" else None

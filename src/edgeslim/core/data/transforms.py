@@ -19,13 +19,14 @@ fixed weights) for putting in front of a deployed model that receives raw images
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.core.data.datasets import DataSplits, Split
+from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import DataError, ShapeError
 
 # the four 2x2 Haar filters, orthonormal: (4, 1, 2, 2) in the order LL, LH, HL, HH
@@ -77,5 +78,6 @@ def apply_transform(data: DataSplits, name: str | None) -> DataSplits:
     if name not in TRANSFORMS:
         raise DataError(f"unknown input transform {name!r}; known: {sorted(TRANSFORMS)}")
     fn = TRANSFORMS[name]
-    splits = [Split(fn(s.x), s.y) for s in (data.train, data.val, data.test)]
-    return DataSplits(f"{data.name}+{name}", *splits, num_classes=data.num_classes)
+    # in memory: the whole tensor at once; streamed splits: each item as it is read
+    train, val, test = (s.map_inputs(fn) for s in (data.train, data.val, data.test))
+    return dataclasses.replace(data, name=f"{data.name}+{name}", train=train, val=val, test=test)
