@@ -389,7 +389,9 @@ def check_agreement(
     result.metric, result.tolerance = metric, tol
     if not np.isfinite(value) or value > tol:
         kind = "int8" if quantized else "fp32"
-        what = f"max |{short} - torch|" if metric == "max_abs" else f"||{short} - torch|| / ||torch||"
+        what = f"max |{short} - torch|"
+        if metric == "rel_l2":
+            what = f"||{short} - torch|| / ||torch||"
         raise ExportError(
             f"{kind} {runtime} export of {type(model).__name__} disagrees with PyTorch: "
             f"{what} = {value:.3g} > tolerance {tol:.3g}; the file was not written"

@@ -153,7 +153,9 @@ def export_openvino(
                 compiled = compile_ir(tmp_xml, threads=threads)
                 got = run_ir(compiled, inputs)
             except Exception as exc:
-                raise ExportError(f"OpenVINO Runtime cannot run the IR of {path.name}: {exc}") from exc
+                raise ExportError(
+                    f"OpenVINO Runtime cannot run the IR of {path.name}: {exc}"
+                ) from exc
             check_agreement(
                 model, got, ref, ref_float, result, runtime="OpenVINO", short="openvino"
             )
