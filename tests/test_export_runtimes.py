@@ -201,6 +201,46 @@ def test_tflite_runtime_choice_is_validated(tmp_path, data, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
+# ExecuTorch (optional extra, not in dev: see docs/runtimes.md)
+# --------------------------------------------------------------------------------------
+
+needs_executorch = pytest.mark.skipif(
+    importlib.util.find_spec("executorch") is None,
+    reason="needs executorch (pip install 'edgeslim[executorch]')",
+)
+
+
+@needs_executorch
+def test_executorch_fp32_pte_runs_and_agrees(tmp_path, data, monkeypatch):
+    from edgeslim.export.executorch import export_executorch, load_pte
+
+    model, x, _ = data
+    res = export_executorch(model, tmp_path / "m.pte", x[:4])
+    assert res.path.is_file() and res.size_bytes == res.path.stat().st_size
+    assert not res.quantized and res.max_abs_diff <= res.tolerance < 1e-3
+    got = load_pte(res.path).execute([x[4:8]])[0]
+    assert torch.allclose(got, model(x[4:8]), atol=res.tolerance)
+    real = onnx_export._first_output
+    monkeypatch.setattr(onnx_export, "_first_output", lambda out: real(out) + 1.0)
+    with pytest.raises(ExportError, match="fp32 ExecuTorch export of Tiny disagrees"):
+        export_executorch(model, tmp_path / "bad.pte", x[:4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pte"]
+
+
+def test_executorch_refuses_quantized_and_names_the_extra(tmp_path, data, monkeypatch):
+    from edgeslim.export.executorch import export_executorch
+
+    model, x, q = data
+    with pytest.raises(ExportError, match="Tiny is quantized: ExecuTorch export takes float"):
+        export_executorch(q, tmp_path / "q.pte", x[:1])
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)
+    with pytest.raises(ExportError, match=r"edgeslim\[executorch\]"):
+        export_executorch(model, tmp_path / "m.pte", x[:1])
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------
 # the CLI
 # --------------------------------------------------------------------------------------
 

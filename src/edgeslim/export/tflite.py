@@ -243,7 +243,9 @@ class _Flattener:
         self.op(code_name, [self.tensor(op.inputs[0])], op.output, "Pool2DOptions", fields, op.name)
 
     def _Reshape(self, op: ir.Reshape) -> None:
+        # the batch dimension as -1, so that a runtime may resize the input (LiteRT batches)
         shape = np.array(self.graph[op.output].shape, np.int32)
+        shape[0] = -1
         shape_t = self.const_int32(f"{op.output}_shape", shape)
         fields = {"new_shape": ("Int32Vector", shape.tolist())}
         self.op(
@@ -653,17 +655,21 @@ def litert_interpreter(data: bytes, *, threads: int = 1):
 
 
 def run_litert(data: bytes, q: np.ndarray, *, threads: int = 1, interp=None) -> np.ndarray:
-    """Run ``.tflite`` bytes in LiteRT on int8 inputs ``q`` (N, H, W, C), one at a time (the
-    file's batch is 1); the outputs (N, ...) as int64."""
+    """Run ``.tflite`` bytes in LiteRT on int8 inputs ``q`` (N, H, W, C) as one batch (the
+    input is resized to N); the outputs (N, ...) as int64. ``interp`` reuses an interpreter
+    from :func:`litert_interpreter`."""
     interp = interp or litert_interpreter(data, threads=threads)
-    inp = interp.get_input_details()[0]["index"]
-    out = interp.get_output_details()[0]["index"]
-    outputs = []
-    for x in np.asarray(q, np.int8):
-        interp.set_tensor(inp, x[None])
-        interp.invoke()
-        outputs.append(np.asarray(interp.get_tensor(out), np.int64).copy())
-    return np.concatenate(outputs)
+    q = np.ascontiguousarray(q, np.int8)
+    inp = interp.get_input_details()[0]
+    if tuple(inp["shape"]) != q.shape:
+        try:
+            interp.resize_tensor_input(inp["index"], list(q.shape))
+            interp.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"LiteRT cannot run a batch of shape {q.shape}: {exc}") from exc
+    interp.set_tensor(inp["index"], q)
+    interp.invoke()
+    return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]), np.int64).copy()
 
 
 def check_litert(graph: ir.Graph, data: bytes, q: np.ndarray) -> dict[str, float]:
