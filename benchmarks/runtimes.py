@@ -153,11 +153,22 @@ def litert_runner(q, path: Path, calib, threads: int):
 
 
 def executorch_runner(model, path: Path, example, threads: int):
+    """Two programs (a .pte has a fixed input shape): batch 1, and batch 32 for its latency."""
     from edgeslim.export.executorch import export_executorch, load_pte
 
-    res = export_executorch(model, path, example, threads=threads)
-    method = load_pte(path, threads=threads)
-    return res.size_bytes, lambda x: method.execute([torch.from_numpy(x)])[0].numpy()
+    res = export_executorch(model, path, example[:1], threads=threads)
+    b32 = path.with_name("m32.pte")
+    export_executorch(model, b32, torch.zeros(32, *example.shape[1:]), threads=threads)
+    one, batch = load_pte(path, threads=threads), load_pte(b32)
+
+    def run(x):
+        if len(x) == 32:
+            return batch.execute([torch.from_numpy(x)])[0].numpy()
+        return np.concatenate(
+            [one.execute([torch.from_numpy(x[i : i + 1])])[0].numpy() for i in range(len(x))]
+        )
+
+    return res.size_bytes, run
 
 
 # ------------------------------------------------------------------------- measuring
