@@ -246,7 +246,8 @@ def test_executorch_refuses_quantized_and_names_the_extra(tmp_path, data, monkey
 
 
 def _cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    paths = [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     cmd = [sys.executable, "-m", "edgeslim.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -268,3 +269,14 @@ def test_cli_export_openvino_and_litert(tmp_path):
     assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3"
     proc = _cli("export", "openvino", "zoo:lenet5", "--out", tmp_path / "m.onnx")
     assert proc.returncode == 2 and "must end in .xml" in proc.stderr
+
+
+def test_cli_export_executorch(tmp_path):
+    proc = _cli("export", "executorch", "zoo:lenet5", "--out", tmp_path / "m.pte")
+    if importlib.util.find_spec("executorch") is None:
+        assert proc.returncode == 2 and "edgeslim[executorch]" in proc.stderr
+        assert not (tmp_path / "m.pte").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "verified in ExecuTorch: max |pte - torch|" in proc.stdout
+        assert (tmp_path / "m.pte").is_file()

@@ -193,6 +193,18 @@ def cmd_export_openvino(args: argparse.Namespace) -> None:
     _print_verified(res, "OpenVINO Runtime", "openvino")
 
 
+def cmd_export_executorch(args: argparse.Namespace) -> None:
+    from edgeslim.core.models.io import load_model
+    from edgeslim.export.executorch import export_executorch
+
+    model = load_model(args.model)
+    model.eval()
+    example = _example(model, args.input_shape, args.batch)
+    res = export_executorch(model, args.out, example, verify=not args.no_verify)
+    print(f"wrote fp32 ExecuTorch program {res.path} ({res.size_bytes:,} bytes, XNNPACK)")
+    _print_verified(res, "ExecuTorch", "pte")
+
+
 def _model_and_data(source: str, data_name: str | None):
     """A model and its data from a model source, or from a recipe (trained as it says)."""
     from edgeslim.core.data.datasets import load_data
@@ -344,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
         q.add_argument("--no-verify", action="store_true", help="skip the runtime check")
         q.set_defaults(func=func)
+    q = fmt.add_parser(
+        "executorch", help="ExecuTorch .pte (fp32, XNNPACK), verified in ExecuTorch's runtime"
+    )
+    q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    q.add_argument("--out", required=True, help="the .pte file to write")
+    q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
+    q.add_argument("--batch", type=int, default=1, help="the program's (fixed) batch size")
+    q.add_argument("--no-verify", action="store_true", help="skip the runtime check")
+    q.set_defaults(func=cmd_export_executorch)
     for name, text in (
         ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro and/or LiteRT"),
         ("litert", "int8 .tflite flatbuffer, run and checked in LiteRT (phones)"),
