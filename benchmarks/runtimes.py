@@ -194,19 +194,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "runtimes.json"))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script: untrained net, 100 test images, 5 repeats, no ExecuTorch",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        REPEATS.update({1: 5, 32: 5})
     torch.set_num_threads(args.threads)
 
     data = es.load_data("mnist")
-    model = trained_mobilenetv2(data)
+    model = es.load_model("zoo:mobilenetv2").eval() if args.smoke else trained_mobilenetv2(data)
     calib = data.calib(256)
     q = es.quantize(copy.deepcopy(model), es.Int8PTQ(calibration="mse"), calib=calib)
-    test_x = data.test.x.numpy().astype(np.float32)
-    labels = data.test.y.numpy()
+    n_test = 100 if args.smoke else len(data.test)
+    test_x = data.test.x[:n_test].numpy().astype(np.float32)
+    labels = data.test.y[:n_test].numpy()
     with torch.no_grad():
-        ref_fp32 = model(data.test.x).numpy()
+        ref_fp32 = model(data.test.x[:n_test]).numpy()
         set_mode(q, "exact")
-        ref_int8 = q(data.test.x).numpy()
+        ref_int8 = q(data.test.x[:n_test]).numpy()
     example = data.example(4)
 
     contenders = [
@@ -216,7 +224,7 @@ def main() -> None:
         ("OpenVINO", "int8", "q.xml", lambda p: openvino_runner(q, p, example, args.threads)),
         ("LiteRT", "int8", "q.tflite", lambda p: litert_runner(q, p, calib[:32], args.threads)),
     ]
-    if importlib.util.find_spec("executorch") is not None:
+    if importlib.util.find_spec("executorch") is not None and not args.smoke:
         contenders += [
             (
                 "ExecuTorch",
@@ -261,6 +269,18 @@ def main() -> None:
         f"PyTorch test accuracy: fp32 {100 * torch_acc['fp32']:.1f}%, "
         f"int8 {100 * torch_acc['int8']:.1f}%"
     )
+    markdown = [
+        "| runtime | model | batch 1 ms | batch 32 ms | max \\|runtime - torch\\| "
+        "| top-1 agreement | test acc | file bytes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        markdown.append(
+            f"| {r['runtime']} | {r['kind']} | {r['batch1_ms']:.3f} | {r['batch32_ms']:.2f} "
+            f"| {r['max_abs_diff']:.1e} | {100 * r['top1_agreement']:.1f}% "
+            f"| {100 * r['accuracy']:.1f}% | {r['file_bytes']:,} |"
+        )
+    print("\n".join(markdown))
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("onnxruntime", "openvino", "ai_edge_litert", "executorch"):
         if importlib.util.find_spec(pkg) is not None:
@@ -274,6 +294,7 @@ def main() -> None:
         "versions": versions,
         "torch_accuracy": torch_acc,
         "rows": rows,
+        "markdown": markdown,
     }
     print(f"wrote {atomic_write_text(args.out, json.dumps(body, indent=1))}")
 
