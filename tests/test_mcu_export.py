@@ -135,10 +135,11 @@ def test_export_tflite_runs_in_tflite_micro(tmp_path, monkeypatch):
     assert not (tmp_path / "bad.tflite").exists()
 
 
-def test_export_tflite_without_tflite_micro_warns(tmp_path, monkeypatch):
+def test_export_tflite_without_any_runtime_warns(tmp_path, monkeypatch):
     model, graph = model_and_graph("lenet5")
     monkeypatch.setattr(tflite, "tflm_available", lambda: False)
-    with pytest.warns(UserWarning, match="not run in TFLite Micro"):
+    monkeypatch.setattr(tflite, "litert_available", lambda: False)
+    with pytest.warns(UserWarning, match="not run in TFLite Micro or LiteRT"):
         export_tflite(
             model, tmp_path / "m.tflite", calib=mnist_images((1, 28, 28), 4, "train"), graph=graph
         )

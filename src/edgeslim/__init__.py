@@ -72,6 +72,8 @@ _LAZY = {
     "TTQ": "edgeslim.quant",
     "layer_qparams": "edgeslim.quant",
     "export_onnx": "edgeslim.export.onnx",
+    "export_openvino": "edgeslim.export.openvino",
+    "export_executorch": "edgeslim.export.executorch",
     "OBDPrune": "edgeslim.prune",
     "OBSPrune": "edgeslim.prune",
     "DepthPrune": "edgeslim.prune",
@@ -220,8 +222,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     from edgeslim.export.c import (
         export_c as export_c,
     )
+    from edgeslim.export.executorch import (
+        export_executorch as export_executorch,
+    )
     from edgeslim.export.onnx import (
         export_onnx as export_onnx,
+    )
+    from edgeslim.export.openvino import (
+        export_openvino as export_openvino,
     )
     from edgeslim.export.tflite import (
         export_tflite as export_tflite,

@@ -166,11 +166,9 @@ def cmd_unpack(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def cmd_export_onnx(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
+def _graph_export_inputs(args: argparse.Namespace):
+    """The model (int8 PTQ first with ``--int8``) and example batch of ``export onnx|openvino``."""
     from edgeslim.core.models.io import load_model
-    from edgeslim.export.onnx import export_onnx
 
     model = load_model(args.model)
     model.eval()
@@ -181,17 +179,52 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
         data = _load_data_arg(args.data)
         cfg = Int8PTQ(calibration=args.calibration)
         model = quantize(model, cfg, calib=data.calib(min(args.calib_size, len(data.train))))
-    res = export_onnx(model, args.out, example, verify=not args.no_verify)
-    kind = "int8 QDQ" if res.quantized else "fp32"
+    return model, example
+
+
+def _print_verified(res, runtime: str, short: str) -> None:
+    from rich.console import Console
+
     console = Console()
-    console.print(f"wrote {kind} ONNX {res.path} ({res.size_bytes:,} bytes)")
     if res.tolerance is not None:
-        what = "max |ort - torch|" if res.metric == "max_abs" else "relative L2 error"
+        what = f"max |{short} - torch|" if res.metric == "max_abs" else "relative L2 error"
         value = res.max_abs_diff if res.metric == "max_abs" else res.rel_l2_error
-        console.print(f"verified in ONNX Runtime: {what} {value:.3g} <= {res.tolerance:.3g}")
+        console.print(f"verified in {runtime}: {what} {value:.3g} <= {res.tolerance:.3g}")
     if res.integer_ops:
         ops = ", ".join(f"{op} x{n}" for op, n in res.integer_ops.items())
-        console.print(f"ONNX Runtime runs it with integer kernels: {ops}")
+        console.print(f"{runtime} runs it with integer kernels: {ops}")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from edgeslim.export.onnx import export_onnx
+
+    model, example = _graph_export_inputs(args)
+    res = export_onnx(model, args.out, example, verify=not args.no_verify)
+    kind = "int8 QDQ" if res.quantized else "fp32"
+    print(f"wrote {kind} ONNX {res.path} ({res.size_bytes:,} bytes)")
+    _print_verified(res, "ONNX Runtime", "ort")
+
+
+def cmd_export_openvino(args: argparse.Namespace) -> None:
+    from edgeslim.export.openvino import export_openvino
+
+    model, example = _graph_export_inputs(args)
+    res = export_openvino(model, args.out, example, verify=not args.no_verify)
+    kind = "int8" if res.quantized else "fp32"
+    print(f"wrote {kind} OpenVINO IR {res.path} + {res.bin_path} ({res.size_bytes:,} bytes)")
+    _print_verified(res, "OpenVINO Runtime", "openvino")
+
+
+def cmd_export_executorch(args: argparse.Namespace) -> None:
+    from edgeslim.core.models.io import load_model
+    from edgeslim.export.executorch import export_executorch
+
+    model = load_model(args.model)
+    model.eval()
+    example = _example(model, args.input_shape, args.batch)
+    res = export_executorch(model, args.out, example, verify=not args.no_verify)
+    print(f"wrote fp32 ExecuTorch program {res.path} ({res.size_bytes:,} bytes, XNNPACK)")
+    _print_verified(res, "ExecuTorch", "pte")
 
 
 def _model_and_data(source: str, data_name: str | None):
@@ -264,7 +297,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     calib = calibration_inputs(model, args.data, args.calib)
     device, patch = getattr(args, "device", None), getattr(args, "patch", "auto")
-    print(export_file(args.format, model, args.out, calib, device=device, patch=patch))
+    runtime = getattr(args, "runtime", "auto")
+    summary = export_file(
+        args.format, model, args.out, calib, device=device, patch=patch, runtime=runtime
+    )
+    print(summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,19 +361,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
     fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    q = fmt.add_parser("onnx", help="ONNX, fp32 or int8 QDQ, verified in ONNX Runtime")
+    for name, text, func, suffix in (
+        ("onnx", "ONNX, fp32 or int8 QDQ, verified in ONNX Runtime", cmd_export_onnx, "onnx"),
+        (
+            "openvino",
+            "OpenVINO IR (.xml + .bin), fp32 or int8, verified in OpenVINO Runtime",
+            cmd_export_openvino,
+            "xml (its .bin is written beside it)",
+        ),
+    ):
+        q = fmt.add_parser(name, help=text)
+        q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+        q.add_argument("--out", required=True, help=f"the .{suffix} file to write")
+        q.add_argument("--int8", action="store_true", help="post-training int8 quantization first")
+        q.add_argument(
+            "--calibration", default="mse", choices=("minmax", "percentile", "mse", "kl")
+        )
+        q.add_argument("--data", default="mnist", help=f"calibration {DATA_HELP}")
+        q.add_argument("--calib-size", type=int, default=256, help="calibration inputs")
+        q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
+        q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
+        q.add_argument("--no-verify", action="store_true", help="skip the runtime check")
+        q.set_defaults(func=func)
+    q = fmt.add_parser(
+        "executorch", help="ExecuTorch .pte (fp32, XNNPACK), verified in ExecuTorch's runtime"
+    )
     q.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
-    q.add_argument("--out", required=True, help="the .onnx file to write")
-    q.add_argument("--int8", action="store_true", help="post-training int8 quantization first")
-    q.add_argument("--calibration", default="mse", choices=("minmax", "percentile", "mse", "kl"))
-    q.add_argument("--data", default="mnist", help=f"calibration {DATA_HELP}")
-    q.add_argument("--calib-size", type=int, default=256, help="calibration inputs")
+    q.add_argument("--out", required=True, help="the .pte file to write")
     q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
-    q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
-    q.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
-    q.set_defaults(func=cmd_export_onnx)
+    q.add_argument("--batch", type=int, default=1, help="the program's (fixed) batch size")
+    q.add_argument("--no-verify", action="store_true", help="skip the runtime check")
+    q.set_defaults(func=cmd_export_executorch)
     for name, text in (
-        ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro"),
+        ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro and/or LiteRT"),
+        ("litert", "int8 .tflite flatbuffer, run and checked in LiteRT (phones)"),
         ("c", "C99 for microcontrollers (model.h, model.c, weights.h), compiled and checked"),
     ):
         q = fmt.add_parser(name, help=text)
@@ -344,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", required=True, help="the file (tflite) or directory (c)")
         q.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
         q.add_argument("--calib", type=int, default=128, help="number of calibration inputs")
+        if name == "tflite":
+            q.add_argument(
+                "--runtime",
+                choices=("auto", "tflm", "litert", "all"),
+                default="auto",
+                help="where to run the file before writing it (auto: each one installed)",
+            )
         if name == "c":
             q.add_argument("--device", help="device profile to fit (e.g. stm32f746)")
             q.add_argument(

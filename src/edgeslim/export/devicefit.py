@@ -53,20 +53,38 @@ def calibration_inputs(model: Any, data: str, n: int):
 
 
 def export_file(
-    fmt: str, model: Any, out: str | os.PathLike, calib: Any, *, device=None, patch="auto"
+    fmt: str,
+    model: Any,
+    out: str | os.PathLike,
+    calib: Any,
+    *,
+    device=None,
+    patch="auto",
+    runtime: str = "auto",
 ) -> str:
-    """Export ``model`` as ``fmt`` ("tflite" or "c"); return a one-line summary."""
-    if fmt == "tflite":
-        from edgeslim.export.tflite import export_tflite
+    """Export ``model`` as ``fmt`` ("tflite", "litert" = a .tflite checked in LiteRT, or
+    "c"); return a one-line summary. ``runtime`` is :func:`export_tflite`'s for "tflite"."""
+    if fmt in ("tflite", "litert"):
+        from edgeslim.export.tflite import export_tflite, litert_available, tflm_available
 
-        path = export_tflite(model, out, calib=calib)
-        return f"wrote {path} ({path.stat().st_size:,} bytes)"
+        runtime = "litert" if fmt == "litert" else runtime
+        path = export_tflite(model, out, calib=calib, runtime=runtime)
+        ran = [
+            name
+            for name, key, present in (
+                ("TFLite Micro", "tflm", tflm_available),
+                ("LiteRT", "litert", litert_available),
+            )
+            if runtime in (key, "all") or (runtime == "auto" and present())
+        ]
+        checked = f"; verified in {' and '.join(ran)}" if ran else ""
+        return f"wrote {path} ({path.stat().st_size:,} bytes){checked}"
     if fmt == "c":
         from edgeslim.export.c import export_c
 
         choice = {"auto": None, "on": True, "off": False}[patch]
         return export_c(model, out, device, calib=calib, patch=choice).summary()
-    raise ConfigError(f"unknown export format {fmt!r}; expected 'tflite' or 'c'")
+    raise ConfigError(f"unknown export format {fmt!r}; expected 'tflite', 'litert' or 'c'")
 
 
 @dataclass

@@ -313,11 +313,31 @@ def _verify(
     quantized: bool,
     result: ExportResult,
 ) -> None:
+    ref, ref_float = reference_outputs(model, inputs, quantized)
+    try:
+        sess = _session(onnx_path)
+        feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
+        got = sess.run(None, feeds)[0]
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot run the exported {onnx_path.name}: {exc}") from exc
+    check_agreement(model, got, ref, ref_float, result, runtime="ONNX", short="ort")
+
+
+def reference_outputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], quantized: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """PyTorch's first output on ``inputs`` that an exported file is compared with, and for a
+    quantized model also the float model's (``None`` otherwise).
+
+    A quantized model answers in its exact integer simulation. The model's modes and
+    training flags are restored afterwards.
+    """
     from edgeslim.quant.modules import QuantModule, set_mode
 
     modes = {m: m.mode for m in model.modules() if isinstance(m, QuantModule)}
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
+    ref_float = None
     try:
         if quantized:
             _reference_mode(model)
@@ -331,14 +351,29 @@ def _verify(
             m.mode = mode
         for m, training in flags:
             m.training = training
-    try:
-        sess = _session(onnx_path)
-        feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
-        got = sess.run(None, feeds)[0]
-    except Exception as exc:
-        raise ExportError(f"ONNX Runtime cannot run the exported {onnx_path.name}: {exc}") from exc
+    return ref, ref_float
+
+
+def check_agreement(
+    model: nn.Module,
+    got: np.ndarray,
+    ref: np.ndarray,
+    ref_float: np.ndarray | None,
+    result: ExportResult,
+    *,
+    runtime: str = "ONNX",
+    short: str = "ort",
+) -> None:
+    """Judge a runtime's output ``got`` against PyTorch's ``ref`` by the rules of the module
+    docstring (fp32: max abs; int8: two output steps or relative L2 within ``max(0.02,
+    e_q)``), record the numbers in ``result`` and raise :class:`ExportError` on a mismatch.
+
+    ``ref_float`` is the float model's output for a quantized model, ``None`` for a float
+    one; ``runtime`` / ``short`` name the format and the runtime in the message.
+    """
+    quantized = ref_float is not None
     if got.shape != ref.shape:
-        raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}")
+        raise ExportError(f"{runtime} output shape {got.shape} differs from PyTorch's {ref.shape}")
     diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     rel = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
@@ -354,9 +389,11 @@ def _verify(
     result.metric, result.tolerance = metric, tol
     if not np.isfinite(value) or value > tol:
         kind = "int8" if quantized else "fp32"
-        what = "max |ort - torch|" if metric == "max_abs" else "||ort - torch|| / ||torch||"
+        what = f"max |{short} - torch|"
+        if metric == "rel_l2":
+            what = f"||{short} - torch|| / ||torch||"
         raise ExportError(
-            f"{kind} ONNX export of {type(model).__name__} disagrees with PyTorch: "
+            f"{kind} {runtime} export of {type(model).__name__} disagrees with PyTorch: "
             f"{what} = {value:.3g} > tolerance {tol:.3g}; the file was not written"
         )
 

@@ -13,7 +13,14 @@ point) and VALID padding, so the file computes exactly what the model computes.
 
 runs the file in TFLite Micro's Python interpreter (``pip install --no-deps tflite-micro``)
 when it is installed and fails unless its output equals the reference interpreter's bit for
-bit; without TFLite Micro it says so and checks the graph against PyTorch only.
+bit, and in LiteRT (``pip install ai-edge-litert``, the TFLite runtime of phones, with its
+default XNNPACK delegate) when that is installed, which must agree with the reference
+interpreter within :data:`LITERT_STEPS` output steps or a relative L2 error of
+:data:`LITERT_REL_L2` (LiteRT's optimized kernels requantize in float or round some ties
+differently from TFLite Micro's reference kernels: LeNet-5's fully connected layers differ
+by one step on a few inputs). ``runtime=`` chooses: ``"auto"`` (each one installed),
+``"tflm"``, ``"litert"`` or ``"all"``. Without either runtime it says so and checks the
+graph against PyTorch only.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ PADDING_SAME, PADDING_VALID = 0, 1
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 3}
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
+RUNTIMES = ("auto", "tflm", "litert", "all")
+LITERT_STEPS = 2  # LiteRT vs the reference interpreter: max difference in output steps...
+LITERT_REL_L2 = 0.02  # ...or else this relative L2 error of the dequantized outputs
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +243,9 @@ class _Flattener:
         self.op(code_name, [self.tensor(op.inputs[0])], op.output, "Pool2DOptions", fields, op.name)
 
     def _Reshape(self, op: ir.Reshape) -> None:
+        # the batch dimension as -1, so that a runtime may resize the input (LiteRT batches)
         shape = np.array(self.graph[op.output].shape, np.int32)
+        shape[0] = -1
         shape_t = self.const_int32(f"{op.output}_shape", shape)
         fields = {"new_shape": ("Int32Vector", shape.tolist())}
         self.op(
@@ -556,6 +568,7 @@ def export_tflite(
     graph: ir.Graph | None = None,
     verify: bool = True,
     tolerance: float = 0.25,
+    runtime: str = "auto",
 ) -> Path:
     """Write ``model`` as an int8 ``.tflite`` file at ``path`` and check it.
 
@@ -566,20 +579,30 @@ def export_tflite(
     :func:`edgeslim.export.int8.lower`) may be passed instead.
 
     With ``verify`` the graph's dequantized outputs must match the PyTorch model's within
-    ``tolerance`` (relative L2 error), and TFLite Micro's outputs must equal the reference
-    interpreter's bit for bit (skipped, with a warning, when ``tflite-micro`` is not
-    installed). Nothing is written if a check fails.
+    ``tolerance`` (relative L2 error), then the file runs in the runtimes ``runtime`` names:
+    ``"auto"`` each of TFLite Micro and LiteRT that is installed (a warning when neither
+    is), ``"tflm"`` / ``"litert"`` that one, ``"all"`` both (a runtime asked for by name
+    and not installed is an :class:`ExportError`). TFLite Micro's outputs must equal the
+    reference interpreter's bit for bit; LiteRT's within :data:`LITERT_STEPS` output steps
+    or a relative L2 error of :data:`LITERT_REL_L2`. Nothing is written if a check fails.
     """
     from edgeslim.export.int8.check import build_and_check_graph
 
+    if runtime not in RUNTIMES:
+        raise ExportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance, example)
     data = serialize(graph)
     if verify:
-        if tflm_available():
+        tflm = runtime in ("tflm", "all") or (runtime == "auto" and tflm_available())
+        litert = runtime in ("litert", "all") or (runtime == "auto" and litert_available())
+        if tflm:
             check_tflm(graph, data, calib_q)
-        else:
+        if litert:
+            check_litert(graph, data, calib_q)
+        if not (tflm or litert):
             warnings.warn(
-                "tflite-micro is not installed: the .tflite file was not run in TFLite Micro",
+                "neither tflite-micro nor ai-edge-litert is installed: the .tflite file was "
+                "not run in TFLite Micro or LiteRT",
                 stacklevel=2,
             )
     return atomic_write_bytes(path, data)
@@ -597,3 +620,74 @@ def check_tflm(graph: ir.Graph, data: bytes, q: np.ndarray) -> None:
             f"TFLite Micro's outputs differ from the reference interpreter in {bad} of "
             f"{got.size} values; the .tflite file was not written"
         )
+
+
+# --------------------------------------------------------------------------------------
+# LiteRT (ai-edge-litert): the TFLite runtime of phones
+# --------------------------------------------------------------------------------------
+
+
+def litert_available() -> bool:
+    """Whether LiteRT's Python interpreter (``ai-edge-litert``) can be imported."""
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def litert_interpreter(data: bytes, *, threads: int = 1):
+    """A LiteRT interpreter for ``.tflite`` bytes (default kernels and XNNPACK delegate),
+    with its tensors allocated."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise ExportError(
+            "LiteRT is not installed: pip install ai-edge-litert "
+            "(or pip install 'edgeslim[litert]')"
+        ) from exc
+    try:
+        interp = Interpreter(model_content=data, num_threads=threads)
+        interp.allocate_tensors()
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(f"LiteRT cannot load the model: {exc}") from exc
+    return interp
+
+
+def run_litert(data: bytes, q: np.ndarray, *, threads: int = 1, interp=None) -> np.ndarray:
+    """Run ``.tflite`` bytes in LiteRT on int8 inputs ``q`` (N, H, W, C) as one batch (the
+    input is resized to N); the outputs (N, ...) as int64. ``interp`` reuses an interpreter
+    from :func:`litert_interpreter`."""
+    interp = interp or litert_interpreter(data, threads=threads)
+    q = np.ascontiguousarray(q, np.int8)
+    inp = interp.get_input_details()[0]
+    if tuple(inp["shape"]) != q.shape:
+        try:
+            interp.resize_tensor_input(inp["index"], list(q.shape))
+            interp.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"LiteRT cannot run a batch of shape {q.shape}: {exc}") from exc
+    interp.set_tensor(inp["index"], q)
+    interp.invoke()
+    return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]), np.int64).copy()
+
+
+def check_litert(graph: ir.Graph, data: bytes, q: np.ndarray) -> dict[str, float]:
+    """Raise :class:`ExportError` unless LiteRT's outputs are within :data:`LITERT_STEPS`
+    output steps of the reference interpreter's, or within a relative L2 error of
+    :data:`LITERT_REL_L2`; return ``{"max_steps": ..., "rel_l2": ...}``."""
+    from edgeslim.export.int8 import reference
+
+    got = run_litert(data, q)
+    expected = reference.run_batch(graph, q).reshape(got.shape)
+    steps = int(np.max(np.abs(got - expected))) if got.size else 0
+    want = reference.dequantize(graph, graph.output, expected)
+    have = reference.dequantize(graph, graph.output, got)
+    rel = float(np.linalg.norm(have - want) / max(float(np.linalg.norm(want)), 1e-12))
+    if steps > LITERT_STEPS and not rel <= LITERT_REL_L2:
+        raise ExportError(
+            f"LiteRT's outputs differ from the reference interpreter by up to {steps} steps "
+            f"(relative L2 error {rel:.3g}; tolerance {LITERT_STEPS} steps or "
+            f"{LITERT_REL_L2}); the .tflite file was not written"
+        )
+    return {"max_steps": float(steps), "rel_l2": rel}
