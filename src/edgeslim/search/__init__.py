@@ -1,0 +1,33 @@
+"""Hardware-aware automatic compression search: from a budget to a deployable model.
+
+    result = es.search(model, data, es.Budget(max_latency_ms=0.5, target="ort"))
+    result.model; result.front; result.report_path
+
+One idea per module:
+
+- :mod:`.space`: what may change per layer / per coupled channel group (``SearchSpace``);
+- :mod:`.apply`: a candidate -> a compressed model, through the existing verbs;
+- :mod:`.cost`: hardware cost, measured once per layer configuration, then predicted (a
+  per-machine latency lookup table for ONNX Runtime / PyTorch; the C backend's own numbers
+  for microcontrollers); :mod:`.predictor_eval` says how good the prediction is;
+- :mod:`.budget`: the limits and what a violation costs;
+- :mod:`.executor`: where trials run (local process pool, or Ray);
+- :mod:`.store`: every finished trial persisted in the run directory (resume);
+- :mod:`.search`: the multi-objective search itself (Optuna), the final fine-tunes and the
+  verification of the answer on the target runtime.
+"""
+
+from __future__ import annotations
+
+from edgeslim.search.budget import Budget
+from edgeslim.search.space import SearchSpace
+
+__all__ = ["Budget", "SearchResult", "SearchSpace", "search"]
+
+
+def __getattr__(name: str):
+    if name in ("search", "SearchResult"):
+        from edgeslim.search import search as _search
+
+        return getattr(_search, name)
+    raise AttributeError(f"module 'edgeslim.search' has no attribute {name!r}")
