@@ -13,7 +13,7 @@ One idea per module:
 - :mod:`.budget`: the limits and what a violation costs;
 - :mod:`.executor`: where trials run (local process pool, or Ray);
 - :mod:`.store`: every finished trial persisted in the run directory (resume);
-- :mod:`.search`: the multi-objective search itself (Optuna), the final fine-tunes and the
+- :mod:`.engine`: the multi-objective search itself (Optuna), the final fine-tunes and the
   verification of the answer on the target runtime.
 """
 
@@ -27,7 +27,7 @@ __all__ = ["Budget", "SearchResult", "SearchSpace", "search"]
 
 def __getattr__(name: str):
     if name in ("search", "SearchResult"):
-        from edgeslim.search import search as _search
+        import importlib
 
-        return getattr(_search, name)
+        return getattr(importlib.import_module("edgeslim.search.engine"), name)
     raise AttributeError(f"module 'edgeslim.search' has no attribute {name!r}")
