@@ -5,8 +5,9 @@
 2. low rank: :class:`~edgeslim.lowrank.SVD` with a rank per Linear layer;
 3. sparsity: :class:`~edgeslim.prune.MagnitudePrune` (``layer_sparsity``) and
    :class:`~edgeslim.prune.NMPrune` per pattern (masks: kept through fine-tuning);
-4. weight bits: :class:`~edgeslim.quant.Int8PTQ` in module mode with ``layer_bits`` -- after
-   fine-tuning, on calibration inputs (:func:`quantize_candidate`).
+4. weight bits: :class:`~edgeslim.quant.Int8PTQ` (graph mode where the model traces, as the
+   C backend lowers it) with ``layer_bits`` -- after fine-tuning, on calibration inputs
+   (:func:`quantize_candidate`).
 
 Steps 1-3 are :func:`apply_structure_`; a layer factored in step 2 is not sparsified (its
 two factors replace it).
@@ -27,7 +28,7 @@ __all__ = ["apply_structure_", "build", "quantize_candidate", "split"]
 
 
 def split(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{kind: {name: value}}`` of a candidate's knobs (``keep``, ``rank``, ``sparsity``, ``bits``)."""
+    """``{kind: {name: value}}`` of a candidate's knobs (keep, rank, sparsity, bits)."""
     out: dict[str, dict[str, Any]] = {"keep": {}, "rank": {}, "sparsity": {}, "bits": {}}
     for knob, value in candidate.items():
         kind, _, name = knob.partition(":")
@@ -60,7 +61,7 @@ def apply_structure_(model: nn.Module, candidate: dict[str, Any], example: Any) 
         if ranks:
             keep = set(ranks)
             log["lowrank"] = lowrank_(
-                model, SVD(rank=ranks), filter_fn=lambda _m, n: n in keep
+                model, SVD(rank=ranks), calib=example, filter_fn=lambda _m, n: n in keep
             )
         factored = set(log.get("lowrank", {}))
         floats = {
@@ -86,10 +87,13 @@ def _only(names: Any):
     return lambda _m, n: n in chosen
 
 
-def quantize_candidate(model: nn.Module, candidate: dict[str, Any], calib: torch.Tensor) -> nn.Module:
-    """``model`` with the candidate's weight bits (8-bit activations); unchanged without bits."""
+def quantize_candidate(
+    model: nn.Module, candidate: dict[str, Any], calib: torch.Tensor
+) -> nn.Module:
+    """A quantized copy of ``model`` with the candidate's weight bits (8-bit activations,
+    graph mode where the model traces); ``model`` itself when the candidate has no bits."""
     from edgeslim.prune import remove_masks_
-    from edgeslim.quant import Int8PTQ, quantize_
+    from edgeslim.quant import Int8PTQ, quantize
 
     bits = split(candidate)["bits"]
     if not bits:
@@ -102,11 +106,11 @@ def quantize_candidate(model: nn.Module, candidate: dict[str, Any], calib: torch
         else:  # factored by low rank: its two factors
             table[f"{name}.*"] = int(b)
     remove_masks_(model)  # zeros stay zeros; the quantizer reads plain weights
-    cfg = Int8PTQ(graph="module", layer_bits=table, weight_calibration="mse")
+    # graph mode where the model traces (what the int8 graph of the C backend lowers)
+    cfg = Int8PTQ(graph="auto", layer_bits=table, weight_calibration="mse")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_(model, cfg, calib=calib)
-    return model
+        return quantize(model, cfg, calib=calib)
 
 
 def build(

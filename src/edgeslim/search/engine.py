@@ -32,7 +32,6 @@ new generations once spent and finishes with the best feasible trials found.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tempfile
 import time
@@ -135,8 +134,9 @@ def run_trial(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
             cfg = TrainConfig(epochs=1, lr=state["lr"], batch_size=bs, keep_best=False)
         else:
             x, y = state["train"]
-            data = DataSplits("search", Split(x, y), Split(*state["val"]), Split(*state["test"]),
-                              state["classes"])
+            data = DataSplits(
+                "search", Split(x, y), Split(*state["val"]), Split(*state["test"]), state["classes"]
+            )
             cfg = TrainConfig(epochs=job["epochs"], lr=state["lr"], batch_size=bs)
         cfg = cfg.model_copy(update={"seed": job["seed"], "distill": KD()})
         if cfg.epochs > 0 and job.get("steps", 1) > 0:
@@ -145,7 +145,7 @@ def run_trial(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         out = {"number": job["number"], "accuracy": evaluate(model, data, "val")}
         if job["kind"] == "final":
             out["test"] = evaluate(model, data, "test")
-            out["model"] = model
+            out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -154,7 +154,10 @@ def run_trial(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sampler(kind: str, seed: int, batch: int, startup: int):
-    import optuna
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError("the search needs Optuna: pip install 'edgeslim[search]'") from exc
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -279,9 +282,16 @@ def search(
         "knobs": bound.knobs,
         "model": fingerprint(model),
         "settings": {
-            "trials": trials, "batch": batch, "seed": seed, "sampler": sampler,
-            "proxy_steps": proxy_steps, "proxy_val": proxy_val, "batch_size": batch_size,
-            "lr": lr, "finetune_top": finetune_top, "finetune_epochs": finetune_epochs,
+            "trials": trials,
+            "batch": batch,
+            "seed": seed,
+            "sampler": sampler,
+            "proxy_steps": proxy_steps,
+            "proxy_val": proxy_val,
+            "batch_size": batch_size,
+            "lr": lr,
+            "finetune_top": finetune_top,
+            "finetune_epochs": finetune_epochs,
         },
     }
     store = RunStore(out, meta)
@@ -323,8 +333,9 @@ def search(
     new = 0
     stopped = ""
     executor = make_executor(workers, ray)
-    from edgeslim.core.progress import enabled, progress_bar
     from rich.progress import TextColumn
+
+    from edgeslim.core.progress import enabled, progress_bar
 
     bar = progress_bar(TextColumn("{task.fields[best]}"), disable=not enabled(progress))
     try:
@@ -334,7 +345,7 @@ def search(
                 numbers = list(range(gen * batch, min((gen + 1) * batch, trials)))
                 if all(n in done for n in numbers):
                     continue
-                if max_time is not None and time.monotonic() - started > max_time:
+                if done and max_time is not None and time.monotonic() - started > max_time:
                     stopped = "max_time"
                     break
                 prior = [done[n] for n in sorted(done) if n < gen * batch]
@@ -371,8 +382,11 @@ def search(
                     break
                 results = executor.map(run_trial, state, [j for _, j in jobs])
                 for i, result in results:
-                    record = {**jobs[i][0], "accuracy": result["accuracy"],
-                              "seconds": result["seconds"]}
+                    record = {
+                        **jobs[i][0],
+                        "accuracy": result["accuracy"],
+                        "seconds": result["seconds"],
+                    }
                     store.add_trial(record)
                     done[record["number"]] = record
                     new += 1
@@ -383,8 +397,9 @@ def search(
                 if stopped:
                     break
         records = [done[n] for n in sorted(done)]
-        result = SearchResult(None, None, False, budget, tgt.name, trials=records, out=out,
-                              stopped=stopped)
+        result = SearchResult(
+            None, None, False, budget, tgt.name, trials=records, out=out, stopped=stopped
+        )
         if stopped == "stop_after":
             result.wall_s = time.monotonic() - started
             return result
@@ -401,18 +416,25 @@ def search(
         top = ranked[:finetune_top]
         finals = store.finals()
         jobs = [
-            {"kind": "final", "number": r["number"], "candidate": r["candidate"],
-             "epochs": finetune_epochs, "seed": seed}
-            for r in top if r["number"] not in finals
+            {
+                "kind": "final",
+                "number": r["number"],
+                "candidate": r["candidate"],
+                "epochs": finetune_epochs,
+                "seed": seed,
+            }
+            for r in top
+            if r["number"] not in finals
         ]
         for _, res in executor.map(run_trial, state, jobs):
-            model_i = res.pop("model")
+            weights = res.pop("state")
             rec = next(r for r in top if r["number"] == res["number"])
+            model_i = _rebuild(model, rec["candidate"], weights, example, calib)
             res["measured"] = tgt.measure(model_i, example, calib)
             res["predicted"] = rec["cost"]
             res["proxy"] = rec["accuracy"]
             res["fits"] = budget.feasible(res["measured"])
-            store.add_final(res, model_i)
+            store.add_final(res, weights)
             finals[res["number"]] = res
     finally:
         executor.close()
@@ -423,7 +445,9 @@ def search(
     result.finalists = fin
     best = fin[0]
     result.candidate = next(r["candidate"] for r in top if r["number"] == best["number"])
-    result.model = store.load_model(best["number"])
+    result.model = _rebuild(
+        model, result.candidate, store.load_state(best["number"]), example, calib
+    )
     result.feasible = best["fits"]
     result.accuracy = best["test"]
     result.predicted = dict(best["predicted"])
@@ -440,6 +464,17 @@ def search(
     result.wall_s = time.monotonic() - started
     _write_report(result, store, bound)
     return result
+
+
+def _rebuild(model: nn.Module, candidate: dict, weights: dict, example, calib) -> nn.Module:
+    """The candidate's structure built on a copy of ``model``, with ``weights`` loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = copy.deepcopy(model)
+        apply_structure_(out, candidate, example)
+        out = quantize_candidate(out.eval(), candidate, calib)
+    out.load_state_dict(weights)
+    return out.eval()
 
 
 def _shuffled(split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

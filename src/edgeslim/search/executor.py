@@ -122,9 +122,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError as exc:
-            raise ConfigError(
-                "ray= needs the optional extra: pip install 'edgeslim[ray]'"
-            ) from exc
+            raise ConfigError("ray= needs the optional extra: pip install 'edgeslim[ray]'") from exc
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:

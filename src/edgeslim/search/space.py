@@ -156,7 +156,9 @@ class SearchSpace(Options):
                 )
             for k in hit:
                 if value not in knobs[k] and not _valid(k, value):
-                    raise ConfigError(f"SearchSpace.fixed[{key!r}] = {value!r} is not valid for {k}")
+                    raise ConfigError(
+                        f"SearchSpace.fixed[{key!r}] = {value!r} is not valid for {k}"
+                    )
                 knobs[k] = [value]
         if not knobs:
             raise ConfigError(

@@ -3,7 +3,7 @@
     run/meta.json        what the search is (space, budget, target, settings): a resume must
                          match it, else RunDirError (nothing is overwritten)
     run/trials.jsonl     one JSON line per finished trial, appended with one write + fsync
-    run/final.jsonl      one line per fine-tuned finalist (+ final/trial-N.pt, its model)
+    run/final.jsonl      one line per fine-tuned finalist (+ final/trial-N.pt, its weights)
     run/calibration.json the cost model's measured constants, reused on resume
 
 A line cut short by a kill (no final newline) is ignored on reading: that trial runs again.
@@ -32,7 +32,8 @@ class RunStore:
             old = path.read_text(encoding="utf-8")
             if json.loads(old) != json.loads(text):
                 differ = sorted(
-                    k for k in {**json.loads(old), **json.loads(text)}
+                    k
+                    for k in {**json.loads(old), **json.loads(text)}
                     if json.loads(old).get(k) != json.loads(text).get(k)
                 )
                 raise RunDirError(
@@ -77,19 +78,21 @@ class RunStore:
     def model_path(self, number: int) -> Path:
         return self.dir / "final" / f"trial-{number}.pt"
 
-    def add_final(self, record: dict[str, Any], model: Any) -> None:
+    def add_final(self, record: dict[str, Any], state: dict[str, Any]) -> None:
+        """A finalist's record and its weights (a state dict: the structure is rebuilt from
+        the candidate, so graph-mode quantized models need no pickling)."""
         import torch
 
         path = self.model_path(int(record["number"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save(model, tmp)
+            torch.save(state, tmp)
         self._append("final.jsonl", record)
 
-    def load_model(self, number: int) -> Any:
+    def load_state(self, number: int) -> dict[str, Any]:
         import torch
 
-        return torch.load(self.model_path(number), weights_only=False)
+        return torch.load(self.model_path(number), weights_only=True)
 
     def calibration(self) -> dict[str, Any] | None:
         path = self.dir / "calibration.json"
