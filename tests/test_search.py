@@ -284,3 +284,12 @@ def test_max_time_returns_the_best_feasible_found(lenet, small, tmp_path, cache)
     assert result.stopped == "max_time"
     assert len(result.trials) == 2  # the first generation only
     assert result.feasible and result.candidate is not None
+
+
+def test_facade_exports():
+    import edgeslim.search as package
+
+    assert callable(es.search) and callable(package)  # the package calls the search
+    assert es.Budget is Budget and es.SearchSpace is SearchSpace
+    with pytest.raises(es.ConfigError, match="trials and batch"):
+        package(nn.Linear(2, 2), None, Budget(max_size_kb=1), trials=0)

@@ -19,6 +19,10 @@ One idea per module:
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from edgeslim.search.budget import Budget
 from edgeslim.search.space import SearchSpace
 
@@ -31,3 +35,17 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module("edgeslim.search.engine"), name)
     raise AttributeError(f"module 'edgeslim.search' has no attribute {name!r}")
+
+
+class _CallablePackage(types.ModuleType):
+    """``edgeslim.search`` is both this package and the function: importing the package
+    makes it the attribute ``edgeslim.search`` (hiding the facade's lazy function), so the
+    package itself calls :func:`edgeslim.search.engine.search`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return importlib.import_module("edgeslim.search.engine").search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
