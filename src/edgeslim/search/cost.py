@@ -177,6 +177,7 @@ class LatencyTable:
         self.entries: dict[str, float] = {}
         self.overheads: dict[str, float] = {}
         self.measured = 0  # entries measured by this process (not read from the cache)
+        self._saved = 0
         self._empty: float | None = None
         if self.path.exists():
             try:
@@ -187,7 +188,13 @@ class LatencyTable:
             except (OSError, ValueError, AttributeError):
                 warnings.warn(f"latency table {self.path} unreadable: measuring anew", stacklevel=2)
 
+    def flush(self) -> None:
+        """Save when entries were measured since the last save (a resume then reads them)."""
+        if self.measured != self._saved:
+            self.save()
+
     def save(self) -> None:
+        self._saved = self.measured
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "machine": self.machine,
@@ -293,10 +300,12 @@ class RuntimeTarget:
         """Predicted cost (no running of ``model`` in the runtime)."""
         if self.overhead is None:
             raise ConfigError("RuntimeTarget.predict before calibrate(): no overhead measured")
-        return {
+        cost = {
             "latency_ms": self.units_ms(model, example) + self.overhead,
             "size_kb": param_kb(model),
         }
+        self.table.flush()
+        return cost
 
     repeats = 200  # timed runs per whole-model measurement (x2, the faster median kept)
 
