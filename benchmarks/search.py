@@ -246,6 +246,9 @@ def main() -> None:
     if args.smoke:
         args.epochs, args.trials, args.proxy_steps, args.finetune_epochs = 1, 4, 2, 0
         args.predictor_n, args.fractions = 3, (0.5,)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # the int8 export's duplicate-initializer notes
     cache = Path(args.out) / "latency-cache"
     os.makedirs(cache, exist_ok=True)
     start = time.perf_counter()
