@@ -8,9 +8,11 @@ groups, bias, activation, bits) is timed once, alone, in the runtime (median of 
 runs, minus the runtime's cost of an empty call). The table is cached on disk per machine
 (platform, CPU model, threads) and runtime version: ``$EDGESLIM_CACHE/search/`` (default
 ``~/.cache/edgeslim/search/``). A whole model's latency is predicted as the sum of its
-units' entries plus a constant overhead (the per-call cost and the unfused ops: pooling,
-adds, flatten), measured on the model itself: the mean over calibration models of the
-measured latency minus the summed entries (:meth:`RuntimeTarget.calibrate`).
+units' entries, times a scale, plus a constant overhead (the per-call cost and the unfused
+ops: pooling, adds, flatten), both measured on the model itself: the line through the
+(summed entries, measured latency) points of the dense model and the smallest candidate
+(:meth:`RuntimeTarget.calibrate`; units timed alone run a little slower than inside a model,
+whose activations are still in cache, so the scale is usually just below 1).
 
 **Microcontrollers** (a device profile): the candidate is lowered to the int8 graph the C
 backend uses; SRAM = the memory planner's arena + the input and output buffers (patch-based
@@ -175,7 +177,7 @@ class LatencyTable:
         folder = Path(directory) if directory is not None else cache_dir()
         self.path = folder / f"latency-{runtime}-{digest[:12]}.json"
         self.entries: dict[str, float] = {}
-        self.overheads: dict[str, float] = {}
+        self.calibrations: dict[str, list[float]] = {}  # model -> [scale, overhead ms]
         self.measured = 0  # entries measured by this process (not read from the cache)
         self._saved = 0
         self._empty: float | None = None
@@ -183,7 +185,9 @@ class LatencyTable:
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 self.entries = {k: float(v) for k, v in data.get("entries", {}).items()}
-                self.overheads = {k: float(v) for k, v in data.get("overheads", {}).items()}
+                self.calibrations = {
+                    k: [float(a), float(b)] for k, (a, b) in data.get("calibrations", {}).items()
+                }
                 self._empty = data.get("empty_ms")
             except (OSError, ValueError, AttributeError):
                 warnings.warn(f"latency table {self.path} unreadable: measuring anew", stacklevel=2)
@@ -200,7 +204,7 @@ class LatencyTable:
             "machine": self.machine,
             "empty_ms": self._empty,
             "entries": dict(sorted(self.entries.items())),
-            "overheads": self.overheads,
+            "calibrations": self.calibrations,
         }
         atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
 
@@ -277,6 +281,7 @@ class RuntimeTarget:
         self.name = runtime
         self.table = LatencyTable(runtime, threads, cache)
         self.overhead: float | None = None
+        self.scale = 1.0
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.name, "machine": self.table.machine, "table": str(self.table.path)}
@@ -284,24 +289,34 @@ class RuntimeTarget:
     def units_ms(self, model: nn.Module, example: torch.Tensor) -> float:
         return sum(self.table.entry(u) for _, u in layer_units(model, example))
 
-    def calibrate(self, models: list[nn.Module], example: torch.Tensor, key: str) -> float:
-        """The constant overhead: mean of (measured - summed entries) over ``models``
-        (cached in the table under ``key``, the reference model's fingerprint)."""
-        if key in self.table.overheads:
-            self.overhead = self.table.overheads[key]
+    def calibrate(
+        self, models: list[nn.Module], example: torch.Tensor, key: str
+    ) -> tuple[float, float]:
+        """``(scale, overhead ms)``: the line through (summed entries, measured latency) of
+        ``models`` (the first two; one model: scale 1), cached in the table under ``key``."""
+        if key in self.table.calibrations:
+            self.scale, self.overhead = self.table.calibrations[key]
         else:
-            gaps = [self.measure_ms(m, example) - self.units_ms(m, example) for m in models]
-            self.overhead = sum(gaps) / len(gaps)
-            self.table.overheads[key] = self.overhead
+            sums = [self.units_ms(m, example) for m in models]
+            times = [self.measure_ms(m, example) for m in models]
+            scale = 1.0
+            if len(models) > 1 and abs(sums[0] - sums[1]) > 0.05 * max(sums[0], sums[1]):
+                scale = (times[0] - times[1]) / (sums[0] - sums[1])
+                scale = min(2.0, max(0.5, scale))
+            self.scale = scale
+            self.overhead = sum(t - scale * u for t, u in zip(times, sums, strict=True)) / len(
+                models
+            )
+            self.table.calibrations[key] = [self.scale, self.overhead]
         self.table.save()
-        return self.overhead
+        return self.scale, self.overhead
 
     def predict(self, model: nn.Module, example: torch.Tensor, calib: Any = None) -> dict:
         """Predicted cost (no running of ``model`` in the runtime)."""
         if self.overhead is None:
             raise ConfigError("RuntimeTarget.predict before calibrate(): no overhead measured")
         cost = {
-            "latency_ms": self.units_ms(model, example) + self.overhead,
+            "latency_ms": self.scale * self.units_ms(model, example) + self.overhead,
             "size_kb": param_kb(model),
         }
         self.table.flush()

@@ -307,9 +307,9 @@ def search(
     if tgt.kind == "runtime":
         if calibration is None:
             smallest = build(model, bound.smallest(), example)
-            overhead = tgt.calibrate([model, smallest], example, fingerprint(model))
-            calibration = {"overhead_ms": overhead}
-        tgt.overhead = calibration["overhead_ms"]
+            scale, overhead = tgt.calibrate([model, smallest], example, fingerprint(model))
+            calibration = {"scale": scale, "overhead_ms": overhead}
+        tgt.scale, tgt.overhead = calibration["scale"], calibration["overhead_ms"]
     else:
         if calibration is None:
             calibration = {"code_bytes": tgt.calibrate([model], example, "", calib=calib)}
