@@ -113,6 +113,10 @@ _LAZY = {
     "dynamic_": "edgeslim.dynamic",
     "export_exits": "edgeslim.export.exits",
     "export_heads": "edgeslim.export.multitask",
+    "search": "edgeslim.search.engine",
+    "SearchResult": "edgeslim.search.engine",
+    "Budget": "edgeslim.search.budget",
+    "SearchSpace": "edgeslim.search.space",
 }
 _SUBMODULES = {"zoo": "edgeslim.core.models.zoo"}
 # packages that register a file format with core's load_model (``.slim``): imported with it

@@ -304,6 +304,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from edgeslim.core.data.datasets import load_data
+    from edgeslim.core.models.io import load_model
+    from edgeslim.core.train import fit
+    from edgeslim.search import Budget, SearchSpace
+    from edgeslim.search.engine import search
+
+    model = load_model(args.model)
+    data = load_data(args.data)
+    if args.fit_epochs:
+        fit(model, data, epochs=args.fit_epochs)
+    budget = Budget(
+        target=args.target,
+        max_latency_ms=args.max_latency_ms,
+        max_flash_kb=args.max_flash_kb,
+        max_sram_kb=args.max_sram_kb,
+        max_size_kb=args.max_size_kb,
+    )
+    space = SearchSpace(techniques=args.techniques, exclude=args.exclude or [])
+    result = search(
+        model,
+        data,
+        budget,
+        space=space,
+        trials=args.trials,
+        batch=args.batch,
+        seed=args.seed,
+        sampler=args.sampler,
+        proxy_steps=args.proxy_steps,
+        finetune_top=args.finetune_top,
+        finetune_epochs=args.finetune_epochs,
+        workers=args.workers,
+        ray=args.ray,
+        out=args.out,
+        max_time=args.max_time,
+    )
+    print(result.summary())
+    print(f"report: {Path(result.out) / 'report.md'}")
+    if not result.feasible:
+        raise EdgeslimError(f"the budget cannot be met on {result.target} (see the report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeslim",
@@ -440,6 +482,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="calibration data: mnist, npz:PATH, random")
     p.add_argument("--calib", type=int, default=64, help="number of calibration inputs")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser(
+        "optimize", help="search a compression that meets a latency / flash / SRAM budget"
+    )
+    p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
+    p.add_argument("--data", default="mnist", help="dataset: mnist or npz:PATH")
+    p.add_argument("--target", default="ort", help="ort, torch or a device profile (stm32f446)")
+    p.add_argument("--max-latency-ms", type=float, help="latency budget on the target")
+    p.add_argument("--max-flash-kb", type=float, help="flash budget (device profiles)")
+    p.add_argument("--max-sram-kb", type=float, help="SRAM budget (device profiles)")
+    p.add_argument("--max-size-kb", type=float, help="model size budget")
+    p.add_argument("--max-time", type=float, help="seconds; then finish with the best found")
+    p.add_argument("--ray", help="run trials on Ray: auto (a local cluster) or an ADDRESS")
+    p.add_argument("--workers", type=int, help="local worker processes (0: in this process)")
+    p.add_argument("--out", default="runs/optimize", help="run directory (resumes if present)")
+    p.add_argument("--trials", type=int, default=32, help="candidates to try")
+    p.add_argument("--batch", type=int, default=4, help="candidates asked per generation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    p.add_argument("--proxy-steps", type=int, default=20, help="fine-tune batches per trial")
+    p.add_argument("--finetune-top", type=int, default=3, help="finalists fine-tuned properly")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="epochs per finalist")
+    p.add_argument("--fit-epochs", type=int, default=0, help="train the model first (zoo:)")
+    p.add_argument("--techniques", nargs="+", help="allowed: channel sparsity nm bits lowrank")
+    p.add_argument("--exclude", nargs="+", help="layer globs never changed")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots")
     p.add_argument("dir", help="run directory written by compress or demo")

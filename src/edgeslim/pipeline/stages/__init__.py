@@ -13,4 +13,5 @@ from edgeslim.pipeline.stages import lowrank as _lowrank  # noqa: F401
 from edgeslim.pipeline.stages import pack as _pack  # noqa: F401
 from edgeslim.pipeline.stages import prune as _prune  # noqa: F401
 from edgeslim.pipeline.stages import quant as _quant  # noqa: F401
+from edgeslim.pipeline.stages import search as _search  # noqa: F401
 from edgeslim.pipeline.stages import share as _share  # noqa: F401

@@ -1,0 +1,534 @@
+"""The search: accuracy vs hardware cost under a budget, then the answer verified.
+
+Multi-objective (maximise accuracy, minimise the budget's first metric), constrained by the
+budget (Optuna's constraint convention: every relative excess <= 0), with Optuna's TPE
+(default; Watanabe 2023, https://arxiv.org/abs/2304.11127) or NSGA-II (Deb et al. 2002)
+sampler. Steps:
+
+1. **Space and cost.** The space is bound to the model and target (:mod:`.space`); the
+   target's cost model is calibrated once (:mod:`.cost`; kept in the run directory).
+2. **Generations.** Trials are asked in batches of ``batch``: generation ``g`` is asked from
+   a fresh study holding the finished trials of generations ``< g``, with a sampler seeded
+   ``seed + g``. So the trials are a function of the seed and the earlier results alone --
+   the same in one process, on the pool, on Ray, and after a resume (a killed generation is
+   asked again, identically, and only its unfinished trials run).
+3. **Cost first, then accuracy.** Each candidate's cost is predicted here (cheap: shapes and
+   the latency table). An infeasible one is recorded without training; a feasible one gets
+   the accuracy proxy on the executor: a short fine-tune (``proxy_steps`` batches, distilled
+   from the original) and validation accuracy on ``proxy_val`` examples.
+4. **Finalists.** The ``finetune_top`` feasible trials with the best proxy accuracy are
+   fine-tuned properly (``finetune_epochs`` on the whole training split, distilled from the
+   original); the proxy's quality is reported as its rank correlation with those accuracies.
+5. **The answer, verified.** The finalists' cost is measured on the target (ONNX Runtime
+   runs the model; for a microcontroller the C export's own numbers), and the most accurate
+   one within the budget *as measured* is chosen, exported (``model.onnx`` / ``c/``), and
+   compared with the budget and the prediction in ``report.md``. When nothing fits, the
+   result says so (``feasible=False``) and carries the closest point.
+
+Every finished trial is in ``trials.jsonl`` (:mod:`.store`); ``max_time`` stops asking
+new generations once spent and finishes with the best feasible trials found.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edgeslim.core.data.datasets import DataSplits, Split
+from edgeslim.core.errors import ConfigError
+from edgeslim.search.apply import apply_structure_, build, quantize_candidate
+from edgeslim.search.budget import Budget
+from edgeslim.search.cost import fingerprint, resolve_target
+from edgeslim.search.executor import make_executor
+from edgeslim.search.predictor_eval import spearman
+from edgeslim.search.space import BoundSpace, SearchSpace
+from edgeslim.search.store import RunStore
+
+__all__ = ["SearchResult", "search"]
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the chosen model, the Pareto front, cost predicted vs measured."""
+
+    model: nn.Module | None
+    candidate: dict[str, Any] | None
+    feasible: bool
+    budget: Budget
+    target: str
+    predicted: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+    accuracy: float | None = None  # test accuracy of the chosen model
+    dense: dict[str, Any] = field(default_factory=dict)  # the original's accuracy and cost
+    front: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    finalists: list[dict[str, Any]] = field(default_factory=list)
+    closest: dict[str, Any] | None = None  # infeasible: the trial nearest the budget
+    proxy_spearman: float = float("nan")
+    stopped: str = ""  # "" (finished), "max_time", "stop_after"
+    out: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def summary(self) -> str:
+        if self.stopped == "stop_after":
+            return f"search stopped after {len(self.trials)} trials (resume with the same --out)"
+        lim = self.budget.limits()
+        if not self.feasible:
+            near = self.closest or {}
+            return (
+                f"INFEASIBLE: no candidate meets {lim} on {self.target}; closest: "
+                f"{_fmt(near.get('cost', {}))} (trial {near.get('number')})"
+            )
+        return (
+            f"chosen trial {self.candidate_number}: test accuracy {self.accuracy:.4f} "
+            f"(dense {self.dense.get('accuracy', float('nan')):.4f}); measured "
+            f"{_fmt(self.measured)}, predicted {_fmt(self.predicted)}, budget {lim}"
+        )
+
+    @property
+    def candidate_number(self) -> int | None:
+        return self.finalists[0]["number"] if self.finalists else None
+
+
+def _fmt(cost: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in cost.items() if isinstance(v, int | float))
+
+
+# ----------------------------------------------------------------------------- trial workers
+
+
+def _proxy_data(state: dict[str, Any], n_train: int) -> DataSplits:
+    x, y = state["train"]
+    val = Split(*state["val"])
+    return DataSplits("search", Split(x[:n_train], y[:n_train]), val, val, state["classes"])
+
+
+def run_trial(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """One trial on a worker: the candidate built, fine-tuned, quantized, evaluated.
+
+    ``job["kind"]``: ``"proxy"`` (``steps`` batches; validation accuracy on the proxy's
+    examples) or ``"final"`` (``epochs`` over the training split; the model comes back)."""
+    from edgeslim.core.kd import KD
+    from edgeslim.core.train import TrainConfig, evaluate, fit
+
+    teacher = state["model"]
+    model = copy.deepcopy(teacher)
+    candidate = job["candidate"]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_structure_(model, candidate, state["example"])
+        bs = state["batch_size"]
+        if job["kind"] == "proxy":
+            data = _proxy_data(state, job["steps"] * bs)
+            cfg = TrainConfig(epochs=1, lr=state["lr"], batch_size=bs, keep_best=False)
+        else:
+            x, y = state["train"]
+            data = DataSplits(
+                "search", Split(x, y), Split(*state["val"]), Split(*state["test"]), state["classes"]
+            )
+            cfg = TrainConfig(epochs=job["epochs"], lr=state["lr"], batch_size=bs)
+        cfg = cfg.model_copy(update={"seed": job["seed"], "distill": KD()})
+        if cfg.epochs > 0 and job.get("steps", 1) > 0:
+            fit(model, data, cfg, teacher=teacher, progress=False)
+        model = quantize_candidate(model.eval(), candidate, state["calib"])
+        out = {"number": job["number"], "accuracy": evaluate(model, data, "val")}
+        if job["kind"] == "final":
+            out["test"] = evaluate(model, data, "test")
+            out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+# ----------------------------------------------------------------------------- Optuna
+
+
+def _sampler(kind: str, seed: int, batch: int, startup: int):
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError("the search needs Optuna: pip install 'edgeslim[search]'") from exc
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    def constraints(trial) -> list[float]:
+        return trial.system_attrs.get("constraints", [])
+
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, constraints_func=constraints, n_startup_trials=startup, multivariate=True
+        )
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(2, batch), constraints_func=constraints
+        )
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"sampler {kind!r}: expected 'tpe', 'nsga2' or 'random'")
+
+
+def _study(space: BoundSpace, records: list[dict], sampler: Any):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.knobs.items()}
+    for r in records:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=r["candidate"],
+                distributions=dists,
+                values=[r["accuracy"] or 0.0, r["objective"]],
+                system_attrs={"constraints": r["constraints"]},
+            )
+        )
+    return study, dists
+
+
+def _ask(study, dists: dict) -> dict[str, Any]:
+    trial = study.ask(dists)
+    return dict(trial.params)
+
+
+# ----------------------------------------------------------------------------- Pareto
+
+
+def pareto(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The feasible records no other feasible record beats on both accuracy and ``metric``."""
+    pts = [r for r in records if r["feasible"] and r["accuracy"] is not None]
+    front = []
+    for r in pts:
+        a, c = r["accuracy"], r["cost"][metric]
+        beaten = any(
+            (o["accuracy"] >= a and o["cost"][metric] <= c)
+            and (o["accuracy"] > a or o["cost"][metric] < c)
+            for o in pts
+        )
+        if not beaten:
+            front.append(r)
+    return sorted(front, key=lambda r: r["cost"][metric])
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def search(
+    model: nn.Module,
+    data: DataSplits,
+    budget: Budget,
+    *,
+    space: SearchSpace | None = None,
+    target: str | None = None,
+    trials: int = 32,
+    batch: int = 4,
+    seed: int = 0,
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe",
+    proxy_steps: int = 20,
+    proxy_val: int = 500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    finetune_top: int = 3,
+    finetune_epochs: int = 3,
+    workers: int | None = None,
+    ray: str | None = None,
+    out: str | Path | None = None,
+    max_time: float | None = None,
+    cache: str | Path | None = None,
+    export: bool = True,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+) -> SearchResult:
+    """Search compressions of ``model`` (trained) for the best accuracy within ``budget``.
+
+    ``target`` overrides ``budget.target``. ``trials`` candidates are tried in generations
+    of ``batch`` (see the module docstring), on ``workers`` local processes or on Ray
+    (``ray="auto"`` starts a local cluster; or a cluster address). ``out`` is the run
+    directory (a temporary one when None): rerunning the same call on it resumes.
+    ``max_time`` (seconds) stops asking new trials once spent; ``stop_after`` stops after
+    that many newly finished trials without finishing (an interruption, for tests).
+    ``cache`` is where the latency table lives (default: per-user cache directory).
+    """
+    started = time.monotonic()
+    if trials < 1 or batch < 1:
+        raise ConfigError(f"trials and batch must be >= 1, got trials={trials}, batch={batch}")
+    if finetune_top < 1:
+        raise ConfigError(f"finetune_top must be >= 1, got {finetune_top}")
+    if not isinstance(data, DataSplits):
+        raise ConfigError(f"data must be a DataSplits (es.load_data), got {type(data).__name__}")
+    tgt_name = target or budget.target
+    tgt = resolve_target(tgt_name, cache=cache)
+    budget.check_metrics(tgt.metrics, tgt_name)
+    model = model.eval()
+    example = data.train.x[:1]
+    calib = data.calib(min(64, len(data.train)))
+    bound = (space or SearchSpace()).bind(model, example, tgt.techniques)
+    metric = budget.primary()
+    quant = any(k.startswith("bits:") for k in bound.knobs)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-search-"))
+    meta = {
+        "budget": budget.model_dump(),
+        "target": tgt.describe(),
+        "knobs": bound.knobs,
+        "model": fingerprint(model),
+        "settings": {
+            "trials": trials,
+            "batch": batch,
+            "seed": seed,
+            "sampler": sampler,
+            "proxy_steps": proxy_steps,
+            "proxy_val": proxy_val,
+            "batch_size": batch_size,
+            "lr": lr,
+            "finetune_top": finetune_top,
+            "finetune_epochs": finetune_epochs,
+        },
+    }
+    store = RunStore(out, meta)
+
+    def cost_of(candidate: dict[str, Any]) -> dict[str, float]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = build(model, candidate, example, calib if quant else None)
+            return tgt.predict(built, example, calib)
+
+    # 1. the cost model, calibrated once per run (kept for a resume)
+    calibration = store.calibration()
+    if tgt.kind == "runtime":
+        if calibration is None:
+            smallest = build(model, bound.smallest(), example)
+            scale, overhead = tgt.calibrate([model, smallest], example, fingerprint(model))
+            calibration = {"scale": scale, "overhead_ms": overhead}
+        tgt.scale, tgt.overhead = calibration["scale"], calibration["overhead_ms"]
+    else:
+        if calibration is None:
+            calibration = {"code_bytes": tgt.calibrate([model], example, "", calib=calib)}
+        tgt.code_bytes = calibration["code_bytes"]
+    if store.calibration() is None:
+        store.save_calibration(calibration)
+
+    # 2-3. generations of trials
+    state = {
+        "model": model,
+        "example": example,
+        "calib": calib,
+        "train": _shuffled(data.train, seed),
+        "val": (data.val.x[:proxy_val], data.val.y[:proxy_val]),
+        "test": (data.test.x, data.test.y),
+        "classes": data.num_classes,
+        "batch_size": batch_size,
+        "lr": lr,
+    }
+    done = store.trials()
+    new = 0
+    stopped = ""
+    executor = make_executor(workers, ray)
+    from rich.progress import TextColumn
+
+    from edgeslim.core.progress import enabled, progress_bar
+
+    bar = progress_bar(TextColumn("{task.fields[best]}"), disable=not enabled(progress))
+    try:
+        with bar:
+            task = bar.add_task("search", total=trials, completed=len(done), best=_best(done))
+            for gen in range(math.ceil(trials / batch)):
+                numbers = list(range(gen * batch, min((gen + 1) * batch, trials)))
+                if all(n in done for n in numbers):
+                    continue
+                if done and max_time is not None and time.monotonic() - started > max_time:
+                    stopped = "max_time"
+                    break
+                prior = [done[n] for n in sorted(done) if n < gen * batch]
+                startup = max(batch, min(10, trials // 3))
+                study, dists = _study(bound, prior, _sampler(sampler, seed + gen, batch, startup))
+                if gen == 0:  # anchors: the dense model and the smallest point
+                    study.enqueue_trial(bound.dense())
+                    study.enqueue_trial(bound.smallest())
+                asked = {n: bound.encode(_ask(study, dists)) for n in numbers}
+                jobs = []
+                for n in numbers:
+                    if n in done:
+                        continue
+                    cost = cost_of(asked[n])
+                    record = {
+                        "number": n,
+                        "candidate": asked[n],
+                        "cost": cost,
+                        "objective": cost[metric],
+                        "constraints": budget.constraints(cost),
+                        "feasible": budget.feasible(cost),
+                        "accuracy": None,
+                    }
+                    if record["feasible"]:
+                        job = {"kind": "proxy", "number": n, "candidate": asked[n]}
+                        jobs.append((record, {**job, "steps": proxy_steps, "seed": seed}))
+                    else:
+                        store.add_trial(record)
+                        done[n] = record
+                        new += 1
+                        bar.update(task, advance=1, best=_best(done))
+                if stop_after is not None and new >= stop_after:
+                    stopped = "stop_after"
+                    break
+                results = executor.map(run_trial, state, [j for _, j in jobs])
+                for i, result in results:
+                    record = {
+                        **jobs[i][0],
+                        "accuracy": result["accuracy"],
+                        "seconds": result["seconds"],
+                    }
+                    store.add_trial(record)
+                    done[record["number"]] = record
+                    new += 1
+                    bar.update(task, advance=1, best=_best(done))
+                    if stop_after is not None and new >= stop_after:
+                        stopped = "stop_after"
+                        break
+                if stopped:
+                    break
+        records = [done[n] for n in sorted(done)]
+        result = SearchResult(
+            None, None, False, budget, tgt.name, trials=records, out=out, stopped=stopped
+        )
+        if stopped == "stop_after":
+            result.wall_s = time.monotonic() - started
+            return result
+        result.front = pareto(records, metric)
+        feasible = [r for r in records if r["feasible"] and r["accuracy"] is not None]
+        if not feasible:
+            result.closest = min(records, key=lambda r: (budget.violation(r["cost"]), r["number"]))
+            result.wall_s = time.monotonic() - started
+            _write_report(result, store, bound)
+            return result
+
+        # 4. finalists: best proxy accuracy first (ties: cheaper, then earlier)
+        ranked = sorted(feasible, key=lambda r: (-r["accuracy"], r["cost"][metric], r["number"]))
+        top = ranked[:finetune_top]
+        finals = store.finals()
+        jobs = [
+            {
+                "kind": "final",
+                "number": r["number"],
+                "candidate": r["candidate"],
+                "epochs": finetune_epochs,
+                "seed": seed,
+            }
+            for r in top
+            if r["number"] not in finals
+        ]
+        for _, res in executor.map(run_trial, state, jobs):
+            weights = res.pop("state")
+            rec = next(r for r in top if r["number"] == res["number"])
+            model_i = _rebuild(model, rec["candidate"], weights, example, calib)
+            res["measured"] = tgt.measure(model_i, example, calib)
+            res["predicted"] = rec["cost"]
+            res["proxy"] = rec["accuracy"]
+            res["fits"] = budget.feasible(res["measured"])
+            store.add_final(res, weights)
+            finals[res["number"]] = res
+    finally:
+        executor.close()
+
+    # 5. the answer: most accurate finalist within the budget as measured
+    fin = [finals[r["number"]] for r in top]
+    fin.sort(key=lambda f: (not f["fits"], -f["accuracy"], f["number"]))
+    result.finalists = fin
+    best = fin[0]
+    result.candidate = next(r["candidate"] for r in top if r["number"] == best["number"])
+    result.model = _rebuild(
+        model, result.candidate, store.load_state(best["number"]), example, calib
+    )
+    result.feasible = best["fits"]
+    result.accuracy = best["test"]
+    result.predicted = dict(best["predicted"])
+    result.measured = dict(best["measured"])
+    if not best["fits"]:
+        result.closest = {"number": best["number"], "cost": best["measured"]}
+    if len(fin) >= 3:
+        result.proxy_spearman = spearman([f["proxy"] for f in fin], [f["accuracy"] for f in fin])
+    from edgeslim.core.train import evaluate
+
+    result.dense = {"accuracy": evaluate(model, data, "test"), "cost": cost_of(bound.dense())}
+    if export:
+        result.files = _export(result, tgt, example, calib, out)
+    result.wall_s = time.monotonic() - started
+    _write_report(result, store, bound)
+    return result
+
+
+def _rebuild(model: nn.Module, candidate: dict, weights: dict, example, calib) -> nn.Module:
+    """The candidate's structure built on a copy of ``model``, with ``weights`` loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = copy.deepcopy(model)
+        apply_structure_(out, candidate, example)
+        out = quantize_candidate(out.eval(), candidate, calib)
+    out.load_state_dict(weights)
+    return out.eval()
+
+
+def _shuffled(split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=g)
+    return split.x[order], split.y[order]
+
+
+def _best(done: dict[int, dict[str, Any]]) -> str:
+    ok = [r for r in done.values() if r["feasible"] and r["accuracy"] is not None]
+    if not ok:
+        return "best: -"
+    b = max(ok, key=lambda r: (r["accuracy"], -r["objective"]))
+    return f"best: acc {b['accuracy']:.3f} @ {b['objective']:.4g}"
+
+
+def _export(result: SearchResult, tgt: Any, example, calib, out: Path) -> dict[str, str]:
+    """The chosen model written for the target, measured from what was written."""
+    files: dict[str, str] = {}
+    model = result.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tgt.kind == "runtime":
+            from edgeslim.export.onnx import export_onnx
+
+            path = out / "model.onnx"
+            export_onnx(model, path, example)
+            files["onnx"] = str(path)
+            result.measured["file_kb"] = path.stat().st_size / 1024
+            if tgt.name == "ort":
+                result.measured["file_latency_ms"] = _ort_file_ms(path, example)
+        else:
+            measured = tgt.measure(model, example, calib, out=out / "c")
+            result.measured.update(measured)
+            files["c"] = str(out / "c")
+    return files
+
+
+def _ort_file_ms(path: Path, example: torch.Tensor, repeats: int = 200) -> float:
+    """Median ms of the written ONNX file in ONNX Runtime (one thread)."""
+    import onnxruntime as ort
+
+    from edgeslim.core.timing import median_ms
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    feed = {name: example[:1].numpy()}
+    return min(median_ms(lambda: session.run(None, feed), repeats, 10) for _ in range(2))
+
+
+def _write_report(result: SearchResult, store: RunStore, bound: BoundSpace) -> None:
+    from edgeslim.search.report import write_report
+
+    write_report(result, store.dir, bound)
