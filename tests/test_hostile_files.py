@@ -562,9 +562,11 @@ def test_fuzz_readers_small(tmp_path):
 
 
 @pytest.mark.slow
-def test_fuzz_readers_10000(tmp_path):
-    n = int(os.environ.get("EDGESLIM_FUZZ_N", 1112))  # 9 seeds x 1112 = 10,008 cases
-    run_fuzz(tmp_path, n=n, seed=2)
+def test_fuzz_readers_slow(tmp_path):
+    """10,008 cases (9 seeds x 1112); CI runs it at the size ``EDGESLIM_FUZZ_N`` sets."""
+    n = int(os.environ.get("EDGESLIM_FUZZ_N", 1112))
+    out = run_fuzz(tmp_path, n=n, seed=2)
+    assert out["cases"] >= 10_000 or "EDGESLIM_FUZZ_N" in os.environ
 
 
 def test_the_memory_probe_sees_torch_numpy_and_untouched_allocations():
