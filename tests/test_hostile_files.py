@@ -381,6 +381,33 @@ def test_slim_with_a_sympy_payload_in_its_graph_runs_nothing(tmp_path):
     assert "graph stream" in out["message"] and "sympy.slim" in out["message"]
 
 
+def _declare_lzma_dictionary(blob: bytes, prop: int) -> bytes:
+    """An .xz stream whose LZMA2 filter declares dictionary property ``prop`` (40: 4 GiB),
+    with the block header's CRC32 recomputed (the data still decodes)."""
+    import zlib
+
+    size = (blob[12] + 1) * 4  # the block header follows the 12-byte stream header
+    head = bytearray(blob[12 : 12 + size])
+    assert head[1] & 0xC0 == 0 and head[2] == 0x21  # no size fields; filter 0x21 = LZMA2
+    head[4] = prop
+    head[-4:] = zlib.crc32(head[:-4]).to_bytes(4, "little")
+    return blob[:12] + bytes(head) + blob[12 + size :]
+
+
+def test_slim_graph_stream_declaring_a_huge_lzma_dictionary_is_refused(tmp_path):
+    import lzma
+
+    ok = graph_slim(tmp_path)
+    header, streams = _slim_parts(ok)
+    sid = header["architecture"]["stream"]
+    graph = lzma.decompress(streams[sid])
+    assert lzma.LZMADecompressor(memlimit=1 << 20).decompress(streams[sid]) == graph  # fitted
+    streams[sid] = _declare_lzma_dictionary(streams[sid], 40)  # a 4 GiB dictionary
+    path = _slim_file(tmp_path / "dict.slim", header, streams)
+    out = assert_refused("slim", path, tmp_path / "MARKER", tensor_bytes=path.stat().st_size)
+    assert "graph stream" in out["message"] and "Memory usage limit" in out["message"]
+
+
 def test_slim_with_a_non_operator_target_in_its_graph_is_refused(tmp_path):
     import lzma
 
