@@ -13,6 +13,8 @@ Three views, because no single one sees everything:
 - the resident-set high-water mark (``VmHWM``) sees torch's CPU allocations, which
   tracemalloc does not; Linux resets it per case through ``/proc/self/clear_refs`` (``5``),
   so it is this case's peak, not the process's since start (``ru_maxrss`` never goes down).
+  Free heap memory is handed back first and glibc's mmap threshold fixed, so that a new
+  block is new resident memory rather than reused resident heap.
 - ``RLIMIT_AS`` caps the address space at the case's start plus ``budget``: an allocation
   beyond the budget fails at once (even one never touched, which the resident set misses)
   and that failure is reported as ``over``, also when a reader wraps it in its own error.
@@ -20,6 +22,7 @@ Three views, because no single one sees everything:
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 import tracemalloc
@@ -44,6 +47,18 @@ def _reset_hwm() -> bool:
     except OSError:
         return False
     return True
+
+
+def _fresh_heap() -> None:
+    """Make new allocations show in the resident set: hand free heap memory back to the
+    system (``malloc_trim``) and fix glibc's mmap threshold at 128 KiB (it otherwise rises
+    up to 32 MiB after frees, so big blocks come from already-resident heap)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _alloc_failure(exc: BaseException | None) -> bool:
@@ -75,6 +90,7 @@ class Peak:
             tracemalloc.start()
         tracemalloc.reset_peak()
         self._traced0 = tracemalloc.get_traced_memory()[0]
+        _fresh_heap()
         self._hwm = _reset_hwm()
         self._rss0 = _status("VmRSS")
         self._limits = resource.getrlimit(resource.RLIMIT_AS)
