@@ -148,11 +148,11 @@ def _sparse_file(path: Path, shapes_json: str, values=(1.0,), bitmap=(0x80,)) ->
 # --------------------------------------------------------------------------------------
 
 
-def legacy_pt2(tmp_path: Path, marker: Path) -> Path:
+def legacy_pt2(tmp_path: Path, marker: Path, ok: Path | None = None) -> Path:
     """The torch 2.7 layout (everything at the root) with pickles that write ``marker``."""
     from torch._export.serde.schema import SCHEMA_VERSION
 
-    ok = valid_pt2(tmp_path)
+    ok = ok or valid_pt2(tmp_path)
     with zipfile.ZipFile(ok) as zf:
         program = zf.read(next(n for n in zf.namelist() if n.endswith("models/model.json")))
     evil = pickle.dumps(_Plant(marker))
@@ -198,8 +198,8 @@ def _sympy_payload(text: str, marker: Path) -> str:
     )
 
 
-def sympy_pt2(tmp_path: Path, marker: Path) -> Path:
-    ok = valid_pt2(tmp_path)
+def sympy_pt2(tmp_path: Path, marker: Path, ok: Path | None = None) -> Path:
+    ok = ok or valid_pt2(tmp_path)
 
     def change(name: str, data: bytes) -> bytes:
         if not name.endswith("models/model.json"):
@@ -363,10 +363,10 @@ def _zoo_header(tensors: list[dict], modules: dict | None = None) -> dict:
     }  # fmt: skip
 
 
-def sympy_slim(tmp_path: Path, marker: Path) -> Path:
+def sympy_slim(tmp_path: Path, marker: Path, ok: Path | None = None) -> Path:
     import lzma
 
-    ok = graph_slim(tmp_path)
+    ok = ok or graph_slim(tmp_path)
     header, streams = _slim_parts(ok)
     sid = header["architecture"]["stream"]
     text = _sympy_payload(lzma.decompress(streams[sid]).decode(), marker)
@@ -545,15 +545,16 @@ def fuzz_seeds(tmp_path: Path, marker: Path) -> list[str]:
     save_weights(state, sparse, "sparse")
     evil = tmp_path / "evil"
     evil.mkdir()
+    pt2, graph = valid_pt2(tmp_path), graph_slim(tmp_path)
     seeds = {
-        "pt2": [valid_pt2(tmp_path), legacy_pt2(evil, marker), sympy_pt2(evil, marker)],
+        "pt2": [pt2, legacy_pt2(evil, marker, pt2), sympy_pt2(evil, marker, pt2)],
         "weights": [sparse],
         "hf": [hf_shard(tmp_path)],
         "slim": [
             zoo_slim(tmp_path),  # hashed records
             pruned_zoo_slim(tmp_path),  # sparse / shared records
-            graph_slim(tmp_path),
-            sympy_slim(evil, marker),
+            graph,
+            sympy_slim(evil, marker, graph),
         ],
     }
     return [f"{kind}={path}" for kind, paths in seeds.items() for path in paths]
