@@ -4,12 +4,14 @@ For LeNet-5, the MobileNetV2-style net and the DS-CNN keyword-spotting net (seed
 weights, int8 qparams from 64 real MNIST digits, resized to 49x10 for the DS-CNN):
 
 - **RAM**: edgeslim's static arena (in-place rules; and with patch-based execution of the
-  first layers) against TFLite Micro's arena for the same ``.tflite`` file, head
-  (activations) + tail (interpreter overhead), from its allocation report. edgeslim reads the
-  input and writes the output in the caller's buffers, so "ours + io" adds those bytes.
-  PyTorch's symmetric padding at stride 2 needs explicit PAD ops in TFLite (MobileNetV2);
-  TFLite Micro is also measured on a copy of the file with TFLite SAME padding instead
-  (same shapes, no PAD ops, not the same numbers), the fairer baseline.
+  first layers) against TFLite Micro's arena, head (activations) + tail (interpreter
+  overhead), from its allocation report. edgeslim reads the input and writes the output in
+  the caller's buffers, so "ours + io" adds those bytes. The headline baseline is TFLite
+  Micro on the same graph *without PAD ops*: PyTorch's symmetric padding at stride 2 needs
+  explicit PAD ops in TFLite (MobileNetV2), which our own exporter writes and which cost
+  TFLite Micro two padded copies of feature maps, so TFLite Micro runs a copy of the graph
+  with TFLite SAME padding instead (same shapes, no PAD ops, not the same numbers). The
+  exported file with its PAD ops is measured too, beside it, never as the headline.
 - **Flash**: ``.text`` + ``.rodata`` of ``model.c`` compiled with gcc -O2 on this host against
   the size of the ``.tflite`` file (which TFLite Micro needs in flash besides its own code).
 - **Latency on this host**: our compiled C (``-O2``, no sanitizer) against TFLite Micro's
@@ -57,7 +59,7 @@ from edgeslim.export.int8 import ir, reference
 from edgeslim.profiling.devices import load_device
 
 REPEATS = 100
-TARGET_PLAIN, TARGET_PATCH = 0.7, 0.4  # MobileNetV2 arena vs TFLite Micro's total
+TARGET_PLAIN, TARGET_PATCH = 0.7, 0.4  # MobileNetV2 arena vs TFLite Micro's total, no PAD
 
 
 def inputs(model, n: int, split: str) -> torch.Tensor:
@@ -306,7 +308,7 @@ def main() -> int:
     ]
     rows = [measure(name, model) for name, model in nets]
 
-    ram = Table(title="RAM: edgeslim arena vs TFLite Micro arena (same .tflite)")
+    ram = Table(title="RAM: edgeslim arena vs TFLite Micro arena (same graph, no PAD ops)")
     for col in (
         "model",
         "ours",
@@ -319,13 +321,13 @@ def main() -> int:
         "TFLM total",
         "ours / TFLM",
         "patches / TFLM",
-        "TFLM total (SAME, no PAD)",
+        "TFLM total (exported file, PAD ops)",
         "ours / it",
         "patches / it",
     ):
         ram.add_column(col, justify="right")
     for r in rows:
-        t, s = r["tflm"], r["tflm_same"]
+        s, t = r["tflm"], r["tflm_same"]  # t: the headline baseline (no PAD ops)
         p = r["patch_plan"]
         plan = "-"
         if p is not None:
@@ -349,8 +351,9 @@ def main() -> int:
         )
     console.print(ram)
     console.print(
-        "* the exported file has PAD ops (PyTorch pads stride-2 convs symmetrically); "
-        "this column is TFLite Micro on the same graph with SAME padding instead."
+        "TFLM: TFLite Micro on the graph with TFLite SAME padding (same shapes, no PAD ops); "
+        "* the exported file has PAD ops (PyTorch pads stride-2 convs symmetrically), which "
+        "cost TFLite Micro padded copies: shown beside, not the headline."
     )
 
     other = Table(title=f"Flash, host latency (median of {REPEATS}), bit-exactness")
@@ -374,11 +377,15 @@ def main() -> int:
     console.print(other)
 
     mbv2 = next(r for r in rows if r["name"] == "mobilenetv2")
-    total = mbv2["tflm"]["total"]
+    total, padded = mbv2["tflm_same"]["total"], mbv2["tflm"]["total"]
     for label, key, target in (("arena", "ours", TARGET_PLAIN), ("patches", "patch", TARGET_PATCH)):
         ratio = mbv2[key] / total
         verdict = "met" if ratio <= target else "MISSED"
-        print(f"MobileNetV2 {label} <= {target}x TFLite Micro's total: {ratio:.3f} ({verdict})")
+        print(
+            f"MobileNetV2 {label} <= {target}x TFLite Micro's total on the same graph without "
+            f"PAD ops: {ratio:.3f} ({verdict}; {mbv2[key] / padded:.3f} against the exported "
+            "file with PAD ops)"
+        )
     return 0 if all(r["exact"] for r in rows) and arm_ok else 1
 
 

@@ -3,7 +3,9 @@
 Half the files are raw byte mutations (the CRCs catch them); the other half mutate the
 header's values or a stream's bytes and then recompute every CRC, so the mutation reaches
 the validators and the decoders. Every file must give a ContainerError or a model, within
-hypothesis' deadline (no hang) and the reader's memory limit (no large allocation).
+hypothesis' deadline (no hang) and under the reader's own memory limit (``max_bytes``). The
+peak memory each case really takes is measured by the readers' fuzzer
+(``tests/fuzz_readers.py``, run by ``tests/test_hostile_files.py``), not here.
 """
 
 import json

@@ -12,6 +12,7 @@ from torch import nn
 import edgeslim as es
 from edgeslim.core.errors import ConfigError
 from edgeslim.quant import Int8PTQ, quantize
+from edgeslim.quant.modules import ActQuant, QuantLinear
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96
@@ -69,17 +70,45 @@ def test_magnitude_prune_opt_leaves_the_tied_embedding():
 
 
 def test_svd_never_factorises_a_tied_lm_head_nor_grows_a_model():
-    model = gpt2()  # only the tied lm_head is an nn.Linear: nothing to do, said plainly
-    with pytest.warns(UserWarning, match="tied"), pytest.raises(ConfigError, match="tied"):
-        es.lowrank_(model, es.SVD(rank=8), calib=torch.randint(0, VOCAB, (2, 8)))
-    model = opt()
-    before = _params(model)
-    with pytest.warns(UserWarning, match="lm_head left unchanged"):
-        log = es.lowrank_(model, es.SVD(rank=8), calib=torch.randint(0, VOCAB, (2, 8)))
-    assert "lm_head" not in log and log
-    assert isinstance(model.lm_head, nn.Linear)
-    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
-    assert _params(model) < before
+    for model, embedding in ((gpt2(), "transformer.wte"), (opt(), "model.decoder.embed_tokens")):
+        before = _params(model)
+        with pytest.warns(UserWarning, match="lm_head left unchanged"):
+            log = es.lowrank_(model, es.SVD(rank=8), calib=torch.randint(0, VOCAB, (2, 8)))
+        assert "lm_head" not in log and log
+        assert isinstance(model.lm_head, nn.Linear)
+        assert model.lm_head.weight is model.get_submodule(embedding).weight
+        assert _params(model) < before
+
+
+def test_svd_factorises_gpt2_conv1d_as_the_linear_layer_it_is():
+    model = gpt2()
+    layers = _conv1d(model)
+    weights = {n: m.weight.detach().t().double() for n, m in layers.items()}  # (out, in)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.warns(UserWarning, match="tied"):
+        log = es.lowrank_(model, es.SVD(rank=8), calib=ids)
+    assert set(log) == set(layers)
+    for name, w in weights.items():
+        pair = model.get_submodule(name)
+        assert isinstance(pair, es.lowrank.Factored) and pair.rank == 8, name
+        got = pair[1].weight.double() @ pair[0].weight.double()  # (out, in)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        best = u[:, :8] * s[:8] @ vh[:8]  # Eckart-Young: the closest rank-8 matrix
+        assert torch.allclose(got, best, atol=1e-5), name
+        assert torch.equal(pair[1].bias, layers[name].bias), name
+    model(ids)
+
+
+def test_svd_of_conv1d_at_full_rank_reproduces_the_layer():
+    from edgeslim.lowrank.svd import weight_factors
+
+    layer = gpt2().transformer.h[0].mlp.c_fc  # Conv1D 64 -> 256, weight stored (64, 256)
+    factors = weight_factors(layer)
+    assert factors.shape == "linear" and factors.max_rank == 64
+    pair = factors.build(64)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(pair(x), layer(x), atol=1e-5)
 
 
 def test_svd_skips_a_layer_it_would_make_larger_with_a_note():
@@ -134,12 +163,64 @@ def test_int8ptq_lists_every_layer_it_leaves_float():
     assert "head" in info["float_layers"], info
 
 
-def test_int8ptq_on_gpt2_falls_back_to_modules_and_lists_conv1d_as_float():
+def test_int8ptq_on_gpt2_falls_back_to_modules_and_quantizes_conv1d():
     model = gpt2()
-    q = quantize(model, Int8PTQ(), calib=torch.randint(0, VOCAB, (2, 8)))
+    ids = torch.randint(0, VOCAB, (4, 16))
+    q = quantize(model, Int8PTQ(), calib=ids)
     info = q.quant_info
     assert info["graph"] == "module"
-    assert set(_conv1d(model)) <= set(info["float_layers"]), info["float_layers"]
+    assert set(_conv1d(model)) <= set(info["quantized"]), info
     every = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
     every |= set(_conv1d(model))
     assert every <= set(info["quantized"]) | set(info["float_layers"])
+    for name in _conv1d(model):
+        assert isinstance(q.get_submodule(name), QuantLinear), name
+    with torch.no_grad():
+        ref, out = model(ids).logits, q(ids).logits
+    assert not torch.equal(out, ref)  # really quantized
+    err = (out - ref).abs().max()
+    assert err < 0.05 * ref.abs().max(), err
+    cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999, cos
+
+
+def test_channel_prune_refuses_conv1d_naming_the_layers():
+    model = gpt2()
+    with pytest.raises(ConfigError, match=r"Conv1D.*transformer\.h\.0\.attn\.c_attn"):
+        es.prune_(model, es.ChannelPrune(ratio=0.5), example=torch.randint(0, VOCAB, (2, 8)))
+
+
+def _dead_middle(kind: str) -> nn.Module:
+    """An MLP whose middle layer outputs all zeros (a dead ReLU) or only denormals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    ).eval()
+    with torch.no_grad():
+        if kind == "zero":
+            model[2].bias.fill_(-100.0)  # ReLU(-100 + small) == 0 everywhere
+        else:
+            model[2].weight.mul_(1e-42)  # outputs float32 cannot scale (denormals)
+            model[2].bias.fill_(1e-44)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["zero", "denormal"])
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_int8ptq_with_an_all_zero_layer_output_keeps_a_sane_scale(kind, activations):
+    model = _dead_middle(kind)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        ref = model(x)
+        middle = model[:4](x)
+    assert middle.abs().max() < 1e-30  # the case: nothing float32 can scale
+    q = quantize(model, Int8PTQ(activations=activations), calib=x)
+    with torch.no_grad():
+        out = q(x)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 1e-2 * ref.abs().max()
+    for name, m in q.named_modules():  # every input scale stays usable
+        if isinstance(m, ActQuant):
+            scale = m._dynamic_params(middle)[0] if m.dynamic else m._params()[0]
+            assert torch.isfinite(scale).all(), name
+            assert (scale >= torch.finfo(torch.float32).tiny).all(), (name, scale)

@@ -139,6 +139,14 @@ def write_encoded(
     return report
 
 
+def graph_filters(size: int) -> list[dict[str, Any]]:
+    """LZMA2 at its strongest preset with a dictionary just large enough for ``size`` bytes:
+    a reader allocates the dictionary the stream declares (preset 9's 64 MiB for a graph of
+    a few KB otherwise), and a dictionary larger than the data compresses no better."""
+    dict_size = min(max(1 << (max(size, 1) - 1).bit_length(), 1 << 16), 64 << 20)
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+
+
 def encode_model(
     model: nn.Module, cfg: PackConfig, example: torch.Tensor | None
 ) -> tuple[bytes, PackReport]:
@@ -147,7 +155,7 @@ def encode_model(
     arch, state, constants, graph = describe(model, cfg.architecture, example)
     graph_bytes = 0
     if graph is not None:
-        graph_blob = lzma.compress(graph, preset=9 | lzma.PRESET_EXTREME)
+        graph_blob = lzma.compress(graph, format=lzma.FORMAT_XZ, filters=graph_filters(len(graph)))
         arch["stream"] = writer.add(graph_blob)
         graph_bytes = len(graph_blob)
     kinds = {name: type(m) for name, m in model.named_modules()}

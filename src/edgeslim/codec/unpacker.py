@@ -47,6 +47,7 @@ from edgeslim.core.options import format_validation_error
 from edgeslim.share.hashed import check_buckets
 
 SLIM_MAX_EXPANSION = 1024  # bytes decoding may allocate per byte of file ...
+GRAPH_DECODER_LIMIT = MAX_GRAPH_BYTES + (1 << 20)  # a 64 MiB LZMA2 dictionary + its state
 SLIM_BUDGET_SLACK = 16 << 20  # ... plus this allowance (all-zero tensors, hashed layers)
 
 
@@ -240,8 +241,13 @@ def decode_tensors(header: Header, streams: list[memoryview]) -> dict[str, torch
 
 
 def _inflate_graph(stream: memoryview) -> bytes:
-    """The graph JSON of a graph-form file, inflated to at most 64 MiB."""
-    inflater = lzma.LZMADecompressor()
+    """The graph JSON of a graph-form file, inflated to at most 64 MiB.
+
+    The decoder allocates the dictionary the stream declares (up to 4 GiB in LZMA2) before
+    it decodes a byte: ``memlimit`` refuses more than a 64 MiB graph can need (the 64 MiB
+    dictionary of files written with preset 9 before the dictionary was fitted still loads).
+    """
+    inflater = lzma.LZMADecompressor(memlimit=GRAPH_DECODER_LIMIT)
     try:
         graph = inflater.decompress(bytes(stream), MAX_GRAPH_BYTES)
     except lzma.LZMAError as exc:

@@ -38,6 +38,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import run_calibration
+from edgeslim.core.linear import is_linear
 from edgeslim.lowrank.layers import Factorization, Shape, check_all_ran, weight_matrix
 from edgeslim.lowrank.ranks import RankTarget
 
@@ -110,7 +111,7 @@ def response_factors(
         eigvals, vectors = torch.linalg.eigh(cov)  # ascending
         p = vectors.flip(1)  # (d, d), principal directions first
         first = p.T @ weight_matrix(layer)  # (d, fan_in)
-        shape: Shape = "linear" if isinstance(layer, nn.Linear) else "conv"
+        shape: Shape = "linear" if is_linear(layer) else "conv"
         w = layer.weight
         factors[name] = Factorization(
             layer, shape, first.to(w), p.to(w), eigvals.flip(0).clamp(min=0), mean=mean.to(w)

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import iter_batches
-from edgeslim.core.linear import skip_tied
+from edgeslim.core.linear import is_linear, skip_tied
 from edgeslim.core.selection import FilterFn, matches
 from edgeslim.lowrank.conv import ConvDecompose, response_factors
 from edgeslim.lowrank.layers import geometries, replace_, thin_pair
@@ -28,11 +28,14 @@ def candidates(
     exclude: list[str],
     filter_fn: FilterFn | None = None,
 ) -> dict[str, nn.Module]:
-    """Layers that can be factorised: ``types``, ungrouped convs, not already factorised."""
+    """Layers that can be factorised: ``types`` (``nn.Linear`` includes transformers'
+    ``Conv1D``, the same linear layer with its weight transposed), ungrouped convs, not
+    already factorised."""
     done = inside_factored(model)
     found = {}
     for name, m in model.named_modules():
-        if not name or not isinstance(m, types) or name in done or matches(name, exclude):
+        kind = isinstance(m, types) or (nn.Linear in types and is_linear(m))
+        if not name or not kind or name in done or matches(name, exclude):
             continue
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             continue  # depthwise or grouped: no cross-channel structure to factor
@@ -85,14 +88,13 @@ def _factorize_layers_(
 def svd_(
     model: nn.Module, cfg: SVD, *, calib: Any = None, filter_fn: FilterFn | None = None
 ) -> dict[str, dict[str, float]]:
-    """Factor ``model``'s Linear layers in place as ``cfg`` says (see :class:`SVD`)."""
+    """Factor ``model``'s Linear layers (and transformers' Conv1D) in place as ``cfg``
+    says (see :class:`SVD`)."""
     layers = candidates(model, (nn.Linear,), cfg.exclude, filter_fn)
     if not layers:
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
         raise ConfigError(
             f"{type(model).__name__} has no Linear layer to factorise (tied layers are left "
-            "as they are"
-            + ("; transformers' Conv1D layers are not factorised yet)" if conv1d else ")")
+            "as they are)"
         )
     return _factorize_layers_(model, cfg, layers, calib)
 
@@ -118,7 +120,7 @@ def replay_factors_(model: nn.Module, cfg: RankTarget, log: dict, example: Any) 
             and cfg.separable
             and 1 not in getattr(layer, "kernel_size", (1,))
         )
-        shape = "linear" if isinstance(layer, nn.Linear) else "separable" if separable else "conv"
+        shape = "linear" if is_linear(layer) else "separable" if separable else "conv"
         bias = layer.bias is not None or cfg.solver == "response"  # response re-adds the mean
         replace_(model, name, thin_pair(layer, int(entry["rank"]), shape, bias))
     return model

@@ -3,6 +3,7 @@
 A rank-``r`` factorisation replaces one layer by two (a :class:`Factored`):
 
 - ``linear``    Linear(in, out)        -> Linear(in, r, no bias), Linear(r, out)
+                (transformers' Conv1D, GPT-2's linear layer, too: it computes the same)
 - ``conv``      Conv2d(c, d, kh x kw)  -> Conv2d(c, r, kh x kw, same stride/padding, no bias),
                                           Conv2d(r, d, 1x1)          (Zhang et al. 2015)
 - ``separable`` Conv2d(c, d, kh x kw)  -> Conv2d(c, r, kh x 1), Conv2d(r, d, 1 x kw)
@@ -24,6 +25,8 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import run_calibration
+from edgeslim.core.linear import is_linear, weight_in
+from edgeslim.core.linear import weight_matrix as linear_matrix
 
 Shape = Literal["linear", "conv", "separable"]
 
@@ -53,9 +56,10 @@ def thin_pair(layer: nn.Module, rank: int, shape: Shape, bias: bool) -> Factored
     """An uninitialised rank-``rank`` pair with ``layer``'s geometry (see the module docstring)."""
     kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
     if shape == "linear":
+        fan_in = weight_in(layer)
         return Factored(
-            nn.Linear(layer.in_features, rank, bias=False, **kw),
-            nn.Linear(rank, layer.out_features, bias=bias, **kw),
+            nn.Linear(fan_in, rank, bias=False, **kw),
+            nn.Linear(rank, layer.weight.numel() // fan_in, bias=bias, **kw),
         )
     c, d = layer.in_channels, layer.out_channels
     common = {"padding_mode": layer.padding_mode, **kw}
@@ -161,7 +165,9 @@ class Factorization:
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a matrix (out, fan_in), in float64."""
+    """The layer's weight as a matrix (out, fan_in), in float64 (a Conv1D's transposed)."""
+    if is_linear(layer):
+        return linear_matrix(layer).double()
     w = layer.weight.detach().double()
     return w.reshape(w.shape[0], -1)
 
@@ -213,7 +219,7 @@ def restore_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         first = state.get(f"{name}.0.weight")
         if (
             not name
-            or not isinstance(module, (nn.Linear, nn.Conv2d))
+            or not (is_linear(module) or isinstance(module, nn.Conv2d))
             or f"{name}.weight" in state
             or first is None
             or f"{name}.1.weight" not in state

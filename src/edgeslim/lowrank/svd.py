@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from edgeslim.core.linear import is_linear
 from edgeslim.lowrank.layers import Factorization, Shape, weight_matrix
 from edgeslim.lowrank.ranks import RankTarget
 
@@ -51,8 +52,9 @@ def svd_components(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def weight_factors(layer: nn.Module, separable: bool = False) -> Factorization:
-    """The weight-SVD factorisation of a Linear or Conv2d layer (components best first)."""
-    if isinstance(layer, nn.Linear):
+    """The weight-SVD factorisation of a Linear (or transformers Conv1D) or Conv2d layer
+    (components best first)."""
+    if is_linear(layer):
         shape: Shape = "linear"
     else:
         shape = "separable" if separable else "conv"

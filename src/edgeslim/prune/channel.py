@@ -109,6 +109,14 @@ def channel_prune_(
             "the model carries unstructured pruning masks; call edgeslim.prune.remove_masks_ "
             "before structured pruning (or prune channels first)"
         )
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:  # Torch-Pruning cuts no transformers Conv1D (and cannot trace GPT-2)
+        raise ConfigError(
+            f"ChannelPrune cannot cut transformers' Conv1D layers (GPT-2's linear layers) of "
+            f"{type(model).__name__}: {', '.join(conv1d[:4])}"
+            f"{f' and {len(conv1d) - 4} more' if len(conv1d) > 4 else ''}; prune them "
+            "unstructured instead (e.g. MagnitudePrune)"
+        )
     if isinstance(example, torch.Tensor):
         if example.dim() == 0 or example.shape[0] == 0:
             raise ShapeError(f"example must be a batch (B, ...), got shape {tuple(example.shape)}")

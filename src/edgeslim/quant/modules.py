@@ -29,6 +29,7 @@ import torch.ao.quantization.fx._decomposed  # registers the quantized_decompose
 import torch.nn.functional as F
 from torch import nn
 
+from edgeslim.core.linear import weight_in, weight_matrix
 from edgeslim.quant import fake, spec
 from edgeslim.quant.observers import Method, Observer, weight_mse_scale
 
@@ -149,8 +150,10 @@ class ActQuant(QuantModule):
         """Min-max qparams of ``x`` (the batch), as ``spec.activation_qparams`` computes them."""
         rmin = torch.clamp(x.detach().min(), max=0.0).double()
         rmax = torch.clamp(x.detach().max(), min=0.0).double()
-        span = rmax - rmin
-        scale = torch.where(span > 0, span / (self.qmax - self.qmin), torch.ones_like(span))
+        scale = (rmax - rmin) / (self.qmax - self.qmin)
+        # all zeros, or values float32 cannot scale (denormals): scale 1, as in spec
+        tiny = torch.finfo(torch.float32).tiny
+        scale = torch.where(scale >= tiny, scale, torch.ones_like(scale))
         zp_min = self.qmin - rmin / scale
         zp_max = self.qmax - rmax / scale
         err_min = abs(self.qmin) + torch.abs(rmin / scale)
@@ -430,9 +433,19 @@ class QuantLinear(_QuantLayer, nn.Linear):
     """An ``nn.Linear`` whose input, weights (per output row) and output are quantized."""
 
     @classmethod
-    def from_float(cls, lin: nn.Linear, wq: WeightQuant, input_quant: ActQuant) -> QuantLinear:
-        new = cls(lin.in_features, lin.out_features, lin.bias is not None)
-        new._init_from(lin, wq, input_quant)
+    def from_float(cls, lin: nn.Module, wq: WeightQuant, input_quant: ActQuant) -> QuantLinear:
+        """The quantized twin of ``lin``: an ``nn.Linear`` or transformers' ``Conv1D``
+        (GPT-2's linear layer, its weight stored ``(in, out)``; the twin holds ``(out, in)``)."""
+        fan_in = weight_in(lin)
+        new = cls(fan_in, lin.weight.numel() // fan_in, lin.bias is not None)
+        if isinstance(lin, nn.Linear):
+            new._init_from(lin, wq, input_quant)
+            return new
+        with torch.no_grad():
+            new.weight.copy_(weight_matrix(lin))
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        new._init_quant(wq, input_quant)
         return new
 
     def _apply(self, x, w, b):

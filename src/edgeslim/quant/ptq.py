@@ -19,7 +19,8 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
   quantized layer (after its fused activation) and every residual add (replaced by
   :class:`~.modules.QuantAdd`); global average pooling keeps its input's qparams
   (:class:`~.modules.QuantAvgPool`); max-pool, flatten, reshape and dropout keep qparams.
-- *Module* mode (anything else, e.g. transformers): each ``nn.Linear`` / ``nn.Conv2d`` is
+- *Module* mode (anything else, e.g. transformers): each linear layer (``nn.Linear``, and
+  transformers' ``Conv1D``) / ``nn.Conv2d`` is
   replaced in place by a quantized one that quantizes its own input (static, calibrated;
   or dynamic per batch) and outputs float (its dequantized int32 accumulator).
 - Per quantized layer (:class:`~.modules.QuantConv2d` / :class:`~.modules.QuantLinear`,
@@ -381,8 +382,8 @@ def _prepare_modules(
 ) -> tuple[nn.Module, dict[str, Any]]:
     folded = fold_bn_sequential_(model) if cfg.fold_bn else []
     modules = dict(model.named_modules())
-    order = [n for n, m in modules.items() if isinstance(m, QUANTIZABLE) and n]
-    chosen, skipped = _select(order, modules, cfg, filter_fn)
+    order = [n for n, m in modules.items() if n and (isinstance(m, QUANTIZABLE) or is_linear(m))]
+    chosen, skipped = _select(order, modules, cfg, filter_fn)  # is_linear: Conv1D (GPT-2)
     for name in chosen:
         _swap(model, name, cfg, cfg.bits_for(name))
     embeddings = []
