@@ -110,7 +110,7 @@ def openvino_runner(model, path: Path, example, threads: int):
 
     def run(x):
         request.infer([x])
-        return request.get_output_tensor(0).data
+        return request.get_output_tensor(0).data.copy()  # the request reuses its buffer
 
     return res.size_bytes, run
 
@@ -199,6 +199,7 @@ def main() -> None:
         action="store_true",
         help="check the script: untrained net, 100 test images, 5 repeats, no ExecuTorch",
     )
+    parser.add_argument("--only", help="run only these runtimes, e.g. OpenVINO,LiteRT")
     args = parser.parse_args()
     if args.smoke:
         REPEATS.update({1: 5, 32: 5})
@@ -233,6 +234,9 @@ def main() -> None:
                 lambda p: executorch_runner(model, p, example, args.threads),
             ),
         ]
+    if args.only:
+        keep = {name.strip().lower() for name in args.only.split(",")}
+        contenders = [c for c in contenders if c[0].lower() in keep]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for runtime, kind, name, make in contenders:
