@@ -197,3 +197,26 @@ def test_microcontroller_budget_is_met_by_the_c_exports_own_numbers(tmp_path, mn
     # the prediction is the planner's arena and the constants: SRAM exact, flash close
     assert result.predicted["sram_kb"] == pytest.approx(result.measured["sram_kb"], rel=1e-6)
     assert result.predicted["flash_kb"] == pytest.approx(result.measured["flash_kb"], rel=0.2)
+
+
+@pytest.mark.slow
+def test_recipe_with_a_search_stage_runs_and_resumes(tmp_path, npz):
+    import yaml
+
+    recipe = {
+        "name": "search", "seed": 0, "model": "zoo:lenet5", "data": f"npz:{npz}",
+        "train": {"epochs": 1},
+        "stages": [{"search": {
+            "target": "torch", "max_size_kb": 900, "trials": 2, "batch": 2, "proxy_steps": 1,
+            "finetune_top": 1, "finetune_epochs": 0, "workers": 0,
+            "space": {"techniques": ["channel"]}, "out": str(tmp_path / "search"),
+        }}],
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    first = es.run_recipe(es.Recipe.from_yaml(path), out=tmp_path / "run")
+    size = sum(p.numel() for p in first.model.parameters())
+    assert size * 4 / 1024 <= 900 < 431_080 * 4 / 1024
+    again = es.run_recipe(es.Recipe.from_yaml(path), out=tmp_path / "run")
+    assert again.resumed_from == 1
+    assert sum(p.numel() for p in again.model.parameters()) == size
