@@ -98,7 +98,7 @@ def run_torch(net: str, seed: int, data: es.DataSplits, ctx: dict, iterative: bo
     """torch.nn.utils.prune global L1 from our baseline weights, same fine-tuning budget."""
     recipe: es.Recipe = ctx["recipe"]
     stage = recipe.stages[0]
-    steps, ft = stage.config.steps, stage.finetune
+    steps, ft = stage.config.extra.get("steps", 1), stage.finetune
     target = _weight_sparsity(ctx["final"])
     model = es.load_model(recipe.model)
     model.load_state_dict(ctx["baseline"])
