@@ -75,7 +75,7 @@ def test_to_device_walks_tensors_tuples_lists_and_mappings():
     assert moved["b"][1][1] == 3 and moved["c"] == "text" and moved["d"] is None
     mapping = UserDict({"input_ids": torch.zeros(1, 4, dtype=torch.long)})  # a Mapping
     out = to_device(mapping, META)
-    assert isinstance(out, dict) and out["input_ids"].device == META
+    assert isinstance(out, UserDict) and out["input_ids"].device == META  # its type is kept
     assert out["input_ids"].dtype == torch.long
     # on the device they are already on, tensors are returned as they are: no copy on the CPU
     assert to_device(t, "cpu") is t

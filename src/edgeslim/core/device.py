@@ -1,13 +1,16 @@
-"""Where a model runs, and moving its inputs there: inputs follow the model, never the reverse.
+"""Where a model lives, and moving a batch there whole.
 
     device = model_device(model)           # the device of its first parameter (or buffer)
-    batch = to_device(batch, device)       # tensors, tuples, lists, dicts, BatchEncoding ...
+    x, y = to_device((x, y), device)        # tensors inside tuples, lists and mappings
 
-On the CPU, moving a CPU tensor is a no-op (``Tensor.to`` returns the tensor itself).
+Nothing here is hard-wired to a kind of device: ``cpu``, ``cuda``, ``mps`` ... are whatever
+torch says the model's tensors are on. Moving a tensor that is already there is free
+(``Tensor.to`` returns the tensor itself), so the CPU path costs nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,26 +19,29 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter, else its first buffer, else the CPU."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
+    """The device of ``model``'s first parameter (else first buffer); CPU for a stateless one."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
-    """``batch`` with every tensor in it moved to ``device``.
+    """``batch`` with every tensor in it on ``device``: a tensor, or tuples, lists and mappings
+    (dicts, a tokenizer's ``BatchEncoding``) of them, nested; other leaves are kept as they are.
 
-    Tensors, tuples, lists and mappings (dicts, a tokenizer's ``BatchEncoding``) are walked;
-    a mapping comes back as a plain ``dict``; anything else is returned unchanged.
+    Containers keep their type (a named tuple stays one, a ``BatchEncoding`` stays one when its
+    type can be rebuilt from a dict, else a plain dict is returned).
     """
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(to_device(v, device) for v in batch)
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
+        moved = {key: to_device(value, device) for key, value in batch.items()}
+        try:
+            return type(batch)(moved)
+        except Exception:  # a mapping type that is not built from a dict
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
     return batch
