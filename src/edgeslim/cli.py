@@ -16,6 +16,7 @@ DEMO_RECIPES = ("deep_compression_lenet300", "deep_compression_lenet5")
 DATA_HELP = (
     "dataset: mnist, npz:PATH, folder:DIR, py:module:factory, or a recipe YAML (its data block)"
 )
+DEVICE_HELP = "torch device to run on: cpu (default), cuda, cuda:1, mps ..."
 
 
 def recipe_path(name: str) -> Path:
@@ -39,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for name in DEMO_RECIPES:
         net = name.rsplit("_", 1)[1]
-        result = run_recipe(recipe_path(name), out / net, restart=args.restart)
+        result = run_recipe(recipe_path(name), out / net, restart=args.restart, device=args.device)
         _print_table(result.out, f"{name}  ->  {result.out}")
     print(f"run directories and reports under {out}/ (report.md in each)")
 
@@ -47,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     from edgeslim.pipeline.runner import run_recipe
 
-    result = run_recipe(args.recipe, args.out, restart=args.restart)
+    result = run_recipe(args.recipe, args.out, restart=args.restart, device=args.device)
     _print_table(result.out, f"{args.recipe}  ->  {result.out}")
     print(f"report: {result.out / 'report.md'}")
 
@@ -66,16 +67,26 @@ def _example(model, shape: str | None, batch: int):
     return example_input(model, batch)
 
 
+def _device(args: argparse.Namespace):
+    """The ``--device`` of a command, checked (a ConfigError names a device this machine lacks)."""
+    from edgeslim.core.device_check import check_device
+
+    return check_device(args.device or "cpu", "--device")
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from edgeslim.core.models.io import load_model
     from edgeslim.profiling import profile
 
+    device = _device(args)
     model = load_model(args.model)
     model.eval()
-    prof = profile(model, _example(model, args.input_shape, 1), latency=not args.no_latency)
-    Console().print(prof.table(title=f"profile of {args.model}"))
+    example = _example(model, args.input_shape, 1)
+    prof = profile(model.to(device), example, latency=not args.no_latency)
+    where = "" if device.type == "cpu" else f" on {device}"
+    Console().print(prof.table(title=f"profile of {args.model}{where}"))
 
 
 def _load_data_arg(text: str):
@@ -100,10 +111,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from edgeslim.core.models.io import load_model
     from edgeslim.core.train import evaluate
 
-    model = load_model(args.model)
+    model = load_model(args.model).to(_device(args))
     data = apply_transform(_load_data_arg(args.data), args.transform)
     metric = get_metric(args.metric or data.metric)
-    reference = load_model(args.reference) if args.reference else None
+    reference = load_model(args.reference).to(_device(args)) if args.reference else None
     value = evaluate(model, data, args.split, metric=metric, reference=reference)
     shown = format_value(metric.name, value)
     print(f"{args.split} {metric.title} of {args.model} on {args.data}: {shown}")
@@ -227,23 +238,27 @@ def cmd_export_executorch(args: argparse.Namespace) -> None:
     _print_verified(res, "ExecuTorch", "pte")
 
 
-def _model_and_data(source: str, data_name: str | None):
-    """A model and its data from a model source, or from a recipe (trained as it says)."""
+def _model_and_data(source: str, data_name: str | None, device: str | None = None):
+    """A model and its data from a model source, or from a recipe (trained as it says), the
+    model on ``device`` (a recipe's own ``device`` unless given; else the CPU)."""
     from edgeslim.core.data.datasets import load_data
+    from edgeslim.core.device_check import check_device
     from edgeslim.core.models.io import load_model
 
     if source.endswith((".yaml", ".yml")):
         from edgeslim.pipeline.recipe import Recipe
         from edgeslim.pipeline.runner import recipe_inputs, train_baseline
 
-        recipe = Recipe.from_yaml(source)
+        recipe = Recipe.from_yaml(source, device=device)
         if data_name is not None:
             recipe = recipe.model_copy(
                 update={"data": recipe.data.model_copy(update={"source": data_name})}
             )
         model, data = recipe_inputs(recipe)
+        model.to(recipe.device)
         return train_baseline(model, data, recipe), data
-    return load_model(source), load_data(data_name or "mnist")
+    model = load_model(source).to(check_device(device or "cpu", "--device"))
+    return model, load_data(data_name or "mnist")
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -256,7 +271,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
         raise EdgeslimError(f"--ratios must look like 0.25,0.5,0.75, got {args.ratios!r}") from None
-    model, data = _model_and_data(args.model, args.data)
+    model, data = _model_and_data(args.model, args.data, args.device)
     sens = sensitivity(model, data, kind=args.kind, ratios=ratios, metric=args.metric)
     console = Console()
     console.print(sens.table(title=f"{args.kind} sensitivity of {args.model} ({args.metric})"))
@@ -358,18 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="directory for the two runs")
     p.add_argument("--restart", action="store_true", help="discard finished stages")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("compress", help="run (or resume) a YAML recipe")
     p.add_argument("recipe", help="path to a recipe YAML file")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--restart", action="store_true", help="discard finished stages")
+    p.add_argument("--device", help="torch device, overriding the recipe's device: (cpu, cuda ...)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("profile", help="params, MACs, memory, bytes and latency per layer")
     p.add_argument("model", help="model source: zoo:NAME, py:module:factory or FILE.pt2")
     p.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--device", help=DEVICE_HELP + " (latency is measured there)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("evaluate", help="a model's metric (top-1 accuracy ...) on a dataset split")
@@ -382,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="top1 (default: the data's), top5, mse, cosine, perplexity or py:module:function",
     )
     p.add_argument("--reference", help="model source that --metric cosine compares with")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("pack", help="write a model as a compressed .slim file")
@@ -474,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target", type=float, help="global sparsity to reach (unstructured)")
     p.add_argument("--plot", help="write the curves to this PNG")
     p.add_argument("--json", help="write the curves (and derived ratios) to this JSON file")
+    p.add_argument("--device", help=DEVICE_HELP + " (a recipe's own device: unless given)")
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("fit", help="flash, SRAM and estimated latency on a device")

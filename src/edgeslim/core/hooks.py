@@ -15,7 +15,9 @@ inputs ``(N, ...)``, a list of tensors, a tokenizer's output (one batch of keywo
 list of such mappings, a torch ``Dataset`` / ``DataLoader``, or a ``DataSplits``; a batch that
 is a tuple is passed as ``model(*batch)``, a dict as ``model(**batch)``. Hooks are always
 removed, the model's training flags are restored and its weights are not changed (unless the
-callback changes them).
+callback changes them). Batches run where the model is: each one is moved to the model's
+device (:func:`edgeslim.core.device.model_device`) as it is drawn, so calibration data may
+live on the CPU (or anywhere) while the model runs on a GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import CalibrationError, ShapeError
 
 
@@ -67,13 +70,25 @@ CALIB_FORMS = (
 DATASPLITS_CALIB = 256  # inputs drawn from a DataSplits' training split
 
 
-def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[Any]:
+def iter_batches(
+    calib: Any, batch_size: int = 64, *, device: torch.device | str | None = None
+) -> Iterator[Any]:
     """The batches of calibration data ``calib``, in any form users hold it (``CALIB_FORMS``).
 
     Each batch is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a dict of
     keyword inputs (``model(**x)``). Anything else is a :class:`CalibrationError` naming the
-    type it got and the forms it takes.
+    type it got and the forms it takes. With ``device`` every batch is moved there (one batch
+    at a time, as it is drawn; a no-op for tensors already there).
     """
+    if device is None:
+        yield from _batches(calib, batch_size)
+    else:
+        for batch in _batches(calib, batch_size):
+            yield to_device(batch, device)
+
+
+def _batches(calib: Any, batch_size: int) -> Iterator[Any]:
+    """:func:`iter_batches` without moving anything."""
     if isinstance(calib, torch.Tensor):
         if calib.dim() == 0 or calib.shape[0] == 0:
             raise ShapeError(
@@ -84,7 +99,7 @@ def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[Any]:
     elif isinstance(calib, Mapping):  # a tokenizer's BatchEncoding, {"input_ids": ...}: one batch
         yield _keyword_batch(calib, "calibration mapping")
     elif isinstance(calib, DataSplits):
-        yield from iter_batches(calib.calib(min(DATASPLITS_CALIB, len(calib.train))), batch_size)
+        yield from _batches(calib.calib(min(DATASPLITS_CALIB, len(calib.train))), batch_size)
     elif isinstance(calib, DataLoader):
         for k, item in enumerate(calib):
             yield _batch(_input_of(item), f"DataLoader batch {k}")
@@ -185,12 +200,13 @@ def run_calibration(
 ) -> int:
     """Run ``calib`` through ``model`` (eval mode, no grad) with ``callback`` on ``layers``.
 
-    Returns the number of batches run. A batch the model cannot run raises
-    :class:`ShapeError` naming the batch's shape.
+    Returns the number of batches run. Each batch is moved to the model's device first. A
+    batch the model cannot run raises :class:`ShapeError` naming the batch's shape.
     """
     count = 0
+    device = model_device(model)
     with eval_mode(model), torch.no_grad(), forward_hooks(layers, callback):
-        for batch in iter_batches(calib, batch_size):
+        for batch in iter_batches(calib, batch_size, device=device):
             try:
                 if isinstance(batch, tuple):  # several inputs: model(*batch)
                     model(*batch)

@@ -76,7 +76,7 @@ def mask_grads_(model: nn.Module) -> None:
         weight = getattr(module, pname)
         if weight.grad is None:
             continue
-        sums = torch.zeros(centroids.numel() + 1, dtype=weight.grad.dtype)  # slot 0: zeros
+        sums = weight.grad.new_zeros(centroids.numel() + 1)  # slot 0: zeros
         sums.index_add_(0, codes.reshape(-1).long(), weight.grad.reshape(-1))
         grad = sums[1:].to(centroids.dtype)
         centroids.grad = grad if centroids.grad is None else centroids.grad + grad
@@ -146,7 +146,8 @@ def set_shared_(
     if hasattr(module, name):
         delattr(module, name)
     module.register_parameter(name, nn.Parameter(centroids.clone()))
-    module.register_buffer(param_name + CODES_SUFFIX, codes.detach().clone())
+    codes = codes.detach().to(param.device)
+    module.register_buffer(param_name + CODES_SUFFIX, codes.clone())
     param.copy_(shared_values(codes, centroids))
 
 

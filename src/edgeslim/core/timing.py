@@ -3,7 +3,8 @@
     ms = median_ms(lambda: model(x), repeats=30, warmup=5)
 
 Every latency edgeslim reports (PyTorch forward passes, ONNX Runtime sessions) is measured
-with it, so they all mean the same thing.
+with it, so they all mean the same thing. On a CUDA GPU, :func:`cuda_median_ms` is the same
+statistic timed by CUDA events (the GPU's own clock, no host-side jitter).
 """
 
 from __future__ import annotations
@@ -49,3 +50,30 @@ def median_ms(
             sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def cuda_median_ms(fn: Callable[[], Any], repeats: int, warmup: int, device: Any = None) -> float:
+    """:func:`median_ms` on a CUDA device, timed with CUDA events.
+
+    Each timed call is bracketed by two events recorded on the current stream of ``device``
+    and the device is synchronized before reading them, so the time is what the GPU spent
+    from the first kernel ``fn`` queued to the last (``fn``'s host-side work included when it
+    delays the queue). The ``warmup`` calls are not timed.
+    """
+    import torch
+
+    check_timing(repeats, warmup)
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times: list[float] = []
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))  # milliseconds
+    return statistics.median(times)

@@ -188,7 +188,7 @@ class GatedInvertedResidual(nn.Module):
         return self._folded
 
     @staticmethod
-    def _apply(unit, folded, x, rows=None, cols=None, groups=1):
+    def _run_unit(unit, folded, x, rows=None, cols=None, groups=1):
         conv, _bn, act = unit
         w, b = folded
         if rows is not None:
@@ -214,12 +214,12 @@ class GatedInvertedResidual(nn.Module):
         for i in range(x.shape[0]):
             sel, xi = idx[i], x[i : i + 1]
             if self.expand is not None:
-                h = self._apply(self.expand, folded[0], xi, rows=sel)
+                h = self._run_unit(self.expand, folded[0], xi, rows=sel)
             else:
                 h = xi.index_select(1, sel)
-            h = self._apply(self.dw, f_dw, h, rows=sel, groups=sel.numel())
+            h = self._run_unit(self.dw, f_dw, h, rows=sel, groups=sel.numel())
             h = h * s[i, sel, None, None]
-            y = self._apply(self.project, f_proj, h, cols=sel)
+            y = self._run_unit(self.project, f_proj, h, cols=sel)
             outs.append(xi + y if self.use_residual else y)
         self.computed = int(idx.numel())
         return torch.cat(outs)

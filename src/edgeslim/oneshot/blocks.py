@@ -40,9 +40,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[1], best[2])
 
 
-def calibration_batches(calib: torch.Tensor | Iterable[Batch], batch_size: int) -> list[Batch]:
-    """The calibration set as a list of batches (tensor slices or the given items)."""
-    batches = list(iter_batches(calib, batch_size))
+def calibration_batches(
+    calib: torch.Tensor | Iterable[Batch],
+    batch_size: int,
+    device: torch.device | str | None = None,
+) -> list[Batch]:
+    """The calibration set as a list of batches (tensor slices or the given items), moved to
+    ``device`` when given (the model's: inputs follow the model)."""
+    batches = list(iter_batches(calib, batch_size, device=device))
     if not batches:
         raise ShapeError("calibration data is empty: give at least one batch")
     return batches

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import eval_mode, forward_hooks
 from edgeslim.core.linear import is_linear, linear_layers, weight_in
@@ -104,9 +105,15 @@ def compress_block_(
     prefix: str,
     keep: FilterFn,
 ) -> tuple[dict[str, Any], BlockInputs]:
-    """Statistics -> compression -> outputs for one block; returns (log, next inputs)."""
+    """Statistics -> compression -> outputs for one block; returns (log, next inputs).
+
+    ``inputs`` must be on the block's device; each layer's statistics are allocated on the
+    device of that layer's weight.
+    """
     layers = linear_layers(block, prefix, keep)
-    stats = {name: algo.stats_type(weight_in(m)) for name, m in layers.items()}
+    stats = {
+        name: algo.stats_type(weight_in(m), device=m.weight.device) for name, m in layers.items()
+    }
 
     def see(name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         stats[name].add(args[0])
@@ -137,15 +144,16 @@ def compress_layerwise(
 
     ``calib`` is a tensor of inputs ``(N, ...)`` (token ids for a language model) or an
     iterable of batches (tensors, or dicts of keyword arguments such as ``input_ids`` and
-    ``attention_mask``). Prints a memory estimate first and shows progress per block.
-    Returns the algorithm's log entry per layer name.
+    ``attention_mask``), on any device: the batches are moved to the model's device, where
+    the statistics and the compression run too. Prints a memory estimate first and shows
+    progress per block. Returns the algorithm's log entry per layer name.
     """
     if calib is None:
         raise ConfigError(f"{label} needs calibration data: pass calib=...")
     keep = layer_filter(exclude or [], filter_fn)
     found = find_blocks(model)
     prefix, blocks = found if found is not None else ("", [model])
-    batches = calibration_batches(calib, batch_size)
+    batches = calibration_batches(calib, batch_size, model_device(model))
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     if use_cache is not None:

@@ -27,7 +27,9 @@ from edgeslim.core.errors import ConfigError
 class OneShotAlgorithm:
     """What an algorithm tells the engine (subclass it; ``cfg`` is its config)."""
 
-    stats_type: ClassVar[type]  # InputNorms, Hessian or InputAbsMax: one per linear layer
+    # InputNorms, Hessian or InputAbsMax: one per linear layer, built as
+    # stats_type(in_features, device=<the layer weight's device>)
+    stats_type: ClassVar[type]
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -6,6 +6,11 @@ reads each block when its turn comes (:class:`ShardReader`, tensors assigned as 
 compresses it with the engine's :func:`~.engine.compress_block_`, writes it to its own output
 shard (with ``models/hf.py``'s writer, which never imports this package's engine) and
 releases it before reading the next. Tensors outside the blocks are copied through.
+
+With ``device=`` (e.g. ``"cuda"``) the shards are still read on the CPU, but each block is
+moved to the device for its statistics and compression and back to the CPU to be written;
+the embeddings run there to compute the inputs of block 0, and the activations between
+blocks stay there. Only one block is ever on the device.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core.device_check import check_device
 from edgeslim.core.errors import CheckpointError, ConfigError
 from edgeslim.core.models.hf import model_class_for, write_index, write_shard
 from edgeslim.core.progress import console, enabled, progress_bar
@@ -98,6 +104,17 @@ def _materialize_(
             module.get_submodule(owner)._buffers[name] = fresh[key].clone()
 
 
+@torch.no_grad()
+def _own_to_(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``."""
+    for key, param in module._parameters.items():
+        if param is not None and param.device != device:
+            module._parameters[key] = nn.Parameter(param.to(device), param.requires_grad)
+    for key, buf in module._buffers.items():
+        if buf is not None and buf.device != device:
+            module._buffers[key] = buf.to(device)
+
+
 def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``tensors`` whose names start with ``prefix``, without it."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -122,6 +139,7 @@ def compress_sharded(
     calib: torch.Tensor | Iterable[Batch],
     filter_fn: FilterFn | None = None,
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Compress the transformers model saved as safetensors shards in ``source`` into ``out``.
 
@@ -132,11 +150,14 @@ def compress_sharded(
     from the shards, compressed, written to its own shard in ``out`` and released. Tensors
     that are not in a block (embeddings, final norm, LM head) are copied through. ``out`` is a
     transformers directory (``config.json``, shards, index) that ``load_model("hf:OUT")``
-    reads back. Returns the algorithm's log entry per layer.
+    reads back. ``device`` (default the CPU) is where each block is compressed: blocks are read
+    on the CPU, moved there for their compute and moved back to be written. Returns the
+    algorithm's log entry per layer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     algo, label = algorithm_for(cfg)
+    target = check_device("cpu" if device is None else device, "device")
     source, out = Path(source), Path(out)
     if calib is None:
         raise ConfigError(f"{label} needs calibration data: pass calib=...")
@@ -175,8 +196,9 @@ def compress_sharded(
     ]
     for name, module in before:
         _materialize_(module, f"{name}.", reader, _under(fresh, f"{name}."), recurse=False)
+        _own_to_(module, target)
     keep = layer_filter(getattr(cfg, "exclude", []), filter_fn)
-    batches = calibration_batches(calib, getattr(cfg, "batch_size", 8))
+    batches = calibration_batches(calib, getattr(cfg, "batch_size", 8), target)
     out.mkdir(parents=True, exist_ok=True)
     rest = [k for k in reader.where if outside(k.rsplit(".", 1)[0])]
     n_files = len(blocks) + len(rest)  # one shard per block, one per tensor outside them
@@ -195,9 +217,10 @@ def compress_sharded(
                 bar.update(task, description=f"{label} block {index + 1}/{len(blocks)}")
                 name = in_block[index]
                 _materialize_(block, f"{name}.", reader, _under(fresh, f"{prefix}.0."))
-                block.eval()
+                block.to(target).eval()
                 block_log, inputs = compress_block_(block, inputs, algo, name, keep)
                 log.update(block_log)
+                block.to("cpu")  # written from the CPU
                 file = f"model-{index + 1:05d}-of-{n_files:05d}.safetensors"
                 weight_map.update(dict.fromkeys(write_shard(block, out / file, f"{name}."), file))
                 block.to("meta")  # release the block

@@ -4,6 +4,7 @@ A recipe is YAML whose pieces are the same config objects the Python API takes::
 
     name: han2015_lenet300
     seed: 0
+    device: cpu                      # where the model runs: cpu (default), cuda, cuda:1, mps
     model: zoo:lenet300
     data: mnist                      # or {source: npz:data.npz, max_train: 500}
     train: {epochs: 20, lr: 0.001}   # baseline training; omit to keep the loaded weights
@@ -15,6 +16,11 @@ Each stage is a mapping with exactly one *stage kind* key (``prune``, ...) whose
 kind validates, plus the optional common keys ``name`` and ``finetune``. Every mistake --
 unknown key, wrong type, value out of range -- is a :class:`ConfigError` that names the
 key's path, e.g. ``stages[0].prune.layer_sparsity.fc1``.
+
+``device`` is where every stage computes (training, calibration, one-shot statistics,
+latency); a device this machine does not have (``cuda`` without a GPU) is a ConfigError
+naming it. ``edgeslim compress --device`` overrides it. It is not part of a stage's identity
+(:meth:`Recipe.prefix_hash`): a run may be resumed on another device.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgeslim.core.device_check import check_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import validate
 from edgeslim.core.train import TrainConfig
@@ -152,6 +159,7 @@ class Recipe(BaseModel):
     name: str
     description: str = ""
     seed: int = 0
+    device: str = "cpu"
     model: str
     data: DataConfig = Field(default_factory=DataConfig)
     train: Any = None  # TrainConfig | None
@@ -161,8 +169,8 @@ class Recipe(BaseModel):
     # -- construction ---------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> Recipe:
-        """Read and validate a recipe file."""
+    def from_yaml(cls, path: str | os.PathLike, *, device: str | None = None) -> Recipe:
+        """Read and validate a recipe file (``device``, when given, replaces its ``device``)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe file {path} does not exist")
@@ -171,18 +179,22 @@ class Recipe(BaseModel):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, device=device)
         except ConfigError as exc:
             raise ConfigError(f"{path}:\n{exc}") from None
 
     @classmethod
-    def from_dict(cls, data: Any) -> Recipe:
-        """Validate a recipe given as plain data (as parsed from YAML)."""
+    def from_dict(cls, data: Any, *, device: str | None = None) -> Recipe:
+        """Validate a recipe given as plain data (as parsed from YAML); ``device``, when given,
+        replaces the recipe's ``device`` (``--device`` on the command line)."""
 
         if not isinstance(data, dict):
             raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
         header = {k: v for k, v in data.items() if k not in ("stages", "data", "train")}
+        if device is not None:
+            header["device"] = device
         base = validate(_Header, header, "")
+        base.device = str(check_device(base.device, "device"))
         raw_data = data.get("data", "mnist")
         if isinstance(raw_data, str):
             raw_data = {"source": raw_data}
@@ -209,6 +221,7 @@ class Recipe(BaseModel):
             "name": self.name,
             "description": self.description,
             "seed": self.seed,
+            "device": self.device,
             "model": self.model,
             "data": _dump_data(self.data),
             "train": None if self.train is None else self.train.model_dump(),
@@ -227,9 +240,13 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def prefix_hash(self, n_stages: int) -> str:
-        """Hash of everything that determines the model after the first ``n_stages`` stages."""
+        """Hash of everything that determines the model after the first ``n_stages`` stages.
+
+        The device is left out: where a stage ran is not what it computes (a run started on a
+        GPU may be resumed on the CPU; the numbers agree to float rounding, not bit for bit).
+        """
         d = self.to_dict()
-        d.pop("name"), d.pop("description")
+        d.pop("name"), d.pop("description"), d.pop("device", None)
         for key in _UNHASHED_DATA_KEYS:
             d["data"].pop(key, None)
         d["stages"] = d["stages"][:n_stages]
@@ -242,6 +259,7 @@ class _Header(BaseModel):
     name: str
     description: str = ""
     seed: int = 0
+    device: str = Field("cpu", description="where the model runs: cpu, cuda, cuda:1, mps ...")
     model: str
 
 

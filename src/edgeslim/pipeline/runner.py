@@ -13,10 +13,14 @@ Run directory layout (``out``)::
     metrics.jsonl        one row per finished stage (rebuilt from the meta.json files)
     report.md, plots/    the run report
 
-A stage directory is written under a temporary name and renamed when complete, so after an
-interruption every ``stage-N/`` is whole. Re-running the same recipe into the same directory
-resumes after the last finished stage; stage seeds depend only on the recipe seed and the
-stage index, so the final weights are bitwise identical to an uninterrupted run.
+The model runs on the recipe's ``device`` (``--device`` overrides it): it is loaded on the CPU,
+a resume's finished state is loaded into it there, then it moves to the device for every
+stage's work, evaluation and profiling; the files of a stage are written from the CPU (the
+model moves there to be written and back). A stage directory is written under a temporary
+name and renamed when complete, so after an interruption every ``stage-N/`` is whole.
+Re-running the same recipe into the same directory resumes after the last finished stage;
+stage seeds depend only on the recipe seed and the stage index, so the final weights are
+bitwise identical to an uninterrupted run on the same device.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits, load_data
 from edgeslim.core.data.transforms import apply_transform
+from edgeslim.core.device import model_device, to_device
+from edgeslim.core.device_check import check_device
 from edgeslim.core.errors import CheckpointError, RunDirError
 from edgeslim.core.fileio import save_tensors
 from edgeslim.core.metrics import display, format_value, get_metric
@@ -59,7 +65,7 @@ class StageContext:
     """What a stage runner may use besides the model."""
 
     data: DataSplits
-    example: torch.Tensor
+    example: torch.Tensor  # on the model's device
     recipe: Recipe
     index: int
     seed: int
@@ -92,13 +98,20 @@ def run_recipe(
     *,
     restart: bool = False,
     progress: bool | None = None,
+    device: str | None = None,
 ) -> RunResult:
     """Run (or resume) ``recipe`` into the run directory ``out``; see the module docstring.
 
     ``restart=True`` discards finished stages in ``out`` instead of resuming from them.
+    ``device`` (e.g. ``"cuda:0"``) replaces the recipe's ``device``; a device this machine
+    does not have is a :class:`ConfigError`.
     """
     if not isinstance(recipe, Recipe):
-        recipe = Recipe.from_yaml(recipe)
+        recipe = Recipe.from_yaml(recipe, device=device)
+    elif device is not None:
+        recipe = recipe.model_copy(update={"device": device})
+    target = check_device(recipe.device, "device")
+    recipe = recipe.model_copy(update={"device": str(target)})
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,20 +122,23 @@ def run_recipe(
     _write_text(out / "recipe.yaml", recipe.to_yaml())
 
     model, data = recipe_inputs(recipe)
-    example = data.example(1)
+    example = data.example(1)  # on the CPU: the stage files are written from there
     result = RunResult(out=out, model=model)
-    if done >= 0:
+    if done >= 0:  # rebuilt and loaded on the CPU, where the state file's tensors are
         if _needs_reference(data):  # the baseline, as stage 0 saved it
             data = with_reference(data, _stage_zero(model, out))
         model = _restore_shapes(model, stages, out, done, example)
         _load_stage_state(model, out / f"stage-{done}")
         result.resumed_from = done
         console.print(f"[bold]resuming[/] {out} after stage {done} ({_label(stages[done])})")
+    model.to(target)
+    work_example = to_device(example, target)
 
     for index in range(done + 1, len(stages)):
         stage = stages[index]
         console.print(f"[bold]stage {index}/{len(stages) - 1}[/] {_label(stage)}")
-        ctx = StageContext(data, example, recipe, index, stage_seed(recipe.seed, index), progress)
+        seed = stage_seed(recipe.seed, index)
+        ctx = StageContext(data, work_example, recipe, index, seed, progress)
         if stage is not None and stage.finetune is not None and stage.finetune.distill is not None:
             ctx.teacher = copy.deepcopy(model).eval()
         start = time.perf_counter()
@@ -134,6 +150,7 @@ def run_recipe(
         else:
             kind = STAGE_KINDS[stage.kind]
             model, log = kind.run(model, stage, ctx)
+            model.to(target)  # modules a technique built on the CPU join the rest
             if stage.finetune is not None and not kind.trains(stage):
                 log.update(_finetune(model, stage, kind, ctx))
         seconds = time.perf_counter() - start
@@ -346,27 +363,34 @@ def _write_stage(
     seconds: float,
     log: dict[str, Any],
 ) -> None:
-    """Evaluate, profile and save stage ``index`` into ``out/stage-index`` atomically."""
+    """Evaluate, profile and save stage ``index`` into ``out/stage-index`` atomically.
+
+    Evaluation and profiling run where the model is; the files are written from the CPU
+    (``example`` is a CPU tensor) and the model goes back to its device afterwards.
+    """
     model.eval()
-    prof = profile(model, example)
+    prof = profile(model, example)  # latency on the model's device
     tmp = out / f".stage-{index}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_tensors(_unshared_state(model), tmp / STATE_FILE)
-    fmt, artifact, extra = _write_artifact(model, stage, tmp, example)
+    with _on_cpu(model):
+        save_tensors(_unshared_state(model), tmp / STATE_FILE)
+        fmt, artifact, extra = _write_artifact(model, stage, tmp, example)
+        if not is_hf_model(model):  # a transformers model's artifact is its reloadable dir
+            save_model(model, tmp / "model.pt2", example)
     log = {**log, **extra}
     size = artifact.stat().st_size
-    if not is_hf_model(model):  # a transformers model's artifact is its reloadable directory
-        save_model(model, tmp / "model.pt2", example)
+    accuracy = _evaluate(model, data, "test")  # after the writers, as they may freeze state
+    val_accuracy = _evaluate(model, data, "val")
     row = {
         "stage": "baseline" if stage is None else stage.kind,
         "index": index,
         "name": f"stage-{index} {_label(stage)}",
         "metric": _metric_name(data),
         "higher_is_better": _higher_is_better(data),
-        "accuracy": _evaluate(model, data, "test"),
-        "val_accuracy": _evaluate(model, data, "val"),
+        "accuracy": accuracy,
+        "val_accuracy": val_accuracy,
         "params": prof.params,
         "nonzero_params": prof.nonzero_params,
         "macs": prof.macs,
@@ -405,6 +429,21 @@ def _write_stage(
         f"  {row['metric']} {shown}  nonzero {row['nonzero_params']:,}/{row['params']:,}  "
         f"{fmt} file {size:,} B  ({seconds:.1f} s)"
     )
+
+
+@contextlib.contextmanager
+def _on_cpu(model: nn.Module):
+    """Move ``model`` to the CPU for the block (exporters and writers need CPU tensors), then
+    back to the device it was on. A no-op for a model on the CPU."""
+    device = model_device(model)
+    if device.type == "cpu":
+        yield model
+        return
+    model.to("cpu")
+    try:
+        yield model
+    finally:
+        model.to(device)
 
 
 def _write_artifact(

@@ -25,6 +25,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import EdgeslimError, ShapeError
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
@@ -185,13 +186,14 @@ def profile(
 ) -> Profile:
     """Measure ``model`` on one sample of ``example`` (a batch ``(B, ...)``).
 
-    Raises :class:`ShapeError` when the model cannot run on the example, and
-    :class:`EdgeslimError` when ``torch.export`` cannot trace it. The model's training
-    flags are restored afterwards; its weights are not changed.
+    Runs where the model is: ``example`` is moved to the model's device, and the latency is
+    measured there (CUDA events on a GPU). Raises :class:`ShapeError` when the model cannot
+    run on the example, and :class:`EdgeslimError` when ``torch.export`` cannot trace it.
+    The model's training flags are restored afterwards; its weights are not changed.
     """
     if latency:
         check_timing(repeats, warmup)
-    x = _one_sample(model, example)
+    x = _one_sample(model, example).to(model_device(model))
     with eval_mode(model):
         _check_runs(model, x, tuple(example.shape))
         ep = _export(model, x)

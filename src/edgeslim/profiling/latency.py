@@ -1,7 +1,10 @@
-"""Measured latency in PyTorch: the median wall-clock time of repeated forward passes.
+"""Measured latency in PyTorch: the median time of repeated forward passes, where the model is.
 
-Both functions time with :func:`edgeslim.core.timing.median_ms` (untimed warm-up, then the
-median of the timed passes); ONNX Runtime's latency is in :mod:`.runtimes`.
+The example is moved to the model's device (inputs follow the model). On the CPU both
+functions time with :func:`edgeslim.core.timing.median_ms` (untimed warm-up, then the median
+of the timed passes); on a CUDA GPU with CUDA events (:func:`~edgeslim.core.timing.cuda_median_ms`);
+on another accelerator with a backend ``torch.<type>.synchronize`` (MPS, XPU ...) with the
+wall clock, synchronized after every pass. ONNX Runtime's latency is in :mod:`.runtimes`.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.hooks import eval_mode
-from edgeslim.core.timing import check_timing, median_ms
+from edgeslim.core.timing import check_timing, cuda_median_ms, median_ms
 
 __all__ = ["batch_latency_ms", "check_timing", "eval_mode", "measure_latency_ms"]
 
@@ -34,14 +38,20 @@ def batch_latency_ms(
 ) -> float:
     """Median milliseconds of one forward pass on the whole batch ``example``.
 
-    ``example`` is a tensor or a dict of keyword inputs (``model(**example)``). As
-    :func:`measure_latency_ms`: ``warmup`` untimed passes, eval mode, ``torch.inference_mode``,
-    CUDA synchronized after every pass when the inputs are on a GPU.
+    ``example`` is a tensor or a dict of keyword inputs (``model(**example)``), moved to the
+    model's device. As :func:`measure_latency_ms`: ``warmup`` untimed passes, eval mode,
+    ``torch.inference_mode``; CUDA events on a CUDA GPU (see the module docstring).
     """
-    tensors = list(example.values()) if isinstance(example, dict) else [example]
-    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
-    sync = torch.cuda.synchronize if cuda else None
+    device = model_device(model)
+    example = to_device(example, device)
+
+    def run() -> Any:
+        return model(**example) if isinstance(example, dict) else model(example)
+
     with eval_mode(model), torch.inference_mode():
-        if isinstance(example, dict):
-            return median_ms(lambda: model(**example), repeats, warmup, sync)
-        return median_ms(lambda: model(example), repeats, warmup, sync)
+        if device.type == "cpu":
+            return median_ms(run, repeats, warmup)
+        if device.type == "cuda":
+            return cuda_median_ms(run, repeats, warmup, device)
+        backend = getattr(torch, device.type, None)
+        return median_ms(run, repeats, warmup, getattr(backend, "synchronize", None))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.hooks import eval_mode, output_tensors
 from edgeslim.core.timing import median_ms
@@ -43,8 +44,8 @@ class Positional(nn.Module):
 def feeds(example: Any) -> dict[str, np.ndarray]:
     """ONNX Runtime inputs for ``example`` (a tensor, or a dict of keyword inputs)."""
     if isinstance(example, dict):
-        return {k: v.numpy() for k, v in example.items()}
-    return {"input": example.numpy()}
+        return {k: v.cpu().numpy() for k, v in example.items()}
+    return {"input": example.cpu().numpy()}
 
 
 def ort_session(model: nn.Module, example: Any, *, threads: int = 1, rtol: float = 1e-3) -> Any:
@@ -58,6 +59,7 @@ def ort_session(model: nn.Module, example: Any, *, threads: int = 1, rtol: float
 
     names = list(example) if isinstance(example, dict) else ["input"]
     args = tuple(example.values()) if isinstance(example, dict) else (example,)
+    args = to_device(args, model_device(model))  # PyTorch's reference runs where the model is
     if isinstance(example, dict):
         model = Positional(model, names)
     buffer = io.BytesIO()
@@ -85,7 +87,7 @@ def ort_session(model: nn.Module, example: Any, *, threads: int = 1, rtol: float
     got = ort_outputs(session, example)
     diff = 0.0
     for ref, out in zip(reference, got, strict=False):
-        ref_np = ref.numpy()
+        ref_np = ref.cpu().numpy()
         if ref_np.shape != out.shape:
             raise EdgeslimError(
                 f"{what}: ONNX Runtime output {out.shape} != PyTorch {ref_np.shape}"

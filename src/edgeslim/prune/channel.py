@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
@@ -121,6 +122,7 @@ def channel_prune_(
         if example.dim() == 0 or example.shape[0] == 0:
             raise ShapeError(f"example must be a batch (B, ...), got shape {tuple(example.shape)}")
         example = example[:1]  # one sample traces the graph; checks stay cheap
+    example = to_device(example, model_device(model))  # traced where the model is
     if filter_fn is not None:
         kept = [n for n, m in model.named_modules() if n and not filter_fn(m, n)]
         cfg = cfg.model_copy(update={"ignore": [*cfg.ignore, *kept]})

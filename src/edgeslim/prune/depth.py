@@ -36,6 +36,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.fxpatterns import activation, is_add
 from edgeslim.core.hooks import eval_mode
@@ -282,7 +283,7 @@ def depth_prune_(
     if filter_fn is not None:
         kept = [n for n, m in model.named_modules() if n and not filter_fn(m, n)]
         cfg = cfg.model_copy(update={"ignore": [*cfg.ignore, *kept]})
-    names = choose_blocks(model, x[: cfg.samples], cfg)
+    names = choose_blocks(model, x[: cfg.samples].to(model_device(model)), cfg)
     replay_depth_(model, names)
     return dict.fromkeys(names, 1.0)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from edgeslim.core.device import model_device, to_device
 from edgeslim.core.hooks import eval_mode, forward_hooks
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "activation"]
@@ -68,7 +69,10 @@ def scorer(kind: Importance) -> Callable[[object], torch.Tensor]:
 def accumulate_gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64
 ) -> None:
-    """Fill ``p.grad`` with the cross-entropy gradient summed over ``(x, y)`` (eval mode)."""
+    """Fill ``p.grad`` with the cross-entropy gradient summed over ``(x, y)`` (eval mode);
+    the batches run on the model's device."""
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     model.zero_grad(set_to_none=True)
     with eval_mode(model), torch.enable_grad():
         for i in range(0, len(x), batch_size):
@@ -96,6 +100,7 @@ def record_inputs(model: nn.Module, inputs: Any, batch_size: int = 64) -> None:
 
     kinds = nn.Linear | nn.Conv1d | nn.Conv2d
     layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    inputs = to_device(inputs, model_device(model))
     with forward_hooks(layers, hook), eval_mode(model), torch.no_grad():
         if isinstance(inputs, dict):
             model(**inputs)
@@ -119,7 +124,7 @@ def activation_importance(group: Any) -> torch.Tensor | None:
 
     None when no consumer of the group has recorded inputs.
     """
-    score = torch.zeros(len(group[0].idxs))  # one entry per channel of the group's root
+    score = None  # one entry per channel of the group's root, on the layers' device
     found = False
     for item in group:
         layer, handler = item.dep.target.module, item.dep.handler
@@ -131,6 +136,9 @@ def activation_importance(group: Any) -> torch.Tensor | None:
         w = layer.weight.detach()  # Linear (out, in); Conv (out, in, *k)
         column = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)  # (in,)
         local = (stat * column)[list(item.idxs)].float()
-        score.index_add_(0, torch.as_tensor(item.root_idxs, dtype=torch.long), local)
+        if score is None:
+            score = torch.zeros(len(group[0].idxs), device=local.device)
+        index = torch.as_tensor(item.root_idxs, dtype=torch.long, device=local.device)
+        score.index_add_(0, index, local)
         found = True
     return score if found else None

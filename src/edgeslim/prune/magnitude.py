@@ -120,7 +120,7 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
 
 def _keep_smallest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     """Bool mask keeping all but the ``n_remove`` lowest scores (stable: exact count)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_remove > 0:
         order = torch.argsort(scores.reshape(-1), stable=True)
         keep[order[:n_remove]] = False

@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.selection import FilterFn
@@ -176,7 +177,10 @@ def _hutchinson(
         loss = F.cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size])
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for _ in range(probes):
-            zs = [torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1 for w in weights]
+            zs = [  # drawn on the CPU: the same probes on every device
+                (torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1).to(w.device)
+                for w in weights
+            ]
             hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
             for t, z, h in zip(total, zs, hz, strict=True):
                 t += z * h.detach()
@@ -197,8 +201,11 @@ def hessian_diagonal(
 ) -> dict[str, torch.Tensor]:
     """Estimated diag of the cross-entropy Hessian for each layer's weight (eval mode).
 
-    Returns layer name -> tensor shaped like the weight. The model is not changed.
+    Returns layer name -> tensor shaped like the weight. The model is not changed; ``x`` and
+    ``y`` are moved to its device.
     """
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     names = [f"{name}.weight" if name else "weight" for name in layers]
     with eval_mode(model):
         if method == "fisher":

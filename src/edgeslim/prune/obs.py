@@ -52,7 +52,7 @@ from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.masks import get_mask
 from edgeslim.core.selection import FilterFn
-from edgeslim.oneshot.stats import Hessian
+from edgeslim.oneshot.stats import Hessian, wide_dtype
 from edgeslim.prune.magnitude import (
     SparsityTarget,
     _keep_smallest_removed,
@@ -143,7 +143,14 @@ def layer_hessians(
     """H = 2 E[x x^T] (in, in), float64, of each layer's inputs as the model runs ``x``."""
     for name, module in layers.items():
         _check_supported(name, module)
-    stats = {name: Hessian(weight_2d(m).shape[1]) for name, m in layers.items()}
+    stats = {
+        name: Hessian(
+            weight_2d(m).shape[1],
+            device=m.weight.device,
+            dtype=wide_dtype(m.weight.device),  # small layers: float64 sums, as before
+        )
+        for name, m in layers.items()
+    }
 
     def see(name: str, module: nn.Module, inputs: tuple, output: object) -> None:
         stats[name].add(layer_inputs_2d(module, inputs[0]))
@@ -155,7 +162,7 @@ def layer_hessians(
 def damped(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """H + damp I, damp = percdamp * mean(diag H) (positive definite unless H = 0)."""
     damp = percdamp * float(torch.diag(h).mean()) or percdamp
-    return h + damp * torch.eye(h.shape[0], dtype=h.dtype)
+    return h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from rich.table import Table
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import get_mask
@@ -154,7 +155,7 @@ def _scorer(model: nn.Module, data: DataSplits, metric: Metric, samples: int):
     """A function ``model -> score`` on the validation split."""
     if metric == "accuracy":
         return lambda m: evaluate(m, data, "val")
-    x = data.val.x[:samples]
+    x = data.val.x[:samples].to(model_device(model))  # the probes run where the model is
     with eval_mode(model), torch.no_grad():
         reference = model(x).flatten(1)
 
@@ -272,5 +273,6 @@ def sensitivity(
         return unstructured_sensitivity(model, data, ratios, metric, filter_fn, progress=progress)
     if kind == "channel":
         example = data.example() if example is None else example
+        example = example.to(model_device(model))  # traced where the model is
         return channel_sensitivity(model, data, example, cfg, ratios, metric, progress=progress)
     raise ConfigError(f"sensitivity kind must be 'unstructured' or 'channel', got {kind!r}")

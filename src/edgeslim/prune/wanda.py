@@ -76,15 +76,18 @@ class Wanda(OneShotPruneConfig):
 
 
 def wanda_scores(w: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """S = |W| * ||X_j||_2: ``w`` (out, in), ``sq_norms`` (in,) sums of squares -> (out, in)."""
-    return w.abs() * sq_norms.to(w.dtype).sqrt().unsqueeze(0)
+    """S = |W| * ||X_j||_2: ``w`` (out, in), ``sq_norms`` (in,) sums of squares -> (out, in)
+    float32, on ``w``'s device (a half-precision weight is scored in float32: a sum of squares
+    overflows float16)."""
+    norms = sq_norms.to(device=w.device, dtype=torch.float32).sqrt()
+    return w.float().abs() * norms.unsqueeze(0)
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask removing the ``round(sparsity * in)`` lowest scores of every row."""
     out_f, in_f = scores.shape
     k = round(sparsity * in_f)
-    keep = torch.ones(out_f, in_f, dtype=torch.bool)
+    keep = torch.ones(out_f, in_f, dtype=torch.bool, device=scores.device)
     if k > 0:
         lowest = torch.argsort(scores, dim=1, stable=True)[:, :k]  # (out, k)
         keep.scatter_(1, lowest, False)

@@ -26,6 +26,7 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import forward_hooks, iter_batches
 from edgeslim.core.options import Options
@@ -82,7 +83,7 @@ def _capture(model: nn.Module, quants: list[ActQuant], calib: Any) -> dict[ActQu
     see = lambda _n, m, i, o: seen[m].append(i[0].detach())  # noqa: E731
     # the model's own mode (no eval_mode) and model(batch) for any batch: not run_calibration
     with forward_hooks(hooked, see), torch.no_grad():
-        for batch in iter_batches(calib):
+        for batch in iter_batches(calib, device=model_device(model)):
             model(batch)
     return {q: torch.cat(v) for q, v in seen.items() if v}
 
@@ -137,7 +138,7 @@ def dynamic_fixed_point_(
 
     # 2. activations: against the float model's values, greedily in execution order
     set_mode(qmodel, "float")
-    first = next(iter(iter_batches(calib)))
+    first = next(iter(iter_batches(calib, device=model_device(qmodel))))
     order = _execution_order(qmodel, quants, first)
     refs = _capture(qmodel, order, calib)  # float model, float weights
     qa = order[0]

@@ -118,7 +118,7 @@ def rtn_quantize(
     w = w.float()
     _out_f, in_f = w.shape
     g = group_size or in_f
-    g_idx = (torch.arange(in_f) // g).int()
+    g_idx = (torch.arange(in_f, device=w.device) // g).int()
     scales, zeros = [], []
     for start in range(0, in_f, g):
         s, z = grid_params(w[:, start : start + g], bits, sym)
@@ -150,48 +150,56 @@ def gptq_quantize(
 
     ``keep`` (out, in) bool: a pruning mask to preserve. Pruned weights are "quantized" to
     exactly 0 (the code of the zero point) and their error is compensated like any other,
-    which is SparseGPT's joint sparsify-and-quantize.
+    which is SparseGPT's joint sparsify-and-quantize. Runs on ``w``'s device (``h`` and
+    ``keep`` are moved there); every returned tensor is on that device.
     """
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise ConfigError(f"Hessian shape {tuple(h.shape)} does not fit weight {(out_f, in_f)}")
+    device = w.device
     work = w.float().clone()
-    h = h.double()
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    h = h.to(device)
+    arange = torch.arange(in_f, device=device)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else arange
     work, h = work[:, perm], h[perm][:, perm]
-    kept = torch.ones(out_f, in_f, dtype=torch.bool) if keep is None else keep.bool()[:, perm]
+    if keep is None:
+        kept = torch.ones(out_f, in_f, dtype=torch.bool, device=device)
+    else:
+        kept = keep.to(device).bool()[:, perm]
     u = damped_inverse_cholesky(h, work, percdamp).float()  # (in, in) upper
     g = group_size or in_f
     n_groups = _groups(in_f, group_size)
-    scale = torch.zeros(out_f, n_groups)
-    zero = torch.zeros(out_f, n_groups)
-    codes = torch.zeros(out_f, in_f)
+    scale = torch.zeros(out_f, n_groups, device=device)
+    zero = torch.zeros(out_f, n_groups, device=device)
+    codes_t = torch.zeros(in_f, out_f, device=device)  # (in, out): codes of column j in row j
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
-        w1 = work[:, i1:i2].clone()  # (out, b)
+        # the block's columns held as contiguous rows (b, out), as in SparseGPT: the same
+        # arithmetic element by element, on whole rows
+        w1t = work[:, i1:i2].t().contiguous()  # (b, out)
         u1 = u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
+        err1t = torch.zeros_like(w1t)
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # a new group: its grid from the current (updated) weights
                 grp = col // g
-                cols = torch.cat([w1[:, i:], work[:, i2:]], 1)[:, : min(g, in_f - col)]
+                cols = torch.cat([w1t[i:].t(), work[:, i2:]], 1)[:, : min(g, in_f - col)]
                 s, z = grid_params(cols * kept[:, col : col + cols.shape[1]], bits, sym)
                 scale[:, grp], zero[:, grp] = s, z
             grp = col // g
             s, z = scale[:, grp], zero[:, grp]
-            q = torch.where(kept[:, col], quantize_codes(w1[:, i], s, z, bits), z)  # (out,)
+            q = torch.where(kept[:, col], quantize_codes(w1t[i], s, z, bits), z)  # (out,)
             deq = dequantize(q, s, z)
-            codes[:, col] = q
-            err = (w1[:, i] - deq) / u1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
-            w1[:, i] = deq
-            err1[:, i] = err
-        work[:, i1:i2] = w1
-        work[:, i2:] -= err1 @ u[i1:i2, i2:]
+            codes_t[col] = q
+            err = (w1t[i] - deq) / u1[i, i]
+            w1t[i:] -= u1[i, i:].unsqueeze(1) @ err.unsqueeze(0)
+            w1t[i] = deq
+            err1t[i] = err
+        work[:, i1:i2] = w1t.t()
+        work[:, i2:] -= err1t.t().contiguous() @ u[i1:i2, i2:]
     inv = torch.argsort(perm)
-    g_idx = (torch.arange(in_f) // g)[inv].int()  # group of each original input
-    codes = codes[:, inv]
+    g_idx = (arange // g)[inv].int()  # group of each original input
+    codes = codes_t.t()[:, inv]
     s_full = scale.float()[:, g_idx.long()]
     z_full = zero.float()[:, g_idx.long()]
     deq = s_full * (codes.float() - z_full)  # exactly what the stored integers give

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import iter_batches
 from edgeslim.core.options import Options
@@ -123,7 +124,7 @@ class _WeightProbe:
     def __init__(self, qmodel: nn.Module, calib: Any, weight_calibration: str, metric: str | None):
         self.qmodel, self.method, self.metric = qmodel, weight_calibration, metric
         self.layers = quant_layers(qmodel)
-        self.batches = list(iter_batches(calib))
+        self.batches = list(iter_batches(calib, device=model_device(qmodel)))
         self._scales: dict[tuple[str, int], torch.Tensor] = {}
         set_mode(qmodel, "float")
         with torch.no_grad():

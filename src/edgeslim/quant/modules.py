@@ -110,8 +110,8 @@ class ActQuant(QuantModule):
         """The tensor's qparams (those of :attr:`source` when it shares another's)."""
         src = self.root
         return spec.QParams(
-            src.scale.detach().double().numpy().copy(),
-            src.zero_point.detach().numpy().copy(),
+            src.scale.detach().cpu().double().numpy().copy(),
+            src.zero_point.detach().cpu().numpy().copy(),
             self.qmin,
             self.qmax,
         )
@@ -208,7 +208,8 @@ class WeightQuant(nn.Module):
     def scales(self, w: torch.Tensor) -> np.ndarray:
         if self.method == "mse":
             return weight_mse_scale(w, self.bits)
-        return spec.weight_qparams(w.detach().double().numpy(), axis=0, bits=self.bits).scale
+        w = w.detach().cpu().double().numpy()
+        return spec.weight_qparams(w, axis=0, bits=self.bits).scale
 
 
 class _QuantLayer(QuantModule):
@@ -317,9 +318,9 @@ class _QuantLayer(QuantModule):
             if self.input_quant.dynamic:
                 return  # input qparams are only known per batch: requantization at run time
             s_in = float(self.input_quant.qparams().scale[0])
-            sw = self.weight_scale.detach().double().numpy()
+            sw = self.weight_scale.detach().cpu().double().numpy()
             if self.bias is not None:
-                b = spec.quantize_bias(self.bias.detach().double().numpy(), s_in, sw)
+                b = spec.quantize_bias(self.bias.detach().cpu().double().numpy(), s_in, sw)
                 self.bias_int32.copy_(torch.from_numpy(b).to(torch.int32))
             if not self.has_output:
                 return
@@ -334,7 +335,7 @@ class _QuantLayer(QuantModule):
             qmin, qmax = spec.int_range(self.input_quant.bits, symmetric=False)
             self.act_limits.copy_(torch.tensor([max(lo, qmin), min(hi, qmax)]))
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _layer_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -344,13 +345,13 @@ class _QuantLayer(QuantModule):
         mode = self.mode
         if mode in ("float", "observe"):
             x = self.input_quant(x)
-            return self._apply(x, self.weight, self.bias)
+            return self._layer_op(x, self.weight, self.bias)
         if mode == "exact":
             return self._exact(x)
         if mode == "export":
             return self._export(x)
         x = self.input_quant(x)
-        return self._apply(x, self._fake_weight(), self.bias)
+        return self._layer_op(x, self._fake_weight(), self.bias)
 
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
         """Integer inference from the frozen buffers (tensor ops only, so it exports).
@@ -367,7 +368,7 @@ class _QuantLayer(QuantModule):
         k = self.weight[0].numel()  # products per output value
         bound = self.weight_quant.qmax * (aq.qmax - aq.qmin) * k
         dtype = torch.float32 if bound < 2**24 else torch.float64
-        acc = self._apply((xq - zp_in).to(dtype), self.weight_int8.to(dtype), None)
+        acc = self._layer_op((xq - zp_in).to(dtype), self.weight_int8.to(dtype), None)
         acc = acc.to(torch.float64)
         if self.bias is not None:
             if aq.dynamic:  # bias scale depends on this batch's input scale
@@ -400,7 +401,7 @@ class _QuantLayer(QuantModule):
             self.weight_quant.qmax,
             torch.int8,
         )
-        return self._apply(x, w, None if self.bias is None else self.bias.detach())
+        return self._layer_op(x, w, None if self.bias is None else self.bias.detach())
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
@@ -422,7 +423,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         new._init_from(conv, wq, input_quant)
         return new
 
-    def _apply(self, x, w, b):
+    def _layer_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _channel_view(self, t, ndim):
@@ -448,7 +449,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
         new._init_quant(wq, input_quant)
         return new
 
-    def _apply(self, x, w, b):
+    def _layer_op(self, x, w, b):
         return F.linear(x, w, b)
 
     def _channel_view(self, t, ndim):

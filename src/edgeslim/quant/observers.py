@@ -73,10 +73,10 @@ class Observer:
         # keep at most max_samples values: a uniform random subset of each batch, sized so
         # that every batch contributes in proportion to its size
         budget = self.max_samples // 4
-        if flat.numel() > budget:
+        if flat.numel() > budget:  # indices from the CPU generator (the same on every device)
             idx = torch.randint(0, flat.numel(), (budget,), generator=self._gen)
-            flat = flat[idx]
-        self._sample.append(flat.clone())
+            flat = flat[idx.to(flat.device)]
+        self._sample.append(flat.to("cpu", copy=True))  # the sample is kept on the CPU
         self._kept += flat.numel()
         if self._kept > self.max_samples:
             merged = torch.cat(self._sample)
@@ -231,7 +231,7 @@ def weight_mse_scale(w: torch.Tensor, bits: int, axis: int = 0, steps: int = 50)
     Searches ``scale = a * max|w_c| / qmax`` for ``a`` in ``{0.2, ..., 1}`` per channel.
     At 8 bits this barely differs from max scaling; at 4 and 2 bits clipping pays.
     """
-    wn = np.moveaxis(w.detach().double().numpy(), axis, 0).reshape(w.shape[axis], -1)
+    wn = np.moveaxis(w.detach().cpu().double().numpy(), axis, 0).reshape(w.shape[axis], -1)
     _, qmax = spec.int_range(bits, symmetric=True)
     amax = np.abs(wn).max(axis=1)
     amax = np.where(amax > 0, amax, 1.0)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
+from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
 from edgeslim.core.hooks import run_calibration
@@ -159,12 +160,13 @@ def layer_qparams(model: nn.Module) -> dict[str, LayerQParams]:
             )
         layer.freeze()
         wq = layer.weight_quant
-        scales = layer.weight_scale.detach().double().numpy().copy()
+        scales = layer.weight_scale.detach().cpu().double().numpy().copy()
         weight = spec.QParams(scales, np.zeros(len(scales), np.int64), wq.qmin, wq.qmax, 0)
         output = None
         if layer.has_output:
             output = spec.QParams(
-                layer.out_scale.double().numpy().copy(), layer.out_zero_point.numpy().copy()
+                layer.out_scale.cpu().double().numpy().copy(),
+                layer.out_zero_point.cpu().numpy().copy(),
             )
         conv = isinstance(layer, nn.Conv2d)
         lo, hi = (int(v) for v in layer.act_limits)
@@ -173,11 +175,11 @@ def layer_qparams(model: nn.Module) -> dict[str, LayerQParams]:
             kind="conv2d" if conv else "linear",
             input=layer.input_quant.qparams(),
             weight=weight,
-            weight_int=layer.weight_int8.numpy().copy(),
-            bias_int=None if layer.bias is None else layer.bias_int32.numpy().copy(),
+            weight_int=layer.weight_int8.cpu().numpy().copy(),
+            bias_int=None if layer.bias is None else layer.bias_int32.cpu().numpy().copy(),
             output=output,
-            multiplier=layer.multiplier.numpy().copy() if layer.has_output else None,
-            shift=layer.shift.numpy().copy() if layer.has_output else None,
+            multiplier=layer.multiplier.cpu().numpy().copy() if layer.has_output else None,
+            shift=layer.shift.cpu().numpy().copy() if layer.has_output else None,
             activation=layer.act,
             act_min=lo if layer.has_output else spec.INT8_MIN,
             act_max=hi if layer.has_output else spec.INT8_MAX,
@@ -432,9 +434,11 @@ def prepare(
     """Fold BN and insert quantized modules (no calibration yet); return ``(qmodel, info)``.
 
     ``info`` lists the quantized layers, the float ones with the reason, the folded convs.
+    The quantized model is on ``model``'s device (the modules it adds are moved there).
     """
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} is already quantized; quantize a float model")
+    device = model_device(model)
     model.eval()
     if cfg.graph in ("auto", "fx") and cfg.activations == "static":
         try:
@@ -456,6 +460,7 @@ def prepare(
             f"no layer of {type(model).__name__} was quantized (float: {info['float_layers']}); "
             "check exclude / skip_first / skip_last / filter_fn"
         )
+    qmodel.to(device)  # the quantizers and layers built above start on the CPU
     set_mode(qmodel, "fake")
     return qmodel, info
 

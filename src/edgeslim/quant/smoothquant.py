@@ -96,7 +96,7 @@ def symmetric_quantize(w: torch.Tensor, bits: int) -> QuantizedWeight:
     zero = torch.full_like(scale, qmax + 1)
     codes = torch.clamp(torch.round(w / scale.unsqueeze(1)), -qmax, qmax) + zero.unsqueeze(1)
     deq = scale.unsqueeze(1) * (codes - zero.unsqueeze(1))
-    g_idx = torch.zeros(w.shape[1], dtype=torch.int32)
+    g_idx = torch.zeros(w.shape[1], dtype=torch.int32, device=w.device)
     return QuantizedWeight(
         deq,
         codes.to(torch.uint8),
@@ -135,7 +135,7 @@ def smooth_block_(
         fulls = [next((f for f in layers if f.endswith("." + n)), None) for n in linear_names]
         if norm is None or any(f is None for f in fulls):
             continue  # a layer of the group is excluded: leave the group unsmoothed
-        act = torch.stack([stats[f].absmax for f in fulls]).amax(0)  # (in,)
+        act = torch.stack([stats[f].absmax.to(norm.weight.device) for f in fulls]).amax(0)
         s = smoothing_factors(act, [weight_matrix(layers[f]) for f in fulls], alpha)
         norm.weight.div_(s.to(norm.weight.dtype))
         if getattr(norm, "bias", None) is not None:

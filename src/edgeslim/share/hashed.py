@@ -147,7 +147,7 @@ class _Hashed(nn.Module):
     def fit_buckets_(self, weight: torch.Tensor) -> None:
         """Set each bucket to the mean of ``sign * weight`` over its positions (least squares)."""
         flat_index = self.index.reshape(-1)
-        sums = torch.zeros(self.num_buckets, dtype=torch.float64)
+        sums = torch.zeros(self.num_buckets, dtype=torch.float64, device=flat_index.device)
         sums.index_add_(0, flat_index, (self.sign * weight).reshape(-1).double())
         counts = torch.bincount(flat_index, minlength=self.num_buckets).clamp_min(1)
         self.buckets.copy_((sums / counts).to(self.buckets.dtype))
@@ -311,11 +311,12 @@ def hashed_like(module: nn.Module, ratio: float, seed: int) -> nn.Module:
             bias,
             seed,
         )
+    new = new.to(module.weight.device)
     new.fit_buckets_(module.weight.detach())
     if bias:
         with torch.no_grad():
             new.bias.copy_(module.bias)
-    return new.to(module.weight.device)
+    return new
 
 
 def hash_share_(

@@ -148,7 +148,7 @@ def layer_bits(cfg: KMeansShare, layers: dict[str, nn.Module]) -> dict[str, int]
 def share_tensor_(module: nn.Module, pname: str, bits: int, cfg: KMeansShare) -> dict[str, float]:
     """Cluster ``module.<pname>``'s nonzero values into ``2**bits`` centroids and tie it."""
     param = getattr(module, pname)
-    w = param.detach().reshape(-1).double().numpy()  # (numel,)
+    w = param.detach().reshape(-1).cpu().double().numpy()  # (numel,)
     nonzero = np.flatnonzero(w)
     k = 1 << bits
     codes = np.zeros(w.size, dtype=np.int64)
@@ -157,9 +157,9 @@ def share_tensor_(module: nn.Module, pname: str, bits: int, cfg: KMeansShare) ->
         codes[nonzero] = labels + 1
     else:
         centroids = np.zeros(k)
-    centroids32 = torch.from_numpy(centroids).to(param.dtype)  # (k,)
+    centroids32 = torch.from_numpy(centroids).to(param.device, param.dtype)  # (k,)
     dtype = torch.uint8 if k <= 255 else torch.int16
-    codes_t = torch.from_numpy(codes).to(dtype).reshape(param.shape)
+    codes_t = torch.from_numpy(codes).to(param.device, dtype).reshape(param.shape)
     before = param.detach().clone()
     set_shared_(module, pname, codes_t, centroids32)
     err = (param.detach() - before).double()

@@ -52,7 +52,8 @@ def attach_quantized_(module: nn.Module, qw: QuantizedWeight) -> None:
     _set_buffer(module, "weight_qscale", qw.scale)
     _set_buffer(module, "weight_qzero", qw.zero)
     _set_buffer(module, "weight_qgidx", qw.g_idx)
-    _set_buffer(module, "weight_qbits", torch.tensor(qw.bits, dtype=torch.uint8))
+    device = module.weight.device
+    _set_buffer(module, "weight_qbits", torch.tensor(qw.bits, dtype=torch.uint8, device=device))
 
 
 def quantized_codes(module: nn.Module) -> torch.Tensor:
@@ -81,9 +82,10 @@ def _act_quant_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
 
 def attach_act_quant_(module: nn.Module, scale: float, bits: int) -> None:
     """Make ``module`` round its input to a static symmetric ``bits``-bit grid of ``scale``."""
+    device = module.weight.device
     for name, value in (
-        ("input_qscale", torch.tensor(float(scale))),
-        ("input_qbits", torch.tensor(bits, dtype=torch.uint8)),
+        ("input_qscale", torch.tensor(float(scale), device=device)),
+        ("input_qbits", torch.tensor(bits, dtype=torch.uint8, device=device)),
     ):
         if name in module._buffers:
             module._buffers[name] = value
