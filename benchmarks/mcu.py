@@ -53,7 +53,7 @@ import edgeslim as es
 from edgeslim import load_data, zoo
 from edgeslim.core.models.kws import ds_cnn
 from edgeslim.core.timing import median_ms
-from edgeslim.export import int8, tflite
+from edgeslim.export import int8, tflite, tflite_format
 from edgeslim.export.c import arm, codegen, compress, hostbuild, packed_scratch, planner
 from edgeslim.export.int8 import ir, reference
 from edgeslim.profiling.devices import load_device
@@ -79,9 +79,13 @@ def same_padding_variant(graph: ir.Graph) -> ir.Graph:
             continue
         x, out = g[op.inputs[0]], g[op.output]
         kernel = g.kernel_of(op)
-        if tflite.tflite_padding(x.shape[1:3], out.shape[1:3], kernel, op.stride, op.padding):
+        if tflite_format.tflite_padding(
+            x.shape[1:3], out.shape[1:3], kernel, op.stride, op.padding
+        ):
             continue
-        pads = [tflite._same_padding(x.shape[1 + i], kernel[i], op.stride[i]) for i in (0, 1)]
+        pads = [
+            tflite_format._same_padding(x.shape[1 + i], kernel[i], op.stride[i]) for i in (0, 1)
+        ]
         op.padding = (pads[0][1], pads[1][1], pads[0][2], pads[1][2])
     return g
 
@@ -96,12 +100,12 @@ def measure(name: str, model) -> dict:
     model.eval()
     graph = int8.lower(model, inputs(model, 64, "train"), name=name)
     q = reference.quantize_input(graph, inputs(model, 8, "test").numpy())
-    data = tflite.serialize(graph)
+    data = tflite_format.serialize(graph)
     plain = planner.plan_memory(graph)
     patched = planner.search_patch(graph, max_mac_overhead=0.3)
     io = graph[graph.input].nbytes + graph[graph.output].nbytes
     arena = tflite.tflm_arena(data)
-    same = tflite.tflm_arena(tflite.serialize(same_padding_variant(graph)))
+    same = tflite.tflm_arena(tflite_format.serialize(same_padding_variant(graph)))
     sources = codegen.generate(graph, plain)
     sizes = hostbuild.object_size(sources)
     expected = reference.run_batch(graph, q)
@@ -122,7 +126,7 @@ def measure(name: str, model) -> dict:
         "io": io,
         "tflm": arena,
         "tflm_same": same,
-        "pad_ops": len(data) != len(tflite.serialize(same_padding_variant(graph))),
+        "pad_ops": len(data) != len(tflite_format.serialize(same_padding_variant(graph))),
         "flash": sizes["text"] + sizes["rodata"],
         "text": sizes["text"],
         "tflite_bytes": len(data),
@@ -168,7 +172,7 @@ def deep_compression(runs: Path) -> list[dict]:
         graph = int8.lower(model, calib, name=name)
         q = reference.quantize_input(graph, test.reshape(len(test), *model.input_shape))
         packed = compress.choose(graph, "auto")
-        data = tflite.serialize(graph)
+        data = tflite_format.serialize(graph)
         row = {
             "name": name,
             "slim": int(res.rows[-1]["size_bytes"]),

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeslim.core.errors import ExportError
 from edgeslim.export import onnx as onnx_export
-from edgeslim.export import tflite
+from edgeslim.export import tflite, tflite_format
 from edgeslim.export.int8 import reference
 from edgeslim.quant import Int8PTQ, quantize
 
@@ -162,7 +162,7 @@ def test_tflite_runs_in_litert(tmp_path, data):
     from edgeslim.export.int8 import lower
 
     graph = lower(q, x, name=type(q).__name__)
-    assert tflite.serialize(graph) == blob
+    assert tflite_format.serialize(graph) == blob
     qx = reference.quantize_input(graph, x.numpy())
     got = tflite.run_litert(blob, qx)
     want = reference.run_batch(graph, qx).reshape(got.shape)

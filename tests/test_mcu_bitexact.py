@@ -6,7 +6,7 @@ MobileNetV2-style net and the DS-CNN."""
 import numpy as np
 import pytest
 
-from edgeslim.export import tflite
+from edgeslim.export import tflite, tflite_format
 from edgeslim.export.c import codegen, hostbuild, planner
 from edgeslim.export.int8 import reference
 from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
@@ -42,7 +42,7 @@ def test_reference_c_and_tflite_micro_agree_at_every_tensor(name):
             assert hostbuild.check_trace(graph, expected[k], records) == [], (label, k)
     if not tflite.tflm_available():
         pytest.skip("tflite-micro is not installed: TFLite Micro not compared")
-    data = tflite.serialize(graph)
+    data = tflite_format.serialize(graph)
     _, tensors = tflite.run_tflm(graph, data, q, every_tensor=True)
     for k in range(len(q)):
         assert compare_tensors(expected[k], tensors[k], names) == [], k
@@ -105,6 +105,6 @@ def test_every_op_kind_agrees_at_every_tensor():
         assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
     if not tflite.tflm_available():
         pytest.skip("tflite-micro is not installed: C checked, TFLite Micro not compared")
-    _, tensors = tflite.run_tflm(graph, tflite.serialize(graph), q, every_tensor=True)
+    _, tensors = tflite.run_tflm(graph, tflite_format.serialize(graph), q, every_tensor=True)
     for k in range(len(q)):
         assert compare_tensors(expected[k], tensors[k], graph.activations()) == []

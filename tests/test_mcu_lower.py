@@ -12,7 +12,7 @@ from edgeslim.core.models.kws import ds_cnn
 from edgeslim.export import int8
 from edgeslim.export.c import export_c
 from edgeslim.export.int8 import ir, reference
-from edgeslim.export.tflite import PADDING_SAME, tflite_padding
+from edgeslim.export.tflite_format import PADDING_SAME, tflite_padding
 from mcu_helpers import AllOps
 
 
