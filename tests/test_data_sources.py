@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import edgeslim as es
-from edgeslim.core.data import datasets
+from edgeslim.core.data import images
 from edgeslim.core.data.datasets import DatasetSplit, Split
 
 
@@ -56,8 +56,8 @@ def pymodule(tmp_path, monkeypatch):
 def test_folder_source_splits_by_class_and_reads_images_lazily(tmp_path, monkeypatch):
     root = _folder(tmp_path / "imgs", classes=3, per_class=10, size=(12, 10))
     reads = []
-    real = datasets.read_image
-    monkeypatch.setattr(datasets, "read_image", lambda p, o: reads.append(p) or real(p, o))
+    real = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda p, o: reads.append(p) or real(p, o))
     data = es.load_data(f"folder:{root}", image_size=[8, 6], mean=0.5, std=0.25)
     assert reads == []  # nothing read at load time
     assert (len(data.train), len(data.val), len(data.test)) == (21, 3, 6)
