@@ -42,10 +42,8 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field
@@ -58,8 +56,9 @@ from edgeslim.core.hooks import run_calibration
 from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, unmatched
-from edgeslim.quant import spec
 from edgeslim.quant.fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
+from edgeslim.quant.layerview import LayerQParams as LayerQParams
+from edgeslim.quant.layerview import layer_qparams as layer_qparams
 from edgeslim.quant.modules import (
     ActQuant,
     QuantAdd,
@@ -69,7 +68,6 @@ from edgeslim.quant.modules import (
     QuantLinear,
     QuantModule,
     WeightQuant,
-    quant_layers,
     set_mode,
 )
 from edgeslim.quant.observers import Observer
@@ -115,81 +113,6 @@ class Int8PTQ(Options):
         """The weight bit width of layer ``name`` (first matching ``layer_bits`` pattern)."""
         bits = lookup_layer(self.layer_bits, name)
         return self.weight_bits if bits is None else bits
-
-
-# ---------------------------------------------------------------------------- per-layer view
-
-
-@dataclass(frozen=True)
-class LayerQParams:
-    """Everything the integer kernel of one quantized conv / linear layer needs.
-
-    ``weight_int`` has the float weight's shape (int8 values in
-    ``[weight.qmin, weight.qmax]``); ``bias_int`` is int32 with scale ``s_in * s_w[c]``;
-    ``output`` is None when the layer outputs float (module mode), and then ``multiplier``
-    / ``shift`` are None too. ``act_min`` / ``act_max`` already include a fused ReLU/ReLU6.
-    """
-
-    name: str
-    kind: Literal["conv2d", "linear"]
-    input: spec.QParams
-    weight: spec.QParams
-    weight_int: np.ndarray
-    bias_int: np.ndarray | None
-    output: spec.QParams | None
-    multiplier: np.ndarray | None
-    shift: np.ndarray | None
-    activation: str | None
-    act_min: int
-    act_max: int
-    weight_bits: int
-    stride: tuple[int, ...] = (1, 1)
-    padding: tuple[int, ...] = (0, 0)
-    dilation: tuple[int, ...] = (1, 1)
-    groups: int = 1
-
-
-def layer_qparams(model: nn.Module) -> dict[str, LayerQParams]:
-    """The :class:`LayerQParams` of every quantized conv / linear layer, by module name."""
-    out: dict[str, LayerQParams] = {}
-    for name, layer in quant_layers(model).items():
-        if layer.input_quant.dynamic:
-            raise ConfigError(
-                f"layer {name!r} quantizes its input dynamically: it has no fixed input "
-                "qparams; quantize with activations='static' for integer-only backends"
-            )
-        layer.freeze()
-        wq = layer.weight_quant
-        scales = layer.weight_scale.detach().cpu().double().numpy().copy()
-        weight = spec.QParams(scales, np.zeros(len(scales), np.int64), wq.qmin, wq.qmax, 0)
-        output = None
-        if layer.has_output:
-            output = spec.QParams(
-                layer.out_scale.cpu().double().numpy().copy(),
-                layer.out_zero_point.cpu().numpy().copy(),
-            )
-        conv = isinstance(layer, nn.Conv2d)
-        lo, hi = (int(v) for v in layer.act_limits)
-        out[name] = LayerQParams(
-            name=name,
-            kind="conv2d" if conv else "linear",
-            input=layer.input_quant.qparams(),
-            weight=weight,
-            weight_int=layer.weight_int8.cpu().numpy().copy(),
-            bias_int=None if layer.bias is None else layer.bias_int32.cpu().numpy().copy(),
-            output=output,
-            multiplier=layer.multiplier.cpu().numpy().copy() if layer.has_output else None,
-            shift=layer.shift.cpu().numpy().copy() if layer.has_output else None,
-            activation=layer.act,
-            act_min=lo if layer.has_output else spec.INT8_MIN,
-            act_max=hi if layer.has_output else spec.INT8_MAX,
-            weight_bits=wq.bits,
-            stride=tuple(layer.stride) if conv else (1, 1),
-            padding=tuple(layer.padding) if conv else (0, 0),
-            dilation=tuple(layer.dilation) if conv else (1, 1),
-            groups=layer.groups if conv else 1,
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------- selection
