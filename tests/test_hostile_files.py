@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import edgeslim as es
+from edgeslim.core.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -627,3 +628,29 @@ def test_the_memory_probe_sees_torch_numpy_and_untouched_allocations():
         [sys.executable, "-c", _PROBE_CHECK], capture_output=True, text=True, env=_env()
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("attack", ["negative_group_size", "negative_group_index"])
+def test_hf_quantized_group_index_out_of_range_is_refused(tmp_path, attack):
+    """Found by the 10,008-case fuzzer: a ``group_size`` of -1 (or a negative stored group
+    index) made the ``hf:`` reader index the scales with negative numbers (IndexError)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from edgeslim.core.models import hf
+
+    shard = hf_shard(tmp_path)
+    with safe_open(str(shard), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edge = json.loads(meta["edgeslim"])
+    quantized = edge["quantized"]
+    (key,) = quantized
+    if attack == "negative_group_size":
+        quantized[key]["group_size"] = -1
+    else:  # a stored group index (as GPTQ's act-order writes one) with negative entries
+        tensors[key + "::qgidx"] = -(torch.arange(16) // 8).int() - 1
+    meta["edgeslim"] = json.dumps(edge)
+    save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(CheckpointError, match="group"):
+        hf._read(shard.parent)

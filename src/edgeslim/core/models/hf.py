@@ -199,9 +199,23 @@ def decode_state(
             g_idx = tensors[key + _QGIDX].int()
         else:
             size = info.get("group_size") or in_f
+            if type(size) is not int or size < 1:
+                raise CheckpointError(f"{path}: {key!r} has group_size {str(size)[:20]}")
             g_idx = (torch.arange(in_f) // size).int()
-        if scale.shape[0] != out_f or int(g_idx.max()) >= scale.shape[1]:
-            raise CheckpointError(f"{path}: scales of {key!r} do not fit its shape {shape}")
+        fits = (
+            scale.dim() == 2
+            and zero.shape == scale.shape
+            and scale.shape[0] == out_f
+            and g_idx.shape == (in_f,)
+            and in_f > 0
+            and int(g_idx.min()) >= 0
+            and int(g_idx.max()) < scale.shape[1]
+        )
+        if not fits:
+            raise CheckpointError(
+                f"{path}: scales, zero points or group index of {key!r} do not fit its shape "
+                f"{list(shape)}"
+            )
         w = scale.float()[:, g_idx.long()] * (codes.float() - zero.float()[:, g_idx.long()])
         if info.get("transposed"):
             w = w.t()
