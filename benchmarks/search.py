@@ -45,7 +45,8 @@ from rich.table import Table
 from torch import nn
 
 import edgeslim as es
-from edgeslim.core.data.datasets import DataSplits, Split
+from _tasks import cluttered_mnist
+from edgeslim.core.data.datasets import DataSplits
 from edgeslim.search import Budget, SearchSpace
 from edgeslim.search.cost import RuntimeTarget, fingerprint
 from edgeslim.search.engine import search
@@ -53,46 +54,6 @@ from edgeslim.search.predictor_eval import evaluate_predictor
 
 console = Console(width=180)
 warnings.filterwarnings("ignore")
-
-
-def _clutter(x: torch.Tensor, pool: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    n = len(x)
-    out = torch.zeros_like(x)
-    shifts = torch.randint(-4, 5, (n, 2), generator=g)
-    for i in range(n):
-        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
-        out[i] = torch.roll(x[i], (dy, dx), (1, 2))
-        if dy > 0:
-            out[i, :, :dy] = 0
-        elif dy < 0:
-            out[i, :, dy:] = 0
-        if dx > 0:
-            out[i, :, :, :dx] = 0
-        elif dx < 0:
-            out[i, :, :, dx:] = 0
-    src = torch.randint(0, len(pool), (n, 6), generator=g)
-    pos = torch.randint(0, 21, (n, 6, 4), generator=g)
-    for i in range(n):
-        for k in range(6):
-            sy, sx, ty, tx = (int(v) for v in pos[i, k])
-            patch = pool[int(src[i, k]), :, sy : sy + 7, sx : sx + 7]
-            out[i, :, ty : ty + 7, tx : tx + 7] = torch.maximum(
-                out[i, :, ty : ty + 7, tx : tx + 7], patch
-            )
-    out += 0.15 * torch.randn(out.shape, generator=g)
-    return out.clamp(0, 1)
-
-
-def cluttered_mnist(seed: int = 0) -> DataSplits:
-    """Shifted, cluttered MNIST from the bundled subset (see the module docstring)."""
-    base = es.load_data("mnist")
-    g = torch.Generator().manual_seed(seed)
-    pool = base.train.x
-    train = Split(_clutter(base.train.x, pool, g), base.train.y)
-    val = Split(_clutter(base.val.x, pool, g), base.val.y)
-    tx = torch.cat([_clutter(base.test.x, pool, g), _clutter(base.test.x, pool, g)])
-    test = Split(tx, torch.cat([base.test.y, base.test.y]))
-    return DataSplits("cluttered-mnist", train, val, test, base.num_classes)
 
 
 def ort_ms(model: nn.Module, x: torch.Tensor, target: RuntimeTarget) -> float:
