@@ -5,10 +5,12 @@ one :class:`Registry`. A handler is registered under a recipe name (``method: ma
 a config class; the verb looks the handler up by the config's type, the recipe parser by the
 name. Every handler has one signature::
 
-    handler(model, cfg, *, filter_fn=None, **context) -> log        # context: calib=, data=, ...
+    handler(model, cfg, ctx: Context) -> log          # ctx.calib, ctx.filter_fn, ctx.data ...
 
-and every verb is made by :meth:`Registry.verb`, so they all check their keywords the same way
-(a keyword the method does not take is a :class:`ConfigError`) and follow one rule:
+and declares, when it registers, which :class:`Context` fields it reads (``takes=``). Every
+verb is made by :meth:`Registry.verb`, so they all check their keywords the same way (a
+keyword the method does not take is a :class:`ConfigError`, never silently ignored) and
+follow one rule:
 
 - a verb ending in ``_`` changes ``model`` in place; the model is the result and the verb
   returns the handler's log (a dict);
@@ -19,8 +21,8 @@ and every verb is made by :meth:`Registry.verb`, so they all check their keyword
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pydantic import BaseModel
@@ -32,6 +34,28 @@ from edgeslim.core.selection import FilterFn
 Handler = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a verb hands its handler besides the model and the config.
+
+    A handler reads only the fields it declared with ``takes=`` when it registered; a
+    caller that passes any other keyword gets a ConfigError naming what the method takes.
+    """
+
+    filter_fn: FilterFn | None = None  # False for a (module, name) keeps that layer as it is
+    calib: Any = None  # calibration inputs (a tensor, batches, mappings, a DataSplits ...)
+    data: Any = None  # a DataSplits, for methods that measure or train
+    example: Any = None  # an input batch, for methods that trace the model
+    train: Any = None  # a TrainConfig, for methods that train
+    teacher: nn.Module | None = None  # distil from it while training
+    progress: bool | None = None  # show a progress bar (None: when the terminal is a TTY)
+    seed: int = 0  # for methods that train
+    batch_size: int = 64  # calibration batch size
+
+
+CONTEXT_FIELDS = frozenset(f.name for f in fields(Context))
+
+
 class Registry:
     """Config class -> handler, and recipe method name -> config class, for one verb."""
 
@@ -40,21 +64,30 @@ class Registry:
         self.handlers: dict[type[BaseModel], Handler] = {}
         self.methods: dict[str, type[BaseModel]] = {}
         self.replays: dict[type[BaseModel], Handler] = {}
+        self.takes: dict[type[BaseModel], frozenset[str]] = {}
 
     def register(
         self,
         name: str,
         config_type: type[BaseModel],
         handler: Handler,
+        *,
+        takes: Iterable[str] = (),
         replay: Handler | None = None,
     ) -> None:
         """Make ``verb(model, config_type(...))`` call ``handler`` and ``method: name`` valid.
 
+        ``takes``: the :class:`Context` fields the handler reads (``"calib"``,
+        ``"filter_fn"`` ...); the verb accepts exactly these keywords.
         ``replay(model, cfg, log, example)``, for methods that change the model's structure,
         redoes that change on a fresh model from the handler's ``log`` alone (a resumed run
         then loads the saved weights into it) and returns the model."""
+        unknown = sorted(set(takes) - CONTEXT_FIELDS)
+        if unknown:
+            raise ValueError(f"{name}: takes= names no Context field(s) {unknown}")
         self.handlers[config_type] = handler
         self.methods[name] = config_type
+        self.takes[config_type] = frozenset(takes)
         if replay is not None:
             self.replays[config_type] = replay
 
@@ -80,17 +113,19 @@ class Registry:
         Keywords given as ``None`` count as not given."""
         handler = self.handler(cfg)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        params = inspect.signature(handler).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        unknown = sorted(set(kwargs) - set(params)) if not takes_any else []
+        takes = self.takes[type(cfg)]
+        unknown = sorted(set(kwargs) - takes)
         if unknown:
-            raise ConfigError(f"{type(cfg).__name__} takes no argument(s) {unknown}")
-        return handler(model, cfg, **kwargs)
+            raise ConfigError(
+                f"{type(cfg).__name__} takes no argument(s) {unknown}; "
+                f"it takes {sorted(takes) or 'none'}"
+            )
+        return handler(model, cfg, Context(**kwargs))
 
     def accepted(self, cfg: BaseModel, **context: Any) -> dict[str, Any]:
         """The items of ``context`` (``data=``, ``example=`` ...) that ``cfg``'s handler takes."""
-        params = inspect.signature(self.handler(cfg)).parameters
-        return {k: v for k, v in context.items() if k in params}
+        self.handler(cfg)
+        return {k: v for k, v in context.items() if k in self.takes[type(cfg)]}
 
     def verb(self, doc: str, *, in_place: bool = True) -> Callable[..., Any]:
         """The public verb for this registry (see the module docstring for the rule)."""

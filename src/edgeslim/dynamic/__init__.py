@@ -61,10 +61,17 @@ def dynamic_(model: nn.Module, cfg: BaseModel, **kwargs: Any) -> Any:
     return REGISTRY.call(model, cfg, **kwargs)
 
 
-register("exits", Exits, add_exits_)
-register("gating", ChannelGating, gate_channels_)
-register("cache", FrameCache, add_frame_cache)
-register("multitask", Heads, add_heads)
+register(
+    "exits", Exits, lambda m, cfg, ctx: add_exits_(m, cfg, example=ctx.example), takes=("example",)
+)
+register(
+    "gating",
+    ChannelGating,
+    lambda m, cfg, ctx: gate_channels_(m, cfg, calib=ctx.calib),
+    takes=("calib",),
+)
+register("cache", FrameCache, lambda m, cfg, ctx: add_frame_cache(m, cfg))
+register("multitask", Heads, lambda m, cfg, ctx: add_heads(m, cfg))
 
 __all__ = [
     "METHODS",

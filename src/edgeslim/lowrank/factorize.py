@@ -14,6 +14,7 @@ from torch import nn
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import iter_batches
 from edgeslim.core.linear import is_linear, skip_tied
+from edgeslim.core.registry import Context
 from edgeslim.core.selection import FilterFn, matches
 from edgeslim.lowrank.conv import ConvDecompose, response_factors
 from edgeslim.lowrank.layers import geometries, replace_, thin_pair
@@ -85,11 +86,10 @@ def _factorize_layers_(
     return factorize_(model, cfg, factors, calib)
 
 
-def svd_(
-    model: nn.Module, cfg: SVD, *, calib: Any = None, filter_fn: FilterFn | None = None
-) -> dict[str, dict[str, float]]:
+def svd_(model: nn.Module, cfg: SVD, ctx: Context) -> dict[str, dict[str, float]]:
     """Factor ``model``'s Linear layers (and transformers' Conv1D) in place as ``cfg``
     says (see :class:`SVD`)."""
+    calib, filter_fn = ctx.calib, ctx.filter_fn
     layers = candidates(model, (nn.Linear,), cfg.exclude, filter_fn)
     if not layers:
         raise ConfigError(
@@ -100,9 +100,10 @@ def svd_(
 
 
 def conv_decompose_(
-    model: nn.Module, cfg: ConvDecompose, *, calib: Any = None, filter_fn: FilterFn | None = None
+    model: nn.Module, cfg: ConvDecompose, ctx: Context
 ) -> dict[str, dict[str, float]]:
     """Factor ``model``'s Conv2d (with ``linear``, also Linear) layers in place as ``cfg`` says."""
+    calib, filter_fn = ctx.calib, ctx.filter_fn
     types = (nn.Conv2d, nn.Linear) if cfg.linear else (nn.Conv2d,)
     layers = candidates(model, types, cfg.exclude, filter_fn)
     if not layers:
@@ -126,5 +127,7 @@ def replay_factors_(model: nn.Module, cfg: RankTarget, log: dict, example: Any) 
     return model
 
 
-REGISTRY.register("svd", SVD, svd_, replay=replay_factors_)
-REGISTRY.register("conv", ConvDecompose, conv_decompose_, replay=replay_factors_)
+REGISTRY.register("svd", SVD, svd_, takes=("calib", "filter_fn"), replay=replay_factors_)
+REGISTRY.register(
+    "conv", ConvDecompose, conv_decompose_, takes=("calib", "filter_fn"), replay=replay_factors_
+)

@@ -21,6 +21,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import eval_mode, forward_hooks
 from edgeslim.core.linear import is_linear, linear_layers, weight_in
 from edgeslim.core.progress import console, enabled, progress_bar
+from edgeslim.core.registry import Context
 from edgeslim.core.selection import FilterFn, layer_filter
 from edgeslim.oneshot.blocks import (
     Batch,
@@ -182,20 +183,17 @@ def compress_layerwise(
     return log
 
 
-def one_shot_(
-    model: nn.Module,
-    cfg: Any,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    progress: bool | None = None,
-) -> dict[str, Any]:
+ONE_SHOT_TAKES = ("calib", "filter_fn", "progress")  # what one_shot_ reads of its Context
+
+
+def one_shot_(model: nn.Module, cfg: Any, ctx: Context) -> dict[str, Any]:
     """The ``prune_`` / ``quantize_`` handler of the one-shot configs (Wanda, SparseGPT, GPTQ,
     SmoothQuant): compress the linear layers of ``model`` in place, block by block.
 
     ``calib``: calibration inputs (token ids ``(N, seq)``, or a list of batches / dicts of
     keyword arguments). Returns the algorithm's log entry per layer (sparsity, weight MSE ...).
     """
+    calib, filter_fn, progress = ctx.calib, ctx.filter_fn, ctx.progress
     algo, label = algorithm_for(cfg)
     return compress_layerwise(
         model,

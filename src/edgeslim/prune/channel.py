@@ -29,12 +29,11 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.prune.budget import ratios_for_macs
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
@@ -85,15 +84,7 @@ class ChannelPrune(Options):
         return self
 
 
-def channel_prune_(
-    model: nn.Module,
-    cfg: ChannelPrune,
-    *,
-    filter_fn: FilterFn | None = None,
-    example: Any = None,
-    data: DataSplits | None = None,
-    calib: Any = None,
-) -> dict[str, Any]:
+def channel_prune_(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> dict[str, Any]:
     """Remove channels from ``model`` in place; returns each cut group's removed fraction
     (``removed``) and the plans that were cut (``cut``: what :func:`replay_` redoes).
 
@@ -103,6 +94,7 @@ def channel_prune_(
     ``importance='activation'`` reads ``calib`` (inputs: a tensor batch, a dict of keyword
     inputs, or ``(x, y)``), else ``data``'s calibration set, else ``example``.
     """
+    filter_fn, example, data, calib = ctx.filter_fn, ctx.example, ctx.data, ctx.calib
     if example is None:
         raise ConfigError("ChannelPrune needs example= (an input batch) to trace the model's graph")
     if any(True for _ in iter_masks(model)):
@@ -170,4 +162,10 @@ def replay_channels_(model: nn.Module, cfg: ChannelPrune, log: dict, example: An
     return model
 
 
-REGISTRY.register("channel", ChannelPrune, channel_prune_, replay=replay_channels_)
+REGISTRY.register(
+    "channel",
+    ChannelPrune,
+    channel_prune_,
+    takes=("filter_fn", "example", "data", "calib"),
+    replay=replay_channels_,
+)

@@ -35,14 +35,14 @@ import torch.fx
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.fxpatterns import activation, is_add
 from edgeslim.core.hooks import eval_mode
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn, matches
+from edgeslim.core.registry import Context
+from edgeslim.core.selection import matches
 from edgeslim.profiling.latency import measure_latency_ms
 from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
@@ -251,21 +251,14 @@ def choose_blocks(model: nn.Module, x: torch.Tensor, cfg: DepthPrune) -> list[st
 # --------------------------------------------------------------------------------------
 
 
-def depth_prune_(
-    model: nn.Module,
-    cfg: DepthPrune,
-    *,
-    filter_fn: FilterFn | None = None,
-    example: torch.Tensor | None = None,
-    data: DataSplits | None = None,
-    calib: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-) -> dict[str, float]:
+def depth_prune_(model: nn.Module, cfg: DepthPrune, ctx: Context) -> dict[str, float]:
     """Remove residual blocks of ``model`` in place; returns ``{block name: 1.0}`` per removal.
 
     The output damage is measured on ``calib`` (inputs, or ``(x, y)``), else ``samples`` of
     ``data``'s calibration set, else ``example``. Blocks for which ``filter_fn(module, name)``
     is False are kept.
     """
+    filter_fn, example, data, calib = ctx.filter_fn, ctx.example, ctx.data, ctx.calib
     if any(True for _ in iter_masks(model)):
         raise ConfigError(
             "the model carries unstructured pruning masks; call edgeslim.prune.remove_masks_ "
@@ -294,4 +287,10 @@ def replay_blocks_(model: nn.Module, cfg: DepthPrune, log: dict, example: Any) -
     return model
 
 
-REGISTRY.register("depth", DepthPrune, depth_prune_, replay=replay_blocks_)
+REGISTRY.register(
+    "depth",
+    DepthPrune,
+    depth_prune_,
+    takes=("filter_fn", "example", "data", "calib"),
+    replay=replay_blocks_,
+)

@@ -26,6 +26,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import is_linear, skip_tied
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
+from edgeslim.core.registry import Context
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
 from edgeslim.prune.registry import REGISTRY
 
@@ -206,9 +207,7 @@ def apply_new_masks_(
     return result
 
 
-def magnitude_prune_(
-    model: nn.Module, cfg: MagnitudePrune, *, filter_fn: FilterFn | None = None
-) -> dict[str, float]:
+def magnitude_prune_(model: nn.Module, cfg: MagnitudePrune, ctx: Context) -> dict[str, float]:
     """Prune ``model`` in place; returns each pruned layer's sparsity.
 
     Transformers' ``Conv1D`` layers (GPT-2's linear layers) are pruned like ``nn.Linear``
@@ -216,6 +215,7 @@ def magnitude_prune_(
     weight is tied to another module's (a tied ``lm_head``) is left dense, with a warning:
     pruning it would zero the same entries of the input embedding.
     """
+    filter_fn = ctx.filter_fn
     layers = prunable_layers(model, filter_fn)  # Conv1D included
     layers = skip_tied(layers, model, "MagnitudePrune")
     if not layers:
@@ -223,4 +223,4 @@ def magnitude_prune_(
     return apply_new_masks_(layers, magnitude_masks(cfg, layers))
 
 
-REGISTRY.register("magnitude", MagnitudePrune, magnitude_prune_)
+REGISTRY.register("magnitude", MagnitudePrune, magnitude_prune_, takes=("filter_fn",))

@@ -26,10 +26,9 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.core.sparsity import _groups, _ungroup, nm_supported
 from edgeslim.prune.magnitude import apply_new_masks_, prunable_layers, target_layers
 from edgeslim.prune.registry import REGISTRY
@@ -69,15 +68,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _ungroup(keep, scores)
 
 
-def nm_prune_(
-    model: nn.Module,
-    cfg: NMPrune,
-    *,
-    filter_fn: FilterFn | None = None,
-    data: DataSplits | None = None,
-    calib: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, float]:
+def nm_prune_(model: nn.Module, cfg: NMPrune, ctx: Context) -> dict[str, float]:
     """Apply ``cfg.n``:``cfg.m`` masks in place; returns each pruned layer's sparsity."""
+    filter_fn, data, calib = ctx.filter_fn, ctx.data, ctx.calib
     layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, None)
     supported = {k: v for k, v in layers.items() if nm_supported(v.weight, cfg.m)}
     if not supported:
@@ -102,4 +95,4 @@ def nm_prune_(
     return apply_new_masks_(supported, masks)
 
 
-REGISTRY.register("nm", NMPrune, nm_prune_)
+REGISTRY.register("nm", NMPrune, nm_prune_, takes=("filter_fn", "data", "calib"))

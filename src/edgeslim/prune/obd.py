@@ -45,7 +45,7 @@ from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import eval_mode
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.prune.magnitude import (
     SparsityTarget,
     apply_new_masks_,
@@ -233,19 +233,13 @@ def obd_scores(
 # --------------------------------------------------------------------------------------
 
 
-def obd_prune_(
-    model: nn.Module,
-    cfg: OBDPrune,
-    *,
-    filter_fn: FilterFn | None = None,
-    data: DataSplits | None = None,
-    calib: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, float]:
+def obd_prune_(model: nn.Module, cfg: OBDPrune, ctx: Context) -> dict[str, float]:
     """Prune ``model`` in place by OBD saliency; returns each pruned layer's sparsity.
 
     Needs data: ``data`` (``samples`` training examples are drawn from it) or
     ``calib=(x, y)`` (for ``hessian="layerwise"`` inputs alone will do: ``calib=x``).
     """
+    filter_fn, data, calib = ctx.filter_fn, ctx.data, ctx.calib
     layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
@@ -283,4 +277,4 @@ def _layerwise_obd_(
     return apply_new_masks_(layers, masks)
 
 
-REGISTRY.register("obd", OBDPrune, obd_prune_)
+REGISTRY.register("obd", OBDPrune, obd_prune_, takes=("filter_fn", "data", "calib"))

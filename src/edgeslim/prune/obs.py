@@ -51,7 +51,7 @@ from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.masks import get_mask
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.oneshot.stats import Hessian, wide_dtype
 from edgeslim.prune.magnitude import (
     SparsityTarget,
@@ -279,19 +279,13 @@ def obs_update(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------------------
 
 
-def obs_prune_(
-    model: nn.Module,
-    cfg: OBSPrune,
-    *,
-    filter_fn: FilterFn | None = None,
-    data: DataSplits | None = None,
-    calib: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-) -> dict[str, float]:
+def obs_prune_(model: nn.Module, cfg: OBSPrune, ctx: Context) -> dict[str, float]:
     """Prune ``model`` in place by layer-wise OBS; returns each pruned layer's sparsity.
 
     Needs calibration inputs: ``data`` (``samples`` training inputs are drawn from it) or
     ``calib`` (a batch of inputs, or ``(x, y)``).
     """
+    filter_fn, data, calib = ctx.filter_fn, ctx.data, ctx.calib
     layers = target_layers(prunable_layers(model, filter_fn), cfg.exclude, cfg.layer_sparsity)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to prune")
@@ -314,4 +308,4 @@ def obs_prune_(
     return apply_new_masks_(layers, masks)
 
 
-REGISTRY.register("obs", OBSPrune, obs_prune_)
+REGISTRY.register("obs", OBSPrune, obs_prune_, takes=("filter_fn", "data", "calib"))

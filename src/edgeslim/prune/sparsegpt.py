@@ -27,7 +27,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import set_weight_matrix_, weight_matrix
-from edgeslim.oneshot.engine import one_shot_
+from edgeslim.oneshot.engine import ONE_SHOT_TAKES, one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
 from edgeslim.prune.registry import REGISTRY
@@ -133,4 +133,4 @@ class SparseGPTAlgorithm(OneShotAlgorithm):
 
 register(SparseGPT, SparseGPTAlgorithm)
 
-REGISTRY.register("sparsegpt", SparseGPT, one_shot_)
+REGISTRY.register("sparsegpt", SparseGPT, one_shot_, takes=ONE_SHOT_TAKES)

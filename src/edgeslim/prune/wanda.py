@@ -26,7 +26,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import to_param_layout, weight_matrix
 from edgeslim.core.masks import get_mask, set_mask_
 from edgeslim.core.options import Options
-from edgeslim.oneshot.engine import one_shot_
+from edgeslim.oneshot.engine import ONE_SHOT_TAKES, one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import InputNorms
 from edgeslim.prune.registry import REGISTRY
@@ -151,4 +151,4 @@ class WandaAlgorithm(OneShotAlgorithm):
 
 register(Wanda, WandaAlgorithm)
 
-REGISTRY.register("wanda", Wanda, one_shot_)
+REGISTRY.register("wanda", Wanda, one_shot_, takes=ONE_SHOT_TAKES)

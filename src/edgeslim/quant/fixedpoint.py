@@ -30,7 +30,7 @@ from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import forward_hooks, iter_batches
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.quant import fake
 from edgeslim.quant.modules import ActQuant, QuantAvgPool, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, prepare
@@ -96,19 +96,13 @@ def _execution_order(model: nn.Module, quants: list[ActQuant], example: torch.Te
     return list(dict.fromkeys(order))
 
 
-def dynamic_fixed_point_(
-    model: nn.Module,
-    cfg: DynamicFixedPoint,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    **_: Any,
-) -> nn.Module:
+def dynamic_fixed_point_(model: nn.Module, cfg: DynamicFixedPoint, ctx: Context) -> nn.Module:
     """Quantize ``model`` to ``cfg.bits``-bit dynamic (or static) fixed point.
 
     Returns the quantized model in exact mode; ``quant_info`` holds the chosen fractional
     lengths (``weight_fl`` per layer, ``activation_fl`` per quantized tensor).
     """
+    calib, filter_fn = ctx.calib, ctx.filter_fn
     if calib is None:
         raise ConfigError("DynamicFixedPoint needs calibration data: calib=data.calib(256)")
     ptq = Int8PTQ(
@@ -181,4 +175,6 @@ def _set_fixed(q: ActQuant, fl: int) -> None:
         q.zero_point.zero_()
 
 
-REGISTRY.register("dynamic_fixed_point", DynamicFixedPoint, dynamic_fixed_point_)
+REGISTRY.register(
+    "dynamic_fixed_point", DynamicFixedPoint, dynamic_fixed_point_, takes=("calib", "filter_fn")
+)

@@ -29,7 +29,7 @@ layer keeps its dequantized weights (it runs as an ordinary float model) plus th
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import ConfigDict, Field
@@ -39,9 +39,10 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.linear import linear_layers, weight_matrix
 from edgeslim.core.models.quantstate import QuantizedWeight, attach_quantized_
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn, layer_filter
+from edgeslim.core.registry import Context
+from edgeslim.core.selection import layer_filter
 from edgeslim.oneshot.blocks import find_blocks
-from edgeslim.oneshot.engine import one_shot_
+from edgeslim.oneshot.engine import ONE_SHOT_TAKES, one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import Hessian, damped_inverse_cholesky
 from edgeslim.quant.registry import REGISTRY, returning_model
@@ -245,19 +246,12 @@ class GPTQAlgorithm(OneShotAlgorithm):
         return float((qw.weight - w).pow(2).mean())
 
 
-def rtn_quantize_(
-    model: nn.Module,
-    cfg: RTN,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    progress: bool | None = None,
-) -> dict[str, float]:
+def rtn_quantize_(model: nn.Module, cfg: RTN, ctx: Context) -> dict[str, float]:
     """Round-to-nearest the same layers GPTQ would quantize; returns each one's weight MSE.
 
     No calibration data is needed (``calib`` is ignored).
     """
-    keep = layer_filter(cfg.exclude, filter_fn)
+    keep = layer_filter(cfg.exclude, ctx.filter_fn)
     found = find_blocks(model)
     prefix, root = found if found is not None else ("", model)
     log = {}
@@ -281,5 +275,7 @@ __all__ = [
     "rtn_quantize_",
 ]
 
-REGISTRY.register("gptq", GPTQ, returning_model(one_shot_))
-REGISTRY.register("rtn", RTN, returning_model(rtn_quantize_))
+REGISTRY.register("gptq", GPTQ, returning_model(one_shot_), takes=ONE_SHOT_TAKES)
+REGISTRY.register(
+    "rtn", RTN, returning_model(rtn_quantize_), takes=("calib", "filter_fn", "progress")
+)

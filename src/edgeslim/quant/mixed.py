@@ -45,7 +45,7 @@ from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.hooks import iter_batches
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.quant.modules import WeightQuant, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, int8_ptq_, prepare
 from edgeslim.quant.registry import REGISTRY
@@ -244,14 +244,7 @@ def candidate_bits(
     return found
 
 
-def mixed_precision_(
-    model: nn.Module,
-    cfg: MixedPrecision,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    **_: Any,
-) -> nn.Module:
+def mixed_precision_(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.Module:
     """Measure sensitivity, choose per-layer bits under the budget, quantize; return the model.
 
     The knapsack's additive model of the sensitivities underestimates how narrowed layers
@@ -262,6 +255,7 @@ def mixed_precision_(
     ``quant_info`` gains ``layer_bits``, ``sensitivity``, ``weight_bytes``, ``budget_bytes``
     and ``selection`` (candidates measured, the chosen one's distance, each uniform width's).
     """
+    calib, filter_fn = ctx.calib, ctx.filter_fn
     if calib is None:
         raise ConfigError("MixedPrecision needs calibration data: calib=data.calib(256)")
     base = dict(
@@ -283,7 +277,7 @@ def mixed_precision_(
     sens = {name: {b: probe.distance({name: b}) for b in menu} for name in probe.layers}
     measured = [(probe.distance(c), c) for c in candidate_bits(sens, numel, budget_bits)]
     distance, bits = min(measured, key=lambda t: t[0])
-    qmodel = int8_ptq_(model, Int8PTQ(**base, layer_bits=bits), calib=calib, filter_fn=filter_fn)
+    qmodel = int8_ptq_(model, Int8PTQ(**base, layer_bits=bits), ctx)
     uniform = {str(c[next(iter(c))]): d for d, c in measured if len(set(c.values())) == 1}
     qmodel.quant_info.update(
         layer_bits=bits,
@@ -295,4 +289,4 @@ def mixed_precision_(
     return qmodel
 
 
-REGISTRY.register("mixed_precision", MixedPrecision, mixed_precision_)
+REGISTRY.register("mixed_precision", MixedPrecision, mixed_precision_, takes=("calib", "filter_fn"))

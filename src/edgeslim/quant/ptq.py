@@ -55,6 +55,7 @@ from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
+from edgeslim.core.registry import Context
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, unmatched
 from edgeslim.quant.fold import _replace_module, fold_bn_graph_, fold_bn_sequential_
 from edgeslim.quant.layerview import LayerQParams as LayerQParams
@@ -414,21 +415,14 @@ def calibrate_(model: nn.Module, calib: Any, *, batch_size: int = 64) -> int:
     return n
 
 
-def int8_ptq_(
-    model: nn.Module,
-    cfg: Int8PTQ,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    batch_size: int = 64,
-    **_: Any,
-) -> nn.Module:
+def int8_ptq_(model: nn.Module, cfg: Int8PTQ, ctx: Context) -> nn.Module:
     """Quantize ``model`` post-training; returns the quantized model (see module docstring).
 
     ``calib`` (a tensor ``(N, ...)`` or iterable of batches) is required unless
     ``activations="dynamic"``. The returned model is in ``cfg.simulate`` mode and carries
     ``quant_info`` (layers quantized, float layers and why, folded BNs, batches).
     """
+    calib, filter_fn, batch_size = ctx.calib, ctx.filter_fn, ctx.batch_size
     if calib is None and cfg.activations == "static":
         raise ConfigError(
             "Int8PTQ needs calibration data: quantize_(model, Int8PTQ(...), calib=data.calib(256))"
@@ -440,4 +434,4 @@ def int8_ptq_(
     return qmodel
 
 
-REGISTRY.register("int8_ptq", Int8PTQ, int8_ptq_)
+REGISTRY.register("int8_ptq", Int8PTQ, int8_ptq_, takes=("calib", "filter_fn", "batch_size"))

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.quant.modules import ActQuant, quant_layers, set_mode
 from edgeslim.quant.ptq import Int8PTQ, int8_ptq_
 from edgeslim.quant.registry import REGISTRY
@@ -65,19 +65,7 @@ def _train_config(cfg: QAT, train: Any):
     )
 
 
-def qat_(
-    model: nn.Module,
-    cfg: QAT,
-    *,
-    calib: Any = None,
-    filter_fn: FilterFn | None = None,
-    data: Any = None,
-    train: Any = None,
-    teacher: nn.Module | None = None,
-    progress: bool | None = None,
-    seed: int = 0,
-    **_: Any,
-) -> nn.Module:
+def qat_(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
     """PTQ-initialise ``model``, fine-tune it with fake quantization, return it in exact mode.
 
     ``data`` (a :class:`~edgeslim.core.data.datasets.DataSplits`) is required; ``calib`` defaults
@@ -85,6 +73,7 @@ def qat_(
     with a ``teacher`` (e.g. the float model) the fine-tuning distils from it.
     ``quant_info["history"]`` holds the per-epoch training log.
     """
+    data, calib = ctx.data, ctx.calib
     from edgeslim.core.train import fit
 
     if data is None:
@@ -94,12 +83,14 @@ def qat_(
     if calib is None:
         calib = data.calib(min(cfg.calib_size, len(data.train)))
     ptq = Int8PTQ.model_validate(cfg.model_dump(include=set(Int8PTQ.model_fields)))
-    qmodel = int8_ptq_(model, ptq, calib=calib, filter_fn=filter_fn)
+    qmodel = int8_ptq_(model, ptq, Context(calib=calib, filter_fn=ctx.filter_fn))
     if isinstance(cfg, LSQ):
         enable_lsq(qmodel)
     set_mode(qmodel, "fake")
-    tcfg = _train_config(cfg, train).model_copy(update={"seed": seed})
-    history = fit(qmodel, data, tcfg, teacher=teacher, progress=progress) if tcfg.epochs else []
+    tcfg = _train_config(cfg, ctx.train).model_copy(update={"seed": ctx.seed})
+    history = (
+        fit(qmodel, data, tcfg, teacher=ctx.teacher, progress=ctx.progress) if tcfg.epochs else []
+    )
     for layer in quant_layers(qmodel).values():
         layer.refresh_weight_scale()
     with torch.no_grad():  # a learned step size must stay positive for the integer kernels
@@ -130,5 +121,6 @@ def enable_lsq(model: nn.Module) -> int:
     return count
 
 
-REGISTRY.register("qat", QAT, qat_)
-REGISTRY.register("lsq", LSQ, qat_)
+_TAKES = ("calib", "filter_fn", "data", "train", "teacher", "progress", "seed")
+REGISTRY.register("qat", QAT, qat_, takes=_TAKES)
+REGISTRY.register("lsq", LSQ, qat_, takes=_TAKES)

@@ -6,14 +6,13 @@ A new technique adds its config and handler in its own module and ends it with
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 from torch import nn
 
-from edgeslim.core.registry import Registry
+from edgeslim.core.registry import Context, Registry
 
 REGISTRY = Registry("quantize")
 METHODS = REGISTRY.methods  # recipe name -> config class
@@ -23,9 +22,8 @@ def returning_model(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Adapt an in-place handler that returns a log: keep the log as ``model.quant_info``
     (as every quantize_ handler does) and return the model."""
 
-    def run(model: nn.Module, cfg: BaseModel, **kwargs: Any) -> nn.Module:
-        model.quant_info = {"layers": handler(model, cfg, **kwargs)}
+    def run(model: nn.Module, cfg: BaseModel, ctx: Context) -> nn.Module:
+        model.quant_info = {"layers": handler(model, cfg, ctx)}
         return model
 
-    run.__signature__ = inspect.signature(handler)  # Registry.call checks these keywords
     return run

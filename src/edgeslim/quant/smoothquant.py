@@ -33,7 +33,7 @@ from torch import nn
 from edgeslim.core.linear import set_weight_matrix_, weight_matrix
 from edgeslim.core.models.quantstate import QuantizedWeight, attach_act_quant_, attach_quantized_
 from edgeslim.core.options import Options
-from edgeslim.oneshot.engine import one_shot_
+from edgeslim.oneshot.engine import ONE_SHOT_TAKES, one_shot_
 from edgeslim.oneshot.registry import OneShotAlgorithm, register
 from edgeslim.oneshot.stats import InputAbsMax
 from edgeslim.quant.registry import REGISTRY, returning_model
@@ -177,4 +177,4 @@ class SmoothQuantAlgorithm(OneShotAlgorithm):
 
 register(SmoothQuant, SmoothQuantAlgorithm)
 
-REGISTRY.register("smoothquant", SmoothQuant, returning_model(one_shot_))
+REGISTRY.register("smoothquant", SmoothQuant, returning_model(one_shot_), takes=ONE_SHOT_TAKES)

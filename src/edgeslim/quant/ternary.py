@@ -20,7 +20,7 @@ scales that the packed artifact stores: 1 bit (BWN) or 2 bits (TWN, TTQ) per wei
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn
+from edgeslim.core.registry import Context
 from edgeslim.quant.fold import _replace_module
 from edgeslim.quant.ptq import QUANTIZABLE, Int8PTQ, _select
 from edgeslim.quant.registry import REGISTRY
@@ -199,44 +199,34 @@ def lowbit_layers(model: nn.Module) -> dict[str, _LowBit]:
 # ---------------------------------------------------------------------------- the verb
 
 
-def lowbit_(
-    model: nn.Module,
-    cfg: BWN | TWN | TTQ,
-    *,
-    filter_fn: FilterFn | None = None,
-    data: Any = None,
-    train: Any = None,
-    teacher: nn.Module | None = None,
-    progress: bool | None = None,
-    seed: int = 0,
-    **_: Any,
-) -> nn.Module:
+def lowbit_(model: nn.Module, cfg: BWN | TWN | TTQ, ctx: Context) -> nn.Module:
     """Make ``model``'s conv / linear weights binary or ternary, then train ``cfg.epochs``.
 
     Returns ``model`` (changed in place) with ``quant_info`` (layers, float layers and why,
     training history). ``data`` is needed when there are epochs to train.
     """
+    data = ctx.data
     from edgeslim.core.train import TrainConfig, fit
 
     scheme: Scheme = {BWN: "bwn", TWN: "twn", TTQ: "ttq"}[type(cfg)]
     modules = dict(model.named_modules())
     names = [n for n, m in modules.items() if isinstance(m, QUANTIZABLE) and n]
     sel = Int8PTQ(skip_first=cfg.skip_first, skip_last=cfg.skip_last, exclude=cfg.exclude)
-    chosen, skipped = _select(names, modules, sel, filter_fn)
+    chosen, skipped = _select(names, modules, sel, ctx.filter_fn)
     if not chosen:
         raise ConfigError(f"no layer left to make {scheme.upper()} (float: {skipped})")
     threshold = getattr(cfg, "threshold", 0.0)
     for name in chosen:
         _replace_module(model, name, _convert(modules[name], scheme, threshold))
-    tcfg = train or TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    tcfg = ctx.train or TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
     history = []
     if tcfg.epochs:
         if data is None:
             raise ConfigError(
                 f"{scheme.upper()} trains {tcfg.epochs} epoch(s): pass data=DataSplits"
             )
-        tcfg = tcfg.model_copy(update={"seed": seed})
-        history = fit(model, data, tcfg, teacher=teacher, progress=progress)
+        tcfg = tcfg.model_copy(update={"seed": ctx.seed})
+        history = fit(model, data, tcfg, teacher=ctx.teacher, progress=ctx.progress)
     model.eval()
     model.quant_info = {
         "scheme": scheme,
@@ -248,6 +238,7 @@ def lowbit_(
     return model
 
 
-REGISTRY.register("bwn", BWN, lowbit_)
-REGISTRY.register("twn", TWN, lowbit_)
-REGISTRY.register("ttq", TTQ, lowbit_)
+_TAKES = ("filter_fn", "data", "train", "teacher", "progress", "seed")
+REGISTRY.register("bwn", BWN, lowbit_, takes=_TAKES)
+REGISTRY.register("twn", TWN, lowbit_, takes=_TAKES)
+REGISTRY.register("ttq", TTQ, lowbit_, takes=_TAKES)

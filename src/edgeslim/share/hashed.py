@@ -30,7 +30,8 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError, ContainerError
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn, select_layers
+from edgeslim.core.registry import Context
+from edgeslim.core.selection import select_layers
 from edgeslim.share.registry import REGISTRY
 
 _MASK64 = (1 << 64) - 1
@@ -319,10 +320,9 @@ def hashed_like(module: nn.Module, ratio: float, seed: int) -> nn.Module:
     return new
 
 
-def hash_share_(
-    model: nn.Module, cfg: HashShare, filter_fn: FilterFn | None = None
-) -> dict[str, dict[str, int]]:
+def hash_share_(model: nn.Module, cfg: HashShare, ctx: Context) -> dict[str, dict[str, int]]:
     """Swap ``model``'s Linear and Conv2d layers for hashed ones in place; a log row per layer."""
+    filter_fn = ctx.filter_fn
     layers = select_layers(model, (nn.Linear, nn.Conv2d), exclude=cfg.exclude, filter_fn=filter_fn)
     layers.pop("", None)  # the model itself cannot be swapped in place
     if not layers:
@@ -343,4 +343,4 @@ def replay_hashing_(model: nn.Module, cfg: HashShare, log: Any, example: Any) ->
     return model
 
 
-REGISTRY.register("hash", HashShare, hash_share_, replay=replay_hashing_)
+REGISTRY.register("hash", HashShare, hash_share_, takes=("filter_fn",), replay=replay_hashing_)

@@ -30,7 +30,8 @@ from torch import nn
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import set_shared_
 from edgeslim.core.options import Options
-from edgeslim.core.selection import FilterFn, lookup_layer, matches, select_layers, unmatched
+from edgeslim.core.registry import Context
+from edgeslim.core.selection import lookup_layer, matches, select_layers, unmatched
 from edgeslim.share.registry import REGISTRY
 
 SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,10 +168,9 @@ def share_tensor_(module: nn.Module, pname: str, bits: int, cfg: KMeansShare) ->
     return {"bits": bits, "clusters": k, "used": used, "rmse": float(err.pow(2).mean().sqrt())}
 
 
-def kmeans_share_(
-    model: nn.Module, cfg: KMeansShare, filter_fn: FilterFn | None = None
-) -> dict[str, dict[str, float]]:
+def kmeans_share_(model: nn.Module, cfg: KMeansShare, ctx: Context) -> dict[str, dict[str, float]]:
     """Share the weights of ``model``'s Conv/Linear layers in place; a log row per tensor."""
+    filter_fn = ctx.filter_fn
     layers = select_layers(model, SHAREABLE, filter_fn=filter_fn)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv or Linear layer to share")
@@ -183,4 +183,4 @@ def kmeans_share_(
     return log
 
 
-REGISTRY.register("kmeans", KMeansShare, kmeans_share_)
+REGISTRY.register("kmeans", KMeansShare, kmeans_share_, takes=("filter_fn",))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.core.models.hf import is_hf_model, save_hf
+from edgeslim.core.registry import Context
 from edgeslim.pipeline.stages.base import StageKind, register_stage
 from edgeslim.pipeline.stages.method import MethodStage, calibration, parse_method, verb_context
 from edgeslim.quant import REGISTRY, quantize, quantize_
@@ -70,7 +71,7 @@ def rebuild(model, stage, log, example) -> Any:
     if stage.config.method in _ONE_SHOT:  # their buffers are restored with the state
         return model
     if stage.config.method in ("bwn", "twn", "ttq"):
-        return lowbit_(model, cfg.model_copy(update={"epochs": 0}))
+        return lowbit_(model, cfg.model_copy(update={"epochs": 0}), Context())
     if stage.config.method == "dynamic_fixed_point":
         ptq = Int8PTQ(weight_bits=cfg.bits, activation_bits=cfg.bits, graph="fx")
     elif stage.config.method == "mixed_precision":
