@@ -206,24 +206,28 @@ def _print_verified(res, runtime: str, short: str) -> None:
         console.print(f"{runtime} runs it with integer kernels: {ops}")
 
 
-def cmd_export_onnx(args: argparse.Namespace) -> None:
-    from edgeslim.export.onnx import export_onnx
+# format -> (module, function, what it writes, the runtime that checks it, its short name)
+_GRAPH_EXPORTS = {
+    "onnx": ("edgeslim.export.onnx", "export_onnx", "ONNX", "ONNX Runtime", "ort"),
+    "openvino": (
+        "edgeslim.export.openvino", "export_openvino", "OpenVINO IR", "OpenVINO Runtime",
+        "openvino",
+    ),
+}  # fmt: skip
 
+
+def cmd_export_graph(args: argparse.Namespace) -> None:
+    """``edgeslim export onnx|openvino``: write the model (int8 with ``--int8``) and check it."""
+    import importlib
+
+    module, func, what, runtime, short = _GRAPH_EXPORTS[args.format]
+    export = getattr(importlib.import_module(module), func)
     model, example = _graph_export_inputs(args)
-    res = export_onnx(model, args.out, example, verify=not args.no_verify)
-    kind = "int8 QDQ" if res.quantized else "fp32"
-    print(f"wrote {kind} ONNX {res.path} ({res.size_bytes:,} bytes)")
-    _print_verified(res, "ONNX Runtime", "ort")
-
-
-def cmd_export_openvino(args: argparse.Namespace) -> None:
-    from edgeslim.export.openvino import export_openvino
-
-    model, example = _graph_export_inputs(args)
-    res = export_openvino(model, args.out, example, verify=not args.no_verify)
-    kind = "int8" if res.quantized else "fp32"
-    print(f"wrote {kind} OpenVINO IR {res.path} + {res.bin_path} ({res.size_bytes:,} bytes)")
-    _print_verified(res, "OpenVINO Runtime", "openvino")
+    res = export(model, args.out, example, verify=not args.no_verify)
+    kind = ("int8 QDQ" if short == "ort" else "int8") if res.quantized else "fp32"
+    files = f"{res.path} + {res.bin_path}" if hasattr(res, "bin_path") else f"{res.path}"
+    print(f"wrote {kind} {what} {files} ({res.size_bytes:,} bytes)")
+    _print_verified(res, runtime, short)
 
 
 def cmd_export_executorch(args: argparse.Namespace) -> None:
@@ -330,13 +334,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     data = load_data(args.data)
     if args.fit_epochs:
         fit(model, data, epochs=args.fit_epochs)
-    budget = Budget(
-        target=args.target,
-        max_latency_ms=args.max_latency_ms,
-        max_flash_kb=args.max_flash_kb,
-        max_sram_kb=args.max_sram_kb,
-        max_size_kb=args.max_size_kb,
-    )
+    budget = Budget.shared_with(args)  # --target, --max-latency-ms, --max-flash-kb ...
     space = SearchSpace(techniques=args.techniques, exclude=args.exclude or [])
     result = search(
         model,
@@ -422,12 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a deployable file (checked against PyTorch)")
     fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    for name, text, func, suffix in (
-        ("onnx", "ONNX, fp32 or int8 QDQ, verified in ONNX Runtime", cmd_export_onnx, "onnx"),
+    for name, text, suffix in (
+        ("onnx", "ONNX, fp32 or int8 QDQ, verified in ONNX Runtime", "onnx"),
         (
             "openvino",
             "OpenVINO IR (.xml + .bin), fp32 or int8, verified in OpenVINO Runtime",
-            cmd_export_openvino,
             "xml (its .bin is written beside it)",
         ),
     ):
@@ -443,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--input-shape", help="one example's shape, e.g. 1,28,28 (zoo models know)")
         q.add_argument("--batch", type=int, default=1, help="batch size of the verification input")
         q.add_argument("--no-verify", action="store_true", help="skip the runtime check")
-        q.set_defaults(func=func)
+        q.set_defaults(func=cmd_export_graph)
     q = fmt.add_parser(
         "executorch", help="ExecuTorch .pte (fp32, XNNPACK), verified in ExecuTorch's runtime"
     )

@@ -8,11 +8,14 @@ which names the YAML key path instead.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edgeslim.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -64,6 +67,14 @@ class Options(BaseModel):
             choices = ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
             got = f" (got {', '.join(given)})" if given else ""
             raise ValueError(f"give exactly one of {choices}{got}")
+
+    @classmethod
+    def shared_with(cls, source: Any, **overrides: Any) -> Self:
+        """This config built from the fields ``source`` (another config, or any object with
+        attributes, such as parsed CLI arguments) has under the same names, then
+        ``overrides``."""
+        values = {k: getattr(source, k) for k in cls.model_fields if hasattr(source, k)}
+        return cls(**{**values, **overrides})
 
     def in_place(self) -> bool:
         """Whether the verb changes the model in place (else it builds a new module)."""

@@ -38,7 +38,7 @@ from edgeslim.prune.budget import ratios_for_macs
 from edgeslim.prune.groups import prepare
 from edgeslim.prune.importance import Importance, accumulate_gradients, forget_inputs, record_inputs
 from edgeslim.prune.plan import plan_groups
-from edgeslim.prune.registry import REGISTRY
+from edgeslim.prune.registry import REGISTRY, STRUCTURAL_TAKES
 from edgeslim.prune.surgery import apply_plans, replay_
 
 __all__ = ["ChannelPrune", "channel_prune_"]
@@ -163,9 +163,5 @@ def replay_channels_(model: nn.Module, cfg: ChannelPrune, log: dict, example: An
 
 
 REGISTRY.register(
-    "channel",
-    ChannelPrune,
-    channel_prune_,
-    takes=("filter_fn", "example", "data", "calib"),
-    replay=replay_channels_,
+    "channel", ChannelPrune, channel_prune_, takes=STRUCTURAL_TAKES, replay=replay_channels_
 )

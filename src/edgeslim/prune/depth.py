@@ -46,7 +46,7 @@ from edgeslim.core.selection import matches
 from edgeslim.profiling.latency import measure_latency_ms
 from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 from edgeslim.prune.budget import count_macs
-from edgeslim.prune.registry import REGISTRY
+from edgeslim.prune.registry import REGISTRY, STRUCTURAL_TAKES
 
 
 class DepthPrune(Options):
@@ -287,10 +287,4 @@ def replay_blocks_(model: nn.Module, cfg: DepthPrune, log: dict, example: Any) -
     return model
 
 
-REGISTRY.register(
-    "depth",
-    DepthPrune,
-    depth_prune_,
-    takes=("filter_fn", "example", "data", "calib"),
-    replay=replay_blocks_,
-)
+REGISTRY.register("depth", DepthPrune, depth_prune_, takes=STRUCTURAL_TAKES, replay=replay_blocks_)

@@ -10,3 +10,7 @@ from edgeslim.core.registry import Registry
 
 REGISTRY = Registry("prune_")
 METHODS = REGISTRY.methods  # recipe name -> config class
+
+# What a structural pruner (channels, blocks) reads: it traces the model on ``example`` and
+# may measure importance or sensitivity on ``data`` / ``calib``.
+STRUCTURAL_TAKES = ("filter_fn", "example", "data", "calib")

@@ -105,14 +105,7 @@ def dynamic_fixed_point_(model: nn.Module, cfg: DynamicFixedPoint, ctx: Context)
     calib, filter_fn = ctx.calib, ctx.filter_fn
     if calib is None:
         raise ConfigError("DynamicFixedPoint needs calibration data: calib=data.calib(256)")
-    ptq = Int8PTQ(
-        weight_bits=cfg.bits,
-        activation_bits=cfg.bits,
-        skip_first=cfg.skip_first,
-        skip_last=cfg.skip_last,
-        exclude=cfg.exclude,
-        graph="fx",
-    )
+    ptq = Int8PTQ.shared_with(cfg, weight_bits=cfg.bits, activation_bits=cfg.bits, graph="fx")
     qmodel, info = prepare(model, ptq, filter_fn)
     layers = quant_layers(qmodel)
     quants = [m for m in qmodel.modules() if isinstance(m, ActQuant) and m.source is None]

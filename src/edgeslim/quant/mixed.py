@@ -258,15 +258,7 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.
     calib, filter_fn = ctx.calib, ctx.filter_fn
     if calib is None:
         raise ConfigError("MixedPrecision needs calibration data: calib=data.calib(256)")
-    base = dict(
-        calibration=cfg.calibration,
-        weight_calibration=cfg.weight_calibration,
-        skip_first=cfg.skip_first,
-        skip_last=cfg.skip_last,
-        exclude=cfg.exclude,
-        graph=cfg.graph,
-    )
-    qprobe, _ = prepare(copy.deepcopy(model), Int8PTQ(**base), filter_fn)
+    qprobe, _ = prepare(copy.deepcopy(model), Int8PTQ.shared_with(cfg), filter_fn)
     numel = {n: layer.weight.numel() for n, layer in quant_layers(qprobe).items()}
     budget_bits = (
         cfg.budget_bytes * 8 if cfg.budget_bytes is not None else cfg.avg_bits * sum(numel.values())
@@ -277,7 +269,7 @@ def mixed_precision_(model: nn.Module, cfg: MixedPrecision, ctx: Context) -> nn.
     sens = {name: {b: probe.distance({name: b}) for b in menu} for name in probe.layers}
     measured = [(probe.distance(c), c) for c in candidate_bits(sens, numel, budget_bits)]
     distance, bits = min(measured, key=lambda t: t[0])
-    qmodel = int8_ptq_(model, Int8PTQ(**base, layer_bits=bits), ctx)
+    qmodel = int8_ptq_(model, Int8PTQ.shared_with(cfg, layer_bits=bits), ctx)
     uniform = {str(c[next(iter(c))]): d for d, c in measured if len(set(c.values())) == 1}
     qmodel.quant_info.update(
         layer_bits=bits,

@@ -82,7 +82,7 @@ def qat_(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
         )
     if calib is None:
         calib = data.calib(min(cfg.calib_size, len(data.train)))
-    ptq = Int8PTQ.model_validate(cfg.model_dump(include=set(Int8PTQ.model_fields)))
+    ptq = Int8PTQ.shared_with(cfg)
     qmodel = int8_ptq_(model, ptq, Context(calib=calib, filter_fn=ctx.filter_fn))
     if isinstance(cfg, LSQ):
         enable_lsq(qmodel)

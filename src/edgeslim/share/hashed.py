@@ -339,7 +339,7 @@ def replay_hashing_(model: nn.Module, cfg: HashShare, log: Any, example: Any) ->
     """Swap the hashed layers in again: their index and sign come from the same seeds (the
     saved state is loaded next). k-means sharing changes no structure: its codes and
     centroids come back with the state."""
-    hash_share_(model, cfg)
+    hash_share_(model, cfg, Context())
     return model
 
 
