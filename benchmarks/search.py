@@ -97,7 +97,7 @@ def distil(model: nn.Module, teacher: nn.Module, data: DataSplits, epochs: int) 
 
 def int8_row(dense: nn.Module, data: DataSplits, x: torch.Tensor) -> dict[str, Any]:
     from edgeslim.export.onnx import export_onnx
-    from edgeslim.search.engine import _ort_file_ms
+    from edgeslim.search.verify import ort_file_ms as _ort_file_ms
 
     q = es.quantize(dense, es.Int8PTQ(calibration="mse"), calib=data.calib(256))
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,8 +13,11 @@ One idea per module:
 - :mod:`.budget`: the limits and what a violation costs;
 - :mod:`.executor`: where trials run (local process pool, or Ray);
 - :mod:`.store`: every finished trial persisted in the run directory (resume);
-- :mod:`.engine`: the multi-objective search itself (Optuna), the final fine-tunes and the
-  verification of the answer on the target runtime.
+- :mod:`.trial`: one trial as a worker runs it (build, short fine-tune, quantize, evaluate);
+- :mod:`.sampler`: the seeded Optuna sampler and the study rebuilt from finished trials;
+- :mod:`.front`: the Pareto front of the finished trials;
+- :mod:`.verify`: the answer written for its target and measured from the file;
+- :mod:`.engine`: the search itself: generations, finalists, the choice, the report.
 """
 
 from __future__ import annotations

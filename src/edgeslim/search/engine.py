@@ -31,7 +31,6 @@ new generations once spent and finishes with the best feasible trials found.
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 import time
@@ -45,13 +44,17 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError
-from edgeslim.search.apply import apply_structure_, build, quantize_candidate
+from edgeslim.search.apply import build
 from edgeslim.search.budget import Budget
 from edgeslim.search.cost import fingerprint, resolve_target
 from edgeslim.search.executor import make_executor
+from edgeslim.search.front import best_line, pareto
 from edgeslim.search.predictor_eval import spearman
+from edgeslim.search.sampler import ask, make_sampler, study_from
 from edgeslim.search.space import BoundSpace, SearchSpace
 from edgeslim.search.store import RunStore
+from edgeslim.search.trial import rebuild, run_trial
+from edgeslim.search.verify import export_answer
 
 __all__ = ["SearchResult", "search"]
 
@@ -102,122 +105,6 @@ class SearchResult:
 
 def _fmt(cost: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in cost.items() if isinstance(v, int | float))
-
-
-# ----------------------------------------------------------------------------- trial workers
-
-
-def _proxy_data(state: dict[str, Any], n_train: int) -> DataSplits:
-    x, y = state["train"]
-    val = Split(*state["val"])
-    return DataSplits("search", Split(x[:n_train], y[:n_train]), val, val, state["classes"])
-
-
-def run_trial(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """One trial on a worker: the candidate built, fine-tuned, quantized, evaluated.
-
-    ``job["kind"]``: ``"proxy"`` (``steps`` batches; validation accuracy on the proxy's
-    examples) or ``"final"`` (``epochs`` over the training split; the model comes back)."""
-    from edgeslim.core.kd import KD
-    from edgeslim.core.train import TrainConfig, evaluate, fit
-
-    teacher = state["model"]
-    model = copy.deepcopy(teacher)
-    candidate = job["candidate"]
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_structure_(model, candidate, state["example"])
-        bs = state["batch_size"]
-        if job["kind"] == "proxy":
-            data = _proxy_data(state, job["steps"] * bs)
-            cfg = TrainConfig(epochs=1, lr=state["lr"], batch_size=bs, keep_best=False)
-        else:
-            x, y = state["train"]
-            data = DataSplits(
-                "search", Split(x, y), Split(*state["val"]), Split(*state["test"]), state["classes"]
-            )
-            cfg = TrainConfig(epochs=job["epochs"], lr=state["lr"], batch_size=bs)
-        cfg = cfg.model_copy(update={"seed": job["seed"], "distill": KD()})
-        if cfg.epochs > 0 and job.get("steps", 1) > 0:
-            fit(model, data, cfg, teacher=teacher, progress=False)
-        model = quantize_candidate(model.eval(), candidate, state["calib"])
-        out = {"number": job["number"], "accuracy": evaluate(model, data, "val")}
-        if job["kind"] == "final":
-            out["test"] = evaluate(model, data, "test")
-            out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out["seconds"] = time.perf_counter() - start
-    return out
-
-
-# ----------------------------------------------------------------------------- Optuna
-
-
-def _sampler(kind: str, seed: int, batch: int, startup: int):
-    try:
-        import optuna
-    except ImportError as exc:
-        raise ConfigError("the search needs Optuna: pip install 'edgeslim[search]'") from exc
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-    def constraints(trial) -> list[float]:
-        return trial.system_attrs.get("constraints", [])
-
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, constraints_func=constraints, n_startup_trials=startup, multivariate=True
-        )
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=max(2, batch), constraints_func=constraints
-        )
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"sampler {kind!r}: expected 'tpe', 'nsga2' or 'random'")
-
-
-def _study(space: BoundSpace, records: list[dict], sampler: Any):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.knobs.items()}
-    for r in records:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=r["candidate"],
-                distributions=dists,
-                values=[r["accuracy"] or 0.0, r["objective"]],
-                system_attrs={"constraints": r["constraints"]},
-            )
-        )
-    return study, dists
-
-
-def _ask(study, dists: dict) -> dict[str, Any]:
-    trial = study.ask(dists)
-    return dict(trial.params)
-
-
-# ----------------------------------------------------------------------------- Pareto
-
-
-def pareto(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The feasible records no other feasible record beats on both accuracy and ``metric``."""
-    pts = [r for r in records if r["feasible"] and r["accuracy"] is not None]
-    front = []
-    for r in pts:
-        a, c = r["accuracy"], r["cost"][metric]
-        beaten = any(
-            (o["accuracy"] >= a and o["cost"][metric] <= c)
-            and (o["accuracy"] > a or o["cost"][metric] < c)
-            for o in pts
-        )
-        if not beaten:
-            front.append(r)
-    return sorted(front, key=lambda r: r["cost"][metric])
 
 
 # ----------------------------------------------------------------------------- the search
@@ -340,7 +227,7 @@ def search(
     bar = progress_bar(TextColumn("{task.fields[best]}"), disable=not enabled(progress))
     try:
         with bar:
-            task = bar.add_task("search", total=trials, completed=len(done), best=_best(done))
+            task = bar.add_task("search", total=trials, completed=len(done), best=best_line(done))
             for gen in range(math.ceil(trials / batch)):
                 numbers = list(range(gen * batch, min((gen + 1) * batch, trials)))
                 if all(n in done for n in numbers):
@@ -350,11 +237,13 @@ def search(
                     break
                 prior = [done[n] for n in sorted(done) if n < gen * batch]
                 startup = max(batch, min(10, trials // 3))
-                study, dists = _study(bound, prior, _sampler(sampler, seed + gen, batch, startup))
+                study, dists = study_from(
+                    bound, prior, make_sampler(sampler, seed + gen, batch, startup)
+                )
                 if gen == 0:  # anchors: the dense model and the smallest point
                     study.enqueue_trial(bound.dense())
                     study.enqueue_trial(bound.smallest())
-                asked = {n: bound.encode(_ask(study, dists)) for n in numbers}
+                asked = {n: bound.encode(ask(study, dists)) for n in numbers}
                 jobs = []
                 for n in numbers:
                     if n in done:
@@ -376,7 +265,7 @@ def search(
                         store.add_trial(record)
                         done[n] = record
                         new += 1
-                        bar.update(task, advance=1, best=_best(done))
+                        bar.update(task, advance=1, best=best_line(done))
                 if stop_after is not None and new >= stop_after:
                     stopped = "stop_after"
                     break
@@ -390,7 +279,7 @@ def search(
                     store.add_trial(record)
                     done[record["number"]] = record
                     new += 1
-                    bar.update(task, advance=1, best=_best(done))
+                    bar.update(task, advance=1, best=best_line(done))
                     if stop_after is not None and new >= stop_after:
                         stopped = "stop_after"
                         break
@@ -429,7 +318,7 @@ def search(
         for _, res in executor.map(run_trial, state, jobs):
             weights = res.pop("state")
             rec = next(r for r in top if r["number"] == res["number"])
-            model_i = _rebuild(model, rec["candidate"], weights, example, calib)
+            model_i = rebuild(model, rec["candidate"], weights, example, calib)
             res["measured"] = tgt.measure(model_i, example, calib)
             res["predicted"] = rec["cost"]
             res["proxy"] = rec["accuracy"]
@@ -445,7 +334,7 @@ def search(
     result.finalists = fin
     best = fin[0]
     result.candidate = next(r["candidate"] for r in top if r["number"] == best["number"])
-    result.model = _rebuild(
+    result.model = rebuild(
         model, result.candidate, store.load_state(best["number"]), example, calib
     )
     result.feasible = best["fits"]
@@ -460,72 +349,16 @@ def search(
 
     result.dense = {"accuracy": evaluate(model, data, "test"), "cost": cost_of(bound.dense())}
     if export:
-        result.files = _export(result, tgt, example, calib, out)
+        result.files = export_answer(result, tgt, example, calib, out)
     result.wall_s = time.monotonic() - started
     _write_report(result, store, bound)
     return result
-
-
-def _rebuild(model: nn.Module, candidate: dict, weights: dict, example, calib) -> nn.Module:
-    """The candidate's structure built on a copy of ``model``, with ``weights`` loaded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = copy.deepcopy(model)
-        apply_structure_(out, candidate, example)
-        out = quantize_candidate(out.eval(), candidate, calib)
-    out.load_state_dict(weights)
-    return out.eval()
 
 
 def _shuffled(split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=g)
     return split.x[order], split.y[order]
-
-
-def _best(done: dict[int, dict[str, Any]]) -> str:
-    ok = [r for r in done.values() if r["feasible"] and r["accuracy"] is not None]
-    if not ok:
-        return "best: -"
-    b = max(ok, key=lambda r: (r["accuracy"], -r["objective"]))
-    return f"best: acc {b['accuracy']:.3f} @ {b['objective']:.4g}"
-
-
-def _export(result: SearchResult, tgt: Any, example, calib, out: Path) -> dict[str, str]:
-    """The chosen model written for the target, measured from what was written."""
-    files: dict[str, str] = {}
-    model = result.model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if tgt.kind == "runtime":
-            from edgeslim.export.onnx import export_onnx
-
-            path = out / "model.onnx"
-            export_onnx(model, path, example)
-            files["onnx"] = str(path)
-            result.measured["file_kb"] = path.stat().st_size / 1024
-            if tgt.name == "ort":
-                result.measured["file_latency_ms"] = _ort_file_ms(path, example)
-        else:
-            measured = tgt.measure(model, example, calib, out=out / "c")
-            result.measured.update(measured)
-            files["c"] = str(out / "c")
-    return files
-
-
-def _ort_file_ms(path: Path, example: torch.Tensor, repeats: int = 200) -> float:
-    """Median ms of the written ONNX file in ONNX Runtime (one thread)."""
-    import onnxruntime as ort
-
-    from edgeslim.core.timing import median_ms
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    feed = {name: example[:1].numpy()}
-    return min(median_ms(lambda: session.run(None, feed), repeats, 10) for _ in range(2))
 
 
 def _write_report(result: SearchResult, store: RunStore, bound: BoundSpace) -> None:
