@@ -90,24 +90,25 @@ def test_compress_evaluate_report(tmp_path, mnist):
 
 
 @pytest.mark.slow
-def test_demo_meets_deep_compression_targets(tmp_path):
-    """The README's demo: prune -> share -> pack; >= 12x fewer nonzero weights, the .slim file
-    >= 40x / 39x smaller than the dense fp32 file, test accuracy within 0.3 points of dense."""
-    proc = _cli("demo", "--out", tmp_path, timeout=900)
+@pytest.mark.parametrize(("net", "ratio"), [("lenet300", 40), ("lenet5", 39)])
+def test_demo_meets_deep_compression_targets(tmp_path, net, ratio):
+    """The README's demo, one recipe at a time (``edgeslim demo`` runs both): prune -> share
+    -> pack; >= 12x fewer nonzero weights, the .slim file >= 40x / 39x smaller than the
+    dense fp32 file, test accuracy within 0.3 points of dense. CI runs the LeNet-300-100 half
+    (~3 min); the LeNet-5 half (~20 min on 2 cores) is left to ``pytest -m slow``."""
+    recipe = Path(__file__).parent.parent / "recipes" / f"deep_compression_{net}.yaml"
+    proc = _cli("compress", recipe, "--out", tmp_path / net, timeout=2400)
     assert proc.returncode == 0, proc.stderr
-    for net, ratio in (("lenet300", 40), ("lenet5", 39)):
-        rows = read_metrics(Path(tmp_path) / net)
-        base, final = rows[0], rows[-1]
-        assert [r["stage"] for r in rows] == ["baseline", "prune", "share", "pack"]
-        assert base["stage"] == "baseline" and base["nonzero_params"] == base["params"]
-        assert base["params"] / final["nonzero_params"] >= 12
-        assert final["format"] == "slim"
-        assert (
-            final["size_bytes"] == (Path(tmp_path) / net / "stage-3" / "model.slim").stat().st_size
-        )
-        assert base["size_bytes"] / final["size_bytes"] >= ratio
-        assert final["accuracy"] >= base["accuracy"] - 0.003
-        assert (Path(tmp_path) / net / "report.md").is_file()
+    rows = read_metrics(tmp_path / net)
+    base, final = rows[0], rows[-1]
+    assert [r["stage"] for r in rows] == ["baseline", "prune", "share", "pack"]
+    assert base["stage"] == "baseline" and base["nonzero_params"] == base["params"]
+    assert base["params"] / final["nonzero_params"] >= 12
+    assert final["format"] == "slim"
+    assert final["size_bytes"] == (tmp_path / net / "stage-3" / "model.slim").stat().st_size
+    assert base["size_bytes"] / final["size_bytes"] >= ratio
+    assert final["accuracy"] >= base["accuracy"] - 0.003
+    assert (tmp_path / net / "report.md").is_file()
 
 
 def test_sensitivity_on_a_recipe_applies_its_data_transform(tmp_path):

@@ -155,3 +155,28 @@ def test_verbs_refuse_keywords_their_method_does_not_take():
         es.prune_(model, es.SVD(rank=2))
     with pytest.raises(ConfigError, match="no handler for config Module"):
         es.quantize(model, nn.Module())
+
+
+def test_quantize_refuses_keywords_its_method_does_not_take():
+    """Regression: the quantize handlers took ``**_`` and silently ignored any keyword
+    (a ``teacher=`` given to post-training quantization did nothing)."""
+    model = _zoo("lenet300")
+    x = torch.rand(8, 1, 28, 28)
+    with pytest.raises(ConfigError, match=r"Int8PTQ takes no argument\(s\) \['teacher'\]"):
+        es.quantize_(model, es.Int8PTQ(), calib=x, teacher=_zoo("lenet300"))
+    with pytest.raises(ConfigError, match=r"MixedPrecision takes no argument\(s\) \['data'\]"):
+        es.quantize(model, es.MixedPrecision(avg_bits=6), calib=x, data=object())
+    with pytest.raises(ConfigError, match=r"it takes \['calib', 'filter_fn', 'progress'\]"):
+        es.quantize(model, es.RTN(bits=4), seed=1)
+
+
+def test_registering_a_handler_with_an_unknown_context_field_fails():
+    from edgeslim.core.registry import Context, Registry
+
+    registry = Registry("demo_")
+    with pytest.raises(ValueError, match=r"takes= names no Context field\(s\) \['calibration'\]"):
+        registry.register("x", es.MagnitudePrune, lambda m, c, ctx: {}, takes=("calibration",))
+    seen = []
+    registry.register("y", es.MagnitudePrune, lambda m, c, ctx: seen.append(ctx), takes=("seed",))
+    registry.call(nn.Linear(2, 2), es.MagnitudePrune(sparsity=0.5), seed=3)
+    assert seen == [Context(seed=3)]
