@@ -1,0 +1,205 @@
+"""The same seed writes the same bytes in two processes (docs/determinism.md).
+
+Every writer edgeslim has (safetensors, ``.pt2``, ``.slim``, ONNX fp32 and int8, ``.tflite``,
+generated C, OpenVINO IR) runs in two fresh Python processes (each with its own hash seed and
+memory layout) and the files must be equal byte for byte. A recipe run twice must give the
+same stage files; only measured times (``seconds``, ``latency_ms``) may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import edgeslim
+
+SRC = str(Path(edgeslim.__file__).resolve().parents[1])
+
+# argv[1]: the output directory. A user-style CNN (global-average-pool head via ``mean``),
+# seeded weights and a seeded calibration batch; then every writer.
+_WRITE_ALL = r"""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import edgeslim as es
+from edgeslim.core.fileio import save_tensors
+from edgeslim.core.models.storage import save_weights
+from edgeslim.quant import Int8PTQ, quantize
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+
+
+class MeanHeadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+        self.input_shape, self.num_classes = (1, 12, 12), 10
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+model = MeanHeadNet().eval()
+calib = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+save_tensors(model.state_dict(), out / "state.safetensors", metadata={"z": "1", "a": "2"})
+es.save_model(model, out / "model.pt2")
+es.export_onnx(model, out / "fp32.onnx", calib[:4])
+es.export_tflite(model, out / "model.tflite", calib=calib)
+es.export_c(model, out / "c", calib=calib)
+if "openvino" in sys.argv[2:]:
+    es.export_openvino(model, out / "ov" / "model.xml", calib[:4])
+q = quantize(model, Int8PTQ(), calib=calib)
+es.export_onnx(q, out / "int8.onnx", calib[:4])
+es.save_model(q, out / "int8.pt2")  # a quantized graph: torch.export records graph ids
+es.prune_(model, es.MagnitudePrune(sparsity=0.6))
+es.share_(model, es.KMeansShare(bits=4))
+save_weights(model.state_dict(), out / "weights.sparse.safetensors", "sparse")
+es.pack(model, out / "model.slim")  # not a zoo network: the graph form
+es.export_c(model, out / "c_packed", calib=calib, compress_weights="auto")
+print("done")
+"""
+
+
+def _run_twice(script: str, tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    """Run ``script`` (argv[1] = its output directory) in two processes at once."""
+    env = {**os.environ, "PYTHONPATH": SRC, "EDGESLIM_QUIET": "1"}
+    env.pop("PYTHONHASHSEED", None)  # each process its own hash seed (set iteration order)
+    (tmp_path / "script.py").write_text(script)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = []
+    for out in outs:
+        out.mkdir()
+        cmd = [sys.executable, str(tmp_path / "script.py"), str(out), *args]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        )
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+    return outs[0], outs[1]
+
+
+def _files(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _mismatch(a: bytes, b: bytes) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return (
+        f"{len(a)} vs {len(b)} bytes, sha256 {hashlib.sha256(a).hexdigest()[:12]} vs "
+        f"{hashlib.sha256(b).hexdigest()[:12]}, first difference at offset {n}: "
+        f"{a[max(0, n - 16) : n + 32]!r} vs {b[max(0, n - 16) : n + 32]!r}"
+    )
+
+
+def _assert_same_bytes(a: Path, b: Path, names) -> None:
+    differ = {}
+    for name in names:
+        x, y = (a / name).read_bytes(), (b / name).read_bytes()
+        if x != y:
+            differ[name] = _mismatch(x, y)
+    assert not differ, "files differ between the two processes:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in differ.items()
+    )
+
+
+def test_every_writer_is_byte_reproducible_in_two_processes(tmp_path):
+    try:
+        import openvino  # noqa: F401
+
+        extra = ["openvino"]
+    except ImportError:
+        extra = []
+    a, b = _run_twice(_WRITE_ALL, tmp_path, *extra)
+    files_a, files_b = _files(a), _files(b)
+    assert files_a.keys() == files_b.keys()
+    expected = {"state.safetensors", "weights.sparse.safetensors", "model.pt2", "int8.pt2",
+                "fp32.onnx", "int8.onnx", "model.tflite", "model.slim", "c/model.c",
+                "c/model.h", "c/weights.h", "c_packed/weights.h"}  # fmt: skip
+    if extra:
+        expected |= {"ov/model.xml", "ov/model.bin"}
+    assert expected <= files_a.keys(), sorted(files_a)
+    assert not [n for n in files_a if "/." in n or n.startswith(".")], "temporaries left behind"
+    _assert_same_bytes(a, b, sorted(files_a))
+    # nor anything of this install: torch.export records source paths in its node metadata
+    embedding = [n for n, p in files_a.items() if SRC.encode() in p.read_bytes()]
+    assert not embedding, f"{embedding} hold the path of edgeslim's source ({SRC})"
+
+
+# -------------------------------------------------------------------------- a recipe, twice
+
+# Stage kinds that each write another file: sparse safetensors (prune), shared weights
+# (share), a .slim of the zoo form (pack), packed int8 weights and a quantized .pt2 (quantize).
+RECIPE = {
+    "name": "repro",
+    "seed": 5,
+    "model": "zoo:lenet5",
+    "data": {"source": "mnist", "max_train": 256},
+    "train": {"epochs": 1, "lr": 0.002},
+    "stages": [
+        {"prune": {"method": "magnitude", "sparsity": 0.6}, "finetune": {"epochs": 1}},
+        {"share": {"method": "kmeans", "bits": 4}},
+        {"pack": {"index_bits": "auto"}},
+        {"quantize": {"method": "int8_ptq", "calib_size": 32}},
+    ],
+}
+
+# What a stage measures with a clock: the only fields allowed to differ between two runs.
+TIMINGS = ("seconds", "latency_ms")
+
+_COMPRESS = r"""
+import sys
+import edgeslim as es
+
+es.run_recipe(es.Recipe.from_yaml(sys.argv[2]), sys.argv[1], progress=False)
+"""
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMINGS}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold the same files with the same bytes; ``meta.json`` and
+    ``metrics.jsonl`` equal but for measured times; ``report.md`` is skipped (it shows them)."""
+    files_a, files_b = _files(a), _files(b)
+    assert files_a.keys() == files_b.keys()
+    timed = {n for n in files_a if n.endswith(("meta.json", "metrics.jsonl", "report.md"))}
+    _assert_same_bytes(a, b, sorted(files_a.keys() - timed))
+    for name in sorted(timed):
+        if name.endswith("meta.json"):
+            x, y = (json.loads((d / name).read_text()) for d in (a, b))
+            x["row"], y["row"] = without_timings(x["row"]), without_timings(y["row"])
+            assert x == y, f"{name} differs beyond {TIMINGS}"
+        elif name.endswith("metrics.jsonl"):
+            x, y = (
+                [without_timings(json.loads(line)) for line in (d / name).read_text().splitlines()]
+                for d in (a, b)
+            )
+            assert x == y, f"{name} differs beyond {TIMINGS}"
+
+
+@pytest.mark.slow
+def test_a_recipe_run_in_two_processes_writes_the_same_bytes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    a, b = _run_twice(_COMPRESS, tmp_path, str(recipe))
+    names = _files(a)
+    for stage in ("stage-1/weights.sparse.safetensors", "stage-3/model.slim",
+                  "stage-4/weights.int.safetensors", "stage-4/model.pt2"):  # fmt: skip
+        assert stage in names
+    assert_same_run(a, b)
