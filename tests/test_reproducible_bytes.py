@@ -8,8 +8,6 @@ same stage files; only measured times (``seconds``, ``latency_ms``) may differ.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 import edgeslim
+from repro_helpers import assert_same_bytes, assert_same_run, files
 
 SRC = str(Path(edgeslim.__file__).resolve().parents[1])
 
@@ -93,30 +92,6 @@ def _run_twice(script: str, tmp_path: Path, *args: str) -> tuple[Path, Path]:
     return outs[0], outs[1]
 
 
-def _files(root: Path) -> dict[str, Path]:
-    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _mismatch(a: bytes, b: bytes) -> str:
-    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return (
-        f"{len(a)} vs {len(b)} bytes, sha256 {hashlib.sha256(a).hexdigest()[:12]} vs "
-        f"{hashlib.sha256(b).hexdigest()[:12]}, first difference at offset {n}: "
-        f"{a[max(0, n - 16) : n + 32]!r} vs {b[max(0, n - 16) : n + 32]!r}"
-    )
-
-
-def _assert_same_bytes(a: Path, b: Path, names) -> None:
-    differ = {}
-    for name in names:
-        x, y = (a / name).read_bytes(), (b / name).read_bytes()
-        if x != y:
-            differ[name] = _mismatch(x, y)
-    assert not differ, "files differ between the two processes:\n" + "\n".join(
-        f"  {k}: {v}" for k, v in differ.items()
-    )
-
-
 def test_every_writer_is_byte_reproducible_in_two_processes(tmp_path):
     try:
         import openvino  # noqa: F401
@@ -125,7 +100,7 @@ def test_every_writer_is_byte_reproducible_in_two_processes(tmp_path):
     except ImportError:
         extra = []
     a, b = _run_twice(_WRITE_ALL, tmp_path, *extra)
-    files_a, files_b = _files(a), _files(b)
+    files_a, files_b = files(a), files(b)
     assert files_a.keys() == files_b.keys()
     expected = {"state.safetensors", "weights.sparse.safetensors", "model.pt2", "int8.pt2",
                 "fp32.onnx", "int8.onnx", "model.tflite", "model.slim", "c/model.c",
@@ -134,7 +109,7 @@ def test_every_writer_is_byte_reproducible_in_two_processes(tmp_path):
         expected |= {"ov/model.xml", "ov/model.bin"}
     assert expected <= files_a.keys(), sorted(files_a)
     assert not [n for n in files_a if "/." in n or n.startswith(".")], "temporaries left behind"
-    _assert_same_bytes(a, b, sorted(files_a))
+    assert_same_bytes(a, b, sorted(files_a))
     # nor anything of this install: torch.export records source paths in its node metadata
     embedding = [n for n, p in files_a.items() if SRC.encode() in p.read_bytes()]
     assert not embedding, f"{embedding} hold the path of edgeslim's source ({SRC})"
@@ -158,9 +133,6 @@ RECIPE = {
     ],
 }
 
-# What a stage measures with a clock: the only fields allowed to differ between two runs.
-TIMINGS = ("seconds", "latency_ms")
-
 _COMPRESS = r"""
 import sys
 import edgeslim as es
@@ -169,36 +141,12 @@ es.run_recipe(es.Recipe.from_yaml(sys.argv[2]), sys.argv[1], progress=False)
 """
 
 
-def without_timings(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMINGS}
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Two run directories hold the same files with the same bytes; ``meta.json`` and
-    ``metrics.jsonl`` equal but for measured times; ``report.md`` is skipped (it shows them)."""
-    files_a, files_b = _files(a), _files(b)
-    assert files_a.keys() == files_b.keys()
-    timed = {n for n in files_a if n.endswith(("meta.json", "metrics.jsonl", "report.md"))}
-    _assert_same_bytes(a, b, sorted(files_a.keys() - timed))
-    for name in sorted(timed):
-        if name.endswith("meta.json"):
-            x, y = (json.loads((d / name).read_text()) for d in (a, b))
-            x["row"], y["row"] = without_timings(x["row"]), without_timings(y["row"])
-            assert x == y, f"{name} differs beyond {TIMINGS}"
-        elif name.endswith("metrics.jsonl"):
-            x, y = (
-                [without_timings(json.loads(line)) for line in (d / name).read_text().splitlines()]
-                for d in (a, b)
-            )
-            assert x == y, f"{name} differs beyond {TIMINGS}"
-
-
 @pytest.mark.slow
 def test_a_recipe_run_in_two_processes_writes_the_same_bytes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     a, b = _run_twice(_COMPRESS, tmp_path, str(recipe))
-    names = _files(a)
+    names = files(a)
     for stage in ("stage-1/weights.sparse.safetensors", "stage-3/model.slim",
                   "stage-4/weights.int.safetensors", "stage-4/model.pt2"):  # fmt: skip
         assert stage in names
