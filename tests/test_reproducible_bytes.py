@@ -151,3 +151,18 @@ def test_a_recipe_run_in_two_processes_writes_the_same_bytes(tmp_path):
                   "stage-4/weights.int.safetensors", "stage-4/model.pt2"):  # fmt: skip
         assert stage in names
     assert_same_run(a, b)
+
+
+def test_a_pt2_file_does_not_depend_on_its_name(tmp_path):
+    """torch.export.save names the archive's top folder after the file; save_model always
+    writes ``model/``, so the same model gives the same bytes under any file name."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(2, 4)
+    a = edgeslim.save_model(model, tmp_path / "first.pt2", x)
+    b = edgeslim.save_model(model, tmp_path / "sub" / "other name.pt2", x)
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(edgeslim.load_model(b)(x), model(x))
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporaries

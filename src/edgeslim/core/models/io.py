@@ -142,8 +142,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, example: torch.Tensor 
         "num_classes": getattr(model, "num_classes", None),
         "class": type(model).__name__,
     }
-    with atomic_path(path) as tmp:
-        torch.export.save(ep, str(tmp), extra_files={_META_FILE: json.dumps(meta)})
+    with atomic_path(path) as tmp:  # tmp sits alone in a fresh temporary directory
+        # torch names the archive's top folder after the file: always "model", so that the
+        # bytes depend on the model only, not on the file's name
+        named = tmp.with_name("model.pt2")
+        torch.export.save(ep, str(named), extra_files={_META_FILE: json.dumps(meta)})
+        os.replace(named, tmp)
     return path
 
 
