@@ -166,3 +166,32 @@ def test_a_pt2_file_does_not_depend_on_its_name(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert torch.equal(edgeslim.load_model(b)(x), model(x))
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporaries
+
+
+_WRITE_HF = r"""
+import sys
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import edgeslim as es
+from edgeslim.core.models.hf import save_hf
+
+torch.manual_seed(0)
+cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+model = BertForSequenceClassification(cfg).eval()
+es.prune_(model, es.MagnitudePrune(sparsity=0.5))
+save_hf(model, Path(sys.argv[1]) / "hf")
+"""
+
+
+@pytest.mark.slow
+def test_a_transformers_directory_is_byte_reproducible(tmp_path):
+    pytest.importorskip("transformers")
+    a, b = _run_twice(_WRITE_HF, tmp_path)
+    names = files(a)
+    assert {"hf/config.json", "hf/model.safetensors"} <= names.keys()
+    assert names.keys() == files(b).keys()
+    assert_same_bytes(a, b, sorted(names))
