@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import edgeslim as es
 from edgeslim.pipeline.stages.base import STAGE_KINDS
+from repro_helpers import assert_same_run
 
 SMALL = {
     "name": "small",
@@ -214,7 +215,7 @@ def _compress(recipe: Path, out: Path) -> subprocess.Popen:
     )
 
 
-def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
+def test_sigkill_then_resume_gives_bitwise_identical_weights_and_files(tmp_path):
     slow = _recipe()
     slow["stages"][1]["finetune"]["epochs"] = (
         40  # stage 2 runs long enough (seconds) to be killed in
@@ -250,12 +251,10 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
         if not torch.equal(a[k], b[k])
     }
     assert not differ, f"resumed weights differ from the straight run's: {differ}"
-    # the files, byte for byte (meta.json differs: it records the stage's wall time)
-    files = ["state.safetensors", "model.pt2", *(p.name for p in out.glob("stage-2/weights.*"))]
-    for name in files:
-        a_bytes = (tmp_path / "straight" / "stage-2" / name).read_bytes()
-        assert a_bytes == (out / "stage-2" / name).read_bytes(), f"stage-2/{name} differs"
     assert not list(out.glob(".stage-*"))  # the interrupted stage's temporary is gone
+    # every file of the run directory, byte for byte: state, deployable weights and .pt2 of
+    # every stage, plots, recipe; meta.json and metrics.jsonl but for measured times
+    assert_same_run(tmp_path / "straight", out)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 

@@ -142,8 +142,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, example: torch.Tensor 
         "num_classes": getattr(model, "num_classes", None),
         "class": type(model).__name__,
     }
-    with atomic_path(path) as tmp:
-        torch.export.save(ep, str(tmp), extra_files={_META_FILE: json.dumps(meta)})
+    with atomic_path(path) as tmp:  # tmp sits alone in a fresh temporary directory
+        # torch names the archive's top folder after the file: always "model", so that the
+        # bytes depend on the model only, not on the file's name
+        named = tmp.with_name("model.pt2")
+        torch.export.save(ep, str(named), extra_files={_META_FILE: json.dumps(meta)})
+        os.replace(named, tmp)
     return path
 
 
@@ -161,13 +165,32 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
         ) from exc
     batch = torch.export.Dim("batch", min=1)
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception:  # the model fixes its batch size: save with the example's shape
         try:
-            return torch.export.export(model, (example,))
+            ep = torch.export.export(model, (example,))
         except Exception as exc:
             first = str(exc).strip().splitlines()[0]
             raise ModelSourceError(f"cannot export {type(model).__name__}: {first}") from exc
+    return reproducible_program_(ep)
+
+
+# Node metadata that torch.export records for debugging and that would make two saves of
+# the same model differ: ``from_node`` holds ``id()`` of the graphs a node came from (a
+# memory address, new in every process), ``stack_trace`` absolute paths of the source files
+# (another install, another file).
+_UNREPRODUCIBLE_META = ("from_node", "stack_trace")
+
+
+def reproducible_program_(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Drop the node metadata that differs between processes and installs (in place), so
+    that the same model serialises to the same bytes; return ``ep``."""
+    for module in ep.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                for key in _UNREPRODUCIBLE_META:
+                    node.meta.pop(key, None)
+    return ep
 
 
 # The members a ``.pt2`` of the current layout (``torch.export.save``, one program named
