@@ -216,6 +216,27 @@ def test_predictor_ranks_configurations(cache):
     assert 0 <= report.within_10 <= 1
 
 
+def test_mcu_cost_model_predicts_the_c_exports_own_numbers(tmp_path):
+    """calibrate (code size), predict and measure on a microcontroller profile: the
+    prediction's SRAM is the C export's, its flash close (code size measured once)."""
+    from edgeslim.search.cost import McuTarget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
+    ).eval()  # fmt: skip
+    calib = torch.rand(8, 1, 28, 28)
+    target = McuTarget("stm32f446")
+    code = target.calibrate([model], calib[:1], "", calib=calib)
+    assert code >= 0 and target.code_bytes == code
+    predicted = target.predict(model, calib[:1], calib)
+    measured = target.measure(model, calib[:1], calib, out=tmp_path / "c")
+    assert (tmp_path / "c" / "model.c").exists()
+    assert predicted["sram_kb"] == pytest.approx(measured["sram_kb"], rel=1e-6)
+    assert predicted["flash_kb"] == pytest.approx(measured["flash_kb"], rel=0.25)
+    assert predicted["latency_ms"] == pytest.approx(measured["latency_ms"])
+
+
 # ----------------------------------------------------------------------------- the search
 
 

@@ -360,14 +360,14 @@ class McuTarget:
     def calibrate(self, models: list[nn.Module], example: torch.Tensor, key: str, calib=None):
         """The code size: text of the dense model's generated C compiled on this host, minus
         its constants (0 without a C compiler)."""
-        from edgeslim.export.c import codegen, compress, packed_scratch, planner
+        from edgeslim.export.c import codegen, compress, hostbuild, packed_scratch, planner
 
         graph = self._graph(models[0], calib if calib is not None else example)
         packed = compress.choose(graph, "auto")
         self.code_bytes = 0
-        if codegen.compiler() is not None:
+        if hostbuild.compiler() is not None:
             plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
-            sizes = codegen.object_size(codegen.generate(graph, plan, packed))
+            sizes = hostbuild.object_size(codegen.generate(graph, plan, packed))
             consts = codegen.constant_bytes(graph, packed)
             self.code_bytes = max(0, sizes["text"] + sizes["rodata"] - consts)
         return self.code_bytes
@@ -396,15 +396,15 @@ class McuTarget:
         """The C export's own numbers (compiled and checked), written to ``out``."""
         import tempfile
 
-        from edgeslim.export.c import codegen, export_c
+        from edgeslim.export.c import export_c, hostbuild
 
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             where = out if out is not None else Path(tmp) / "c"
             done = export_c(model, where, None, calib=calib, arm=False)
             flash = done.weight_bytes
-            if codegen.compiler() is not None:
-                sizes = codegen.object_size(
+            if hostbuild.compiler() is not None:
+                sizes = hostbuild.object_size(
                     {p.name: p.read_text() for p in done.files if p.suffix in (".c", ".h")}
                 )
                 flash = sizes["text"] + sizes["rodata"]
