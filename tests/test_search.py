@@ -307,6 +307,25 @@ def test_max_time_returns_the_best_feasible_found(lenet, small, tmp_path, cache)
     assert result.feasible and result.candidate is not None
 
 
+def test_a_finalist_that_cannot_be_exported_is_not_the_answer(
+    lenet, small, tmp_path, cache, monkeypatch
+):
+    """The target's measurement refusing a finalist (an export error) marks it as not
+    fitting (reported), instead of ending the search."""
+    from edgeslim.core.errors import ExportError
+
+    def refuse(self, model, example, calib=None):
+        raise ExportError("the int32 accumulator overflows (test)")
+
+    monkeypatch.setattr(RuntimeTarget, "measure", refuse)
+    out = tmp_path / "run"
+    result = _run(lenet, small, Budget(max_size_kb=600), out, cache, finetune_top=2)
+    assert not result.feasible and len(result.finalists) == 2
+    assert all(f["fits"] is False and "overflows" in f["error"] for f in result.finalists)
+    assert "INFEASIBLE" in result.summary()
+    assert "not exportable" in (out / "report.md").read_text()
+
+
 def test_facade_exports():
     import edgeslim.search as package
 

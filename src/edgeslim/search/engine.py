@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.core.errors import ConfigError
+from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.search.apply import apply_structure_, build, quantize_candidate
 from edgeslim.search.budget import Budget
 from edgeslim.search.cost import fingerprint, resolve_target
@@ -430,10 +430,13 @@ def search(
             weights = res.pop("state")
             rec = next(r for r in top if r["number"] == res["number"])
             model_i = _rebuild(model, rec["candidate"], weights, example, calib)
-            res["measured"] = tgt.measure(model_i, example, calib)
+            try:
+                res["measured"] = tgt.measure(model_i, example, calib)
+                res["fits"] = budget.feasible(res["measured"])
+            except EdgeslimError as exc:  # cannot be exported there: not an answer
+                res["measured"], res["fits"], res["error"] = {}, False, str(exc)
             res["predicted"] = rec["cost"]
             res["proxy"] = rec["accuracy"]
-            res["fits"] = budget.feasible(res["measured"])
             store.add_final(res, weights)
             finals[res["number"]] = res
     finally:
