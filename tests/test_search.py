@@ -237,6 +237,38 @@ def test_mcu_cost_model_predicts_the_c_exports_own_numbers(tmp_path):
     assert predicted["latency_ms"] == pytest.approx(measured["latency_ms"])
 
 
+def test_int8_on_onnx_runtime_only_when_asked(tmp_path):
+    """ORT runs int8 (QDQ): bits are a knob there when named (not by default, not on
+    PyTorch); a quantized candidate's units are keyed and timed as int8."""
+    pytest.importorskip("onnxruntime")
+    from edgeslim.core.errors import ConfigError
+    from edgeslim.search.apply import build
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    x, calib = torch.rand(1, 1, 28, 28), torch.rand(16, 1, 28, 28)
+    ort = RuntimeTarget("ort", cache=tmp_path)
+    default = SearchSpace().bind(model, x, ort.techniques, ort.optional)
+    assert not any(k.startswith("bits:") for k in default.knobs)
+    space = SearchSpace(techniques=["channel", "bits"], bits=[8], keep=[1.0, 0.5])
+    bound = space.bind(model, x, ort.techniques, ort.optional)
+    assert bound.knobs["bits:0"] == [8] and "keep:0" in bound.knobs
+    torch_target = RuntimeTarget("torch", cache=tmp_path)
+    with pytest.raises(ConfigError, match="bits"):
+        space.bind(model, x, torch_target.techniques, torch_target.optional)
+    quantized = build(model, bound.dense(), x, calib)
+    units = layer_units(quantized, x)
+    assert [u.bits for _, u in units] == [8, 8, 8] and units[0][1].act == "relu"
+    assert [u.bits for _, u in layer_units(model, x)] == [32, 32, 32]
+    int8_ms = ort.table.entry(units[1][1])
+    assert int8_ms >= 0 and ort.table.measured == 1 and units[1][1].key() in ort.table.entries
+    # a quantized model is timed as its int8 QDQ export (a float export would not run int8)
+    assert ort.measure(quantized, x)["latency_ms"] > 0
+
+
 # ----------------------------------------------------------------------------- the search
 
 

@@ -272,7 +272,9 @@ def search(
     model = model.eval()
     example = data.train.x[:1]
     calib = data.calib(min(64, len(data.train)))
-    bound = (space or SearchSpace()).bind(model, example, tgt.techniques)
+    bound = (space or SearchSpace()).bind(
+        model, example, tgt.techniques, getattr(tgt, "optional", ())
+    )
     metric = budget.primary()
     quant = any(k.startswith("bits:") for k in bound.knobs)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-search-"))
@@ -305,9 +307,11 @@ def search(
     # 1. the cost model, calibrated once per run (kept for a resume)
     calibration = store.calibration()
     if tgt.kind == "runtime":
-        if calibration is None:
-            smallest = build(model, bound.smallest(), example)
-            scale, overhead = tgt.calibrate([model, smallest], example, fingerprint(model))
+        if calibration is None:  # both ends quantized when the space has bits (int8 on ORT)
+            q_calib = calib if quant else None
+            dense = build(model, bound.dense(), example, q_calib) if quant else model
+            smallest = build(model, bound.smallest(), example, q_calib)
+            scale, overhead = tgt.calibrate([dense, smallest], example, fingerprint(dense))
             calibration = {"scale": scale, "overhead_ms": overhead}
         tgt.scale, tgt.overhead = calibration["scale"], calibration["overhead_ms"]
     else:

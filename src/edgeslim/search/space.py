@@ -102,16 +102,20 @@ class SearchSpace(Options):
         model: nn.Module,
         example: Any,
         supported: tuple[str, ...] | list[str] = TECHNIQUES,
+        optional: tuple[str, ...] | list[str] = (),
     ) -> BoundSpace:
-        """The knobs of ``model`` (traced on ``example``) for a target that runs ``supported``."""
+        """The knobs of ``model`` (traced on ``example``) for a target that runs ``supported``
+        (the default techniques) and ``optional`` (searched only when named in
+        ``techniques``)."""
+        runs = [*supported, *optional]
         allowed = list(self.techniques or supported)
-        refused = [t for t in allowed if t not in supported]
+        refused = [t for t in allowed if t not in runs]
         if self.techniques is not None and refused:
             raise ConfigError(
                 f"SearchSpace.techniques: {refused} change nothing the target measures or "
-                f"cannot run there; this target supports {list(supported)}"
+                f"cannot run there; this target supports {runs}"
             )
-        allowed = [t for t in allowed if t in supported]
+        allowed = [t for t in allowed if t in runs]
         knobs: dict[str, list[Value]] = {}
         info: dict[str, dict[str, Any]] = {}
         if "channel" in allowed:
