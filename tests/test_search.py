@@ -292,6 +292,20 @@ def test_search_result_and_run_directory(straight):
 
 
 @pytest.mark.slow
+def test_anchors_dense_smallest_then_uniform_levels_come_first(lenet, straight):
+    space = SearchSpace(keep=[1.0, 0.5, 0.25], sparsity=[0.0], rank=[1.0, 0.25])
+    bound = space.bind(lenet, torch.zeros(1, 1, 28, 28), ("channel", "lowrank"))
+    half = bound.uniform(0.5)
+    keeps = [k for k in bound.knobs if k.startswith("keep:")]
+    assert keeps and all(half[k] == 0.5 for k in keeps)
+    assert all(v == 1.0 for k, v in half.items() if k.startswith("rank:"))
+    anchors = bound.anchors(space.keep)
+    assert anchors == [bound.dense(), bound.smallest(), half, bound.uniform(0.25)]
+    # the search (4 trials, batch 2) tries exactly these, in order
+    _, result = straight
+    assert [t["candidate"] for t in result.trials] == [bound.encode(a) for a in anchors]
+
+
 def test_same_seed_same_trials_and_result(lenet, small, tmp_path, cache, straight):
     a = straight[1]
     b = _run(lenet, small, Budget(max_size_kb=600), tmp_path, cache)

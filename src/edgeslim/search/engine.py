@@ -272,9 +272,10 @@ def search(
     model = model.eval()
     example = data.train.x[:1]
     calib = data.calib(min(64, len(data.train)))
-    bound = (space or SearchSpace()).bind(
-        model, example, tgt.techniques, getattr(tgt, "optional", ())
-    )
+    space = space or SearchSpace()
+    bound = space.bind(model, example, tgt.techniques, getattr(tgt, "optional", ()))
+    # tried first, a generation's worth at a time: dense, smallest, uniform channel levels
+    anchors = bound.anchors(space.keep)
     metric = budget.primary()
     quant = any(k.startswith("bits:") for k in bound.knobs)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-search-"))
@@ -355,9 +356,8 @@ def search(
                 prior = [done[n] for n in sorted(done) if n < gen * batch]
                 startup = max(batch, min(10, trials // 3))
                 study, dists = _study(bound, prior, _sampler(sampler, seed + gen, batch, startup))
-                if gen == 0:  # anchors: the dense model and the smallest point
-                    study.enqueue_trial(bound.dense())
-                    study.enqueue_trial(bound.smallest())
+                for anchor in anchors[gen * batch : (gen + 1) * batch]:
+                    study.enqueue_trial(anchor)
                 asked = {n: bound.encode(_ask(study, dists)) for n in numbers}
                 jobs = []
                 for n in numbers:

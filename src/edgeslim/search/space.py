@@ -234,6 +234,24 @@ class BoundSpace:
             out[k] = neutral if neutral in menu else menu[0]
         return out
 
+    def uniform(self, keep: float) -> dict[str, Value]:
+        """:meth:`dense` with every channel group at the kept fraction nearest ``keep`` (its
+        menu is rounded per group): the uniform-pruning point of that level."""
+        out = self.dense()
+        for k, menu in self.knobs.items():
+            if k.startswith("keep:"):
+                out[k] = min(menu, key=lambda v: (abs(float(v) - keep), -float(v)))
+        return out
+
+    def anchors(self, levels: list[float]) -> list[dict[str, Value]]:
+        """The points every search tries first: :meth:`dense`, :meth:`smallest`, then
+        :meth:`uniform` at each of ``levels`` (duplicates dropped, in that order)."""
+        out: list[dict[str, Value]] = []
+        for c in [self.dense(), self.smallest(), *(self.uniform(k) for k in levels)]:
+            if c not in out:
+                out.append(c)
+        return out
+
     def smallest(self) -> dict[str, Value]:
         """The candidate that removes the most: lowest keep / rank / bits, highest sparsity."""
         out: dict[str, Value] = {}
