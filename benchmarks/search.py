@@ -183,6 +183,7 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         else [("ort", "channels + low rank"), ("torch", "channels + low rank")]
     )
     checks += [("ort", "channels + int8")] if args.int8 else []
+    checks = [] if args.no_predictor else checks
     for runtime, what in checks:
         tgt = RuntimeTarget(runtime, cache=cache)
         bound = spaces.get(what, SearchSpace(techniques=["channel", "lowrank"])).bind(
@@ -194,6 +195,8 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         pred_rows.append({"net": name, **rep.as_dict(), "target": f"{runtime} ({what})"})
         console.print(f"  predictor {runtime} ({what}): {rep.as_dict()}")
         save(args, rows, pred_rows)
+    if args.no_mcu:
+        return
     # the microcontroller budget
     from edgeslim.search.cost import McuTarget
 
@@ -245,6 +248,9 @@ def main() -> None:
                         help="also search channels + int8 (QDQ) on ONNX Runtime")  # fmt: skip
     parser.add_argument("--search-only", action="store_true",
                         help="only the searches (+ int8 predictor): no baselines")  # fmt: skip
+    parser.add_argument("--fractions", default="0.7,0.5,0.35", help="latency budgets, x dense")
+    parser.add_argument("--no-mcu", action="store_true", help="skip the STM32F446 part")
+    parser.add_argument("--no-predictor", action="store_true", help="skip the predictor check")
     parser.add_argument("--dense-ms", type=float,
                         help="the dense model's ORT ms (budgets of an earlier run)")  # fmt: skip
     args = parser.parse_args()
@@ -254,7 +260,7 @@ def main() -> None:
     args.proxy_steps = 40  # 10 left heavily pruned nets at chance: no signal for the sampler
     args.finetune_epochs = 2 if args.quick else 3
     args.predictor_n = 12 if args.quick else 16
-    args.fractions = (0.7, 0.5, 0.35)
+    args.fractions = tuple(float(f) for f in args.fractions.split(","))
     if args.smoke:
         args.epochs, args.trials, args.proxy_steps, args.finetune_epochs = 1, 4, 2, 0
         args.predictor_n, args.fractions = 3, (0.5,)
