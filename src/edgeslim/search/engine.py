@@ -11,7 +11,9 @@ sampler. Steps:
    a fresh study holding the finished trials of generations ``< g``, with a sampler seeded
    ``seed + g``. So the trials are a function of the seed and the earlier results alone --
    the same in one process, on the pool, on Ray, and after a resume (a killed generation is
-   asked again, identically, and only its unfinished trials run).
+   asked again, identically, and only its unfinished trials run). The first trials are
+   anchors (:meth:`BoundSpace.anchors`: dense, smallest, uniform channel pruning at each
+   ``SearchSpace.keep`` level), enqueued a generation's worth at a time.
 3. **Cost first, then accuracy.** Each candidate's cost is predicted here (cheap: shapes and
    the latency table). An infeasible one is recorded without training; a feasible one gets
    the accuracy proxy on the executor: a short fine-tune (``proxy_steps`` batches, distilled
