@@ -306,6 +306,28 @@ def test_anchors_dense_smallest_then_uniform_levels_come_first(lenet, straight):
     assert [t["candidate"] for t in result.trials] == [bound.encode(a) for a in anchors]
 
 
+def test_finalists_are_measured_after_every_fine_tune(lenet, small, tmp_path, cache, monkeypatch):
+    """A latency is not timed while finalists still train (they would share the CPU)."""
+    from edgeslim.search import engine
+
+    log: list[str] = []
+    train, measure = engine.run_trial, RuntimeTarget.measure
+
+    def logged_trial(state, job):
+        log.append(job["kind"])
+        return train(state, job)
+
+    def logged_measure(self, *args, **kwargs):
+        log.append("measure")
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_trial", logged_trial)
+    monkeypatch.setattr(RuntimeTarget, "measure", logged_measure)
+    _run(lenet, small, Budget(max_size_kb=600), tmp_path / "run", cache, finetune_top=2)
+    finals = [e for e in log if e != "proxy"]
+    assert finals == ["final", "final", "measure", "measure"], log
+
+
 def test_same_seed_same_trials_and_result(lenet, small, tmp_path, cache, straight):
     a = straight[1]
     b = _run(lenet, small, Budget(max_size_kb=600), tmp_path, cache)
