@@ -216,6 +216,59 @@ def test_predictor_ranks_configurations(cache):
     assert 0 <= report.within_10 <= 1
 
 
+def test_mcu_cost_model_predicts_the_c_exports_own_numbers(tmp_path):
+    """calibrate (code size), predict and measure on a microcontroller profile: the
+    prediction's SRAM is the C export's, its flash close (code size measured once)."""
+    from edgeslim.search.cost import McuTarget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
+    ).eval()  # fmt: skip
+    calib = torch.rand(8, 1, 28, 28)
+    target = McuTarget("stm32f446")
+    code = target.calibrate([model], calib[:1], "", calib=calib)
+    assert code >= 0 and target.code_bytes == code
+    predicted = target.predict(model, calib[:1], calib)
+    measured = target.measure(model, calib[:1], calib, out=tmp_path / "c")
+    assert (tmp_path / "c" / "model.c").exists()
+    assert predicted["sram_kb"] == pytest.approx(measured["sram_kb"], rel=1e-6)
+    assert predicted["flash_kb"] == pytest.approx(measured["flash_kb"], rel=0.25)
+    assert predicted["latency_ms"] == pytest.approx(measured["latency_ms"])
+
+
+def test_int8_on_onnx_runtime_only_when_asked(tmp_path):
+    """ORT runs int8 (QDQ): bits are a knob there when named (not by default, not on
+    PyTorch); a quantized candidate's units are keyed and timed as int8."""
+    pytest.importorskip("onnxruntime")
+    from edgeslim.core.errors import ConfigError
+    from edgeslim.search.apply import build
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    x, calib = torch.rand(1, 1, 28, 28), torch.rand(16, 1, 28, 28)
+    ort = RuntimeTarget("ort", cache=tmp_path)
+    default = SearchSpace().bind(model, x, ort.techniques, ort.optional)
+    assert not any(k.startswith("bits:") for k in default.knobs)
+    space = SearchSpace(techniques=["channel", "bits"], bits=[8], keep=[1.0, 0.5])
+    bound = space.bind(model, x, ort.techniques, ort.optional)
+    assert bound.knobs["bits:0"] == [8] and "keep:0" in bound.knobs
+    torch_target = RuntimeTarget("torch", cache=tmp_path)
+    with pytest.raises(ConfigError, match="bits"):
+        space.bind(model, x, torch_target.techniques, torch_target.optional)
+    quantized = build(model, bound.dense(), x, calib)
+    units = layer_units(quantized, x)
+    assert [u.bits for _, u in units] == [8, 8, 8] and units[0][1].act == "relu"
+    assert [u.bits for _, u in layer_units(model, x)] == [32, 32, 32]
+    int8_ms = ort.table.entry(units[1][1])
+    assert int8_ms >= 0 and ort.table.measured == 1 and units[1][1].key() in ort.table.entries
+    # a quantized model is timed as its int8 QDQ export (a float export would not run int8)
+    assert ort.measure(quantized, x)["latency_ms"] > 0
+
+
 # ----------------------------------------------------------------------------- the search
 
 
@@ -239,6 +292,42 @@ def test_search_result_and_run_directory(straight):
 
 
 @pytest.mark.slow
+def test_anchors_dense_smallest_then_uniform_levels_come_first(lenet, straight):
+    space = SearchSpace(keep=[1.0, 0.5, 0.25], sparsity=[0.0], rank=[1.0, 0.25])
+    bound = space.bind(lenet, torch.zeros(1, 1, 28, 28), ("channel", "lowrank"))
+    half = bound.uniform(0.5)
+    keeps = [k for k in bound.knobs if k.startswith("keep:")]
+    assert keeps and all(half[k] == 0.5 for k in keeps)
+    assert all(v == 1.0 for k, v in half.items() if k.startswith("rank:"))
+    anchors = bound.anchors(space.keep)
+    assert anchors == [bound.dense(), bound.smallest(), half, bound.uniform(0.25)]
+    # the search (4 trials, batch 2) tries exactly these, in order
+    _, result = straight
+    assert [t["candidate"] for t in result.trials] == [bound.encode(a) for a in anchors]
+
+
+def test_finalists_are_measured_after_every_fine_tune(lenet, small, tmp_path, cache, monkeypatch):
+    """A latency is not timed while finalists still train (they would share the CPU)."""
+    from edgeslim.search import engine
+
+    log: list[str] = []
+    train, measure = engine.run_trial, RuntimeTarget.measure
+
+    def logged_trial(state, job):
+        log.append(job["kind"])
+        return train(state, job)
+
+    def logged_measure(self, *args, **kwargs):
+        log.append("measure")
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_trial", logged_trial)
+    monkeypatch.setattr(RuntimeTarget, "measure", logged_measure)
+    _run(lenet, small, Budget(max_size_kb=600), tmp_path / "run", cache, finetune_top=2)
+    finals = [e for e in log if e != "proxy"]
+    assert finals == ["final", "final", "measure", "measure"], log
+
+
 def test_same_seed_same_trials_and_result(lenet, small, tmp_path, cache, straight):
     a = straight[1]
     b = _run(lenet, small, Budget(max_size_kb=600), tmp_path, cache)
@@ -284,6 +373,25 @@ def test_max_time_returns_the_best_feasible_found(lenet, small, tmp_path, cache)
     assert result.stopped == "max_time"
     assert len(result.trials) == 2  # the first generation only
     assert result.feasible and result.candidate is not None
+
+
+def test_a_finalist_that_cannot_be_exported_is_not_the_answer(
+    lenet, small, tmp_path, cache, monkeypatch
+):
+    """The target's measurement refusing a finalist (an export error) marks it as not
+    fitting (reported), instead of ending the search."""
+    from edgeslim.core.errors import ExportError
+
+    def refuse(self, model, example, calib=None):
+        raise ExportError("the int32 accumulator overflows (test)")
+
+    monkeypatch.setattr(RuntimeTarget, "measure", refuse)
+    out = tmp_path / "run"
+    result = _run(lenet, small, Budget(max_size_kb=600), out, cache, finetune_top=2)
+    assert not result.feasible and len(result.finalists) == 2
+    assert all(f["fits"] is False and "overflows" in f["error"] for f in result.finalists)
+    assert "INFEASIBLE" in result.summary()
+    assert "not exportable" in (out / "report.md").read_text()
 
 
 def test_facade_exports():

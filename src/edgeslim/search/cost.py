@@ -79,7 +79,15 @@ class Unit:
         acts = {v: k for k, v in FUSED_ACTS.items()}
         parts = [layer] + ([acts[self.act]()] if self.act else [])
         g = torch.Generator().manual_seed(0)
-        return nn.Sequential(*parts).eval(), torch.rand(1, *self.in_shape, generator=g)
+        module = nn.Sequential(*parts).eval()
+        if self.bits < 32:  # int8 activations, weights on a ``bits`` grid (as the search does)
+            from edgeslim.quant import Int8PTQ, quantize
+
+            calib = torch.rand(8, *self.in_shape, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = quantize(module, Int8PTQ(graph="auto", weight_bits=self.bits), calib=calib)
+        return module, torch.rand(1, *self.in_shape, generator=g)
 
 
 def layer_units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, Unit]]:
@@ -124,6 +132,7 @@ def layer_units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, Unit
         if i < len(runs) and type(runs[i][1]) in FUSED_ACTS and runs[i][2] == out_id:
             act = FUSED_ACTS[type(runs[i][1])]
             i += 1
+        bits = int(mod.weight_bits) if hasattr(mod, "weight_bits") else 32  # edgeslim.quant
         if isinstance(mod, nn.Conv2d):
             unit = Unit(
                 "conv",
@@ -135,9 +144,12 @@ def layer_units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, Unit
                 mod.groups,
                 mod.bias is not None or folded,  # a folded BatchNorm gives a bias
                 act,
+                bits,
             )
         else:
-            unit = Unit("linear", shape, mod.out_features, bias=mod.bias is not None, act=act)
+            unit = Unit(
+                "linear", shape, mod.out_features, bias=mod.bias is not None, act=act, bits=bits
+            )
         units.append((name, unit))
     return units
 
@@ -215,7 +227,10 @@ class LatencyTable:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                session = ort_session(model, x, threads=self.threads)
+                if _quantized(model):  # what ships: the int8 QDQ graph of export_onnx
+                    session = _qdq_session(model, x, self.threads)
+                else:
+                    session = ort_session(model, x, threads=self.threads)
             return ort_latency_ms(session, x, repeats=repeats, warmup=10)
         from edgeslim.profiling.latency import batch_latency_ms
 
@@ -237,6 +252,28 @@ class LatencyTable:
             self.entries[key] = max(0.0, ms - self.empty_ms())
             self.measured += 1
         return self.entries[key]
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(hasattr(m, "weight_bits") for m in model.modules())
+
+
+def _qdq_session(model: nn.Module, x: torch.Tensor, threads: int) -> Any:
+    """An ONNX Runtime session of ``model`` (quantized by edgeslim.quant) as int8 QDQ."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from edgeslim.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, x[:1], verify=False)
+        data = path.read_bytes()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 class _Trivial(nn.Module):
@@ -274,11 +311,17 @@ class RuntimeTarget:
 
     kind = "runtime"
     metrics = ("latency_ms", "size_kb")
-    # a dense runtime runs sparse or narrow weights at full cost: only shapes change time
-    techniques = ("channel", "lowrank")
+    # a dense runtime runs sparse weights at full cost: shapes change time, and on ONNX
+    # Runtime int8 (QDQ: QLinearConv / MatMulInteger kernels) -- searched only when asked
+    # (SearchSpace(techniques=[..., "bits"], bits=[8]): every width runs as int8 there, so
+    # narrower weights cost accuracy and save no time)
+    techniques: tuple[str, ...] = ("channel", "lowrank")
+    optional: tuple[str, ...] = ()
 
     def __init__(self, runtime: str = "ort", threads: int = 1, cache: str | Path | None = None):
         self.name = runtime
+        if runtime == "ort":
+            self.optional = ("bits",)
         self.table = LatencyTable(runtime, threads, cache)
         self.overhead: float | None = None
         self.scale = 1.0
@@ -360,14 +403,14 @@ class McuTarget:
     def calibrate(self, models: list[nn.Module], example: torch.Tensor, key: str, calib=None):
         """The code size: text of the dense model's generated C compiled on this host, minus
         its constants (0 without a C compiler)."""
-        from edgeslim.export.c import codegen, compress, packed_scratch, planner
+        from edgeslim.export.c import codegen, compress, hostbuild, packed_scratch, planner
 
         graph = self._graph(models[0], calib if calib is not None else example)
         packed = compress.choose(graph, "auto")
         self.code_bytes = 0
-        if codegen.compiler() is not None:
+        if hostbuild.compiler() is not None:
             plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
-            sizes = codegen.object_size(codegen.generate(graph, plan, packed))
+            sizes = hostbuild.object_size(codegen.generate(graph, plan, packed))
             consts = codegen.constant_bytes(graph, packed)
             self.code_bytes = max(0, sizes["text"] + sizes["rodata"] - consts)
         return self.code_bytes
@@ -396,15 +439,15 @@ class McuTarget:
         """The C export's own numbers (compiled and checked), written to ``out``."""
         import tempfile
 
-        from edgeslim.export.c import codegen, export_c
+        from edgeslim.export.c import export_c, hostbuild
 
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             where = out if out is not None else Path(tmp) / "c"
             done = export_c(model, where, None, calib=calib, arm=False)
             flash = done.weight_bytes
-            if codegen.compiler() is not None:
-                sizes = codegen.object_size(
+            if hostbuild.compiler() is not None:
+                sizes = hostbuild.object_size(
                     {p.name: p.read_text() for p in done.files if p.suffix in (".c", ".h")}
                 )
                 flash = sizes["text"] + sizes["rodata"]

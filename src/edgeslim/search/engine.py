@@ -11,7 +11,9 @@ sampler. Steps:
    a fresh study holding the finished trials of generations ``< g``, with a sampler seeded
    ``seed + g``. So the trials are a function of the seed and the earlier results alone --
    the same in one process, on the pool, on Ray, and after a resume (a killed generation is
-   asked again, identically, and only its unfinished trials run).
+   asked again, identically, and only its unfinished trials run). The first trials are
+   anchors (:meth:`BoundSpace.anchors`: dense, smallest, uniform channel pruning at each
+   ``SearchSpace.keep`` level), enqueued a generation's worth at a time.
 3. **Cost first, then accuracy.** Each candidate's cost is predicted here (cheap: shapes and
    the latency table). An infeasible one is recorded without training; a feasible one gets
    the accuracy proxy on the executor: a short fine-tune (``proxy_steps`` batches, distilled
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.core.errors import ConfigError
+from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.search.apply import build
 from edgeslim.search.budget import Budget
 from edgeslim.search.cost import fingerprint, resolve_target
@@ -159,7 +161,10 @@ def search(
     model = model.eval()
     example = data.train.x[:1]
     calib = data.calib(min(64, len(data.train)))
-    bound = (space or SearchSpace()).bind(model, example, tgt.techniques)
+    space = space or SearchSpace()
+    bound = space.bind(model, example, tgt.techniques, getattr(tgt, "optional", ()))
+    # tried first, a generation's worth at a time: dense, smallest, uniform channel levels
+    anchors = bound.anchors(space.keep)
     metric = budget.primary()
     quant = any(k.startswith("bits:") for k in bound.knobs)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-search-"))
@@ -192,9 +197,11 @@ def search(
     # 1. the cost model, calibrated once per run (kept for a resume)
     calibration = store.calibration()
     if tgt.kind == "runtime":
-        if calibration is None:
-            smallest = build(model, bound.smallest(), example)
-            scale, overhead = tgt.calibrate([model, smallest], example, fingerprint(model))
+        if calibration is None:  # both ends quantized when the space has bits (int8 on ORT)
+            q_calib = calib if quant else None
+            dense = build(model, bound.dense(), example, q_calib) if quant else model
+            smallest = build(model, bound.smallest(), example, q_calib)
+            scale, overhead = tgt.calibrate([dense, smallest], example, fingerprint(dense))
             calibration = {"scale": scale, "overhead_ms": overhead}
         tgt.scale, tgt.overhead = calibration["scale"], calibration["overhead_ms"]
     else:
@@ -240,9 +247,8 @@ def search(
                 study, dists = study_from(
                     bound, prior, make_sampler(sampler, seed + gen, batch, startup)
                 )
-                if gen == 0:  # anchors: the dense model and the smallest point
-                    study.enqueue_trial(bound.dense())
-                    study.enqueue_trial(bound.smallest())
+                for anchor in anchors[gen * batch : (gen + 1) * batch]:
+                    study.enqueue_trial(anchor)
                 asked = {n: bound.encode(ask(study, dists)) for n in numbers}
                 jobs = []
                 for n in numbers:
@@ -315,14 +321,20 @@ def search(
             for r in top
             if r["number"] not in finals
         ]
-        for _, res in executor.map(run_trial, state, jobs):
+        # every fine-tune first, then the measurements: a latency timed while the workers
+        # still train shares the CPU with them (it read up to 1.6x slow on 2 cores)
+        tuned = [res for _, res in executor.map(run_trial, state, jobs)]
+        for res in sorted(tuned, key=lambda r: r["number"]):
             weights = res.pop("state")
             rec = next(r for r in top if r["number"] == res["number"])
             model_i = rebuild(model, rec["candidate"], weights, example, calib)
-            res["measured"] = tgt.measure(model_i, example, calib)
+            try:
+                res["measured"] = tgt.measure(model_i, example, calib)
+                res["fits"] = budget.feasible(res["measured"])
+            except EdgeslimError as exc:  # cannot be exported there: not an answer
+                res["measured"], res["fits"], res["error"] = {}, False, str(exc)
             res["predicted"] = rec["cost"]
             res["proxy"] = rec["accuracy"]
-            res["fits"] = budget.feasible(res["measured"])
             store.add_final(res, weights)
             finals[res["number"]] = res
     finally:

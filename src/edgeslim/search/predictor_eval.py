@@ -74,15 +74,17 @@ def evaluate_predictor(
     *,
     n: int = 20,
     seed: int = 12345,
+    calib: torch.Tensor | None = None,
 ) -> PredictorReport:
     """Predict and measure ``n`` random candidates of ``space`` (a bound space) on ``target``
-    (calibrated); the seed differs from any search's, so the configurations are held out."""
+    (calibrated); the seed differs from any search's, so the configurations are held out.
+    ``calib``: quantize the candidates (a space with bits knobs) on these inputs."""
     from edgeslim.search.apply import build
 
     rng = random.Random(seed)
     report = PredictorReport(target.name)
     for _ in range(n):
-        candidate = build(model, space.sample(rng), example)
+        candidate = build(model, space.sample(rng), example, calib)
         predicted = target.predict(candidate, example)["latency_ms"]
         measured = target.measure(candidate, example)["latency_ms"]
         report.rows.append((predicted, measured))

@@ -68,10 +68,13 @@ def write_report(result: Any, directory: Path, bound: Any) -> Path:
                 _num(f["proxy"], ".4f"),
                 _num(f["accuracy"], ".4f"),
                 _num(f["test"], ".4f"),
-                "yes" if f["fits"] else "NO",
+                "yes" if f["fits"] else ("NO (not exportable)" if f.get("error") else "NO"),
             ]
             cells += [f"{_num(f['measured'].get(k))} / {_num(f['predicted'].get(k))}" for k in keys]
             lines.append(_row(cells))
+        lines += [
+            f"- trial {f['number']}: {f['error']}" for f in result.finalists if f.get("error")
+        ]
         lines += [
             "",
             f"Proxy quality: Spearman rank correlation of the proxy accuracy with "

@@ -102,16 +102,20 @@ class SearchSpace(Options):
         model: nn.Module,
         example: Any,
         supported: tuple[str, ...] | list[str] = TECHNIQUES,
+        optional: tuple[str, ...] | list[str] = (),
     ) -> BoundSpace:
-        """The knobs of ``model`` (traced on ``example``) for a target that runs ``supported``."""
+        """The knobs of ``model`` (traced on ``example``) for a target that runs ``supported``
+        (the default techniques) and ``optional`` (searched only when named in
+        ``techniques``)."""
+        runs = [*supported, *optional]
         allowed = list(self.techniques or supported)
-        refused = [t for t in allowed if t not in supported]
+        refused = [t for t in allowed if t not in runs]
         if self.techniques is not None and refused:
             raise ConfigError(
                 f"SearchSpace.techniques: {refused} change nothing the target measures or "
-                f"cannot run there; this target supports {list(supported)}"
+                f"cannot run there; this target supports {runs}"
             )
-        allowed = [t for t in allowed if t in supported]
+        allowed = [t for t in allowed if t in runs]
         knobs: dict[str, list[Value]] = {}
         info: dict[str, dict[str, Any]] = {}
         if "channel" in allowed:
@@ -228,6 +232,24 @@ class BoundSpace:
         for k, menu in self.knobs.items():
             neutral = {"keep": 1.0, "rank": 1.0, "sparsity": 0.0, "bits": 8}[k.split(":")[0]]
             out[k] = neutral if neutral in menu else menu[0]
+        return out
+
+    def uniform(self, keep: float) -> dict[str, Value]:
+        """:meth:`dense` with every channel group at the kept fraction nearest ``keep`` (its
+        menu is rounded per group): the uniform-pruning point of that level."""
+        out = self.dense()
+        for k, menu in self.knobs.items():
+            if k.startswith("keep:"):
+                out[k] = min(menu, key=lambda v: (abs(float(v) - keep), -float(v)))
+        return out
+
+    def anchors(self, levels: list[float]) -> list[dict[str, Value]]:
+        """The points every search tries first: :meth:`dense`, :meth:`smallest`, then
+        :meth:`uniform` at each of ``levels`` (duplicates dropped, in that order)."""
+        out: list[dict[str, Value]] = []
+        for c in [self.dense(), self.smallest(), *(self.uniform(k) for k in levels)]:
+            if c not in out:
+                out.append(c)
         return out
 
     def smallest(self) -> dict[str, Value]:
