@@ -16,6 +16,8 @@ One idea per module:
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 __all__ = [
@@ -49,3 +51,17 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'edgeslim.nas' has no attribute {name!r}")
+
+
+class _CallablePackage(types.ModuleType):
+    """``edgeslim.nas`` is both this package and the function: importing the package makes
+    it the attribute ``edgeslim.nas`` (hiding the facade's lazy function), so the package
+    itself calls :func:`edgeslim.nas.api.nas` (as ``edgeslim.search`` does)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return importlib.import_module("edgeslim.nas.api").nas(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -178,7 +178,7 @@ class SupernetSpec:
 
     def check(self, cfg: SubnetConfig) -> None:
         """ConfigError naming the first value of ``cfg`` outside the space."""
-        where = f"sub-network {cfg.key() if len(cfg.depths) == len(self.stages) else cfg}"
+        where = f"sub-network (depths {cfg.depths})"
         if cfg.resolution not in self.resolutions:
             raise ConfigError(f"{where}: resolution {cfg.resolution} not in {self.resolutions}")
         if cfg.width not in self.widths:
