@@ -149,6 +149,7 @@ def nas(
     seed: int = 0,
     export: bool = True,
     progress: bool | None = None,
+    supernet_checkpoint: str | Path | None = None,
 ) -> NasResult:
     """Search a sub-network for ``device`` and deploy it (see the module docstring).
 
@@ -157,7 +158,11 @@ def nas(
     ``max_latency_ms`` adds a device-model latency limit. ``spec``: the supernet's space
     (default :class:`SupernetSpec` with the data's channels and classes). ``out``: the run
     directory (temporary when None); rerunning the same call on it resumes, a different
-    call is a :class:`~edgeslim.core.errors.RunDirError`.
+    call is a :class:`~edgeslim.core.errors.RunDirError`. ``supernet_checkpoint``: where
+    the supernet is trained / resumed (default ``out/supernet.pt``); give one file to
+    several runs (other devices, other budgets) to train the supernet once for all of them.
+    ``workers`` / ``ray``: where the accuracy jobs run (see
+    :func:`edgeslim.search.executor.make_executor`; ``0``: in this process).
     """
     import tempfile
 
@@ -221,7 +226,11 @@ def nas(
     # 2. the supernet, trained once (resumes from its checkpoint)
     t0 = time.monotonic()
     history = train_supernet(
-        supernet, data, training, checkpoint=out / "supernet.pt", progress=progress
+        supernet,
+        data,
+        training,
+        checkpoint=supernet_checkpoint or out / "supernet.pt",
+        progress=progress,
     )
     timings["supernet_train_s"] = sum(h["seconds"] for h in history)
     costs = SubnetCost(supernet, budget.target, code_bytes=calibration["code_bytes"])
