@@ -224,7 +224,6 @@ def nas(
         )
 
     # 2. the supernet, trained once (resumes from its checkpoint)
-    t0 = time.monotonic()
     history = train_supernet(
         supernet,
         data,
