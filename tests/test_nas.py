@@ -224,6 +224,19 @@ def test_evolution_keeps_to_the_budget_and_resumes_from_its_store(tmp_path):
     ]
 
 
+def test_a_latency_bound_refuses_without_planning():
+    costs = SubnetCost(_net(), "stm32f446", code_bytes=0)
+    cfg = TINY.largest()
+    bound = costs.bounds(cfg)["latency_ms"]
+    tight = Budget(max_latency_ms=bound / 2, max_sram_kb=128, target="stm32f446")
+    cost = costs.cost(cfg, tight)
+    assert cost["tier"] == 1 and costs.lowered == 0 and not tight.feasible(cost)
+    loose = Budget(max_latency_ms=bound * 2, max_sram_kb=128, target="stm32f446")
+    cost = costs.cost(cfg, loose)
+    assert cost["tier"] == 2 and costs.lowered == 1 and loose.feasible(cost)
+    assert cost["latency_ms"] >= bound  # the bound is a lower bound of the planned latency
+
+
 def test_a_budget_nothing_fits_states_the_smallest_subnetworks_needs(tmp_path):
     with pytest.raises(BudgetError, match=r"smallest sub-network .* needs SRAM [\d.]+ KB"):
         es.nas(_data(), "stm32f446", out=tmp_path, spec=TINY, max_sram_kb=0.1, progress=False)

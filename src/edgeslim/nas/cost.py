@@ -131,8 +131,9 @@ class SubnetCost:
         already exceed it (``tier`` 1), else the planned graph's (``tier`` 2)."""
         low = self.bounds(cfg)
         over = [m for m, lim in budget.limits().items() if m in BOUNDED and low[m] > lim]
-        if over:
-            return {**low, "tier": 1}
+        if over:  # the other limited metrics were not computed: NaN (never feasible)
+            unknown = {m: float("nan") for m in budget.limits() if m not in low}
+            return {**low, **unknown, "tier": 1}
         return {**self.predict(cfg), "tier": 2}
 
     def smallest_needs(self, budget: Budget) -> str:
