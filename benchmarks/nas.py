@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
              "dense_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
              **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings}
         )  # fmt: skip
+    rows += zoo_rows(data, args, out / "zoo")
     rank = rank_correlation(results["stm32f446"], data, args)
     console.print(rank)
-    rows += zoo_rows(data, args, out / "zoo")
     table = Table(title=f"NAS vs zoo, cluttered MNIST, budget: device SRAM/flash + "
                         f"{args.latency_ms:g} ms device-model latency")  # fmt: skip
     for col in ("device", "net", "int8 test acc", "float acc", "SRAM KB", "flash KB",
