@@ -434,6 +434,11 @@ def export_checked(
     return verified, measured
 
 
+def _md(text: str) -> str:
+    """``text`` in a Markdown table cell (its ``|`` escaped)."""
+    return text.replace("|", "\\|")
+
+
 def _write_report(result: NasResult) -> None:
     """``report.md`` and ``result.json`` in the run directory."""
     if result.out is None:
@@ -455,7 +460,7 @@ def _write_report(result: NasResult) -> None:
     for r in result.front:
         c = r["cost"]
         lines.append(
-            f"| {r['number']} | {r['key']} | {r['accuracy']:.4f} | {c['macs']:,} | "
+            f"| {r['number']} | {_md(r['key'])} | {r['accuracy']:.4f} | {c['macs']:,} | "
             f"{c['sram_plain_kb']:.1f} / {c['sram_patch_kb']:.1f} | {c['flash_kb']:.1f} | "
             f"{c['latency_ms']:.2f} |"
         )
@@ -466,7 +471,8 @@ def _write_report(result: NasResult) -> None:
         for f in result.finalists:
             m = f["measured"]
             lines.append(
-                f"| {f['key']} | {f['accuracy']:.4f} | {m['sram_kb']:.1f} | {m['flash_kb']:.1f} | "
+                f"| {_md(f['key'])} | {f['accuracy']:.4f} | {m['sram_kb']:.1f} | "
+                f"{m['flash_kb']:.1f} | "
                 f"{m['latency_ms']:.2f} | {'yes' if f['fits'] else 'NO'} |"
             )
     if result.verified:
