@@ -117,6 +117,14 @@ _LAZY = {
     "SearchResult": "edgeslim.search.engine",
     "Budget": "edgeslim.search.budget",
     "SearchSpace": "edgeslim.search.space",
+    "nas": "edgeslim.nas.api",
+    "NasResult": "edgeslim.nas.api",
+    "BudgetError": "edgeslim.nas.cost",
+    "Supernet": "edgeslim.nas.supernet",
+    "SupernetSpec": "edgeslim.nas.supernet",
+    "SubnetConfig": "edgeslim.nas.supernet",
+    "SandwichTraining": "edgeslim.nas.train",
+    "train_supernet": "edgeslim.nas.train",
 }
 _SUBMODULES = {"zoo": "edgeslim.core.models.zoo"}
 # packages that register a file format with core's load_model (``.slim``): imported with it
@@ -247,6 +255,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (matches
     from edgeslim.lowrank import (
         lowrank_ as lowrank_,
     )
+    from edgeslim.nas.api import NasResult as NasResult
+    from edgeslim.nas.api import nas as nas
+    from edgeslim.nas.cost import BudgetError as BudgetError
+    from edgeslim.nas.supernet import SubnetConfig as SubnetConfig
+    from edgeslim.nas.supernet import Supernet as Supernet
+    from edgeslim.nas.supernet import SupernetSpec as SupernetSpec
+    from edgeslim.nas.train import SandwichTraining as SandwichTraining
+    from edgeslim.nas.train import train_supernet as train_supernet
     from edgeslim.oneshot.engine import (
         compress_layerwise as compress_layerwise,
     )

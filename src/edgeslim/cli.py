@@ -359,6 +359,62 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         raise EdgeslimError(f"the budget cannot be met on {result.target} (see the report)")
 
 
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(v) for v in text.split(","))
+
+
+def _stages(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        return tuple(tuple(int(v) for v in part.split(":")) for part in text.split(","))  # type: ignore[misc]
+    except ValueError as exc:
+        raise EdgeslimError(f"--stages {text!r}: expected C:DEPTH:STRIDE,... ({exc})") from exc
+
+
+def cmd_nas(args: argparse.Namespace) -> None:
+    from edgeslim.core.data.datasets import load_data
+    from edgeslim.nas.api import nas
+    from edgeslim.nas.supernet import SupernetSpec
+    from edgeslim.nas.train import SandwichTraining
+
+    data = load_data(args.data)
+    if args.limit_train:
+        data = data.limit(args.limit_train)
+    shape = data.input_shape
+    fields: dict = {"in_channels": shape[0], "num_classes": int(data.num_classes or 10)}
+    if args.stages:
+        fields["stages"] = _stages(args.stages)
+    for name in ("stem", "head"):
+        if getattr(args, name):
+            fields[name] = getattr(args, name)
+    if args.widths:
+        fields["widths"] = _floats(args.widths)
+    if args.resolutions:
+        fields["resolutions"] = tuple(int(v) for v in _floats(args.resolutions) or ())
+    result = nas(
+        data,
+        args.device,
+        out=args.out,
+        spec=SupernetSpec(**fields),
+        max_sram_kb=args.max_sram_kb,
+        max_flash_kb=args.max_flash_kb,
+        max_latency_ms=args.max_latency_ms,
+        training=SandwichTraining(epochs=args.epochs, seed=args.seed),
+        space_samples=args.space_samples,
+        population=args.population,
+        generations=args.generations,
+        finalists=args.finalists,
+        finetune_epochs=args.finetune_epochs,
+        workers=args.workers,
+        ray=args.ray,
+        seed=args.seed,
+        export=not args.no_export,
+    )
+    print(result.summary())
+    if result.verified:
+        print("checked: " + "; ".join(result.verified))
+    print(f"report: {Path(result.out) / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeslim",
@@ -525,6 +581,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--techniques", nargs="+", help="allowed: channel sparsity nm bits lowrank")
     p.add_argument("--exclude", nargs="+", help="layer globs never changed")
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser(
+        "nas", help="search a network for a microcontroller (supernet + evolution), deploy it"
+    )
+    p.add_argument("--device", default="stm32f446", help="device profile, e.g. stm32f746")
+    p.add_argument("--data", default="mnist", help=DATA_HELP)
+    p.add_argument("--out", default="runs/nas", help="run directory (resumes if present)")
+    p.add_argument("--max-sram-kb", type=float, help="SRAM budget (default: the device's)")
+    p.add_argument("--max-flash-kb", type=float, help="flash budget (default: the device's)")
+    p.add_argument("--max-latency-ms", type=float, help="device-model latency budget")
+    p.add_argument("--epochs", type=int, default=6, help="supernet training epochs")
+    p.add_argument("--space-samples", type=int, default=12, help="samples per width x resolution")
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--finalists", type=int, default=3, help="exported to C before choosing")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning of the winner")
+    p.add_argument("--widths", help="width multipliers, e.g. 0.5,0.75,1.0")
+    p.add_argument("--resolutions", help="input resolutions, e.g. 20,24,28,32")
+    p.add_argument("--stages", help="supernet stages C:MAXDEPTH:STRIDE,... e.g. 16:2:1,24:3:2")
+    p.add_argument("--stem", type=int, help="stem channels")
+    p.add_argument("--head", type=int, help="head channels")
+    p.add_argument("--limit-train", type=int, help="use only the first N training images")
+    p.add_argument("--workers", type=int, default=0, help="processes for the accuracy jobs")
+    p.add_argument("--ray", help="run accuracy jobs on Ray: auto or an ADDRESS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-export", action="store_true", help="search only: no fine-tune / C")
+    p.set_defaults(func=cmd_nas)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots")
     p.add_argument("dir", help="run directory written by compress or demo")

@@ -1,0 +1,236 @@
+"""Hardware-aware NAS (``es.nas``) vs the zoo's networks compressed to the same budget.
+
+    flock /tmp/edgeslim-cpu.lock python benchmarks/nas.py            # the recorded run
+    python benchmarks/nas.py --quick                                  # a smoke test (minutes)
+
+**Data: shifted, cluttered MNIST** (:func:`_tasks.cluttered_mnist`, 28x28: digits shifted by
+up to 4 px, six 7x7 patches of other digits pasted, Gaussian noise 0.15; 3,500 train /
+500 val / 2,000 test). The supernet's elastic resolution resizes these images (bilinear) to
+20, 24 or 28 pixels.
+
+**Budgets**, per device profile: its SRAM and flash (STM32F446: 128 KB / 512 KB;
+STM32F746: 320 KB / 1 MB) **and** a device-model latency of at most ``--latency-ms`` (40 ms
+by default: about 1.4 M int8 MACs on the F446's scalar C, 3.5 M on the F746). At this input
+size no network here comes near the SRAM or flash limits (they are checked all the same,
+from the exported C), so the latency limit is what makes the two budgets differ.
+
+**Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28) trained once with the
+sandwich rule, then ``es.nas`` per device with the same checkpoint (space optimisation,
+evolution, the 3 most accurate exported to C, the winner fine-tuned ``--finetune-epochs``
+distilled from the largest sub-network, Int8PTQ, C + TFLite Micro bit-exact).
+
+**Zoo**: MobileNetV2-style, MobileNetV1, ShuffleNetV2, SqueezeNet, ResNet-8 trained dense
+(``--zoo-epochs``), then, when over the budget, ``ChannelPrune(macs=f)`` (edgeslim's
+structured pruning) with ``f`` from the device latency model, fine-tuned ``--finetune-epochs``
+(distilled from the dense net); Int8PTQ; exported to C for the device (``export_c``, compiled
+and checked). Accuracy is int8 test accuracy of the exported model's PyTorch twin.
+
+**Rank correlation**: >= 10 sub-networks the F446 evolution scored (spread over its
+accuracy range), each fine-tuned ``--rank-epochs`` from the supernet's weights; Spearman of
+the supernet's estimate (BN re-calibrated, 500 val images) vs the fine-tuned test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import edgeslim as es
+from _tasks import cluttered_mnist
+from edgeslim.core.errors import LoweringError
+from edgeslim.core.kd import KD
+from edgeslim.core.train import TrainConfig, evaluate, fit
+from edgeslim.nas.api import nas, resize_data
+from edgeslim.nas.cost import measure_export
+from edgeslim.nas.supernet import SubnetConfig, SupernetSpec, extract, recalibrate_bn, resize
+from edgeslim.nas.train import SandwichTraining
+from edgeslim.profiling.devices import load_device
+from edgeslim.search.predictor_eval import spearman
+
+console = Console(width=200)
+warnings.filterwarnings("ignore")
+DEVICES = ("stm32f446", "stm32f746")
+ZOO = ("mobilenetv2", "mobilenetv1", "shufflenetv2", "squeezenet", "resnet8")
+
+
+def c_cost(model, calib, device: str, out: Path) -> dict:
+    """SRAM / flash / latency of ``model`` exported to C for ``device`` (compiled, checked)."""
+    from edgeslim.export.c import export_c
+
+    done = export_c(model, out, None, calib=calib, arm=False)
+    return measure_export(done, load_device(device))
+
+
+def zoo_rows(data, args, out: Path) -> list[dict]:
+    rows = []
+    calib = data.calib(128)
+    for name in args.zoo.split(","):
+        torch.manual_seed(0)
+        dense = es.zoo.create(name)
+        t0 = time.monotonic()
+        fit(dense, data, TrainConfig(epochs=args.zoo_epochs, lr=2e-3, seed=0), progress=False)
+        train_s = time.monotonic() - t0
+        dense_acc = evaluate(dense, data, "test")
+        for dev_name in DEVICES:
+            dev = load_device(dev_name)
+            row = {"device": dev_name, "net": name, "train_s": train_s, "dense_acc": dense_acc}
+            try:
+                dense_cost = c_cost(dense.eval(), calib, dev_name, out / f"{name}-{dev_name}-d")
+            except LoweringError as exc:
+                row["note"] = "not exportable to C: " + str(exc).splitlines()[1].strip()[:40]
+                rows.append(row)
+                continue
+            model, note = copy.deepcopy(dense), "as is"
+            frac = 1.0
+            cost = dense_cost
+            for _ in range(4):  # prune until the exported C meets the latency limit
+                if cost["latency_ms"] <= args.latency_ms:
+                    break
+                frac *= 0.95 * args.latency_ms / cost["latency_ms"]
+                model = copy.deepcopy(dense)
+                try:
+                    es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+                except IndexError as exc:  # torch-pruning on SqueezeNet's concatenations
+                    model, note = copy.deepcopy(dense), f"ChannelPrune failed ({exc!r})"
+                    break
+                cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=KD())
+                fit(model, data, cfg, teacher=dense, progress=False)
+                note = f"ChannelPrune(macs={frac:.3f}) + {args.finetune_epochs} ep KD"
+                cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}")
+            q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
+            try:
+                cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}")
+            except LoweringError:  # Int8PTQ's graph of ResNet-8 (add + ReLU) does not lower
+                q = model.eval()  # export_c quantizes the float model itself (min-max)
+                cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}")
+                note += "; float model exported (export_c's own int8), float acc"
+            fits = (
+                cost["latency_ms"] <= args.latency_ms
+                and cost["sram_kb"] * 1024 <= dev.sram_bytes
+                and cost["flash_kb"] * 1024 <= dev.flash_bytes
+            )
+            row.update(cost)
+            row.update({"acc": evaluate(q, data, "test"), "note": note, "fits": fits})
+            rows.append(row)
+            console.print(row)
+    return rows
+
+
+def rank_correlation(result, data, args) -> dict:
+    """Supernet estimate vs accuracy after fine-tuning, over >= 10 scored sub-networks."""
+    scored = sorted(
+        (r for r in result.trials if r["accuracy"] is not None), key=lambda r: r["accuracy"]
+    )
+    n = min(args.rank_n, len(scored))
+    picks = [scored[round(i * (len(scored) - 1) / max(1, n - 1))] for i in range(n)]
+    picks = list({r["key"]: r for r in picks}.values())
+    est, tuned = [], []
+    bn_x = data.train.x[:500]
+    for r in picks:
+        cfg = SubnetConfig.from_dict(r["candidate"])
+        sub = recalibrate_bn(extract(result.supernet, cfg), resize(bn_x, cfg.resolution))
+        rdata = resize_data(data, cfg.resolution)
+        tc = TrainConfig(epochs=args.rank_epochs, lr=1e-3, seed=0, keep_best=False)
+        fit(sub, rdata, tc, progress=False)
+        est.append(r["accuracy"])
+        tuned.append(evaluate(sub, rdata, "test"))
+    return {"n": len(picks), "spearman": spearman(est, tuned), "estimated": est, "tuned": tuned}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--epochs", type=int, default=4, help="supernet epochs")
+    p.add_argument("--zoo-epochs", type=int, default=3)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--rank-epochs", type=int, default=1)
+    p.add_argument("--rank-n", type=int, default=10)
+    p.add_argument("--latency-ms", type=float, default=40.0)
+    p.add_argument("--population", type=int, default=12)
+    p.add_argument("--generations", type=int, default=3)
+    p.add_argument("--out", default="runs/bench-nas")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--zoo", default=",".join(ZOO), help="zoo nets to compare (comma list)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    data = cluttered_mnist(seed=0)
+    spec = SupernetSpec(resolutions=(20, 24, 28))
+    if args.quick:
+        data = data.limit(256)
+        spec = SupernetSpec(stem=8, stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
+                            resolutions=(20, 28))  # fmt: skip
+        args.epochs, args.zoo_epochs, args.finetune_epochs = 1, 1, 1
+        args.population, args.generations, args.rank_n = 4, 1, 3
+    out = Path(args.out)
+    results, rows = {}, []
+    for dev_name in DEVICES:
+        t0 = time.monotonic()
+        res = nas(
+            data,
+            dev_name,
+            out=out / dev_name,
+            spec=spec,
+            max_latency_ms=args.latency_ms,
+            training=SandwichTraining(epochs=args.epochs, seed=0),
+            supernet_checkpoint=out / "supernet.pt",
+            population=args.population,
+            generations=args.generations,
+            space_samples=4 if not args.quick else 2,
+            finetune_epochs=args.finetune_epochs,
+            workers=0,
+            progress=False,
+        )
+        results[dev_name] = res
+        console.print(res.summary())
+        rows.append(
+            {"device": dev_name, "net": "searched (es.nas)", "acc": res.accuracy,
+             "dense_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
+             **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings}
+        )  # fmt: skip
+    rows += zoo_rows(data, args, out / "zoo")
+    rank = rank_correlation(results["stm32f446"], data, args)
+    console.print(rank)
+    table = Table(title=f"NAS vs zoo, cluttered MNIST, budget: device SRAM/flash + "
+                        f"{args.latency_ms:g} ms device-model latency")  # fmt: skip
+    for col in ("device", "net", "int8 test acc", "float acc", "SRAM KB", "flash KB",
+                "latency ms", "fits", "how"):  # fmt: skip
+        table.add_column(col)
+    for r in rows:
+
+        def f(k, fmt=".1f", r=r):
+            return format(r[k], fmt) if isinstance(r.get(k), int | float) else "-"
+
+        table.add_row(r["device"], r["net"], f("acc", ".4f"), f("dense_acc", ".4f"), f("sram_kb"),
+                      f("flash_kb"), f("latency_ms", ".2f"), str(r.get("fits", "-")),
+                      str(r.get("note", "")))  # fmt: skip
+    console.print(table)
+    f446 = results["stm32f446"].timings
+    console.print(
+        f"supernet training {f446['supernet_train_s']:.0f} s (once, shared); search per device "
+        + ", ".join(
+            f"{d}: space {results[d].timings['space_s']:.0f} s + evolution "
+            f"{results[d].timings['search_s']:.0f} s"
+            for d in DEVICES
+        )
+        + f"; rank correlation over {rank['n']} sub-networks: Spearman {rank['spearman']:.3f}"
+        + f"; total {time.monotonic() - started:.0f} s"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(
+        json.dumps({"rows": rows, "rank": rank, "args": vars(args)}, indent=1, default=str)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""``es.nas(data, device=...)``: from a device's budget to a searched network running in C.
+
+    result = es.nas(es.load_data("mnist"), device="stm32f446", out="runs/nas")
+    result.model          # the chosen sub-network: fine-tuned, int8 (Int8PTQ)
+    result.front          # accuracy vs latency Pareto front of the evaluated sub-networks
+
+Steps (MCUNet's TinyNAS + OFA's train-once supernet), each persisted in the run directory
+``out`` so that a rerun of the same call resumes where the last one stopped:
+
+1. **Budget check**: the smallest sub-network of the space is planned first; when even it
+   does not fit, :class:`~edgeslim.nas.cost.BudgetError` says what it needs.
+2. **Supernet** (``supernet.pt``): trained once with the sandwich rule
+   (:mod:`edgeslim.nas.train`), checkpointed every epoch.
+3. **Search space** (``space.json``): the (width, resolution) cell by TinyNAS's mean-MACs
+   heuristic (:mod:`edgeslim.nas.space_opt`).
+4. **Evolution** (``search/trials.jsonl``, the search package's run store): accuracy from
+   the supernet with BatchNorm re-calibrated, constraints from the planner
+   (:mod:`edgeslim.nas.evolve`); the Pareto front (accuracy vs latency) by
+   :func:`edgeslim.search.engine.pareto`.
+5. **Finalists**: the ``finalists`` most accurate are exported to C
+   (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency checked against
+   the budget; the most accurate that fits is chosen.
+6. **Deployment** (``final/``): the chosen sub-network fine-tuned (distilled from the largest
+   sub-network at its resolution), quantized (``Int8PTQ``), exported to C (``c/``: compiled
+   and bit-exact with the reference interpreter) and to ``model.tflite``, which is run in
+   TFLite Micro: its outputs must equal the compiled C's bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.core.data.datasets import DataSplits, Split
+from edgeslim.core.errors import ConfigError, ExportError
+from edgeslim.core.fileio import atomic_path, atomic_write_text
+from edgeslim.nas.cost import BudgetError, SubnetCost, measure_export
+from edgeslim.nas.evolve import evolve
+from edgeslim.nas.space_opt import SpaceChoice, optimize_space
+from edgeslim.nas.supernet import (
+    SubnetConfig,
+    Supernet,
+    SupernetSpec,
+    extract,
+    recalibrate_bn,
+    resize,
+)
+from edgeslim.nas.train import SandwichTraining, train_supernet
+from edgeslim.search.budget import Budget
+
+__all__ = ["NasResult", "nas", "resize_data"]
+
+
+@dataclass
+class NasResult:
+    """What :func:`nas` found and deployed."""
+
+    model: nn.Module | None  # the chosen sub-network, fine-tuned and quantized
+    config: SubnetConfig | None
+    budget: Budget
+    device: str
+    accuracy: float | None = None  # test accuracy of the quantized model
+    float_accuracy: float | None = None  # after fine-tuning, before quantization
+    estimated_accuracy: float | None = None  # from the supernet (validation subset)
+    measured: dict[str, Any] = field(default_factory=dict)  # from the C export
+    predicted: dict[str, Any] = field(default_factory=dict)  # from the planner
+    space: SpaceChoice | None = None
+    front: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    finalists: list[dict[str, Any]] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    out: Path | None = None
+    supernet: Supernet | None = None
+
+    def summary(self) -> str:
+        if self.config is None:
+            return "no sub-network chosen"
+        m = self.measured or self.predicted
+        nan = float("nan")
+
+        def num(v: float | None) -> float:
+            return nan if v is None else v
+
+        return (
+            f"{self.config.key()} on {self.device}: test accuracy {num(self.accuracy):.4f} "
+            f"(int8; float {num(self.float_accuracy):.4f}, supernet estimate "
+            f"{num(self.estimated_accuracy):.4f}); SRAM {m.get('sram_kb', nan):.1f} KB, flash "
+            f"{m.get('flash_kb', nan):.1f} KB, latency {m.get('latency_ms', nan):.2f} ms "
+            f"(budget {self.budget.limits()})"
+        )
+
+
+def resize_data(data: DataSplits, resolution: int) -> DataSplits:
+    """``data`` with every image resized (bilinear) to ``resolution`` x ``resolution``."""
+
+    def one(s: Any) -> Split:
+        return Split(resize(s.x, resolution), s.y)
+
+    return DataSplits(
+        data.name, one(data.train), one(data.val), one(data.test), data.num_classes, data.metric
+    )
+
+
+def _budget(device: str, sram_kb, flash_kb, latency_ms) -> Budget:
+    from edgeslim.profiling.devices import load_device
+
+    dev = load_device(device)
+    return Budget(
+        target=dev.name,
+        max_sram_kb=sram_kb if sram_kb is not None else dev.sram_bytes / 1024,
+        max_flash_kb=flash_kb if flash_kb is not None else dev.flash_bytes / 1024,
+        max_latency_ms=latency_ms,
+    )
+
+
+def nas(
+    data: DataSplits,
+    device: str = "stm32f446",
+    *,
+    out: str | Path | None = None,
+    spec: SupernetSpec | None = None,
+    max_sram_kb: float | None = None,
+    max_flash_kb: float | None = None,
+    max_latency_ms: float | None = None,
+    training: SandwichTraining | None = None,
+    space_samples: int = 12,
+    population: int = 16,
+    generations: int = 4,
+    parents: int = 4,
+    mutation: float = 0.2,
+    bn_samples: int = 500,
+    val_samples: int = 500,
+    finalists: int = 3,
+    finetune_epochs: int = 3,
+    finetune_lr: float = 1e-3,
+    workers: int | None = 0,
+    ray: str | None = None,
+    seed: int = 0,
+    export: bool = True,
+    progress: bool | None = None,
+    supernet_checkpoint: str | Path | None = None,
+) -> NasResult:
+    """Search a sub-network for ``device`` and deploy it (see the module docstring).
+
+    ``data``: images ``(C, H, W)`` (resized to each sub-network's resolution). The budget
+    is the device's SRAM and flash unless ``max_sram_kb`` / ``max_flash_kb`` say less;
+    ``max_latency_ms`` adds a device-model latency limit. ``spec``: the supernet's space
+    (default :class:`SupernetSpec` with the data's channels and classes). ``out``: the run
+    directory (temporary when None); rerunning the same call on it resumes, a different
+    call is a :class:`~edgeslim.core.errors.RunDirError`. ``supernet_checkpoint``: where
+    the supernet is trained / resumed (default ``out/supernet.pt``); give one file to
+    several runs (other devices, other budgets) to train the supernet once for all of them.
+    ``workers`` / ``ray``: where the accuracy jobs run (see
+    :func:`edgeslim.search.executor.make_executor`; ``0``: in this process).
+    """
+    import tempfile
+
+    from edgeslim.search.executor import make_executor
+    from edgeslim.search.store import RunStore
+
+    started = time.monotonic()
+    if not isinstance(data, DataSplits) or data.streams:
+        raise ConfigError("nas: data must be an in-memory DataSplits of images (es.load_data)")
+    shape = tuple(data.train.x.shape[1:])
+    if len(shape) != 3:
+        raise ConfigError(f"nas: inputs of shape {shape}; expected images (C, H, W)")
+    if spec is None:
+        spec = SupernetSpec(in_channels=shape[0], num_classes=int(data.num_classes or 10))
+    if spec.in_channels != shape[0]:
+        raise ConfigError(f"nas: spec takes {spec.in_channels} channels, data has {shape[0]}")
+    for name, v in (("population", population), ("generations", generations), ("parents", parents),
+                    ("finalists", finalists), ("space_samples", space_samples)):  # fmt: skip
+        if v < 1:
+            raise ConfigError(f"nas: {name} must be >= 1, got {v}")
+    training = training or SandwichTraining(seed=seed)
+    budget = _budget(device, max_sram_kb, max_flash_kb, max_latency_ms)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-nas-"))
+    settings = {
+        "spec": spec.to_dict(),
+        "budget": budget.model_dump(),
+        "training": training.model_dump(),
+        "data": [data.name, len(data.train), len(data.val), len(data.test)],
+        "search": {
+            "space_samples": space_samples,
+            "population": population,
+            "generations": generations,
+            "parents": parents,
+            "mutation": mutation,
+            "bn_samples": bn_samples,
+            "val_samples": val_samples,
+            "finalists": finalists,
+            "finetune_epochs": finetune_epochs,
+            "finetune_lr": finetune_lr,
+            "seed": seed,
+        },
+    }
+    store = RunStore(out / "search", settings)
+    timings: dict[str, float] = {}
+
+    # 1. the budget against the smallest sub-network (an untrained supernet has the shapes)
+    torch.manual_seed(seed)
+    supernet = Supernet(spec)
+    costs = SubnetCost(supernet, budget.target)
+    calibration = store.calibration()
+    if calibration is None:
+        calibration = {"code_bytes": costs.calibrate()}
+        store.save_calibration(calibration)
+    costs.code_bytes = calibration["code_bytes"]
+    if not budget.feasible(costs.predict(spec.smallest())):
+        raise BudgetError(
+            f"nothing in the search space fits {budget.target} {budget.limits()}: the smallest "
+            f"sub-network ({spec.smallest().key()}) needs {costs.smallest_needs(budget)}"
+        )
+
+    # 2. the supernet, trained once (resumes from its checkpoint)
+    history = train_supernet(
+        supernet,
+        data,
+        training,
+        checkpoint=supernet_checkpoint or out / "supernet.pt",
+        progress=progress,
+    )
+    timings["supernet_train_s"] = sum(h["seconds"] for h in history)
+    costs = SubnetCost(supernet, budget.target, code_bytes=calibration["code_bytes"])
+
+    # 3. the search space
+    t0 = time.monotonic()
+    space_file = out / "space.json"
+    if space_file.exists():
+        sd = json.loads(space_file.read_text(encoding="utf-8"))
+        space = SpaceChoice(sd["width"], sd["resolution"], sd["rows"])
+    else:
+        space = optimize_space(
+            spec, lambda c: costs.cost(c, budget), budget, samples=space_samples, seed=seed
+        )
+        atomic_write_text(space_file, json.dumps(space.to_dict(), indent=1))
+    if not any(r["fit"] for r in space.rows):
+        space = SpaceChoice(spec.widths[0], spec.resolutions[0], space.rows)
+    timings["space_s"] = time.monotonic() - t0
+
+    # 4. evolution inside the chosen cell
+    t0 = time.monotonic()
+    g = torch.Generator().manual_seed(seed)
+    bn_idx = torch.randperm(len(data.train), generator=g)[: min(bn_samples, len(data.train))]
+    nv = min(val_samples, len(data.val))
+    state = {
+        "spec": spec.to_dict(),
+        "weights": {k: v.detach().clone() for k, v in supernet.state_dict().items()},
+        "bn_x": data.train.x[bn_idx],
+        "val": (data.val.x[:nv], data.val.y[:nv]),
+    }
+    executor = make_executor(workers, ray)
+    from edgeslim.core.progress import enabled, progress_bar
+
+    try:
+        with progress_bar(disable=not enabled(progress)) as bar:
+            task = bar.add_task("evolution", total=generations)
+            evo = evolve(
+                spec,
+                lambda c: costs.cost(c, budget),
+                budget,
+                state,
+                width=space.width,
+                resolution=space.resolution,
+                population=population,
+                generations=generations,
+                parents=parents,
+                mutation=mutation,
+                seed=seed,
+                executor=executor,
+                store=store,
+                progress=lambda done, total, best: bar.update(task, completed=done),
+            )
+    finally:
+        executor.close()
+    timings["search_s"] = time.monotonic() - t0
+    from edgeslim.search.engine import pareto
+
+    front = pareto(evo.records, "latency_ms")
+    ranked = sorted(evo.feasible(), key=lambda r: (-r["accuracy"], r["cost"]["macs"], r["number"]))
+    if not ranked:
+        raise BudgetError(
+            f"no sub-network of width {space.width}, resolution {space.resolution} fits "
+            f"{budget.target} {budget.limits()}; the smallest needs {costs.smallest_needs(budget)}"
+        )
+    result = NasResult(
+        None, None, budget, budget.target, space=space, front=front, trials=evo.records,
+        out=out, supernet=supernet, timings=timings,
+    )  # fmt: skip
+
+    # 5-6. the finalists exported; the most accurate that fits deployed
+    t0 = time.monotonic()
+    calib_idx = torch.randperm(len(data.train), generator=g)[: min(128, len(data.train))]
+    chosen = None
+    final_file = out / "final.json"
+    done_finals = json.loads(final_file.read_text()) if final_file.exists() else {}
+    for rec in ranked[:finalists]:
+        key = rec["key"]
+        if key not in done_finals:
+            cfg = SubnetConfig.from_dict(rec["candidate"])
+            sub = extract(supernet, cfg)
+            recalibrate_bn(sub, resize(state["bn_x"], cfg.resolution))
+            calib = resize(data.train.x[calib_idx], cfg.resolution)
+            measured = _export_measure(sub, calib, costs.device, budget.target, None)
+            done_finals[key] = {"measured": measured, "fits": budget.feasible(measured)}
+            atomic_write_text(final_file, json.dumps(done_finals, indent=1))
+        fin = {**rec, **done_finals[key]}
+        result.finalists.append(fin)
+        if chosen is None and fin["fits"]:
+            chosen = fin
+    timings["finalists_s"] = time.monotonic() - t0
+    if chosen is None:
+        raise BudgetError(
+            f"the {finalists} most accurate sub-networks fit {budget.target} as planned but not "
+            f"as exported: {[f['measured'] for f in result.finalists]}; raise finalists="
+        )
+    cfg = SubnetConfig.from_dict(chosen["candidate"])
+    result.config = cfg
+    result.estimated_accuracy = chosen["accuracy"]
+    result.predicted = chosen["cost"]
+    if export:
+        t0 = time.monotonic()
+        _deploy(result, supernet, data, cfg, state, calib_idx, finetune_epochs, finetune_lr,
+                seed, out, progress)  # fmt: skip
+        timings["deploy_s"] = time.monotonic() - t0
+    timings["total_s"] = time.monotonic() - started
+    _write_report(result)
+    return result
+
+
+def _export_measure(model: nn.Module, calib, device, name: str, where: Path | None) -> dict:
+    import tempfile
+
+    from edgeslim.export.c import export_c
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = export_c(model, where or Path(tmp) / "c", None, calib=calib, arm=False)
+        return measure_export(done, device)
+
+
+def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, seed, out, progress):
+    """Fine-tune (distilled from the largest at the same resolution), quantize, export, check."""
+    from edgeslim.core.kd import KD
+    from edgeslim.core.train import TrainConfig, evaluate, fit
+    from edgeslim.quant import Int8PTQ, quantize
+
+    r = cfg.resolution
+    rdata = resize_data(data, r)
+    bn_x = resize(state["bn_x"], r)
+    sub = recalibrate_bn(extract(supernet, cfg), bn_x)
+    weights = out / "final" / "float.pt"
+    if weights.exists():
+        sub.load_state_dict(torch.load(weights, weights_only=True))
+    else:
+        if epochs > 0:
+            teacher = recalibrate_bn(extract(supernet, supernet.spec.largest(resolution=r)), bn_x)
+            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=KD())
+            fit(sub, rdata, tc, teacher=teacher, progress=progress)
+        with atomic_path(weights) as tmp:
+            torch.save(sub.state_dict(), tmp)
+    sub.eval()
+    result.float_accuracy = evaluate(sub, rdata, "test")
+    calib = rdata.train.x[calib_idx]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = quantize(copy.deepcopy(sub), Int8PTQ(calibration="mse"), calib=calib)
+    qmodel.input_shape = sub.input_shape
+    qmodel.num_classes = sub.num_classes
+    result.accuracy = evaluate(qmodel, rdata, "test")
+    result.model = qmodel
+    c_dir = out / "c"
+    result.verified, result.measured = export_checked(
+        qmodel, calib, result.device, c_dir, out / "model.tflite"
+    )
+    result.files = {"c": str(c_dir), "float": str(weights)}
+    if (out / "model.tflite").exists():
+        result.files["tflite"] = str(out / "model.tflite")
+
+
+def export_checked(
+    model: nn.Module,
+    calib: torch.Tensor,
+    device: str,
+    c_dir: Path,
+    tflite: Path,
+    *,
+    arm: bool | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """``model`` exported to C for ``device`` (compiled, bit-exact with the reference
+    interpreter) and to ``tflite`` run in TFLite Micro, whose outputs must equal the
+    compiled C's bit for bit (:class:`ExportError` otherwise). ``arm``: as for
+    :func:`~edgeslim.export.c.export_c` (``None``: built and run on QEMU for a Cortex-M
+    where the toolchain is installed). Returns what was checked and the measured cost."""
+    from edgeslim.export.c import export_c, hostbuild
+    from edgeslim.export.int8.check import build_and_check_graph
+    from edgeslim.export.tflite import export_tflite, run_tflm, tflm_available
+    from edgeslim.export.tflite_format import serialize
+    from edgeslim.profiling.devices import load_device
+
+    dev = load_device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, q = build_and_check_graph(model, calib, None, True, 0.25)
+        done = export_c(model, c_dir, device, calib=calib, graph=graph, arm=arm)
+    verified = list(done.verified)
+    measured = measure_export(done, dev)
+    if tflm_available():
+        export_tflite(model, tflite, calib=calib, graph=graph, runtime="tflm")
+        verified.append("TFLite Micro bit-exact with the reference interpreter")
+        if hostbuild.compiler() is not None:
+            sources = {p.name: p.read_text() for p in done.files}
+            with hostbuild.Build(sources) as build:
+                got_c = build.run(q, graph[graph.output].size)
+            got_tflm = run_tflm(graph, serialize(graph), q)
+            got_tflm = got_tflm.reshape(got_c.shape)
+            if not np.array_equal(got_c, got_tflm):
+                bad = int(np.sum(got_c != got_tflm))
+                raise ExportError(
+                    f"the compiled C and TFLite Micro differ in {bad} output values; see {c_dir}"
+                )
+            verified.append(f"compiled C == TFLite Micro bit for bit on {len(q)} inputs")
+    return verified, measured
+
+
+def _md(text: str) -> str:
+    """``text`` in a Markdown table cell (its ``|`` escaped)."""
+    return text.replace("|", "\\|")
+
+
+def _write_report(result: NasResult) -> None:
+    """``report.md`` and ``result.json`` in the run directory."""
+    if result.out is None:
+        return
+    b = result.budget
+    lines = [f"# Neural architecture search for {result.device}", "", f"Budget: {b.limits()}", ""]
+    lines += [result.summary(), ""]
+    if result.space is not None:
+        lines += [
+            "## Search space (TinyNAS: mean MACs of the fitting samples)",
+            "",
+            result.space.markdown(),
+            "",
+        ]
+    lines += ["## Pareto front (accuracy from the supernet vs device-model latency)", "",
+              "| # | sub-network | est. accuracy | MACs | SRAM KB (plain / patch) | flash KB "
+              "| latency ms |",
+              "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result.front:
+        c = r["cost"]
+        lines.append(
+            f"| {r['number']} | {_md(r['key'])} | {r['accuracy']:.4f} | {c['macs']:,} | "
+            f"{c['sram_plain_kb']:.1f} / {c['sram_patch_kb']:.1f} | {c['flash_kb']:.1f} | "
+            f"{c['latency_ms']:.2f} |"
+        )
+    if result.finalists:
+        lines += ["", "## Finalists (exported to C: measured)", "",
+                  "| sub-network | est. accuracy | SRAM KB | flash KB | latency ms | fits |",
+                  "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for f in result.finalists:
+            m = f["measured"]
+            lines.append(
+                f"| {_md(f['key'])} | {f['accuracy']:.4f} | {m['sram_kb']:.1f} | "
+                f"{m['flash_kb']:.1f} | "
+                f"{m['latency_ms']:.2f} | {'yes' if f['fits'] else 'NO'} |"
+            )
+    if result.verified:
+        lines += ["", "Checked: " + "; ".join(result.verified)]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())]
+    atomic_write_text(result.out / "report.md", "\n".join(lines) + "\n")
+    data = {
+        "config": result.config.to_dict() if result.config else None,
+        "accuracy": result.accuracy,
+        "float_accuracy": result.float_accuracy,
+        "estimated_accuracy": result.estimated_accuracy,
+        "measured": result.measured,
+        "predicted": result.predicted,
+        "budget": b.limits(),
+        "device": result.device,
+        "space": result.space.to_dict() if result.space else None,
+        "front": [{k: r[k] for k in ("number", "key", "accuracy", "cost")} for r in result.front],
+        "finalists": result.finalists,
+        "verified": result.verified,
+        "timings": result.timings,
+        "files": result.files,
+    }
+    atomic_write_text(result.out / "result.json", json.dumps(data, indent=1, default=str))

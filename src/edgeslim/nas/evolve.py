@@ -1,0 +1,218 @@
+"""Evolutionary search for the most accurate sub-network within the device's budget.
+
+The search of Once-for-All and MCUNet (Real et al. 2019, "Regularized Evolution for Image
+Classifier Architecture Search", https://arxiv.org/abs/1802.01548, as used by OFA: Cai et
+al. 2020, https://arxiv.org/abs/1908.09791, and TinyNAS): a population of sub-networks
+that fit the budget; each generation keeps the ``parents`` most accurate, and refills the
+population with children made by **mutation** (each depth, expansion ratio and kernel
+size re-drawn with probability ``mutation``) and **crossover** (each gene from one of two
+parents). A child that does not fit the budget is discarded and drawn again.
+
+- **Constraints, cheapest first** (:class:`edgeslim.nas.cost.SubnetCost`): the MACs bound,
+  then the planned int8 graph (SRAM without / with patch-based execution, flash of the
+  constants + measured code size, device-model latency); the finalists are confirmed by
+  the real export (:mod:`edgeslim.nas.api`).
+- **Accuracy** from the supernet's weights alone: the sub-network is extracted, its
+  BatchNorm statistics are re-estimated on ``bn`` training images (the supernet's running
+  statistics mix every sub-network) and it is scored on ``val`` validation images. These
+  jobs run on the search package's executor (in process, a local pool, or Ray).
+- **Persistence and resume**: every evaluated sub-network is a line of the run store's
+  ``trials.jsonl`` (:class:`edgeslim.search.store.RunStore`); the evolution is a function
+  of the seed and the results, so a rerun replays it and evaluates only what is missing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgeslim.nas.supernet import (
+    SubnetConfig,
+    Supernet,
+    SupernetSpec,
+    extract,
+    recalibrate_bn,
+    resize,
+)
+from edgeslim.search.budget import Budget
+
+__all__ = ["Evolution", "evaluate_accuracy", "evolve"]
+
+CostFn = Callable[[SubnetConfig], dict[str, Any]]
+
+
+@dataclass
+class Evolution:
+    """What :func:`evolve` found: every evaluated record, in evaluation order."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    generations: int = 0
+
+    def feasible(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["feasible"] and r["accuracy"] is not None]
+
+    def best(self) -> dict[str, Any] | None:
+        ok = self.feasible()
+        return (
+            max(ok, key=lambda r: (r["accuracy"], -r["cost"]["macs"], -r["number"])) if ok else None
+        )
+
+
+# ----------------------------------------------------------------------------- accuracy job
+
+_SUPERNETS: dict[int, Supernet] = {}
+
+
+def _supernet(state: dict[str, Any]) -> Supernet:
+    key = id(state)
+    if key not in _SUPERNETS:
+        _SUPERNETS.clear()
+        net = Supernet(SupernetSpec.from_dict(state["spec"]))
+        net.load_state_dict(state["weights"])
+        _SUPERNETS[key] = net.eval()
+    return _SUPERNETS[key]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    supernet: Supernet,
+    cfg: SubnetConfig,
+    bn_x: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+) -> float:
+    """Top-1 accuracy of sub-network ``cfg`` with its BatchNorm re-calibrated on ``bn_x``
+    (inputs at the data's resolution; resized here to the sub-network's)."""
+    sub = extract(supernet, cfg)
+    recalibrate_bn(sub, resize(bn_x, cfg.resolution))
+    correct = 0
+    for i in range(0, len(val_x), 500):
+        out = sub(resize(val_x[i : i + 500], cfg.resolution))
+        correct += int((out.argmax(1) == val_y[i : i + 500]).sum())
+    return correct / max(1, len(val_x))
+
+
+def accuracy_job(state: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """An executor job: ``job["config"]``'s accuracy from the supernet in ``state``."""
+    cfg = SubnetConfig.from_dict(job["config"])
+    acc = evaluate_accuracy(_supernet(state), cfg, state["bn_x"], *state["val"])
+    return {"number": job["number"], "accuracy": acc}
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def evolve(
+    spec: SupernetSpec,
+    cost_fn: CostFn,
+    budget: Budget,
+    state: dict[str, Any],
+    *,
+    width: float,
+    resolution: int,
+    population: int = 16,
+    generations: int = 4,
+    parents: int = 4,
+    mutation: float = 0.2,
+    crossover: float = 0.5,
+    seed: int = 0,
+    executor: Any = None,
+    store: Any = None,
+    progress: Any = None,
+) -> Evolution:
+    """Evolve sub-networks of ``spec`` at ``width`` and ``resolution`` within ``budget``.
+
+    ``state`` is what the accuracy jobs need: ``spec`` and ``weights`` of the supernet,
+    ``bn_x`` (BatchNorm calibration inputs) and ``val`` (inputs, labels). ``executor``: one
+    of :func:`edgeslim.search.executor.make_executor` (default: in this process).
+    ``store``: a :class:`~edgeslim.search.store.RunStore` (resume). ``progress(done,
+    total, best)`` is called after each generation.
+    """
+    from edgeslim.search.executor import InProcess
+
+    executor = executor or InProcess()
+    rng = random.Random(seed)
+    done: dict[str, dict[str, Any]] = {}
+    if store is not None:
+        done = {r["key"]: r for r in store.trials().values()}
+    result = Evolution()
+    seen: dict[str, dict[str, Any]] = {}
+
+    def record_of(cfg: SubnetConfig) -> dict[str, Any]:
+        key = cfg.key()
+        if key in seen:
+            return seen[key]
+        if key in done:
+            rec = done[key]
+        else:
+            cost = cost_fn(cfg)
+            rec = {
+                "number": len(seen),
+                "key": key,
+                "candidate": cfg.to_dict(),
+                "cost": cost,
+                "feasible": budget.feasible(cost),
+                "constraints": budget.constraints(cost),
+                "accuracy": None,
+            }
+        seen[key] = rec
+        result.records.append(rec)
+        return rec
+
+    def evaluate(recs: list[dict[str, Any]]) -> None:
+        todo = [r for r in recs if r["feasible"] and r["accuracy"] is None and r["key"] not in done]
+        jobs = [{"number": r["number"], "config": r["candidate"]} for r in todo]
+        for i, out in executor.map(accuracy_job, state, jobs):
+            todo[i]["accuracy"] = out["accuracy"]
+        for r in recs:
+            if r["key"] not in done:
+                done[r["key"]] = r
+                if store is not None:
+                    store.add_trial(r)
+
+    def draw(make: Callable[[], SubnetConfig], n: int) -> list[dict[str, Any]]:
+        """``n`` new feasible records from ``make`` (at most 30 n draws)."""
+        out: list[dict[str, Any]] = []
+        keys: set[str] = set()
+        for _ in range(30 * n):
+            if len(out) == n:
+                break
+            rec = record_of(spec.canonical(make()))
+            if rec["feasible"] and rec["key"] not in keys:
+                keys.add(rec["key"])
+                out.append(rec)
+        return out
+
+    pop = draw(lambda: spec.sample(rng, resolution=resolution, width=width), population)
+    evaluate(list(seen.values()))
+    total = generations
+    for gen in range(generations):
+        ranked = sorted(pop, key=lambda r: (-(r["accuracy"] or 0.0), r["number"]))
+        top = ranked[:parents]
+        if not top:
+            break
+        n_cross = round((population - len(top)) * crossover)
+        n_mut = population - len(top) - n_cross
+
+        def mutant(top: list[dict[str, Any]] = top) -> SubnetConfig:
+            return spec.mutate(SubnetConfig.from_dict(rng.choice(top)["candidate"]), rng, mutation)
+
+        def child(top: list[dict[str, Any]] = top) -> SubnetConfig:
+            a, b = rng.choice(top), rng.choice(top)
+            return spec.crossover(
+                SubnetConfig.from_dict(a["candidate"]), SubnetConfig.from_dict(b["candidate"]), rng
+            )
+
+        before = set(seen)
+        kids = draw(mutant, n_mut) + draw(child, n_cross)
+        evaluate([seen[k] for k in seen if k not in before])
+        pop = top + [k for k in kids if k["key"] not in {t["key"] for t in top}]
+        result.generations = gen + 1
+        if progress is not None:
+            best = result.best()
+            progress(gen + 1, total, best["accuracy"] if best else None)
+    return result

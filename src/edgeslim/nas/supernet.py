@@ -1,0 +1,564 @@
+"""A once-for-all supernet of MobileNetV2-style inverted residuals, and sub-networks cut out.
+
+Once-for-All (Cai et al. 2020, "Once-for-All: Train One Network and Specialize it for
+Efficient Deployment", https://arxiv.org/abs/1908.09791): one set of weights holds every
+sub-network of an elastic space; a sub-network uses
+
+- **depth**: the first ``d`` blocks of each stage (elastic depth);
+- **expansion ratio** per block: the first ``cin x e`` hidden channels of the 1x1 expand conv;
+- **kernel size** per block (3 / 5 / 7): the centre ``k x k`` crop of the 7x7 depthwise kernel
+  (OFA also learns a small kernel transform per crop size; here the crop is used as is);
+- **width multiplier** (TinyNAS, Lin et al. 2020, https://arxiv.org/abs/2007.10319): the
+  first ``round(c x w)`` channels of every stage;
+- **resolution**: the input is resized (bilinear) to ``r x r``.
+
+The space is :class:`SupernetSpec`, a point in it :class:`SubnetConfig`. The supernet runs any
+point (``supernet(x, cfg)``); :func:`extract` cuts one out as an *ordinary* ``nn.Module``
+(plain ``Conv2d`` / ``BatchNorm2d`` / ``ReLU6`` / ``AdaptiveAvgPool2d`` / ``Linear``, weights
+sliced out, ``input_shape`` set like the zoo's models), which every other edgeslim verb
+accepts: ``prune_``, ``quantize_``, ``export_c``.
+
+Layout (1 x r x r input): stem 3x3 conv (stride ``stem_stride``), the stages, a 1x1 head
+conv, global average pooling, a linear classifier. Every conv is followed by BatchNorm and
+ReLU6 except the blocks' 1x1 projections (linear bottlenecks); a block adds its input when
+its stride is 1 and its input and output widths agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.core.errors import ConfigError
+
+__all__ = [
+    "Subnet",
+    "SubnetConfig",
+    "Supernet",
+    "SupernetSpec",
+    "extract",
+    "recalibrate_bn",
+    "resize",
+]
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channels of a stage at width multiplier ``width`` (at least 4)."""
+    return max(4, round(channels * width))
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) resized to ``resolution`` x ``resolution`` (bilinear), or as is."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    """One sub-network: resolution, width multiplier, blocks per stage and, per block (all
+    ``max_depth`` of each stage; the ones past ``depths`` are unused), expansion and kernel."""
+
+    resolution: int
+    width: float
+    depths: tuple[int, ...]
+    expands: tuple[tuple[int, ...], ...]
+    kernels: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resolution": self.resolution,
+            "width": self.width,
+            "depths": list(self.depths),
+            "expands": [list(e) for e in self.expands],
+            "kernels": [list(k) for k in self.kernels],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SubnetConfig:
+        try:
+            return cls(
+                int(d["resolution"]),
+                float(d["width"]),
+                tuple(int(v) for v in d["depths"]),
+                tuple(tuple(int(v) for v in e) for e in d["expands"]),
+                tuple(tuple(int(v) for v in k) for k in d["kernels"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a sub-network config: {d!r} ({exc})") from exc
+
+    def key(self) -> str:
+        """A short text naming the active blocks: equal keys, equal sub-networks."""
+        blocks = "|".join(
+            ",".join(f"e{self.expands[s][i]}k{self.kernels[s][i]}" for i in range(d))
+            for s, d in enumerate(self.depths)
+        )
+        return f"r{self.resolution}-w{self.width:g}-{blocks}"
+
+
+@dataclass(frozen=True)
+class SupernetSpec:
+    """The elastic space: fixed layout (channels, maximum depth and stride per stage) and
+    the choices per dimension. The defaults fit MNIST-like 1x28x28 inputs, resized to
+    20..32 pixels."""
+
+    in_channels: int = 1
+    num_classes: int = 10
+    stem: int = 16
+    stem_stride: int = 2
+    # (output channels, maximum depth, stride of the first block) per stage
+    stages: tuple[tuple[int, int, int], ...] = ((16, 2, 1), (24, 3, 2), (40, 3, 2), (64, 2, 1))
+    head: int = 128
+    expands: tuple[int, ...] = (3, 4, 6)
+    kernels: tuple[int, ...] = (3, 5, 7)
+    widths: tuple[float, ...] = (0.5, 0.75, 1.0)
+    resolutions: tuple[int, ...] = (20, 24, 28, 32)
+    min_depth: int = 1
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(len(s) != 3 or min(s) < 1 for s in self.stages):
+            raise ConfigError(
+                f"SupernetSpec.stages: (channels, depth, stride) >= 1 each: {self.stages}"
+            )
+        for name in ("expands", "kernels", "widths", "resolutions"):
+            values = getattr(self, name)
+            if not values or list(values) != sorted(set(values)):
+                raise ConfigError(f"SupernetSpec.{name} must be increasing, distinct: {values}")
+        if any(k % 2 == 0 for k in self.kernels):
+            raise ConfigError(f"SupernetSpec.kernels must be odd: {self.kernels}")
+        if not 1 <= self.min_depth <= min(d for _, d, _ in self.stages):
+            raise ConfigError(f"SupernetSpec.min_depth {self.min_depth} out of range")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SupernetSpec:
+        d = dict(d)
+        d["stages"] = tuple(tuple(s) for s in d["stages"])
+        for k in ("expands", "kernels", "widths", "resolutions"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+    # -- points of the space
+    def _fill(self, depths, pick_e, pick_k, resolution: int, width: float) -> SubnetConfig:
+        exps, kers = [], []
+        for s, (_, dmax, _) in enumerate(self.stages):
+            exps.append(
+                tuple(pick_e(s, i) if i < depths[s] else self.expands[0] for i in range(dmax))
+            )
+            kers.append(
+                tuple(pick_k(s, i) if i < depths[s] else self.kernels[0] for i in range(dmax))
+            )
+        return SubnetConfig(resolution, width, tuple(depths), tuple(exps), tuple(kers))
+
+    def canonical(self, cfg: SubnetConfig) -> SubnetConfig:
+        """``cfg`` with its unused blocks set to the smallest choices (equal sub-networks,
+        equal configs); raises ConfigError when it is not in the space."""
+        self.check(cfg)
+        return self._fill(
+            cfg.depths,
+            lambda s, i: cfg.expands[s][i],
+            lambda s, i: cfg.kernels[s][i],
+            cfg.resolution,
+            cfg.width,
+        )
+
+    def check(self, cfg: SubnetConfig) -> None:
+        """ConfigError naming the first value of ``cfg`` outside the space."""
+        where = f"sub-network (depths {cfg.depths})"
+        if cfg.resolution not in self.resolutions:
+            raise ConfigError(f"{where}: resolution {cfg.resolution} not in {self.resolutions}")
+        if cfg.width not in self.widths:
+            raise ConfigError(f"{where}: width {cfg.width} not in {self.widths}")
+        if len(cfg.depths) != len(self.stages):
+            raise ConfigError(f"{where}: {len(cfg.depths)} depths for {len(self.stages)} stages")
+        for s, (_, dmax, _) in enumerate(self.stages):
+            if not self.min_depth <= cfg.depths[s] <= dmax:
+                raise ConfigError(
+                    f"{where}: stage {s} depth {cfg.depths[s]} not in {self.min_depth}..{dmax}"
+                )
+            if len(cfg.expands[s]) != dmax or len(cfg.kernels[s]) != dmax:
+                raise ConfigError(f"{where}: stage {s} needs {dmax} expands and kernels")
+            for i in range(cfg.depths[s]):
+                if cfg.expands[s][i] not in self.expands:
+                    raise ConfigError(f"{where}: stage {s} block {i} expand {cfg.expands[s][i]}")
+                if cfg.kernels[s][i] not in self.kernels:
+                    raise ConfigError(f"{where}: stage {s} block {i} kernel {cfg.kernels[s][i]}")
+
+    def largest(self, resolution: int | None = None, width: float | None = None) -> SubnetConfig:
+        """Every dimension at its maximum (resolution and width as given)."""
+        return self._fill(
+            [d for _, d, _ in self.stages],
+            lambda s, i: self.expands[-1],
+            lambda s, i: self.kernels[-1],
+            resolution or self.resolutions[-1],
+            width or self.widths[-1],
+        )
+
+    def smallest(self, resolution: int | None = None, width: float | None = None) -> SubnetConfig:
+        """Every dimension at its minimum (resolution and width as given)."""
+        return self._fill(
+            [self.min_depth] * len(self.stages),
+            lambda s, i: self.expands[0],
+            lambda s, i: self.kernels[0],
+            resolution or self.resolutions[0],
+            width or self.widths[0],
+        )
+
+    def sample(
+        self, rng: random.Random, resolution: int | None = None, width: float | None = None
+    ) -> SubnetConfig:
+        """A uniformly random point (resolution / width fixed when given)."""
+        depths = [rng.randint(self.min_depth, d) for _, d, _ in self.stages]
+        return self._fill(
+            depths,
+            lambda s, i: rng.choice(self.expands),
+            lambda s, i: rng.choice(self.kernels),
+            resolution if resolution is not None else rng.choice(self.resolutions),
+            width if width is not None else rng.choice(self.widths),
+        )
+
+    def mutate(self, cfg: SubnetConfig, rng: random.Random, p: float = 0.2) -> SubnetConfig:
+        """Each depth, expansion and kernel re-drawn with probability ``p`` (resolution and
+        width kept: they are the search space's, chosen before the search)."""
+        depths = [
+            rng.randint(self.min_depth, dmax) if rng.random() < p else cfg.depths[s]
+            for s, (_, dmax, _) in enumerate(self.stages)
+        ]
+
+        def gene(attr: str, choices: tuple[int, ...]):
+            def pick(s: int, i: int) -> int:
+                if i >= cfg.depths[s] or rng.random() < p:  # a new block, or mutated
+                    return rng.choice(choices)
+                return getattr(cfg, attr)[s][i]
+
+            return pick
+
+        return self._fill(
+            depths,
+            gene("expands", self.expands),
+            gene("kernels", self.kernels),
+            cfg.resolution,
+            cfg.width,
+        )
+
+    def crossover(self, a: SubnetConfig, b: SubnetConfig, rng: random.Random) -> SubnetConfig:
+        """Each depth, expansion and kernel taken from ``a`` or ``b`` at random (uniform
+        crossover); resolution and width from ``a``."""
+        depths = [x if rng.random() < 0.5 else y for x, y in zip(a.depths, b.depths, strict=True)]
+        take = [[rng.random() < 0.5 for _ in range(d)] for _, d, _ in self.stages]
+        return self._fill(
+            depths,
+            lambda s, i: (a if take[s][i] else b).expands[s][i],
+            lambda s, i: (a if take[s][i] else b).kernels[s][i],
+            a.resolution,
+            a.width,
+        )
+
+    # -- what a sub-network is made of
+    def layers(self, cfg: SubnetConfig) -> list[dict[str, int]]:
+        """Every conv / linear of the sub-network: ``cin, cout, k, groups, hw_in, stride``."""
+        r = cfg.resolution
+        out = []
+        stem = scaled(self.stem, cfg.width)
+        out.append(
+            {
+                "cin": self.in_channels,
+                "cout": stem,
+                "k": 3,
+                "groups": 1,
+                "hw": r,
+                "stride": self.stem_stride,
+            }
+        )
+        hw = _down(r, self.stem_stride)
+        cin = stem
+        for s, (c, _, stride) in enumerate(self.stages):
+            cout = scaled(c, cfg.width)
+            for i in range(cfg.depths[s]):
+                st = stride if i == 0 else 1
+                hidden = cin * cfg.expands[s][i]
+                k = cfg.kernels[s][i]
+                out.append({"cin": cin, "cout": hidden, "k": 1, "groups": 1, "hw": hw, "stride": 1})
+                out.append(
+                    {
+                        "cin": hidden,
+                        "cout": hidden,
+                        "k": k,
+                        "groups": hidden,
+                        "hw": hw,
+                        "stride": st,
+                    }
+                )
+                hw = _down(hw, st)
+                out.append(
+                    {"cin": hidden, "cout": cout, "k": 1, "groups": 1, "hw": hw, "stride": 1}
+                )
+                cin = cout
+        head = scaled(self.head, cfg.width)
+        out.append({"cin": cin, "cout": head, "k": 1, "groups": 1, "hw": hw, "stride": 1})
+        out.append(
+            {"cin": head, "cout": self.num_classes, "k": 1, "groups": 1, "hw": 1, "stride": 1}
+        )
+        return out
+
+    def macs(self, cfg: SubnetConfig) -> int:
+        """Multiply-accumulates of one inference (convs and the classifier)."""
+        total = 0
+        for la in self.layers(cfg):
+            hw = _down(la["hw"], la["stride"])
+            total += hw * hw * la["cout"] * (la["cin"] // la["groups"]) * la["k"] ** 2
+        return total
+
+    def params(self, cfg: SubnetConfig) -> int:
+        """Weights + biases after BatchNorm folding (what the int8 graph stores)."""
+        return sum(
+            la["cout"] * (la["cin"] // la["groups"]) * la["k"] ** 2 + la["cout"]
+            for la in self.layers(cfg)
+        )
+
+
+def _down(hw: int, stride: int) -> int:
+    return (hw - 1) // stride + 1  # "same" padding (k // 2) and odd k
+
+
+# ----------------------------------------------------------------------------- dynamic layers
+
+
+class _DynConv(nn.Module):
+    """A conv whose active output channels, input channels and centre kernel crop vary."""
+
+    def __init__(self, cin: int, cout: int, k: int, depthwise: bool = False) -> None:
+        super().__init__()
+        self.depthwise = depthwise
+        shape = (cout, 1 if depthwise else cin, k, k)
+        self.weight = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+
+    def active(self, cin: int, cout: int, k: int) -> torch.Tensor:
+        kmax = self.weight.shape[-1]
+        lo = (kmax - k) // 2
+        w = self.weight[:cout, : (1 if self.depthwise else cin), lo : lo + k, lo : lo + k]
+        return w.contiguous()
+
+    def forward(self, x: torch.Tensor, cout: int, k: int, stride: int) -> torch.Tensor:
+        cin = x.shape[1]
+        if self.depthwise:
+            cout = cin
+        w = self.active(cin, cout, k)
+        return F.conv2d(x, w, None, stride, k // 2, 1, cin if self.depthwise else 1)
+
+
+class _DynBN(nn.BatchNorm2d):
+    """BatchNorm over the first ``C`` channels (the input's): slices of one set of stats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        c = x.shape[1]
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x,
+            self.running_mean[:c],
+            self.running_var[:c],
+            self.weight[:c],
+            self.bias[:c],
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class _DynBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kmax: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.stride = stride
+        self.expand = _DynConv(cin, hidden, 1)
+        self.bn1 = _DynBN(hidden)
+        self.dw = _DynConv(hidden, hidden, kmax, depthwise=True)
+        self.bn2 = _DynBN(hidden)
+        self.project = _DynConv(hidden, cout, 1)
+        self.bn3 = _DynBN(cout)
+
+    def forward(self, x: torch.Tensor, cout: int, e: int, k: int) -> torch.Tensor:
+        cin = x.shape[1]
+        y = F.relu6(self.bn1(self.expand(x, cin * e, 1, 1)))
+        y = F.relu6(self.bn2(self.dw(y, 0, k, self.stride)))
+        y = self.bn3(self.project(y, cout, 1, 1))
+        return x + y if self.stride == 1 and cin == cout else y
+
+
+class Supernet(nn.Module):
+    """The supernet of ``spec``: ``supernet(x, cfg)`` runs sub-network ``cfg`` (default:
+    the largest) on ``x`` resized to ``cfg.resolution``."""
+
+    def __init__(self, spec: SupernetSpec | None = None) -> None:
+        super().__init__()
+        spec = spec or SupernetSpec()
+        self.spec = spec
+        kmax, emax = spec.kernels[-1], spec.expands[-1]
+        self.stem = _DynConv(spec.in_channels, spec.stem, 3)
+        self.stem_bn = _DynBN(spec.stem)
+        stages = []
+        cin = spec.stem
+        for c, depth, stride in spec.stages:
+            blocks = [
+                _DynBlock(cin if i == 0 else c, c, stride if i == 0 else 1, emax, kmax)
+                for i in range(depth)
+            ]
+            stages.append(nn.ModuleList(blocks))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+        self.head = _DynConv(cin, spec.head, 1)
+        self.head_bn = _DynBN(spec.head)
+        self.classifier = nn.Linear(spec.head, spec.num_classes)
+
+    def forward(self, x: torch.Tensor, cfg: SubnetConfig | None = None) -> torch.Tensor:
+        spec = self.spec
+        cfg = cfg or spec.largest()
+        x = resize(x, cfg.resolution)
+        if self.training:  # NHWC: PyTorch's depthwise kernels train ~3x faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(self.stem_bn(self.stem(x, scaled(spec.stem, cfg.width), 3, spec.stem_stride)))
+        for s, (c, _, _) in enumerate(spec.stages):
+            cout = scaled(c, cfg.width)
+            for i in range(cfg.depths[s]):
+                x = self.stages[s][i](x, cout, cfg.expands[s][i], cfg.kernels[s][i])
+        head = scaled(spec.head, cfg.width)
+        x = F.relu6(self.head_bn(self.head(x, head, 1, 1)))
+        x = x.mean((2, 3))
+        return F.linear(x, self.classifier.weight[:, :head], self.classifier.bias)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> k x k depthwise -> 1x1 linear projection (+ the input when shapes
+    match): the block of an extracted sub-network."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, k: int, stride: int) -> None:
+        super().__init__()
+        self.use_residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            _conv_bn(cin, hidden, 1),
+            _conv_bn(hidden, hidden, k, stride, groups=hidden),
+            _conv_bn(hidden, cout, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Subnet(nn.Module):
+    """A sub-network cut out of a :class:`Supernet`: plain layers only."""
+
+    def __init__(self, spec: SupernetSpec, cfg: SubnetConfig) -> None:
+        super().__init__()
+        stem = scaled(spec.stem, cfg.width)
+        self.stem = _conv_bn(spec.in_channels, stem, 3, spec.stem_stride)
+        blocks: list[nn.Module] = []
+        cin = stem
+        for s, (c, _, stride) in enumerate(spec.stages):
+            cout = scaled(c, cfg.width)
+            for i in range(cfg.depths[s]):
+                hidden = cin * cfg.expands[s][i]
+                st = stride if i == 0 else 1
+                blocks.append(InvertedResidual(cin, hidden, cout, cfg.kernels[s][i], st))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        head = scaled(spec.head, cfg.width)
+        self.head = _conv_bn(cin, head, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(head, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        x = torch.flatten(self.pool(x), 1)
+        return self.classifier(x)
+
+
+def _copy_conv_bn(seq: nn.Sequential, conv: _DynConv, bn: _DynBN, cin: int, cout: int, k: int):
+    target = seq[0]
+    with torch.no_grad():
+        target.weight.copy_(conv.active(cin, cout, k))
+        dst = seq[1]
+        dst.weight.copy_(bn.weight[:cout])
+        dst.bias.copy_(bn.bias[:cout])
+        dst.running_mean.copy_(bn.running_mean[:cout])
+        dst.running_var.copy_(bn.running_var[:cout])
+        dst.num_batches_tracked.copy_(bn.num_batches_tracked)
+
+
+def extract(supernet: Supernet, cfg: SubnetConfig) -> Subnet:
+    """Sub-network ``cfg`` of ``supernet`` as an ordinary module (weights and BatchNorm
+    statistics copied out; ``input_shape`` = (C, r, r) and ``num_classes`` set). In eval mode
+    its outputs on ``x`` at resolution r equal ``supernet(x, cfg)``."""
+    spec = supernet.spec
+    spec.check(cfg)
+    sub = Subnet(spec, cfg)
+    stem = scaled(spec.stem, cfg.width)
+    _copy_conv_bn(sub.stem, supernet.stem, supernet.stem_bn, spec.in_channels, stem, 3)
+    cin, j = stem, 0
+    for s, (c, _, _) in enumerate(spec.stages):
+        cout = scaled(c, cfg.width)
+        for i in range(cfg.depths[s]):
+            src, dst = supernet.stages[s][i], sub.blocks[j].block
+            hidden, k = cin * cfg.expands[s][i], cfg.kernels[s][i]
+            _copy_conv_bn(dst[0], src.expand, src.bn1, cin, hidden, 1)
+            _copy_conv_bn(dst[1], src.dw, src.bn2, 1, hidden, k)
+            _copy_conv_bn(dst[2], src.project, src.bn3, hidden, cout, 1)
+            cin, j = cout, j + 1
+    head = scaled(spec.head, cfg.width)
+    _copy_conv_bn(sub.head, supernet.head, supernet.head_bn, cin, head, 1)
+    with torch.no_grad():
+        sub.classifier.weight.copy_(supernet.classifier.weight[:, :head])
+        sub.classifier.bias.copy_(supernet.classifier.bias)
+    sub.input_shape = (spec.in_channels, cfg.resolution, cfg.resolution)
+    sub.num_classes = spec.num_classes
+    sub.nas_config = cfg.to_dict()
+    return sub.train(supernet.training)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 100) -> nn.Module:
+    """Reset every BatchNorm's statistics and re-estimate them on ``x`` (already at the
+    model's resolution): the cumulative mean over the batches, as OFA does per sub-network
+    (the supernet's running statistics mix many sub-networks). Returns ``model`` in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+    return model.eval()

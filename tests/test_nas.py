@@ -1,0 +1,312 @@
+"""Hardware-aware NAS: supernet, extraction, sandwich training, space optimisation,
+evolution under the device's constraints, the API's budget check, the CLI, and the
+deployed sub-network bit-exact in C and TFLite Micro. A tiny space keeps it fast."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim as es
+from edgeslim.core.data.datasets import DataSplits, Split
+from edgeslim.core.errors import ConfigError, RunDirError
+from edgeslim.export.c import hostbuild
+from edgeslim.nas.cost import BudgetError, SubnetCost
+from edgeslim.nas.evolve import evolve
+from edgeslim.nas.space_opt import optimize_space
+from edgeslim.nas.supernet import (
+    SubnetConfig,
+    Supernet,
+    SupernetSpec,
+    extract,
+    recalibrate_bn,
+    resize,
+)
+from edgeslim.nas.train import SandwichTraining, train_supernet
+from edgeslim.search.budget import Budget
+from edgeslim.search.store import RunStore
+
+TINY = SupernetSpec(
+    stem=4,
+    stages=((4, 1, 1), (8, 2, 2)),
+    head=16,
+    expands=(2, 4),
+    widths=(0.5, 1.0),
+    resolutions=(12, 16),
+)
+CLI_SPEC = ["--stages", "4:1:1,8:2:2", "--stem", "4", "--head", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a shared, busy machine PyTorch's thread pool makes tiny ops slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _net(seed: int = 0) -> Supernet:
+    torch.manual_seed(seed)
+    net = Supernet(TINY).train()
+    with torch.no_grad():  # BatchNorm statistics away from their initial values
+        for _ in range(2):
+            net(torch.rand(8, 1, 16, 16), TINY.largest())
+    return net.eval()
+
+
+def _data(n: int = 96) -> DataSplits:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 16, 16, generator=g)
+    y = (x[:, 0, :8].mean((1, 2)) > x[:, 0, 8:].mean((1, 2))).long()  # a learnable rule
+    s = Split(x, y)
+    return DataSplits("tiny", s, Split(x[:32], y[:32]), Split(x[:32], y[:32]), 10)
+
+
+def _configs() -> list[SubnetConfig]:
+    rng = random.Random(3)
+    return [TINY.largest(), TINY.smallest()] + [TINY.sample(rng) for _ in range(3)]
+
+
+# ----------------------------------------------------------------------------- supernet
+
+
+def test_extract_gives_plain_modules_with_the_right_shapes_and_weights():
+    net = _net()
+    plain = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.AdaptiveAvgPool2d, nn.Linear)
+    for cfg in _configs():
+        sub = extract(net, cfg).eval()
+        leaves = [m for m in sub.modules() if not list(m.children())]
+        assert all(isinstance(m, plain) for m in leaves), {type(m) for m in leaves}
+        layers = TINY.layers(cfg)
+        weights = [m.weight.numel() for m in sub.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        want = [la["cout"] * la["cin"] // la["groups"] * la["k"] ** 2 for la in layers]
+        assert weights == want
+        assert sub.input_shape == (1, cfg.resolution, cfg.resolution)
+        assert sub(torch.rand(2, *sub.input_shape)).shape == (2, 10)
+
+
+def test_extracted_subnet_equals_the_supernet_at_its_config():
+    net = _net()
+    for cfg in _configs():
+        x = torch.rand(4, 1, cfg.resolution, cfg.resolution)
+        with torch.no_grad():
+            assert torch.equal(extract(net, cfg).eval()(x), net(x, cfg)), cfg.key()
+
+
+def test_kernels_are_centre_crops_of_the_largest():
+    net = _net()
+    cfg = TINY.smallest(width=1.0)  # kernel 3 everywhere
+    sub = extract(net, cfg)
+    dw_small = sub.blocks[0].block[1][0].weight
+    dw_full = net.stages[0][0].dw.weight  # (C, 1, 7, 7)
+    assert dw_small.shape[-1] == 3
+    assert torch.equal(dw_small, dw_full[: dw_small.shape[0], :, 2:5, 2:5])
+    big = extract(net, TINY.largest())
+    assert torch.equal(big.blocks[0].block[1][0].weight, dw_full)
+
+
+def test_configs_outside_the_space_are_config_errors():
+    good = TINY.largest()
+    with pytest.raises(ConfigError, match="resolution 20"):
+        TINY.check(SubnetConfig(20, 1.0, good.depths, good.expands, good.kernels))
+    with pytest.raises(ConfigError, match="kernel 9"):
+        TINY.check(SubnetConfig(16, 1.0, good.depths, good.expands, ((9,), (3, 3))))
+    with pytest.raises(ConfigError, match="depth 3"):
+        TINY.check(SubnetConfig(16, 1.0, (1, 3), good.expands, good.kernels))
+    with pytest.raises(ConfigError, match="kernels must be odd"):
+        SupernetSpec(kernels=(3, 4))
+    assert SubnetConfig.from_dict(good.to_dict()) == good
+
+
+def test_mutation_and_crossover_stay_in_the_space():
+    rng = random.Random(0)
+    a, b = TINY.sample(rng), TINY.sample(rng)
+    for _ in range(50):
+        TINY.check(TINY.mutate(a, rng, 0.5))
+        c = TINY.crossover(a, b, rng)
+        TINY.check(c)
+        assert (c.resolution, c.width) == (a.resolution, a.width)
+
+
+def test_bn_recalibration_sets_the_statistics_of_the_data():
+    sub = extract(_net(), TINY.largest())
+    x = torch.rand(64, 1, 16, 16) * 3 + 1
+    recalibrate_bn(sub, x, batch_size=64)
+    bn = sub.stem[1]
+    with torch.no_grad():
+        conv_out = sub.stem[0](x)
+    assert torch.allclose(bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert not sub.training
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_sandwich_training_learns_and_resumes_bit_for_bit(tmp_path):
+    data = _data()
+    cfg = SandwichTraining(epochs=3, batch_size=32, lr=1e-2)
+    torch.manual_seed(0)
+    full = Supernet(TINY)
+    hist = train_supernet(full, data, cfg, checkpoint=tmp_path / "a.pt", progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    torch.manual_seed(0)
+    part = Supernet(TINY)
+    train_supernet(part, data, cfg, checkpoint=tmp_path / "b.pt", stop_after=1, progress=False)
+    torch.manual_seed(1)  # a fresh process would start from other weights: the file decides
+    resumed = Supernet(TINY)
+    again = train_supernet(resumed, data, cfg, checkpoint=tmp_path / "b.pt", progress=False)
+    assert [h["loss"] for h in again] == [h["loss"] for h in hist]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunDirError, match="another supernet training"):
+        train_supernet(Supernet(TINY), data, cfg.model_copy(update={"lr": 0.1}),
+                       checkpoint=tmp_path / "b.pt", progress=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- space, search
+
+
+def test_space_optimisation_picks_the_cell_with_the_most_mean_macs_that_fits():
+    macs = {(0.5, 12): 100, (0.5, 16): 200, (1.0, 12): 300, (1.0, 16): 400}
+
+    def cost(cfg):  # (1.0, 16) has the most MACs but never fits
+        fits = (cfg.width, cfg.resolution) != (1.0, 16)
+        return {"macs": macs[(cfg.width, cfg.resolution)], "sram_kb": 1.0 if fits else 9.0}
+
+    budget = Budget(max_sram_kb=2.0, target="stm32f446")
+    choice = optimize_space(TINY, cost, budget, samples=3)
+    assert (choice.width, choice.resolution) == (1.0, 12)
+    fit = {(r["width"], r["resolution"]): r["fit"] for r in choice.rows}
+    assert fit == {(0.5, 12): 3, (0.5, 16): 3, (1.0, 12): 3, (1.0, 16): 0}
+    assert "**chosen**" in choice.markdown()
+
+
+def test_evolution_keeps_to_the_budget_and_resumes_from_its_store(tmp_path):
+    net = _net()
+    costs = SubnetCost(net, "stm32f446", code_bytes=0)
+    small, large = costs.predict(TINY.smallest(16, 1.0)), costs.predict(TINY.largest())
+    limit = (small["sram_plain_kb"] + large["sram_plain_kb"]) / 2
+    budget = Budget(max_sram_kb=limit, target="stm32f446")
+    data = _data()
+    state = {
+        "spec": TINY.to_dict(),
+        "weights": net.state_dict(),
+        "bn_x": data.train.x[:32],
+        "val": (data.val.x, data.val.y),
+    }
+    kwargs = dict(width=1.0, resolution=16, population=4, generations=2, parents=2, seed=0)
+    store = RunStore(tmp_path, {"test": 1})
+    evo = evolve(TINY, lambda c: costs.cost(c, budget), budget, state, store=store, **kwargs)
+    scored = [r for r in evo.records if r["accuracy"] is not None]
+    assert scored and all(r["cost"]["sram_kb"] <= limit for r in scored)
+    assert any(not r["feasible"] for r in evo.records)  # some were refused by the planner
+    assert all(r["accuracy"] is None for r in evo.records if not r["feasible"])
+    assert evo.best()["feasible"]
+
+    def boom(*_a):
+        raise AssertionError("a resumed search re-evaluated a stored sub-network")
+
+    import edgeslim.nas.evolve as ev
+
+    saved, ev.accuracy_job = ev.accuracy_job, boom
+    try:
+        again = evolve(TINY, lambda c: costs.cost(c, budget), budget, state, store=store, **kwargs)
+    finally:
+        ev.accuracy_job = saved
+    assert [(r["key"], r["accuracy"]) for r in again.records] == [
+        (r["key"], r["accuracy"]) for r in evo.records
+    ]
+
+
+def test_a_latency_bound_refuses_without_planning():
+    costs = SubnetCost(_net(), "stm32f446", code_bytes=0)
+    cfg = TINY.largest()
+    bound = costs.bounds(cfg)["latency_ms"]
+    tight = Budget(max_latency_ms=bound / 2, max_sram_kb=128, target="stm32f446")
+    cost = costs.cost(cfg, tight)
+    assert cost["tier"] == 1 and costs.lowered == 0 and not tight.feasible(cost)
+    loose = Budget(max_latency_ms=bound * 2, max_sram_kb=128, target="stm32f446")
+    cost = costs.cost(cfg, loose)
+    assert cost["tier"] == 2 and costs.lowered == 1 and loose.feasible(cost)
+    assert cost["latency_ms"] >= bound  # the bound is a lower bound of the planned latency
+
+
+def test_a_budget_nothing_fits_states_the_smallest_subnetworks_needs(tmp_path):
+    with pytest.raises(BudgetError, match=r"smallest sub-network .* needs SRAM [\d.]+ KB"):
+        es.nas(_data(), "stm32f446", out=tmp_path, spec=TINY, max_sram_kb=0.1, progress=False)
+    assert not (tmp_path / "supernet.pt").exists()  # refused before any training
+
+
+def test_nas_runs_end_to_end_without_export_and_resumes(tmp_path):
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=3, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, export=False, progress=False)  # fmt: skip
+    first = es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    assert first.config is not None and first.front
+    assert first.finalists[0]["fits"] and first.finalists[0]["measured"]["sram_kb"] > 0
+    assert (tmp_path / "report.md").exists()
+    again = es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    assert again.config == first.config
+    assert [r["key"] for r in again.trials] == [r["key"] for r in first.trials]
+    with pytest.raises(RunDirError):
+        es.nas(_data(), "stm32f746", out=tmp_path, **kw)
+
+
+# ----------------------------------------------------------------------------- deployment
+
+
+@pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
+def test_a_subnetwork_quantized_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
+    from edgeslim.export.tflite import tflm_available
+    from edgeslim.nas.api import export_checked
+
+    net = _net()
+    cfg = TINY.sample(random.Random(5), resolution=16, width=1.0)
+    sub = recalibrate_bn(extract(net, cfg), torch.rand(32, 1, 16, 16))
+    calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = es.quantize(sub, es.Int8PTQ(calibration="minmax"), calib=calib)
+    verified, measured = export_checked(
+        qmodel, calib, "stm32f446", tmp_path / "c", tmp_path / "m.tflite", arm=False
+    )
+    assert "compiled C bit-exact on 32 inputs" in verified
+    assert (tmp_path / "c" / "model.c").exists()
+    assert 0 < measured["sram_kb"] < 128 and measured["flash_kb"] > 0
+    if not tflm_available():
+        pytest.skip("tflite-micro is not installed: C checked, TFLite Micro not compared")
+    assert "compiled C == TFLite Micro bit for bit on 32 inputs" in verified
+
+
+def test_resize_keeps_a_matching_input_and_resizes_others():
+    x = torch.rand(2, 1, 16, 16)
+    assert resize(x, 16) is x
+    assert resize(x, 12).shape == (2, 1, 12, 12)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+EDGESLIM = shutil.which("edgeslim")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [EDGESLIM] if EDGESLIM else [sys.executable, "-m", "edgeslim.cli"]
+    env = {**os.environ, "EDGESLIM_QUIET": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_nas_searches_and_reports_and_refuses_an_impossible_budget(tmp_path):
+    common = ["nas", "--device", "stm32f446", "--data", "mnist", "--limit-train", "64",
+              "--epochs", "1", *CLI_SPEC, "--widths", "0.5,1.0", "--resolutions", "12,16",
+              "--space-samples", "1", "--population", "2", "--generations", "1",
+              "--finalists", "1"]  # fmt: skip
+    proc = _cli(*common, "--out", str(tmp_path / "run"), "--no-export")
+    assert proc.returncode == 0, proc.stderr
+    assert "report:" in proc.stdout and (tmp_path / "run" / "report.md").exists()
+    bad = _cli(*common, "--out", str(tmp_path / "bad"), "--max-flash-kb", "0.5")
+    assert bad.returncode == 2
+    assert "smallest sub-network" in bad.stderr and "needs SRAM" in bad.stderr
