@@ -51,7 +51,8 @@ from edgeslim.core.kd import KD
 from edgeslim.core.train import TrainConfig, evaluate, fit
 from edgeslim.nas.api import nas, resize_data
 from edgeslim.nas.cost import measure_export
-from edgeslim.nas.supernet import SubnetConfig, SupernetSpec, extract, recalibrate_bn, resize
+from edgeslim.nas.extract import extract, recalibrate_bn
+from edgeslim.nas.supernet import SubnetConfig, SupernetSpec, resize
 from edgeslim.nas.train import SandwichTraining
 from edgeslim.profiling.devices import load_device
 from edgeslim.search.predictor_eval import spearman

@@ -18,15 +18,9 @@ from edgeslim.core.errors import ConfigError, RunDirError
 from edgeslim.export.c import hostbuild
 from edgeslim.nas.cost import BudgetError, SubnetCost
 from edgeslim.nas.evolve import evolve
+from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import optimize_space
-from edgeslim.nas.supernet import (
-    SubnetConfig,
-    Supernet,
-    SupernetSpec,
-    extract,
-    recalibrate_bn,
-    resize,
-)
+from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.nas.train import SandwichTraining, train_supernet
 from edgeslim.search.budget import Budget
 from edgeslim.search.store import RunStore

@@ -4,8 +4,9 @@
 
 One idea per module:
 
-- :mod:`.supernet`: the elastic inverted-residual supernet, :class:`SubnetConfig`, and
-  :func:`extract` (a sub-network as an ordinary ``nn.Module``);
+- :mod:`.supernet`: the elastic inverted-residual supernet and :class:`SubnetConfig`;
+- :mod:`.extract`: :func:`extract` (a sub-network as an ordinary ``nn.Module``) and the
+  per-sub-network BatchNorm re-calibration;
 - :mod:`.train`: the sandwich rule with in-place distillation, checkpointed and resumable;
 - :mod:`.cost`: a sub-network's SRAM / flash / latency on a device, cheapest check first;
 - :mod:`.space_opt`: TinyNAS's search-space optimisation (width x resolution);
@@ -41,7 +42,7 @@ _WHERE = {
     "SubnetConfig": "edgeslim.nas.supernet",
     "Supernet": "edgeslim.nas.supernet",
     "SupernetSpec": "edgeslim.nas.supernet",
-    "extract": "edgeslim.nas.supernet",
+    "extract": "edgeslim.nas.extract",
 }
 
 

@@ -45,15 +45,9 @@ from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.core.fileio import atomic_path, atomic_write_text
 from edgeslim.nas.cost import BudgetError, SubnetCost, measure_export
 from edgeslim.nas.evolve import evolve
+from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import SpaceChoice, optimize_space
-from edgeslim.nas.supernet import (
-    SubnetConfig,
-    Supernet,
-    SupernetSpec,
-    extract,
-    recalibrate_bn,
-    resize,
-)
+from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.nas.train import SandwichTraining, train_supernet
 from edgeslim.search.budget import Budget
 
@@ -439,6 +433,13 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: text columns left-aligned, the others right-aligned."""
+    text = {"sub-network", "fits"}
+    align = ["---" if h in text else "---:" for h in header]
+    return ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]
+
+
 def _write_report(result: NasResult) -> None:
     """``report.md`` and ``result.json`` in the run directory."""
     if result.out is None:
@@ -453,28 +454,24 @@ def _write_report(result: NasResult) -> None:
             result.space.markdown(),
             "",
         ]
-    lines += ["## Pareto front (accuracy from the supernet vs device-model latency)", "",
-              "| # | sub-network | est. accuracy | MACs | SRAM KB (plain / patch) | flash KB "
-              "| latency ms |",
-              "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in result.front:
-        c = r["cost"]
-        lines.append(
-            f"| {r['number']} | {_md(r['key'])} | {r['accuracy']:.4f} | {c['macs']:,} | "
-            f"{c['sram_plain_kb']:.1f} / {c['sram_patch_kb']:.1f} | {c['flash_kb']:.1f} | "
-            f"{c['latency_ms']:.2f} |"
-        )
+    lines += ["## Pareto front (accuracy from the supernet vs device-model latency)", ""]
+    lines += _table(
+        ["#", "sub-network", "est. accuracy", "MACs", "SRAM KB (plain / patch)", "flash KB",
+         "latency ms"],
+        [[str(r["number"]), _md(r["key"]), f"{r['accuracy']:.4f}", f"{r['cost']['macs']:,}",
+          f"{r['cost']['sram_plain_kb']:.1f} / {r['cost']['sram_patch_kb']:.1f}",
+          f"{r['cost']['flash_kb']:.1f}", f"{r['cost']['latency_ms']:.2f}"]
+         for r in result.front],
+    )  # fmt: skip
     if result.finalists:
-        lines += ["", "## Finalists (exported to C: measured)", "",
-                  "| sub-network | est. accuracy | SRAM KB | flash KB | latency ms | fits |",
-                  "|---|---:|---:|---:|---:|---|"]  # fmt: skip
-        for f in result.finalists:
-            m = f["measured"]
-            lines.append(
-                f"| {_md(f['key'])} | {f['accuracy']:.4f} | {m['sram_kb']:.1f} | "
-                f"{m['flash_kb']:.1f} | "
-                f"{m['latency_ms']:.2f} | {'yes' if f['fits'] else 'NO'} |"
-            )
+        lines += ["", "## Finalists (exported to C: measured)", ""]
+        lines += _table(
+            ["sub-network", "est. accuracy", "SRAM KB", "flash KB", "latency ms", "fits"],
+            [[_md(f["key"]), f"{f['accuracy']:.4f}", f"{f['measured']['sram_kb']:.1f}",
+              f"{f['measured']['flash_kb']:.1f}", f"{f['measured']['latency_ms']:.2f}",
+              "yes" if f["fits"] else "NO"]
+             for f in result.finalists],
+        )  # fmt: skip
     if result.verified:
         lines += ["", "Checked: " + "; ".join(result.verified)]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())]

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, extract
+from edgeslim.nas.extract import extract
+from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec
 from edgeslim.search.budget import Budget
 
 __all__ = ["BudgetError", "SubnetCost", "measure_export"]
@@ -64,20 +65,14 @@ class SubnetCost:
         compiled on this host (0 without a C compiler); kept for every later prediction."""
         if self.code_bytes is None:
             from edgeslim.export import int8
-            from edgeslim.export.c import codegen, compress, hostbuild, packed_scratch, planner
+            from edgeslim.export.c import code_bytes
 
             cfg = self.spec.largest()
             model = extract(self.supernet, cfg).eval()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = int8.lower(model, _calib(self.spec, cfg.resolution), name="subnet")
-            packed = compress.choose(graph, "auto")
-            self.code_bytes = 0
-            if hostbuild.compiler() is not None:
-                plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
-                sizes = hostbuild.object_size(codegen.generate(graph, plan, packed))
-                consts = codegen.constant_bytes(graph, packed)
-                self.code_bytes = max(0, sizes["text"] + sizes["rodata"] - consts)
+            self.code_bytes = code_bytes(graph)
         return self.code_bytes
 
     def bounds(self, cfg: SubnetConfig) -> dict[str, float]:

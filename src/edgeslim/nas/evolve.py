@@ -30,14 +30,8 @@ from typing import Any
 
 import torch
 
-from edgeslim.nas.supernet import (
-    SubnetConfig,
-    Supernet,
-    SupernetSpec,
-    extract,
-    recalibrate_bn,
-    resize,
-)
+from edgeslim.nas.extract import extract, recalibrate_bn
+from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.search.budget import Budget
 
 __all__ = ["Evolution", "evaluate_accuracy", "evolve"]

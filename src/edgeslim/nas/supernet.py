@@ -13,7 +13,8 @@ sub-network of an elastic space; a sub-network uses
 - **resolution**: the input is resized (bilinear) to ``r x r``.
 
 The space is :class:`SupernetSpec`, a point in it :class:`SubnetConfig`. The supernet runs any
-point (``supernet(x, cfg)``); :func:`extract` cuts one out as an *ordinary* ``nn.Module``
+point (``supernet(x, cfg)``); :func:`edgeslim.nas.extract.extract` cuts one out as an
+*ordinary* ``nn.Module``
 (plain ``Conv2d`` / ``BatchNorm2d`` / ``ReLU6`` / ``AdaptiveAvgPool2d`` / ``Linear``, weights
 sliced out, ``input_shape`` set like the zoo's models), which every other edgeslim verb
 accepts: ``prune_``, ``quantize_``, ``export_c``.
@@ -37,15 +38,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 
-__all__ = [
-    "Subnet",
-    "SubnetConfig",
-    "Supernet",
-    "SupernetSpec",
-    "extract",
-    "recalibrate_bn",
-    "resize",
-]
+__all__ = ["SubnetConfig", "Supernet", "SupernetSpec", "resize", "scaled"]
 
 
 def scaled(channels: int, width: float) -> int:
@@ -338,7 +331,7 @@ def _down(hw: int, stride: int) -> int:
 # ----------------------------------------------------------------------------- dynamic layers
 
 
-class _DynConv(nn.Module):
+class DynConv(nn.Module):
     """A conv whose active output channels, input channels and centre kernel crop vary."""
 
     def __init__(self, cin: int, cout: int, k: int, depthwise: bool = False) -> None:
@@ -362,7 +355,7 @@ class _DynConv(nn.Module):
         return F.conv2d(x, w, None, stride, k // 2, 1, cin if self.depthwise else 1)
 
 
-class _DynBN(nn.BatchNorm2d):
+class DynBN(nn.BatchNorm2d):
     """BatchNorm over the first ``C`` channels (the input's): slices of one set of stats."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -381,17 +374,17 @@ class _DynBN(nn.BatchNorm2d):
         )
 
 
-class _DynBlock(nn.Module):
+class DynBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int, kmax: int) -> None:
         super().__init__()
         hidden = cin * expand
         self.stride = stride
-        self.expand = _DynConv(cin, hidden, 1)
-        self.bn1 = _DynBN(hidden)
-        self.dw = _DynConv(hidden, hidden, kmax, depthwise=True)
-        self.bn2 = _DynBN(hidden)
-        self.project = _DynConv(hidden, cout, 1)
-        self.bn3 = _DynBN(cout)
+        self.expand = DynConv(cin, hidden, 1)
+        self.bn1 = DynBN(hidden)
+        self.dw = DynConv(hidden, hidden, kmax, depthwise=True)
+        self.bn2 = DynBN(hidden)
+        self.project = DynConv(hidden, cout, 1)
+        self.bn3 = DynBN(cout)
 
     def forward(self, x: torch.Tensor, cout: int, e: int, k: int) -> torch.Tensor:
         cin = x.shape[1]
@@ -410,20 +403,20 @@ class Supernet(nn.Module):
         spec = spec or SupernetSpec()
         self.spec = spec
         kmax, emax = spec.kernels[-1], spec.expands[-1]
-        self.stem = _DynConv(spec.in_channels, spec.stem, 3)
-        self.stem_bn = _DynBN(spec.stem)
+        self.stem = DynConv(spec.in_channels, spec.stem, 3)
+        self.stem_bn = DynBN(spec.stem)
         stages = []
         cin = spec.stem
         for c, depth, stride in spec.stages:
             blocks = [
-                _DynBlock(cin if i == 0 else c, c, stride if i == 0 else 1, emax, kmax)
+                DynBlock(cin if i == 0 else c, c, stride if i == 0 else 1, emax, kmax)
                 for i in range(depth)
             ]
             stages.append(nn.ModuleList(blocks))
             cin = c
         self.stages = nn.ModuleList(stages)
-        self.head = _DynConv(cin, spec.head, 1)
-        self.head_bn = _DynBN(spec.head)
+        self.head = DynConv(cin, spec.head, 1)
+        self.head_bn = DynBN(spec.head)
         self.classifier = nn.Linear(spec.head, spec.num_classes)
 
     def forward(self, x: torch.Tensor, cfg: SubnetConfig | None = None) -> torch.Tensor:
@@ -441,124 +434,3 @@ class Supernet(nn.Module):
         x = F.relu6(self.head_bn(self.head(x, head, 1, 1)))
         x = x.mean((2, 3))
         return F.linear(x, self.classifier.weight[:, :head], self.classifier.bias)
-
-
-# ----------------------------------------------------------------------------- extraction
-
-
-class InvertedResidual(nn.Module):
-    """1x1 expand -> k x k depthwise -> 1x1 linear projection (+ the input when shapes
-    match): the block of an extracted sub-network."""
-
-    def __init__(self, cin: int, hidden: int, cout: int, k: int, stride: int) -> None:
-        super().__init__()
-        self.use_residual = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            _conv_bn(cin, hidden, 1),
-            _conv_bn(hidden, hidden, k, stride, groups=hidden),
-            _conv_bn(hidden, cout, 1, act=False),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
-        return x + y if self.use_residual else y
-
-
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    if act:
-        layers.append(nn.ReLU6(inplace=True))
-    return nn.Sequential(*layers)
-
-
-class Subnet(nn.Module):
-    """A sub-network cut out of a :class:`Supernet`: plain layers only."""
-
-    def __init__(self, spec: SupernetSpec, cfg: SubnetConfig) -> None:
-        super().__init__()
-        stem = scaled(spec.stem, cfg.width)
-        self.stem = _conv_bn(spec.in_channels, stem, 3, spec.stem_stride)
-        blocks: list[nn.Module] = []
-        cin = stem
-        for s, (c, _, stride) in enumerate(spec.stages):
-            cout = scaled(c, cfg.width)
-            for i in range(cfg.depths[s]):
-                hidden = cin * cfg.expands[s][i]
-                st = stride if i == 0 else 1
-                blocks.append(InvertedResidual(cin, hidden, cout, cfg.kernels[s][i], st))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        head = scaled(spec.head, cfg.width)
-        self.head = _conv_bn(cin, head, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(head, spec.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.blocks(self.stem(x)))
-        x = torch.flatten(self.pool(x), 1)
-        return self.classifier(x)
-
-
-def _copy_conv_bn(seq: nn.Sequential, conv: _DynConv, bn: _DynBN, cin: int, cout: int, k: int):
-    target = seq[0]
-    with torch.no_grad():
-        target.weight.copy_(conv.active(cin, cout, k))
-        dst = seq[1]
-        dst.weight.copy_(bn.weight[:cout])
-        dst.bias.copy_(bn.bias[:cout])
-        dst.running_mean.copy_(bn.running_mean[:cout])
-        dst.running_var.copy_(bn.running_var[:cout])
-        dst.num_batches_tracked.copy_(bn.num_batches_tracked)
-
-
-def extract(supernet: Supernet, cfg: SubnetConfig) -> Subnet:
-    """Sub-network ``cfg`` of ``supernet`` as an ordinary module (weights and BatchNorm
-    statistics copied out; ``input_shape`` = (C, r, r) and ``num_classes`` set). In eval mode
-    its outputs on ``x`` at resolution r equal ``supernet(x, cfg)``."""
-    spec = supernet.spec
-    spec.check(cfg)
-    sub = Subnet(spec, cfg)
-    stem = scaled(spec.stem, cfg.width)
-    _copy_conv_bn(sub.stem, supernet.stem, supernet.stem_bn, spec.in_channels, stem, 3)
-    cin, j = stem, 0
-    for s, (c, _, _) in enumerate(spec.stages):
-        cout = scaled(c, cfg.width)
-        for i in range(cfg.depths[s]):
-            src, dst = supernet.stages[s][i], sub.blocks[j].block
-            hidden, k = cin * cfg.expands[s][i], cfg.kernels[s][i]
-            _copy_conv_bn(dst[0], src.expand, src.bn1, cin, hidden, 1)
-            _copy_conv_bn(dst[1], src.dw, src.bn2, 1, hidden, k)
-            _copy_conv_bn(dst[2], src.project, src.bn3, hidden, cout, 1)
-            cin, j = cout, j + 1
-    head = scaled(spec.head, cfg.width)
-    _copy_conv_bn(sub.head, supernet.head, supernet.head_bn, cin, head, 1)
-    with torch.no_grad():
-        sub.classifier.weight.copy_(supernet.classifier.weight[:, :head])
-        sub.classifier.bias.copy_(supernet.classifier.bias)
-    sub.input_shape = (spec.in_channels, cfg.resolution, cfg.resolution)
-    sub.num_classes = spec.num_classes
-    sub.nas_config = cfg.to_dict()
-    return sub.train(supernet.training)
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 100) -> nn.Module:
-    """Reset every BatchNorm's statistics and re-estimate them on ``x`` (already at the
-    model's resolution): the cumulative mean over the batches, as OFA does per sub-network
-    (the supernet's running statistics mix many sub-networks). Returns ``model`` in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    try:
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-    finally:
-        for m, mom in zip(bns, saved, strict=True):
-            m.momentum = mom
-    return model.eval()

@@ -403,16 +403,11 @@ class McuTarget:
     def calibrate(self, models: list[nn.Module], example: torch.Tensor, key: str, calib=None):
         """The code size: text of the dense model's generated C compiled on this host, minus
         its constants (0 without a C compiler)."""
-        from edgeslim.export.c import codegen, compress, hostbuild, packed_scratch, planner
+        from edgeslim.export.c import code_bytes
 
-        graph = self._graph(models[0], calib if calib is not None else example)
-        packed = compress.choose(graph, "auto")
-        self.code_bytes = 0
-        if hostbuild.compiler() is not None:
-            plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
-            sizes = hostbuild.object_size(codegen.generate(graph, plan, packed))
-            consts = codegen.constant_bytes(graph, packed)
-            self.code_bytes = max(0, sizes["text"] + sizes["rodata"] - consts)
+        self.code_bytes = code_bytes(
+            self._graph(models[0], calib if calib is not None else example)
+        )
         return self.code_bytes
 
     def predict(self, model: nn.Module, example: torch.Tensor, calib: Any = None) -> dict:

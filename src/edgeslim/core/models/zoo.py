@@ -110,7 +110,8 @@ def lenet5(num_classes: int = 10) -> nn.Module:
 # --------------------------------------------------------------------------------------
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
+    """k x k conv (no bias, same padding) -> BatchNorm -> ReLU6 (unless ``act`` is False)."""
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -121,18 +122,18 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act:
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand -> 3x3 depthwise -> 1x1 linear project, with a residual when shapes match."""
+    """1x1 expand -> k x k depthwise -> 1x1 linear project, with a residual when shapes match."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3) -> None:
         super().__init__()
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers.append(_conv_bn(cin, hidden, 1))
+            layers.append(conv_bn(cin, hidden, 1))
         layers += [
-            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
-            _conv_bn(hidden, cout, 1, act=False),
+            conv_bn(hidden, hidden, kernel, stride, groups=hidden),
+            conv_bn(hidden, cout, 1, act=False),
         ]
         self.block = nn.Sequential(*layers)
 
@@ -150,7 +151,7 @@ class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         stem = max(8, int(16 * width))
-        self.stem = _conv_bn(1, stem, 3)  # (B, 16, 28, 28)
+        self.stem = conv_bn(1, stem, 3)  # (B, 16, 28, 28)
         blocks: list[nn.Module] = []
         cin = stem
         for t, c, n, s in self.SETTINGS:
@@ -159,7 +160,7 @@ class MobileNetV2(nn.Module):
                 blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)  # (B, 64, 7, 7)
-        self.head = _conv_bn(cin, 128, 1)  # (B, 128, 7, 7)
+        self.head = conv_bn(cin, 128, 1)  # (B, 128, 7, 7)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(128, num_classes)
 
@@ -248,14 +249,14 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = _conv_bn(1, 16, 3)  # (B, 16, 28, 28)
+        self.stem = conv_bn(1, 16, 3)  # (B, 16, 28, 28)
         blocks: list[nn.Module] = []
         cin = 16
         for cout, stride in self.SETTINGS:
             blocks.append(
                 nn.Sequential(
-                    _conv_bn(cin, cin, 3, stride, groups=cin),  # depthwise 3x3
-                    _conv_bn(cin, cout, 1),  # pointwise 1x1
+                    conv_bn(cin, cin, 3, stride, groups=cin),  # depthwise 3x3
+                    conv_bn(cin, cout, 1),  # pointwise 1x1
                 )
             )
             cin = cout
@@ -299,13 +300,13 @@ class ShuffleUnit(nn.Module):
             raise ValueError(f"a stride-1 ShuffleUnit keeps its width (got {cin} -> {cout})")
         self.branch2 = nn.Sequential(
             _relu_conv_bn(branch_in, half, 1),
-            _conv_bn(half, half, 3, stride, groups=half, act=False),  # depthwise
+            conv_bn(half, half, 3, stride, groups=half, act=False),  # depthwise
             _relu_conv_bn(half, half, 1),
         )
         self.branch1: nn.Module = nn.Identity()
         if stride == 2:
             self.branch1 = nn.Sequential(
-                _conv_bn(cin, cin, 3, stride, groups=cin, act=False),  # depthwise
+                conv_bn(cin, cin, 3, stride, groups=cin, act=False),  # depthwise
                 _relu_conv_bn(cin, half, 1),
             )
 

@@ -29,7 +29,7 @@ from edgeslim.export.c import codegen, compress, hostbuild, planner
 from edgeslim.export.int8 import ir, reference
 from edgeslim.export.int8.check import build_and_check_graph
 
-__all__ = ["CExport", "export_c", "plan_for"]
+__all__ = ["CExport", "code_bytes", "export_c", "plan_for"]
 
 
 def plan_for(
@@ -92,6 +92,18 @@ class CExport:
             )
             text += "\n" + "\n  ".join([head, *layers])
         return text
+
+
+def code_bytes(graph: ir.Graph) -> int:
+    """The code size of ``graph``'s generated C: text + rodata of the object compiled on
+    this host, minus the model's constants (0 without a C compiler). A cost model adds it to
+    a candidate's constants to predict its flash without compiling every candidate."""
+    if hostbuild.compiler() is None:
+        return 0
+    packed = compress.choose(graph, "auto")
+    plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
+    sizes = hostbuild.object_size(codegen.generate(graph, plan, packed))
+    return max(0, sizes["text"] + sizes["rodata"] - codegen.constant_bytes(graph, packed))
 
 
 def export_c(
