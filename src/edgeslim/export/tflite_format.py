@@ -32,11 +32,14 @@ OP_CODES = {
     "CONV_2D": 3,
     "DEPTHWISE_CONV_2D": 4,
     "FULLY_CONNECTED": 9,
+    "LOGISTIC": 14,
     "MAX_POOL_2D": 17,
+    "MUL": 18,
     "RESHAPE": 22,
     "SOFTMAX": 25,
     "PAD": 34,
     "QUANTIZE": 114,
+    "HARD_SWISH": 117,
 }
 OPTIONS = {
     "Conv2DOptions": 1,
@@ -47,6 +50,7 @@ OPTIONS = {
     "ConcatenationOptions": 10,
     "AddOptions": 11,
     "ReshapeOptions": 17,
+    "MulOptions": 21,
     "PadOptions": 22,
     "QuantizeOptions": 89,
 }
@@ -258,6 +262,17 @@ class _Flattener:
     def _Requantize(self, op: ir.Requantize) -> None:
         self.op("QUANTIZE", [self.tensor(op.inputs[0])], op.output, "QuantizeOptions", {}, op.name)
 
+    def _Logistic(self, op: ir.Logistic) -> None:
+        self.op("LOGISTIC", [self.tensor(op.inputs[0])], op.output, source=op.name)
+
+    def _HardSwish(self, op: ir.HardSwish) -> None:
+        self.op("HARD_SWISH", [self.tensor(op.inputs[0])], op.output, source=op.name)
+
+    def _Mul(self, op: ir.Mul) -> None:
+        fields = {"fused_activation_function": ("Int8", 0)}
+        inputs = [self.tensor(n) for n in op.inputs]
+        self.op("MUL", inputs, op.output, "MulOptions", fields, op.name)
+
 
 # field slots of each options table, in schema.fbs order
 _OPTION_SLOTS = {
@@ -281,6 +296,7 @@ _OPTION_SLOTS = {
     "SoftmaxOptions": ["beta"],
     "ConcatenationOptions": ["axis", "fused_activation_function"],
     "AddOptions": ["fused_activation_function"],
+    "MulOptions": ["fused_activation_function"],
     "ReshapeOptions": ["new_shape"],
     "PadOptions": [],
     "QuantizeOptions": [],

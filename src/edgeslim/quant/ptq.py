@@ -17,7 +17,8 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
   folded into the conv before it; a ReLU / ReLU6 right after a layer is fused into its
   output range; :class:`~.modules.ActQuant` modules named ``<node>_quant`` follow every
   quantized layer (after its fused activation) and every residual add (replaced by
-  :class:`~.modules.QuantAdd`); global average pooling keeps its input's qparams
+  :class:`~.modules.QuantAdd`), every SiLU / Hardswish / Sigmoid and every product of two
+  tensors (computed in float, then quantized); global average pooling keeps its input's qparams
   (:class:`~.modules.QuantAvgPool`); max-pool, flatten, reshape and dropout keep qparams.
 - *Module* mode (anything else, e.g. transformers): each linear layer (``nn.Linear``, and
   transformers' ``Conv1D``) / ``nn.Conv2d`` is
@@ -51,7 +52,13 @@ from torch import fx, nn
 
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
+from edgeslim.core.fxpatterns import (
+    activation,
+    is_add,
+    is_mul,
+    tensor_operands,
+    unary_activation,
+)
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
@@ -242,6 +249,10 @@ def _prepare_graph(
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
+        elif unary_activation(node, dict(gm.named_modules())) or (
+            is_mul(node) and tensor_operands(node) is not None
+        ):  # SiLU / Hardswish / Sigmoid / x * gate: an int8 output, as TFLite computes it
+            _insert_quant_after(gm, node, ActQuant(cfg.activation_bits, cfg.calibration))
     _requantize_after_preserving_ops(gm, cfg)
     gm.graph.lint()
     gm.recompile()

@@ -17,7 +17,7 @@ from torch import nn
 
 from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8 import ir
-from edgeslim.export.int8.qparams import QParamSource
+from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
 from edgeslim.export.int8.trace import FloatOp, pair
 from edgeslim.quant import spec
 
@@ -299,4 +299,48 @@ class _Builder:
         )
         out = self.act(o.value, _nhwc(o.shape), qp)
         self.ops.append(ir.Softmax(o.name, [x.tensor], out))
+        self._output(o, out)
+
+    # ---- elementwise activations and multiply
+
+    def _logistic(self, o: FloatOp, x: str) -> str:
+        """TFLite LOGISTIC of ``x``: its output has the fixed scale 1/256, zero point -128."""
+        qp = spec.QParams(
+            np.array([spec.LOGISTIC_OUTPUT_SCALE]), np.array([spec.LOGISTIC_OUTPUT_ZERO_POINT])
+        )
+        out = self.act(f"{o.value}_sigmoid", self.tensors[x].shape, qp)
+        self.ops.append(ir.Logistic(o.name, [x], out))
+        return out
+
+    def _lower_sigmoid(self, o: FloatOp) -> None:
+        x = self._input(o)
+        out = self._logistic(o, x.tensor)
+        qp = self.source.activation(o.value)
+        t = self.tensors[out]
+        same = (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero)
+        if not (same or isinstance(self.source, CalibratedQParams)):
+            # a quantized model's quantizer after the sigmoid: its qparams, as simulated
+            req = self.act(o.value, t.shape, qp)
+            self.ops.append(ir.Requantize(f"{o.name} (output)", [out], req))
+            out = req
+        self._output(o, out)
+
+    def _lower_silu(self, o: FloatOp) -> None:
+        """SiLU as TFLite writes it: ``x * logistic(x)`` (LOGISTIC, then MUL)."""
+        x = self._input(o)
+        sig = self._logistic(o, x.tensor)
+        out = self.act(o.value, self.tensors[x.tensor].shape, self.source.activation(o.value))
+        self.ops.append(ir.Mul(o.name, [x.tensor, sig], out))
+        self._output(o, out)
+
+    def _lower_hardswish(self, o: FloatOp) -> None:
+        x = self._input(o)
+        out = self.act(o.value, self.tensors[x.tensor].shape, self.source.activation(o.value))
+        self.ops.append(ir.HardSwish(o.name, [x.tensor], out))
+        self._output(o, out)
+
+    def _lower_mul(self, o: FloatOp) -> None:
+        a, b = self._input(o, 0), self._input(o, 1)
+        out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
+        self.ops.append(ir.Mul(o.name, [a.tensor, b.tensor], out))
         self._output(o, out)

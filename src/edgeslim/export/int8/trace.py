@@ -20,13 +20,21 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.core.errors import LoweringError, ShapeError
-from edgeslim.core.fxpatterns import activation, arg, called_module, is_add
+from edgeslim.core.fxpatterns import (
+    activation,
+    arg,
+    called_module,
+    is_add,
+    is_mul,
+    unary_activation,
+)
 from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
     "Conv2d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
     "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-    "mean over H and W, flatten, cat, softmax, ZeroPad2d before a conv, Identity / Dropout"
+    "mean over H and W, flatten, cat, softmax, ZeroPad2d before a conv, Identity / Dropout, "
+    "SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a (N, C, 1, 1) gate)"
 )
 
 _LEAVES = (
@@ -46,6 +54,9 @@ _LEAVES = (
     nn.Dropout,
     nn.ZeroPad2d,
     nn.ConstantPad2d,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
 )
 
 
@@ -200,6 +211,8 @@ def _classify(
             return op("conv", x)
         if isinstance(module, nn.Linear):
             return op("linear", x)
+        if unary_activation(node, modules):
+            return op(unary_activation(node, modules), x)
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return op("bn", x)
         if act == "hardtanh":
@@ -253,6 +266,10 @@ def _classify(
     if is_add(node, inplace=True, methods=True):
         return _add(op, node, value)
     target = node.target
+    if unary_activation(node, modules):
+        return op(unary_activation(node, modules), [value(first)])
+    if is_mul(node):
+        return _mul(op, node, value)
     if node.op == "call_function":
         if target is torch.flatten:
             return _flatten(op, node, shape, value)
@@ -340,6 +357,31 @@ def _add(op, node: fx.Node, value: Callable) -> FloatOp:
     if arg(node, 2, "alpha", 1) != 1 or shape_of(a) != shape_of(b):
         raise ValueError("only the sum of two tensors of the same shape is supported")
     return op("add", [value(a), value(b)])
+
+
+def _mul(op, node: fx.Node, value: Callable) -> FloatOp:
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        raise ValueError("only the product of two tensors is supported (not tensor * constant)")
+    sa, sb = shape_of(a), shape_of(b)
+    if sa != sb and _gates(sa, sb):
+        return op("mul", [value(a), value(b)])  # x * gate (N, C, 1, 1)
+    if sa != sb and _gates(sb, sa):
+        return op("mul", [value(b), value(a)])
+    if sa != sb:
+        raise ValueError(f"only the product of tensors of the same shape is supported ({sa}, {sb})")
+    return op("mul", [value(a), value(b)])
+
+
+def _gates(x: tuple[int, ...] | None, gate: tuple[int, ...] | None) -> bool:
+    """Is ``gate`` a (N, C, 1, 1) tensor that broadcasts over ``x`` (N, C, H, W)?"""
+    return (
+        x is not None
+        and gate is not None
+        and len(x) == len(gate) == 4
+        and gate[:2] == x[:2]
+        and gate[2:] == (1, 1)
+    )
 
 
 def _flatten(op, node: fx.Node, shape: tuple[int, ...], value: Callable) -> FloatOp:
