@@ -23,7 +23,7 @@ FAST = [
     ("mean-head-cnn", "svd", "ok"),
     ("concat-cnn", "int8->C", "ok"),  # a cat no quantizer follows
     ("concat-cnn", "magnitude", "ok"),
-    ("dw-residual-silu-hswish", "int8->C", "refused"),  # SiLU / Hardswish named
+    ("dw-residual-silu-hswish", "int8->C", "ok"),  # SiLU (LOGISTIC + MUL), HARD_SWISH
     ("dw-residual-silu-hswish", "kmeans+pack", "ok"),
     ("audio-conv1d", "int8+onnx", "ok"),
     ("layernorm-gelu-mlp", "channel+onnx", "ok"),

@@ -171,7 +171,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             + "\n  ".join(problems)
             + f"\nsupported: {SUPPORTED}\nwhat to do: export the model to ONNX instead "
             "(edgeslim.export_onnx supports every layer), or replace these layers with "
-            "supported ones (e.g. ReLU / ReLU6 for SiLU / Hardswish, Conv2d for Conv1d)"
+            "supported ones (e.g. ReLU6 or Hardswish for GELU)"
         )
     return ops, inputs[0], output
 
