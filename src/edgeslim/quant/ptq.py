@@ -12,7 +12,9 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 - ``quantize_`` returns the quantized model. It is ``model`` itself in *module* mode and a
   ``torch.fx.GraphModule`` holding ``model``'s modules in *graph* mode: always use the
   return value. It is an ordinary ``nn.Module`` whose forward simulates integer inference.
-- *Graph* mode (any model ``torch.fx.symbolic_trace`` can trace; the zoo CNNs): every
+- *Graph* mode (any model ``torch.fx.symbolic_trace`` can trace, the zoo CNNs, or else that
+  ``torch.export`` captures on the first calibration input, :mod:`edgeslim.core.capture`,
+  such as transformers' CNNs): every
   tensor between quantized ops is int8 with its own qparams, as in TFLite. BatchNorm is
   folded into the conv before it; a ReLU / ReLU6 right after a layer is fused into its
   output range; :class:`~.modules.ActQuant` modules named ``<node>_quant`` follow every
@@ -50,8 +52,9 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
+from edgeslim.core.capture import symbolic_trace_or_capture, torch_leaf
 from edgeslim.core.device import model_device
-from edgeslim.core.errors import ConfigError
+from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.fxpatterns import (
     activation,
     is_add,
@@ -59,7 +62,7 @@ from edgeslim.core.fxpatterns import (
     tensor_operands,
     unary_activation,
 )
-from edgeslim.core.hooks import run_calibration
+from edgeslim.core.hooks import iter_batches, run_calibration
 from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
 from edgeslim.core.selection import FilterFn, lookup_layer, matches, unmatched
@@ -205,9 +208,9 @@ def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _prepare_graph(
-    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None, example: Any = None
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
-    gm = fx.symbolic_trace(model)
+    gm = symbolic_trace_or_capture(model, example, torch_leaf)
     for attr in ("input_shape", "num_classes"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
@@ -363,7 +366,7 @@ def _left_float(model: nn.Module, qmodel: nn.Module, info: dict[str, Any]) -> di
 
 
 def prepare(
-    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None, example: Any = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fold BN and insert quantized modules (no calibration yet); return ``(qmodel, info)``.
 
@@ -376,7 +379,7 @@ def prepare(
     model.eval()
     if cfg.graph in ("auto", "fx") and cfg.activations == "static":
         try:
-            qmodel, info = _prepare_graph(model, cfg, filter_fn)
+            qmodel, info = _prepare_graph(model, cfg, filter_fn, example)
         except Exception as exc:  # torch.fx fails in many ways (ValueError on bytecode...)
             if cfg.graph == "fx":
                 raise ConfigError(
@@ -397,6 +400,18 @@ def prepare(
     qmodel.to(device)  # the quantizers and layers built above start on the CPU
     set_mode(qmodel, "fake")
     return qmodel, info
+
+
+def _example_of(calib: Any) -> torch.Tensor | None:
+    """One input (a tensor batch) from ``calib`` without consuming it: what ``torch.export``
+    captures the graph on when ``torch.fx`` cannot trace the model; None if there is none."""
+    try:
+        if calib is None or iter(calib) is calib:  # an iterator would lose its first batch
+            return None
+        first = next(iter_batches(calib, batch_size=1), None)
+    except (TypeError, EdgeslimError):
+        return None
+    return first[:1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
 def calibrate_(model: nn.Module, calib: Any, *, batch_size: int = 64) -> int:
@@ -444,7 +459,7 @@ def int8_ptq_(
         raise ConfigError(
             "Int8PTQ needs calibration data: quantize_(model, Int8PTQ(...), calib=data.calib(256))"
         )
-    qmodel, info = prepare(model, cfg, filter_fn)
+    qmodel, info = prepare(model, cfg, filter_fn, example=_example_of(calib))
     info["batches"] = calibrate_(qmodel, calib, batch_size=batch_size) if calib is not None else 0
     set_mode(qmodel, cfg.simulate)
     qmodel.quant_info = info

@@ -21,6 +21,8 @@ from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
 from edgeslim.export.int8.trace import FloatOp, pair
 from edgeslim.quant import spec
 
+LOGISTIC_MIN_SCALE = 2.0**-28  # the smallest input scale TFLite's int8 logistic takes
+
 
 @dataclass
 class _Value:
@@ -213,7 +215,7 @@ class _Builder:
     def _lower_quant(self, o: FloatOp) -> None:
         """A quantizer: nothing when its qparams are its input's, else a requantize."""
         x = self._input(o)
-        qp = self.source.activation(o.value)
+        qp = self.source.activation(o.attrs.get("qparams_of", o.value))
         t = self.tensors[x.tensor]
         if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
             self.values[o.value] = x
@@ -308,7 +310,15 @@ class _Builder:
         qp = spec.QParams(
             np.array([spec.LOGISTIC_OUTPUT_SCALE]), np.array([spec.LOGISTIC_OUTPUT_ZERO_POINT])
         )
-        out = self.act(f"{o.value}_sigmoid", self.tensors[x].shape, qp)
+        t = self.tensors[x]
+        if t.qscale < LOGISTIC_MIN_SCALE:
+            # TFLite's logistic needs s_in * 2^27 >= 1/2; values this small (an all but
+            # constant tensor) are sigmoid 0.5 anyway: requantized to that scale first
+            fine = spec.QParams(np.array([LOGISTIC_MIN_SCALE]), np.array([t.qzero]))
+            small = self.act(f"{x}_for_sigmoid", t.shape, fine)
+            self.ops.append(ir.Requantize(f"{o.name} (input)", [x], small))
+            x = small
+        out = self.act(f"{o.value}_sigmoid", t.shape, qp)
         self.ops.append(ir.Logistic(o.name, [x], out))
         return out
 

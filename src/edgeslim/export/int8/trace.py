@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.fxpatterns import (
     activation,
@@ -78,23 +79,30 @@ class FloatOp:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    return isinstance(m, (*_LEAVES, QuantModule))
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
+        return _is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with every node's output shape (from ``example[:1]``)."""
+    """The graph of ``model`` with every node's output shape (from ``example[:1]``).
+
+    ``torch.fx`` symbolic tracing, or where it fails (data-dependent control flow, shapes
+    read in Python: transformers' vision models), the graph ``torch.export`` records on
+    ``example[:1]`` (:mod:`edgeslim.core.capture`).
+    """
     name = type(model).__name__
     try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, _Tracer())
+    except CaptureError as exc:
         raise LoweringError(
-            f"cannot trace {name} with torch.fx (data-dependent control flow?): "
-            f"{str(exc).strip().splitlines()[0]}; the int8 backends (.tflite, C) need a "
-            "model torch.fx can trace: export it to ONNX instead (edgeslim.export_onnx)"
+            f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "
+            "capture: export it to ONNX instead (edgeslim.export_onnx)"
         ) from exc
-    gm = fx.GraphModule(model, graph, name)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example[:1])
@@ -140,6 +148,10 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             continue
         if node.op == "output":
             out = node.args[0]
+            if isinstance(out, dict):  # a ModelOutput (transformers): its logits
+                out = out.get("logits", next(iter(out.values())) if len(out) == 1 else out)
+            if isinstance(out, (tuple, list)) and len(out) == 1:
+                out = out[0]
             if not isinstance(out, fx.Node):
                 problems.append(f"output: the model must return one tensor, got {out!r}")
             else:
@@ -230,6 +242,8 @@ def _classify(
                 module.dilation,
                 module.ceil_mode,
             )
+        if isinstance(module, nn.AvgPool2d) and _is_global(node, module, shape):
+            return op("gap", x, keepdim=True)
         if isinstance(module, nn.AvgPool2d):
             if module.divisor_override is not None:
                 raise ValueError("divisor_override is not supported")
@@ -271,7 +285,7 @@ def _classify(
     if is_mul(node):
         return _mul(op, node, value)
     if node.op == "call_function":
-        if target is torch.flatten:
+        if target in (torch.flatten, torch.reshape):
             return _flatten(op, node, shape, value)
         if target is torch.cat:
             tensors = arg(node, 0, "tensors", None)
@@ -300,6 +314,16 @@ def _classify(
             return _mean(op, node, value)
         return None
     return None
+
+
+def _is_global(node: fx.Node, pool: nn.AvgPool2d, shape: tuple[int, ...]) -> bool:
+    """An average pool whose window covers the whole input (and no padding): a global mean
+    (transformers' EfficientNet pools with ``AvgPool2d(hidden_dim, ceil_mode=True)``)."""
+    src = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if src is None or len(src) != 4 or len(shape) != 4 or shape[2:] != (1, 1):
+        return False
+    kh, kw = pair(pool.kernel_size)
+    return kh >= src[2] and kw >= src[3] and pair(pool.padding) == (0, 0)
 
 
 def _pool(op, x, mode, kernel, stride, padding, dilation, ceil_mode, count_include_pad=False):
