@@ -214,8 +214,7 @@ def _rebuild(model: nn.Module, ep: Any, leaf) -> fx.GraphModule:
             continue
         k, path = groups[n]
         if k not in made:
-            x = _call_input(members[k], env, attrs)
-            made[k] = graph.call_module(path, (x,))
+            made[k] = graph.call_module(path, _call_inputs(members[k], env, attrs))
         env[n] = made[k]  # every node of the call stands for its one output
     gm = fx.GraphModule(model, graph, type(model).__name__)
     gm.graph.eliminate_dead_code()  # the parameters leaf modules read for themselves
@@ -270,15 +269,19 @@ def _leaf_calls(nodes: list[fx.Node], model: nn.Module, leaf) -> dict[fx.Node, t
     return out
 
 
-def _call_input(members: list[fx.Node], env: dict[fx.Node, Any], attrs: dict) -> Any:
-    """The value a leaf module call reads: the first tensor from outside the call."""
+def _call_inputs(members: list[fx.Node], env: dict[fx.Node, Any], attrs: dict) -> tuple:
+    """What a leaf module call reads: the tensors from outside the call, in first-use order
+    (one for most modules; two for an add module)."""
     inside = set(members)
+    found: list[Any] = []
     for n in members:
         for a in n.all_input_nodes:
-            if a in inside or a.name in attrs or env.get(a) is None:
+            if a in inside or a.name in attrs or env.get(a) is None or env[a] in found:
                 continue
-            return env[a]
-    raise CaptureError(f"cannot find the input of the module call at {members[0].name}")
+            found.append(env[a])
+    if not found:
+        raise CaptureError(f"cannot find the input of the module call at {members[0].name}")
+    return tuple(found)
 
 
 def _copy(graph: fx.Graph, n: fx.Node, env: dict[fx.Node, Any], nodes: list[fx.Node]) -> Any:

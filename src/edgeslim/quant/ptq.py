@@ -73,6 +73,7 @@ from edgeslim.quant.modules import (
     ActQuant,
     QuantAdd,
     QuantAvgPool,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
@@ -84,6 +85,7 @@ from edgeslim.quant.observers import Observer
 from edgeslim.quant.registry import REGISTRY
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+LAYERS = (*QUANTIZABLE, nn.Conv1d)  # what PTQ quantizes (Conv1d: audio nets)
 
 
 class Int8PTQ(Options):
@@ -153,14 +155,22 @@ def _select(
     return [n for n in names if n not in skipped], skipped
 
 
-def _swap(root: nn.Module, name: str, cfg: Int8PTQ, bits: int) -> QuantConv2d | QuantLinear:
+def _swap(
+    root: nn.Module, name: str, cfg: Int8PTQ, bits: int
+) -> QuantConv2d | QuantConv1d | QuantLinear:
     """Replace module ``name`` by its quantized version; return the new module."""
     old = root.get_submodule(name)
     aq = ActQuant(
         cfg.activation_bits, cfg.calibration, cfg.percentile, cfg.activations == "dynamic"
     )
     wq = WeightQuant(bits, cfg.weight_calibration)
-    cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
+    cls = (
+        QuantConv2d
+        if isinstance(old, nn.Conv2d)
+        else QuantConv1d
+        if isinstance(old, nn.Conv1d)
+        else QuantLinear
+    )
     new = cls.from_float(old, wq, aq)
     _replace_module(root, name, new)
     return new
@@ -219,11 +229,11 @@ def _prepare_graph(
     layer_nodes = [
         n
         for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE)
+        if n.op == "call_module" and isinstance(modules.get(n.target), LAYERS)
     ]
     order = [n.target for n in layer_nodes]
     chosen, skipped = _select(order, modules, cfg, filter_fn)
-    layers: dict[str, QuantConv2d | QuantLinear] = {}
+    layers: dict[str, QuantConv2d | QuantConv1d | QuantLinear] = {}
     for node in layer_nodes:
         if node.target not in chosen:
             continue
@@ -295,7 +305,7 @@ def _link_graph(gm: fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         mod = modules[node.target]
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
+        if isinstance(mod, (QuantConv2d, QuantConv1d, QuantLinear)):
             src = _upstream_quant(node.args[0], modules)
             mod.input_quant.link("source", src)
             arg = node.args[0]
@@ -321,7 +331,7 @@ def _prepare_modules(
 ) -> tuple[nn.Module, dict[str, Any]]:
     folded = fold_bn_sequential_(model) if cfg.fold_bn else []
     modules = dict(model.named_modules())
-    order = [n for n, m in modules.items() if n and (isinstance(m, QUANTIZABLE) or is_linear(m))]
+    order = [n for n, m in modules.items() if n and (isinstance(m, LAYERS) or is_linear(m))]
     chosen, skipped = _select(order, modules, cfg, filter_fn)  # is_linear: Conv1D (GPT-2)
     for name in chosen:
         _swap(model, name, cfg, cfg.bits_for(name))
@@ -354,7 +364,7 @@ def _left_float(model: nn.Module, qmodel: nn.Module, info: dict[str, Any]) -> di
             continue
         if any(name.startswith(q + ".") for q in inside):
             continue  # the float parts a quantized module holds
-        if isinstance(m, QUANTIZABLE):
+        if isinstance(m, LAYERS):
             out[name] = (
                 "not called as a layer in the traced graph (used through its weight?)"
                 if info.get("graph") == "fx"

@@ -18,7 +18,7 @@ from torch import nn
 from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8 import ir
 from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
-from edgeslim.export.int8.trace import FloatOp, pair
+from edgeslim.export.int8.trace import FloatOp, conv_pair
 from edgeslim.quant import spec
 
 LOGISTIC_MIN_SCALE = 2.0**-28  # the smallest input scale TFLite's int8 logistic takes
@@ -37,9 +37,12 @@ def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 4:
         n, c, h, w = shape
         return (n, h, w, c)
+    if len(shape) == 3:  # (N, C, L) of a Conv1d net: a feature map with H = 1
+        n, c, length = shape
+        return (n, 1, length, c)
     if len(shape) == 2:
         return shape
-    raise LoweringError(f"tensors must be (N, C, H, W) or (N, F), got shape {shape}")
+    raise LoweringError(f"tensors must be (N, C, H, W), (N, C, L) or (N, F), got shape {shape}")
 
 
 def build_graph(
@@ -163,13 +166,17 @@ class _Builder:
 
     def _lower_conv(self, o: FloatOp) -> None:
         x = self._layer_input(o)
-        conv: nn.Conv2d = o.module
+        conv: nn.Conv2d | nn.Conv1d = o.module
+
+        def as_2d(w: np.ndarray) -> np.ndarray:  # a Conv1d's (Cout, Cin, K): KH = 1
+            return w[:, :, None, :] if w.ndim == 3 else w
+
         if conv.groups == 1:  # (Cout, Cin, KH, KW) -> (Cout, KH, KW, Cin)
             depthwise, axis = False, 0
-            weight, bias = self._weights(o, lambda w: w.transpose(0, 2, 3, 1), axis, x)
+            weight, bias = self._weights(o, lambda w: as_2d(w).transpose(0, 2, 3, 1), axis, x)
         else:  # depthwise (checked when classified): (Cout, 1, KH, KW) -> (1, KH, KW, Cout)
             depthwise, axis = True, 3
-            weight, bias = self._weights(o, lambda w: w.transpose(1, 2, 3, 0), axis, x)
+            weight, bias = self._weights(o, lambda w: as_2d(w).transpose(1, 2, 3, 0), axis, x)
         out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
         self.ops.append(
             ir.Conv2D(
@@ -178,7 +185,7 @@ class _Builder:
                 out,
                 weight=weight,
                 bias=bias,
-                stride=pair(conv.stride),
+                stride=conv_pair(conv, conv.stride),
                 padding=o.attrs["padding"],
                 depthwise=depthwise,
                 activation=o.attrs.get("activation"),
@@ -251,7 +258,7 @@ class _Builder:
 
     def _lower_gap(self, o: FloatOp) -> None:
         x = self._input(o)
-        _, c, h, w = x.torch_shape
+        c, h, w = x.torch_shape[1], *self.tensors[x.tensor].shape[1:3]  # (N, C, L): H = 1
         pooled = self.same_qparams_as(o.value, x.tensor, (1, 1, 1, c))
         self.ops.append(
             ir.Pool2D(o.name, [x.tensor], pooled, mode="avg", kernel=(h, w), stride=(h, w))
@@ -270,6 +277,8 @@ class _Builder:
         self.values[o.value] = _Value(out, o.shape)
         if len(src) == 4 and src[2] * src[3] > 1:  # NCHW order differs from NHWC
             self.values[o.value].nchw_flatten = (src[1], src[2], src[3])
+        if len(src) == 3 and src[2] > 1:  # NCL: a feature map with H = 1
+            self.values[o.value].nchw_flatten = (src[1], 1, src[2])
 
     def _lower_cat(self, o: FloatOp) -> None:
         xs = [self._input(o, i) for i in range(len(o.inputs))]

@@ -66,6 +66,8 @@ def build_and_check_graph(
         sample = reference.dequantize(graph, graph.input, q).astype(np.float32)
         if sample.ndim == 4:
             sample = sample.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        if example.dim() == 3:  # (N, C, 1, L) -> (N, C, L)
+            sample = sample[:, :, 0]
         sample = torch.from_numpy(np.ascontiguousarray(sample))
     else:
         sample = torch.as_tensor(calib, dtype=torch.float32)[:VERIFY_SAMPLES]

@@ -39,10 +39,13 @@ def run_batch(graph: ir.Graph, q: np.ndarray) -> np.ndarray:
 
 
 def quantize_input(graph: ir.Graph, x: np.ndarray) -> np.ndarray:
-    """A float batch in PyTorch layout (N, C, H, W) or (N, F) -> int8 graph inputs (NHWC)."""
+    """A float batch in PyTorch layout (N, C, H, W), (N, C, L) or (N, F) -> int8 graph inputs
+    (NHWC; (N, 1, L, C) for (N, C, L))."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
+    if x.ndim == 3:  # (N, C, L) -> (N, 1, L, C)
+        x = x.transpose(0, 2, 1)[:, None]
     t = graph[graph.input]
     if x.shape[1:] != t.shape[1:]:
         raise ShapeError(f"inputs must have shape (N, {t.shape[1:]}) in NHWC, got {x.shape}")

@@ -32,14 +32,16 @@ from edgeslim.core.fxpatterns import (
 from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
-    "Conv2d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
+    "Conv2d / Conv1d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
     "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-    "mean over H and W, flatten, cat, softmax, ZeroPad2d before a conv, Identity / Dropout, "
-    "SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a (N, C, 1, 1) gate)"
+    "mean over H and W (over L), flatten, cat, softmax, ZeroPad2d before a conv, Identity / "
+    "Dropout, SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a "
+    "(N, C, 1, 1) gate)"
 )
 
 _LEAVES = (
     nn.Conv2d,
+    nn.Conv1d,
     nn.Linear,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
@@ -218,7 +220,7 @@ def _classify(
             if not isinstance(module.pool, nn.AdaptiveAvgPool2d):
                 raise ValueError(f"only global average pooling is supported, got {module.pool}")
             return op("gap", x)
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Conv1d)):  # Conv1d: a Conv2d with H = 1
             _check_conv(module)
             return op("conv", x)
         if isinstance(module, nn.Linear):
@@ -417,18 +419,29 @@ def _flatten(op, node: fx.Node, shape: tuple[int, ...], value: Callable) -> Floa
 
 def _mean(op, node: fx.Node, value: Callable) -> FloatOp:
     dims = arg(node, 1, "dim", None)
-    dims = {int(d) % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
-    if dims != {2, 3}:
-        raise ValueError("only the mean over H and W of an NCHW tensor is supported")
+    src = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    rank = len(src) if src is not None else 4
+    dims = {int(d) % rank for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+    if dims != ({2, 3} if rank == 4 else {2}):
+        raise ValueError(
+            "only the mean over H and W of an NCHW tensor (over L of an NCL one) is supported"
+        )
     keepdim = bool(arg(node, 2, "keepdim", False))
     return op("gap", [value(node.args[0])], keepdim=keepdim)
 
 
-def _check_conv(conv: nn.Conv2d) -> None:
+def conv_pair(conv: nn.Conv2d | nn.Conv1d, v: int | tuple[int, ...]) -> tuple[int, int]:
+    """A conv's 2-d size argument; a Conv1d's ``(v,)`` is ``(1, v)`` (its H is 1)."""
+    if isinstance(conv, nn.Conv1d):
+        return (1, int(v if isinstance(v, int) else v[0]))
+    return pair(v)
+
+
+def _check_conv(conv: nn.Conv2d | nn.Conv1d) -> None:
     """Raise ValueError for conv settings the int8 graph does not support."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
-    if pair(conv.dilation) != (1, 1):
+    if conv_pair(conv, conv.dilation) != (1, 1):
         raise ValueError("dilation is not supported")
     cin, groups = conv.in_channels, conv.groups
     if groups != 1 and not (groups == cin and conv.out_channels % cin == 0):
