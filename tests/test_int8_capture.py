@@ -124,3 +124,21 @@ def test_ptq_then_export_of_an_untraceable_net_is_bit_exact(tmp_path):
         export_tflite(q, tmp_path / "m.tflite", example=calib[:1], runtime="tflm")
         data = (tmp_path / "m.tflite").read_bytes()
         assert np.frombuffer(data[4:8], np.uint8).tobytes() == b"TFL3"
+
+
+def test_a_module_call_with_several_outputs_is_refused_not_misread():
+    """An LSTM returns (out, (h, c)): one call_module node cannot stand for it; the captured
+    graph is checked against the model, so PTQ falls back to module mode instead."""
+
+    class RNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, batch_first=True)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.fc(out[:, -1])
+
+    with pytest.raises(CaptureError, match="RNN|rnn"):
+        capture(RNN().eval(), torch.randn(1, 5, 4), torch_leaf)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgeslim.core.errors import EdgeslimError
+from edgeslim.core.hooks import output_tensors
 
 aten = torch.ops.aten
 
@@ -141,7 +142,26 @@ def capture(model: nn.Module, example: torch.Tensor, leaf: Callable[[nn.Module],
         raise CaptureError(f"cannot capture {name} with torch.export: {_first_line(exc)}") from exc
     finally:
         model.train(was_training)
-    return _rebuild(model, ep, leaf)
+    gm = _rebuild(model, ep, leaf)
+    _check_same(model, gm, example[:1])
+    return gm
+
+
+def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    """The captured graph must compute what the model computes on the example."""
+    try:
+        with torch.no_grad():
+            want, got = list(output_tensors(model(x))), list(output_tensors(gm(x)))
+    except Exception as exc:  # the rebuilt graph cannot run: a module it misread
+        raise CaptureError(
+            f"the graph captured from {type(model).__name__} cannot run: {_first_line(exc)}"
+        ) from exc
+    same = len(want) == len(got) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(want, got, strict=True)
+    )
+    if not same:
+        raise CaptureError(f"the graph captured from {type(model).__name__} computes otherwise")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -214,6 +234,7 @@ def _rebuild(model: nn.Module, ep: Any, leaf) -> fx.GraphModule:
             continue
         k, path = groups[n]
         if k not in made:
+            _check_one_output(members[k], path)
             made[k] = graph.call_module(path, _call_inputs(members[k], env, attrs))
         env[n] = made[k]  # every node of the call stands for its one output
     gm = fx.GraphModule(model, graph, type(model).__name__)
@@ -267,6 +288,14 @@ def _leaf_calls(nodes: list[fx.Node], model: nn.Module, leaf) -> dict[fx.Node, t
             current, k = call[0], k + 1
         out[n] = (k, call[1])
     return out
+
+
+def _check_one_output(members: list[fx.Node], path: str) -> None:
+    """A leaf call must hand on one value (an LSTM's ``(out, (h, c))`` cannot be one node)."""
+    inside = set(members)
+    escaping = [n for n in members if any(u not in inside for u in n.users)]
+    if len(escaping) > 1:
+        raise CaptureError(f"{path}: a module call with several outputs is not supported")
 
 
 def _call_inputs(members: list[fx.Node], env: dict[fx.Node, Any], attrs: dict) -> tuple:
