@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgeslim.core.capture import capture, torch_leaf
+from edgeslim.core.capture import CaptureError, capture, torch_leaf
 from edgeslim.export import int8, tflite
 from edgeslim.export.c import hostbuild
 
@@ -140,5 +140,5 @@ def test_a_module_call_with_several_outputs_is_refused_not_misread():
             out, _ = self.rnn(x)
             return self.fc(out[:, -1])
 
-    with pytest.raises(CaptureError, match="RNN|rnn"):
+    with pytest.raises(CaptureError, match=r"RNN|rnn"):
         capture(RNN().eval(), torch.randn(1, 5, 4), torch_leaf)
