@@ -413,15 +413,18 @@ def prepare(
 
 
 def _example_of(calib: Any) -> torch.Tensor | None:
-    """One input (a tensor batch) from ``calib`` without consuming it: what ``torch.export``
-    captures the graph on when ``torch.fx`` cannot trace the model; None if there is none."""
+    """One float input (images, audio) from ``calib`` without consuming it: what
+    ``torch.export`` captures the graph on when ``torch.fx`` cannot trace the model; None if
+    there is none (token ids, keyword batches: language models stay in module mode)."""
     try:
         if calib is None or iter(calib) is calib:  # an iterator would lose its first batch
             return None
         first = next(iter_batches(calib, batch_size=1), None)
     except (TypeError, EdgeslimError):
         return None
-    return first[:1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or not first.is_floating_point():
+        return None  # token ids: language models stay in module mode
+    return first[:1]
 
 
 def calibrate_(model: nn.Module, calib: Any, *, batch_size: int = 64) -> int:
