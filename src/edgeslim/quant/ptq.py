@@ -18,8 +18,9 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
   tensor between quantized ops is int8 with its own qparams, as in TFLite. BatchNorm is
   folded into the conv before it; a ReLU / ReLU6 right after a layer is fused into its
   output range; :class:`~.modules.ActQuant` modules named ``<node>_quant`` follow every
-  quantized layer (after its fused activation) and every residual add (replaced by
-  :class:`~.modules.QuantAdd`), every SiLU / Hardswish / Sigmoid and every product of two
+  quantized layer and every residual add (replaced by :class:`~.modules.QuantAdd`), after
+  their fused ReLU / ReLU6 (the add's output is clamped on the quantizer's grid, as TFLite's
+  ADD with a fused activation), every SiLU / Hardswish / Sigmoid and every product of two
   tensors (computed in float, then quantized); global average pooling keeps its input's qparams
   (:class:`~.modules.QuantAvgPool`); max-pool, flatten, reshape and dropout keep qparams.
 - *Module* mode (anything else, e.g. transformers): each linear layer (``nn.Linear``, and
@@ -258,7 +259,10 @@ def _prepare_graph(
                 new = gm.graph.call_module(name, node.args)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            _insert_quant_after(gm, new, ActQuant(cfg.activation_bits, cfg.calibration))
+            users = list(new.users)  # a ReLU / ReLU6 right after it: quantized after it
+            fused = len(users) == 1 and activation(users[0], dict(gm.named_modules()))
+            tail = users[0] if fused else new
+            _insert_quant_after(gm, tail, ActQuant(cfg.activation_bits, cfg.calibration))
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
@@ -317,6 +321,8 @@ def _link_graph(gm: fx.GraphModule) -> None:
         elif isinstance(mod, QuantAdd):
             srcs = [_upstream_quant(a, modules) for a in node.args]
             users = list(node.users)
+            if len(users) == 1 and activation(users[0], modules):  # through a fused ReLU
+                users = list(users[0].users)
             out = modules.get(users[0].target) if len(users) == 1 else None
             ok = all(s is not None for s in srcs) and isinstance(out, ActQuant)
             mod.link("sources", tuple(srcs) if ok else None)

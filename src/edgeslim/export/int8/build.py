@@ -222,7 +222,7 @@ class _Builder:
     def _lower_quant(self, o: FloatOp) -> None:
         """A quantizer: nothing when its qparams are its input's, else a requantize."""
         x = self._input(o)
-        qp = self.source.activation(o.attrs.get("qparams_of", o.value))
+        qp = self.source.activation(o.value)
         t = self.tensors[x.tensor]
         if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
             self.values[o.value] = x

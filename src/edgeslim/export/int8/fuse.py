@@ -55,8 +55,6 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
             _fold_bn(src, o.module)
             _rename(src, o, producers)
         elif o.kind == "act":
-            if sole and src.kind == "quant" and _fuse_into_quantized_add(src, o, uses, producers):
-                continue
             if not (sole and src.kind in ("conv", "linear", "add")):
                 problems.append(f"{o.name}: ReLU/ReLU6 must directly follow a conv, linear or add")
                 continue
@@ -84,18 +82,6 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
     if problems:
         raise LoweringError("cannot lower to the int8 graph:\n  " + "\n  ".join(problems))
     return [o for o in kept if o.kind != "pad"]
-
-
-def _fuse_into_quantized_add(quant: FloatOp, act: FloatOp, uses, producers) -> bool:
-    """ReLU / ReLU6 after a quantized add's output quantizer (``x += residual; relu(x)``,
-    transformers' ResNet): clamping the int8 sum is the add's fused activation, exactly."""
-    add = producers.get(quant.inputs[0])
-    if add is None or add.kind != "add" or uses[add.value] != 1 or "activation" in add.attrs:
-        return False
-    add.attrs["activation"] = act.attrs["activation"]
-    quant.attrs["qparams_of"] = quant.value  # the quantizer's tensor, now clamped
-    _rename(quant, act, producers)
-    return True
 
 
 def _read_quantized_layer(o: FloatOp) -> None:
