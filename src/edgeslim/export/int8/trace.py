@@ -136,6 +136,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
     alias: dict[str, str] = {}  # identity-like node -> the value it passes on
     ops: list[FloatOp] = []
     problems: list[str] = []
+    constants: set[str] = set()
     inputs: list[str] = []
     output = ""
 
@@ -162,6 +163,9 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
             continue
+        if node.op == "get_attr":  # a parameter used as a value (ViT's class token): named
+            constants.add(node.name)  # by the op that reads it
+            continue
         module = called_module(node, modules)
         where = node.target if node.op == "call_module" else node.name
         try:
@@ -174,6 +178,11 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             problems.append(f"{where} ({_describe(node, module)}): not supported")
         elif op == "alias":
             alias[node.name] = value(node.args[0])
+        elif read := [x for x in op.inputs if x in constants]:
+            problems.append(
+                f"{where} ({_describe(node, module)}): reads a parameter as a tensor "
+                f"({', '.join(read)}); only layers' own weights are supported"
+            )
         else:
             op.name = str(where)
             ops.append(op)
