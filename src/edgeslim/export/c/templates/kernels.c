@@ -40,11 +40,6 @@ typedef struct { int32_t rows, depth, multiplier, left_shift, diff_min; } softma
 
 typedef struct { int32_t size, in_zp, out_zp, mult, shift; } requant_params_t;
 
-/* b is the same shape as a (gate = 0), or (1, 1, 1, gate) broadcast over H and W */
-typedef struct {
-    int32_t size, gate, zp1, zp2, out_zp, mult, shift, act_min, act_max;
-} mul_params_t;
-
 #define region(y0, x0, h, w) ((region_t){(y0), (x0), (h), (w)})
 
 /* ==== arith ==== */
@@ -386,6 +381,11 @@ static void lut_s8(const int8_t *table, const int8_t *in, int8_t *out, int32_t s
 
 /* ==== mul ==== */
 /* TFLite's reference MulElementwise (and its broadcast over H and W) */
+
+/* b is the same shape as a (gate = 0), or (1, 1, 1, gate) broadcast over H and W */
+typedef struct {
+    int32_t size, gate, zp1, zp2, out_zp, mult, shift, act_min, act_max;
+} mul_params_t;
 
 static void mul_s8(const mul_params_t *p, const int8_t *a, const int8_t *b, int8_t *out)
 {
