@@ -139,7 +139,7 @@ def test_unsupported_layers_are_all_named_before_anything_is_written(tmp_path, c
 
         def forward(self, x):
             x = self.act(self.grouped(self.conv(x)))
-            return torch.sigmoid(x * 2).flatten(1)
+            return torch.tanh(x * 2).flatten(1)
 
     out = tmp_path / "c"
     with pytest.raises(LoweringError) as info:
@@ -148,8 +148,8 @@ def test_unsupported_layers_are_all_named_before_anything_is_written(tmp_path, c
     for what in (
         "grouped (Conv2d): grouped conv with groups=2",
         "act (GELU): not supported",
-        "sigmoid",
-        "mul",
+        "tanh",
+        "mul (mul): only the product of two tensors",
     ):
         assert what in msg
     assert "supported:" in msg
@@ -190,7 +190,7 @@ def _ptq(model, calib, **cfg):
     return quantize(model.eval(), Int8PTQ(**cfg), calib=calib)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mobilenetv2", "ds_cnn"])
+@pytest.mark.parametrize("name", ["lenet5", "mobilenetv2", "ds_cnn", "resnet8"])
 def test_a_ptq_model_lowers_to_exactly_its_own_integer_simulation(name):
     from edgeslim.quant.modules import set_mode
 
@@ -215,11 +215,12 @@ def test_a_ptq_model_lowers_to_exactly_its_own_integer_simulation(name):
     assert np.array_equal(np.round(y / out.qscale) + out.qzero, got.reshape(y.shape))
 
 
-def test_a_quantized_relu_after_an_add_is_refused(calib):
+def test_a_relu_after_a_quantized_add_is_fused_into_it(calib):
+    """PTQ quantizes after the ReLU of ``relu(x + y)`` (TFLite's ADD with a fused ReLU)."""
     torch.manual_seed(0)
-    qmodel = _ptq(zoo.create("resnet8"), calib)  # relu(add) is requantized in float
-    with pytest.raises(LoweringError, match="relu_1: ReLU/ReLU6 must directly follow"):
-        int8.lower(qmodel, calib)
+    qmodel = _ptq(zoo.create("resnet8"), calib)
+    adds = [op for op in int8.lower(qmodel, calib).ops if op.kind == "Add"]
+    assert adds and all(op.activation == "relu" for op in adds)
 
 
 def test_an_accumulator_that_would_overflow_int32_is_refused():

@@ -23,13 +23,14 @@ FAST = [
     ("mean-head-cnn", "svd", "ok"),
     ("concat-cnn", "int8->C", "ok"),  # a cat no quantizer follows
     ("concat-cnn", "magnitude", "ok"),
-    ("dw-residual-silu-hswish", "int8->C", "refused"),  # SiLU / Hardswish named
+    ("dw-residual-silu-hswish", "int8->C", "ok"),  # SiLU (LOGISTIC + MUL), HARD_SWISH
     ("dw-residual-silu-hswish", "kmeans+pack", "ok"),
     ("audio-conv1d", "int8+onnx", "ok"),
+    ("audio-conv1d", "int8->tflite", "ok"),  # Conv1d as a Conv2d with H = 1
     ("layernorm-gelu-mlp", "channel+onnx", "ok"),
     ("gru-classifier", "kmeans+pack", "ok"),
     ("hf-vit", "magnitude", "ok"),
-    ("hf-resnet", "int8->C", "refused"),  # torch.fx cannot trace it: named, with a way out
+    ("hf-resnet", "int8->C", "ok"),  # torch.fx cannot trace it: captured with torch.export
     ("hf-bert", "magnitude", "ok"),
     ("hf-gpt2", "kmeans+pack", "ok"),  # a ModelOutput pytree in the .slim graph
     ("hf-opt", "wanda", "ok"),  # a tokenizer's dict as calib= (issue 13 point 2)

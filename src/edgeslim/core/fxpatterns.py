@@ -26,6 +26,16 @@ INPLACE_ADD_FUNCTIONS = (operator.iadd,)
 RELU_FUNCTIONS = (torch.relu, F.relu)
 INPLACE_RELU_FUNCTIONS = (torch.relu_,)
 RELU6 = (0.0, 6.0)  # the bounds of a Hardtanh that is a ReLU6
+MUL_FUNCTIONS = (operator.mul, torch.mul)
+# activations that are not clamps: int8 backends compute them (TFLite LOGISTIC, HARD_SWISH)
+UNARY_MODULES = {nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid"}
+UNARY_FUNCTIONS = {
+    F.silu: "silu",
+    F.hardswish: "hardswish",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+}
+UNARY_METHODS = {"sigmoid": "sigmoid"}
 
 
 def arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
@@ -99,3 +109,22 @@ def activation(
     if isinstance(module, nn.ReLU6):
         return "relu6"
     return None
+
+
+def unary_activation(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
+    """``"silu"``, ``"hardswish"`` or ``"sigmoid"`` when ``node`` applies that activation
+    (``nn.SiLU`` / ``F.silu``, ``nn.Hardswish`` / ``F.hardswish``, ``nn.Sigmoid`` /
+    ``torch.sigmoid`` / ``x.sigmoid()``), else None."""
+    if node.op == "call_function":
+        return UNARY_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return UNARY_METHODS.get(node.target)
+    module = called_module(node, modules)
+    return UNARY_MODULES.get(type(module)) if module is not None else None
+
+
+def is_mul(node: fx.Node) -> bool:
+    """Whether ``node`` is ``a * b`` / ``torch.mul`` / ``a.mul(b)`` (operands unchecked)."""
+    if node.op == "call_function":
+        return node.target in MUL_FUNCTIONS
+    return node.op == "call_method" and node.target == "mul"

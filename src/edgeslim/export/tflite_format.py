@@ -32,11 +32,15 @@ OP_CODES = {
     "CONV_2D": 3,
     "DEPTHWISE_CONV_2D": 4,
     "FULLY_CONNECTED": 9,
+    "LOGISTIC": 14,
     "MAX_POOL_2D": 17,
+    "MUL": 18,
     "RESHAPE": 22,
     "SOFTMAX": 25,
     "PAD": 34,
+    "PADV2": 60,
     "QUANTIZE": 114,
+    "HARD_SWISH": 117,
 }
 OPTIONS = {
     "Conv2DOptions": 1,
@@ -47,6 +51,7 @@ OPTIONS = {
     "ConcatenationOptions": 10,
     "AddOptions": 11,
     "ReshapeOptions": 17,
+    "MulOptions": 21,
     "PadOptions": 22,
     "QuantizeOptions": 89,
 }
@@ -114,6 +119,16 @@ def tflite_padding(
     return None
 
 
+def _activation_code(graph: ir.Graph, op: ir.Op) -> int:
+    """The fused activation code of ``op``. A ReLU6 whose 6.0 is beyond int32 on the output's
+    scale (a tiny scale: an all but constant output) clamps exactly as a ReLU does, and TFLite
+    Micro refuses to prepare it (it quantizes 6.0 first): it is written as a ReLU."""
+    out = graph[op.output]
+    if op.activation == "relu6" and 6.0 / np.float32(out.qscale) >= 2.0**31:
+        return ACTIVATIONS["relu"]
+    return ACTIVATIONS[op.activation]
+
+
 class _Flattener:
     """Turns the IR graph into TFLite tensors and ops (adding PAD ops where needed)."""
 
@@ -170,7 +185,7 @@ class _Flattener:
             "stride_w": ("Int32", op.stride[1]),
             "stride_h": ("Int32", op.stride[0]),
         }
-        act = ("Int8", ACTIVATIONS[op.activation])
+        act = ("Int8", _activation_code(self.graph, op))
         if op.depthwise:
             fields["depth_multiplier"] = ("Int32", out.shape[3] // x.shape[3])
             fields["fused_activation_function"] = act
@@ -181,7 +196,7 @@ class _Flattener:
             fields["fused_activation_function"] = act
             self.op("CONV_2D", inputs, op.output, "Conv2DOptions", fields, op.name)
 
-    def _pad(self, op: ir.Conv2D, x: ir.Tensor, src: int) -> int:
+    def _pad(self, op: ir.Conv2D | ir.Pool2D, x: ir.Tensor, src: int, value=None) -> int:
         top, left, bottom, right = op.padding
         pads = np.array([[0, 0], [top, bottom], [left, right], [0, 0]], np.int32)
         shape = (1, x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3])
@@ -191,16 +206,30 @@ class _Flattener:
             )
         )
         paddings = self.const_int32(f"{x.name}_paddings_for_{op.output}", pads)
-        self.ops.append(_TflOp("PAD", [src, paddings], [padded], "PadOptions", {}, op.name))
+        if value is None:  # PAD: the input's zero point
+            self.ops.append(_TflOp("PAD", [src, paddings], [padded], "PadOptions", {}, op.name))
+            return padded
+        fill = self._add(  # PADV2: a constant on the input's qparams
+            _TflTensor(
+                f"{x.name}_fill_for_{op.output}",
+                (1,),
+                "int8",
+                x.scale,
+                x.zero_point,
+                0,
+                np.array([value], np.int8).tobytes(),
+            )
+        )
+        self.ops.append(_TflOp("PADV2", [src, paddings, fill], [padded], None, {}, op.name))
         return padded
 
     def _FullyConnected(self, op: ir.FullyConnected) -> None:
         inputs = [self.tensor(op.inputs[0]), self.tensor(op.weight), self.tensor(op.bias)]
-        fields = {"fused_activation_function": ("Int8", ACTIVATIONS[op.activation])}
+        fields = {"fused_activation_function": ("Int8", _activation_code(self.graph, op))}
         self.op("FULLY_CONNECTED", inputs, op.output, "FullyConnectedOptions", fields, op.name)
 
     def _Add(self, op: ir.Add) -> None:
-        fields = {"fused_activation_function": ("Int8", ACTIVATIONS[op.activation])}
+        fields = {"fused_activation_function": ("Int8", _activation_code(self.graph, op))}
         self.op(
             "ADD", [self.tensor(n) for n in op.inputs], op.output, "AddOptions", fields, op.name
         )
@@ -208,6 +237,9 @@ class _Flattener:
     def _Pool2D(self, op: ir.Pool2D) -> None:
         x, out = self.graph[op.inputs[0]], self.graph[op.output]
         code = tflite_padding(x.shape[1:3], out.shape[1:3], op.kernel, op.stride, op.padding)
+        src = self.tensor(op.inputs[0])
+        if code is None and op.mode == "max":  # PyTorch's padding: -128 never wins a max
+            src, code = self._pad(op, x, src, value=-128), PADDING_VALID
         if code is None:
             raise ExportError(
                 f"{op.name}: pooling padding {op.padding} is neither TFLite SAME nor VALID; "
@@ -221,7 +253,7 @@ class _Flattener:
             "filter_height": ("Int32", op.kernel[0]),
         }
         code_name = "MAX_POOL_2D" if op.mode == "max" else "AVERAGE_POOL_2D"
-        self.op(code_name, [self.tensor(op.inputs[0])], op.output, "Pool2DOptions", fields, op.name)
+        self.op(code_name, [src], op.output, "Pool2DOptions", fields, op.name)
 
     def _Reshape(self, op: ir.Reshape) -> None:
         # the batch dimension as -1, so that a runtime may resize the input (LiteRT batches)
@@ -258,6 +290,17 @@ class _Flattener:
     def _Requantize(self, op: ir.Requantize) -> None:
         self.op("QUANTIZE", [self.tensor(op.inputs[0])], op.output, "QuantizeOptions", {}, op.name)
 
+    def _Logistic(self, op: ir.Logistic) -> None:
+        self.op("LOGISTIC", [self.tensor(op.inputs[0])], op.output, source=op.name)
+
+    def _HardSwish(self, op: ir.HardSwish) -> None:
+        self.op("HARD_SWISH", [self.tensor(op.inputs[0])], op.output, source=op.name)
+
+    def _Mul(self, op: ir.Mul) -> None:
+        fields = {"fused_activation_function": ("Int8", 0)}
+        inputs = [self.tensor(n) for n in op.inputs]
+        self.op("MUL", inputs, op.output, "MulOptions", fields, op.name)
+
 
 # field slots of each options table, in schema.fbs order
 _OPTION_SLOTS = {
@@ -281,6 +324,7 @@ _OPTION_SLOTS = {
     "SoftmaxOptions": ["beta"],
     "ConcatenationOptions": ["axis", "fused_activation_function"],
     "AddOptions": ["fused_activation_function"],
+    "MulOptions": ["fused_activation_function"],
     "ReshapeOptions": ["new_shape"],
     "PadOptions": [],
     "QuantizeOptions": [],

@@ -66,7 +66,7 @@ def fold_bn_graph_(gm: fx.GraphModule) -> list[str]:
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         conv = modules.get(src.target)
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, (nn.Conv2d, nn.Conv1d)):
             continue
         _fold_pair(conv, modules[node.target])
         node.replace_all_uses_with(src)

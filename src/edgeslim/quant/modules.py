@@ -256,6 +256,32 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+class QuantConv1d(_QuantLayer, nn.Conv1d):
+    """An ``nn.Conv1d`` whose input, weights (per output channel) and output are quantized."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, wq: WeightQuant, input_quant: ActQuant) -> QuantConv1d:
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        new._init_from(conv, wq, input_quant)
+        return new
+
+    def _layer_op(self, x, w, b):
+        return F.conv1d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_view(self, t, ndim):
+        return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
 class QuantLinear(_QuantLayer, nn.Linear):
     """An ``nn.Linear`` whose input, weights (per output row) and output are quantized."""
 

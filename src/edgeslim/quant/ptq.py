@@ -12,12 +12,16 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 - ``quantize_`` returns the quantized model. It is ``model`` itself in *module* mode and a
   ``torch.fx.GraphModule`` holding ``model``'s modules in *graph* mode: always use the
   return value. It is an ordinary ``nn.Module`` whose forward simulates integer inference.
-- *Graph* mode (any model ``torch.fx.symbolic_trace`` can trace; the zoo CNNs): every
+- *Graph* mode (any model ``torch.fx.symbolic_trace`` can trace, the zoo CNNs, or else that
+  ``torch.export`` captures on the first calibration input, :mod:`edgeslim.core.capture`,
+  such as transformers' CNNs): every
   tensor between quantized ops is int8 with its own qparams, as in TFLite. BatchNorm is
   folded into the conv before it; a ReLU / ReLU6 right after a layer is fused into its
   output range; :class:`~.modules.ActQuant` modules named ``<node>_quant`` follow every
-  quantized layer (after its fused activation) and every residual add (replaced by
-  :class:`~.modules.QuantAdd`); global average pooling keeps its input's qparams
+  quantized layer and every residual add (replaced by :class:`~.modules.QuantAdd`), after
+  their fused ReLU / ReLU6 (the add's output is clamped on the quantizer's grid, as TFLite's
+  ADD with a fused activation), every SiLU / Hardswish / Sigmoid and every product of two
+  tensors (computed in float, then quantized); global average pooling keeps its input's qparams
   (:class:`~.modules.QuantAvgPool`); max-pool, flatten, reshape and dropout keep qparams.
 - *Module* mode (anything else, e.g. transformers): each linear layer (``nn.Linear``, and
   transformers' ``Conv1D``) / ``nn.Conv2d`` is
@@ -49,10 +53,17 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
+from edgeslim.core.capture import symbolic_trace_or_capture, torch_leaf
 from edgeslim.core.device import model_device
-from edgeslim.core.errors import ConfigError
-from edgeslim.core.fxpatterns import activation, is_add, tensor_operands
-from edgeslim.core.hooks import run_calibration
+from edgeslim.core.errors import ConfigError, EdgeslimError
+from edgeslim.core.fxpatterns import (
+    activation,
+    is_add,
+    is_mul,
+    tensor_operands,
+    unary_activation,
+)
+from edgeslim.core.hooks import iter_batches, run_calibration
 from edgeslim.core.linear import is_linear
 from edgeslim.core.options import Options
 from edgeslim.core.registry import Context
@@ -64,6 +75,7 @@ from edgeslim.quant.modules import (
     ActQuant,
     QuantAdd,
     QuantAvgPool,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
@@ -75,6 +87,7 @@ from edgeslim.quant.observers import Observer
 from edgeslim.quant.registry import REGISTRY
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+LAYERS = (*QUANTIZABLE, nn.Conv1d)  # what PTQ quantizes (Conv1d: audio nets)
 
 
 class Int8PTQ(Options):
@@ -144,14 +157,22 @@ def _select(
     return [n for n in names if n not in skipped], skipped
 
 
-def _swap(root: nn.Module, name: str, cfg: Int8PTQ, bits: int) -> QuantConv2d | QuantLinear:
+def _swap(
+    root: nn.Module, name: str, cfg: Int8PTQ, bits: int
+) -> QuantConv2d | QuantConv1d | QuantLinear:
     """Replace module ``name`` by its quantized version; return the new module."""
     old = root.get_submodule(name)
     aq = ActQuant(
         cfg.activation_bits, cfg.calibration, cfg.percentile, cfg.activations == "dynamic"
     )
     wq = WeightQuant(bits, cfg.weight_calibration)
-    cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
+    cls = (
+        QuantConv2d
+        if isinstance(old, nn.Conv2d)
+        else QuantConv1d
+        if isinstance(old, nn.Conv1d)
+        else QuantLinear
+    )
     new = cls.from_float(old, wq, aq)
     _replace_module(root, name, new)
     return new
@@ -199,9 +220,9 @@ def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _prepare_graph(
-    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None, example: Any = None
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
-    gm = fx.symbolic_trace(model)
+    gm = symbolic_trace_or_capture(model, example, torch_leaf)
     for attr in ("input_shape", "num_classes"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
@@ -210,11 +231,11 @@ def _prepare_graph(
     layer_nodes = [
         n
         for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE)
+        if n.op == "call_module" and isinstance(modules.get(n.target), LAYERS)
     ]
     order = [n.target for n in layer_nodes]
     chosen, skipped = _select(order, modules, cfg, filter_fn)
-    layers: dict[str, QuantConv2d | QuantLinear] = {}
+    layers: dict[str, QuantConv2d | QuantConv1d | QuantLinear] = {}
     for node in layer_nodes:
         if node.target not in chosen:
             continue
@@ -239,10 +260,17 @@ def _prepare_graph(
                 new = gm.graph.call_module(name, node.args)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            _insert_quant_after(gm, new, ActQuant(cfg.activation_bits, cfg.calibration))
+            users = list(new.users)  # a ReLU / ReLU6 right after it: quantized after it
+            fused = len(users) == 1 and activation(users[0], dict(gm.named_modules()))
+            tail = users[0] if fused else new
+            _insert_quant_after(gm, tail, ActQuant(cfg.activation_bits, cfg.calibration))
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
+        elif unary_activation(node, dict(gm.named_modules())) or (
+            is_mul(node) and tensor_operands(node) is not None
+        ):  # SiLU / Hardswish / Sigmoid / x * gate: an int8 output, as TFLite computes it
+            _insert_quant_after(gm, node, ActQuant(cfg.activation_bits, cfg.calibration))
     _requantize_after_preserving_ops(gm, cfg)
     gm.graph.lint()
     gm.recompile()
@@ -282,7 +310,7 @@ def _link_graph(gm: fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         mod = modules[node.target]
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
+        if isinstance(mod, (QuantConv2d, QuantConv1d, QuantLinear)):
             src = _upstream_quant(node.args[0], modules)
             mod.input_quant.link("source", src)
             arg = node.args[0]
@@ -294,6 +322,8 @@ def _link_graph(gm: fx.GraphModule) -> None:
         elif isinstance(mod, QuantAdd):
             srcs = [_upstream_quant(a, modules) for a in node.args]
             users = list(node.users)
+            if len(users) == 1 and activation(users[0], modules):  # through a fused ReLU
+                users = list(users[0].users)
             out = modules.get(users[0].target) if len(users) == 1 else None
             ok = all(s is not None for s in srcs) and isinstance(out, ActQuant)
             mod.link("sources", tuple(srcs) if ok else None)
@@ -308,7 +338,7 @@ def _prepare_modules(
 ) -> tuple[nn.Module, dict[str, Any]]:
     folded = fold_bn_sequential_(model) if cfg.fold_bn else []
     modules = dict(model.named_modules())
-    order = [n for n, m in modules.items() if n and (isinstance(m, QUANTIZABLE) or is_linear(m))]
+    order = [n for n, m in modules.items() if n and (isinstance(m, LAYERS) or is_linear(m))]
     chosen, skipped = _select(order, modules, cfg, filter_fn)  # is_linear: Conv1D (GPT-2)
     for name in chosen:
         _swap(model, name, cfg, cfg.bits_for(name))
@@ -341,7 +371,7 @@ def _left_float(model: nn.Module, qmodel: nn.Module, info: dict[str, Any]) -> di
             continue
         if any(name.startswith(q + ".") for q in inside):
             continue  # the float parts a quantized module holds
-        if isinstance(m, QUANTIZABLE):
+        if isinstance(m, LAYERS):
             out[name] = (
                 "not called as a layer in the traced graph (used through its weight?)"
                 if info.get("graph") == "fx"
@@ -353,7 +383,7 @@ def _left_float(model: nn.Module, qmodel: nn.Module, info: dict[str, Any]) -> di
 
 
 def prepare(
-    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None
+    model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None = None, example: Any = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fold BN and insert quantized modules (no calibration yet); return ``(qmodel, info)``.
 
@@ -366,7 +396,7 @@ def prepare(
     model.eval()
     if cfg.graph in ("auto", "fx") and cfg.activations == "static":
         try:
-            qmodel, info = _prepare_graph(model, cfg, filter_fn)
+            qmodel, info = _prepare_graph(model, cfg, filter_fn, example)
         except Exception as exc:  # torch.fx fails in many ways (ValueError on bytecode...)
             if cfg.graph == "fx":
                 raise ConfigError(
@@ -387,6 +417,21 @@ def prepare(
     qmodel.to(device)  # the quantizers and layers built above start on the CPU
     set_mode(qmodel, "fake")
     return qmodel, info
+
+
+def _example_of(calib: Any) -> torch.Tensor | None:
+    """One float input (images, audio) from ``calib`` without consuming it: what
+    ``torch.export`` captures the graph on when ``torch.fx`` cannot trace the model; None if
+    there is none (token ids, keyword batches: language models stay in module mode)."""
+    try:
+        if calib is None or iter(calib) is calib:  # an iterator would lose its first batch
+            return None
+        first = next(iter_batches(calib, batch_size=1), None)
+    except (TypeError, EdgeslimError):
+        return None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or not first.is_floating_point():
+        return None  # token ids: language models stay in module mode
+    return first[:1]
 
 
 def calibrate_(model: nn.Module, calib: Any, *, batch_size: int = 64) -> int:
@@ -427,7 +472,7 @@ def int8_ptq_(model: nn.Module, cfg: Int8PTQ, ctx: Context) -> nn.Module:
         raise ConfigError(
             "Int8PTQ needs calibration data: quantize_(model, Int8PTQ(...), calib=data.calib(256))"
         )
-    qmodel, info = prepare(model, cfg, filter_fn)
+    qmodel, info = prepare(model, cfg, filter_fn, example=_example_of(calib))
     info["batches"] = calibrate_(qmodel, calib, batch_size=batch_size) if calib is not None else 0
     set_mode(qmodel, cfg.simulate)
     qmodel.quant_info = info

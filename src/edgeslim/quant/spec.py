@@ -542,3 +542,173 @@ def softmax_int8(q: np.ndarray, params: SoftmaxParams) -> IntArray:
     out = rounding_divide_by_pot(srdhm(scale, exps), exponent) + INT8_MIN
     out = np.clip(out, INT8_MIN, INT8_MAX)
     return np.where(valid, out, INT8_MIN)
+
+
+# ---------------------------------------------------------------------------- logistic
+# TFLite Micro's int8 LOGISTIC (reference_integer_ops::Logistic, LogisticPrepare): the input
+# is rescaled to Q4.27 by a multiplier with a left shift, then gemmlowp's fixed-point
+# logistic gives Q0.31, rounded to the fixed output scale 1/256 (zero point -128).
+
+LOGISTIC_INPUT_INTEGER_BITS = 4
+LOGISTIC_OUTPUT_SCALE = 1.0 / 256
+LOGISTIC_OUTPUT_ZERO_POINT = -128
+
+
+@dataclass(frozen=True)
+class LogisticParams:
+    """Fixed-point parameters of an int8 logistic (TFLite Micro's LogisticPrepare)."""
+
+    input_zero_point: int
+    input_multiplier: int
+    input_left_shift: int
+    input_range_radius: int
+
+
+def logistic_params(input_scale: float, input_zero_point: int) -> LogisticParams:
+    """``frexp(s_in * 2^27)`` as a Q0.31 multiplier and shift; inputs beyond the radius
+    ``floor(15 * 2^27 / 2^shift)`` saturate to -128 / 127 (CalculateInputRadius)."""
+    bits = LOGISTIC_INPUT_INTEGER_BITS
+    real = float(to_float32(input_scale)) * (1 << (31 - bits))
+    q, shift = math.frexp(real)
+    m = int(round_half_away(q * (1 << 31)))
+    if m >= 1 << 31 or not 0 <= shift <= 30:  # TFLite would overflow its int32 multiplier
+        raise ValueError(f"int8 logistic cannot take input scale {input_scale}")
+    radius = math.floor(((1 << bits) - 1) * (1 << (31 - bits)) / (1 << shift))
+    return LogisticParams(int(input_zero_point), m, shift, radius)
+
+
+def logistic_fixed(a: np.ndarray, integer_bits: int) -> IntArray:
+    """gemmlowp's ``logistic``: Q0.31 ``1 / (1 + exp(-a))`` of ``a`` in Q``integer_bits``."""
+    a = np.asarray(a, dtype=np.int64)
+    positive = a > 0
+    abs_a = np.where(positive, a, -a)
+    if_positive = one_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(-abs_a, integer_bits))
+    if_negative = INT32_MAX - if_positive
+    return np.where(a == 0, 1 << 30, np.where(positive, if_positive, if_negative))
+
+
+def logistic_int8(q: np.ndarray, params: LogisticParams) -> IntArray:
+    """int8 logistic, bit-exact with TFLite Micro's; output scale 1/256, zero point -128."""
+    x = np.asarray(q, dtype=np.int64) - params.input_zero_point
+    inside = np.abs(x) < params.input_range_radius
+    xq = multiply_by_quantized_multiplier(
+        np.where(inside, x, 0), params.input_multiplier, params.input_left_shift
+    )
+    out = rounding_divide_by_pot(logistic_fixed(xq, LOGISTIC_INPUT_INTEGER_BITS), 31 - 8)
+    out = np.clip(out + LOGISTIC_OUTPUT_ZERO_POINT, INT8_MIN, INT8_MAX)
+    return np.where(
+        x <= -params.input_range_radius,
+        INT8_MIN,
+        np.where(x >= params.input_range_radius, INT8_MAX, out),
+    )
+
+
+# ---------------------------------------------------------------------------- mul
+
+
+@dataclass(frozen=True)
+class MulParams:
+    """Fixed-point parameters of an int8 elementwise multiply (TFLite's CalculateOpDataMul)."""
+
+    multiplier: int
+    shift: int
+
+
+def mul_params(s1: float, s2: float, s_out: float) -> MulParams:
+    """``double(s1) * double(s2) / double(s_out)`` from the float32 scales, quantized."""
+    a, b, o = (float(to_float32(s)) for s in (s1, s2, s_out))
+    return MulParams(*quantize_multiplier(a * b / o))
+
+
+def mul_int8(
+    q1: np.ndarray,
+    zp1: int,
+    q2: np.ndarray,
+    zp2: int,
+    params: MulParams,
+    zp_out: int,
+    act_min: int = INT8_MIN,
+    act_max: int = INT8_MAX,
+) -> IntArray:
+    """int8 multiply (numpy broadcasting), bit-exact with TFLite's ``MulElementwise``."""
+    prod = (np.asarray(q1, np.int64) - zp1) * (np.asarray(q2, np.int64) - zp2)
+    out = multiply_by_quantized_multiplier(prod, params.multiplier, params.shift) + zp_out
+    return np.clip(out, act_min, act_max)
+
+
+# ---------------------------------------------------------------------------- hard swish
+# TFLite's int8 HARD_SWISH (reference_ops::HardSwish, HardSwishPrepare): 16-bit fixed point.
+# The input, shifted left by 7 bits, is scaled to the output scale and to a "relu-ish"
+# value in [0, 1] (x from [-3, 3]), and the two are multiplied.
+
+INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
+
+
+@dataclass(frozen=True)
+class HardSwishParams:
+    """Fixed-point parameters of an int8 hard swish (TFLite Micro's HardSwishPrepare)."""
+
+    input_zero_point: int
+    output_zero_point: int
+    reluish_multiplier: int  # int16
+    reluish_exponent: int
+    output_multiplier: int  # int16
+    output_exponent: int
+
+
+def _int16_multiplier(real: float) -> tuple[int, int]:
+    """QuantizeMultiplier, then DownScaleInt32ToInt16Multiplier (rounding the top 16 bits)."""
+    m, shift = quantize_multiplier(real)
+    if m >= INT32_MAX - (1 << 15):
+        return INT16_MAX, shift
+    return (m + (1 << 15)) >> 16, shift
+
+
+def hard_swish_params(
+    input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int
+) -> HardSwishParams:
+    """The scales are combined in float32 as TFLite Micro does, then quantized to 16 bits."""
+    f32 = np.float32
+    hires = f32(1.0 / 128.0) * f32(input_scale)
+    reluish_scale = f32(3.0) / f32(32768.0)
+    m_out, e_out = _int16_multiplier(float(hires / f32(output_scale)))
+    m_relu, e_relu = _int16_multiplier(float(hires / reluish_scale))
+    if not -15 <= e_out <= 0 or not -15 <= e_relu <= 30:
+        raise ValueError(
+            f"int8 hard swish cannot map input scale {input_scale} to output scale "
+            f"{output_scale} (TFLite needs input scale / 128 < output scale)"
+        )
+    return HardSwishParams(
+        int(input_zero_point), int(output_zero_point), m_relu, e_relu, m_out, e_out
+    )
+
+
+def _srdhm16(a: np.ndarray, b: int) -> IntArray:
+    """gemmlowp's 16-bit SaturatingRoundingDoublingHighMul."""
+    a = np.asarray(a, np.int64)
+    ab = a * b
+    nudge = np.where(ab >= 0, 1 << 14, 1 - (1 << 14))
+    out = _truncating_div_pow2(ab + nudge, 15)
+    return np.where((a == INT16_MIN) & (b == INT16_MIN), INT16_MAX, out)
+
+
+def _sat_shl16(x: np.ndarray, amount: int) -> IntArray:
+    return np.clip(np.asarray(x, np.int64) * (1 << amount), INT16_MIN, INT16_MAX)
+
+
+def hard_swish_int8(q: np.ndarray, p: HardSwishParams) -> IntArray:
+    """int8 ``x * relu6(x + 3) / 6``, bit-exact with TFLite's reference kernel."""
+    hires = (np.asarray(q, np.int64) - p.input_zero_point) * (1 << 7)
+    preshift_out = _srdhm16(hires, p.output_multiplier)
+    reluish = hires
+    if p.reluish_exponent > 0:
+        reluish = _sat_shl16(reluish, p.reluish_exponent - 1)
+    reluish = _srdhm16(reluish, p.reluish_multiplier)
+    if p.reluish_exponent > 0:
+        reluish = _sat_shl16(reluish, 1)
+    if p.reluish_exponent < 0:
+        reluish = rounding_divide_by_pot(reluish, -p.reluish_exponent)
+    reluish = (reluish + (1 << 15)) >> 1
+    preshift = _truncating_div_pow2(reluish * preshift_out, 15)  # SaturatingDoublingHighMul
+    out = rounding_divide_by_pot(preshift, -p.output_exponent) + p.output_zero_point
+    return np.clip(out, INT8_MIN, INT8_MAX)

@@ -21,7 +21,7 @@ import numpy as np
 from edgeslim.core.version import __version__
 from edgeslim.export.c import compress
 from edgeslim.export.c.planner import MemoryPlan, Region, full_region
-from edgeslim.export.int8 import ir
+from edgeslim.export.int8 import ir, reference
 
 
 def template(name: str) -> str:
@@ -39,7 +39,7 @@ def _kernels(needed: set[str]) -> str:
     preamble, sections = parts[0], dict(zip(parts[1::2], parts[2::2], strict=True))
     if needed - set(sections):
         raise ValueError(f"no kernel sections {sorted(needed - set(sections))} in kernels.c")
-    if needed - {"types", "concat"}:
+    if needed - {"types", "concat", "lut"}:
         needed = needed | {"arith"}
     return preamble + "".join(sections[name] for name in sections if name in needed | {"types"})
 
@@ -323,6 +323,35 @@ class _Writer:
             f"static const requant_params_t OP{i} = {{{', '.join(map(str, fields))}}};"
         )
         self.call("requantize", f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}", indent)
+
+    def _lut(self, i: int, op: ir.Op, indent: str) -> None:
+        self.arrays.append(_c_array("int8_t", f"op{i}_table", reference.lookup_table(self.g, op)))
+        size = self.g[op.output].size
+        args = f"op{i}_table, {self.ptr(op.inputs[0])}, {self.ptr(op.output)}, {size}"
+        self.call("lut", args, indent)
+
+    _Logistic = _lut
+    _HardSwish = _lut
+
+    def _Mul(self, i: int, op: ir.Mul, indent: str) -> None:
+        a, b = (self.g[n] for n in op.inputs)
+        out = self.g[op.output]
+        gate = 0 if b.shape == out.shape else b.size  # (1, 1, 1, C): broadcast over H, W
+        p = op.params
+        fields = [
+            out.size,
+            gate,
+            a.qzero,
+            b.qzero,
+            out.qzero,
+            p.multiplier,
+            p.shift,
+            op.act_min,
+            op.act_max,
+        ]
+        self.params.append(f"static const mul_params_t OP{i} = {{{', '.join(map(str, fields))}}};")
+        args = f"&OP{i}, {self.ptr(op.inputs[0])}, {self.ptr(op.inputs[1])}, {self.ptr(op.output)}"
+        self.call("mul", args, indent)
 
     # ---- whole files
 

@@ -17,9 +17,11 @@ from torch import nn
 
 from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8 import ir
-from edgeslim.export.int8.qparams import QParamSource
-from edgeslim.export.int8.trace import FloatOp, pair
+from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
+from edgeslim.export.int8.trace import FloatOp, conv_pair
 from edgeslim.quant import spec
+
+LOGISTIC_MIN_SCALE = 2.0**-28  # the smallest input scale TFLite's int8 logistic takes
 
 
 @dataclass
@@ -35,9 +37,12 @@ def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 4:
         n, c, h, w = shape
         return (n, h, w, c)
+    if len(shape) == 3:  # (N, C, L) of a Conv1d net: a feature map with H = 1
+        n, c, length = shape
+        return (n, 1, length, c)
     if len(shape) == 2:
         return shape
-    raise LoweringError(f"tensors must be (N, C, H, W) or (N, F), got shape {shape}")
+    raise LoweringError(f"tensors must be (N, C, H, W), (N, C, L) or (N, F), got shape {shape}")
 
 
 def build_graph(
@@ -161,13 +166,17 @@ class _Builder:
 
     def _lower_conv(self, o: FloatOp) -> None:
         x = self._layer_input(o)
-        conv: nn.Conv2d = o.module
+        conv: nn.Conv2d | nn.Conv1d = o.module
+
+        def as_2d(w: np.ndarray) -> np.ndarray:  # a Conv1d's (Cout, Cin, K): KH = 1
+            return w[:, :, None, :] if w.ndim == 3 else w
+
         if conv.groups == 1:  # (Cout, Cin, KH, KW) -> (Cout, KH, KW, Cin)
             depthwise, axis = False, 0
-            weight, bias = self._weights(o, lambda w: w.transpose(0, 2, 3, 1), axis, x)
+            weight, bias = self._weights(o, lambda w: as_2d(w).transpose(0, 2, 3, 1), axis, x)
         else:  # depthwise (checked when classified): (Cout, 1, KH, KW) -> (1, KH, KW, Cout)
             depthwise, axis = True, 3
-            weight, bias = self._weights(o, lambda w: w.transpose(1, 2, 3, 0), axis, x)
+            weight, bias = self._weights(o, lambda w: as_2d(w).transpose(1, 2, 3, 0), axis, x)
         out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
         self.ops.append(
             ir.Conv2D(
@@ -176,7 +185,7 @@ class _Builder:
                 out,
                 weight=weight,
                 bias=bias,
-                stride=pair(conv.stride),
+                stride=conv_pair(conv, conv.stride),
                 padding=o.attrs["padding"],
                 depthwise=depthwise,
                 activation=o.attrs.get("activation"),
@@ -249,7 +258,7 @@ class _Builder:
 
     def _lower_gap(self, o: FloatOp) -> None:
         x = self._input(o)
-        _, c, h, w = x.torch_shape
+        c, h, w = x.torch_shape[1], *self.tensors[x.tensor].shape[1:3]  # (N, C, L): H = 1
         pooled = self.same_qparams_as(o.value, x.tensor, (1, 1, 1, c))
         self.ops.append(
             ir.Pool2D(o.name, [x.tensor], pooled, mode="avg", kernel=(h, w), stride=(h, w))
@@ -268,6 +277,8 @@ class _Builder:
         self.values[o.value] = _Value(out, o.shape)
         if len(src) == 4 and src[2] * src[3] > 1:  # NCHW order differs from NHWC
             self.values[o.value].nchw_flatten = (src[1], src[2], src[3])
+        if len(src) == 3 and src[2] > 1:  # NCL: a feature map with H = 1
+            self.values[o.value].nchw_flatten = (src[1], 1, src[2])
 
     def _lower_cat(self, o: FloatOp) -> None:
         xs = [self._input(o, i) for i in range(len(o.inputs))]
@@ -299,4 +310,56 @@ class _Builder:
         )
         out = self.act(o.value, _nhwc(o.shape), qp)
         self.ops.append(ir.Softmax(o.name, [x.tensor], out))
+        self._output(o, out)
+
+    # ---- elementwise activations and multiply
+
+    def _logistic(self, o: FloatOp, x: str) -> str:
+        """TFLite LOGISTIC of ``x``: its output has the fixed scale 1/256, zero point -128."""
+        qp = spec.QParams(
+            np.array([spec.LOGISTIC_OUTPUT_SCALE]), np.array([spec.LOGISTIC_OUTPUT_ZERO_POINT])
+        )
+        t = self.tensors[x]
+        if t.qscale < LOGISTIC_MIN_SCALE:
+            # TFLite's logistic needs s_in * 2^27 >= 1/2; values this small (an all but
+            # constant tensor) are sigmoid 0.5 anyway: requantized to that scale first
+            fine = spec.QParams(np.array([LOGISTIC_MIN_SCALE]), np.array([t.qzero]))
+            small = self.act(f"{x}_for_sigmoid", t.shape, fine)
+            self.ops.append(ir.Requantize(f"{o.name} (input)", [x], small))
+            x = small
+        out = self.act(f"{o.value}_sigmoid", t.shape, qp)
+        self.ops.append(ir.Logistic(o.name, [x], out))
+        return out
+
+    def _lower_sigmoid(self, o: FloatOp) -> None:
+        x = self._input(o)
+        out = self._logistic(o, x.tensor)
+        qp = self.source.activation(o.value)
+        t = self.tensors[out]
+        same = (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero)
+        if not (same or isinstance(self.source, CalibratedQParams)):
+            # a quantized model's quantizer after the sigmoid: its qparams, as simulated
+            req = self.act(o.value, t.shape, qp)
+            self.ops.append(ir.Requantize(f"{o.name} (output)", [out], req))
+            out = req
+        self._output(o, out)
+
+    def _lower_silu(self, o: FloatOp) -> None:
+        """SiLU as TFLite writes it: ``x * logistic(x)`` (LOGISTIC, then MUL)."""
+        x = self._input(o)
+        sig = self._logistic(o, x.tensor)
+        out = self.act(o.value, self.tensors[x.tensor].shape, self.source.activation(o.value))
+        self.ops.append(ir.Mul(o.name, [x.tensor, sig], out))
+        self._output(o, out)
+
+    def _lower_hardswish(self, o: FloatOp) -> None:
+        x = self._input(o)
+        out = self.act(o.value, self.tensors[x.tensor].shape, self.source.activation(o.value))
+        self.ops.append(ir.HardSwish(o.name, [x.tensor], out))
+        self._output(o, out)
+
+    def _lower_mul(self, o: FloatOp) -> None:
+        a, b = self._input(o, 0), self._input(o, 1)
+        out = self.act(o.value, _nhwc(o.shape), self.source.activation(o.value))
+        self.ops.append(ir.Mul(o.name, [a.tensor, b.tensor], out))
         self._output(o, out)

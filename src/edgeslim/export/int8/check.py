@@ -18,6 +18,15 @@ from edgeslim.export.int8 import example_of, ir, lower, reference
 VERIFY_SAMPLES = 32  # calibration inputs run through every check
 
 
+def main_output(out: Any) -> Any:
+    """The tensor a model returns: itself, a ``ModelOutput``'s logits, or a 1-tuple's item."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        return out[0]
+    return out
+
+
 def build_and_check_graph(
     model: Any,
     calib: Any,
@@ -57,6 +66,8 @@ def build_and_check_graph(
         sample = reference.dequantize(graph, graph.input, q).astype(np.float32)
         if sample.ndim == 4:
             sample = sample.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        if example.dim() == 3:  # (N, C, 1, L) -> (N, C, L)
+            sample = sample[:, :, 0]
         sample = torch.from_numpy(np.ascontiguousarray(sample))
     else:
         sample = torch.as_tensor(calib, dtype=torch.float32)[:VERIFY_SAMPLES]
@@ -65,7 +76,7 @@ def build_and_check_graph(
         got = reference.dequantize(graph, graph.output, reference.run_batch(graph, q))
         model.eval()
         with torch.no_grad():
-            want = model(sample).double().numpy().reshape(got.shape)
+            want = main_output(model(sample)).double().numpy().reshape(got.shape)
         err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
         if not err <= tolerance:
             raise ExportError(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from edgeslim.core.errors import LoweringError
-from edgeslim.export.int8.trace import FloatOp, pair
+from edgeslim.export.int8.trace import FloatOp, conv_pair
 
 
 def fuse(ops: list[FloatOp]) -> list[FloatOp]:
@@ -117,14 +117,16 @@ def _rename(src: FloatOp, fused: FloatOp, producers: dict[str, FloatOp]) -> None
     producers[src.value] = src
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """``(top, left, bottom, right)`` of a conv."""
+def _conv_padding(conv: nn.Conv2d | nn.Conv1d) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` of a conv (a Conv1d pads only left and right)."""
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":  # PyTorch: the extra row/column (even kernels) goes at the end
-        kh, kw = pair(conv.kernel_size)
+        kh, kw = conv_pair(conv, conv.kernel_size)
         return ((kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2)
-    ph, pw = pair(conv.padding)
+    ph, pw = conv_pair(conv, conv.padding)
+    if isinstance(conv, nn.Conv1d):
+        ph = 0
     return (ph, pw, ph, pw)
 
 

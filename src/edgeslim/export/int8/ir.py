@@ -164,7 +164,46 @@ class Requantize(Op):
     shift: int = 0
 
 
-OP_TYPES = (Conv2D, FullyConnected, Add, Pool2D, Reshape, Concat, Softmax, Requantize)
+@dataclass
+class Logistic(Op):
+    """Sigmoid (TFLite LOGISTIC); output scale 1/256, zero point -128."""
+
+    params: spec.LogisticParams | None = None
+
+
+@dataclass
+class HardSwish(Op):
+    """``x * relu6(x + 3) / 6`` (TFLite HARD_SWISH), 16-bit fixed point inside."""
+
+    params: spec.HardSwishParams | None = None
+
+
+@dataclass
+class Mul(Op):
+    """Elementwise multiply of two tensors (TFLite MUL): the same shape, or the second
+    broadcast over H and W (``(1, 1, 1, C)``, a squeeze-and-excite gate); SiLU is
+    ``x * logistic(x)``."""
+
+    params: spec.MulParams | None = None
+    act_min: int = spec.INT8_MIN
+    act_max: int = spec.INT8_MAX
+
+
+UNARY_LUT_OPS = (Logistic, HardSwish)  # int8 -> int8 functions: a 256-entry table in C
+
+OP_TYPES = (
+    Conv2D,
+    FullyConnected,
+    Add,
+    Pool2D,
+    Reshape,
+    Concat,
+    Softmax,
+    Requantize,
+    Logistic,
+    HardSwish,
+    Mul,
+)
 
 
 @dataclass
@@ -290,4 +329,23 @@ def prepare(graph: Graph) -> Graph:
             op.params = spec.softmax_params(t[op.inputs[0]].qscale, op.beta)
         if isinstance(op, Requantize):
             op.multiplier, op.shift = spec.requantize_params(t[op.inputs[0]].qscale, out.qscale)
+        try:
+            _prepare_elementwise(t, op, out)
+        except ValueError as exc:
+            raise ExportError(f"{op.kind} {op.name!r}: {exc}") from exc
     return graph
+
+
+def _prepare_elementwise(t: dict[str, Tensor], op: Op, out: Tensor) -> None:
+    x = t[op.inputs[0]]
+    if isinstance(op, Logistic):
+        if (out.qscale, out.qzero) != (
+            spec.LOGISTIC_OUTPUT_SCALE,
+            spec.LOGISTIC_OUTPUT_ZERO_POINT,
+        ):
+            raise ValueError("the output of an int8 logistic must have scale 1/256, zp -128")
+        op.params = spec.logistic_params(x.qscale, x.qzero)
+    if isinstance(op, HardSwish):
+        op.params = spec.hard_swish_params(x.qscale, x.qzero, out.qscale, out.qzero)
+    if isinstance(op, Mul):
+        op.params = spec.mul_params(x.qscale, t[op.inputs[1]].qscale, out.qscale)

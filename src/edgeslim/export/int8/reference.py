@@ -39,10 +39,13 @@ def run_batch(graph: ir.Graph, q: np.ndarray) -> np.ndarray:
 
 
 def quantize_input(graph: ir.Graph, x: np.ndarray) -> np.ndarray:
-    """A float batch in PyTorch layout (N, C, H, W) or (N, F) -> int8 graph inputs (NHWC)."""
+    """A float batch in PyTorch layout (N, C, H, W), (N, C, L) or (N, F) -> int8 graph inputs
+    (NHWC; (N, 1, L, C) for (N, C, L))."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
+    if x.ndim == 3:  # (N, C, L) -> (N, 1, L, C)
+        x = x.transpose(0, 2, 1)[:, None]
     t = graph[graph.input]
     if x.shape[1:] != t.shape[1:]:
         raise ShapeError(f"inputs must have shape (N, {t.shape[1:]}) in NHWC, got {x.shape}")
@@ -154,6 +157,38 @@ def _requantize(graph: ir.Graph, op: ir.Requantize, values) -> np.ndarray:
     )
 
 
+def _logistic(graph: ir.Graph, op: ir.Logistic, values) -> np.ndarray:
+    return spec.logistic_int8(values[op.inputs[0]], op.params)
+
+
+def _hard_swish(graph: ir.Graph, op: ir.HardSwish, values) -> np.ndarray:
+    return spec.hard_swish_int8(values[op.inputs[0]], op.params)
+
+
+def _mul(graph: ir.Graph, op: ir.Mul, values) -> np.ndarray:
+    a, b = op.inputs
+    return spec.mul_int8(
+        values[a],
+        graph[a].qzero,
+        values[b],
+        graph[b].qzero,
+        op.params,
+        graph[op.output].qzero,
+        op.act_min,
+        op.act_max,
+    )
+
+
+def lookup_table(graph: ir.Graph, op: ir.Op) -> np.ndarray:
+    """The 256 outputs of a unary int8 op (:data:`ir.UNARY_LUT_OPS`) for inputs -128..127:
+    the table the C backend indexes with ``q + 128``."""
+    q = np.arange(spec.INT8_MIN, spec.INT8_MAX + 1, dtype=np.int64)
+    table = _KERNELS[type(op)](graph, op, {op.inputs[0]: q})
+    if table.min() < spec.INT8_MIN or table.max() > spec.INT8_MAX:
+        raise ExportError(f"{op.kind} {op.name!r}: table values outside int8")
+    return table
+
+
 _KERNELS = {
     ir.Conv2D: _conv,
     ir.FullyConnected: _fully_connected,
@@ -163,4 +198,7 @@ _KERNELS = {
     ir.Concat: _concat,
     ir.Softmax: _softmax,
     ir.Requantize: _requantize,
+    ir.Logistic: _logistic,
+    ir.HardSwish: _hard_swish,
+    ir.Mul: _mul,
 }

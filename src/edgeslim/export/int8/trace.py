@@ -19,18 +19,29 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
-from edgeslim.core.fxpatterns import activation, arg, called_module, is_add
+from edgeslim.core.fxpatterns import (
+    activation,
+    arg,
+    called_module,
+    is_add,
+    is_mul,
+    unary_activation,
+)
 from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
-    "Conv2d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
+    "Conv2d / Conv1d (groups 1 or depthwise), Linear, BatchNorm after either, ReLU / ReLU6 after "
     "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-    "mean over H and W, flatten, cat, softmax, ZeroPad2d before a conv, Identity / Dropout"
+    "mean over H and W (over L), flatten, cat, softmax, ZeroPad2d before a conv, Identity / "
+    "Dropout, SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a "
+    "(N, C, 1, 1) gate)"
 )
 
 _LEAVES = (
     nn.Conv2d,
+    nn.Conv1d,
     nn.Linear,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
@@ -46,6 +57,9 @@ _LEAVES = (
     nn.Dropout,
     nn.ZeroPad2d,
     nn.ConstantPad2d,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
 )
 
 
@@ -67,23 +81,30 @@ class FloatOp:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    return isinstance(m, (*_LEAVES, QuantModule))
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*_LEAVES, QuantModule)) or super().is_leaf_module(m, qualname)
+        return _is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with every node's output shape (from ``example[:1]``)."""
+    """The graph of ``model`` with every node's output shape (from ``example[:1]``).
+
+    ``torch.fx`` symbolic tracing, or where it fails (data-dependent control flow, shapes
+    read in Python: transformers' vision models), the graph ``torch.export`` records on
+    ``example[:1]`` (:mod:`edgeslim.core.capture`).
+    """
     name = type(model).__name__
     try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, _Tracer())
+    except CaptureError as exc:
         raise LoweringError(
-            f"cannot trace {name} with torch.fx (data-dependent control flow?): "
-            f"{str(exc).strip().splitlines()[0]}; the int8 backends (.tflite, C) need a "
-            "model torch.fx can trace: export it to ONNX instead (edgeslim.export_onnx)"
+            f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "
+            "capture: export it to ONNX instead (edgeslim.export_onnx)"
         ) from exc
-    gm = fx.GraphModule(model, graph, name)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example[:1])
@@ -115,6 +136,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
     alias: dict[str, str] = {}  # identity-like node -> the value it passes on
     ops: list[FloatOp] = []
     problems: list[str] = []
+    constants: set[str] = set()
     inputs: list[str] = []
     output = ""
 
@@ -129,6 +151,10 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             continue
         if node.op == "output":
             out = node.args[0]
+            if isinstance(out, dict):  # a ModelOutput (transformers): its logits
+                out = out.get("logits", next(iter(out.values())) if len(out) == 1 else out)
+            if isinstance(out, (tuple, list)) and len(out) == 1:
+                out = out[0]
             if not isinstance(out, fx.Node):
                 problems.append(f"output: the model must return one tensor, got {out!r}")
             else:
@@ -136,6 +162,9 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             continue
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
+            continue
+        if node.op == "get_attr":  # a parameter used as a value (ViT's class token): named
+            constants.add(node.name)  # by the op that reads it
             continue
         module = called_module(node, modules)
         where = node.target if node.op == "call_module" else node.name
@@ -149,6 +178,11 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             problems.append(f"{where} ({_describe(node, module)}): not supported")
         elif op == "alias":
             alias[node.name] = value(node.args[0])
+        elif read := [x for x in op.inputs if x in constants]:
+            problems.append(
+                f"{where} ({_describe(node, module)}): reads a parameter as a tensor "
+                f"({', '.join(read)}); only layers' own weights are supported"
+            )
         else:
             op.name = str(where)
             ops.append(op)
@@ -160,7 +194,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             + "\n  ".join(problems)
             + f"\nsupported: {SUPPORTED}\nwhat to do: export the model to ONNX instead "
             "(edgeslim.export_onnx supports every layer), or replace these layers with "
-            "supported ones (e.g. ReLU / ReLU6 for SiLU / Hardswish, Conv2d for Conv1d)"
+            "supported ones (e.g. ReLU6 or Hardswish for GELU)"
         )
     return ops, inputs[0], output
 
@@ -195,11 +229,13 @@ def _classify(
             if not isinstance(module.pool, nn.AdaptiveAvgPool2d):
                 raise ValueError(f"only global average pooling is supported, got {module.pool}")
             return op("gap", x)
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Conv1d)):  # Conv1d: a Conv2d with H = 1
             _check_conv(module)
             return op("conv", x)
         if isinstance(module, nn.Linear):
             return op("linear", x)
+        if unary_activation(node, modules):
+            return op(unary_activation(node, modules), x)
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return op("bn", x)
         if act == "hardtanh":
@@ -217,6 +253,8 @@ def _classify(
                 module.dilation,
                 module.ceil_mode,
             )
+        if isinstance(module, nn.AvgPool2d) and _is_global(node, module, shape):
+            return op("gap", x, keepdim=True)
         if isinstance(module, nn.AvgPool2d):
             if module.divisor_override is not None:
                 raise ValueError("divisor_override is not supported")
@@ -253,8 +291,12 @@ def _classify(
     if is_add(node, inplace=True, methods=True):
         return _add(op, node, value)
     target = node.target
+    if unary_activation(node, modules):
+        return op(unary_activation(node, modules), [value(first)])
+    if is_mul(node):
+        return _mul(op, node, value)
     if node.op == "call_function":
-        if target is torch.flatten:
+        if target in (torch.flatten, torch.reshape):
             return _flatten(op, node, shape, value)
         if target is torch.cat:
             tensors = arg(node, 0, "tensors", None)
@@ -283,6 +325,16 @@ def _classify(
             return _mean(op, node, value)
         return None
     return None
+
+
+def _is_global(node: fx.Node, pool: nn.AvgPool2d, shape: tuple[int, ...]) -> bool:
+    """An average pool whose window covers the whole input (and no padding): a global mean
+    (transformers' EfficientNet pools with ``AvgPool2d(hidden_dim, ceil_mode=True)``)."""
+    src = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if src is None or len(src) != 4 or len(shape) != 4 or shape[2:] != (1, 1):
+        return False
+    kh, kw = pair(pool.kernel_size)
+    return kh >= src[2] and kw >= src[3] and pair(pool.padding) == (0, 0)
 
 
 def _pool(op, x, mode, kernel, stride, padding, dilation, ceil_mode, count_include_pad=False):
@@ -342,6 +394,31 @@ def _add(op, node: fx.Node, value: Callable) -> FloatOp:
     return op("add", [value(a), value(b)])
 
 
+def _mul(op, node: fx.Node, value: Callable) -> FloatOp:
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        raise ValueError("only the product of two tensors is supported (not tensor * constant)")
+    sa, sb = shape_of(a), shape_of(b)
+    if sa != sb and _gates(sa, sb):
+        return op("mul", [value(a), value(b)])  # x * gate (N, C, 1, 1)
+    if sa != sb and _gates(sb, sa):
+        return op("mul", [value(b), value(a)])
+    if sa != sb:
+        raise ValueError(f"only the product of tensors of the same shape is supported ({sa}, {sb})")
+    return op("mul", [value(a), value(b)])
+
+
+def _gates(x: tuple[int, ...] | None, gate: tuple[int, ...] | None) -> bool:
+    """Is ``gate`` a (N, C, 1, 1) tensor that broadcasts over ``x`` (N, C, H, W)?"""
+    return (
+        x is not None
+        and gate is not None
+        and len(x) == len(gate) == 4
+        and gate[:2] == x[:2]
+        and gate[2:] == (1, 1)
+    )
+
+
 def _flatten(op, node: fx.Node, shape: tuple[int, ...], value: Callable) -> FloatOp:
     src = shape_of(node.args[0])
     if len(shape) != 2 or src is None or shape[0] != src[0]:
@@ -351,18 +428,29 @@ def _flatten(op, node: fx.Node, shape: tuple[int, ...], value: Callable) -> Floa
 
 def _mean(op, node: fx.Node, value: Callable) -> FloatOp:
     dims = arg(node, 1, "dim", None)
-    dims = {int(d) % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
-    if dims != {2, 3}:
-        raise ValueError("only the mean over H and W of an NCHW tensor is supported")
+    src = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    rank = len(src) if src is not None else 4
+    dims = {int(d) % rank for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+    if dims != ({2, 3} if rank == 4 else {2}):
+        raise ValueError(
+            "only the mean over H and W of an NCHW tensor (over L of an NCL one) is supported"
+        )
     keepdim = bool(arg(node, 2, "keepdim", False))
     return op("gap", [value(node.args[0])], keepdim=keepdim)
 
 
-def _check_conv(conv: nn.Conv2d) -> None:
+def conv_pair(conv: nn.Conv2d | nn.Conv1d, v: int | tuple[int, ...]) -> tuple[int, int]:
+    """A conv's 2-d size argument; a Conv1d's ``(v,)`` is ``(1, v)`` (its H is 1)."""
+    if isinstance(conv, nn.Conv1d):
+        return (1, int(v if isinstance(v, int) else v[0]))
+    return pair(v)
+
+
+def _check_conv(conv: nn.Conv2d | nn.Conv1d) -> None:
     """Raise ValueError for conv settings the int8 graph does not support."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
-    if pair(conv.dilation) != (1, 1):
+    if conv_pair(conv, conv.dilation) != (1, 1):
         raise ValueError("dilation is not supported")
     cin, groups = conv.in_channels, conv.groups
     if groups != 1 and not (groups == cin and conv.out_channels % cin == 0):

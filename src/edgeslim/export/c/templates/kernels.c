@@ -369,6 +369,35 @@ static void softmax_s8(const softmax_params_t *p, const int8_t *in, int8_t *out)
     }
 }
 
+/* ==== lut ==== */
+/* a unary int8 op (logistic, hard swish) as its 256 outputs, computed at export time by
+ * TFLite Micro's fixed-point arithmetic (edgeslim/quant/spec.py): out = table[in + 128] */
+
+static void lut_s8(const int8_t *table, const int8_t *in, int8_t *out, int32_t size)
+{
+    int32_t i;
+    for (i = 0; i < size; ++i) out[i] = table[(int32_t)in[i] + 128];
+}
+
+/* ==== mul ==== */
+/* TFLite's reference MulElementwise (and its broadcast over H and W) */
+
+/* b is the same shape as a (gate = 0), or (1, 1, 1, gate) broadcast over H and W */
+typedef struct {
+    int32_t size, gate, zp1, zp2, out_zp, mult, shift, act_min, act_max;
+} mul_params_t;
+
+static void mul_s8(const mul_params_t *p, const int8_t *a, const int8_t *b, int8_t *out)
+{
+    int32_t i;
+    for (i = 0; i < p->size; ++i) {
+        const int32_t x = (int32_t)a[i] - p->zp1;
+        const int32_t y = (int32_t)b[p->gate ? i % p->gate : i] - p->zp2;
+        const int32_t q = mbqm(x * y, p->mult, p->shift) + p->out_zp;
+        out[i] = (int8_t)clamp32(q, p->act_min, p->act_max);
+    }
+}
+
 /* ==== packed ==== */
 /* Compressed weights (edgeslim/export/c/compress.py): a (rows x cols) int8 matrix as codes
  * into a table of its distinct values, packed LSB first at their bit-width; "relative":
