@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgeslim.quant import spec
+from edgeslim.quant import spec_nonlinear as nl
 
 
 def test_fc_multiplier_multiplies_scales_in_float32():
@@ -48,15 +49,19 @@ def test_requantize_int8_hand_worked():
 
 def test_saturating_shift_and_rounding_half_sum():
     x = np.array([3, -5, 1 << 29, -(1 << 29), (1 << 29) + 1])
-    assert spec.saturating_rounding_mul_by_pot(x, 2).tolist() == [
+    assert nl.saturating_rounding_mul_by_pot(x, 2).tolist() == [
         12,
         -20,
         spec.INT32_MAX,
         spec.INT32_MIN,
         spec.INT32_MAX,
     ]
-    assert spec.saturating_rounding_mul_by_pot(np.array([-5, 5, 6]), -1).tolist() == [-3, 3, 3]
-    assert spec.rounding_half_sum(
+    assert nl.saturating_rounding_mul_by_pot(np.array([-5, 5, 6]), -1).tolist() == [
+        -3,
+        3,
+        3,
+    ]
+    assert nl.rounding_half_sum(
         np.array([3, -3, spec.INT32_MAX]), np.array([4, -4, spec.INT32_MAX])
     ).tolist() == [4, -4, spec.INT32_MAX]
 
@@ -64,30 +69,30 @@ def test_saturating_shift_and_rounding_half_sum():
 def test_fixed_point_exp_and_reciprocal_are_close_to_float():
     a = np.linspace(-31.0, 0.0, 4001)
     raw = np.round(a * 2**26).astype(np.int64)  # Q5.26
-    got = spec.exp_on_negative_values(raw, 5) / 2**31
+    got = nl.exp_on_negative_values(raw, 5) / 2**31
     assert np.max(np.abs(got - np.exp(raw / 2**26))) < 5e-7  # a few Q0.31 steps
-    assert spec.exp_on_negative_values(np.array([0]), 5)[0] == spec.INT32_MAX
+    assert nl.exp_on_negative_values(np.array([0]), 5)[0] == spec.INT32_MAX
     x = np.linspace(0, 0.999, 1000)
-    got = spec.one_over_one_plus_x_for_x_in_0_1(np.round(x * 2**31).astype(np.int64)) / 2**31
+    got = nl.one_over_one_plus_x_for_x_in_0_1(np.round(x * 2**31).astype(np.int64)) / 2**31
     assert np.max(np.abs(got - 1 / (1 + x))) < 1e-8
-    recip, bits = spec.get_reciprocal(np.array([3 << 19]), 12)  # 3.0 in Q12.19
+    recip, bits = nl.get_reciprocal(np.array([3 << 19]), 12)  # 3.0 in Q12.19
     assert recip[0] / 2**31 * 2.0 ** -bits[0] == pytest.approx(1 / 3, rel=1e-8)
 
 
 def test_softmax_params_hand_worked():
     # 0.1f * 2^26 = 6710886.5 = 0.80000001 * 2^23 -> m = round(0.80000001 * 2^31), shift 23
-    p = spec.softmax_params(0.1)
+    p = nl.softmax_params(0.1)
     assert (p.input_multiplier, p.input_left_shift) == (1717986944, 23)
     assert p.diff_min == -math.floor(31 * 2**26 / 2**23) == -248
     with pytest.raises(ValueError, match="too small"):
-        spec.softmax_params(1e-9)
+        nl.softmax_params(1e-9)
 
 
 def test_softmax_int8_is_close_to_float_softmax():
     rng = np.random.default_rng(0)
     for scale in (0.02, 0.1, 0.5):
         q = rng.integers(-128, 128, (64, 10))
-        got = spec.softmax_int8(q, spec.softmax_params(scale))
+        got = nl.softmax_int8(q, nl.softmax_params(scale))
         assert got.min() >= -128 and got.max() <= 127
         z = q * np.float32(scale)
         want = np.exp(z - z.max(1, keepdims=True))
@@ -95,6 +100,6 @@ def test_softmax_int8_is_close_to_float_softmax():
         assert np.max(np.abs(got - np.clip(want, -128, 127))) <= 1.0
     # a hand-checked row: two equal maxima share the probability mass
     q = np.array([[10, 20, -5, 127, -128, 0, 0, 3, 100, 127]])
-    assert spec.softmax_int8(q, spec.softmax_params(0.1)).tolist() == [
+    assert nl.softmax_int8(q, nl.softmax_params(0.1)).tolist() == [
         [-128, -128, -128, -4, -128, -128, -128, -128, -120, -4]
     ]

@@ -230,56 +230,45 @@ class _QuantLayer(QuantModule):
         return self._layer_op(x, w, None if self.bias is None else self.bias.detach())
 
 
-class QuantConv2d(_QuantLayer, nn.Conv2d):
+class _QuantConv(_QuantLayer):
+    """What the quantized convolutions share: built from the float conv's own arguments, one
+    weight scale per output channel (dim 1 of the activations)."""
+
+    _conv = staticmethod(F.conv2d)  # the functional form of the layer
+
+    @classmethod
+    def from_float(cls, conv: nn.Module, wq: WeightQuant, input_quant: ActQuant) -> _QuantConv:
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        new._init_from(conv, wq, input_quant)
+        return new
+
+    def _layer_op(self, x, w, b):
+        return self._conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_view(self, t, ndim):
+        return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
     """An ``nn.Conv2d`` whose input, weights (per output channel) and output are quantized."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, wq: WeightQuant, input_quant: ActQuant) -> QuantConv2d:
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
-        new._init_from(conv, wq, input_quant)
-        return new
-
-    def _layer_op(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def _channel_view(self, t, ndim):
-        return t.reshape(1, -1, *([1] * (ndim - 2)))
+    _conv = staticmethod(F.conv2d)
 
 
-class QuantConv1d(_QuantLayer, nn.Conv1d):
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """An ``nn.Conv1d`` whose input, weights (per output channel) and output are quantized."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, wq: WeightQuant, input_quant: ActQuant) -> QuantConv1d:
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
-        new._init_from(conv, wq, input_quant)
-        return new
-
-    def _layer_op(self, x, w, b):
-        return F.conv1d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def _channel_view(self, t, ndim):
-        return t.reshape(1, -1, *([1] * (ndim - 2)))
+    _conv = staticmethod(F.conv1d)
 
 
 class QuantLinear(_QuantLayer, nn.Linear):

@@ -19,7 +19,7 @@ from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8 import ir
 from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
 from edgeslim.export.int8.trace import FloatOp, conv_pair
-from edgeslim.quant import spec
+from edgeslim.quant import spec, spec_nonlinear
 
 LOGISTIC_MIN_SCALE = 2.0**-28  # the smallest input scale TFLite's int8 logistic takes
 
@@ -306,7 +306,8 @@ class _Builder:
         if dim is None or (dim % rank) not in ((1,) if rank in (2, 4) else ()):
             raise LoweringError(f"{o.name}: softmax must be over dim 1 (features / channels)")
         qp = spec.QParams(
-            np.array([spec.SOFTMAX_OUTPUT_SCALE]), np.array([spec.SOFTMAX_OUTPUT_ZERO_POINT])
+            np.array([spec_nonlinear.SOFTMAX_OUTPUT_SCALE]),
+            np.array([spec_nonlinear.SOFTMAX_OUTPUT_ZERO_POINT]),
         )
         out = self.act(o.value, _nhwc(o.shape), qp)
         self.ops.append(ir.Softmax(o.name, [x.tensor], out))
@@ -317,7 +318,8 @@ class _Builder:
     def _logistic(self, o: FloatOp, x: str) -> str:
         """TFLite LOGISTIC of ``x``: its output has the fixed scale 1/256, zero point -128."""
         qp = spec.QParams(
-            np.array([spec.LOGISTIC_OUTPUT_SCALE]), np.array([spec.LOGISTIC_OUTPUT_ZERO_POINT])
+            np.array([spec_nonlinear.LOGISTIC_OUTPUT_SCALE]),
+            np.array([spec_nonlinear.LOGISTIC_OUTPUT_ZERO_POINT]),
         )
         t = self.tensors[x]
         if t.qscale < LOGISTIC_MIN_SCALE:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeslim.core.errors import ExportError
-from edgeslim.quant import spec
+from edgeslim.quant import spec, spec_nonlinear
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Softmax(Op):
     """Softmax over the last axis; output scale 1/256, zero point -128."""
 
     beta: float = 1.0
-    params: spec.SoftmaxParams | None = None
+    params: spec_nonlinear.SoftmaxParams | None = None
 
 
 @dataclass
@@ -168,14 +168,14 @@ class Requantize(Op):
 class Logistic(Op):
     """Sigmoid (TFLite LOGISTIC); output scale 1/256, zero point -128."""
 
-    params: spec.LogisticParams | None = None
+    params: spec_nonlinear.LogisticParams | None = None
 
 
 @dataclass
 class HardSwish(Op):
     """``x * relu6(x + 3) / 6`` (TFLite HARD_SWISH), 16-bit fixed point inside."""
 
-    params: spec.HardSwishParams | None = None
+    params: spec_nonlinear.HardSwishParams | None = None
 
 
 @dataclass
@@ -326,7 +326,7 @@ def prepare(graph: Graph) -> Graph:
             a, b = (t[n] for n in op.inputs)
             op.params = spec.add_params(a.qscale, b.qscale, out.qscale)
         if isinstance(op, Softmax):
-            op.params = spec.softmax_params(t[op.inputs[0]].qscale, op.beta)
+            op.params = spec_nonlinear.softmax_params(t[op.inputs[0]].qscale, op.beta)
         if isinstance(op, Requantize):
             op.multiplier, op.shift = spec.requantize_params(t[op.inputs[0]].qscale, out.qscale)
         try:
@@ -340,12 +340,12 @@ def _prepare_elementwise(t: dict[str, Tensor], op: Op, out: Tensor) -> None:
     x = t[op.inputs[0]]
     if isinstance(op, Logistic):
         if (out.qscale, out.qzero) != (
-            spec.LOGISTIC_OUTPUT_SCALE,
-            spec.LOGISTIC_OUTPUT_ZERO_POINT,
+            spec_nonlinear.LOGISTIC_OUTPUT_SCALE,
+            spec_nonlinear.LOGISTIC_OUTPUT_ZERO_POINT,
         ):
             raise ValueError("the output of an int8 logistic must have scale 1/256, zp -128")
-        op.params = spec.logistic_params(x.qscale, x.qzero)
+        op.params = spec_nonlinear.logistic_params(x.qscale, x.qzero)
     if isinstance(op, HardSwish):
-        op.params = spec.hard_swish_params(x.qscale, x.qzero, out.qscale, out.qzero)
+        op.params = spec_nonlinear.hard_swish_params(x.qscale, x.qzero, out.qscale, out.qzero)
     if isinstance(op, Mul):
         op.params = spec.mul_params(x.qscale, t[op.inputs[1]].qscale, out.qscale)

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeslim.core.errors import ExportError, ShapeError
 from edgeslim.export.int8 import ir
-from edgeslim.quant import spec
+from edgeslim.quant import spec, spec_nonlinear
 
 
 def run(graph: ir.Graph, q: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,18 +110,12 @@ def _fully_connected(graph: ir.Graph, op: ir.FullyConnected, values) -> np.ndarr
     return spec.requantize(acc, op.multiplier, op.shift, out_t.qzero, op.act_min, op.act_max)
 
 
-def _add(graph: ir.Graph, op: ir.Add, values) -> np.ndarray:
+def _elementwise(graph: ir.Graph, op: ir.Add | ir.Mul, values) -> np.ndarray:
+    """ADD or MUL of two int8 tensors: their zero points, the output's, the fused clamp."""
     a, b = op.inputs
-    return spec.add_int8(
-        values[a],
-        graph[a].qzero,
-        values[b],
-        graph[b].qzero,
-        op.params,
-        graph[op.output].qzero,
-        op.act_min,
-        op.act_max,
-    )
+    kernel = spec.add_int8 if isinstance(op, ir.Add) else spec.mul_int8
+    za, zb, zo = graph[a].qzero, graph[b].qzero, graph[op.output].qzero
+    return kernel(values[a], za, values[b], zb, op.params, zo, op.act_min, op.act_max)
 
 
 def _pool(graph: ir.Graph, op: ir.Pool2D, values) -> np.ndarray:
@@ -147,7 +141,7 @@ def _concat(graph: ir.Graph, op: ir.Concat, values) -> np.ndarray:
 
 
 def _softmax(graph: ir.Graph, op: ir.Softmax, values) -> np.ndarray:
-    return spec.softmax_int8(values[op.inputs[0]], op.params)
+    return spec_nonlinear.softmax_int8(values[op.inputs[0]], op.params)
 
 
 def _requantize(graph: ir.Graph, op: ir.Requantize, values) -> np.ndarray:
@@ -158,25 +152,11 @@ def _requantize(graph: ir.Graph, op: ir.Requantize, values) -> np.ndarray:
 
 
 def _logistic(graph: ir.Graph, op: ir.Logistic, values) -> np.ndarray:
-    return spec.logistic_int8(values[op.inputs[0]], op.params)
+    return spec_nonlinear.logistic_int8(values[op.inputs[0]], op.params)
 
 
 def _hard_swish(graph: ir.Graph, op: ir.HardSwish, values) -> np.ndarray:
-    return spec.hard_swish_int8(values[op.inputs[0]], op.params)
-
-
-def _mul(graph: ir.Graph, op: ir.Mul, values) -> np.ndarray:
-    a, b = op.inputs
-    return spec.mul_int8(
-        values[a],
-        graph[a].qzero,
-        values[b],
-        graph[b].qzero,
-        op.params,
-        graph[op.output].qzero,
-        op.act_min,
-        op.act_max,
-    )
+    return spec_nonlinear.hard_swish_int8(values[op.inputs[0]], op.params)
 
 
 def lookup_table(graph: ir.Graph, op: ir.Op) -> np.ndarray:
@@ -192,7 +172,7 @@ def lookup_table(graph: ir.Graph, op: ir.Op) -> np.ndarray:
 _KERNELS = {
     ir.Conv2D: _conv,
     ir.FullyConnected: _fully_connected,
-    ir.Add: _add,
+    ir.Add: _elementwise,
     ir.Pool2D: _pool,
     ir.Reshape: _reshape,
     ir.Concat: _concat,
@@ -200,5 +180,5 @@ _KERNELS = {
     ir.Requantize: _requantize,
     ir.Logistic: _logistic,
     ir.HardSwish: _hard_swish,
-    ir.Mul: _mul,
+    ir.Mul: _elementwise,
 }
