@@ -208,3 +208,27 @@ class AllOps(nn.Module):
         y = F.avg_pool2d(y + x, 2)  # (B, 16, 7, 7)
         y = y.mean((2, 3))  # (B, 16)
         return F.softmax(self.bn1d(self.fc(y)), dim=1)
+
+
+def check_every_tensor(graph: ir.Graph, q: np.ndarray) -> None:
+    """Every tensor of ``graph`` on the int8 inputs ``q``: the reference interpreter, the
+    compiled C (when this machine has a C compiler) and TFLite Micro agree bit for bit.
+    Skips the TFLite Micro part (after checking C) when tflite-micro is not installed."""
+    import pytest
+
+    from edgeslim.export import tflite, tflite_format
+    from edgeslim.export.c import codegen, hostbuild, planner
+    from edgeslim.export.int8 import reference
+
+    expected = [reference.run(graph, x[None]) for x in q]
+    if hostbuild.compiler() is not None:
+        with hostbuild.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
+            _, trace = b.run(q, graph[graph.output].size, trace=True)
+        n = len(trace) // len(q)
+        for k in range(len(q)):
+            assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == [], k
+    if not tflite.tflm_available():
+        pytest.skip("tflite-micro is not installed: C checked, TFLite Micro not compared")
+    _, tensors = tflite.run_tflm(graph, tflite_format.serialize(graph), q, every_tensor=True)
+    for k in range(len(q)):
+        assert compare_tensors(expected[k], tensors[k], graph.activations()) == [], k

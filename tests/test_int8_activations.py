@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.core.errors import ExportError
-from edgeslim.export import int8, tflite, tflite_format
-from edgeslim.export.c import codegen, hostbuild, planner
-from edgeslim.export.int8 import ir, reference
+from edgeslim.export import int8, tflite
+from edgeslim.export.c import hostbuild
+from edgeslim.export.int8 import ir
 from edgeslim.quant import spec_nonlinear as nl
-from mcu_helpers import GraphBuilder, compare_tensors
+from mcu_helpers import GraphBuilder, check_every_tensor
 
 ALL_INT8 = np.arange(-128, 128, dtype=np.int64).reshape(1, 16, 16, 1)
 
@@ -56,18 +56,7 @@ def _inputs(graph: ir.Graph) -> np.ndarray:
 def test_every_int8_value_agrees_in_reference_c_and_tflite_micro(qp):
     graph = _activation_graph(*qp)
     q = _inputs(graph)
-    expected = [reference.run(graph, x[None]) for x in q]
-    if hostbuild.compiler() is not None:
-        with hostbuild.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
-            _, trace = b.run(q, graph[graph.output].size, trace=True)
-        n = len(trace) // len(q)
-        for k in range(len(q)):
-            assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
-    if not tflite.tflm_available():
-        pytest.skip("tflite-micro is not installed: TFLite Micro not compared")
-    _, tensors = tflite.run_tflm(graph, tflite_format.serialize(graph), q, every_tensor=True)
-    for k in range(len(q)):
-        assert compare_tensors(expected[k], tensors[k], graph.activations()) == [], k
+    check_every_tensor(graph, q)
 
 
 @pytest.mark.parametrize("qp", QPARAMS, ids=lambda q: "s{}_zp{}".format(*q[:2]))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.export import int8, tflite, tflite_format
-from edgeslim.export.c import codegen, hostbuild, planner
+from edgeslim.export import int8, tflite
+from edgeslim.export.c import hostbuild
 from edgeslim.export.int8 import reference
-from mcu_helpers import compare_tensors
+from mcu_helpers import check_every_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
@@ -53,18 +53,7 @@ def test_a_conv1d_net_agrees_with_pytorch_c_and_tflite_micro():
     with torch.no_grad():
         want = model(calib[:4]).double().numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
-    expected = [reference.run(graph, x[None]) for x in q]
-    if hostbuild.compiler() is not None:
-        with hostbuild.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
-            _, trace = b.run(q, graph[graph.output].size, trace=True)
-        n = len(trace) // len(q)
-        for k in range(len(q)):
-            assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
-    if not tflite.tflm_available():
-        pytest.skip("tflite-micro is not installed: TFLite Micro not compared")
-    _, tensors = tflite.run_tflm(graph, tflite_format.serialize(graph), q, every_tensor=True)
-    for k in range(len(q)):
-        assert compare_tensors(expected[k], tensors[k], graph.activations()) == []
+    check_every_tensor(graph, q)
 
 
 def test_ptq_quantizes_conv1d_and_exports_without_calib(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from edgeslim.export import tflite, tflite_format
 from edgeslim.export.c import codegen, hostbuild, planner
 from edgeslim.export.int8 import reference
-from mcu_helpers import MODELS, compare_tensors, mnist_images, model_and_graph
+from mcu_helpers import MODELS, check_every_tensor, compare_tensors, mnist_images, model_and_graph
 
 pytestmark = pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
 
@@ -97,14 +97,4 @@ def test_every_op_kind_agrees_at_every_tensor():
     kinds = {op.kind for op in graph.ops}
     assert {"Concat", "Requantize", "Softmax", "Pool2D", "Add"} <= kinds
     q = reference.quantize_input(graph, mnist_images((1, 28, 28), 4, "test").numpy())
-    expected = [reference.run(graph, x[None]) for x in q]
-    with hostbuild.Build(codegen.generate(graph, planner.plan_memory(graph)), trace=True) as b:
-        _, trace = b.run(q, graph[graph.output].size, trace=True)
-    n = len(trace) // len(q)
-    for k in range(len(q)):
-        assert hostbuild.check_trace(graph, expected[k], trace[k * n : (k + 1) * n]) == []
-    if not tflite.tflm_available():
-        pytest.skip("tflite-micro is not installed: C checked, TFLite Micro not compared")
-    _, tensors = tflite.run_tflm(graph, tflite_format.serialize(graph), q, every_tensor=True)
-    for k in range(len(q)):
-        assert compare_tensors(expected[k], tensors[k], graph.activations()) == []
+    check_every_tensor(graph, q)
