@@ -312,7 +312,7 @@ def _same_shape_finite(before: torch.Tensor, model: nn.Module, x: Any) -> torch.
 
 def _onnx_example(a: Arch) -> Any:
     if isinstance(a.example, dict):
-        return (a.example["input_ids"], a.example["attention_mask"])
+        return dict(a.example)  # keyword inputs, as a tokenizer gives them
     return a.example
 
 

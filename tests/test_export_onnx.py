@@ -105,3 +105,49 @@ def test_cli_export_onnx_int8(tmp_path):
         [*cmd[:5], "zoo:nope", "--out", str(out)], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "unknown zoo model" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("mask", "causal", "gqa"),
+    [(None, False, False), ("float", False, False), ("bool", False, False), (None, True, True)],
+)
+def test_attention_math_is_scaled_dot_product_attention(mask, causal, gqa):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g)
+    k, v = (torch.randn(2, 2 if gqa else 4, 5, 8, generator=g) for _ in range(2))
+    m = {"float": torch.randn(1, 4, 5, 5, generator=g), "bool": torch.rand(5, 5) > 0.3}.get(mask)
+    if mask == "bool":
+        m[:, 0] = True  # every row keeps a key
+    kw = {"attn_mask": m, "is_causal": causal, "enable_gqa": gqa, "scale": 0.3}
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(onnx_export.attention_math(q, k, v, **kw), want)
+
+
+def _tiny_swin():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(
+        image_size=16, patch_size=4, embed_dim=8, depths=[1], num_heads=[2], window_size=2,
+        num_labels=3,
+    )  # fmt: skip
+    return transformers.SwinForImageClassification(cfg).eval()
+
+
+def test_swin_exports_through_eager_attention(tmp_path):
+    # torch.onnx cannot decompose Swin's masked SDPA (a view of the fused kernel's strides)
+    model = _tiny_swin()
+    res = export_onnx(model, tmp_path / "swin.onnx", torch.randn(2, 3, 16, 16))
+    assert res.max_abs_diff <= res.tolerance
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.slow
+def test_int8_swin_graph_exports_through_math_attention(tmp_path):
+    model = _tiny_swin()
+    q = quantize(model, Int8PTQ(), calib=torch.randn(8, 3, 16, 16))
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    before = [n.target for n in q.graph.nodes]
+    assert sdpa in before  # a captured graph holding the fused attention kernel
+    res = export_onnx(q, tmp_path / "swin.onnx", torch.randn(2, 3, 16, 16))
+    assert res.quantized and res.max_abs_diff is not None
+    assert [n.target for n in q.graph.nodes] == before  # the graph is left as it was

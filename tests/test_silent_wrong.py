@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import edgeslim as es
-from edgeslim.core.errors import ConfigError
 from edgeslim.quant import Int8PTQ, quantize
 from edgeslim.quant.modules import ActQuant, QuantLinear
 
@@ -184,10 +183,51 @@ def test_int8ptq_on_gpt2_falls_back_to_modules_and_quantizes_conv1d():
     assert cos > 0.999, cos
 
 
-def test_channel_prune_refuses_conv1d_naming_the_layers():
+def test_conv1d_to_linear_keeps_the_outputs():
+    from edgeslim.core.linear import conv1d_to_linear_
+
     model = gpt2()
-    with pytest.raises(ConfigError, match=r"Conv1D.*transformer\.h\.0\.attn\.c_attn"):
-        es.prune_(model, es.ChannelPrune(ratio=0.5), example=torch.randint(0, VOCAB, (2, 8)))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    names = set(_conv1d(model))
+    assert set(conv1d_to_linear_(model)) == names and len(names) == 8
+    assert not _conv1d(model)
+    fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(fc, nn.Linear) and (fc.in_features, fc.out_features) == (64, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=1e-5)
+
+
+def test_channel_prune_cuts_gpt2_ffn_and_exports_with_keyword_inputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip (use_cache on, as a user's model has it)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    x = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8).long()}
+    x["attention_mask"][1, -2:] = 0
+    with torch.no_grad():
+        shape = model(**x).logits.shape
+    out = es.prune_(model, es.ChannelPrune(ratio=0.5), example=x)
+    assert out["removed"] == {"transformer.h.0.mlp.c_fc": 0.5}
+    assert model.transformer.h[0].mlp.c_fc.out_features == 64
+    assert model.transformer.h[0].attn.c_attn.out_features == 96  # fused q/k/v kept whole
+    with torch.no_grad():
+        assert model(**x).logits.shape == shape
+    # a dict example reaches forward by keyword (GPT-2's 2nd positional is past_key_values)
+    res = es.export_onnx(model, tmp_path / "gpt2.onnx", x, verify=True)
+    assert res.max_abs_diff is not None and res.max_abs_diff <= res.tolerance
+    import onnx
+
+    names = [i.name for i in onnx.load(str(tmp_path / "gpt2.onnx")).graph.input]
+    assert names == ["input_ids", "attention_mask"]
 
 
 def _dead_middle(kind: str) -> nn.Module:

@@ -47,6 +47,48 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+@contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """A transformers model with ``config.use_cache`` off (restored afterwards): its forward
+    then returns logits / hidden states only, no key/value cache object, which graph
+    capture (``torch.export``, a dependency graph) cannot follow and which is no part of
+    what the model computes. Models without such a flag are left as they are."""
+    configs = [c for c in _configs(model) if getattr(c, "use_cache", None) is True]
+    for c in configs:
+        c.use_cache = False
+    try:
+        yield model
+    finally:
+        for c in configs:
+            c.use_cache = True
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    found = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    return list(found.values())
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[list[Any]]:
+    """A transformers model whose attention runs transformers' "eager" path (explicit
+    matmul, softmax, matmul) instead of ``scaled_dot_product_attention``, restored
+    afterwards; yields the configs it changed (empty: nothing to change). The same function,
+    written in ops that every exporter decomposes (``torch.onnx``'s decomposition of SDPA
+    with a mask fails on Swin's windowed attention)."""
+    changed = [
+        (c, c._attn_implementation)
+        for c in _configs(model)
+        if getattr(c, "_attn_implementation", "eager") not in (None, "eager")
+    ]
+    for c, _ in changed:
+        c._attn_implementation = "eager"
+    try:
+        yield [c for c, _ in changed]
+    finally:
+        for c, old in changed:
+            c._attn_implementation = old
+
+
 Callback = Callable[[str, nn.Module, tuple[Any, ...], Any], None]
 
 

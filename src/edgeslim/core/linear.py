@@ -22,6 +22,33 @@ def _transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # weight (in, out)
 
 
+@torch.no_grad()
+def conv1d_to_linear_(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` in ``model`` by the equivalent ``nn.Linear``
+    (weight transposed to ``(out, in)``, same bias, dtype, device and ``requires_grad``) in
+    place; returns the names replaced. The outputs stay the same up to float rounding
+    (``addmm`` and ``linear`` may sum in another order). Tools that only know ``nn.Linear``
+    (a dependency graph for structured pruning) can then handle GPT-2's linear layers.
+    """
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not _transposed(child):
+                continue
+            w, b = child.weight, child.bias
+            lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=w.device)
+            lin = lin.to(w.dtype)
+            lin.weight.copy_(w.t())
+            lin.weight.requires_grad_(w.requires_grad)
+            if b is not None:
+                lin.bias.copy_(b)
+                lin.bias.requires_grad_(b.requires_grad)
+            lin.train(child.training)
+            setattr(parent, child_name, lin)
+            replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return replaced
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """A float32 copy of the layer's weight as ``(out, in)``."""
     w = module.weight.detach()

@@ -42,10 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_path
+from edgeslim.core.hooks import eager_attention, no_kv_cache
 
 # the ONNX exporter builds its op table once: the quantized_decomposed ops must exist first
 from edgeslim.quant import modules as _quant_modules  # noqa: F401
@@ -76,6 +78,43 @@ class ExportResult:
     metric: str = "max_abs"  # what ``tolerance`` bounds: "max_abs" or "rel_l2"
     tolerance: float | None = None
     integer_ops: dict[str, int] = field(default_factory=dict)
+
+
+class KeywordInputs(nn.Module):
+    """``model`` called with keyword inputs (a tokenizer's output) given as positional tensors
+    in the order of ``names``: what is exported for a mapping ``example``, so each tensor
+    reaches the parameter it is named for (GPT-2's second positional parameter is
+    ``past_key_values``, not ``attention_mask``)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+
+def keyword_inputs(model: nn.Module, example: Any) -> tuple[nn.Module, Any, list[str] | None]:
+    """``(model, example, names)`` to export: a mapping ``example`` of tensors (e.g. a
+    ``BatchEncoding``) becomes a :class:`KeywordInputs` wrapper, a tuple and its keys;
+    anything else is returned as it is (``names`` ``None``)."""
+    from collections.abc import Mapping
+
+    if not isinstance(example, Mapping):
+        return model, example, None
+    bad = [k for k, v in example.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad or not example:
+        raise ExportError(
+            "a mapping example must map input names to tensors (a tokenizer's output); "
+            f"got {'no entries' if not example else f'non-tensor entries {bad[:4]}'}"
+        )
+    names = list(example)
+    return KeywordInputs(model, names), tuple(example[k] for k in names), names
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, KeywordInputs) else model
 
 
 def _inputs(example: Any) -> tuple[torch.Tensor, ...]:
@@ -162,44 +201,125 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``path``; with ``verify``, check it in ONNX Runtime first.
 
-    ``example`` is an input batch (a tensor or a tuple of tensors). A model quantized by
+    ``example`` is an input batch: a tensor, a tuple of tensors (positional inputs) or a
+    mapping of input names to tensors (keyword inputs, e.g. a tokenizer's output; the ONNX
+    inputs then carry those names unless ``input_names`` says otherwise). A model quantized by
     ``edgeslim.quant`` becomes an int8 QDQ graph. Raises :class:`ExportError` when export
     fails or ORT's output is further from PyTorch's than the tolerance (module docstring);
     then nothing is written at ``path``.
     """
     from edgeslim.quant.modules import is_quantized
 
-    inputs = _inputs(example)
     quantized = is_quantized(model)
+    what = type(model).__name__
+    model, example, keys = keyword_inputs(model, example)
+    inputs = _inputs(example)
     path = Path(path)
-    names = input_names or [f"input_{i}" if i else "input" for i in range(len(inputs))]
+    names = input_names or keys or [f"input_{i}" if i else "input" for i in range(len(inputs))]
     dyn = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
+    if dyn is not None and keys:
+        dyn = (dyn,)  # KeywordInputs takes *args: one entry holding each tensor's shape
     with atomic_path(path) as tmp:
-        with _export_mode(model, quantized), warnings.catch_warnings(), _quiet_exporter():
+        with (
+            _export_mode(model, quantized),
+            no_kv_cache(model),
+            warnings.catch_warnings(),
+            _quiet_exporter(),
+        ):
             warnings.simplefilter("ignore")
             try:
-                program = torch.onnx.export(
-                    model,
-                    inputs,
-                    dynamo=True,
-                    dynamic_shapes=dyn,
-                    input_names=names,
-                    verbose=False,
-                    report=False,
-                )
+                program = _torch_onnx_export(model, inputs, dyn, names)
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ExportError(
-                    f"torch.onnx.export failed for {type(model).__name__}: "
-                    f"{type(exc).__name__}: {first}"
+                    f"torch.onnx.export failed for {what}: {type(exc).__name__}: {first}"
                 ) from exc
             program.save(str(tmp))
         _strip_debug_info(tmp)
         result = ExportResult(path, tmp.stat().st_size, quantized)
         if verify:
-            _verify(model, tmp, inputs, names, quantized, result)
+            with no_kv_cache(model):
+                _verify(model, tmp, inputs, names, quantized, result)
             result.integer_ops = integer_ops(tmp) if quantized else {}
     return result
+
+
+def _torch_onnx_export(model: nn.Module, inputs: tuple, dyn: Any, names: list[str]) -> Any:
+    """``torch.onnx.export`` (dynamo); when it fails and the model's attention runs
+    ``scaled_dot_product_attention``, once more with transformers' eager attention (the
+    same function in plain matmul / softmax ops: the exporter's decomposition of SDPA with
+    a mask fails on Swin's windowed attention)."""
+
+    def export() -> Any:
+        return torch.onnx.export(
+            model,
+            inputs,
+            dynamo=True,
+            dynamic_shapes=dyn,
+            input_names=names,
+            verbose=False,
+            report=False,
+        )
+
+    try:
+        return export()
+    except Exception:
+        with eager_attention(model) as changed, _math_attention(model) as rewritten:
+            if not changed and not rewritten:
+                raise
+            return export()
+
+
+def attention_math(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (inference: no dropout) as matmul, softmax, matmul."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device)
+        scores = scores.masked_fill(~keep.tril(), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
+
+
+@contextmanager
+def _math_attention(model: nn.Module):
+    """In every ``torch.fx`` graph of ``model`` (a captured int8 graph), calls of
+    ``scaled_dot_product_attention`` temporarily call :func:`attention_math`; yields
+    whether any did. (The graph was captured with the fused kernel, whose output strides
+    differ from its decomposition's, so the exporter fails to decompose a later view.)"""
+    sdpa = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+    swapped = []
+    for gm in (m for m in model.modules() if isinstance(m, torch.fx.GraphModule)):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in sdpa]
+        for n in nodes:
+            swapped.append((n, n.target))
+            n.target = attention_math
+        if nodes:
+            gm.recompile()
+    try:
+        yield bool(swapped)
+    finally:
+        for n, target in swapped:
+            n.target = target
+        for gm in {id(n.graph.owning_module): n.graph.owning_module for n, _ in swapped}.values():
+            gm.recompile()
 
 
 def _strip_debug_info(path: Path) -> None:
@@ -393,7 +513,8 @@ def check_agreement(
         if metric == "rel_l2":
             what = f"||{short} - torch|| / ||torch||"
         raise ExportError(
-            f"{kind} {runtime} export of {type(model).__name__} disagrees with PyTorch: "
+            f"{kind} {runtime} export of {type(_unwrapped(model)).__name__} disagrees with "
+            f"PyTorch: "
             f"{what} = {value:.3g} > tolerance {tol:.3g}; the file was not written"
         )
 

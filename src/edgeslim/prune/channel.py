@@ -31,6 +31,8 @@ from torch import nn
 
 from edgeslim.core.device import model_device, to_device
 from edgeslim.core.errors import ConfigError, ShapeError
+from edgeslim.core.hooks import no_kv_cache
+from edgeslim.core.linear import conv1d_to_linear_
 from edgeslim.core.masks import iter_masks
 from edgeslim.core.options import Options
 from edgeslim.core.registry import Context
@@ -85,6 +87,11 @@ class ChannelPrune(Options):
 
 
 def channel_prune_(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> dict[str, Any]:
+    with no_kv_cache(model):  # traced without a key/value cache in the outputs
+        return _channel_prune(model, cfg, ctx)
+
+
+def _channel_prune(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> dict[str, Any]:
     """Remove channels from ``model`` in place; returns each cut group's removed fraction
     (``removed``) and the plans that were cut (``cut``: what :func:`replay_` redoes).
 
@@ -102,14 +109,7 @@ def channel_prune_(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> dict[st
             "the model carries unstructured pruning masks; call edgeslim.prune.remove_masks_ "
             "before structured pruning (or prune channels first)"
         )
-    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    if conv1d:  # Torch-Pruning cuts no transformers Conv1D (and cannot trace GPT-2)
-        raise ConfigError(
-            f"ChannelPrune cannot cut transformers' Conv1D layers (GPT-2's linear layers) of "
-            f"{type(model).__name__}: {', '.join(conv1d[:4])}"
-            f"{f' and {len(conv1d) - 4} more' if len(conv1d) > 4 else ''}; prune them "
-            "unstructured instead (e.g. MagnitudePrune)"
-        )
+    conv1d_to_linear_(model)  # GPT-2's Conv1D: the graph knows nn.Linear (same outputs)
     if isinstance(example, torch.Tensor):
         if example.dim() == 0 or example.shape[0] == 0:
             raise ShapeError(f"example must be a batch (B, ...), got shape {tuple(example.shape)}")
@@ -158,7 +158,9 @@ def channel_prune_(model: nn.Module, cfg: ChannelPrune, ctx: Context) -> dict[st
 
 def replay_channels_(model: nn.Module, cfg: ChannelPrune, log: dict, example: Any) -> nn.Module:
     """Cut the channels a ``ChannelPrune`` log records (its ``cut`` plans) again."""
-    replay_(model, example, log.get("cut", []))
+    conv1d_to_linear_(model)  # as channel_prune_ did before cutting
+    with no_kv_cache(model):
+        replay_(model, example, log.get("cut", []))
     return model
 
 

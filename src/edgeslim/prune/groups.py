@@ -127,6 +127,21 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return found
 
 
+def opaque_attention_layers(model: nn.Module) -> list[nn.Module]:
+    """Linear layers of attention modules whose q/k/v projections :func:`attention_heads`
+    does not recognise (GPT-2's fused ``c_attn``, split into query, key and value inside
+    the forward): cutting their outputs would mix up the heads, so no group in which they
+    lose output channels is cut (their input columns still follow the layers before)."""
+    known = set(attention_heads(model).values())
+    return [
+        child
+        for module in model.modules()
+        if head_count(module) and module not in known
+        for child in module.children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
 def report_unsupported(cfg: GroupOptions, what: str) -> None:
     """Name an op structured pruning cannot handle: a warning, or per ``cfg`` an error."""
     if cfg.on_unsupported == "error":
@@ -146,6 +161,7 @@ def prunable_groups(
     fixed = output_modules(model, example)
     heads = attention_heads(model)
     ignored = [m for n, m in model.named_modules() if n and matches(n, cfg.ignore)]
+    ignored += opaque_attention_layers(model)
     groups: list[Group] = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
