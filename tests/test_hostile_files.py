@@ -251,6 +251,65 @@ def test_pt2_with_an_importing_pytree_spec_is_refused(tmp_path):
     assert "in_spec" in out["message"]
 
 
+def _spec(node_type: str) -> str:
+    return json.dumps([1, {"type": node_type, "context": "[]", "children_spec": []}])
+
+
+SWIN = "transformers.models.swin.modeling_swin"
+
+
+@pytest.mark.parametrize(
+    "node_type",
+    [
+        "os.system",
+        "builtins.eval",
+        f"{SWIN}.SwinModel",  # a transformers class, not a ModelOutput
+        f"{SWIN}.ModelOutput",  # the base class, imported there but defined elsewhere
+        f"{SWIN}.torch",
+        f"{SWIN}.SwinImageClassifierOutput.__init__",
+        "transformers.models.swin.modeling_bert.BertModel",  # module of another package
+        "transformers.models.antigravity.modeling_antigravity.XOutput",  # no such model
+        "transformers.models.swin.modeling_swin_x.SwinImageClassifierOutput",
+        "transformers.utils.ModelOutput",
+        "transformers.trainer.TrainerState",
+    ],
+)
+def test_pytree_spec_naming_anything_but_a_model_output_is_refused(node_type):
+    pytest.importorskip("transformers")
+    from edgeslim.core.models.safe_program import check_treespec
+
+    with pytest.raises(CheckpointError, match=r"pytree node type .* is not allowed"):
+        check_treespec(_spec(node_type), "m.slim: out_spec")
+
+
+@pytest.mark.parametrize(
+    "node_type",
+    [
+        f"{SWIN}.SwinImageClassifierOutput",
+        "transformers.modeling_outputs.ImageClassifierOutput",
+        "transformers.models.gpt2.modeling_gpt2.GPT2DoubleHeadsModelOutput",
+    ],
+)
+def test_pytree_spec_naming_a_transformers_model_output_is_allowed(node_type):
+    pytest.importorskip("transformers")
+    from edgeslim.core.models.safe_program import check_treespec
+
+    check_treespec(_spec(node_type), "m.slim: out_spec")
+
+
+def test_pt2_whose_out_spec_names_a_non_output_transformers_class_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    ok = valid_pt2(tmp_path)
+
+    def edit(program):
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        signature["out_spec"] = _spec(f"{SWIN}.SwinModel")
+
+    path = rezip(ok, tmp_path / "out.pt2", _edit_json("models/model.json", edit))
+    out = assert_refused("pt2", path, tmp_path / "MARKER", tensor_bytes=ok.stat().st_size)
+    assert "out_spec" in out["message"] and "SwinModel" in out["message"]
+
+
 def test_pt2_with_an_empty_record_of_a_huge_declared_shape_is_refused(tmp_path):
     ok = valid_pt2(tmp_path)
 

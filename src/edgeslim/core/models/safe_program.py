@@ -12,7 +12,9 @@ first, and :func:`check_pickle` on every pickle that torch will see, so that onl
   minus, comparisons and the sympy/torch functions of :data:`EXPR_FUNCTIONS` (the ``srepr``
   form torch writes: ``Mul(Integer(2), Symbol('s0', positive=True, integer=True))``),
 - node targets that are ATen/prims operator overloads or plain arithmetic operators,
-- pytree specs of tuples, lists, dicts and leaves, and
+- pytree specs of tuples, lists, dicts, leaves and transformers' ``ModelOutput``
+  dataclasses (of ``transformers.modeling_outputs`` or a ``transformers.models.<x>.
+  modeling_<x>`` module, looked up by name, see :func:`_is_model_output`), and
 - pickles whose globals are the few torch uses to rebuild plain tensors
 
 ever reach torch. Anything else is a :class:`~edgeslim.core.errors.CheckpointError` that
@@ -287,22 +289,67 @@ def check_treespec(text: object, where: str) -> None:
         stack.extend(node["children_spec"])
 
 
-_MODEL_OUTPUT = re.compile(r"transformers\.modeling_outputs\.[A-Z][A-Za-z0-9]{0,80}")
+_MODEL_OUTPUT = re.compile(r"transformers\.modeling_outputs\.([A-Z][A-Za-z0-9]{0,80})")
+_MODEL_OUTPUT_OF_MODEL = re.compile(
+    r"transformers\.models\.([a-z][a-z0-9_]{0,40})\.modeling_\1\.([A-Z][A-Za-z0-9]{0,80})"
+)
 
 
 def _is_model_output(name: object) -> bool:
-    """A transformers output class (``CausalLMOutputWithPast`` ...): a dataclass of tensors
-    that transformers registers as a pytree node. Checked by looking the name up in that one
-    fixed module, never by importing a module the file names."""
-    if not isinstance(name, str) or not _MODEL_OUTPUT.fullmatch(name):
+    """A transformers output class: a dataclass of tensors that transformers registers as a
+    pytree node, either of ``transformers.modeling_outputs`` (``CausalLMOutputWithPast``
+    ...) or of one model's module ``transformers.models.<x>.modeling_<x>``
+    (``SwinImageClassifierOutput`` ...). The name must match one of those two fixed
+    patterns (a model module's name repeats its package's); the module is imported by that
+    name only if it is a module of the installed ``transformers.models`` package, and the
+    class must be defined in it and subclass ``transformers.utils.ModelOutput``. Nothing
+    the file names is unpickled or called."""
+    if not isinstance(name, str):
+        return False
+    plain, of_model = _MODEL_OUTPUT.fullmatch(name), _MODEL_OUTPUT_OF_MODEL.fullmatch(name)
+    if plain is None and of_model is None:
         return False
     try:
-        from transformers import modeling_outputs
         from transformers.utils import ModelOutput
     except ImportError:
         return False
-    cls = getattr(modeling_outputs, name.rsplit(".", 1)[1], None)
-    return isinstance(cls, type) and issubclass(cls, ModelOutput)
+    module_name, cls_name = name.rsplit(".", 1)
+    module = _transformers_module(module_name, of_model.group(1) if of_model else None)
+    cls = module.__dict__.get(cls_name) if module is not None else None
+    return (
+        isinstance(cls, type)
+        and cls.__module__ == module_name
+        and issubclass(cls, ModelOutput)
+        and cls is not ModelOutput
+    )
+
+
+def _transformers_module(module_name: str, model: str | None) -> object | None:
+    """``transformers.modeling_outputs``, or the installed model module
+    ``transformers.models.<model>.modeling_<model>`` (``None`` when there is none)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    try:
+        if model is None:
+            return importlib.import_module("transformers.modeling_outputs")
+        package = importlib.import_module("transformers.models")
+        if model not in _model_packages(tuple(package.__path__)):
+            return None
+        if module_name not in sys.modules and importlib.util.find_spec(module_name) is None:
+            return None
+        return importlib.import_module(module_name)
+    except Exception:  # a broken optional model module: not an allowed type
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _model_packages(paths: tuple[str, ...]) -> frozenset[str]:
+    """The model package names under ``transformers.models`` (the directories on disk)."""
+    import pkgutil
+
+    return frozenset(m.name for m in pkgutil.iter_modules(list(paths)) if m.ispkg)
 
 
 def _walk(value: object) -> Iterator[object]:
