@@ -156,6 +156,25 @@ def test_unsupported_layers_are_all_named_before_anything_is_written(tmp_path, c
     assert not out.exists()
 
 
+def test_layer_norm_over_channels_is_refused_with_the_reason_and_a_way_out(tmp_path, calib):
+    class ChannelsLast(nn.Module):  # ConvNeXt's block: NCHW -> NHWC, LayerNorm, back
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            x = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return x.mean((2, 3))
+
+    with pytest.raises(LoweringError) as info:
+        export_c(ChannelsLast(), tmp_path / "c", calib=calib)
+    msg = str(info.value)
+    assert "norm (LayerNorm): not supported: the int8 backends have no LayerNorm" in msg
+    assert "export_onnx" in msg and "permute" in msg
+    assert not (tmp_path / "c").exists()
+
+
 def test_activation_must_follow_a_layer_and_bad_calibration(calib):
     class ReluAfterPool(nn.Module):
         def __init__(self):

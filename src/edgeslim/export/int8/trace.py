@@ -175,7 +175,8 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             problems.append(f"{where} ({_describe(node, module)}): {detail}")
             continue
         if op is None:
-            problems.append(f"{where} ({_describe(node, module)}): not supported")
+            what = _describe(node, module)
+            problems.append(f"{where} ({what}): {_UNSUPPORTED_WHY.get(what, 'not supported')}")
         elif op == "alias":
             alias[node.name] = value(node.args[0])
         elif read := [x for x in op.inputs if x in constants]:
@@ -197,6 +198,21 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             "supported ones (e.g. ReLU6 or Hardswish for GELU)"
         )
     return ops, inputs[0], output
+
+
+_LAYER_NORM_WHY = (
+    "not supported: the int8 backends have no LayerNorm (TFLite has no int8 LAYER_NORM "
+    "kernel; it would be mean, squared difference, rsqrt and mul ops, each with its own "
+    "calibrated scale); keep the model float or int8 in ONNX (export_onnx), or use BatchNorm"
+)
+_UNSUPPORTED_WHY = {  # the layers users meet most, with the reason
+    "layer_norm": _LAYER_NORM_WHY,
+    "LayerNorm": _LAYER_NORM_WHY,
+    "permute": "not supported: the int8 graph is NHWC and has no general transpose",
+    "transpose_int": "not supported: the int8 graph has no general transpose",
+    "gelu": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
+    "GELU": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
+}
 
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
