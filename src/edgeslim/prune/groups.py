@@ -6,9 +6,9 @@ https://arxiv.org/abs/2301.12900 (the dependency graph, from the ``torch-pruning
 Torch-Pruning's ``DependencyGraph`` lists the coupled groups (:func:`prunable_groups`). A
 group is left alone when it produces the model's output (the classifier's classes, a
 transformer's hidden size), also through ops that are no modules (a classifier conv followed
-by global pooling and ``flatten``, as in SqueezeNet), matches ``ignore``, or touches a tensor the graph cannot handle
-(a bare ``nn.Parameter`` outside a known layer): that op is named in a warning
-(``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
+by global pooling and ``flatten``, as in SqueezeNet), matches ``ignore``, or touches a tensor
+the graph cannot handle (a bare ``nn.Parameter`` outside a known layer): that op is named in
+a warning (``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
 """
 
 from __future__ import annotations
