@@ -111,7 +111,7 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
     try:  # exportable at all? (checked untrained, before spending the training)
         c_cost(es.zoo.create(name).eval(), calib, dev_name, out / f"{name}-probe")
     except LoweringError as exc:
-        row["note"] = "not exportable to C: " + str(exc).splitlines()[-1].strip()[:60]
+        row["note"] = "not exportable to C: " + str(exc).splitlines()[1].strip()[:70]
         return row
     dense, info = _dense(name, data, args, out)
     row.update(info)
