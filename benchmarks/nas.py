@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="what to run now (comma list of nas, zoo, rank): each part is kept in "
                         "--out, so a run can be split over several invocations")  # fmt: skip
     p.add_argument("--results", default=None, help="also write the table's JSON here")
+    p.add_argument("--devices", default=",".join(DEVICES), help="devices searched (comma list)")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if args.nas_finetune_epochs is None:
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results, rows = {}, []
     if parts & {"nas", "rank"}:
-        for dev_name in DEVICES:
+        for dev_name in args.devices.split(","):
             t0 = time.monotonic()
             res = nas(
                 data,
