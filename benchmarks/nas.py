@@ -63,66 +63,98 @@ DEVICES = ("stm32f446", "stm32f746")
 ZOO = ("mobilenetv2", "mobilenetv1", "shufflenetv2", "squeezenet", "resnet8")
 
 
-def c_cost(model, calib, device: str, out: Path) -> dict:
-    """SRAM / flash / latency of ``model`` exported to C for ``device`` (compiled, checked)."""
+def c_cost(model, calib, device: str, out: Path, arm: bool = False) -> dict:
+    """SRAM / flash / latency of ``model`` exported to C for ``device`` (compiled, checked;
+    ``arm``: also linked with arm-none-eabi-gcc and run on QEMU, flash and SRAM from there)."""
     from edgeslim.export.c import export_c
 
-    done = export_c(model, out, None, calib=calib, arm=False)
+    done = export_c(model, out, device if arm else None, calib=calib, arm=None if arm else False)
     return measure_export(done, load_device(device))
 
 
-def zoo_rows(data, args, out: Path) -> list[dict]:
-    rows = []
+def _load_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save_json(path: Path, obj) -> None:
+    from edgeslim.core.fileio import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def _dense(name: str, data, args, out: Path):
+    """The zoo net trained dense ``--zoo-epochs`` (weights and accuracy kept in ``out``)."""
+    torch.manual_seed(0)
+    model = es.zoo.create(name)
+    weights, meta = out / f"{name}-dense.pt", out / f"{name}-dense.json"
+    if weights.exists() and meta.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        return model.eval(), _load_json(meta)
+    t0 = time.monotonic()
+    fit(model, data, TrainConfig(epochs=args.zoo_epochs, lr=2e-3, seed=0), progress=False)
+    info = {"train_s": time.monotonic() - t0, "dense_acc": evaluate(model, data, "test"),
+            "epochs": args.zoo_epochs}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    _save_json(meta, info)
+    return model.eval(), info
+
+
+def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
+    """One zoo net for one device: pruned (when over the latency limit) to fit, then
+    ``--finetune-epochs`` distilled from the dense net (pruned or not), Int8PTQ, C for the
+    device (ARM link + QEMU)."""
+    dev = load_device(dev_name)
     calib = data.calib(128)
+    row = {"device": dev_name, "net": name}
+    try:  # exportable at all? (checked untrained, before spending the training)
+        c_cost(es.zoo.create(name).eval(), calib, dev_name, out / f"{name}-probe")
+    except LoweringError as exc:
+        row["note"] = "not exportable to C: " + str(exc).splitlines()[1].strip()[:70]
+        return row
+    dense, info = _dense(name, data, args, out)
+    row.update(info)
+    t0 = time.monotonic()
+    model, frac, note = copy.deepcopy(dense), 1.0, "as is"
+    cost = c_cost(dense, calib, dev_name, out / f"{name}-{dev_name}-d")
+    for _ in range(5):  # prune until the exported graph meets the latency limit
+        if cost["latency_ms"] <= args.latency_ms:
+            break
+        frac *= 0.97 * args.latency_ms / cost["latency_ms"]
+        model = copy.deepcopy(dense)
+        es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+        note = f"ChannelPrune(macs={frac:.3f})"
+        cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}-p")
+    cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=KD())
+    fit(model, data, cfg, teacher=dense, progress=False)
+    note += f" + {args.finetune_epochs} ep KD"
+    row["float_acc"] = evaluate(model.eval(), data, "test")
+    q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
+    cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}", arm=True)
+    fits = (
+        cost["latency_ms"] <= args.latency_ms
+        and cost["sram_kb"] * 1024 <= dev.sram_bytes
+        and cost["flash_kb"] * 1024 <= dev.flash_bytes
+    )
+    row.update(cost)
+    row.update({"acc": evaluate(q, data, "test"), "note": note, "fits": fits,
+                "compress_s": time.monotonic() - t0})  # fmt: skip
+    return row
+
+
+def zoo_rows(data, args, out: Path) -> list[dict]:
+    """The zoo's rows, each persisted in ``out`` (a rerun skips those done)."""
+    rows = []
     for name in args.zoo.split(","):
-        torch.manual_seed(0)
-        dense = es.zoo.create(name)
-        t0 = time.monotonic()
-        fit(dense, data, TrainConfig(epochs=args.zoo_epochs, lr=2e-3, seed=0), progress=False)
-        train_s = time.monotonic() - t0
-        dense_acc = evaluate(dense, data, "test")
         for dev_name in DEVICES:
-            dev = load_device(dev_name)
-            row = {"device": dev_name, "net": name, "train_s": train_s, "dense_acc": dense_acc}
-            try:
-                dense_cost = c_cost(dense.eval(), calib, dev_name, out / f"{name}-{dev_name}-d")
-            except LoweringError as exc:
-                row["note"] = "not exportable to C: " + str(exc).splitlines()[1].strip()[:40]
-                rows.append(row)
-                continue
-            model, note = copy.deepcopy(dense), "as is"
-            frac = 1.0
-            cost = dense_cost
-            for _ in range(4):  # prune until the exported C meets the latency limit
-                if cost["latency_ms"] <= args.latency_ms:
-                    break
-                frac *= 0.95 * args.latency_ms / cost["latency_ms"]
-                model = copy.deepcopy(dense)
-                try:
-                    es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
-                except IndexError as exc:  # torch-pruning on SqueezeNet's concatenations
-                    model, note = copy.deepcopy(dense), f"ChannelPrune failed ({exc!r})"
-                    break
-                cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=KD())
-                fit(model, data, cfg, teacher=dense, progress=False)
-                note = f"ChannelPrune(macs={frac:.3f}) + {args.finetune_epochs} ep KD"
-                cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}")
-            q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
-            try:
-                cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}")
-            except LoweringError:  # Int8PTQ's graph of ResNet-8 (add + ReLU) does not lower
-                q = model.eval()  # export_c quantizes the float model itself (min-max)
-                cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}")
-                note += "; float model exported (export_c's own int8), float acc"
-            fits = (
-                cost["latency_ms"] <= args.latency_ms
-                and cost["sram_kb"] * 1024 <= dev.sram_bytes
-                and cost["flash_kb"] * 1024 <= dev.flash_bytes
-            )
-            row.update(cost)
-            row.update({"acc": evaluate(q, data, "test"), "note": note, "fits": fits})
-            rows.append(row)
+            path = out / f"{name}-{dev_name}.row.json"
+            row = _load_json(path)
+            if row is None:
+                row = zoo_row(name, dev_name, data, args, out)
+                _save_json(path, row)
             console.print(row)
+            rows.append(row)
     return rows
 
 
@@ -147,21 +179,40 @@ def rank_correlation(result, data, args) -> dict:
     return {"n": len(picks), "spearman": spearman(est, tuned), "estimated": est, "tuned": tuned}
 
 
+def _se(acc) -> str:
+    """One standard error of an accuracy on the 2,000 test images, in points."""
+    return f"{100 * (acc * (1 - acc) / 2000) ** 0.5:.1f}" if isinstance(acc, float) else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--epochs", type=int, default=4, help="supernet epochs")
-    p.add_argument("--zoo-epochs", type=int, default=3)
-    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--zoo-epochs", type=int, default=8, help="zoo nets' dense training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="zoo nets: distilled epochs")
+    p.add_argument(
+        "--nas-finetune-epochs",
+        type=int,
+        default=None,
+        help="the searched winner's (default: same)",
+    )
     p.add_argument("--rank-epochs", type=int, default=1)
     p.add_argument("--rank-n", type=int, default=10)
     p.add_argument("--latency-ms", type=float, default=40.0)
-    p.add_argument("--population", type=int, default=12)
-    p.add_argument("--generations", type=int, default=3)
+    p.add_argument("--population", type=int, default=10)
+    p.add_argument("--generations", type=int, default=2)
     p.add_argument("--out", default="runs/bench-nas")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--zoo", default=",".join(ZOO), help="zoo nets to compare (comma list)")
+    p.add_argument("--parts", default="nas,zoo,rank",
+                   help="what to run now (comma list of nas, zoo, rank): each part is kept in "
+                        "--out, so a run can be split over several invocations")  # fmt: skip
+    p.add_argument("--results", default=None, help="also write the table's JSON here")
+    p.add_argument("--devices", default=",".join(DEVICES), help="devices searched (comma list)")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if args.nas_finetune_epochs is None:
+        args.nas_finetune_epochs = args.finetune_epochs
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     data = cluttered_mnist(seed=0)
@@ -171,65 +222,74 @@ def main(argv: list[str] | None = None) -> int:
         spec = SupernetSpec(stem=8, stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
                             resolutions=(20, 28))  # fmt: skip
         args.epochs, args.zoo_epochs, args.finetune_epochs = 1, 1, 1
+        args.nas_finetune_epochs = 1
         args.population, args.generations, args.rank_n = 4, 1, 3
     out = Path(args.out)
     results, rows = {}, []
-    for dev_name in DEVICES:
-        t0 = time.monotonic()
-        res = nas(
-            data,
-            dev_name,
-            out=out / dev_name,
-            spec=spec,
-            max_latency_ms=args.latency_ms,
-            training=SandwichTraining(epochs=args.epochs, seed=0),
-            supernet_checkpoint=out / "supernet.pt",
-            population=args.population,
-            generations=args.generations,
-            space_samples=4 if not args.quick else 2,
-            finetune_epochs=args.finetune_epochs,
-            workers=0,
-            progress=False,
-        )
-        results[dev_name] = res
-        console.print(res.summary())
-        rows.append(
-            {"device": dev_name, "net": "searched (es.nas)", "acc": res.accuracy,
-             "dense_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
-             **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings}
-        )  # fmt: skip
-    rows += zoo_rows(data, args, out / "zoo")
-    rank = rank_correlation(results["stm32f446"], data, args)
-    console.print(rank)
+    if parts & {"nas", "rank"}:
+        for dev_name in args.devices.split(","):
+            t0 = time.monotonic()
+            res = nas(
+                data,
+                dev_name,
+                out=out / dev_name,
+                spec=spec,
+                max_latency_ms=args.latency_ms,
+                training=SandwichTraining(epochs=args.epochs, seed=0),
+                supernet_checkpoint=out / "supernet.pt",
+                population=args.population,
+                generations=args.generations,
+                space_samples=4 if not args.quick else 2,
+                finetune_epochs=args.nas_finetune_epochs,
+                workers=0,
+                progress=False,
+            )
+            results[dev_name] = res
+            console.print(res.summary())
+            rows.append(
+                {"device": dev_name, "net": "searched (es.nas)", "acc": res.accuracy,
+                 "float_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
+                 **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings,
+                 "estimated_acc": res.estimated_accuracy}
+            )  # fmt: skip
+    rank = _load_json(out / "rank.json")
+    if "rank" in parts and rank is None:
+        rank = rank_correlation(results["stm32f446"], data, args)
+        _save_json(out / "rank.json", rank)
+    if "zoo" in parts:
+        rows += zoo_rows(data, args, out / "zoo")
+    if rank is not None:
+        console.print(rank)
     table = Table(title=f"NAS vs zoo, cluttered MNIST, budget: device SRAM/flash + "
                         f"{args.latency_ms:g} ms device-model latency")  # fmt: skip
-    for col in ("device", "net", "int8 test acc", "float acc", "SRAM KB", "flash KB",
+    for col in ("device", "net", "int8 test acc", "+-1 SE", "float acc", "SRAM KB", "flash KB",
                 "latency ms", "fits", "how"):  # fmt: skip
         table.add_column(col)
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["device"]):
 
         def f(k, fmt=".1f", r=r):
             return format(r[k], fmt) if isinstance(r.get(k), int | float) else "-"
 
-        table.add_row(r["device"], r["net"], f("acc", ".4f"), f("dense_acc", ".4f"), f("sram_kb"),
-                      f("flash_kb"), f("latency_ms", ".2f"), str(r.get("fits", "-")),
-                      str(r.get("note", "")))  # fmt: skip
+        table.add_row(r["device"], r["net"], f("acc", ".4f"), _se(r.get("acc")),
+                      f("float_acc", ".4f"), f("sram_kb"), f("flash_kb"), f("latency_ms", ".2f"),
+                      str(r.get("fits", "-")), str(r.get("note", "")))  # fmt: skip
     console.print(table)
-    f446 = results["stm32f446"].timings
-    console.print(
-        f"supernet training {f446['supernet_train_s']:.0f} s (once, shared); search per device "
-        + ", ".join(
-            f"{d}: space {results[d].timings['space_s']:.0f} s + evolution "
-            f"{results[d].timings['search_s']:.0f} s"
-            for d in DEVICES
+    devices = {d: load_device(d).model_dump() for d in DEVICES}
+    console.print("device profiles used:", devices)
+    if results:
+        t = {d: results[d].timings for d in results}
+        console.print(
+            f"supernet training {t['stm32f446']['supernet_train_s']:.0f} s (once, shared); "
+            + ", ".join(
+                f"{d}: space {t[d]['space_s']:.0f} s + evolution {t[d]['search_s']:.0f} s"
+                for d in t
+            )
         )
-        + f"; rank correlation over {rank['n']} sub-networks: Spearman {rank['spearman']:.3f}"
-        + f"; total {time.monotonic() - started:.0f} s"
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(
-        json.dumps({"rows": rows, "rank": rank, "args": vars(args)}, indent=1, default=str)
-    )
+    console.print(f"this invocation: {time.monotonic() - started:.0f} s")
+    summary = {"rows": rows, "rank": rank, "args": vars(args), "devices": devices}
+    _save_json(out / "bench.json", summary)
+    if args.results and parts >= {"nas", "zoo", "rank"}:
+        _save_json(Path(args.results), summary)
     return 0
 
 

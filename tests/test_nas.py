@@ -252,6 +252,40 @@ def test_nas_runs_end_to_end_without_export_and_resumes(tmp_path):
         es.nas(_data(), "stm32f746", out=tmp_path, **kw)
 
 
+def test_a_finished_run_is_not_quantized_or_exported_again(tmp_path, monkeypatch):
+    import edgeslim.nas.api as api
+    import edgeslim.quant as quant
+
+    calls = {"export": 0, "quantize": 0}
+    real_quantize = quant.quantize
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):  # the C toolchain not needed
+        calls["export"] += 1
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    def counting_quantize(*args, **kw):
+        calls["quantize"] += 1
+        return real_quantize(*args, **kw)
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    monkeypatch.setattr(quant, "quantize", counting_quantize)
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=0, progress=False)  # fmt: skip
+    first = es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    assert calls == {"export": 1, "quantize": 1} and first.measured["flash_kb"] == 2.0
+    x = _data().test.x[:4]
+    expected = first.model(x)
+    again = es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    assert calls == {"export": 1, "quantize": 1}  # resumed: no quantization, no export
+    assert (again.accuracy, again.measured, again.verified) == (
+        first.accuracy, first.measured, first.verified)  # fmt: skip
+    assert again.timings["supernet_train_s"] == first.timings["supernet_train_s"]
+    assert torch.equal(again.model(x), expected)  # quantized when asked for, identically
+    assert calls == {"export": 1, "quantize": 2}
+
+
 # ----------------------------------------------------------------------------- deployment
 
 

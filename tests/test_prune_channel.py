@@ -122,6 +122,24 @@ def test_concat_and_grouped_convs_stay_consistent():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_squeezenet_macs_target_keeps_the_classifier_behind_pooling_and_flatten():
+    """SqueezeNet's classes come from a conv followed by global pooling and ``flatten`` (no
+    module produces the output tensor): that conv's group must stay whole. It used to be cut,
+    and Torch-Pruning then failed (IndexError) resizing the traced graph's scalar output."""
+    torch.manual_seed(0)
+    model = es.load_model("zoo:squeezenet").eval()
+    x = torch.randn(2, 1, 28, 28)
+    dense = count_macs(model, x)
+    got = prune_(model, ChannelPrune(macs=0.5), example=x)["removed"]
+    assert "classifier" not in got and len(got) >= 10  # fire modules: squeeze and expands
+    assert model.classifier.out_channels == 10 and model(x).shape == (2, 10)
+    assert 0.4 * dense <= count_macs(model, x) <= 0.5 * dense
+    # the concatenation feeding the classifier follows both expand branches
+    fire4 = model.fire4
+    width = fire4.expand1[0].out_channels + fire4.expand3[0].out_channels
+    assert model.classifier.in_channels == width < 128
+
+
 class Attention(nn.Module):
     """Self-attention built like transformers' BERT (query/key/value, num_attention_heads)."""
 

@@ -21,9 +21,12 @@ Steps (MCUNet's TinyNAS + OFA's train-once supernet), each persisted in the run 
    (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency checked against
    the budget; the most accurate that fits is chosen.
 6. **Deployment** (``final/``): the chosen sub-network fine-tuned (distilled from the largest
-   sub-network at its resolution), quantized (``Int8PTQ``), exported to C (``c/``: compiled
-   and bit-exact with the reference interpreter) and to ``model.tflite``, which is run in
-   TFLite Micro: its outputs must equal the compiled C's bit for bit.
+   sub-network at its resolution; ``final/float.pt``), quantized (``Int8PTQ``), exported to C
+   (``c/``: compiled and bit-exact with the reference interpreter) and to ``model.tflite``,
+   which is run in TFLite Micro: its outputs must equal the compiled C's bit for bit. What
+   was checked and measured is kept in ``final/deploy.json``: a rerun on a finished run
+   directory neither quantizes nor exports again (``result.model`` is then quantized from
+   ``final/float.pt`` when first read).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import copy
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +62,6 @@ __all__ = ["NasResult", "nas", "resize_data"]
 class NasResult:
     """What :func:`nas` found and deployed."""
 
-    model: nn.Module | None  # the chosen sub-network, fine-tuned and quantized
     config: SubnetConfig | None
     budget: Budget
     device: str
@@ -76,6 +79,21 @@ class NasResult:
     files: dict[str, str] = field(default_factory=dict)
     out: Path | None = None
     supernet: Supernet | None = None
+    _model: nn.Module | None = field(default=None, repr=False)
+    _make_model: Callable[[], nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The chosen sub-network, fine-tuned and quantized (``Int8PTQ``); None without
+        deployment. On a resumed run it is quantized again from the saved float weights when
+        first read (deterministic: the same calibration images)."""
+        if self._model is None and self._make_model is not None:
+            self._model = self._make_model()
+        return self._model
+
+    @model.setter
+    def model(self, value: nn.Module | None) -> None:
+        self._model = value
 
     def summary(self) -> str:
         if self.config is None:
@@ -289,7 +307,7 @@ def nas(
             f"{budget.target} {budget.limits()}; the smallest needs {costs.smallest_needs(budget)}"
         )
     result = NasResult(
-        None, None, budget, budget.target, space=space, front=front, trials=evo.records,
+        None, budget, budget.target, space=space, front=front, trials=evo.records,
         out=out, supernet=supernet, timings=timings,
     )  # fmt: skip
 
@@ -329,6 +347,12 @@ def nas(
                 seed, out, progress)  # fmt: skip
         timings["deploy_s"] = time.monotonic() - t0
     timings["total_s"] = time.monotonic() - started
+    timings_file = out / "timings.json"
+    if timings_file.exists():  # a resumed run: the times of the run that did the work
+        first = json.loads(timings_file.read_text(encoding="utf-8"))
+        result.timings = {**first, "resumed_s": timings["total_s"]}
+    elif result.accuracy is not None or not export:
+        atomic_write_text(timings_file, json.dumps(timings, indent=1))
     _write_report(result)
     return result
 
@@ -365,22 +389,37 @@ def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, seed, out
         with atomic_path(weights) as tmp:
             torch.save(sub.state_dict(), tmp)
     sub.eval()
-    result.float_accuracy = evaluate(sub, rdata, "test")
     calib = rdata.train.x[calib_idx]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qmodel = quantize(copy.deepcopy(sub), Int8PTQ(calibration="mse"), calib=calib)
-    qmodel.input_shape = sub.input_shape
-    qmodel.num_classes = sub.num_classes
-    result.accuracy = evaluate(qmodel, rdata, "test")
-    result.model = qmodel
-    c_dir = out / "c"
-    result.verified, result.measured = export_checked(
-        qmodel, calib, result.device, c_dir, out / "model.tflite"
-    )
+
+    def quantized() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = quantize(copy.deepcopy(sub), Int8PTQ(calibration="mse"), calib=calib)
+        qmodel.input_shape = sub.input_shape
+        qmodel.num_classes = sub.num_classes
+        return qmodel
+
+    c_dir, tflite, record = out / "c", out / "model.tflite", out / "final" / "deploy.json"
+    done = json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
+    if done is not None and done.get("config") == cfg.to_dict() and c_dir.is_dir():
+        result._make_model = quantized  # finished before: nothing quantized or exported now
+    else:
+        qmodel = quantized()
+        verified, measured = export_checked(qmodel, calib, result.device, c_dir, tflite)
+        done = {
+            "config": cfg.to_dict(),
+            "float_accuracy": evaluate(sub, rdata, "test"),
+            "accuracy": evaluate(qmodel, rdata, "test"),
+            "verified": verified,
+            "measured": measured,
+        }
+        atomic_write_text(record, json.dumps(done, indent=1))
+        result.model = qmodel
+    result.float_accuracy, result.accuracy = done["float_accuracy"], done["accuracy"]
+    result.verified, result.measured = done["verified"], done["measured"]
     result.files = {"c": str(c_dir), "float": str(weights)}
-    if (out / "model.tflite").exists():
-        result.files["tflite"] = str(out / "model.tflite")
+    if tflite.exists():
+        result.files["tflite"] = str(tflite)
 
 
 def export_checked(

@@ -5,9 +5,10 @@ https://arxiv.org/abs/2301.12900 (the dependency graph, from the ``torch-pruning
 
 Torch-Pruning's ``DependencyGraph`` lists the coupled groups (:func:`prunable_groups`). A
 group is left alone when it produces the model's output (the classifier's classes, a
-transformer's hidden size), matches ``ignore``, or touches a tensor the graph cannot handle
-(a bare ``nn.Parameter`` outside a known layer): that op is named in a warning
-(``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
+transformer's hidden size), also through ops that are no modules (a classifier conv followed
+by global pooling and ``flatten``, as in SqueezeNet), matches ``ignore``, or touches a tensor
+the graph cannot handle (a bare ``nn.Parameter`` outside a known layer): that op is named in
+a warning (``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgeslim.core.selection import matches
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_COUNTS = ("num_attention_heads", "num_heads")
+OUTPUT = tp.ops.OPTYPE.OUTPUT  # the graph's node for the model's output
 PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 
 
@@ -182,8 +184,8 @@ def prunable_groups(
                 attention.append(heads[target])
         cut.sort(key=order.__getitem__)
         name = names[cut[0]] if cut else names[root]
-        if any(m in fixed for m in cut):
-            continue  # its width is the model's output width
+        if any(m in fixed for m in cut) or any(d.target.type == OUTPUT for d, _ in group):
+            continue  # its width is the model's output width (maybe via pooling, flatten)
         if bare:
             report_unsupported(
                 cfg,
