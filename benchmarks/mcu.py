@@ -28,10 +28,11 @@ On a Cortex-M (needs ``arm-none-eabi-gcc`` and ``qemu-system-arm``; skipped othe
   ``mps2-an386``: flash (``model.o``'s text + rodata + data in the ARM link) beside the
   ``.slim`` and ``.tflite`` sizes, instructions per inference (``-icount``), bit-exactness of
   QEMU = host C = reference = TFLite Micro (dense equivalent) on 8 test digits.
-- **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights):
-  flash, SRAM (arena + stack painted on QEMU + caller I/O), instructions per inference, the
-  device model's latency estimate against the instruction count, and a one-constant
-  instructions-per-MAC fit with its error.
+- **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights;
+  ResNet-8 quantized with ``Int8PTQ`` first): flash, SRAM (arena + stack painted on QEMU +
+  caller I/O), instructions per inference, the device model's predicted instructions and
+  latency (fitted per op type by ``benchmarks/mcu_latency.py``) against the count, and the
+  old 5-cycles-per-MAC estimate beside it.
 
 Run under the CPU lock: ``flock /tmp/edgeslim-cpu.lock python benchmarks/mcu.py``.
 """
