@@ -28,10 +28,11 @@ On a Cortex-M (needs ``arm-none-eabi-gcc`` and ``qemu-system-arm``; skipped othe
   ``mps2-an386``: flash (``model.o``'s text + rodata + data in the ARM link) beside the
   ``.slim`` and ``.tflite`` sizes, instructions per inference (``-icount``), bit-exactness of
   QEMU = host C = reference = TFLite Micro (dense equivalent) on 8 test digits.
-- **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights):
-  flash, SRAM (arena + stack painted on QEMU + caller I/O), instructions per inference, the
-  device model's latency estimate against the instruction count, and a one-constant
-  instructions-per-MAC fit with its error.
+- **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights;
+  ResNet-8 quantized with ``Int8PTQ`` first): flash, SRAM (arena + stack painted on QEMU +
+  caller I/O), instructions per inference, the device model's predicted instructions and
+  latency (fitted per op type by ``benchmarks/mcu_latency.py``) against the count, and the
+  old 5-cycles-per-MAC estimate beside it.
 
 Run under the CPU lock: ``flock /tmp/edgeslim-cpu.lock python benchmarks/mcu.py``.
 """
@@ -55,6 +56,7 @@ from edgeslim.core.models.kws import ds_cnn
 from edgeslim.core.timing import median_ms
 from edgeslim.export import int8, tflite, tflite_format
 from edgeslim.export.c import arm, codegen, compress, hostbuild, packed_scratch, planner
+from edgeslim.export.c.workload import workload
 from edgeslim.export.int8 import ir, reference
 from edgeslim.profiling.devices import load_device
 
@@ -138,6 +140,7 @@ def measure(name: str, model) -> dict:
 
 GOALS = {"lenet5": 64 * 1024, "lenet300": 40 * 1024}  # flash of the whole model, bytes
 N_ARM = 8  # test inputs run on QEMU
+OLD_CYCLES_PER_MAC = 5.0  # the stm32f446 profile's latency model before the QEMU fit
 
 
 def arm_measure(graph: ir.Graph, packed: dict, q: np.ndarray, opt: str = "-Os") -> dict:
@@ -155,6 +158,9 @@ def arm_measure(graph: ir.Graph, packed: dict, q: np.ndarray, opt: str = "-Os") 
         "sram": built.sram,
         "stack": built.stack,
         "instructions": built.instructions,
+        "predicted": load_device("stm32f446")
+        .instructions()
+        .instructions(workload(graph, packed, plan)),
         "exact": bool(
             np.array_equal(built.run.outputs, host)
             and np.array_equal(host, expected.reshape(host.shape))
@@ -199,14 +205,24 @@ def int8_nets() -> list[dict]:
     for name, model in (
         ("mobilenetv2", zoo.create("mobilenetv2")),
         ("ds_cnn", ds_cnn()),
-        ("resnet8", zoo.create("resnet8")),
+        ("resnet8 (Int8PTQ)", zoo.create("resnet8")),
     ):
         model.eval()
-        graph = int8.lower(model, inputs(model, 64, "train"), name=name)
+        calib = inputs(model, 64, "train")
+        if "Int8PTQ" in name:  # quantized by edgeslim first: the quantize-then-export path
+            model = es.quantize(model, es.Int8PTQ(), calib=calib).eval()
+        graph = int8.lower(model, calib, name=name.split()[0])
         q = reference.quantize_input(graph, inputs(model, N_ARM, "test").numpy())
         packed = compress.choose(graph, "auto")  # random dense weights: nothing to compress
         r = arm_measure(graph, packed, q)
-        r.update(name=name, macs=graph.macs(), estimate_ms=dev.latency_ms(graph.macs()))
+        plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
+        work = workload(graph, packed, plan)
+        r.update(
+            name=name,
+            macs=graph.macs(),
+            estimate_ms=dev.latency_ms(work),
+            old_ms=graph.macs() * OLD_CYCLES_PER_MAC / (dev.clock_mhz * 1e3),
+        )
         rows.append(r)
     return rows
 
@@ -253,7 +269,9 @@ def arm_tables(console: Console, dc: list[dict], nets: list[dict]) -> bool:
     t = Table(title="Int8 nets on Cortex-M4 (-Os, QEMU mps2-an386; STM32F446 device model)")
     for c in ("model", "MACs", "flash", "arena", "stack", "SRAM (+io)", "instructions"):
         t.add_column(c, justify="right")
-    for c in ("instr./MAC", "device model ms", "instr. at 180 MHz, 1/cycle (ms)"):
+    for c in ("instr./MAC", "model instr.", "model error", "device model ms"):
+        t.add_column(c, justify="right")
+    for c in ("old model ms (5 cyc/MAC)", "instr. at 180 MHz, 1/cycle (ms)"):
         t.add_column(c, justify="right")
     t.add_column("bit-exact", justify="right")
     for r in nets:
@@ -267,22 +285,27 @@ def arm_tables(console: Console, dc: list[dict], nets: list[dict]) -> bool:
             f"{r['sram']:,}",
             f"{r['instructions']:,}",
             f"{r['instructions'] / r['macs']:.2f}",
+            f"{r['predicted']:,.0f}",
+            f"{100 * (r['predicted'] - r['instructions']) / r['instructions']:+.1f}%",
             f"{r['estimate_ms']:.2f}",
+            f"{r['old_ms']:.2f}",
             f"{r['instructions'] / 180e3:.2f}",
             "yes" if r["exact"] else "NO",
         )
     console.print(t)
-    dense = [(x["macs"], x["instructions"]) for x in nets] + [
-        (r["macs"], r["dense-Os"]["instructions"]) for r in dc
-    ]
-    m = np.array([a for a, _ in dense], float)
-    i = np.array([b for _, b in dense], float)
-    k = float((m * i).sum() / (m * m).sum())  # least squares through the origin
-    err = np.abs(k * m - i) / i
-    print(
-        f"instructions = {k:.2f} x MACs (fit over {len(m)} dense -Os builds): error "
-        f"mean {100 * err.mean():.1f}%, max {100 * err.max():.1f}%"
-    )
+    builds = [(x["name"], x) for x in nets]
+    for r in dc:
+        builds += [
+            (f"{r['name']} dense", r["dense-Os"]),
+            (f"{r['name']} compressed", r["packed-Os"]),
+        ]
+    print("device model (instructions fitted per op type, benchmarks/mcu_latency.py) vs QEMU, -Os:")
+    errs = []
+    for name, b in builds:
+        err = (b["predicted"] - b["instructions"]) / b["instructions"]
+        errs.append(abs(err))
+        print(f"  {name}: {b['predicted']:,.0f} vs {b['instructions']:,} ({100 * err:+.1f}%)")
+    print(f"  |error| mean {100 * np.mean(errs):.1f}%, max {100 * np.max(errs):.1f}%")
     return ok
 
 

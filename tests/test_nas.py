@@ -225,7 +225,9 @@ def test_a_latency_bound_refuses_without_planning():
     tight = Budget(max_latency_ms=bound / 2, max_sram_kb=128, target="stm32f446")
     cost = costs.cost(cfg, tight)
     assert cost["tier"] == 1 and costs.lowered == 0 and not tight.feasible(cost)
-    loose = Budget(max_latency_ms=bound * 2, max_sram_kb=128, target="stm32f446")
+    # the bound counts every MAC at the cheapest op type's rate and nothing else: the planned
+    # latency (taps, requantization, pooling...) is several times it on a small net
+    loose = Budget(max_latency_ms=bound * 10, max_sram_kb=128, target="stm32f446")
     cost = costs.cost(cfg, loose)
     assert cost["tier"] == 2 and costs.lowered == 1 and loose.feasible(cost)
     assert cost["latency_ms"] >= bound  # the bound is a lower bound of the planned latency

@@ -3,7 +3,8 @@
 :func:`fit_report` lowers the model to the int8 graph, plans its memory (plain and with
 patch-based execution; conv / fully connected weights compressed where that saves flash, as
 ``export_c`` stores them) and compares SRAM and flash with the device's budgets, with the
-latency estimate of the device's cycles-per-MAC model (:mod:`edgeslim.profiling.devices`).
+latency estimate of the device's model (:mod:`edgeslim.profiling.devices`: for a Cortex-M,
+instructions fitted per op type on QEMU x an assumed cycles per instruction).
 
 Where the numbers come from, best first (the report says which):
 
@@ -97,6 +98,7 @@ class FitRow:
     flash: int
     macs: int
     instructions: int | None = None  # per inference on QEMU (-icount)
+    work: Any = None  # the graph's profiling.devices.Workload (the latency model's input)
 
 
 @dataclass
@@ -119,9 +121,8 @@ class FitReport:
             title=f"{self.model} on {dev.description or dev.name}",
             caption=(
                 f"SRAM = {self.sram_source} (% of {dev.sram_bytes:,} B); flash = "
-                f"{self.flash_source} (% of {dev.flash_bytes:,} B); latency = MACs x "
-                f"{dev.cycles_per_mac} cycles / {dev.clock_mhz:g} MHz (an estimate)"
-                + (f"; {self.compressed}" if self.compressed else "")
+                f"{self.flash_source} (% of {dev.flash_bytes:,} B); latency = "
+                f"{dev.latency_text()}" + (f"; {self.compressed}" if self.compressed else "")
             ),
         )
         counted = any(row.instructions is not None for row in self.rows)
@@ -135,7 +136,7 @@ class FitReport:
                 f"{row.sram:,} B ({100 * row.sram / dev.sram_bytes:.1f}%)",
                 f"{row.flash:,} B ({100 * row.flash / dev.flash_bytes:.1f}%)",
                 f"{row.macs:,}",
-                f"{dev.latency_ms(row.macs):.2f} ms",
+                f"{dev.latency_ms(row.work if row.work is not None else row.macs):.2f} ms",
             ]
             if counted:
                 cells.append(f"{row.instructions:,}" if row.instructions is not None else "-")
@@ -148,6 +149,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
     import numpy as np
 
     from edgeslim.export.c import arm, compress, packed_scratch
+    from edgeslim.export.c.workload import workload
     from edgeslim.profiling.devices import load_device
 
     dev = load_device(device)
@@ -193,7 +195,8 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
         macs = graph.macs()
         if plan.patch is not None:
             macs = round(macs * (1 + plan.patch.mac_overhead))
-        rows.append(FitRow(label, plan, sram, flash, macs, instructions))
+        work = workload(graph, packed, plan)
+        rows.append(FitRow(label, plan, sram, flash, macs, instructions, work))
     compressed = ""
     if packed:
         names = ", ".join(graph.ops[i].name for i in sorted(packed))

@@ -5,8 +5,10 @@ https://arxiv.org/abs/2007.10319) searches with the device's real memory numbers
 come from edgeslim's own C backend, in three tiers:
 
 1. **bounds** (:meth:`SubnetCost.bounds`, no model built): MACs and parameters from the
-   configuration alone. ``MACs x cycles/MAC`` never exceeds the device-model latency of
-   the export (patches only add MACs), so a candidate over a latency limit here is over
+   configuration alone. The device model's latency bound for that many MACs
+   (:meth:`~edgeslim.profiling.devices.Device.latency_bound_ms`: every MAC at the cheapest
+   op type's rate, nothing else counted) never exceeds its latency of the export (patches
+   only add MACs), so a candidate over a latency limit here is over
    it for real and is dropped without lowering (flash has no such bound: ``export_c``
    may store a layer's weights in fewer than 8 bits);
 2. **plan** (:meth:`SubnetCost.predict`): the sub-network lowered to the int8 graph, its
@@ -14,7 +16,8 @@ come from edgeslim's own C backend, in three tiers:
    execution (MCUNetV2; patches are used, as ``export_c`` does, only when the plain plan
    does not fit the device's SRAM), flash = the constants ``export_c`` writes + the code
    size measured once (:meth:`SubnetCost.calibrate`, as the search's ``McuTarget``
-   does), latency = the device's cycles-per-MAC model (with the patches' extra MACs);
+   does), latency = the device model on the graph's work per op type
+   (:func:`edgeslim.export.c.workload.workload`, with the patches' extra MACs);
 3. **export** (:func:`measure_export`): the finalist exported with
    :func:`edgeslim.export.c.export_c`; SRAM and latency from what was written, flash from
    the compiled object (the ARM link when ``arm-none-eabi-gcc`` is installed).
@@ -82,7 +85,7 @@ class SubnetCost:
             "macs": macs,
             "params": params,
             "weights_kb": params / 1024,  # int8 (packed layers may need less: no bound)
-            "latency_ms": self.device.latency_ms(macs),
+            "latency_ms": self.device.latency_bound_ms(macs),
         }
 
     def predict(self, cfg: SubnetConfig, model: nn.Module | None = None) -> dict[str, Any]:
@@ -92,6 +95,7 @@ class SubnetCost:
             return self.cache[key]
         from edgeslim.export import int8
         from edgeslim.export.c import codegen, compress, plan_for
+        from edgeslim.export.c.workload import workload
 
         model = model if model is not None else extract(self.supernet, cfg).eval()
         with warnings.catch_warnings():
@@ -103,9 +107,7 @@ class SubnetCost:
         patched = plan_for(graph, patch=True, packed=packed)
         sram_plain, sram_patch = plain.arena_size + io, patched.arena_size + io
         use_patch = sram_plain > self.device.sram_bytes and patched.patch is not None
-        macs = graph.macs()
-        if use_patch:
-            macs = round(macs * (1 + patched.patch.mac_overhead))
+        work = workload(graph, packed, patched if use_patch else plain)
         flash = codegen.constant_bytes(graph, packed) + (self.code_bytes or 0)
         cost = {
             "macs": graph.macs(),
@@ -115,7 +117,7 @@ class SubnetCost:
             "sram_patch_kb": sram_patch / 1024,
             "patch": bool(use_patch),
             "flash_kb": flash / 1024,
-            "latency_ms": self.device.latency_ms(macs),
+            "latency_ms": self.device.latency_ms(work),
         }
         self.lowered += 1
         self.cache[key] = cost
@@ -150,6 +152,7 @@ def measure_export(export: Any, device: Any) -> dict[str, Any]:
     (the constants alone without a C compiler); SRAM = arena + I/O buffers (+ the stack
     measured on QEMU when it ran); latency from the device model, patches' MACs included."""
     from edgeslim.export.c import hostbuild
+    from edgeslim.export.c.workload import workload
 
     flash, source = export.weight_bytes, "constants"
     if export.arm is not None:
@@ -168,7 +171,7 @@ def measure_export(export: Any, device: Any) -> dict[str, Any]:
     return {
         "sram_kb": sram / 1024,
         "flash_kb": flash / 1024,
-        "latency_ms": device.latency_ms(macs),
+        "latency_ms": device.latency_ms(workload(export.graph, export.packed, export.plan)),
         "macs": macs,
         "patch": export.plan.patch is not None,
         "flash_from": source,

@@ -412,17 +412,15 @@ class McuTarget:
 
     def predict(self, model: nn.Module, example: torch.Tensor, calib: Any = None) -> dict:
         from edgeslim.export.c import codegen, compress, plan_for
+        from edgeslim.export.c.workload import workload
 
         graph = self._graph(model, calib if calib is not None else example)
         packed = compress.choose(graph, "auto")
         plan = plan_for(graph, sram_bytes=self.device.sram_bytes, packed=packed)
         io = graph[graph.input].nbytes + graph[graph.output].nbytes
-        macs = graph.macs()
-        if plan.patch is not None:
-            macs = round(macs * (1 + plan.patch.mac_overhead))
         flash = codegen.constant_bytes(graph, packed) + (self.code_bytes or 0)
         return {
-            "latency_ms": self.device.latency_ms(macs),
+            "latency_ms": self.device.latency_ms(workload(graph, packed, plan)),
             "flash_kb": flash / 1024,
             "sram_kb": (plan.arena_size + io) / 1024,
             "size_kb": flash / 1024,
@@ -435,6 +433,7 @@ class McuTarget:
         import tempfile
 
         from edgeslim.export.c import export_c, hostbuild
+        from edgeslim.export.c.workload import workload
 
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -446,11 +445,9 @@ class McuTarget:
                     {p.name: p.read_text() for p in done.files if p.suffix in (".c", ".h")}
                 )
                 flash = sizes["text"] + sizes["rodata"]
-            macs = done.graph.macs()
-            if done.plan.patch is not None:
-                macs = round(macs * (1 + done.plan.patch.mac_overhead))
+            work = workload(done.graph, done.packed, done.plan)
         return {
-            "latency_ms": self.device.latency_ms(macs),
+            "latency_ms": self.device.latency_ms(work),
             "flash_kb": flash / 1024,
             "sram_kb": (done.arena_bytes + done.io_bytes) / 1024,
             "size_kb": flash / 1024,

@@ -422,7 +422,8 @@ class _Writer:
             arena_alloc=max(arena, 1),
             params="\n".join(self.params) + "\n",
             patch_tables=tables,
-            body="\n".join(self.body),
+            body="\n".join(self.body)
+            + ("\n    (void)arena; /* no activation lives in the arena */" if arena == 0 else ""),
         )
         nbytes = constant_bytes(g, self.packed)
         weights = Template(template("weights.h.tmpl")).substitute(
