@@ -105,7 +105,8 @@ def make_head(feature: torch.Tensor, classes: int, cfg: Exits) -> nn.Module:
     if feature.dim() == 4:
         c, h, w = feature.shape[1:]
         k = max(1, math.ceil(max(h, w) / cfg.pool))  # a plain max pool: exports everywhere
-        layers: list[nn.Module] = [nn.MaxPool2d(k, k, ceil_mode=True)]
+        ceil = h % k != 0 or w % k != 0  # ceil mode only where it changes the result
+        layers: list[nn.Module] = [nn.MaxPool2d(k, k, ceil_mode=ceil)]
         if cfg.conv:
             layers += [nn.Conv2d(c, cfg.conv, 3, padding=1), nn.ReLU()]
         with torch.no_grad():
