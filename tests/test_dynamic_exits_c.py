@@ -67,9 +67,10 @@ def test_export_bit_exact_and_a_wrong_rule_is_caught(tmp_path):
     assert {"exits.c", "exits.h", "stage0.c", "head1.c", "stage2_weights.h"} <= names
     assert result.shared_arena and any("bit-exact" in v for v in result.verified)
     assert result.float_agreement > 0.7
-    assert "int exits_run(const int8_t *input, int8_t *logits);" in (
-        tmp_path / "c" / "exits.h"
-    ).read_text()
+    assert (
+        "int exits_run(const int8_t *input, int8_t *logits);"
+        in (tmp_path / "c" / "exits.h").read_text()
+    )
     # the check fails when the C's decision differs from the reference's
     q = result.int8
     files, _ = c_sources(q)
@@ -79,6 +80,11 @@ def test_export_bit_exact_and_a_wrong_rule_is_caught(tmp_path):
     )
     with pytest.raises(ExportError, match="exit differs"):
         check_exits_c(q, files, inputs)
+    # no exit enabled: one stage, the static network, still a valid runner
+    set_thresholds(em, [None, None])
+    static = quantize_exits(em, x)
+    check_exits_c(static, c_sources(static)[0], inputs[:8])
+    assert static.exit_index == [2] and not static.heads
 
 
 def test_refusals(tmp_path):

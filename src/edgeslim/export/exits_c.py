@@ -139,7 +139,7 @@ int exits_run_to(const int8_t *input, int8_t *logits, int32_t stop);
         body = ", ".join(map(str, table.tolist()))
         decls.append(f"static const uint16_t EXP{n}[256] = {{{body}}};")
         decls.append(f"#define LIMIT{n} {q.limits[n]}  /* threshold {q.thresholds[n]:.6g} */")
-    lines = []
+    lines = ["    (void)stop;"]
     src = "input"
     for n in range(count):
         if n == count - 1:
