@@ -96,3 +96,23 @@ def test_refusals(tmp_path):
         export_exits_c(em, tmp_path, calib=x)
     assert not any(tmp_path.iterdir())
     assert math.isinf(float(em.thresholds[0]))
+
+
+@needs_gcc
+@pytest.mark.slow
+def test_mobilenetv2_exits_bit_exact(tmp_path):
+    """Residual blocks, BN folded, three exits: the C runner still matches the reference."""
+    torch.manual_seed(0)
+    after = ["blocks.0", "blocks.2", "blocks.4"]
+    em = add_exits_(zoo.create("mobilenetv2"), Exits(after=after, pool=7, hidden=32))
+    x = torch.rand(48, 1, 28, 28)
+    with torch.no_grad():
+        outs = em.all_exits(x)
+    set_thresholds(
+        em, [float(torch.softmax(o, -1).max(-1).values.quantile(0.7)) for o in outs[:-1]]
+    )
+    result = export_exits_c(em, tmp_path, calib=x)
+    assert result.int8.exit_index == [0, 1, 2, 3]
+    assert any("bit-exact" in v for v in result.verified)
+    _, taken = result.int8.run(x)
+    assert len(set(taken.tolist())) >= 3
