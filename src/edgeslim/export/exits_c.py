@@ -300,7 +300,9 @@ int main(int argc, char **argv)
 class ExitsBuild(ScratchDir):
     """The exit runner and its graphs compiled with a test driver (host ``gcc``)."""
 
-    def __init__(self, files: dict[str, str], count: int, classes: int, *, sanitize=True):
+    def __init__(
+        self, files: dict[str, str], count: int, classes: int, *, sanitize: bool = True
+    ) -> None:
         cc = hostbuild.compiler()
         if cc is None:
             raise ExportError("no C compiler found (set CC or install gcc)")
