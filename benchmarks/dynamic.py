@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -61,16 +62,22 @@ from edgeslim.dynamic import (
     train_heads,
 )
 from edgeslim.dynamic.cache import FrameCache
+from edgeslim.dynamic.calibration import set_thresholds
 from edgeslim.dynamic.exits import train_exits
 from edgeslim.dynamic.plot import plot_tradeoffs, tradeoff
 from edgeslim.export.exits import export_exits, load_runner
+from edgeslim.export.exits_c import ExitsBuild, c_sources, export_exits_c
+from edgeslim.export.exits_int8 import quantize_exits
 
 console = Console(width=200)
 RESULTS = Path(__file__).parent / "results"
 TMP = Path(tempfile.mkdtemp(prefix="edgeslim-dynamic-"))
 EXITS = {
-    "lenet5": dict(after=["conv1", "conv2"], epochs=8, exit_epochs=15),
-    "mobilenetv2": dict(after=["blocks.0", "blocks.2", "blocks.4"], epochs=8, exit_epochs=6),
+    "lenet5": dict(after=["conv1", "conv2"], epochs=8, exit_epochs=15, pool=6),
+    # pool 7: 4x4 windows divide the 28x28 features (the C backend has no ceil-mode pool)
+    "mobilenetv2": dict(
+        after=["blocks.0", "blocks.2", "blocks.4"], epochs=8, exit_epochs=6, pool=7
+    ),
 }
 
 
@@ -125,7 +132,9 @@ def exits_part(name: str, seed: int, data) -> dict:
     static_acc = es.evaluate(static, data)
     x = data.test.x
     static_macs = count_macs(static, x[:1])
-    em = add_exits_(copy.deepcopy(static), Exits(after=spec["after"], pool=6, hidden=128))
+    em = add_exits_(
+        copy.deepcopy(static), Exits(after=spec["after"], pool=spec["pool"], hidden=128)
+    )
     train_exits(
         em, data, ExitTraining(epochs=spec["exit_epochs"], shift=2, seed=seed), progress=False
     )
@@ -145,7 +154,11 @@ def exits_part(name: str, seed: int, data) -> dict:
     export_exits(em, out / "exits", x[:64])
     runner = load_runner(out / "exits")
     ort_static = mean_latency_ms(ort_session(out / "static.onnx"), x)
-    ort_exits = mean_latency_ms(lambda t: runner.run(t.numpy()), x)
+    ort_exits = mean_latency_ms(lambda t: runner.run(t.numpy()), x)  # exits-b1.onnx (If)
+    single, runner.single = runner.single, None
+    ort_files = mean_latency_ms(lambda t: runner.run(t.numpy()), x)  # one file per exit
+    runner.single = single
+    c = c_exits(em, data, out / "c", seed)
     torch.set_num_threads(2)
     return {
         "net": name,
@@ -163,13 +176,50 @@ def exits_part(name: str, seed: int, data) -> dict:
             "torch_exits": lat_exits,
             "ort_static": ort_static,
             "ort_exits": ort_exits,
+            "ort_exits_one_file_per_exit": ort_files,
         },
+        "c": c,
         "tradeoff": tradeoff(
             cal["curve"],
             {"macs": static_macs, "accuracy": cal["static_accuracy"]},
             cal,
             x_label="average MACs per input (validation)",
         ),
+    }
+
+
+def c_exits(em, data, out: Path, seed: int) -> dict:
+    """The exits in C: exported and checked bit-exact per exit (export_exits_c), int8 test
+    accuracy and exits (reference interpreter), host latency (gcc -O2) vs the static net."""
+    calib = data.calib(128, seed=seed)
+    export = export_exits_c(em, out, calib=calib)
+    x, y = data.test.x, data.test.y
+    q = export.int8
+    logits, taken = q.run(x.numpy())
+    with torch.no_grad():
+        _, float_taken = em.infer(x)
+    static = copy.deepcopy(em)
+    set_thresholds(static, [None] * len(em.heads))
+    q_static = quantize_exits(static, calib)
+    static_logits, _ = q_static.run(x.numpy())
+    inputs = q.quantize_input(x[:300].numpy())
+    times = {}
+    for key, model in (("static", q_static), ("exits", q)):
+        files, _ = c_sources(model)
+        with ExitsBuild(files, len(model.stages), model.classes, sanitize=False) as build:
+            times[key] = statistics.median(build.time_us(inputs, repeats=5) for _ in range(3))
+    y = y.numpy()
+    return {
+        "verified": export.verified,
+        "int8_final_accuracy": float((static_logits.argmax(1) == y).mean()),
+        "int8_exits_accuracy": float((logits.argmax(1) == y).mean()),
+        "same_exit_as_float": float((taken == float_taken.numpy()).mean()),
+        "exit_shares": (np.bincount(taken, minlength=em.num_exits) / len(taken)).tolist(),
+        "us_static": times["static"],
+        "us_exits": times["exits"],
+        "arena_bytes": export.arena_bytes,
+        "feature_bytes": export.feature_bytes,
+        "weight_bytes": export.weight_bytes,
     }
 
 
@@ -209,15 +259,63 @@ def exits_table(rows: list[dict]) -> Table:
     return t
 
 
+def c_table(rows: list[dict]) -> Table:
+    t = Table(title="early exits in C (int8, host gcc -O2; mean µs per test image, 300 images)")
+    for col in (
+        "net",
+        "seed",
+        "int8 final-exit acc",
+        "int8 exits acc",
+        "same exit as float",
+        "µs static / exits",
+        "speedup",
+        "shares",
+        "checked",
+    ):
+        t.add_column(col)
+    for r in rows:
+        c = r["c"]
+        t.add_row(
+            r["net"],
+            str(r["seed"]),
+            f"{100 * c['int8_final_accuracy']:.1f}",
+            f"{100 * c['int8_exits_accuracy']:.1f}",
+            f"{100 * c['same_exit_as_float']:.1f}%",
+            f"{c['us_static']:.1f} / {c['us_exits']:.1f}",
+            f"{c['us_static'] / c['us_exits']:.2f}x",
+            " ".join(f"{s:.2f}" for s in c["exit_shares"]),
+            "bit-exact" if any("bit-exact" in v for v in c["verified"]) else "not compiled",
+        )
+    return t
+
+
 # --------------------------------------------------------------------------------------
 
 
-def _gated_vs_pruned(static, data, density: float, ft, static_macs: float, seed: int):
+def _wide_blocks(model, hidden: int = 96) -> list[str]:
+    """The inverted-residual blocks with at least ``hidden`` hidden channels."""
+    from edgeslim.dynamic.gating import _is_inverted_residual
+
+    return [
+        n
+        for n, m in model.named_modules()
+        if n and _is_inverted_residual(m) and m.block[-2][0].in_channels >= hidden
+    ]
+
+
+def _gated_vs_pruned(
+    static, data, density: float, ft, static_macs: float, seed: int, anneal=0.0, wide=False
+):
     x = data.test.x
     gated = copy.deepcopy(static)
-    gate_channels_(gated, ChannelGating(density=density), calib=data.calib(256, seed=seed))
-    train_gates(gated, data, ft, teacher=static, progress=False)
+    layers = _wide_blocks(gated) if wide else None
+    cfg = ChannelGating(density=density, layers=layers)
+    gate_channels_(gated, cfg, calib=data.calib(256, seed=seed))
+    start = time.perf_counter()
+    train_gates(gated, data, ft, teacher=static, progress=False, anneal=anneal)
     gated.eval()
+    label = f"density {density}" + (f", anneal {anneal}" if anneal else "")
+    label += f", {ft.epochs} epochs" + (", wide blocks only" if wide else "")
     g_macs = count_macs(gated, x[:200]) / 200
     pruned = copy.deepcopy(static)
     es.prune_(pruned, es.ChannelPrune(macs=g_macs / static_macs), example=x[:1])
@@ -226,13 +324,14 @@ def _gated_vs_pruned(static, data, density: float, ft, static_macs: float, seed:
     torch.set_num_threads(1)
     rows = [
         {
-            "method": f"FBS gating, density {density}",
+            "method": f"FBS gating, {label}",
             "accuracy": es.evaluate(gated, data),
             "macs": g_macs,
             "latency_ms": mean_latency_ms(gated, x[:300]),
+            "train_seconds": time.perf_counter() - start,
         },
         {
-            "method": f"ChannelPrune, same MACs as density {density}",
+            "method": f"ChannelPrune, same MACs as {label}",
             "accuracy": es.evaluate(pruned, data),
             "macs": count_macs(pruned, x[:1]),
             "latency_ms": mean_latency_ms(pruned, x[:300]),
@@ -242,7 +341,9 @@ def _gated_vs_pruned(static, data, density: float, ft, static_macs: float, seed:
     return rows
 
 
-def gating_part(data, seed: int = 0, epochs: int = 5, densities=(0.5, 0.75)) -> list[dict]:
+def gating_part(
+    data, seed: int = 0, epochs: int = 5, densities=(0.5, 0.75), anneal=0.0, wide=False
+) -> list[dict]:
     spec = EXITS["mobilenetv2"]
     static = trained("mobilenetv2", data, spec["epochs"], seed)
     x = data.test.x
@@ -258,7 +359,7 @@ def gating_part(data, seed: int = 0, epochs: int = 5, densities=(0.5, 0.75)) -> 
     rows.append(base)
     ft = es.TrainConfig(epochs=epochs, lr=1e-3, shift=2, seed=seed, distill=es.KD(alpha=0.5))
     for density in densities:
-        rows += _gated_vs_pruned(static, data, density, ft, base["macs"], seed)
+        rows += _gated_vs_pruned(static, data, density, ft, base["macs"], seed, anneal, wide)
     return rows
 
 
@@ -339,6 +440,13 @@ def main() -> None:
         "--part", choices=["all", "exits", "gating", "cache", "multitask"], default="all"
     )
     parser.add_argument("--seeds", default="0,1,2", help="LeNet-5 seeds (exits, multitask)")
+    parser.add_argument(
+        "--nets", default="lenet5,mobilenetv2", help="exits: which nets (MobileNetV2: 1st seed)"
+    )
+    parser.add_argument("--densities", default="0.5,0.75", help="gating: densities")
+    parser.add_argument("--gate-epochs", type=int, default=5, help="gating: fine-tuning epochs")
+    parser.add_argument("--anneal", type=float, default=0.0, help="gating: density schedule")
+    parser.add_argument("--wide", action="store_true", help="gating: only the wide blocks")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(2)
@@ -348,10 +456,14 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     start = time.perf_counter()
     if args.part in ("all", "exits"):
-        rows = [exits_part("lenet5", s, data) for s in seeds]
-        rows.append(exits_part("mobilenetv2", seeds[0], data))
-        results["exits"] = rows
+        nets = args.nets.split(",")
+        rows = [exits_part("lenet5", s, data) for s in seeds] if "lenet5" in nets else []
+        if "mobilenetv2" in nets:
+            rows.append(exits_part("mobilenetv2", seeds[0], data))
+        kept = [r for r in results.get("exits", []) if r["net"] not in nets]
+        results["exits"] = rows = kept + rows
         console.print(exits_table(rows))
+        console.print(c_table([r for r in rows if "c" in r]))
         curves = {f"{r['net']} seed {r['seed']}": r["tradeoff"] for r in rows}
         for net in ("lenet5", "mobilenetv2"):
             plot_tradeoffs(
@@ -361,7 +473,16 @@ def main() -> None:
             )
         console.print(f"[{time.perf_counter() - start:.0f} s]")
     if args.part in ("all", "gating"):
-        results["gating"] = gating_part(data)
+        new = gating_part(
+            data,
+            epochs=args.gate_epochs,
+            densities=[float(d) for d in args.densities.split(",")],
+            anneal=args.anneal,
+            wide=args.wide,
+        )
+        names = {r["method"] for r in new}
+        results["gating"] = [r for r in results.get("gating", []) if r["method"] not in names]
+        results["gating"] += new
         t = Table(title="channel gating vs static channel pruning, MobileNetV2 (test split)")
         for col in ("method", "test acc %", "MACs (avg)", "torch ms (batch 1, mean)"):
             t.add_column(col)

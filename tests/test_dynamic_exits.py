@@ -128,6 +128,15 @@ def test_onnx_runner_equals_pytorch(trained, tmp_path):
     assert taken.tolist() == ref_taken.tolist()
     assert 0 < int((ref_taken == 0).sum()) < 32  # some leave early, some do not
     assert abs(logits - ref.numpy()).max() < 1e-4
+    # batch 1: one file, the exit an If node; the same exits and logits, one sample at a time
+    import onnx
+
+    joined = onnx.load(str(tmp_path / "exits-b1.onnx"))
+    assert [n.op_type for n in joined.graph.node].count("If") == 1
+    runner = load_runner(tmp_path)
+    for i in range(8):
+        one, k = runner.run(x[i : i + 1].numpy())
+        assert int(k[0]) == int(ref_taken[i]) and abs(one - ref[i].numpy()).max() < 1e-4
 
 
 def test_static_under_export():

@@ -88,3 +88,33 @@ def test_gating_errors():
         gate_channels_(zoo.create("lenet5"), ChannelGating(layers=["fc1"]))
     with pytest.raises(ConfigError, match="grouped"):
         gate_channels_(zoo.create("mobilenetv2"), ChannelGating(layers=["blocks.1.block.1"]))
+
+
+def test_density_sweep_and_schedule(mnist):
+    from edgeslim.core.train import TrainConfig
+    from edgeslim.dynamic import set_density, train_gates
+
+    torch.manual_seed(0)
+    model = zoo.create("lenet5")
+    gate_channels_(model, ChannelGating(layers=["conv1", "conv2"], density=0.5))
+    x = mnist.test.x[:4]
+    model.eval()
+    macs = {}
+    for d in (0.25, 1.0):
+        set_density(model, d)
+        macs[d] = count_macs(model, x)
+    set_density(model)
+    assert macs[0.25] < count_macs(model, x) < macs[1.0]
+    with pytest.raises(ConfigError, match="density"):
+        set_density(model, 1.5)
+    # the schedule: every channel at the first step, the configured density at the end
+    seen = []
+    gate = gated_units(model)["conv2"].gate
+    handle = gate.register_forward_hook(lambda m, i, o: seen.append(m.k))
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=1e-3)
+    train_gates(model, mnist.limit(200), cfg, anneal=0.5, progress=False)
+    handle.remove()
+    assert seen[0] == 50 and min(seen) == 25 and gate.k == 25
+    assert seen.index(25) < len(seen) * 0.75  # reached the target half way, then held it
+    with pytest.raises(ConfigError, match="anneal"):
+        train_gates(model, mnist.limit(200), cfg, anneal=2.0)

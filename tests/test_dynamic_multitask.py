@@ -83,3 +83,38 @@ def test_dynamic_recipe_stages(tmp_path):
                 "stages": [{"exits": {"after": ["conv1"], "calibrate": {"budget": 2}}}],
             }
         )
+
+
+def test_gating_and_multitask_stages_log_their_curves(mnist, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from edgeslim.core.train import TrainConfig, fit
+    from edgeslim.pipeline.stages.dynamic import (
+        GatingStage,
+        MultitaskStage,
+        run_gating,
+        run_multitask,
+    )
+    from edgeslim.report.plots import plot_accuracy_vs_compute
+
+    data = mnist.limit(200)
+    data = dataclasses.replace(data, val=data.val.subset(150), test=data.test.subset(150))
+    ctx = SimpleNamespace(data=data, example=data.test.x[:1], teacher=None, seed=0, progress=False)
+    torch.manual_seed(0)
+    model = zoo.create("lenet5")
+    fit(model, data, epochs=1, progress=False)
+    cfg = GatingStage(layers=["conv1", "conv2"], anneal=0.5, sweep=[0.5, 1.0])
+    stage = SimpleNamespace(config=cfg, finetune=TrainConfig(epochs=1))
+    _, gating = run_gating(model, stage, ctx)
+    assert [p["density"] for p in gating["sweep"]] == [0.5, 1.0]
+    assert gating["sweep"][0]["macs"] < gating["sweep"][1]["macs"] <= gating["static_macs"] * 1.05
+    assert len(gating["tradeoff"]["points"]) == 3
+    model = zoo.create("lenet5")
+    cfg = MultitaskStage(after="fc1", tasks={"digit": "label", "parity": "parity"})
+    stage = SimpleNamespace(config=cfg, finetune=TrainConfig(epochs=1))
+    _, multi = run_multitask(model, stage, ctx)
+    assert multi["tradeoff"]["static"]["macs"] == 2 * multi["macs_one_network"]
+    assert multi["tradeoff"]["points"][0]["macs"] == multi["macs_all_tasks"]
+    rows = [{"stage": "gating", "log": gating}, {"stage": "multitask", "log": multi}]
+    assert plot_accuracy_vs_compute(rows, tmp_path / "curve.png").is_file()

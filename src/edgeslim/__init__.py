@@ -112,6 +112,7 @@ _LAZY = {
     "Heads": "edgeslim.dynamic",
     "dynamic_": "edgeslim.dynamic",
     "export_exits": "edgeslim.export.exits",
+    "export_exits_c": "edgeslim.export.exits_c",
     "export_heads": "edgeslim.export.multitask",
     "search": "edgeslim.search.engine",
     "SearchResult": "edgeslim.search.engine",

@@ -46,6 +46,7 @@ from edgeslim.dynamic.gating import (
     gate_channels_,
     gate_loss,
     gated_units,
+    set_density,
     train_gates,
 )
 from edgeslim.dynamic.multitask import Heads, MultiHead, add_heads, task_accuracy, train_heads
@@ -99,6 +100,7 @@ __all__ = [
     "gated_units",
     "get_thresholds",
     "register",
+    "set_density",
     "set_thresholds",
     "skip_stats",
     "split",

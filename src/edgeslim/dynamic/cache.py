@@ -146,35 +146,41 @@ class FrameCachedModel(nn.Module):
 
     # -- block matching ------------------------------------------------------------
 
+    def _offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search offsets nearest first, as indices into the unfolded windows, and (dy, dx)."""
+        if getattr(self, "_order", None) is None:
+            r = self.cfg.search
+            offsets = sorted(
+                ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
+                key=lambda o: abs(o[0]) + abs(o[1]),
+            )  # zero motion first: it wins ties
+            n = 2 * r + 1  # window (i, j) of prev holds the content moved by (r - i, r - j)
+            self._order = torch.tensor([(r - dy) * n + (r - dx) for dy, dx in offsets])
+            self._table = torch.tensor(offsets)
+        return self._order, self._table
+
     def match(self, cur: torch.Tensor, prev: torch.Tensor):
         """Per pixel: ``(dirty (H, W) bool, motion dy (H, W), motion dx (H, W))``."""
         b, r = self.cfg.block, self.cfg.search
-        _, _, h, w = cur.shape
+        _, c, h, w = cur.shape
         hb, wb = math.ceil(h / b), math.ceil(w / b)
         ph, pw = hb * b - h, wb * b - w
-        c = F.pad(cur, (0, pw, 0, ph))
+        order, table = self._offsets()
+        cp = F.pad(cur, (0, pw, 0, ph))
         p = F.pad(prev, (r, r + pw, r, r + ph), value=float("nan"))
-        offsets = sorted(
-            ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
-            key=lambda o: abs(o[0]) + abs(o[1]),
-        )  # zero motion first: it wins ties
+        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, H', W')
         # content moved by (dy, dx): cur[y, x] ~ prev[y - dy, x - dx]
-        shifted = torch.cat(
-            [p[:, :, r - dy : r - dy + hb * b, r - dx : r - dx + wb * b] for dy, dx in offsets]
-        )  # (offsets, C, H', W')
-        err = (shifted - c).abs().mean(1).reshape(len(offsets), hb, b, wb, b).mean((2, 4))
+        windows = p[0].unfold(1, hb * b, 1).unfold(2, wb * b, 1)
+        diff = (windows - cp[0, :, None, None]).abs().sum(0).flatten(0, 1)  # (offsets, H', W')
+        err = F.avg_pool2d(diff[order], b) / c  # (offsets, hb, wb), nearest offset first
         # as DeepCache's search from the zero vector: the smallest motion that matches wins
         # (the best match of a flat or noisy block is often a meaningless shift)
         match = err.nan_to_num(math.inf) <= self.cfg.threshold  # (offsets, hb, wb)
         ok = match.any(0)
         which = match.to(torch.uint8).argmax(0)  # first matching offset: offsets are sorted
-        table = torch.tensor(offsets)
-        my, mx = table[which, 0], table[which, 1]
-
-        def up(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(b, 0).repeat_interleave(b, 1)[:h, :w]
-
-        return up(~ok), up(my), up(mx)
+        maps = torch.stack([(~ok).long(), table[which, 0], table[which, 1]])
+        maps = maps.repeat_interleave(b, 1).repeat_interleave(b, 2)[:, :h, :w]
+        return maps[0].bool(), maps[1], maps[2]
 
     # -- one frame -------------------------------------------------------------------
 

@@ -105,7 +105,8 @@ def make_head(feature: torch.Tensor, classes: int, cfg: Exits) -> nn.Module:
     if feature.dim() == 4:
         c, h, w = feature.shape[1:]
         k = max(1, math.ceil(max(h, w) / cfg.pool))  # a plain max pool: exports everywhere
-        layers: list[nn.Module] = [nn.MaxPool2d(k, k, ceil_mode=True)]
+        ceil = h % k != 0 or w % k != 0  # ceil mode only where it changes the result
+        layers: list[nn.Module] = [nn.MaxPool2d(k, k, ceil_mode=ceil)]
         if cfg.conv:
             layers += [nn.Conv2d(c, cfg.conv, 3, padding=1), nn.ReLU()]
         with torch.no_grad():
@@ -144,6 +145,7 @@ class ExitModel(nn.Module):
         self.joint = False  # forward returns every exit's logits (set by joint_outputs)
         self.frozen = False  # backbone in eval mode and without gradients
         self.last_exit: torch.Tensor | None = None
+        self._cached: tuple[int, list[float]] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -177,7 +179,7 @@ class ExitModel(nn.Module):
         """
         b = x.shape[0]
         last = len(self.heads)
-        thresholds = self.thresholds.tolist()
+        thresholds = self._threshold_list()
         if b == 1:
             return self._infer_one(x, thresholds)
         out: torch.Tensor | None = None
@@ -210,17 +212,31 @@ class ExitModel(nn.Module):
         self.last_exit = taken
         return out, taken
 
+    def _threshold_list(self) -> list[float]:
+        """``thresholds`` as Python floats, cached until the buffer changes (its version)."""
+        version = self.thresholds._version
+        if self._cached is None or self._cached[0] != version:
+            self._cached = (version, self.thresholds.tolist())
+        return self._cached[1]
+
     def _infer_one(
         self, x: torch.Tensor, thresholds: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch 1: a plain branch after each enabled exit, nothing after the one taken."""
         h = x
         last = len(self.heads)
+        heads = self.heads
+        maxprob = self.criterion == "maxprob"
         for k, segment in enumerate(self.segments):
             h = segment(h)
             if k < last and thresholds[k] != math.inf:
-                logits = self.heads[k](h)
-                if float(confidence(logits, self.criterion)) >= thresholds[k]:
+                logits = heads[k](h)
+                score = (
+                    logits.float().softmax(-1).max().item()
+                    if maxprob
+                    else float(confidence(logits, self.criterion))
+                )
+                if score >= thresholds[k]:
                     self.last_exit = torch.tensor([k])
                     return logits, self.last_exit
         self.last_exit = torch.tensor([last])

@@ -44,6 +44,7 @@ __all__ = [
     "gate_channels_",
     "gate_loss",
     "gated_units",
+    "set_density",
     "train_gates",
 ]
 
@@ -79,6 +80,7 @@ class _Gate(nn.Module):
         self.fc = nn.Linear(cin, cout)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.ones_(self.fc.bias)
+        self.density = density  # the configured fraction (set_density(model) restores it)
         self.k = max(1, math.ceil(density * cout))
         self.last: torch.Tensor | None = None  # saliencies of the last forward (for gate_loss)
 
@@ -294,6 +296,18 @@ def gated_units(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def set_density(model: nn.Module, density: float | None = None) -> None:
+    """Make every gate keep ``ceil(density * C)`` channels (``None``: each gate's configured
+    density again). At inference this trades accuracy for compute without retraining: the
+    gating stage sweeps it for the accuracy-compute curve."""
+    if density is not None and not 0 < density <= 1:
+        raise ConfigError(f"set_density: density must be in (0, 1], got {density}")
+    for unit in gated_units(model).values():
+        gate = unit.gate
+        target = getattr(gate, "density", gate.k / gate.fc.out_features)
+        gate.k = max(1, math.ceil((target if density is None else density) * gate.fc.out_features))
+
+
 def gate_loss(model: nn.Module) -> torch.Tensor:
     """Mean absolute saliency over every gate of the last forward pass (FBS' L1 term)."""
     terms = [
@@ -310,17 +324,43 @@ def train_gates(
     l1: float = 1e-4,
     teacher: nn.Module | None = None,
     progress: bool | None = None,
+    anneal: float = 0.0,
 ) -> list[dict[str, float]]:
     """Fine-tune a gated ``model`` (gates and weights): cross-entropy + ``l1`` x
     :func:`gate_loss`, distilled from ``teacher`` when given (``cfg.distill`` or ``KD()``).
-    ``cfg`` is a :class:`~edgeslim.core.train.TrainConfig` (fine-tuning defaults)."""
+    ``cfg`` is a :class:`~edgeslim.core.train.TrainConfig` (fine-tuning defaults).
+
+    ``anneal`` (a fraction of the training steps, 0: off): a density schedule; every gate
+    starts keeping all its channels and its density falls to the configured one along
+    AGP's cubic curve (Zhu & Gupta 2017) over the first ``anneal`` of the steps, so the
+    network adapts step by step. With a schedule the last epoch's weights are kept (the
+    validation of earlier epochs ran at a higher density)."""
     from edgeslim.core.train import FINETUNE_DEFAULTS, TrainConfig, fit
 
     if not gated_units(model):
         raise ConfigError("train_gates: the model has no gated units (gate_channels_ first)")
+    if not 0 <= anneal <= 1:
+        raise ConfigError(f"train_gates: anneal must be a fraction in [0, 1], got {anneal}")
     cfg = cfg or TrainConfig(**FINETUNE_DEFAULTS)
+    gates = [unit.gate for unit in gated_units(model).values()]
+    targets = [getattr(g, "density", g.k / g.fc.out_features) for g in gates]
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y) + l1 * gate_loss(model)
 
-    return fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn, progress=progress)
+    def schedule(_model: nn.Module, step: int, total: int) -> None:
+        left = 1 - min(1.0, step / max(1.0, anneal * total))  # 1 -> 0
+        for gate, target in zip(gates, targets, strict=True):
+            density = target + (1 - target) * left**3
+            gate.k = max(1, math.ceil(density * gate.fc.out_features))
+
+    if anneal > 0:
+        cfg = cfg.model_copy(update={"keep_best": False})
+        schedule(model, 0, 1)
+    try:
+        return fit(
+            model, data, cfg, teacher=teacher, loss_fn=loss_fn, progress=progress,
+            step_hook=schedule if anneal > 0 else None,
+        )  # fmt: skip
+    finally:
+        set_density(model)

@@ -2,14 +2,15 @@
 
     - exits: {after: [conv1, conv2], hidden: 128, pool: 6,
               train: {epochs: 15}, calibrate: {max_loss: 0.003}}
-    - gating: {density: 0.5}                      # gates every inverted-residual block
+    - gating: {density: 0.5, anneal: 0.5}         # gates every inverted-residual block
       finetune: {epochs: 5, lr: 0.001, distill: {alpha: 0.5}}
     - cache: {frames: synthetic:test, n_frames: 300, thresholds: [0.01, 0.02, 0.05]}
     - multitask: {after: fc1, tasks: {digit: label, parity: parity}}
       finetune: {epochs: 5, lr: 0.001}
 
 Each logs a ``tradeoff`` entry (accuracy against average MACs: the exits' threshold sweep,
-the cache's threshold sweep) that the run report plots. ``exits``, ``gating`` and
+the gates' density sweep, the cache's threshold sweep, the shared trunk against one network
+per task) that the run report plots. ``exits``, ``gating`` and
 ``multitask`` change the model's structure; a resumed run rebuilds it from the stage's
 config (:func:`rebuild_exits` ...), then loads the saved state (thresholds included).
 ``cache`` leaves the model as it is and measures a frame stream.
@@ -46,6 +47,11 @@ class GatingStage(BaseModel):
     layers: list[str] | None = None
     density: float = Field(0.5, gt=0, le=1)
     l1: float = Field(1e-4, ge=0)
+    anneal: float = Field(0.0, ge=0, le=1, description="density schedule (train_gates)")
+    sweep: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
+        description="densities of the accuracy-compute curve (set_density at inference)",
+    )
 
     def to_recipe(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -139,32 +145,61 @@ def run_gating(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
     import copy
 
     from edgeslim.core.train import FINETUNE_DEFAULTS, TrainConfig, evaluate
-    from edgeslim.dynamic import ChannelGating, count_macs, gate_channels_, train_gates
+    from edgeslim.dynamic import (
+        ChannelGating,
+        count_macs,
+        gate_channels_,
+        set_density,
+        train_gates,
+    )
+    from edgeslim.dynamic.plot import tradeoff
 
     cfg: GatingStage = stage.config
     static_macs = count_macs(model, ctx.example[:1])
     teacher = ctx.teacher or copy.deepcopy(model).eval()
-    units = gate_channels_(model, ChannelGating(**cfg.model_dump()))
+    static_acc = evaluate(teacher, ctx.data, "val")
+    units = gate_channels_(model, ChannelGating(**cfg.model_dump(exclude={"anneal", "sweep"})))
     ft = stage.finetune or TrainConfig(**FINETUNE_DEFAULTS)
     history = train_gates(model, ctx.data, ft.model_copy(update={"seed": ctx.seed}), l1=cfg.l1,
                           teacher=teacher if ft.distill is not None else None,
-                          progress=ctx.progress)  # fmt: skip
+                          progress=ctx.progress, anneal=cfg.anneal)  # fmt: skip
     model.eval()
     n = min(200, len(ctx.data.test))
     avg = count_macs(model, ctx.data.test.x[:n]) / n
+    chosen = {"macs": _val_macs(model, ctx.data), "accuracy": evaluate(model, ctx.data, "val")}
+    points = []
+    for density in sorted(set(cfg.sweep)):  # the same gates, more or fewer channels kept
+        set_density(model, density)
+        points.append({"density": density, "macs": _val_macs(model, ctx.data),
+                       "accuracy": evaluate(model, ctx.data, "val")})  # fmt: skip
+    set_density(model)
     return model, {
         "units": units,
         "static_macs": static_macs,
         "test_avg_macs": avg,
-        "val_accuracy": evaluate(model, ctx.data, "val"),
+        "val_accuracy": chosen["accuracy"],
+        "sweep": points,
         "train_history": history,
+        "tradeoff": tradeoff(
+            [*points, chosen],
+            {"macs": static_macs, "accuracy": static_acc},
+            chosen,
+            x_label="average MACs per input (validation)",
+        ),
     }
+
+
+def _val_macs(model, data, n: int = 100) -> float:
+    from edgeslim.dynamic import count_macs
+
+    x = data.val.x[:n]
+    return count_macs(model, x) / len(x)
 
 
 def rebuild_gating(model, stage, log, example) -> Any:
     from edgeslim.dynamic import ChannelGating, gate_channels_
 
-    gate_channels_(model, ChannelGating(**stage.config.model_dump()))
+    gate_channels_(model, ChannelGating(**stage.config.model_dump(exclude={"anneal", "sweep"})))
     return model
 
 
@@ -198,23 +233,39 @@ def run_cache(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
 
 
 def run_multitask(model, stage, ctx) -> tuple[Any, dict[str, Any]]:
-    from edgeslim.core.train import FINETUNE_DEFAULTS, TrainConfig
+    from edgeslim.core.train import FINETUNE_DEFAULTS, TrainConfig, evaluate
     from edgeslim.dynamic import count_macs
     from edgeslim.dynamic.multitask import Heads, add_heads, task_accuracy, train_heads
+    from edgeslim.dynamic.plot import tradeoff
 
     cfg: MultitaskStage = stage.config
+    one_net = count_macs(model, ctx.example[:1])
+    first, kind = next(iter(cfg.tasks.items()))
+    baseline = evaluate(model, ctx.data, "val") if kind == "label" else None  # before sharing
     mh = add_heads(model, validate(Heads, cfg.model_dump(), "multitask"))
     ft = stage.finetune or TrainConfig(**FINETUNE_DEFAULTS)
     history = train_heads(mh, ctx.data, ft.model_copy(update={"seed": ctx.seed}),
                           progress=ctx.progress)  # fmt: skip
     mh.eval()
-    return mh, {
+    shared = count_macs(mh.forward_all, ctx.example[:1])
+    val = task_accuracy(mh, ctx.data.val.x, ctx.data.val.y)
+    log = {
         "tasks": list(mh.tasks),
         "test_accuracy": task_accuracy(mh, ctx.data.test.x, ctx.data.test.y),
-        "macs_all_tasks": count_macs(mh.forward_all, ctx.example[:1]),
-        "macs_one_network": count_macs(model, ctx.example[:1]),
+        "val_accuracy": val,
+        "macs_all_tasks": shared,
+        "macs_one_network": one_net,
         "train_history": history,
     }
+    if baseline is not None:  # task 1's accuracy against the compute of every task's answer
+        point = {"macs": shared, "accuracy": val[first]}
+        log["tradeoff"] = tradeoff(
+            [point],
+            {"macs": len(cfg.tasks) * one_net, "accuracy": baseline},
+            point,
+            x_label=f"MACs for all tasks (square: {len(cfg.tasks)} separate networks)",
+        )
+    return mh, log
 
 
 def rebuild_multitask(model, stage, log, example) -> Any:
