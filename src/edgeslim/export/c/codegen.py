@@ -423,7 +423,7 @@ class _Writer:
             params="\n".join(self.params) + "\n",
             patch_tables=tables,
             body="\n".join(self.body)
-            + ("\n    (void)arena; /* no activation lives in the arena */" if arena == 0 else ""),
+            + ("\n    (void)ARENA; /* no activation lives in the arena */" if arena == 0 else ""),
         )
         nbytes = constant_bytes(g, self.packed)
         weights = Template(template("weights.h.tmpl")).substitute(
