@@ -8,10 +8,10 @@ before it counts as written) and then run here on the 1,000 test images:
 - ONNX Runtime: ``export_onnx`` (fp32 / int8 QDQ);
 - OpenVINO Runtime: ``export_openvino`` (IR, fp32 / int8 from the QDQ graph), CPU plugin,
   ``INFERENCE_PRECISION_HINT=f32`` (no silent bf16), one stream;
-- LiteRT: ``export_tflite`` (int8 only: edgeslim writes .tflite from its integer graph;
-  an fp32 .tflite needs TensorFlow's converter, which edgeslim does not depend on), the
-  default kernels + XNNPACK delegate; its int8 input is quantized outside the timed call
-  and its int8 output dequantized, as an app would;
+- LiteRT: ``export_tflite`` (fp32: ``dtype="float32"``, float builtin ops; int8: the
+  integer graph), the default kernels + XNNPACK delegate; the int8 file's input is quantized
+  outside the timed call and its int8 output dequantized, as an app would; the fp32 file
+  takes the NHWC float input, transposed outside the timed call;
 - ExecuTorch (``.pte``, XNNPACK delegate), when the ``executorch`` package is installed.
 
 Measured: latency (median over repeats after warm-up, batch 1 and 32, the same number of
@@ -152,6 +152,32 @@ def litert_runner(q, path: Path, calib, threads: int):
     return len(data), run
 
 
+def litert_fp32_runner(model, path: Path, calib, threads: int):
+    from edgeslim.export import tflite, tflite_float
+
+    tflite.export_tflite(model, path, calib=calib, runtime="litert", dtype="float32")
+    data = path.read_bytes()
+    interp = tflite.litert_interpreter(data, threads=threads)
+    inp = interp.get_input_details()[0]["index"]
+    out = interp.get_output_details()[0]["index"]
+    shape = [None]
+
+    def run_nhwc(x):  # the float input an app hands to LiteRT: already NHWC
+        if shape[0] != x.shape:
+            interp.resize_tensor_input(inp, list(x.shape))
+            interp.allocate_tensors()
+            shape[0] = x.shape
+        interp.set_tensor(inp, x)
+        interp.invoke()
+        return interp.get_tensor(out)
+
+    def run(x):
+        return run_nhwc(tflite_float.to_nhwc(x)).copy()
+
+    run.timed = (tflite_float.to_nhwc, run_nhwc)
+    return len(data), run
+
+
 def executorch_runner(model, path: Path, example, threads: int):
     """Two programs (a .pte has a fixed input shape): batch 1, and batch 32 for its latency."""
     from edgeslim.export.executorch import export_executorch, load_pte
@@ -223,6 +249,7 @@ def main() -> None:
         ("ONNX Runtime", "int8", "q.onnx", lambda p: onnx_runner(q, p, example, args.threads)),
         ("OpenVINO", "fp32", "m.xml", lambda p: openvino_runner(model, p, example, args.threads)),
         ("OpenVINO", "int8", "q.xml", lambda p: openvino_runner(q, p, example, args.threads)),
+        ("LiteRT", "fp32", "m.tflite", lambda p: litert_fp32_runner(model, p, calib, args.threads)),
         ("LiteRT", "int8", "q.tflite", lambda p: litert_runner(q, p, calib[:32], args.threads)),
     ]
     if importlib.util.find_spec("executorch") is not None and not args.smoke:

@@ -316,9 +316,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     calib = calibration_inputs(model, args.data, args.calib)
     device, patch = getattr(args, "device", None), getattr(args, "patch", "auto")
-    runtime = getattr(args, "runtime", "auto")
+    runtime, dtype = getattr(args, "runtime", "auto"), getattr(args, "dtype", "int8")
     summary = export_file(
-        args.format, model, args.out, calib, device=device, patch=patch, runtime=runtime
+        args.format,
+        model,
+        args.out,
+        calib,
+        device=device,
+        patch=patch,
+        runtime=runtime,
+        dtype=dtype,
     )
     print(summary)
 
@@ -508,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_export_executorch)
     for name, text in (
         ("tflite", "int8 .tflite flatbuffer, run and checked in TFLite Micro and/or LiteRT"),
-        ("litert", "int8 .tflite flatbuffer, run and checked in LiteRT (phones)"),
+        ("litert", "int8 or float32 .tflite flatbuffer, run and checked in LiteRT (phones)"),
         ("c", "C99 for microcontrollers (model.h, model.c, weights.h), compiled and checked"),
     ):
         q = fmt.add_parser(name, help=text)
@@ -522,6 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=("auto", "tflm", "litert", "all"),
                 default="auto",
                 help="where to run the file before writing it (auto: each one installed)",
+            )
+        if name in ("tflite", "litert"):
+            q.add_argument(
+                "--dtype",
+                choices=("int8", "float32"),
+                default="int8",
+                help="int8 (quantized on the calibration data) or float32 (the float model)",
             )
         if name == "c":
             q.add_argument("--device", help="device profile to fit (e.g. stm32f746)")

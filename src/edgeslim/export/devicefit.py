@@ -62,21 +62,26 @@ def export_file(
     device=None,
     patch="auto",
     runtime: str = "auto",
+    dtype: str = "int8",
 ) -> str:
     """Export ``model`` as ``fmt`` ("tflite", "litert" = a .tflite checked in LiteRT, or
-    "c"); return a one-line summary. ``runtime`` is :func:`export_tflite`'s for "tflite"."""
+    "c"); return a one-line summary. ``runtime`` and ``dtype`` ("int8" or "float32") are
+    :func:`export_tflite`'s for "tflite" / "litert"."""
     if fmt in ("tflite", "litert"):
         from edgeslim.export.tflite import export_tflite, litert_available, tflm_available
 
         runtime = "litert" if fmt == "litert" else runtime
-        path = export_tflite(model, out, calib=calib, runtime=runtime)
+        path = export_tflite(model, out, calib=calib, runtime=runtime, dtype=dtype)
+        float_auto = dtype == "float32" and runtime == "auto"  # a float32 file: LiteRT
         ran = [
             name
             for name, key, present in (
                 ("TFLite Micro", "tflm", tflm_available),
                 ("LiteRT", "litert", litert_available),
             )
-            if runtime in (key, "all") or (runtime == "auto" and present())
+            if runtime in (key, "all")
+            or (float_auto and key == "litert")
+            or (runtime == "auto" and dtype == "int8" and present())
         ]
         checked = f"; verified in {' and '.join(ran)}" if ran else ""
         return f"wrote {path} ({path.stat().st_size:,} bytes){checked}"

@@ -11,7 +11,8 @@ interpreter within :data:`LITERT_STEPS` output steps or a relative L2 error of
 differently from TFLite Micro's reference kernels: LeNet-5's fully connected layers differ
 by one step on a few inputs). ``runtime=`` chooses: ``"auto"`` (each one installed),
 ``"tflm"``, ``"litert"`` or ``"all"``. Without either runtime it says so and checks the
-graph against PyTorch only.
+graph against PyTorch only. ``dtype="float32"`` writes the float model instead
+(:mod:`edgeslim.export.tflite_float`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from edgeslim.export.int8 import ir
 from edgeslim.export.tflite_format import serialize, tensor_indices
 
 RUNTIMES = ("auto", "tflm", "litert", "all")
+DTYPES = ("int8", "float32")
 LITERT_STEPS = 2  # LiteRT vs the reference interpreter: max difference in output steps...
 LITERT_REL_L2 = 0.02  # ...or else this relative L2 error of the dequantized outputs
 
@@ -154,8 +156,9 @@ def export_tflite(
     verify: bool = True,
     tolerance: float = 0.25,
     runtime: str = "auto",
+    dtype: str = "int8",
 ) -> Path:
-    """Write ``model`` as an int8 ``.tflite`` file at ``path`` and check it.
+    """Write ``model`` as an int8 (default) or float32 ``.tflite`` file at ``path`` and check it.
 
     ``calib`` (a batch of inputs, e.g. ``data.calib(128)``) sets the qparams of a float
     model; a model quantized by ``edgeslim.quantize_`` brings its own and needs none (it is
@@ -170,9 +173,25 @@ def export_tflite(
     and not installed is an :class:`ExportError`). TFLite Micro's outputs must equal the
     reference interpreter's bit for bit; LiteRT's within :data:`LITERT_STEPS` output steps
     or a relative L2 error of :data:`LITERT_REL_L2`. Nothing is written if a check fails.
+
+    ``dtype="float32"`` writes the float model with float32 builtin ops and no quantization
+    (:mod:`edgeslim.export.tflite_float`): ``calib`` or ``example`` are then only its check
+    inputs, ``graph`` and ``tolerance`` do not apply (the fp32 rule of every exporter does),
+    and the file must run in LiteRT (``"auto"`` / ``"litert"``), TFLite Micro (``"tflm"``)
+    or both (``"all"``): a runtime that is not installed is an :class:`ExportError`.
     """
     from edgeslim.export.int8.check import build_and_check_graph
 
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype == "float32":
+        from edgeslim.export.tflite_float import export_tflite_float
+
+        if graph is not None:
+            raise ExportError("graph= is an int8 graph; a float32 .tflite is built from the model")
+        return export_tflite_float(
+            model, path, calib=calib, example=example, verify=verify, runtime=runtime
+        )
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     graph, calib_q = build_and_check_graph(model, calib, graph, verify, tolerance, example)

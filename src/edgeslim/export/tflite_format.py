@@ -55,7 +55,8 @@ OPTIONS = {
     "PadOptions": 22,
     "QuantizeOptions": 89,
 }
-TENSOR_TYPES = {"int8": 9, "int32": 2}
+TENSOR_TYPES = {"int8": 9, "int32": 2, "float32": 0}
+NUMPY_TYPES = {"int8": np.int8, "int32": np.dtype("<i4"), "float32": np.dtype("<f4")}
 PADDING_SAME, PADDING_VALID = 0, 1
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 3}
 SCHEMA_VERSION = 3
@@ -124,6 +125,8 @@ def _activation_code(graph: ir.Graph, op: ir.Op) -> int:
     scale (a tiny scale: an all but constant output) clamps exactly as a ReLU does, and TFLite
     Micro refuses to prepare it (it quantizes 6.0 first): it is written as a ReLU."""
     out = graph[op.output]
+    if out.scale is None:  # a float32 graph: the activation as it is
+        return ACTIVATIONS[op.activation]
     if op.activation == "relu6" and 6.0 / np.float32(out.qscale) >= 2.0**31:
         return ACTIVATIONS["relu"]
     return ACTIVATIONS[op.activation]
@@ -143,8 +146,7 @@ class _Flattener:
             t = self.graph[name]
             data = None
             if t.is_const:
-                dtype = np.int8 if t.dtype == "int8" else np.dtype("<i4")
-                data = np.ascontiguousarray(t.data.astype(dtype)).tobytes()
+                data = np.ascontiguousarray(t.data.astype(NUMPY_TYPES[t.dtype])).tobytes()
             self.index[name] = self._add(
                 _TflTensor(name, t.shape, t.dtype, t.scale, t.zero_point, t.axis or 0, data)
             )
@@ -202,7 +204,7 @@ class _Flattener:
         shape = (1, x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3])
         padded = self._add(
             _TflTensor(
-                f"{x.name}_padded_for_{op.output}", shape, "int8", x.scale, x.zero_point, 0, None
+                f"{x.name}_padded_for_{op.output}", shape, x.dtype, x.scale, x.zero_point, 0, None
             )
         )
         paddings = self.const_int32(f"{x.name}_paddings_for_{op.output}", pads)
@@ -213,11 +215,11 @@ class _Flattener:
             _TflTensor(
                 f"{x.name}_fill_for_{op.output}",
                 (1,),
-                "int8",
+                x.dtype,
                 x.scale,
                 x.zero_point,
                 0,
-                np.array([value], np.int8).tobytes(),
+                np.array([value], NUMPY_TYPES[x.dtype]).tobytes(),
             )
         )
         self.ops.append(_TflOp("PADV2", [src, paddings, fill], [padded], None, {}, op.name))
@@ -239,7 +241,8 @@ class _Flattener:
         code = tflite_padding(x.shape[1:3], out.shape[1:3], op.kernel, op.stride, op.padding)
         src = self.tensor(op.inputs[0])
         if code is None and op.mode == "max":  # PyTorch's padding: -128 never wins a max
-            src, code = self._pad(op, x, src, value=-128), PADDING_VALID
+            lowest = -128 if x.dtype == "int8" else np.finfo(np.float32).min  # (float32)
+            src, code = self._pad(op, x, src, value=lowest), PADDING_VALID
         if code is None:
             raise ExportError(
                 f"{op.name}: pooling padding {op.padding} is neither TFLite SAME nor VALID; "
@@ -381,7 +384,8 @@ def _options(b: flatbuffers.Builder, op: _TflOp) -> int | None:
 
 
 def serialize(graph: ir.Graph) -> bytes:
-    """The ``.tflite`` bytes of ``graph`` (one subgraph, int8 in and out)."""
+    """The ``.tflite`` bytes of ``graph`` (one subgraph; int8 in and out, or float32 for a
+    float graph from :func:`edgeslim.export.tflite_float.lower_float`)."""
     flat = _Flattener(graph)
     input_index = flat.tensor(graph.input)
     flat.run()

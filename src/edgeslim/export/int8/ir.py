@@ -46,8 +46,8 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes it occupies in memory (int8: 1, int32: 4 per element)."""
-        return self.size * (4 if self.dtype == "int32" else 1)
+        """Bytes it occupies in memory (int8: 1, int32 / float32: 4 per element)."""
+        return self.size * (4 if self.dtype in ("int32", "float32") else 1)
 
     @property
     def is_const(self) -> bool:
