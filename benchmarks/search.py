@@ -130,8 +130,10 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         q = int8_row(dense, data, x)
         tuned = distil(copy.deepcopy(dense).train(), dense, data, args.finetune_epochs)
         q_tuned = int8_row(tuned, data, x)
-    spaces = {"channels + low rank": SearchSpace(techniques=["channel", "lowrank"])}
-    if args.int8:  # ONNX Runtime runs int8 QDQ: every layer int8, channels searched
+    # the default space on ONNX Runtime: channels (fine keep menus) + low rank + a float/int8
+    # switch, searched together
+    spaces = {"channels + low rank + float/int8": SearchSpace()}
+    if args.int8:  # the earlier, separate space: every layer int8, channels searched
         spaces["channels + int8"] = SearchSpace(techniques=["channel", "lowrank", "bits"],
                                                 bits=[8])  # fmt: skip
     for frac in args.fractions:
@@ -139,7 +141,7 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         label = f"{frac:.2f}x ({limit:.4f} ms)"
         for what, space in spaces.items():
             t0 = time.perf_counter()
-            suffix = "" if what == "channels + low rank" else "-int8"
+            suffix = "" if what.startswith("channels + low rank") else "-int8"
             res = search(
                 dense, data, Budget(max_latency_ms=limit, target="ort"),
                 space=space, trials=args.trials, batch=4,
@@ -256,9 +258,9 @@ def main() -> None:
     args = parser.parse_args()
     args.nets = ["resnet8"] if args.quick or args.smoke else ["resnet8", "mobilenetv2"]
     args.epochs = 4 if args.quick else 8
-    args.trials = 16 if args.quick else 32
+    args.trials = 24 if args.quick else 32
     args.proxy_steps = 40  # 10 left heavily pruned nets at chance: no signal for the sampler
-    args.finetune_epochs = 2 if args.quick else 3
+    args.finetune_epochs = 4  # finalists and every baseline alike
     args.predictor_n = 12 if args.quick else 16
     args.fractions = tuple(float(f) for f in args.fractions.split(","))
     if args.smoke:

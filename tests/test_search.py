@@ -125,7 +125,7 @@ def test_space_bind_errors(lenet):
     with pytest.raises(es.ConfigError, match="missing knob"):
         b.decode({k: v for k, v in good.items() if k != "keep:conv1"})
     with pytest.raises(es.ConfigError, match="not on its menu"):
-        b.decode({**good, "keep:conv1": 0.3})
+        b.decode({**good, "keep:conv1": 0.333})
     with pytest.raises(es.ConfigError, match="dict"):
         b.decode([1, 2])
 

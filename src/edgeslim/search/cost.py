@@ -315,16 +315,21 @@ class RuntimeTarget:
     # Runtime int8 (QDQ: QLinearConv / MatMulInteger kernels) -- searched only when asked
     # (SearchSpace(techniques=[..., "bits"], bits=[8]): every width runs as int8 there, so
     # narrower weights cost accuracy and save no time)
+    # On ONNX Runtime the whole-model float / int8 switch (``precision``) is searched by
+    # default: int8 is the cheapest latency cut there at full width.
     techniques: tuple[str, ...] = ("channel", "lowrank")
     optional: tuple[str, ...] = ()
 
     def __init__(self, runtime: str = "ort", threads: int = 1, cache: str | Path | None = None):
         self.name = runtime
         if runtime == "ort":
+            self.techniques = ("channel", "lowrank", "precision")
             self.optional = ("bits",)
         self.table = LatencyTable(runtime, threads, cache)
         self.overhead: float | None = None
         self.scale = 1.0
+        # int8 models: their own (scale, overhead) line (Q/DQ and per-op costs differ)
+        self.lines: dict[str, tuple[float, float]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.name, "machine": self.table.machine, "table": str(self.table.path)}
@@ -359,11 +364,26 @@ class RuntimeTarget:
         if self.overhead is None:
             raise ConfigError("RuntimeTarget.predict before calibrate(): no overhead measured")
         cost = {
-            "latency_ms": self.scale * self.units_ms(model, example) + self.overhead,
+            "latency_ms": self.line_ms(self.units_ms(model, example), _quantized(model)),
             "size_kb": param_kb(model),
         }
         self.table.flush()
         return cost
+
+    def line_ms(self, summed: float, int8: bool = False) -> float:
+        """A whole-model latency from its summed table entries: the calibrated line (the
+        int8 line for an int8 model, when one was calibrated)."""
+        scale, overhead = (
+            self.lines.get("int8", (self.scale, self.overhead))
+            if int8
+            else (
+                self.scale,
+                self.overhead,
+            )
+        )
+        if overhead is None:
+            raise ConfigError("RuntimeTarget: no overhead measured (calibrate() first)")
+        return scale * summed + overhead
 
     repeats = 200  # timed runs per whole-model measurement (x2, the faster median kept)
 

@@ -5,6 +5,7 @@
     run/trials.jsonl     one JSON line per finished trial, appended with one write + fsync
     run/final.jsonl      one line per fine-tuned finalist (+ final/trial-N.pt, its weights)
     run/calibration.json the cost model's measured constants, reused on resume
+    run/premeasured.jsonl the measured cost of the trials checked before fine-tuning
 
 A line cut short by a kill (no final newline) is ignored on reading: that trial runs again.
 """
@@ -71,6 +72,13 @@ class RunStore:
 
     def add_trial(self, record: dict[str, Any]) -> None:
         self._append("trials.jsonl", record)
+
+    def premeasured(self) -> dict[int, dict[str, Any]]:
+        """``{number: record}`` of the trials measured on the target before fine-tuning."""
+        return self._read("premeasured.jsonl")
+
+    def add_premeasured(self, record: dict[str, Any]) -> None:
+        self._append("premeasured.jsonl", record)
 
     def finals(self) -> dict[int, dict[str, Any]]:
         return {n: r for n, r in self._read("final.jsonl").items() if self.model_path(n).exists()}
