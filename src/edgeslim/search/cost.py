@@ -341,15 +341,20 @@ class RuntimeTarget:
         self, models: list[nn.Module], example: torch.Tensor, key: str
     ) -> tuple[float, float]:
         """``(scale, overhead ms)``: the line through (summed entries, measured latency) of
-        ``models`` (the first two; one model: scale 1), cached in the table under ``key``."""
+        ``models`` (two: through both; more: least squares; one: scale 1), cached in the
+        table under ``key``."""
         if key in self.table.calibrations:
             self.scale, self.overhead = self.table.calibrations[key]
         else:
             sums = [self.units_ms(m, example) for m in models]
             times = [self.measure_ms(m, example) for m in models]
             scale = 1.0
-            if len(models) > 1 and abs(sums[0] - sums[1]) > 0.05 * max(sums[0], sums[1]):
-                scale = (times[0] - times[1]) / (sums[0] - sums[1])
+            spread = max(sums) - min(sums) if sums else 0.0
+            if len(models) > 1 and spread > 0.05 * max(sums):
+                mu, mt = sum(sums) / len(sums), sum(times) / len(times)
+                scale = sum((u - mu) * (t - mt) for u, t in zip(sums, times, strict=True)) / sum(
+                    (u - mu) ** 2 for u in sums
+                )
                 scale = min(2.0, max(0.5, scale))
             self.scale = scale
             self.overhead = sum(t - scale * u for t, u in zip(times, sums, strict=True)) / len(

@@ -8,7 +8,8 @@ widest that fit) or from Optuna's TPE (Watanabe 2023, https://arxiv.org/abs/2304
 NSGA-II (Deb et al. 2002). Steps:
 
 1. **Space and cost.** The space is bound to the model and target (:mod:`.space`); the
-   target's cost model is calibrated once (:mod:`.cost`; kept in the run directory).
+   target's cost model is calibrated once (:mod:`.cost`: a least-squares line through the
+   dense, smallest and two uniform points, per precision; kept in the run directory).
 2. **Generations.** Trials are asked in batches of ``batch``: generation ``g`` is asked from
    a fresh study holding the finished trials of generations ``< g``, with a sampler seeded
    ``seed + g``. So the trials are a function of the seed and the earlier results alone --
@@ -69,7 +70,7 @@ from edgeslim.search.verify import export_answer
 
 __all__ = ["SearchResult", "search"]
 
-TOLERANCE = 0.10  # the latency predictor's error band: nearer a limit, measure instead
+TOLERANCE = 0.20  # the latency predictor's error band (2x its typical): nearer a limit, measure
 
 
 @dataclass
@@ -223,13 +224,15 @@ def search(
         if calibration is None:  # both ends quantized when the space has bits (int8 on ORT)
             calibration = {}
             for p in bound.precisions():  # one line per precision: float, int8
-                ends = [bound.dense(), bound.smallest()]
+                # dense, smallest and two uniform points between (least squares)
+                points = [bound.dense(), bound.smallest(), bound.uniform(0.5), bound.uniform(0.375)]
                 if p is not None:
-                    ends = [{**c, PRECISION_KNOB: p} for c in ends]
+                    points = [{**c, PRECISION_KNOB: p} for c in points]
                 q_calib = calib if quant else None
-                dense = build(model, ends[0], example, q_calib) if quant else model
-                smallest = build(model, ends[1], example, q_calib)
-                scale, overhead = tgt.calibrate([dense, smallest], example, fingerprint(dense))
+                dense = build(model, points[0], example, q_calib) if quant else model
+                built = [dense] + [build(model, c, example, q_calib) for c in points[1:]]
+                key = f"{fingerprint(dense)}+{len(built)}"
+                scale, overhead = tgt.calibrate(built, example, key)
                 line = {"scale": scale, "overhead_ms": overhead}
                 if p == "int8":
                     calibration["int8"] = line
@@ -265,9 +268,10 @@ def search(
                 memo[key] = {"latency_ms": tgt.line_ms(summed, int8)}
         return memo[key]
 
-    # The predictor is good to ~10% (measured: benchmarks/README.md): a candidate predicted
-    # within that band of a latency limit is measured on the runtime, and the measurement
-    # decides whether it fits; screening keeps what may fit (predicted <= limit + 10%).
+    # The predictor is good to ~10% (measured: benchmarks/README.md; ~15% off in places): a
+    # candidate predicted within TOLERANCE of a latency limit is measured on the runtime and
+    # the measurement decides whether it fits; screening keeps what may fit (predicted <=
+    # limit * (1 + TOLERANCE)).
     limit_ms = budget.limits().get("latency_ms") if tgt.kind == "runtime" else None
     measured: dict[str, dict[str, float]] = {}
 
