@@ -14,13 +14,15 @@ estimate.
 Per net (ResNet-8; MobileNetV2-style unless ``--quick``), trained dense on that data:
 
 - three ONNX Runtime latency budgets, 0.7x / 0.5x / 0.35x of the dense model's measured
-  latency (1 thread, batch 1): ``es.search`` (channels + low rank, TPE, latency-table
-  predictor) vs Torch-Pruning's uniform ``MagnitudePruner`` at the largest ratio whose
+  latency (1 thread, batch 1): ``es.search`` (the default ONNX Runtime space: fine channel
+  menus + low rank + a float/int8 switch; the predictor-guided sampler; 4-epoch distilled
+  finalists) vs Torch-Pruning's uniform ``MagnitudePruner`` at the largest ratio whose
   *measured* latency meets the budget vs uniform int8 (``Int8PTQ``, exported as QDQ and
   run in ONNX Runtime) vs the project's hand-written recipe (``channel_resnet8.yaml``:
   ``ChannelPrune(macs=..., allocation="sensitivity")``; MACs fraction = the latency
-  fraction). Every pruned baseline is fine-tuned like the search's finalists (same epochs,
-  distilled from the dense model). Accuracy, measured latency, predicted latency.
+  fraction). Every pruned baseline, and the dense net before "uniform int8 after the
+  fine-tune", is fine-tuned like the search's finalists (same 4 epochs, distilled from the
+  dense model). Accuracy, measured latency, predicted latency.
 - one microcontroller budget: STM32F446 (128 KB SRAM, 512 KB flash) plus a device-model
   latency of 0.5x the dense net's: SRAM and flash from the C export.
 - the latency predictor's accuracy per runtime (ONNX Runtime, PyTorch) on 16 held-out
