@@ -70,7 +70,7 @@ from edgeslim.search.verify import export_answer
 
 __all__ = ["SearchResult", "search"]
 
-TOLERANCE = 0.20  # the latency predictor's error band (2x its typical): nearer a limit, measure
+TOLERANCE = 0.30  # the predictor's error band near a latency limit: measure there
 
 
 @dataclass
@@ -268,10 +268,11 @@ def search(
                 memo[key] = {"latency_ms": tgt.line_ms(summed, int8)}
         return memo[key]
 
-    # The predictor is good to ~10% (measured: benchmarks/README.md; ~15% off in places): a
-    # candidate predicted within TOLERANCE of a latency limit is measured on the runtime and
-    # the measurement decides whether it fits; screening keeps what may fit (predicted <=
-    # limit * (1 + TOLERANCE)).
+    # The predictor is good to ~10% on random points (benchmarks/README.md) but read up to
+    # 25% high for ResNet-8's odd widths near 0.35x (probably: a unit timed alone pays layout
+    # conversions the whole model does once). So a candidate predicted within TOLERANCE of a
+    # latency limit is measured on the runtime, and the measurement decides whether it fits;
+    # screening keeps what may fit (predicted <= limit * (1 + TOLERANCE)).
     limit_ms = budget.limits().get("latency_ms") if tgt.kind == "runtime" else None
     measured: dict[str, dict[str, float]] = {}
 
