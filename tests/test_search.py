@@ -302,7 +302,7 @@ def test_anchors_dense_smallest_then_uniform_levels_come_first(lenet, straight):
     anchors = bound.anchors(space.keep)
     assert anchors == [bound.dense(), bound.smallest(), half, bound.uniform(0.25)]
     # the search (guided: dense, smallest, the widest uniform point that fits, then
-    # then proposals) starts with dense, smallest
+    # proposals) starts with dense, smallest
     _, result = straight
     assert [t["candidate"] for t in result.trials[:2]] == [bound.encode(a) for a in anchors[:2]]
 
