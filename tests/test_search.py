@@ -284,6 +284,8 @@ def test_search_result_and_run_directory(straight):
     assert result.measured["size_kb"] == pytest.approx(result.predicted["size_kb"])
     assert len(result.trials) == 4 and result.front and result.model is not None
     assert result.trials[0]["candidate"]["keep:conv1"] == 1.0  # the dense anchor
+    anchors = json.loads((out / "anchors.json").read_text())  # kept: a resume reuses them
+    assert anchors[0] == result.trials[0]["candidate"]
     report = (out / "report.md").read_text()
     assert "Pareto front" in report and "Finalists" in report
     assert (out / "pareto.png").exists()

@@ -296,13 +296,17 @@ def search(
     # tried first, a generation's worth at a time: dense, smallest, then (guided) the widest
     # uniform point predicted to fit, per precision, or (Optuna) the uniform channel levels
     if sampler == "guided":
-        anchors = bound.anchors([])
-        for p in bound.precisions():
-            point = widest_uniform(
-                bound, p, space, lambda c: fits(c, screen(c)), scan=shapes is not None
-            )
-            if point is not None and point not in anchors:
-                anchors.append(point)
+        anchors = store.anchors()  # measured once: a resume asks the same
+        if anchors is None:
+            anchors = bound.anchors([])
+            for p in bound.precisions():
+                point = widest_uniform(
+                    bound, p, space, lambda c: fits(c, screen(c)), scan=shapes is not None
+                )
+                if point is not None and point not in anchors:
+                    anchors.append(point)
+            store.save_anchors(anchors)
+        anchors = [bound.decode(a) for a in anchors]
     else:
         anchors = bound.anchors(space.keep)
     if hasattr(tgt, "table"):

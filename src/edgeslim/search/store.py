@@ -6,6 +6,7 @@
     run/final.jsonl      one line per fine-tuned finalist (+ final/trial-N.pt, its weights)
     run/calibration.json the cost model's measured constants, reused on resume
     run/premeasured.jsonl the measured cost of the trials checked before fine-tuning
+    run/anchors.json     the candidates tried first (chosen with measurements; reused)
 
 A line cut short by a kill (no final newline) is ignored on reading: that trial runs again.
 """
@@ -101,6 +102,15 @@ class RunStore:
         import torch
 
         return torch.load(self.model_path(number), weights_only=True)
+
+    def anchors(self) -> list[dict[str, Any]] | None:
+        """The candidates the search tries first, when already chosen (they may depend on
+        measurements, so a resume reads them instead of choosing again)."""
+        path = self.dir / "anchors.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def save_anchors(self, anchors: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.dir / "anchors.json", json.dumps(anchors, indent=1))
 
     def calibration(self) -> dict[str, Any] | None:
         path = self.dir / "calibration.json"
