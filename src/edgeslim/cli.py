@@ -587,12 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=32, help="candidates to try")
     p.add_argument("--batch", type=int, default=4, help="candidates asked per generation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    p.add_argument("--sampler", choices=["guided", "tpe", "nsga2", "random"], default="guided")
     p.add_argument("--proxy-steps", type=int, default=20, help="fine-tune batches per trial")
     p.add_argument("--finetune-top", type=int, default=3, help="finalists fine-tuned properly")
     p.add_argument("--finetune-epochs", type=int, default=3, help="epochs per finalist")
     p.add_argument("--fit-epochs", type=int, default=0, help="train the model first (zoo:)")
-    p.add_argument("--techniques", nargs="+", help="allowed: channel sparsity nm bits lowrank")
+    p.add_argument(
+        "--techniques", nargs="+", help="allowed: channel sparsity nm bits lowrank precision"
+    )
     p.add_argument("--exclude", nargs="+", help="layer globs never changed")
     p.set_defaults(func=cmd_optimize)
 

@@ -7,7 +7,7 @@
    :class:`~edgeslim.prune.NMPrune` per pattern (masks: kept through fine-tuning);
 4. weight bits: :class:`~edgeslim.quant.Int8PTQ` (graph mode where the model traces, as the
    C backend lowers it) with ``layer_bits`` -- after fine-tuning, on calibration inputs
-   (:func:`quantize_candidate`).
+   (:func:`quantize_candidate`); ``precision:model = "int8"``: the same, every layer 8-bit.
 
 Steps 1-3 are :func:`apply_structure_`; a layer factored in step 2 is not sparsified (its
 two factors replace it).
@@ -28,12 +28,21 @@ __all__ = ["apply_structure_", "build", "quantize_candidate", "split"]
 
 
 def split(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{kind: {name: value}}`` of a candidate's knobs (keep, rank, sparsity, bits)."""
-    out: dict[str, dict[str, Any]] = {"keep": {}, "rank": {}, "sparsity": {}, "bits": {}}
+    """``{kind: {name: value}}`` of a candidate's knobs (keep, rank, sparsity, bits,
+    precision)."""
+    out: dict[str, dict[str, Any]] = {
+        "keep": {},
+        "rank": {},
+        "sparsity": {},
+        "bits": {},
+        "precision": {},
+    }
     for knob, value in candidate.items():
         kind, _, name = knob.partition(":")
         if kind not in out or not name:
-            raise ConfigError(f"candidate knob {knob!r}: expected keep:|rank:|sparsity:|bits:NAME")
+            raise ConfigError(
+                f"candidate knob {knob!r}: expected keep:|rank:|sparsity:|bits:|precision:NAME"
+            )
         out[kind][name] = value
     return out
 
@@ -95,8 +104,10 @@ def quantize_candidate(
     from edgeslim.prune import remove_masks_
     from edgeslim.quant import Int8PTQ, quantize
 
-    bits = split(candidate)["bits"]
-    if not bits:
+    parts = split(candidate)
+    bits = parts["bits"]
+    int8 = "int8" in parts["precision"].values()
+    if not bits and not int8:
         return model
     table: dict[str, int] = {}
     modules = dict(model.named_modules())

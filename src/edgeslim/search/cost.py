@@ -315,16 +315,21 @@ class RuntimeTarget:
     # Runtime int8 (QDQ: QLinearConv / MatMulInteger kernels) -- searched only when asked
     # (SearchSpace(techniques=[..., "bits"], bits=[8]): every width runs as int8 there, so
     # narrower weights cost accuracy and save no time)
+    # On ONNX Runtime the whole-model float / int8 switch (``precision``) is searched by
+    # default: int8 is the cheapest latency cut there at full width.
     techniques: tuple[str, ...] = ("channel", "lowrank")
     optional: tuple[str, ...] = ()
 
     def __init__(self, runtime: str = "ort", threads: int = 1, cache: str | Path | None = None):
         self.name = runtime
         if runtime == "ort":
+            self.techniques = ("channel", "lowrank", "precision")
             self.optional = ("bits",)
         self.table = LatencyTable(runtime, threads, cache)
         self.overhead: float | None = None
         self.scale = 1.0
+        # int8 models: their own (scale, overhead) line (Q/DQ and per-op costs differ)
+        self.lines: dict[str, tuple[float, float]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.name, "machine": self.table.machine, "table": str(self.table.path)}
@@ -336,15 +341,20 @@ class RuntimeTarget:
         self, models: list[nn.Module], example: torch.Tensor, key: str
     ) -> tuple[float, float]:
         """``(scale, overhead ms)``: the line through (summed entries, measured latency) of
-        ``models`` (the first two; one model: scale 1), cached in the table under ``key``."""
+        ``models`` (two: through both; more: least squares; one: scale 1), cached in the
+        table under ``key``."""
         if key in self.table.calibrations:
             self.scale, self.overhead = self.table.calibrations[key]
         else:
             sums = [self.units_ms(m, example) for m in models]
             times = [self.measure_ms(m, example) for m in models]
             scale = 1.0
-            if len(models) > 1 and abs(sums[0] - sums[1]) > 0.05 * max(sums[0], sums[1]):
-                scale = (times[0] - times[1]) / (sums[0] - sums[1])
+            spread = max(sums) - min(sums) if sums else 0.0
+            if len(models) > 1 and spread > 0.05 * max(sums):
+                mu, mt = sum(sums) / len(sums), sum(times) / len(times)
+                scale = sum((u - mu) * (t - mt) for u, t in zip(sums, times, strict=True)) / sum(
+                    (u - mu) ** 2 for u in sums
+                )
                 scale = min(2.0, max(0.5, scale))
             self.scale = scale
             self.overhead = sum(t - scale * u for t, u in zip(times, sums, strict=True)) / len(
@@ -359,11 +369,26 @@ class RuntimeTarget:
         if self.overhead is None:
             raise ConfigError("RuntimeTarget.predict before calibrate(): no overhead measured")
         cost = {
-            "latency_ms": self.scale * self.units_ms(model, example) + self.overhead,
+            "latency_ms": self.line_ms(self.units_ms(model, example), _quantized(model)),
             "size_kb": param_kb(model),
         }
         self.table.flush()
         return cost
+
+    def line_ms(self, summed: float, int8: bool = False) -> float:
+        """A whole-model latency from its summed table entries: the calibrated line (the
+        int8 line for an int8 model, when one was calibrated)."""
+        scale, overhead = (
+            self.lines.get("int8", (self.scale, self.overhead))
+            if int8
+            else (
+                self.scale,
+                self.overhead,
+            )
+        )
+        if overhead is None:
+            raise ConfigError("RuntimeTarget: no overhead measured (calibrate() first)")
+        return scale * summed + overhead
 
     repeats = 200  # timed runs per whole-model measurement (x2, the faster median kept)
 

@@ -1,26 +1,35 @@
 """The search: accuracy vs hardware cost under a budget, then the answer verified.
 
 Multi-objective (maximise accuracy, minimise the budget's first metric), constrained by the
-budget (Optuna's constraint convention: every relative excess <= 0), with Optuna's TPE
-(default; Watanabe 2023, https://arxiv.org/abs/2304.11127) or NSGA-II (Deb et al. 2002)
-sampler. Steps:
+budget (Optuna's constraint convention: every relative excess <= 0). Candidates come from
+the predictor-guided sampler (default, :func:`edgeslim.search.sampler.propose`: many
+neighbours of the best trials screened by the cost predictor, the proxy spent only on the
+widest that fit) or from Optuna's TPE (Watanabe 2023, https://arxiv.org/abs/2304.11127) /
+NSGA-II (Deb et al. 2002). Steps:
 
 1. **Space and cost.** The space is bound to the model and target (:mod:`.space`); the
-   target's cost model is calibrated once (:mod:`.cost`; kept in the run directory).
+   target's cost model is calibrated once (:mod:`.cost`: a least-squares line through the
+   dense, smallest and two uniform points, per precision; kept in the run directory).
 2. **Generations.** Trials are asked in batches of ``batch``: generation ``g`` is asked from
    a fresh study holding the finished trials of generations ``< g``, with a sampler seeded
    ``seed + g``. So the trials are a function of the seed and the earlier results alone --
    the same in one process, on the pool, on Ray, and after a resume (a killed generation is
    asked again, identically, and only its unfinished trials run). The first trials are
    anchors (:meth:`BoundSpace.anchors`: dense, smallest, uniform channel pruning at each
-   ``SearchSpace.keep`` level), enqueued a generation's worth at a time.
+   ``SearchSpace.keep`` level; with the guided sampler, instead of the levels, the widest
+   uniform point the predictor says fits, per precision), a generation's worth at a time.
+   The guided sampler screens its proposals with :class:`~edgeslim.search.shapes.ShapeModel`
+   (a candidate's layer shapes by arithmetic, no build) where the budget is a latency on a
+   runtime.
 3. **Cost first, then accuracy.** Each candidate's cost is predicted here (cheap: shapes and
    the latency table). An infeasible one is recorded without training; a feasible one gets
    the accuracy proxy on the executor: a short fine-tune (``proxy_steps`` batches, distilled
    from the original) and validation accuracy on ``proxy_val`` examples.
-4. **Finalists.** The ``finetune_top`` feasible trials with the best proxy accuracy are
-   fine-tuned properly (``finetune_epochs`` on the whole training split, distilled from the
-   original); the proxy's quality is reported as its rank correlation with those accuracies.
+4. **Finalists.** The ``finetune_top`` feasible trials with the best proxy accuracy -- on a
+   runtime with a latency limit, only those whose latency *measured* before fine-tuning
+   (it does not depend on the weights) meets the budget -- are fine-tuned properly
+   (``finetune_epochs`` on the whole training split, distilled from the original); the
+   proxy's quality is reported as its rank correlation with those accuracies.
 5. **The answer, verified.** The finalists' cost is measured on the target (ONNX Runtime
    runs the model; for a microcontroller the C export's own numbers), and the most accurate
    one within the budget *as measured* is chosen, exported (``model.onnx`` / ``c/``), and
@@ -34,6 +43,7 @@ new generations once spent and finishes with the best feasible trials found.
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 import warnings
@@ -52,13 +62,15 @@ from edgeslim.search.cost import fingerprint, resolve_target
 from edgeslim.search.executor import make_executor
 from edgeslim.search.front import best_line, pareto
 from edgeslim.search.predictor_eval import spearman
-from edgeslim.search.sampler import ask, make_sampler, study_from
-from edgeslim.search.space import BoundSpace, SearchSpace
+from edgeslim.search.sampler import ask, make_sampler, propose, study_from
+from edgeslim.search.space import PRECISION_KNOB, BoundSpace, SearchSpace
 from edgeslim.search.store import RunStore
 from edgeslim.search.trial import rebuild, run_trial
 from edgeslim.search.verify import export_answer
 
 __all__ = ["SearchResult", "search"]
+
+TOLERANCE = 0.30  # the predictor's error band near a latency limit: measure there
 
 
 @dataclass
@@ -122,7 +134,7 @@ def search(
     trials: int = 32,
     batch: int = 4,
     seed: int = 0,
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe",
+    sampler: Literal["guided", "tpe", "nsga2", "random"] = "guided",
     proxy_steps: int = 20,
     proxy_val: int = 500,
     batch_size: int = 64,
@@ -147,10 +159,14 @@ def search(
     ``max_time`` (seconds) stops asking new trials once spent; ``stop_after`` stops after
     that many newly finished trials without finishing (an interruption, for tests).
     ``cache`` is where the latency table lives (default: per-user cache directory).
+    ``sampler``: ``"guided"`` (predictor-screened local search, see the module docstring),
+    ``"tpe"``, ``"nsga2"`` or ``"random"``.
     """
     started = time.monotonic()
     if trials < 1 or batch < 1:
         raise ConfigError(f"trials and batch must be >= 1, got trials={trials}, batch={batch}")
+    if sampler not in ("guided", "tpe", "nsga2", "random"):
+        raise ConfigError(f"sampler {sampler!r}: expected 'guided', 'tpe', 'nsga2' or 'random'")
     if finetune_top < 1:
         raise ConfigError(f"finetune_top must be >= 1, got {finetune_top}")
     if not isinstance(data, DataSplits):
@@ -163,10 +179,8 @@ def search(
     calib = data.calib(min(64, len(data.train)))
     space = space or SearchSpace()
     bound = space.bind(model, example, tgt.techniques, getattr(tgt, "optional", ()))
-    # tried first, a generation's worth at a time: dense, smallest, uniform channel levels
-    anchors = bound.anchors(space.keep)
     metric = budget.primary()
-    quant = any(k.startswith("bits:") for k in bound.knobs)
+    quant = any(k.startswith(("bits:", "precision:")) for k in bound.knobs)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-search-"))
     meta = {
         "budget": budget.model_dump(),
@@ -188,28 +202,115 @@ def search(
     }
     store = RunStore(out, meta)
 
-    def cost_of(candidate: dict[str, Any]) -> dict[str, float]:
+    def cost_of_model(candidate: dict[str, Any]) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = build(model, candidate, example, calib if quant else None)
-            return tgt.predict(built, example, calib)
+            return build(model, candidate, example, calib if quant else None)
+
+    exact: dict[str, dict[str, float]] = {}
+
+    def cost_of(candidate: dict[str, Any]) -> dict[str, float]:
+        key = repr(sorted(candidate.items()))
+        if key not in exact:
+            exact[key] = tgt.predict(cost_of_model(candidate), example, calib)
+        return dict(exact[key])
 
     # 1. the cost model, calibrated once per run (kept for a resume)
     calibration = store.calibration()
+    int8_dense = None
+    if PRECISION_KNOB in bound.knobs and "int8" in bound.knobs[PRECISION_KNOB]:
+        int8_dense = build(model, {**bound.dense(), PRECISION_KNOB: "int8"}, example, calib)
     if tgt.kind == "runtime":
         if calibration is None:  # both ends quantized when the space has bits (int8 on ORT)
-            q_calib = calib if quant else None
-            dense = build(model, bound.dense(), example, q_calib) if quant else model
-            smallest = build(model, bound.smallest(), example, q_calib)
-            scale, overhead = tgt.calibrate([dense, smallest], example, fingerprint(dense))
-            calibration = {"scale": scale, "overhead_ms": overhead}
+            calibration = {}
+            for p in bound.precisions():  # one line per precision: float, int8
+                # dense, smallest and two uniform points between (least squares)
+                points = [bound.dense(), bound.smallest(), bound.uniform(0.5), bound.uniform(0.375)]
+                if p is not None:
+                    points = [{**c, PRECISION_KNOB: p} for c in points]
+                q_calib = calib if quant else None
+                dense = build(model, points[0], example, q_calib) if quant else model
+                built = [dense] + [build(model, c, example, q_calib) for c in points[1:]]
+                key = f"{fingerprint(dense)}+{len(built)}"
+                scale, overhead = tgt.calibrate(built, example, key)
+                line = {"scale": scale, "overhead_ms": overhead}
+                if p == "int8":
+                    calibration["int8"] = line
+                else:
+                    calibration.update(line)
         tgt.scale, tgt.overhead = calibration["scale"], calibration["overhead_ms"]
+        if "int8" in calibration:
+            tgt.lines["int8"] = (calibration["int8"]["scale"], calibration["int8"]["overhead_ms"])
     else:
         if calibration is None:
             calibration = {"code_bytes": tgt.calibrate([model], example, "", calib=calib)}
         tgt.code_bytes = calibration["code_bytes"]
     if store.calibration() is None:
         store.save_calibration(calibration)
+
+    # screening: the predicted cost of many proposals (shapes by arithmetic where it can)
+    shapes = None
+    if tgt.kind == "runtime" and set(budget.limits()) == {"latency_ms"}:
+        from edgeslim.search.shapes import ShapeModel
+
+        shapes = ShapeModel(model, bound, example, int8_dense)
+    memo: dict[str, dict[str, float]] = {}
+
+    def screen(candidate: dict[str, Any]) -> dict[str, float]:
+        key = repr(sorted(candidate.items()))
+        if key not in memo:
+            units = shapes.units(candidate) if shapes is not None else None
+            if units is None:
+                memo[key] = cost_of(candidate)
+            else:
+                summed = sum(tgt.table.entry(u) for u in units)
+                int8 = candidate.get(PRECISION_KNOB) == "int8"
+                memo[key] = {"latency_ms": tgt.line_ms(summed, int8)}
+        return memo[key]
+
+    # The predictor is good to ~10% on random points (benchmarks/README.md) but read up to
+    # 25% high for ResNet-8's odd widths near 0.35x (probably: a unit timed alone pays layout
+    # conversions the whole model does once). So a candidate predicted within TOLERANCE of a
+    # latency limit is measured on the runtime, and the measurement decides whether it fits;
+    # screening keeps what may fit (predicted <= limit * (1 + TOLERANCE)).
+    limit_ms = budget.limits().get("latency_ms") if tgt.kind == "runtime" else None
+    measured: dict[str, dict[str, float]] = {}
+
+    def judge(candidate: dict[str, Any], cost: dict[str, float]) -> dict[str, float]:
+        """``cost``, or (near a latency limit) ``cost`` with the measured latency."""
+        if limit_ms is None or abs(cost["latency_ms"] - limit_ms) > TOLERANCE * limit_ms:
+            return cost
+        key = repr(sorted(candidate.items()))
+        if key not in measured:
+            measured[key] = tgt.measure(cost_of_model(candidate), example, calib)
+        return {**cost, "latency_ms": measured[key]["latency_ms"]}
+
+    def plausible(cost: dict[str, float]) -> bool:
+        if limit_ms is None:
+            return budget.feasible(cost)
+        return budget.feasible({**cost, "latency_ms": cost["latency_ms"] / (1 + TOLERANCE)})
+
+    def fits(candidate: dict[str, Any], cost: dict[str, float]) -> bool:
+        return plausible(cost) and budget.feasible(judge(candidate, cost))
+
+    # tried first, a generation's worth at a time: dense, smallest, then (guided) the widest
+    # uniform point predicted to fit, per precision, or (Optuna) the uniform channel levels
+    if sampler == "guided":
+        anchors = store.anchors()  # measured once: a resume asks the same
+        if anchors is None:
+            anchors = bound.anchors([])
+            for p in bound.precisions():
+                point = widest_uniform(
+                    bound, p, space, lambda c: fits(c, screen(c)), scan=shapes is not None
+                )
+                if point is not None and point not in anchors:
+                    anchors.append(point)
+            store.save_anchors(anchors)
+        anchors = [bound.decode(a) for a in anchors]
+    else:
+        anchors = bound.anchors(space.keep)
+    if hasattr(tgt, "table"):
+        tgt.table.flush()
 
     # 2-3. generations of trials
     state = {
@@ -247,7 +348,23 @@ def search(
                 study, dists = study_from(
                     bound, prior, make_sampler(sampler, seed + gen, batch, startup)
                 )
-                for anchor in anchors[gen * batch : (gen + 1) * batch]:
+                fixed = anchors[gen * batch : (gen + 1) * batch]
+                if sampler == "guided":
+                    fixed = fixed + propose(
+                        bound,
+                        prior,
+                        anchors,
+                        random.Random(seed * 100_003 + gen),
+                        screen,
+                        plausible,
+                        metric,
+                        len(numbers) - len(fixed),
+                        pool=8 * batch if shapes is not None else 2 * batch,
+                        fill=50 * batch if shapes is not None else batch,
+                    )
+                    if hasattr(tgt, "table"):
+                        tgt.table.flush()  # a resume reads the same entries
+                for anchor in fixed:
                     study.enqueue_trial(anchor)
                 asked = {n: bound.encode(ask(study, dists)) for n in numbers}
                 jobs = []
@@ -255,15 +372,18 @@ def search(
                     if n in done:
                         continue
                     cost = cost_of(asked[n])
+                    judged = judge(asked[n], cost)  # measured near a latency limit
                     record = {
                         "number": n,
                         "candidate": asked[n],
                         "cost": cost,
                         "objective": cost[metric],
-                        "constraints": budget.constraints(cost),
-                        "feasible": budget.feasible(cost),
+                        "constraints": budget.constraints(judged),
+                        "feasible": budget.feasible(judged),
                         "accuracy": None,
                     }
+                    if judged is not cost:
+                        record["measured"] = judged
                     if record["feasible"]:
                         job = {"kind": "proxy", "number": n, "candidate": asked[n]}
                         jobs.append((record, {**job, "steps": proxy_steps, "seed": seed}))
@@ -309,6 +429,14 @@ def search(
         # 4. finalists: best proxy accuracy first (ties: cheaper, then earlier)
         ranked = sorted(feasible, key=lambda r: (-r["accuracy"], r["cost"][metric], r["number"]))
         top = ranked[:finetune_top]
+        if tgt.kind == "runtime" and "latency_ms" in budget.limits():
+            top = _measured_first(
+                ranked,
+                finetune_top,
+                store,
+                budget,
+                lambda c: tgt.measure(cost_of_model(c), example, calib),
+            )
         finals = store.finals()
         jobs = [
             {
@@ -365,6 +493,65 @@ def search(
     result.wall_s = time.monotonic() - started
     _write_report(result, store, bound)
     return result
+
+
+def widest_uniform(
+    bound: BoundSpace, precision: str | None, space: SearchSpace, fits: Any, scan: bool = True
+) -> dict[str, Any] | None:
+    """The uniform channel point (every group at one kept fraction, on a grid of
+    ``space.uniform_step`` or 0.05) with the most channels that ``fits`` says meets the
+    budget, at ``precision``; None when none does. ``scan``: every grid point from the
+    widest down (cost need not fall with the width: ONNX Runtime is faster at some channel
+    counts); else a bisection (a few checks, for costs that are slow to predict)."""
+    step = space.uniform_step or 0.05
+    low = min(space.keep)
+    grid: list[dict[str, Any]] = []
+    k = 1.0
+    while k >= low - 1e-9:
+        point = bound.uniform(k, precision)
+        if point not in grid:
+            grid.append(point)
+        k = round(k - step, 6)
+    if not fits(grid[-1]):  # not even the narrowest
+        return None
+    if scan:
+        return next(p for p in grid if fits(p))
+    lo, hi = 0, len(grid) - 1  # grid[hi] fits; find the first (widest) that does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(grid[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return grid[hi]
+
+
+def _measured_first(
+    ranked: list[dict[str, Any]],
+    top: int,
+    store: RunStore,
+    budget: Budget,
+    measure: Any,
+) -> list[dict[str, Any]]:
+    """The ``top`` best-ranked trials whose cost *measured* on the target (before any
+    fine-tuning: latency depends on the shapes, not the weights) meets the budget; at most
+    ``3 * top`` measured (persisted: a resume reuses them). When fewer fit, the best-ranked
+    of the rest fill up (the final measurement reports them as not fitting)."""
+    done = store.premeasured()
+    fit: list[dict[str, Any]] = []
+    for r in ranked[: 3 * top]:
+        if len(fit) == top:
+            break
+        if r["number"] not in done and "measured" in r:  # measured when it was tried
+            done[r["number"]] = {"number": r["number"], "measured": r["measured"]}
+        if r["number"] not in done:
+            rec = {"number": r["number"], "measured": measure(r["candidate"])}
+            store.add_premeasured(rec)
+            done[r["number"]] = rec
+        if budget.feasible(done[r["number"]]["measured"]):
+            fit.append(r)
+    rest = [r for r in ranked if r not in fit]
+    return fit + rest[: top - len(fit)]
 
 
 def _shuffled(split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,17 @@ A candidate is a plain dict ``{knob: value}`` with one knob per thing that may c
 - ``bits:LAYER`` -- weight bit width, 2 to 8 (activations stay 8-bit: no runtime here runs
   narrower activations);
 - ``rank:LAYER`` -- the fraction of a Linear layer's full rank kept by a low-rank
-  factorization (1.0: not factored).
+  factorization (1.0: not factored);
+- ``precision:model`` -- ``"float"`` or ``"int8"``: the whole model run in float or as int8
+  (on ONNX Runtime: the QDQ graph, every Conv / Linear int8), one switch searched together
+  with the channels (technique ``"precision"``; where per-layer ``bits`` are searched, they
+  replace it).
+
+The keep menu of a group of ``C`` channels is fine-grained and hardware-aware (the widths a
+runtime vectorises well, and every uniform pruning point): the widths of the ``keep``
+levels, every multiple of ``channel_step`` channels, and ``round(C * k)`` for ``k`` on a
+``uniform_step`` grid (the width a uniform pruner with ratio ``1 - k`` leaves), all from the
+lowest ``keep`` level up to ``C``.
 
 :class:`SearchSpace` is the user's declaration (menus, allowed techniques, ``exclude``,
 fixed values); :meth:`SearchSpace.bind` derives the knobs from the model -- which layer
@@ -31,10 +41,13 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
 from edgeslim.core.selection import matches
 
-Technique = Literal["channel", "sparsity", "nm", "bits", "lowrank"]
+Technique = Literal["channel", "sparsity", "nm", "bits", "lowrank", "precision"]
 TECHNIQUES: tuple[str, ...] = ("channel", "sparsity", "nm", "bits", "lowrank")
 KNOB_OF = {"channel": "keep", "sparsity": "sparsity", "nm": "sparsity", "bits": "bits"}
 KNOB_OF["lowrank"] = "rank"
+KNOB_OF["precision"] = "precision"
+PRECISIONS = ("float", "int8")
+PRECISION_KNOB = "precision:model"
 Value = float | int | str
 
 
@@ -60,6 +73,12 @@ class SearchSpace(Options):
     exclude: list[str] = Field(default_factory=list, description="layer globs never changed")
     fixed: dict[str, Value] = Field(default_factory=dict, description="knob (glob) -> value")
     min_channels: int = Field(4, ge=1, description="groups narrower than this are not knobs")
+    channel_step: int = Field(
+        4, ge=0, description="keep menus hold every multiple of this many channels (0: off)"
+    )
+    uniform_step: float = Field(
+        0.05, ge=0, lt=1, description="keep menus hold round(C * k), k on this grid (0: off)"
+    )
 
     @field_validator("keep", "rank")
     @classmethod
@@ -122,7 +141,7 @@ class SearchSpace(Options):
             for name, channels, layers in channel_groups(model, example, self.exclude):
                 if channels < self.min_channels:
                     continue
-                menu = sorted({_keep_value(channels, k) for k in self.keep}, reverse=True)
+                menu = keep_menu(channels, self.keep, self.channel_step, self.uniform_step)
                 knobs[f"keep:{name}"] = menu
                 info[f"keep:{name}"] = {"channels": channels, "layers": layers}
         layers = {
@@ -151,6 +170,8 @@ class SearchSpace(Options):
                 ]
                 if len(useful) > 1:
                     knobs[f"rank:{name}"] = useful
+        if "precision" in allowed and "bits" not in allowed and layers:
+            knobs[PRECISION_KNOB] = list(PRECISIONS)
         for key, value in self.fixed.items():
             hit = [k for k in knobs if matches(k, (key,))]
             if not hit:
@@ -177,6 +198,22 @@ def _keep_value(channels: int, keep: float) -> float:
     return round(max(1, round(channels * keep)) / channels, 6)
 
 
+def keep_menu(channels: int, levels: list[float], step: int = 0, grid: float = 0.0) -> list[float]:
+    """The keep fractions of a group of ``channels`` (highest first): the ``levels``, every
+    multiple of ``step`` channels and ``round(channels * k)`` for ``k`` on a ``grid`` (the
+    width a uniform pruner of ratio ``1 - k`` leaves), none outside the levels' range."""
+    widths = {max(1, round(channels * k)) for k in levels}
+    floor, ceiling = min(widths), max(widths)
+    if step > 0:
+        widths |= set(range(step, channels + 1, step))
+    if grid > 0:
+        k = grid
+        while k < 1 + 1e-9:
+            widths.add(max(1, round(channels * k)))
+            k += grid
+    return sorted({round(w / channels, 6) for w in widths if floor <= w <= ceiling}, reverse=True)
+
+
 def _nm_ok(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
 
@@ -187,6 +224,8 @@ def _valid(knob: str, value: Any) -> bool:
         return isinstance(value, int | float) and 0 < value <= 1
     if kind == "bits":
         return isinstance(value, int) and 2 <= value <= 8
+    if kind == "precision":
+        return value in PRECISIONS
     if kind == "sparsity":
         if isinstance(value, str):
             n, _, m = value.partition(":")
@@ -230,18 +269,34 @@ class BoundSpace:
         """The candidate that changes nothing it may avoid (the first menu entries that do)."""
         out = {}
         for k, menu in self.knobs.items():
-            neutral = {"keep": 1.0, "rank": 1.0, "sparsity": 0.0, "bits": 8}[k.split(":")[0]]
+            kind = k.split(":")[0]
+            neutral = {"keep": 1.0, "rank": 1.0, "sparsity": 0.0, "bits": 8, "precision": "float"}[
+                kind
+            ]
             out[k] = neutral if neutral in menu else menu[0]
         return out
 
-    def uniform(self, keep: float) -> dict[str, Value]:
+    def uniform(self, keep: float, precision: str | None = None) -> dict[str, Value]:
         """:meth:`dense` with every channel group at the kept fraction nearest ``keep`` (its
-        menu is rounded per group): the uniform-pruning point of that level."""
+        menu is rounded per group): the uniform-pruning point of that level; run at
+        ``precision`` where the space has that switch."""
         out = self.dense()
         for k, menu in self.knobs.items():
             if k.startswith("keep:"):
                 out[k] = min(menu, key=lambda v: (abs(float(v) - keep), -float(v)))
+        if precision is not None and precision in self.knobs.get(PRECISION_KNOB, []):
+            out[PRECISION_KNOB] = precision
         return out
+
+    def precisions(self) -> list[str | None]:
+        """The precision switch's values (``[None]`` when the space has no switch)."""
+        return list(self.knobs.get(PRECISION_KNOB, [None]))  # type: ignore[arg-type]
+
+    def neighbours(self, candidate: dict[str, Value], knob: str) -> list[Value]:
+        """The values next to ``candidate[knob]`` on its menu (one step either way)."""
+        menu = self.knobs[knob]
+        i = menu.index(candidate[knob])
+        return [menu[j] for j in (i - 1, i + 1) if 0 <= j < len(menu)]
 
     def anchors(self, levels: list[float]) -> list[dict[str, Value]]:
         """The points every search tries first: :meth:`dense`, :meth:`smallest`, then
@@ -260,6 +315,8 @@ class BoundSpace:
             if kind == "sparsity":
                 floats = [v for v in menu if isinstance(v, float)]
                 out[k] = max(floats) if floats else menu[-1]
+            elif kind == "precision":
+                out[k] = "int8" if "int8" in menu else menu[0]
             else:
                 out[k] = min(menu)
         return out

@@ -5,6 +5,8 @@
     run/trials.jsonl     one JSON line per finished trial, appended with one write + fsync
     run/final.jsonl      one line per fine-tuned finalist (+ final/trial-N.pt, its weights)
     run/calibration.json the cost model's measured constants, reused on resume
+    run/premeasured.jsonl the measured cost of the trials checked before fine-tuning
+    run/anchors.json     the candidates tried first (chosen with measurements; reused)
 
 A line cut short by a kill (no final newline) is ignored on reading: that trial runs again.
 """
@@ -72,6 +74,13 @@ class RunStore:
     def add_trial(self, record: dict[str, Any]) -> None:
         self._append("trials.jsonl", record)
 
+    def premeasured(self) -> dict[int, dict[str, Any]]:
+        """``{number: record}`` of the trials measured on the target before fine-tuning."""
+        return self._read("premeasured.jsonl")
+
+    def add_premeasured(self, record: dict[str, Any]) -> None:
+        self._append("premeasured.jsonl", record)
+
     def finals(self) -> dict[int, dict[str, Any]]:
         return {n: r for n, r in self._read("final.jsonl").items() if self.model_path(n).exists()}
 
@@ -93,6 +102,15 @@ class RunStore:
         import torch
 
         return torch.load(self.model_path(number), weights_only=True)
+
+    def anchors(self) -> list[dict[str, Any]] | None:
+        """The candidates the search tries first, when already chosen (they may depend on
+        measurements, so a resume reads them instead of choosing again)."""
+        path = self.dir / "anchors.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def save_anchors(self, anchors: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.dir / "anchors.json", json.dumps(anchors, indent=1))
 
     def calibration(self) -> dict[str, Any] | None:
         path = self.dir / "calibration.json"

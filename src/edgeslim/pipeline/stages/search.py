@@ -38,7 +38,7 @@ class SearchStage(BaseModel):
     max_size_kb: float | None = Field(None, gt=0)
     trials: int = Field(32, ge=1)
     batch: int = Field(4, ge=1)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["guided", "tpe", "nsga2", "random"] = "guided"
     proxy_steps: int = Field(20, ge=0)
     finetune_top: int = Field(3, ge=1)
     finetune_epochs: int = Field(3, ge=0)
