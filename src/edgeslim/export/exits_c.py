@@ -230,26 +230,7 @@ _HARNESS = r"""/* Test driver for the early-exit runner (not part of the export)
 #include <time.h>
 #include <string.h>
 #include "exits.h"
-
-static int8_t *read_all(const char *path, long *n)
-{
-    FILE *f = fopen(path, "rb");
-    int8_t *buf;
-    if (f == NULL) { perror(path); exit(2); }
-    fseek(f, 0, SEEK_END);
-    *n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = (int8_t *)malloc((size_t)*n + 1);
-    if (fread(buf, 1, (size_t)*n, f) != (size_t)*n) { perror(path); exit(2); }
-    fclose(f);
-    return buf;
-}
-
-static int compare(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
+#include "harness_io.h"
 
 int main(int argc, char **argv)
 {
@@ -308,7 +289,11 @@ class ExitsBuild(ScratchDir):
             raise ExportError("no C compiler found (set CC or install gcc)")
         super().__init__(prefix="edgeslim-exits-")
         self.count, self.classes = count, classes
-        for name, text in {**files, "harness.c": _HARNESS}.items():
+        for name, text in {
+            **files,
+            "harness.c": _HARNESS,
+            "harness_io.h": codegen.template("harness_io.h"),
+        }.items():
             (self.dir / name).write_text(text, encoding="utf-8")
         flags = [f for f in hostbuild.GCC_FLAGS if sanitize or "sanitize" not in f]
         units = sorted(n for n in (*files, "harness.c") if n.endswith(".c"))

@@ -54,7 +54,8 @@ class Build(ScratchDir):
         super().__init__(prefix="edgeslim-c-")
         for name, text in sources.items():
             (self.dir / name).write_text(text, encoding="utf-8")
-        (self.dir / "harness.c").write_text(template("harness.c"), encoding="utf-8")
+        for name in ("harness.c", "harness_io.h"):
+            (self.dir / name).write_text(template(name), encoding="utf-8")
         flags = [f for f in GCC_FLAGS if sanitize or "sanitize" not in f]
         if trace:
             flags.append("-DMODEL_TRACE")

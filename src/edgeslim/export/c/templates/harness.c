@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 #include "model.h"
+#include "harness_io.h"
 
 static FILE *trace_file = NULL;
 
@@ -19,26 +20,6 @@ void model_trace(int32_t op, int32_t y0, int32_t x0, int32_t h, int32_t w,
     header[5] = size;
     fwrite(header, sizeof(int32_t), 6, trace_file);
     fwrite(data, 1, (size_t)size, trace_file);
-}
-
-static int8_t *read_all(const char *path, long *n)
-{
-    FILE *f = fopen(path, "rb");
-    int8_t *buf;
-    if (f == NULL) { perror(path); exit(2); }
-    fseek(f, 0, SEEK_END);
-    *n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = (int8_t *)malloc((size_t)*n + 1);
-    if (fread(buf, 1, (size_t)*n, f) != (size_t)*n) { perror(path); exit(2); }
-    fclose(f);
-    return buf;
-}
-
-static int compare(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv)
