@@ -79,20 +79,28 @@ def tflm_interpreter(data: bytes, *, preserve_all: bool = False, arena_size: int
         raise ExportError(f"TFLite Micro cannot load the model: {exc}") from exc
 
 
-def run_tflm(graph: ir.Graph, data: bytes, q: np.ndarray, *, every_tensor: bool = False):
-    """Run ``.tflite`` bytes in TFLite Micro on int8 inputs ``q`` (N, H, W, C).
+def run_tflm(graph: ir.Graph, data: bytes, q, *, every_tensor: bool = False):
+    """Run ``.tflite`` bytes in TFLite Micro on int8 inputs ``q`` (N, H, W, C); for a graph
+    with several inputs a tuple of such batches, one per input.
 
-    Returns the outputs (N, ...) as int64; with ``every_tensor`` a list (one dict per input)
-    of every IR tensor TFLite Micro computed, by IR name.
+    Returns the outputs (N, ...) as int64 (several outputs: packed, one row per input,
+    :func:`edgeslim.export.int8.reference.pack`); with ``every_tensor`` a list (one dict per
+    input) of every IR tensor TFLite Micro computed, by IR name.
     """
+    from edgeslim.export.int8.reference import inputs_of, pack
+
     interp = tflm_interpreter(data, preserve_all=every_tensor)
     index = tensor_indices(graph) if every_tensor else {}
     names = graph.activations()
-    outputs, tensors = [], []
-    for x in np.asarray(q, np.int8):
-        interp.set_input(x[None], 0)
+    qs = [np.asarray(x, np.int8) for x in inputs_of(graph, q)]
+    outputs: list[list[np.ndarray]] = [[] for _ in graph.outputs]
+    tensors = []
+    for i in range(len(qs[0])):
+        for k, x in enumerate(qs):
+            interp.set_input(x[i : i + 1], k)
         interp.invoke()
-        outputs.append(np.asarray(interp.get_output(0), np.int64).copy())
+        for k, got in enumerate(outputs):
+            got.append(np.asarray(interp.get_output(k), np.int64).copy())
         if every_tensor:
             tensors.append(
                 {
@@ -100,8 +108,9 @@ def run_tflm(graph: ir.Graph, data: bytes, q: np.ndarray, *, every_tensor: bool 
                     for n in names
                 }
             )
-    outputs = np.concatenate(outputs)
-    return (outputs, tensors) if every_tensor else outputs
+    result = [np.concatenate(got) for got in outputs]
+    out = result[0] if len(result) == 1 else pack(result)
+    return (out, tensors) if every_tensor else out
 
 
 def tflm_arena(data: bytes) -> dict[str, int]:
@@ -115,8 +124,14 @@ def tflm_arena(data: bytes) -> dict[str, int]:
     import tempfile
 
     interp = tflm_interpreter(data)
-    graph_input = np.zeros(interp.get_input_details(0)["shape"], np.int8)
-    interp.set_input(graph_input, 0)
+    k = 0
+    while True:  # every input (a model may take several)
+        try:
+            shape = interp.get_input_details(k)["shape"]
+        except (IndexError, RuntimeError, ValueError):
+            break
+        interp.set_input(np.zeros(shape, np.int8), k)
+        k += 1
     interp.invoke()
     with tempfile.TemporaryFile(mode="w+b") as sink:
         saved = os.dup(2)
@@ -212,8 +227,9 @@ def export_tflite(
     return atomic_write_bytes(path, data)
 
 
-def check_tflm(graph: ir.Graph, data: bytes, q: np.ndarray) -> None:
-    """Raise :class:`ExportError` unless TFLite Micro's outputs equal the reference's."""
+def check_tflm(graph: ir.Graph, data: bytes, q) -> None:
+    """Raise :class:`ExportError` unless TFLite Micro's outputs (every output) equal the
+    reference's."""
     from edgeslim.export.int8 import reference
 
     expected = reference.run_batch(graph, q)
@@ -258,22 +274,35 @@ def litert_interpreter(data: bytes, *, threads: int = 1):
     return interp
 
 
-def run_litert(data: bytes, q: np.ndarray, *, threads: int = 1, interp=None) -> np.ndarray:
+def run_litert(data: bytes, q, *, threads: int = 1, interp=None) -> np.ndarray:
     """Run ``.tflite`` bytes in LiteRT on int8 inputs ``q`` (N, H, W, C) as one batch (the
-    input is resized to N); the outputs (N, ...) as int64. ``interp`` reuses an interpreter
-    from :func:`litert_interpreter`."""
+    input is resized to N; several inputs: a tuple of batches, each resized); the outputs
+    (N, ...) as int64 (several: packed, one row per input). ``interp`` reuses an
+    interpreter from :func:`litert_interpreter`."""
+    from edgeslim.export.int8.reference import pack
+
     interp = interp or litert_interpreter(data, threads=threads)
-    q = np.ascontiguousarray(q, np.int8)
-    inp = interp.get_input_details()[0]
-    if tuple(inp["shape"]) != q.shape:
+    qs = list(q) if isinstance(q, (tuple, list)) else [q]
+    qs = [np.ascontiguousarray(x, np.int8) for x in qs]
+    details = interp.get_input_details()
+    if len(details) != len(qs):
+        raise ExportError(f"the model has {len(details)} inputs, got {len(qs)} input batches")
+    if any(tuple(d["shape"]) != x.shape for d, x in zip(details, qs, strict=True)):
         try:
-            interp.resize_tensor_input(inp["index"], list(q.shape))
+            for d, x in zip(details, qs, strict=True):
+                interp.resize_tensor_input(d["index"], list(x.shape))
             interp.allocate_tensors()
         except (RuntimeError, ValueError) as exc:
-            raise ExportError(f"LiteRT cannot run a batch of shape {q.shape}: {exc}") from exc
-    interp.set_tensor(inp["index"], q)
+            shapes = ", ".join(str(x.shape) for x in qs)
+            raise ExportError(f"LiteRT cannot run a batch of shape {shapes}: {exc}") from exc
+    for d, x in zip(details, qs, strict=True):
+        interp.set_tensor(d["index"], x)
     interp.invoke()
-    return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]), np.int64).copy()
+    outs = [
+        np.asarray(interp.get_tensor(d["index"]), np.int64).copy()
+        for d in interp.get_output_details()
+    ]
+    return outs[0] if len(outs) == 1 else pack(outs)
 
 
 def check_litert(graph: ir.Graph, data: bytes, q: np.ndarray) -> dict[str, float]:
@@ -285,9 +314,16 @@ def check_litert(graph: ir.Graph, data: bytes, q: np.ndarray) -> dict[str, float
     got = run_litert(data, q)
     expected = reference.run_batch(graph, q).reshape(got.shape)
     steps = int(np.max(np.abs(got - expected))) if got.size else 0
-    want = reference.dequantize(graph, graph.output, expected)
-    have = reference.dequantize(graph, graph.output, got)
-    rel = float(np.linalg.norm(have - want) / max(float(np.linalg.norm(want)), 1e-12))
+    rel = 0.0
+    for name, e, g in zip(
+        graph.outputs,
+        reference.split_outputs(graph, expected),
+        reference.split_outputs(graph, got),
+        strict=True,
+    ):
+        want = reference.dequantize(graph, name, e)
+        have = reference.dequantize(graph, name, g)
+        rel = max(rel, float(np.linalg.norm(have - want) / max(float(np.linalg.norm(want)), 1e-12)))
     if steps > LITERT_STEPS and not rel <= LITERT_REL_L2:
         raise ExportError(
             f"LiteRT's outputs differ from the reference interpreter by up to {steps} steps "

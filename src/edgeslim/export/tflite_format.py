@@ -384,12 +384,13 @@ def _options(b: flatbuffers.Builder, op: _TflOp) -> int | None:
 
 
 def serialize(graph: ir.Graph) -> bytes:
-    """The ``.tflite`` bytes of ``graph`` (one subgraph; int8 in and out, or float32 for a
-    float graph from :func:`edgeslim.export.tflite_float.lower_float`)."""
+    """The ``.tflite`` bytes of ``graph`` (one subgraph whose inputs and outputs are the
+    graph's, in order; int8 in and out, or float32 for a float graph from
+    :func:`edgeslim.export.tflite_float.lower_float`)."""
     flat = _Flattener(graph)
-    input_index = flat.tensor(graph.input)
+    input_indices = [flat.tensor(name) for name in graph.inputs]
     flat.run()
-    output_index = flat.index[graph.output]
+    output_indices = [flat.index[name] for name in graph.outputs]
     b = flatbuffers.Builder(1024)
 
     # buffers: 0 is the empty buffer every activation uses; then one per constant tensor
@@ -447,8 +448,8 @@ def serialize(graph: ir.Graph) -> bytes:
         b,
         [
             (0, "Offset", _vector(b, "UOffsetTRelative", tensors)),
-            (1, "Offset", _vector(b, "Int32", [input_index])),
-            (2, "Offset", _vector(b, "Int32", [output_index])),
+            (1, "Offset", _vector(b, "Int32", input_indices)),
+            (2, "Offset", _vector(b, "Int32", output_indices)),
             (3, "Offset", _vector(b, "UOffsetTRelative", operators)),
             (4, "Offset", sg_name),
         ],
@@ -471,6 +472,7 @@ def serialize(graph: ir.Graph) -> bytes:
 def tensor_indices(graph: ir.Graph) -> dict[str, int]:
     """Index in the ``.tflite`` tensor table of each IR tensor (as :func:`serialize` writes it)."""
     flat = _Flattener(graph)
-    flat.tensor(graph.input)
+    for name in graph.inputs:
+        flat.tensor(name)
     flat.run()
     return dict(flat.index)

@@ -10,7 +10,12 @@ interpreter, the check against PyTorch), shared with
 writes ``model.h``, ``model.c`` and ``weights.h`` (one static arena, no malloc, integer
 only, ``int model_run(const int8_t *input, int8_t *output)``) after compiling them with
 ``gcc -std=c99 -O2 -Wall -Werror -fsanitize=undefined`` and checking that every output
-equals the reference interpreter's bit for bit.
+equals the reference interpreter's bit for bit. A model with several inputs or outputs
+(``calib=`` a tuple of batches, one per input; a tuple, list or dict of tensors returned)
+gets one pointer per input and output, in order: ``int model_run(const int8_t *input0,
+const int8_t *input1, int8_t *output0, int8_t *output1)``, with ``MODEL_INPUTk_*`` /
+``MODEL_OUTPUTk_*`` macros for each and ``MODEL_RUN_PACKED(in, out)`` for buffers that
+hold them back to back.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def plan_for(
     ``packed`` weights get their im2col scratch."""
     scratch = packed_scratch(graph, packed)
     plain = planner.plan_memory(graph, scratch=scratch)
-    io = graph[graph.input].nbytes + graph[graph.output].nbytes
+    io = graph.io_bytes()
     needs = sram_bytes is not None and plain.arena_size + io > sram_bytes
     if patch is False or (patch is None and not needs):
         return plain
@@ -159,7 +164,7 @@ def export_c(
         graph, patch=patch, sram_bytes=sram, max_mac_overhead=max_mac_overhead, packed=packed
     )
     sources = codegen.generate(graph, plan, packed)
-    io = graph[graph.input].nbytes + graph[graph.output].nbytes
+    io = graph.io_bytes()
     weights = codegen.constant_bytes(graph, packed)
     if dev is not None:
         problems = dev.check_fit(plan.arena_size + io, weights)
@@ -175,7 +180,7 @@ def export_c(
             warnings.warn("no C compiler: the generated C was not compiled", stacklevel=2)
         else:
             check_c(graph, sources, q)
-            verified.append(f"compiled C bit-exact on {len(q)} inputs")
+            verified.append(f"compiled C bit-exact on {reference.batch_size(q)} inputs")
     arm_build = None
     if dev is not None and arm is not False:
         from edgeslim.export.c import arm as armlib
@@ -190,11 +195,12 @@ def export_c(
     return CExport(out, written, plan, graph, weights, io, verified, packed, arm_build)
 
 
-def check_c(graph: ir.Graph, sources: dict[str, str], q: np.ndarray) -> None:
-    """Compile ``sources``, run them on ``q`` and raise unless they match the reference."""
+def check_c(graph: ir.Graph, sources: dict[str, str], q) -> None:
+    """Compile ``sources``, run them on ``q`` (a tuple of batches for several inputs) and
+    raise unless every output matches the reference's."""
     expected = reference.run_batch(graph, q)
     with hostbuild.Build(sources) as build:
-        got = build.run(q, graph[graph.output].size)
+        got = build.run(q, reference.output_size(graph))
     if not np.array_equal(got, expected.reshape(got.shape)):
         bad = int(np.sum(got != expected.reshape(got.shape)))
         raise ExportError(

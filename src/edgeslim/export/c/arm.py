@@ -236,12 +236,13 @@ class Firmware(ScratchDir):
         text, data, bss = (int(v) for v in rows[1].split()[:3])
         return {"text": text, "data": data, "bss": bss}
 
-    def run(self, q: np.ndarray, output_size: int, timeout: float = 600) -> QemuRun:
-        """Run the inputs ``q`` (N, ...) int8 on the emulated board."""
+    def run(self, q, output_size: int, timeout: float = 600) -> QemuRun:
+        """Run the inputs ``q`` (N, ...) int8 on the emulated board (a model with several
+        inputs: a tuple of batches; ``output_size``: all its outputs of one inference)."""
         emulator = qemu()
         if emulator is None:
             raise ExportError(f"cannot run on QEMU: {missing()}")
-        q = np.ascontiguousarray(q, dtype=np.int8)
+        q = np.ascontiguousarray(reference.pack(q), dtype=np.int8)
         (self.dir / "in.bin").write_bytes(q.tobytes())
         for name in ("out.bin", "stats.bin"):
             (self.dir / name).unlink(missing_ok=True)
@@ -296,17 +297,18 @@ def build(
     graph: ir.Graph,
     sources: dict[str, str],
     core: str,
-    q: np.ndarray | None = None,
+    q=None,
     *,
     opt: str = "-Os",
 ) -> ArmBuild:
     """Build ``sources`` for ``core``; with inputs ``q`` (and QEMU installed) also run them
-    and require the reference interpreter's outputs bit for bit."""
-    io = graph[graph.input].nbytes + graph[graph.output].nbytes
+    and require the reference interpreter's outputs (every output) bit for bit. ``q``: an
+    int8 batch, or a tuple of batches for a graph with several inputs."""
+    io = graph.io_bytes()
     with Firmware(sources, core, opt) as fw:
         result = ArmBuild(fw.core.name, fw.core.machine, opt, fw.model_sizes, fw.image_sizes, io)
         if q is not None and qemu() is not None:
-            run = fw.run(q, graph[graph.output].size)
+            run = fw.run(q, reference.output_size(graph))
             expected = reference.run_batch(graph, q).reshape(run.outputs.shape)
             if not np.array_equal(run.outputs, expected):
                 bad = int(np.sum(run.outputs != expected))
@@ -316,7 +318,8 @@ def build(
                 )
             result.run = run
             result.verified.append(
-                f"{fw.core.name} build ({opt}) bit-exact on QEMU {fw.core.machine}, {len(q)} inputs"
+                f"{fw.core.name} build ({opt}) bit-exact on QEMU {fw.core.machine}, "
+                f"{reference.batch_size(q)} inputs"
             )
     return result
 

@@ -90,9 +90,11 @@ class _Writer:
         return self.const_names[tensor]
 
     def ptr(self, tensor: str) -> str:
-        kind = self.plan.buffer(tensor).kind
-        if kind in ("input", "output"):
-            return kind
+        buf = self.plan.buffer(tensor)
+        if buf.kind in ("input", "output"):
+            rel = buf.members[tensor].rel
+            name = io_name(self.g, buf.kind, buf.port)
+            return f"{name} + {rel}" if rel else name
         return f"ARENA + {self.plan.offset(tensor)}"
 
     def scratch(self, i: int) -> str:
@@ -105,7 +107,9 @@ class _Writer:
 
     def layout(self, tensor: str, i: int) -> str:
         """Region that ``tensor``'s buffer holds while op ``i`` runs."""
-        held_in_part = tensor not in (self.g.input, self.plan.patch and self.plan.patch.output)
+        held_in_part = tensor not in self.g.inputs and tensor != (
+            self.plan.patch and self.plan.patch.output
+        )
         if self.in_stage(i) and tensor in self.columns and held_in_part:
             return f"r[{self.columns[tensor]}]"
         return _region(full_region(self.g[tensor]))
@@ -396,7 +400,15 @@ class _Writer:
         guard_w = "EDGESLIM_WEIGHTS_H"
         arena = self.plan.arena_size
         layout = {4: "NHWC", 2: "N x features"}
-        header = Template(template("model.h.tmpl")).substitute(
+        ports = [("input", n) for n in range(len(g.inputs))]
+        ports += [("output", n) for n in range(len(g.outputs))]
+        params = ", ".join(
+            f"{'const ' if kind == 'input' else ''}int8_t *{io_name(g, kind, n)}"
+            for kind, n in ports
+        )
+        unused = "".join(f"    (void){io_name(g, kind, n)};\n" for kind, n in ports)
+        header = _multi_io_header(g, arena, layout) if g.multi_io else None
+        header = header or Template(template("model.h.tmpl")).substitute(
             name=name,
             version=__version__,
             guard=guard_h,
@@ -421,6 +433,8 @@ class _Writer:
             arena_note=f"activations: {self.plan.summary()}",
             arena_alloc=max(arena, 1),
             params="\n".join(self.params) + "\n",
+            run_params=params,
+            unused_io=unused,
             patch_tables=tables,
             body="\n".join(self.body)
             + ("\n    (void)ARENA; /* no activation lives in the arena */" if arena == 0 else ""),
@@ -434,6 +448,62 @@ class _Writer:
             arrays="\n".join(self.arrays),
         )
         return {"model.h": header, "model.c": source, "weights.h": weights}
+
+
+def io_name(graph: ir.Graph, kind: str, port: int) -> str:
+    """The C parameter of ``model_run`` that holds input / output ``port`` (``kind``):
+    ``input`` and ``output`` for a graph with one of each, else ``input0``, ``output1`` ..."""
+    return f"{kind}{port}" if graph.multi_io else kind
+
+
+def _multi_io_header(graph: ir.Graph, arena: int, layout: dict[int, str]) -> str:
+    """``model.h`` of a graph with several inputs or outputs: one pointer per input and
+    output in ``model_run``, ``MODEL_INPUTk_*`` / ``MODEL_OUTPUTk_*`` for each, and
+    ``MODEL_RUN_PACKED(in, out)`` for callers that hold them back to back."""
+    docs, defines, packed = [], [], []
+    offsets = {"input": 0, "output": 0}
+    for kind, names in (("input", graph.inputs), ("output", graph.outputs)):
+        for n, tensor in enumerate(names):
+            t = graph[tensor]
+            c = io_name(graph, kind, n)
+            up = c.upper()
+            shape = f"{layout.get(len(t.shape), '')} {'x'.join(map(str, t.shape))}".strip()
+            formula = (
+                f"q = round(x / MODEL_{up}_SCALE) + MODEL_{up}_ZERO_POINT"
+                if kind == "input"
+                else f"y = (q - MODEL_{up}_ZERO_POINT) * MODEL_{up}_SCALE"
+            )
+            docs.append(f" *   {c} ({shape}): {formula}")
+            defines += [
+                f"#define MODEL_{up}_SIZE {t.size}",
+                f"#define MODEL_{up}_SCALE {_float(t.qscale)}f",
+                f"#define MODEL_{up}_ZERO_POINT {t.qzero}",
+            ]
+            at = offsets[kind]
+            packed.append(
+                f"({'in' if kind == 'input' else 'out'}) + {at}"
+                if at
+                else f"({'in' if kind == 'input' else 'out'})"
+            )
+            offsets[kind] += t.size
+    params = ", ".join(
+        [f"const int8_t *{io_name(graph, 'input', n)}" for n in range(len(graph.inputs))]
+        + [f"int8_t *{io_name(graph, 'output', n)}" for n in range(len(graph.outputs))]
+    )
+    return Template(template("model_multi_io.h.tmpl")).substitute(
+        name=graph.name,
+        version=__version__,
+        guard="EDGESLIM_MODEL_H",
+        n_inputs=len(graph.inputs),
+        n_outputs=len(graph.outputs),
+        io_doc="\n".join(docs),
+        io_defines="\n".join(defines),
+        input_size=offsets["input"],
+        output_size=offsets["output"],
+        arena_size=arena,
+        run_params=params,
+        packed_args=", ".join(packed),
+    )
 
 
 def generate(

@@ -22,6 +22,7 @@ from edgeslim.core.fileio import ScratchDir
 from edgeslim.export.c.codegen import template
 from edgeslim.export.c.planner import Region
 from edgeslim.export.int8 import ir
+from edgeslim.export.int8.reference import pack
 
 GCC_FLAGS = (
     "-std=c99",
@@ -67,9 +68,12 @@ class Build(ScratchDir):
                 f"the generated C does not compile ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
             )
 
-    def run(self, q: np.ndarray, output_size: int, trace: bool = False):
-        """Outputs (N, output_size) for int8 inputs ``q`` (N, ...); with ``trace`` also the log."""
-        q = np.ascontiguousarray(q, dtype=np.int8)
+    def run(self, q, output_size: int, trace: bool = False):
+        """Outputs (N, output_size) for int8 inputs ``q`` (N, ...); with ``trace`` also the log.
+
+        A model with several inputs takes a tuple of batches (one per input) and writes all
+        its outputs of one inference back to back (``output_size``: their total)."""
+        q = np.ascontiguousarray(pack(q), dtype=np.int8)
         (self.dir / "in.bin").write_bytes(q.tobytes())
         args = [str(self.exe), "run", "in.bin", "out.bin"] + (["trace.bin"] if trace else [])
         proc = subprocess.run(args, cwd=self.dir, capture_output=True, text=True)
@@ -85,7 +89,7 @@ class Build(ScratchDir):
 
     def time_us(self, q: np.ndarray, repeats: int = 100) -> float:
         """Median latency of ``model_run`` in microseconds over ``repeats`` runs."""
-        (self.dir / "one.bin").write_bytes(np.ascontiguousarray(q, dtype=np.int8).tobytes())
+        (self.dir / "one.bin").write_bytes(np.ascontiguousarray(pack(q), dtype=np.int8).tobytes())
         proc = subprocess.run(
             [str(self.exe), "time", "one.bin", str(repeats)],
             cwd=self.dir,

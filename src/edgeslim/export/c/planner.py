@@ -3,7 +3,9 @@
 1. **Lifetimes.** A tensor is live from the op that writes it to the last op that reads it
    (ops are numbered in execution order). The graph input is read in place from the
    caller's buffer and the output is written straight into the caller's buffer: neither
-   takes arena space (``model_run(const int8_t *input, int8_t *output)``).
+   takes arena space (``model_run(const int8_t *input, int8_t *output)``). A graph with
+   several inputs and outputs has one caller's buffer for each (``Buffer.port``); inputs
+   are never written, outputs live to the end (never overwritten, never in place).
 2. **In-place rules** (tensors that share one buffer):
 
    - a reshape's output *is* its input (same bytes);
@@ -118,6 +120,7 @@ class Buffer:
     members: dict[str, Member]
     kind: str = "arena"  # "arena", "scratch", "input" (caller's), "output" (caller's)
     offset: int = -1
+    port: int = 0  # which input / output of the graph a caller's buffer holds
 
     @property
     def tensors(self) -> list[str]:
@@ -218,13 +221,14 @@ class _Groups:
 
 def _lifetimes(graph: ir.Graph, patch: PatchPlan | None) -> tuple[dict, dict]:
     """First and last op index of each activation (input: -1; output: one past the end)."""
-    start: dict[str, int] = {graph.input: -1}
-    end: dict[str, int] = {graph.input: -1}
+    start: dict[str, int] = dict.fromkeys(graph.inputs, -1)
+    end: dict[str, int] = dict.fromkeys(graph.inputs, -1)
     for i, op in enumerate(graph.ops):
         start[op.output] = end[op.output] = i
         for name in op.inputs:
             end[name] = max(end[name], i)
-    end[graph.output] = len(graph.ops)
+    for name in graph.outputs:
+        end[name] = len(graph.ops)
     if patch is not None:  # the stage output is filled patch by patch from the first op on
         start[patch.output] = 0
     return start, end
@@ -235,7 +239,7 @@ def _sizes(graph: ir.Graph, patch: PatchPlan | None) -> dict[str, int]:
     sizes = {name: graph[name].nbytes for name in graph.activations()}
     if patch is not None:
         for name in patch.regions[0]:
-            if name == patch.output or name == graph.input:
+            if name == patch.output or name in graph.inputs:
                 continue
             channels = graph[name].shape[3]
             sizes[name] = max(r[name].area for r in patch.regions) * channels
@@ -262,20 +266,23 @@ def plan_memory(
     for op in graph.ops:
         if isinstance(op, ir.Reshape):
             groups.join(op.inputs[0], op.output)
-    input_group, output_group = groups.group[graph.input], groups.group[graph.output]
-    if input_group == output_group:
+    input_groups = {groups.group[name]: k for k, name in enumerate(graph.inputs)}
+    output_groups = {groups.group[name]: k for k, name in enumerate(graph.outputs)}
+    if set(input_groups) & set(output_groups):
         raise ExportError("the graph's output is its input reshaped: nothing to compute")
+    if len(output_groups) < len(graph.outputs):
+        raise ExportError("two of the graph's outputs are one tensor reshaped: return it once")
 
     def can_overwrite(name: str, i: int) -> bool:
         members = groups.members(name)
-        return groups.group[name] != input_group and max(end[m] for m in members) == i
+        return groups.group[name] not in input_groups and max(end[m] for m in members) == i
 
     chosen: dict[int, str] = {}
     scratch_sizes: dict[int, int] = {}
     stage_output = patch.output if patch is not None else None
     for i, op in enumerate(graph.ops):
         out = op.output
-        if not inplace or groups.group[out] == output_group or out == stage_output:
+        if not inplace or groups.group[out] in output_groups or out == stage_output:
             continue
         if isinstance(op, ir.Add):
             for name in op.inputs:
@@ -300,12 +307,13 @@ def plan_memory(
 
     buffers: list[Buffer] = []
     for g in sorted(groups.rel, key=lambda g: min(start[m] for m in groups.rel[g])):
-        kind = {input_group: "input", output_group: "output"}.get(g, "arena")
+        kind = "input" if g in input_groups else "output" if g in output_groups else "arena"
         members = {
             m: Member(r, sizes[m], start[m], end[m])
             for m, r in sorted(groups.rel[g].items(), key=lambda kv: names.index(kv[0]))
         }
-        buffers.append(Buffer(members, kind))
+        port = input_groups.get(g, output_groups.get(g, 0))
+        buffers.append(Buffer(members, kind, port=port))
     buffer_of = {m: i for i, b in enumerate(buffers) for m in b.members}
     for i, size in (scratch or {}).items():
         if size > 0:
@@ -408,7 +416,7 @@ def stage_candidates(graph: ir.Graph) -> list[int]:
             for name in o.inputs
             if name in produced and name != op.output
         }
-        if not leaks and op.output != graph.output:
+        if not leaks and not produced & set(graph.outputs):
             found.append(k)
     return found
 
@@ -450,7 +458,7 @@ def patch_plan(graph: ir.Graph, stage_ops: int, grid: tuple[int, int]) -> PatchP
                     need[name] = _needed(graph, op, graph[name], need[op.output]).union(
                         need.get(name)
                     )
-            ordered = {graph.input: need[graph.input]}
+            ordered = {name: need[name] for name in graph.inputs if name in need}
             ordered.update({op.output: need[op.output] for op in stage})
             regions.append(ordered)
     base = graph.macs()

@@ -47,22 +47,35 @@ def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def build_graph(
     ops: list[FloatOp],
-    input_value: str,
-    output_value: str,
-    input_shape: tuple[int, ...],
+    input_value: str | list[str],
+    output_value: str | list[str],
+    input_shape: tuple[int, ...] | list[tuple[int, ...]],
     source: QParamSource,
     *,
     per_channel_fc: bool = False,
     name: str = "model",
 ) -> ir.Graph:
-    """Quantize the fused float ops into an :class:`ir.Graph` (with fixed-point params)."""
+    """Quantize the fused float ops into an :class:`ir.Graph` (with fixed-point params).
+
+    ``input_value`` / ``output_value`` / ``input_shape`` are one value (shape) or lists of
+    them, one per graph input and output; the inputs are named ``input`` (``input0``,
+    ``input1`` ... for several)."""
+    several = isinstance(input_value, list)
+    input_values = input_value if several else [input_value]
+    output_values = output_value if isinstance(output_value, list) else [output_value]
+    shapes = input_shape if several else [input_shape]
     b = _Builder(source, per_channel_fc)
-    qp = source.activation(input_value)
-    b.values[input_value] = _Value(b.act("input", _nhwc(input_shape), qp), input_shape)
+    for k, (value, shape) in enumerate(zip(input_values, shapes, strict=True)):
+        qp = source.activation(value)
+        label = f"input{k}" if len(input_values) > 1 else "input"
+        b.values[value] = _Value(b.act(label, _nhwc(shape), qp), shape)
     for o in ops:
         b.lower(o)
-    out = b.values[output_value].tensor
-    graph = ir.Graph(b.tensors, b.ops, input=b.values[input_value].tensor, output=out, name=name)
+    inputs = [b.values[v].tensor for v in input_values]
+    outputs = [b.values[v].tensor for v in output_values]
+    graph = ir.Graph(
+        b.tensors, b.ops, inputs[0], outputs[0], name=name, inputs=inputs, outputs=outputs
+    )
     ir.prepare(graph)
     graph.validate()
     return graph

@@ -9,6 +9,8 @@ What cannot be fused (a BatchNorm or activation elsewhere) is refused, all at on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,10 +20,12 @@ from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8.trace import FloatOp, conv_pair
 
 
-def fuse(ops: list[FloatOp]) -> list[FloatOp]:
+def fuse(ops: list[FloatOp], outputs: Sequence[str] = ()) -> list[FloatOp]:
     """Fold BatchNorm, fuse activations and zero padding; refuse what is left over.
 
     Conv / linear ops get ``attrs["weight"]`` / ``attrs["bias"]`` (float64 numpy, folded).
+    ``outputs`` (the values the model returns) count as uses: a value that is returned is
+    never fused away into the op after it.
     """
     for o in ops:
         if o.kind not in ("conv", "linear"):
@@ -38,7 +42,7 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
                 if bias is None
                 else bias.detach().double().numpy().copy()
             )
-    uses = _use_counts(ops)
+    uses = _use_counts(ops, outputs)
     producers = {o.value: o for o in ops}
     kept: list[FloatOp] = []
     problems: list[str] = []
@@ -66,7 +70,7 @@ def fuse(ops: list[FloatOp]) -> list[FloatOp]:
         else:
             kept.append(o)
     # zero padding folds into the conv that reads it
-    uses = _use_counts(kept)
+    uses = _use_counts(kept, outputs)
     pads = {o.value: o for o in kept if o.kind == "pad"}
     for o in kept:
         if o.kind == "conv" and o.inputs[0] in pads and uses[o.inputs[0]] == 1:
@@ -101,11 +105,10 @@ def _read_quantized_layer(o: FloatOp) -> None:
     o.attrs["bias"] = np.zeros(c)  # unused: the integer bias is taken as it is
 
 
-def _use_counts(ops: list[FloatOp]) -> dict[str, int]:
+def _use_counts(ops: list[FloatOp], outputs: Sequence[str] = ()) -> dict[str, int]:
     uses: dict[str, int] = {}
-    for o in ops:
-        for name in o.inputs:
-            uses[name] = uses.get(name, 0) + 1
+    for name in [n for o in ops for n in o.inputs] + list(outputs):
+        uses[name] = uses.get(name, 0) + 1
     return uses
 
 

@@ -14,7 +14,9 @@ PyTorch model.
   TFLite Micro derives its fixed-point multipliers from those; each op carries the
   multipliers, shifts and clamping range computed once, by the rules of
   :mod:`edgeslim.quant.spec`, so all backends share them.
-- Ops run in list order (a topological order). There is one graph input and one output.
+- Ops run in list order (a topological order). A graph has one or more inputs and one or
+  more outputs (``inputs`` / ``outputs``, in the model's argument and return order);
+  ``input`` / ``output`` are the first of each.
 """
 
 from __future__ import annotations
@@ -208,13 +210,34 @@ OP_TYPES = (
 
 @dataclass
 class Graph:
-    """Tensors by name (in creation order), ops in execution order, one input, one output."""
+    """Tensors by name (in creation order), ops in execution order, inputs and outputs.
+
+    ``input`` / ``output`` name the first input and output; ``inputs`` / ``outputs`` all of
+    them in order (left empty, they are ``[input]`` / ``[output]``).
+    """
 
     tensors: dict[str, Tensor]
     ops: list[Op]
     input: str
     output: str
     name: str = "model"
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.inputs = list(self.inputs) or [self.input]
+        self.outputs = list(self.outputs) or [self.output]
+        if (self.inputs[0], self.outputs[0]) != (self.input, self.output):
+            raise ExportError("Graph: input / output must be the first of inputs / outputs")
+
+    @property
+    def multi_io(self) -> bool:
+        """Does the graph have more than one input or more than one output?"""
+        return len(self.inputs) > 1 or len(self.outputs) > 1
+
+    def io_bytes(self) -> int:
+        """Bytes of the caller's buffers: every input and every output."""
+        return sum(self.tensors[n].nbytes for n in (*self.inputs, *self.outputs))
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -231,8 +254,8 @@ class Graph:
         return [i for i, op in enumerate(self.ops) if name in op.inputs]
 
     def activations(self) -> list[str]:
-        """Names of the non-constant tensors, input first, in execution order."""
-        names = [self.input]
+        """Names of the non-constant tensors, inputs first, in execution order."""
+        names = list(self.inputs)
         for op in self.ops:
             if op.output not in names:
                 names.append(op.output)
@@ -282,7 +305,9 @@ class Graph:
 
     def validate(self) -> None:
         """Check the invariants every backend relies on; raise :class:`ExportError` if broken."""
-        seen = {self.input}
+        seen = set(self.inputs)
+        if len(seen) != len(self.inputs) or len(set(self.outputs)) != len(self.outputs):
+            raise ExportError(f"graph inputs {self.inputs} / outputs {self.outputs} repeat")
         for i, op in enumerate(self.ops):
             where = f"op {i} ({op.kind} from {op.name!r})"
             for name in op.inputs:
@@ -296,8 +321,9 @@ class Graph:
             out = self.tensors[op.output]
             if len(out.scale) != 1:
                 raise ExportError(f"{where}: activation {op.output!r} must be per-tensor")
-        if self.output not in seen:
-            raise ExportError(f"graph output {self.output!r} is never written")
+        for name in self.outputs:
+            if name not in seen or name in self.inputs:
+                raise ExportError(f"graph output {name!r} is never written by an op")
 
 
 # --------------------------------------------------------------------------------------

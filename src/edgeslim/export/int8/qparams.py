@@ -154,9 +154,10 @@ class _Probe(nn.Module):
 
 
 def calibrate_ranges(
-    gm: fx.GraphModule, calib: torch.Tensor, batch_size: int = 64
+    gm: fx.GraphModule, calib: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int = 64
 ) -> dict[str, tuple[float, float]]:
-    """``(min, max)`` of every tensor value of ``gm`` over the calibration inputs ``calib``."""
+    """``(min, max)`` of every tensor value of ``gm`` over the calibration inputs ``calib``
+    (a batch, or a tuple of batches for a model with several inputs)."""
     probed = copy.deepcopy(gm)
     graph = probed.graph
     probes: dict[str, nn.Module] = {}
@@ -176,5 +177,8 @@ def calibrate_ranges(
     def see(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         observers[name].update(inputs[0])
 
+    if isinstance(calib, (tuple, list)):  # several inputs: batches of tuples, model(*batch)
+        xs = tuple(calib)
+        calib = [tuple(x[i : i + batch_size] for x in xs) for i in range(0, len(xs[0]), batch_size)]
     run_calibration(probed, calib, probes, see, batch_size=batch_size)
     return {name: obs.range() for name, obs in observers.items() if obs.seen}

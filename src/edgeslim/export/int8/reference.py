@@ -6,6 +6,10 @@ for bit. It is the oracle the exporters check against; speed is secondary.
 
     values = run(graph, q)            # q: int8 input (1, H, W, C); every tensor by name
     q = quantize_input(graph, x)      # float NCHW batch -> int8 NHWC batch
+
+A graph with several inputs takes a tuple of arrays (one per input, in ``graph.inputs``
+order); :func:`run_outputs` returns one array per output, :func:`run_batch` all of them
+packed in one row per sample (the layout the C test drivers write).
 """
 
 from __future__ import annotations
@@ -17,15 +21,56 @@ from edgeslim.export.int8 import ir
 from edgeslim.quant import spec, spec_nonlinear
 
 
-def run(graph: ir.Graph, q: np.ndarray) -> dict[str, np.ndarray]:
-    """Execute ``graph`` on one int8 input; return every activation tensor (int64) by name."""
-    inp = graph[graph.input]
-    q = np.asarray(q)
-    if q.shape != inp.shape:
-        raise ShapeError(f"input must have shape {inp.shape} (NHWC), got {q.shape}")
-    if q.min(initial=0) < spec.INT8_MIN or q.max(initial=0) > spec.INT8_MAX:
-        raise ShapeError("input values must be int8 (in [-128, 127])")
-    values = {graph.input: q.astype(np.int64)}
+def inputs_of(graph: ir.Graph, q) -> list[np.ndarray]:
+    """``q`` as one array per graph input: a graph with one input takes an array, one with
+    several a tuple or list of arrays (in the order of ``graph.inputs``)."""
+    several = isinstance(q, (tuple, list)) and all(isinstance(x, np.ndarray) for x in q)
+    qs = list(q) if several or len(graph.inputs) > 1 else [q]
+    if len(qs) != len(graph.inputs):
+        got = len(qs) if isinstance(q, (tuple, list)) else 1
+        raise ShapeError(
+            f"{graph.name} has {len(graph.inputs)} inputs ({', '.join(graph.inputs)}); got "
+            f"{got}: pass a tuple with one array per input"
+        )
+    return [np.asarray(x) for x in qs]
+
+
+def batch_size(q) -> int:
+    """How many inputs a batch ``q`` holds (an array, or a tuple of arrays, one per input)."""
+    return len(q[0]) if isinstance(q, (tuple, list)) else len(q)
+
+
+def pack(arrays) -> np.ndarray:
+    """One row per sample, each array's row flattened, back to back: ``(N, total)``.
+
+    The layout the C test drivers read and write (every input, then every output, of one
+    inference after the other); an array (a graph with one input or output) is returned as
+    it is.
+    """
+    if isinstance(arrays, np.ndarray):
+        return arrays
+    return np.concatenate([np.asarray(a).reshape(len(a), -1) for a in arrays], axis=1)
+
+
+def output_size(graph: ir.Graph) -> int:
+    """Elements of all outputs of one inference (the width of a packed output row)."""
+    return sum(graph[name].size for name in graph.outputs)
+
+
+def run(graph: ir.Graph, q) -> dict[str, np.ndarray]:
+    """Execute ``graph`` on one int8 input; return every activation tensor (int64) by name.
+
+    ``q``: one array ``(1, H, W, C)``, or a tuple with one per input for several.
+    """
+    values = {}
+    for name, x in zip(graph.inputs, inputs_of(graph, q), strict=True):
+        inp = graph[name]
+        where = f"input {name!r}" if len(graph.inputs) > 1 else "input"
+        if x.shape != inp.shape:
+            raise ShapeError(f"{where} must have shape {inp.shape} (NHWC), got {x.shape}")
+        if x.min(initial=0) < spec.INT8_MIN or x.max(initial=0) > spec.INT8_MAX:
+            raise ShapeError(f"{where} values must be int8 (in [-128, 127])")
+        values[name] = x.astype(np.int64)
     for op in graph.ops:
         out = _KERNELS[type(op)](graph, op, values)
         expected = graph[op.output].shape
@@ -33,23 +78,55 @@ def run(graph: ir.Graph, q: np.ndarray) -> dict[str, np.ndarray]:
     return values
 
 
-def run_batch(graph: ir.Graph, q: np.ndarray) -> np.ndarray:
-    """The graph output for each input of a batch ``(N, *input shape[1:])``."""
-    return np.concatenate([run(graph, x[None])[graph.output] for x in q])
+def run_outputs(graph: ir.Graph, q) -> list[np.ndarray]:
+    """Each graph output, ``(N, ...)``, for a batch of inputs (an array, or a tuple of
+    arrays ``(N, ...)``, one per input)."""
+    qs = inputs_of(graph, q)
+    if len({len(x) for x in qs}) != 1:
+        raise ShapeError(f"the input batches differ in size: {[x.shape for x in qs]}")
+    done = [run(graph, [x[i : i + 1] for x in qs]) for i in range(len(qs[0]))]
+    return [np.concatenate([v[name] for v in done]) for name in graph.outputs]
 
 
-def quantize_input(graph: ir.Graph, x: np.ndarray) -> np.ndarray:
+def run_batch(graph: ir.Graph, q) -> np.ndarray:
+    """The graph output for each input of a batch ``(N, *input shape[1:])``; with several
+    inputs ``q`` is a tuple of batches, with several outputs each row holds all of them
+    (:func:`pack`: ``(N, output_size(graph))``)."""
+    outs = run_outputs(graph, q)
+    return outs[0] if len(outs) == 1 else pack(outs)
+
+
+def quantize_input(graph: ir.Graph, x):
     """A float batch in PyTorch layout (N, C, H, W), (N, C, L) or (N, F) -> int8 graph inputs
-    (NHWC; (N, 1, L, C) for (N, C, L))."""
+    (NHWC; (N, 1, L, C) for (N, C, L)). For a graph with several inputs ``x`` is a tuple of
+    batches and so is the result."""
+    xs = inputs_of(graph, x) if len(graph.inputs) > 1 else [x]
+    qs = [_quantize(graph, name, v) for name, v in zip(graph.inputs, xs, strict=True)]
+    return qs[0] if len(graph.inputs) == 1 else tuple(qs)
+
+
+def _quantize(graph: ir.Graph, name: str, x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
     if x.ndim == 3:  # (N, C, L) -> (N, 1, L, C)
         x = x.transpose(0, 2, 1)[:, None]
-    t = graph[graph.input]
+    t = graph[name]
     if x.shape[1:] != t.shape[1:]:
-        raise ShapeError(f"inputs must have shape (N, {t.shape[1:]}) in NHWC, got {x.shape}")
+        where = f"input {name!r}" if len(graph.inputs) > 1 else "inputs"
+        raise ShapeError(f"{where} must have shape (N, {t.shape[1:]}) in NHWC, got {x.shape}")
     return spec.quantize(x, spec.QParams(t.scale, t.zero_point)).astype(np.int8)
+
+
+def split_outputs(graph: ir.Graph, packed: np.ndarray) -> list[np.ndarray]:
+    """Packed output rows ``(N, output_size(graph))`` back into one array per output."""
+    packed = np.asarray(packed).reshape(len(packed), -1)
+    out, at = [], 0
+    for name in graph.outputs:
+        t = graph[name]
+        out.append(packed[:, at : at + t.size].reshape(len(packed), *t.shape[1:]))
+        at += t.size
+    return out
 
 
 def dequantize(graph: ir.Graph, name: str, q: np.ndarray) -> np.ndarray:

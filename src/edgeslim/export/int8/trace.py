@@ -90,27 +90,61 @@ class _Tracer(fx.Tracer):
         return _is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
+    """The model's inputs as a tuple: ``(x,)`` for one tensor, the tensors of a tuple / list
+    for several (one batch ``(N, ...)`` each, the same ``N``)."""
+    xs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if not xs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in xs):
+        raise ShapeError(
+            "inputs must be a batch tensor (N, ...) or, for a model with several inputs, a "
+            f"tuple of them; got {_kind(example)}"
+        )
+    if len({x.shape[0] for x in xs}) != 1:
+        sizes = [tuple(x.shape) for x in xs]
+        raise ShapeError(f"the input batches must have the same size N, got shapes {sizes}")
+    return xs
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__} of {', '.join(_kind(v) for v in x)}"
+    return f"tensor {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def trace(model: nn.Module, example: Any) -> fx.GraphModule:
     """The graph of ``model`` with every node's output shape (from ``example[:1]``).
 
-    ``torch.fx`` symbolic tracing, or where it fails (data-dependent control flow, shapes
-    read in Python: transformers' vision models), the graph ``torch.export`` records on
+    ``example`` is a batch ``(N, ...)``, or a tuple of batches for a model with several
+    inputs. ``torch.fx`` symbolic tracing, or where it fails (data-dependent control flow,
+    shapes read in Python: transformers' vision models), the graph ``torch.export`` records on
     ``example[:1]`` (:mod:`edgeslim.core.capture`).
     """
     name = type(model).__name__
+    xs = as_inputs(example)
+    first = tuple(x[:1] for x in xs)
     try:
-        gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, _Tracer())
+        gm = symbolic_trace_or_capture(
+            model, first[0] if len(first) == 1 else first, _is_leaf, _Tracer()
+        )
     except CaptureError as exc:
         raise LoweringError(
             f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "
             "capture: export it to ONNX instead (edgeslim.export_onnx)"
         ) from exc
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(xs):
+        raise ShapeError(
+            f"{name} takes {len(placeholders)} tensor input(s) ({', '.join(placeholders)}), "
+            f"got {len(xs)} ({_kind(example)}): pass one batch per input, as a tuple for "
+            "several"
+        )
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example[:1])
+            ShapeProp(gm).propagate(*first)
     except RuntimeError as exc:
         raise ShapeError(
-            f"{name} cannot run on input of shape {tuple(example.shape)}: "
+            f"{name} cannot run on input of shape "
+            f"{', '.join(str(tuple(x.shape)) for x in xs)}: "
             f"{str(exc).strip().splitlines()[0]}"
         ) from exc
     return gm
@@ -128,7 +162,22 @@ def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
-    """Classify the traced graph: ``(ops, input value, output value)``.
+    """Classify the traced graph of a model with one input and one output:
+    ``(ops, input value, output value)`` (:func:`float_ops_io` for several)."""
+    ops, inputs, outputs = float_ops_io(gm)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise LoweringError(
+            f"this exporter needs a model with one tensor input and one tensor output; it "
+            f"takes {len(inputs)} and returns {len(outputs)} (the int8 .tflite and C exporters "
+            "take several)"
+        )
+    return ops, inputs[0], outputs[0]
+
+
+def float_ops_io(gm: fx.GraphModule) -> tuple[list[FloatOp], list[str], list[str]]:
+    """Classify the traced graph: ``(ops, input values, output values)``, inputs in argument
+    order, outputs in the order the model returns them (a tensor; a tuple, list or dict of
+    tensors; a ``ModelOutput``'s logits).
 
     Raises :class:`LoweringError` naming every node that cannot be lowered.
     """
@@ -138,7 +187,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
     problems: list[str] = []
     constants: set[str] = set()
     inputs: list[str] = []
-    output = ""
+    outputs: list[str] = []
 
     def value(a: object) -> str:
         if not isinstance(a, fx.Node):
@@ -150,15 +199,14 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             inputs.append(node.name)
             continue
         if node.op == "output":
-            out = node.args[0]
-            if isinstance(out, dict):  # a ModelOutput (transformers): its logits
-                out = out.get("logits", next(iter(out.values())) if len(out) == 1 else out)
-            if isinstance(out, (tuple, list)) and len(out) == 1:
-                out = out[0]
-            if not isinstance(out, fx.Node):
-                problems.append(f"output: the model must return one tensor, got {out!r}")
+            returned = _returned(node.args[0])
+            if returned is None:
+                problems.append(
+                    "output: the model must return tensors (one, or a tuple, list or dict of "
+                    f"them), got {node.args[0]!r}"
+                )
             else:
-                output = value(out)
+                outputs = [value(out) for out in returned]
             continue
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
@@ -187,8 +235,15 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
         else:
             op.name = str(where)
             ops.append(op)
-    if len(inputs) != 1:
-        problems.append(f"the model must take exactly one tensor input, it takes {len(inputs)}")
+    if not inputs:
+        problems.append("the model must take at least one tensor input, it takes none")
+    problems += [
+        f"output {k}: returns its input {name!r} unchanged"
+        for k, name in enumerate(outputs)
+        if name in inputs
+    ]
+    if len(set(outputs)) != len(outputs):
+        problems.append(f"output: the same tensor is returned twice ({outputs})")
     if problems:
         raise LoweringError(
             "cannot lower to the int8 graph; unsupported:\n  "
@@ -197,7 +252,17 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             "(edgeslim.export_onnx supports every layer), or replace these layers with "
             "supported ones (e.g. ReLU6 or Hardswish for GELU)"
         )
-    return ops, inputs[0], output
+    return ops, inputs, outputs
+
+
+def _returned(out: Any) -> list[fx.Node] | None:
+    """The nodes a model returns, in order; None if it returns anything but tensors."""
+    if isinstance(out, dict):  # a ModelOutput (transformers): its logits; else every value
+        out = out["logits"] if "logits" in out else list(out.values())
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not items or not all(isinstance(x, fx.Node) for x in items):
+        return None
+    return items
 
 
 _LAYER_NORM_WHY = (

@@ -1,11 +1,15 @@
 /* Test firmware around model.c for QEMU's MPS2 boards (not part of the model). Through
- * semihosting it reads int8 inputs back to back from in.bin, runs model_run on each, writes
+ * semihosting it reads int8 inputs back to back from in.bin, runs model_run on each (all of a
+ * model's inputs back to back per inference, all its outputs likewise), writes
  * the outputs to out.bin and, per input, two int32 to stats.bin: SysTick ticks of model_run
  * and its stack bytes (stack painting). The first record of stats.bin is a calibration: the
  * ticks of CALIB_LOOPS iterations of a two-instruction loop. With QEMU's -icount shift=0
  * every instruction advances the virtual clock by 1 ns, so ticks convert to instructions. */
 #include <stdint.h>
 #include "model.h"
+#ifndef MODEL_RUN_PACKED /* one input, one output (model.h of several defines it) */
+#define MODEL_RUN_PACKED(in, out) model_run((in), (out))
+#endif
 
 #define CALIB_LOOPS 200000
 #define PAINT 0xDEADBEEFu
@@ -101,7 +105,7 @@ int main(void)
         __asm__ volatile("mov %0, sp" : "=r"(sp));
         for (p = &_sstack; (uint32_t)(uintptr_t)p < sp - 8u; ++p) *p = PAINT;
         t0 = now();
-        model_run(input, output);
+        MODEL_RUN_PACKED(input, output);
         t1 = now();
         for (p = &_sstack; *p == PAINT; ++p) {
         }

@@ -1,5 +1,6 @@
 /* Test and benchmark driver for generated model code (not part of the model).
  *   harness run IN OUT [TRACE]   IN: N inputs back to back; OUT: N outputs; TRACE: op log
+ *                                (a model's several inputs / outputs: back to back in each)
  *   harness time IN REPEATS      prints the median latency of model_run in microseconds */
 #define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
@@ -7,6 +8,9 @@
 #include <string.h>
 #include <time.h>
 #include "model.h"
+#ifndef MODEL_RUN_PACKED /* one input, one output (model.h of several defines it) */
+#define MODEL_RUN_PACKED(in, out) model_run((in), (out))
+#endif
 #include "harness_io.h"
 
 static FILE *trace_file = NULL;
@@ -32,7 +36,7 @@ int main(int argc, char **argv)
         in = read_all(argv[2], &n);
         if (argc >= 5) trace_file = fopen(argv[4], "wb");
         for (i = 0; i + MODEL_INPUT_SIZE <= n; i += MODEL_INPUT_SIZE) {
-            model_run(in + i, out);
+            MODEL_RUN_PACKED(in + i, out);
             fwrite(out, 1, MODEL_OUTPUT_SIZE, o);
         }
         fclose(o);
@@ -44,11 +48,11 @@ int main(int argc, char **argv)
         double *us = (double *)malloc(sizeof(double) * (size_t)repeats);
         int r;
         in = read_all(argv[2], &n);
-        model_run(in, out);  /* warm up */
+        MODEL_RUN_PACKED(in, out);  /* warm up */
         for (r = 0; r < repeats; ++r) {
             struct timespec t0, t1;
             clock_gettime(CLOCK_MONOTONIC, &t0);
-            model_run(in, out);
+            MODEL_RUN_PACKED(in, out);
             clock_gettime(CLOCK_MONOTONIC, &t1);
             us[r] = (t1.tv_sec - t0.tv_sec) * 1e6 + (t1.tv_nsec - t0.tv_nsec) / 1e3;
         }
