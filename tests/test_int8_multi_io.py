@@ -244,3 +244,30 @@ def test_a_two_input_two_output_model_is_bit_exact_on_qemu(tmp_path):
     assert any("bit-exact on QEMU mps2-an386, 4 inputs" in v for v in result.verified)
     assert result.arm.io_bytes == result.graph.io_bytes() == 137
     assert result.arm.run.outputs.shape == (4, 9)
+
+
+class Branchy(nn.Module):
+    """Two inputs, two outputs, and Python control flow on a shape: captured with
+    torch.export (torch.fx cannot trace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.fc2 = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[1] == 1:
+            x = torch.relu(self.a(x))
+        z = torch.flatten(x + torch.relu(self.b(y)), 1)
+        return self.fc(z), self.fc2(z)
+
+
+@needs_cc
+def test_a_two_input_model_torch_fx_cannot_trace_is_captured(tmp_path):
+    model = _model(Branchy)
+    calib = _calib((1, 8, 8), (1, 8, 8))
+    result = export_c(model, tmp_path, calib=calib)
+    assert len(result.graph.inputs) == 2 and len(result.graph.outputs) == 2
+    assert any("compiled C bit-exact" in v for v in result.verified)

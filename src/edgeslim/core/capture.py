@@ -106,7 +106,7 @@ def torch_leaf(m: nn.Module) -> bool:
 
 def symbolic_trace_or_capture(
     model: nn.Module,
-    example: torch.Tensor | None,
+    example: torch.Tensor | tuple[torch.Tensor, ...] | None,
     leaf: Callable[[nn.Module], bool],
     tracer: fx.Tracer | None = None,
 ) -> fx.GraphModule:
@@ -127,31 +127,37 @@ def symbolic_trace_or_capture(
         raise CaptureError(f"{exc} (torch.fx: {fx_reason})") from exc
 
 
-def capture(model: nn.Module, example: torch.Tensor, leaf: Callable[[nn.Module], bool]):
-    """The module-level graph of ``model`` on ``example`` (see the module docstring)."""
+def capture(
+    model: nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    leaf: Callable[[nn.Module], bool],
+):
+    """The module-level graph of ``model`` on ``example`` (see the module docstring); a
+    tuple ``example`` holds one batch per input of a model with several."""
     name = type(model).__name__
     was_training = model.training
+    xs = tuple(example) if isinstance(example, tuple) else (example,)
     model.eval()
     try:
         # a batch of 2 (batch 1 would be specialized): calibration batches of any size
-        pair = torch.cat([example[:1], example[:1]])
-        batch = ({0: torch.export.Dim.AUTO},)
+        pairs = tuple(torch.cat([x[:1], x[:1]]) for x in xs)
+        batch = tuple({0: torch.export.Dim.AUTO} for _ in xs)
         with torch.no_grad(), _quiet():
-            ep = torch.export.export(model, (pair,), dynamic_shapes=batch, strict=False)
+            ep = torch.export.export(model, pairs, dynamic_shapes=batch, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
         raise CaptureError(f"cannot capture {name} with torch.export: {_first_line(exc)}") from exc
     finally:
         model.train(was_training)
     gm = _rebuild(model, ep, leaf)
-    _check_same(model, gm, example[:1])
+    _check_same(model, gm, *(x[:1] for x in xs))
     return gm
 
 
-def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:
+def _check_same(model: nn.Module, gm: fx.GraphModule, *x: torch.Tensor) -> None:
     """The captured graph must compute what the model computes on the example."""
     try:
         with torch.no_grad():
-            want, got = list(output_tensors(model(x))), list(output_tensors(gm(x)))
+            want, got = list(output_tensors(model(*x))), list(output_tensors(gm(*x)))
     except Exception as exc:  # the rebuilt graph cannot run: a module it misread
         raise CaptureError(
             f"the graph captured from {type(model).__name__} cannot run: {_first_line(exc)}"

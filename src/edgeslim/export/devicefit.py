@@ -163,14 +163,18 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
     scratch = packed_scratch(graph, packed)
     plain = planner.plan_memory(graph, scratch=scratch)
     patched = planner.search_patch(graph, scratch=scratch)
-    io = graph[graph.input].nbytes + graph[graph.output].nbytes
+    io = graph.io_bytes()
     plans = [("plain", plain)]
     if patched.patch is not None:
         p = patched.patch
         plans.append((f"patches {p.grid[0]}x{p.grid[1]} (ops 0-{p.stage_ops - 1})", patched))
     use_arm = dev.core.lower() in arm.CORES and arm.toolchain() is not None
     run_qemu = use_arm and arm.qemu() is not None
-    q = np.random.default_rng(0).integers(-128, 128, (1, *graph[graph.input].shape[1:]))
+    rng = np.random.default_rng(0)
+    qs = tuple(
+        rng.integers(-128, 128, (1, *graph[n].shape[1:])).astype(np.int8) for n in graph.inputs
+    )
+    q = qs[0] if len(qs) == 1 else qs
     rows = []
     if use_arm:
         flash_source = f"model.o's text + rodata + data in the ARM link ({dev.core}, -Os)"
@@ -188,7 +192,7 @@ def fit_report(model: Any, calib: Any, device: str | Path, name: str | None = No
         sources = codegen.generate(graph, plan, packed)
         sram, instructions = plan.arena_size + io, None
         if use_arm:
-            built = arm.build(graph, sources, dev.core, q.astype(np.int8) if run_qemu else None)
+            built = arm.build(graph, sources, dev.core, q if run_qemu else None)
             flash = built.flash
             if built.run is not None:
                 sram, instructions = built.sram, built.instructions

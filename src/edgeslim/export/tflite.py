@@ -179,7 +179,11 @@ def export_tflite(
     model; a model quantized by ``edgeslim.quantize_`` brings its own and needs none (it is
     then checked on random int8 inputs of the shape of ``example``, an input batch, needed
     only when the model has no ``input_shape``). A prepared ``graph`` (from
-    :func:`edgeslim.export.int8.lower`) may be passed instead.
+    :func:`edgeslim.export.int8.lower`) may be passed instead. A model with several inputs
+    takes a tuple of batches (one per input, in argument order) as ``calib`` / ``example``
+    (or a tuple of shapes as ``input_shape``); the file's subgraph then has one input per
+    argument and one output per tensor the model returns (a tuple, list or dict of them),
+    and every output is checked.
 
     With ``verify`` the graph's dequantized outputs must match the PyTorch model's within
     ``tolerance`` (relative L2 error), then the file runs in the runtimes ``runtime`` names:

@@ -102,7 +102,7 @@ class SubnetCost:
             warnings.simplefilter("ignore")
             graph = int8.lower(model, _calib(self.spec, cfg.resolution), name="subnet")
         packed = compress.choose(graph, "auto")
-        io = graph[graph.input].nbytes + graph[graph.output].nbytes
+        io = graph.io_bytes()
         plain = plan_for(graph, patch=False, packed=packed)
         patched = plan_for(graph, patch=True, packed=packed)
         sram_plain, sram_patch = plain.arena_size + io, patched.arena_size + io

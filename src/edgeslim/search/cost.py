@@ -442,7 +442,7 @@ class McuTarget:
         graph = self._graph(model, calib if calib is not None else example)
         packed = compress.choose(graph, "auto")
         plan = plan_for(graph, sram_bytes=self.device.sram_bytes, packed=packed)
-        io = graph[graph.input].nbytes + graph[graph.output].nbytes
+        io = graph.io_bytes()
         flash = codegen.constant_bytes(graph, packed) + (self.code_bytes or 0)
         return {
             "latency_ms": self.device.latency_ms(workload(graph, packed, plan)),

@@ -133,7 +133,9 @@ def export_c(
     files are checked on; a model quantized by ``edgeslim.quantize_`` brings its own qparams
     and without ``calib`` is checked on random int8 inputs of the shape of ``example`` (an
     input batch, needed only when the model has no ``input_shape``). A prepared ``graph`` may be
-    passed instead of lowering ``model`` again.
+    passed instead of lowering ``model`` again. A model with several inputs takes a tuple of
+    batches (one per input) as ``calib`` / ``example``; ``model_run`` then takes one pointer
+    per input and per output (see the module docstring) and every output is checked.
 
     ``device`` (a profile name, see :func:`edgeslim.profiling.devices.load_device`) must
     hold the arena and I/O buffers in SRAM and the constants in flash, else
