@@ -271,3 +271,18 @@ def test_a_two_input_model_torch_fx_cannot_trace_is_captured(tmp_path):
     result = export_c(model, tmp_path, calib=calib)
     assert len(result.graph.inputs) == 2 and len(result.graph.outputs) == 2
     assert any("compiled C bit-exact" in v for v in result.verified)
+
+
+def test_the_float32_tflite_exporter_refuses_several_inputs_and_outputs(tmp_path):
+    with pytest.raises(EdgeslimError, match="one input; export a model with several"):
+        tflite.export_tflite(
+            _model(TwoInputs),
+            tmp_path / "f.tflite",
+            calib=_calib((1, 12, 12), (2, 12, 12)),
+            dtype="float32",
+        )
+    with pytest.raises(EdgeslimError, match="one tensor input and one tensor output"):
+        tflite.export_tflite(
+            _model(TwoHeads), tmp_path / "f.tflite", calib=_calib((1, 12, 12))[0], dtype="float32"
+        )
+    assert not list(tmp_path.iterdir())

@@ -249,6 +249,11 @@ def export_tflite_float(
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     given = calib if calib is not None else example
+    if isinstance(given, (tuple, list)) or isinstance(example_of(model, given), tuple):
+        raise ExportError(
+            "a float32 .tflite is written for a model with one input; export a model with "
+            "several inputs with dtype='int8'"
+        )
     sample = example_of(model, None if given is None else torch.as_tensor(given).float())
     if given is None:  # only an input_shape: seeded random inputs of that shape
         gen = torch.Generator().manual_seed(0)
