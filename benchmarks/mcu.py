@@ -29,10 +29,12 @@ On a Cortex-M (needs ``arm-none-eabi-gcc`` and ``qemu-system-arm``; skipped othe
   ``.slim`` and ``.tflite`` sizes, instructions per inference (``-icount``), bit-exactness of
   QEMU = host C = reference = TFLite Micro (dense equivalent) on 8 test digits.
 - **Int8 nets on Cortex-M4**: MobileNetV2-style, DS-CNN, ResNet-8 (seeded random weights;
-  ResNet-8 quantized with ``Int8PTQ`` first): flash, SRAM (arena + stack painted on QEMU +
-  caller I/O), instructions per inference, the device model's predicted instructions and
-  latency (fitted per op type by ``benchmarks/mcu_latency.py``) against the count, and the
-  old 5-cycles-per-MAC estimate beside it.
+  ResNet-8 quantized with ``Int8PTQ`` first) and a small net with two inputs and two outputs
+  (``TwoInTwoHeads``: ``model_run`` with two input and two output pointers): flash, SRAM
+  (arena + stack painted on QEMU + caller I/O), instructions per inference, the device
+  model's predicted instructions and latency (fitted per op type by
+  ``benchmarks/mcu_latency.py``) against the count, and the old 5-cycles-per-MAC estimate
+  beside it.
 
 Run under the CPU lock: ``flock /tmp/edgeslim-cpu.lock python benchmarks/mcu.py``.
 """
@@ -49,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 import edgeslim as es
 from edgeslim import load_data, zoo
@@ -149,7 +152,7 @@ def arm_measure(graph: ir.Graph, packed: dict, q: np.ndarray, opt: str = "-Os") 
     sources = codegen.generate(graph, plan, packed)
     expected = reference.run_batch(graph, q)
     with hostbuild.Build(sources) as build:
-        host = build.run(q, graph[graph.output].size)
+        host = build.run(q, reference.output_size(graph))
     built = arm.build(graph, sources, "cortex-m4", q, opt=opt)  # raises unless bit-exact
     return {
         "flash": built.flash,
@@ -198,6 +201,33 @@ def deep_compression(runs: Path) -> list[dict]:
     return rows
 
 
+class TwoInTwoHeads(nn.Module):
+    """Several inputs and outputs: a 28x28 digit and a second 28x28 map (the digit shifted
+    by 2 pixels, standing in for a second sensor), a strided conv each, added; a shared
+    trunk; two heads (10 digits, 2 parities)."""
+
+    input_shape = ((1, 28, 28), (1, 28, 28))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 7 * 7, 32)
+        self.digit = nn.Linear(32, 10)
+        self.parity = nn.Linear(32, 2)
+
+    def forward(self, image: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = torch.relu(self.a(image)) + torch.relu(self.b(aux))
+        h = torch.relu(self.fc(torch.flatten(torch.relu(self.c(x)), 1)))
+        return self.digit(h), self.parity(h)
+
+
+def two_inputs(n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = inputs(zoo.create("lenet5"), n, split)
+    return x, torch.roll(x, shifts=(2, 2), dims=(2, 3))
+
+
 def int8_nets() -> list[dict]:
     dev = load_device("stm32f446")
     rows = []
@@ -206,13 +236,18 @@ def int8_nets() -> list[dict]:
         ("mobilenetv2", zoo.create("mobilenetv2")),
         ("ds_cnn", ds_cnn()),
         ("resnet8 (Int8PTQ)", zoo.create("resnet8")),
+        ("two inputs, two heads", TwoInTwoHeads()),
     ):
         model.eval()
-        calib = inputs(model, 64, "train")
+        several = isinstance(model, TwoInTwoHeads)
+        calib = two_inputs(64, "train") if several else inputs(model, 64, "train")
         if "Int8PTQ" in name:  # quantized by edgeslim first: the quantize-then-export path
             model = es.quantize(model, es.Int8PTQ(), calib=calib).eval()
-        graph = int8.lower(model, calib, name=name.split()[0])
-        q = reference.quantize_input(graph, inputs(model, N_ARM, "test").numpy())
+        graph = int8.lower(model, calib, name=name.split()[0].replace(",", ""))
+        test = two_inputs(N_ARM, "test") if several else inputs(model, N_ARM, "test")
+        q = reference.quantize_input(
+            graph, tuple(x.numpy() for x in test) if several else test.numpy()
+        )
         packed = compress.choose(graph, "auto")  # random dense weights: nothing to compress
         r = arm_measure(graph, packed, q)
         plan = planner.plan_memory(graph, scratch=packed_scratch(graph, packed))
