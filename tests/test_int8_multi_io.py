@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import EdgeslimError, ShapeError
-from edgeslim.export import tflite
+from edgeslim.export import tflite, tflite_format
 from edgeslim.export.c import arm, codegen, export_c, hostbuild, plan_for, planner
 from edgeslim.export.int8 import lower, reference
 from mcu_helpers import check_no_overlap
@@ -134,6 +134,7 @@ def test_tflite_of_a_two_input_model_runs_bit_exact_in_tflite_micro(tmp_path):
     interp = tflite.tflm_interpreter(data)
     shapes = [tuple(interp.get_input_details(k)["shape"]) for k in (0, 1)]
     assert shapes == [(1, 12, 12, 1), (1, 12, 12, 2)]
+    assert tflite_format.io_counts(data) == (2, 1)
     assert tflite.tflm_arena(data)["total"] > 0
 
 
@@ -145,6 +146,7 @@ def test_tflite_of_a_two_output_model_checks_every_output_in_tflite_micro(tmp_pa
     g = lower(model, calib, name="TwoHeads")
     q = reference.quantize_input(g, calib.numpy())
     got = tflite.run_tflm(g, path.read_bytes(), q)
+    assert tflite_format.io_counts(path.read_bytes()) == (1, 3)
     assert got.shape == (12, 28)
     assert np.array_equal(got, reference.run_batch(g, q))
     if tflite.litert_available():  # batched, every output within LiteRT's tolerance

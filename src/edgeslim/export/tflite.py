@@ -27,7 +27,7 @@ import numpy as np
 from edgeslim.core.errors import ExportError
 from edgeslim.core.fileio import atomic_write_bytes
 from edgeslim.export.int8 import ir
-from edgeslim.export.tflite_format import serialize, tensor_indices
+from edgeslim.export.tflite_format import io_counts, serialize, tensor_indices
 
 RUNTIMES = ("auto", "tflm", "litert", "all")
 DTYPES = ("int8", "float32")
@@ -124,14 +124,8 @@ def tflm_arena(data: bytes) -> dict[str, int]:
     import tempfile
 
     interp = tflm_interpreter(data)
-    k = 0
-    while True:  # every input (a model may take several)
-        try:
-            shape = interp.get_input_details(k)["shape"]
-        except (IndexError, RuntimeError, ValueError):
-            break
-        interp.set_input(np.zeros(shape, np.int8), k)
-        k += 1
+    for k in range(io_counts(data)[0]):  # every input (a model may take several)
+        interp.set_input(np.zeros(interp.get_input_details(k)["shape"], np.int8), k)
     interp.invoke()
     with tempfile.TemporaryFile(mode="w+b") as sink:
         saved = os.dup(2)

@@ -469,6 +469,19 @@ def serialize(graph: ir.Graph) -> bytes:
     return bytes(b.Output())
 
 
+def io_counts(data: bytes) -> tuple[int, int]:
+    """How many inputs and outputs the first subgraph of ``.tflite`` bytes has."""
+    from flatbuffers import encode, packer, table
+
+    buf = bytearray(data)
+    model = table.Table(buf, encode.Get(packer.uoffset, buf, 0))
+    subgraphs = model.Offset(4 + 2 * 2)  # Model.subgraphs: field slot 2
+    if not subgraphs or not model.VectorLen(subgraphs):
+        raise ExportError("the .tflite file has no subgraph")
+    sg = table.Table(buf, model.Indirect(model.Vector(subgraphs)))
+    return tuple(sg.VectorLen(sg.Offset(4 + 2 * slot)) for slot in (1, 2))  # inputs, outputs
+
+
 def tensor_indices(graph: ir.Graph) -> dict[str, int]:
     """Index in the ``.tflite`` tensor table of each IR tensor (as :func:`serialize` writes it)."""
     flat = _Flattener(graph)
