@@ -167,7 +167,7 @@ def ort_session(path: Path):
 # --------------------------------------------------------------------------------------
 
 
-def exits_part(name: str, seed: int, data, hidden: int = 128) -> dict:
+def exits_part(name: str, seed: int, data, hidden: int = 128, pool: int | None = None) -> dict:
     console.print(f"exits: {name} seed {seed}")
     spec = EXITS[name]
     static = trained(name, data, spec["epochs"], seed)
@@ -175,7 +175,7 @@ def exits_part(name: str, seed: int, data, hidden: int = 128) -> dict:
     x = data.test.x
     static_macs = count_macs(static, x[:1])
     em = add_exits_(
-        copy.deepcopy(static), Exits(after=spec["after"], pool=spec["pool"], hidden=hidden)
+        copy.deepcopy(static), Exits(after=spec["after"], pool=pool or spec["pool"], hidden=hidden)
     )
     train_exits(
         em, data, ExitTraining(epochs=spec["exit_epochs"], shift=2, seed=seed), progress=False
@@ -227,6 +227,7 @@ def exits_part(name: str, seed: int, data, hidden: int = 128) -> dict:
         "thresholds": cal["thresholds"],
         "val": {k: cal[k] for k in ("accuracy", "macs", "static_accuracy")},
         "hidden": hidden,
+        "pool": pool or spec["pool"],
         "latency_ms": {
             "torch_static": torch_ms["static"],
             "torch_exits": torch_ms["exits"],
@@ -510,6 +511,7 @@ def main() -> None:
         "--nets", default="lenet5,mobilenetv2", help="exits: which nets (MobileNetV2: 1st seed)"
     )
     parser.add_argument("--hidden", type=int, default=128, help="exits: hidden units per head")
+    parser.add_argument("--pool", type=int, default=None, help="exits: head pool (default per net)")
     parser.add_argument("--densities", default="0.5,0.75", help="gating: densities")
     parser.add_argument("--gate-epochs", type=int, default=5, help="gating: fine-tuning epochs")
     parser.add_argument("--anneal", type=float, default=0.0, help="gating: density schedule")
@@ -525,10 +527,12 @@ def main() -> None:
     if args.part in ("all", "exits"):
         nets = args.nets.split(",")
         rows = (
-            [exits_part("lenet5", s, data, args.hidden) for s in seeds] if "lenet5" in nets else []
+            [exits_part("lenet5", s, data, args.hidden, args.pool) for s in seeds]
+            if "lenet5" in nets
+            else []
         )
         if "mobilenetv2" in nets:
-            rows.append(exits_part("mobilenetv2", seeds[0], data, args.hidden))
+            rows.append(exits_part("mobilenetv2", seeds[0], data, args.hidden, args.pool))
         kept = [r for r in results.get("exits", []) if r["net"] not in nets]
         results["exits"] = rows = kept + rows
         console.print(exits_table(rows))
