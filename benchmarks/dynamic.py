@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -111,6 +112,47 @@ def mean_latency_ms(fn, xs: torch.Tensor, warmup: int = 20) -> float:
     return 1e3 * statistics.fmean(times)
 
 
+def paired_latency_ms(
+    fns: dict[str, object], xs: torch.Tensor, repeats: int = 5, warmup: int = 20
+) -> dict[str, float]:
+    """Mean milliseconds per single sample of each ``fns[k](x)``, measured interleaved.
+
+    For every sample every function runs once, in an order that rotates from sample to
+    sample, so load on a shared machine hits all of them alike; the mean over ``xs`` is
+    taken per pass and the median over ``repeats`` passes reported (one thread).
+    """
+    names = list(fns)
+    with torch.inference_mode():
+        for i in range(warmup):
+            for name in names:
+                fns[name](xs[i : i + 1])
+        means: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            total = dict.fromkeys(names, 0.0)
+            for i in range(len(xs)):
+                x = xs[i : i + 1]
+                shift = i % len(names)
+                for name in names[shift:] + names[:shift]:
+                    fn = fns[name]
+                    start = time.perf_counter()
+                    fn(x)
+                    total[name] += time.perf_counter() - start
+            for name in names:
+                means[name].append(1e3 * total[name] / len(xs))
+    return {name: statistics.median(v) for name, v in means.items()}
+
+
+class _NoOneDNN:
+    """Call ``fn`` with PyTorch's oneDNN (mkldnn) CPU kernels off."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor):
+        with torch.backends.mkldnn.flags(enabled=False):
+            return self.fn(x)
+
+
 def ort_session(path: Path):
     import onnxruntime as ort
 
@@ -125,7 +167,7 @@ def ort_session(path: Path):
 # --------------------------------------------------------------------------------------
 
 
-def exits_part(name: str, seed: int, data) -> dict:
+def exits_part(name: str, seed: int, data, hidden: int = 128, pool: int | None = None) -> dict:
     console.print(f"exits: {name} seed {seed}")
     spec = EXITS[name]
     static = trained(name, data, spec["epochs"], seed)
@@ -133,7 +175,7 @@ def exits_part(name: str, seed: int, data) -> dict:
     x = data.test.x
     static_macs = count_macs(static, x[:1])
     em = add_exits_(
-        copy.deepcopy(static), Exits(after=spec["after"], pool=spec["pool"], hidden=128)
+        copy.deepcopy(static), Exits(after=spec["after"], pool=pool or spec["pool"], hidden=hidden)
     )
     train_exits(
         em, data, ExitTraining(epochs=spec["exit_epochs"], shift=2, seed=seed), progress=False
@@ -146,18 +188,31 @@ def exits_part(name: str, seed: int, data) -> dict:
     shares = (torch.bincount(em.last_exit, minlength=em.num_exits).double() / len(x)).tolist()
     avg_macs = count_macs(em, x) / len(x)
     final_acc = exit_accuracies(em, x, data.test.y)[-1]
-    torch.set_num_threads(1)
-    lat_static = mean_latency_ms(static, x)
-    lat_exits = mean_latency_ms(em, x)
     out = TMP / f"{name}-{seed}"
     es.export_onnx(static, out / "static.onnx", x[:32])
     export_exits(em, out / "exits", x[:64])
     runner = load_runner(out / "exits")
-    ort_static = mean_latency_ms(ort_session(out / "static.onnx"), x)
-    ort_exits = mean_latency_ms(lambda t: runner.run(t.numpy()), x)  # exits-b1.onnx (If)
-    single, runner.single = runner.single, None
-    ort_files = mean_latency_ms(lambda t: runner.run(t.numpy()), x)  # one file per exit
-    runner.single = single
+    files = load_runner(out / "exits")
+    files.single = None  # one session call per stage, as the earlier runner
+    torch.set_num_threads(1)
+    # static and exits interleaved sample by sample (and oneDNN off for both, a second pair)
+    torch_ms = paired_latency_ms(
+        {
+            "static": static,
+            "exits": em,
+            "static_no_onednn": _NoOneDNN(static),
+            "exits_no_onednn": _NoOneDNN(em),
+        },
+        x,
+    )
+    ort_ms = paired_latency_ms(
+        {
+            "static": ort_session(out / "static.onnx"),
+            "exits": lambda t: runner.run(t.numpy()),  # exits-b1.onnx (If)
+            "files": lambda t: files.run(t.numpy()),  # one file per exit
+        },
+        x,
+    )
     c = c_exits(em, data, out / "c", seed)
     torch.set_num_threads(2)
     return {
@@ -171,12 +226,16 @@ def exits_part(name: str, seed: int, data) -> dict:
         "exit_shares": shares,
         "thresholds": cal["thresholds"],
         "val": {k: cal[k] for k in ("accuracy", "macs", "static_accuracy")},
+        "hidden": hidden,
+        "pool": pool or spec["pool"],
         "latency_ms": {
-            "torch_static": lat_static,
-            "torch_exits": lat_exits,
-            "ort_static": ort_static,
-            "ort_exits": ort_exits,
-            "ort_exits_one_file_per_exit": ort_files,
+            "torch_static": torch_ms["static"],
+            "torch_exits": torch_ms["exits"],
+            "torch_static_no_onednn": torch_ms["static_no_onednn"],
+            "torch_exits_no_onednn": torch_ms["exits_no_onednn"],
+            "ort_static": ort_ms["static"],
+            "ort_exits": ort_ms["exits"],
+            "ort_exits_one_file_per_exit": ort_ms["files"],
         },
         "c": c,
         "tradeoff": tradeoff(
@@ -235,6 +294,8 @@ def exits_table(rows: list[dict]) -> Table:
         "fewer",
         "torch ms static/exits",
         "speedup",
+        "no oneDNN ms",
+        "speedup",
         "ORT ms static/exits",
         "speedup",
         "shares",
@@ -242,6 +303,8 @@ def exits_table(rows: list[dict]) -> Table:
         t.add_column(col)
     for r in rows:
         lat = r["latency_ms"]
+        no_static = lat.get("torch_static_no_onednn", math.nan)  # older rows: not measured
+        no_exits = lat.get("torch_exits_no_onednn", math.nan)
         t.add_row(
             r["net"],
             str(r["seed"]),
@@ -252,6 +315,8 @@ def exits_table(rows: list[dict]) -> Table:
             f"{r['static_macs'] / r['avg_macs']:.2f}x",
             f"{lat['torch_static']:.3f} / {lat['torch_exits']:.3f}",
             f"{lat['torch_static'] / lat['torch_exits']:.2f}x",
+            f"{no_static:.3f} / {no_exits:.3f}",
+            f"{no_static / no_exits:.2f}x",
             f"{lat['ort_static']:.3f} / {lat['ort_exits']:.3f}",
             f"{lat['ort_static'] / lat['ort_exits']:.2f}x",
             " ".join(f"{s:.2f}" for s in r["exit_shares"]),
@@ -270,6 +335,7 @@ def c_table(rows: list[dict]) -> Table:
         "µs static / exits",
         "speedup",
         "shares",
+        "constants B",
         "checked",
     ):
         t.add_column(col)
@@ -284,6 +350,7 @@ def c_table(rows: list[dict]) -> Table:
             f"{c['us_static']:.1f} / {c['us_exits']:.1f}",
             f"{c['us_static'] / c['us_exits']:.2f}x",
             " ".join(f"{s:.2f}" for s in c["exit_shares"]),
+            f"{c['weight_bytes']:,}",
             "bit-exact" if any("bit-exact" in v for v in c["verified"]) else "not compiled",
         )
     return t
@@ -443,6 +510,8 @@ def main() -> None:
     parser.add_argument(
         "--nets", default="lenet5,mobilenetv2", help="exits: which nets (MobileNetV2: 1st seed)"
     )
+    parser.add_argument("--hidden", type=int, default=128, help="exits: hidden units per head")
+    parser.add_argument("--pool", type=int, default=None, help="exits: head pool (default per net)")
     parser.add_argument("--densities", default="0.5,0.75", help="gating: densities")
     parser.add_argument("--gate-epochs", type=int, default=5, help="gating: fine-tuning epochs")
     parser.add_argument("--anneal", type=float, default=0.0, help="gating: density schedule")
@@ -457,9 +526,13 @@ def main() -> None:
     start = time.perf_counter()
     if args.part in ("all", "exits"):
         nets = args.nets.split(",")
-        rows = [exits_part("lenet5", s, data) for s in seeds] if "lenet5" in nets else []
+        rows = (
+            [exits_part("lenet5", s, data, args.hidden, args.pool) for s in seeds]
+            if "lenet5" in nets
+            else []
+        )
         if "mobilenetv2" in nets:
-            rows.append(exits_part("mobilenetv2", seeds[0], data))
+            rows.append(exits_part("mobilenetv2", seeds[0], data, args.hidden, args.pool))
         kept = [r for r in results.get("exits", []) if r["net"] not in nets]
         results["exits"] = rows = kept + rows
         console.print(exits_table(rows))

@@ -176,3 +176,69 @@ def test_errors():
     with pytest.raises(ShapeError):
         add_exits_(zoo.create("lenet5"), Exits(after=["fc1"]), example=torch.zeros(1, 5))
     assert issubclass(ConfigError, EdgeslimError)
+
+
+def _reference_exits(em, x):
+    """The exit rule written out plainly: every exit's logits per sample, the first exit
+    whose confidence reaches its threshold (an ``inf`` threshold is never reached)."""
+    from edgeslim.dynamic.exits import confidence
+
+    logits, taken = [], []
+    with torch.no_grad():
+        for i in range(len(x)):
+            outs = em.all_exits(x[i : i + 1])
+            k = next(
+                (
+                    k
+                    for k, t in enumerate(em.thresholds.tolist())
+                    if t != math.inf and float(confidence(outs[k], em.criterion)) >= t
+                ),
+                len(outs) - 1,
+            )
+            logits.append(outs[k])
+            taken.append(k)
+    return torch.cat(logits), taken
+
+
+@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
+def test_infer_equals_reference(criterion):
+    from edgeslim.dynamic.exits import confidence
+
+    torch.manual_seed(1)
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"], hidden=16))
+    em.criterion = criterion
+    x = torch.randn(40, 1, 28, 28) * 3
+    with torch.no_grad():
+        outs = em.all_exits(x)
+        conf = [confidence(o, criterion) for o in outs[:2]]
+    # thresholds at quantiles of each exit's confidence: every exit is taken by someone
+    for thresholds in ([conf[0].quantile(0.6), conf[1].quantile(0.4)], [math.inf, 0.0]):
+        em.thresholds.copy_(torch.tensor([float(t) for t in thresholds]))
+        ref, ref_taken = _reference_exits(em, x)
+        with torch.no_grad():
+            batched, taken = em.infer(x)
+            single = [em.infer(x[i : i + 1]) for i in range(len(x))]
+        assert taken.tolist() == ref_taken == [int(s[1]) for s in single]
+        assert (batched - ref).abs().max() <= 1e-6
+        assert (torch.cat([s[0] for s in single]) - ref).abs().max() <= 1e-6
+        if thresholds[0] != math.inf:
+            assert {0, 1, 2} <= set(ref_taken)
+
+
+def test_batch1_path_keeps_hooks():
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"]))
+    set_thresholds(em, [0.0, None])
+    seen = []
+    hooks = [
+        em.segments[0].register_forward_hook(lambda m, i, o: seen.append("segment")),
+        em.heads[0].register_forward_pre_hook(lambda m, i: seen.append("head")),
+    ]
+    with torch.no_grad():
+        em(torch.randn(1, 1, 28, 28))
+    assert seen == ["segment", "head"] and em.last_exit.tolist() == [0]
+    for h in hooks:
+        h.remove()
+    seen.clear()
+    with torch.no_grad():
+        em(torch.randn(1, 1, 28, 28))
+    assert seen == []

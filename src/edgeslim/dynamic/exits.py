@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.core.errors import ConfigError, ShapeError
@@ -90,6 +91,32 @@ class ExitTraining(Options):
 
 def _is_exporting() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _direct(module: nn.Module):
+    """``module.forward`` where calling it is what ``module(x)`` would do (no hooks on the
+    module, none global, not compiled, not traced), else ``module`` itself."""
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module._compiled_call_impl is not None
+        or _global_hooks_set()
+        or torch._C._get_tracing_state()
+    ):
+        return module
+    return module.forward
+
+
+def _global_hooks_set() -> bool:
+    m = _nn_module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
 
 
 def confidence(logits: torch.Tensor, criterion: Criterion) -> torch.Tensor:
@@ -222,25 +249,34 @@ class ExitModel(nn.Module):
     def _infer_one(
         self, x: torch.Tensor, thresholds: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch 1: a plain branch after each enabled exit, nothing after the one taken."""
+        """Batch 1: a plain branch after each enabled exit, nothing after the one taken.
+
+        The same ops as the batched path; only Python overhead is cut: segments and heads
+        without hooks are called through ``forward`` (what ``nn.Module.__call__`` does for a
+        module without hooks, minus its checks), the max-prob test is one softmax, one max
+        and one ``.item()`` (no dtype move for float32 logits).
+        """
         h = x
-        last = len(self.heads)
         heads = self.heads
         maxprob = self.criterion == "maxprob"
         for k, segment in enumerate(self.segments):
-            h = segment(h)
-            if k < last and thresholds[k] != math.inf:
-                logits = heads[k](h)
-                score = (
-                    logits.float().softmax(-1).max().item()
-                    if maxprob
-                    else float(confidence(logits, self.criterion))
-                )
-                if score >= thresholds[k]:
-                    self.last_exit = torch.tensor([k])
-                    return logits, self.last_exit
-        self.last_exit = torch.tensor([last])
-        return h, self.last_exit
+            h = _direct(segment)(h)
+            if k == len(heads):
+                break
+            t = thresholds[k]
+            if t == math.inf:
+                continue
+            logits = _direct(heads[k])(h)
+            if maxprob:
+                f32 = logits if logits.dtype == torch.float32 else logits.float()
+                score = f32.softmax(-1).max().item()
+            else:
+                score = float(confidence(logits, self.criterion))
+            if score >= t:
+                self.last_exit = taken = torch.tensor([k])
+                return logits, taken
+        self.last_exit = taken = torch.tensor([len(heads)])
+        return h, taken
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.joint and self.training:
