@@ -180,8 +180,62 @@ def _swap(
 
 # ---------------------------------------------------------------------------- graph mode
 
-_PRESERVING_FUNCS = {torch.flatten, torch.reshape, F.max_pool2d, F.dropout}
-_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_aten = torch.ops.aten
+_PRESERVING_FUNCS = {
+    torch.flatten,
+    torch.reshape,
+    F.max_pool2d,
+    F.dropout,
+    torch.permute,
+    torch.transpose,
+    _aten.permute.default,
+    _aten.transpose.int,
+    _aten.select.int,
+    _aten.slice.Tensor,
+    _aten.unsqueeze.default,
+}
+_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose"}
+# ops whose int8 output gets its own qparams (transformers): LayerNorm, GELU, matmul
+_NEW_RANGE_FUNCS = {
+    _aten.layer_norm.default,
+    F.layer_norm,
+    _aten.gelu.default,
+    F.gelu,
+    torch.matmul,
+    _aten.matmul.default,
+    torch.bmm,
+}
+_NEW_RANGE_MODULES = (nn.LayerNorm, nn.GELU)
+
+
+def _new_range(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A LayerNorm / GELU / matmul, or a cat with a parameter (ViT's class token): its
+    output is quantized on its own range, as the int8 backends compute it."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _NEW_RANGE_MODULES)
+    if node.op != "call_function":
+        return False
+    if node.target in _NEW_RANGE_FUNCS:
+        return True
+    if node.target is torch.cat and node.args:
+        return any(_from_params(a) for a in node.args[0])
+    return False
+
+
+def _from_params(node: Any) -> bool:
+    """Is ``node`` computed from parameters alone (no graph input)?"""
+    if not isinstance(node, fx.Node) or node.op == "placeholder":
+        return False
+    if node.op == "get_attr":
+        return True
+    tensors = [
+        a
+        for a in node.all_input_nodes
+        if a.op != "call_function" or a.target is not _aten.sym_size.int
+    ]
+    return bool(tensors) and all(_from_params(a) for a in tensors)
+
+
 _PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, QuantAvgPool)
 
 
@@ -267,9 +321,12 @@ def _prepare_graph(
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
-        elif unary_activation(node, dict(gm.named_modules())) or (
-            is_mul(node) and tensor_operands(node) is not None
-        ):  # SiLU / Hardswish / Sigmoid / x * gate: an int8 output, as TFLite computes it
+        elif (
+            unary_activation(node, dict(gm.named_modules()))
+            or (is_mul(node) and tensor_operands(node) is not None)
+            or _new_range(node, dict(gm.named_modules()))
+        ):  # SiLU / Hardswish / Sigmoid / x * gate / LayerNorm / GELU / matmul: an int8
+            # output, as TFLite computes it
             _insert_quant_after(gm, node, ActQuant(cfg.activation_bits, cfg.calibration))
     _requantize_after_preserving_ops(gm, cfg)
     gm.graph.lint()

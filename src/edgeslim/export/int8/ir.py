@@ -329,6 +329,9 @@ def prepare(graph: Graph) -> Graph:
             op.params = spec_nonlinear.softmax_params(t[op.inputs[0]].qscale, op.beta)
         if isinstance(op, Requantize):
             op.multiplier, op.shift = spec.requantize_params(t[op.inputs[0]].qscale, out.qscale)
+        if hasattr(op, "prepare"):  # the ops of .ops_seq compute their own
+            op.prepare(t)
+            continue
         try:
             _prepare_elementwise(t, op, out)
         except ValueError as exc:

@@ -29,6 +29,7 @@ from edgeslim.core.fxpatterns import (
     is_mul,
     unary_activation,
 )
+from edgeslim.export.int8 import trace_seq
 from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
@@ -107,13 +108,48 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         ) from exc
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example[:1])
+            _ValueProp(gm, _constant_nodes(gm)).propagate(example[:1])
     except RuntimeError as exc:
         raise ShapeError(
             f"{name} cannot run on input of shape {tuple(example.shape)}: "
             f"{str(exc).strip().splitlines()[0]}"
         ) from exc
     return gm
+
+
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps the values of the nodes in ``keep`` (``meta["value"]``)."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.keep and isinstance(result, torch.Tensor):
+            n.meta["value"] = result.detach().clone()
+        return result
+
+
+def _constant_nodes(gm: fx.GraphModule) -> set[str]:
+    """Nodes whose value does not depend on the input's values (parameters and what is
+    computed from them and from shapes alone)."""
+    data: set[str] = set()
+    consts: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            data.add(node.name)
+            continue
+        if node.op == "output":
+            continue
+        reads = [a for a in node.all_input_nodes]
+        if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
+            continue  # a shape: not the input's data
+        if any(a.name in data for a in reads):
+            data.add(node.name)
+        else:
+            consts.add(node.name)
+    return consts
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -136,7 +172,7 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
     alias: dict[str, str] = {}  # identity-like node -> the value it passes on
     ops: list[FloatOp] = []
     problems: list[str] = []
-    constants: set[str] = set()
+    constants: dict[str, torch.Tensor] = {}
     inputs: list[str] = []
     output = ""
 
@@ -163,13 +199,13 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
             continue
-        if node.op == "get_attr":  # a parameter used as a value (ViT's class token): named
-            constants.add(node.name)  # by the op that reads it
-            continue
+        if "value" in node.meta:  # a parameter used as a value (ViT's class token), or
+            constants[node.name] = node.meta["value"]  # computed from parameters alone:
+            continue  # named by the op that reads it
         module = called_module(node, modules)
         where = node.target if node.op == "call_module" else node.name
         try:
-            op = _classify(node, modules, shape, value)
+            op = _classify(node, modules, shape, value, constants)
         except (TypeError, ValueError) as exc:
             detail = str(exc) or "unsupported arguments"
             problems.append(f"{where} ({_describe(node, module)}): {detail}")
@@ -223,13 +259,21 @@ def _describe(node: fx.Node, module: nn.Module | None) -> str:
 
 
 def _classify(
-    node: fx.Node, modules: dict[str, nn.Module], shape: tuple[int, ...], value: Callable
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    value: Callable,
+    constants: dict[str, torch.Tensor] | None = None,
 ) -> FloatOp | str | None:
     """A :class:`FloatOp`, ``"alias"`` for pass-through nodes, or None if unsupported."""
     module = called_module(node, modules)
 
     def op(kind: str, inputs: list[str], **attrs: Any) -> FloatOp:
         return FloatOp(kind, "", node.name, inputs, shape, module, attrs)
+
+    seq = trace_seq.classify(node, module, op, value, constants or {}, shape_of)
+    if seq is not None:
+        return seq
 
     first = node.args[0] if node.args else None
     act = activation(node, modules, inplace=True, hardtanh=True)
