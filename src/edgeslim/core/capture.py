@@ -116,7 +116,7 @@ def symbolic_trace_or_capture(
     works, with both reasons."""
     name = type(model).__name__
     try:
-        graph = (tracer or fx.Tracer()).trace(model)
+        graph = (tracer or fx.Tracer(autowrap_functions=(attention_mask,))).trace(model)
         return fx.GraphModule(model, graph, name)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         fx_reason = _first_line(exc)

@@ -29,6 +29,7 @@ from edgeslim.quant import spec
 
 L2NORM_OUTPUT_SCALE = 1.0 / 128  # TFLite's int8 L2_NORMALIZATION: fixed output qparams
 L2NORM_OUTPUT_ZERO_POINT = 0
+DIFF_SCALE = 2.0  # scale of x - mean(x) over the input scale (never clips)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Normalize(SeqOp):
 
 def diff_scale(input_scale: float) -> float:
     """Scale of ``x - mean(x)`` inside :class:`Normalize`: twice the input's (never clips)."""
-    return float(spec.to_float32(2.0 * float(spec.to_float32(input_scale))))
+    return float(spec.to_float32(DIFF_SCALE * float(spec.to_float32(input_scale))))
 
 
 def mean_multiplier(m: int, shift: int, count: int) -> tuple[int, int]:

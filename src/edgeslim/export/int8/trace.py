@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
+from edgeslim.core.capture import CaptureError, attention_mask, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.fxpatterns import (
     activation,
@@ -100,7 +100,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """
     name = type(model).__name__
     try:
-        gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, _Tracer())
+        tracer = _Tracer(autowrap_functions=(attention_mask,))
+        gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, tracer)
     except CaptureError as exc:
         raise LoweringError(
             f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "

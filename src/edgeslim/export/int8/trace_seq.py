@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from edgeslim.core.capture import attention_mask
 from edgeslim.core.fxpatterns import arg, is_add, is_mul
+from edgeslim.quant.modules import QuantAdd
 
 aten = torch.ops.aten
 
@@ -65,6 +66,10 @@ def classify(
             return _layer_norm(make, [value(first)], module.normalized_shape, w, b, module.eps)
         if isinstance(module, nn.GELU):
             return make("gelu", [value(first)], approximate=module.approximate)
+        if isinstance(module, QuantAdd) and any(
+            isinstance(a, fx.Node) and a.name in consts for a in node.args
+        ):  # x + a parameter, in a quantized model
+            return _binary(node, make, value, consts, add=True)
         return None
     if node.op == "call_method":
         return _method(node, make, value, shape_of)
@@ -166,7 +171,7 @@ def _slice(node: fx.Node, make, value, shape_of) -> Any:
     return make("gather", [value(node.args[0])], dim=dim, indices=indices)
 
 
-def _binary(node: fx.Node, make, value, consts) -> Any:
+def _binary(node: fx.Node, make, value, consts, add: bool = False) -> Any:
     """``x * c``, ``x / c``, ``x + c`` with ``c`` a number or a parameter; None otherwise."""
     if node.kwargs or len(node.args) != 2:
         return None
@@ -183,7 +188,7 @@ def _binary(node: fx.Node, make, value, consts) -> Any:
     c = float(b) if isinstance(b, (int, float)) else _np(consts[b.name])
     if div:
         c = 1.0 / c
-    if is_add(node):
+    if add or is_add(node):
         return make("add_const", [value(a)], const=np.asarray(c, np.float64))
     if isinstance(c, float):
         if c <= 0:
