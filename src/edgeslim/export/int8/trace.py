@@ -10,6 +10,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,7 @@ def _constant_nodes(gm: fx.GraphModule) -> set[str]:
     computed from them and from shapes alone)."""
     data: set[str] = set()
     consts: set[str] = set()
+    sizes: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             data.add(node.name)
@@ -144,7 +146,13 @@ def _constant_nodes(gm: fx.GraphModule) -> set[str]:
         if node.op == "output":
             continue
         reads = [a for a in node.all_input_nodes]
-        if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
+        shape = (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int) or (
+            node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+        )
+        shape = shape or (node.op == "call_method" and node.target == "size")
+        shape = shape or (node.target is operator.getitem and reads and reads[0].name in sizes)
+        if shape:
+            sizes.add(node.name)
             continue  # a shape: not the input's data
         if any(a.name in data for a in reads):
             data.add(node.name)

@@ -98,6 +98,12 @@ def classify(
         return make("matmul", [value(node.args[0]), value(node.args[1])])
     if t is aten.select.int:
         return make("select", [value(first)], dim=int(node.args[1]), index=int(node.args[2]))
+    if t is operator.getitem and isinstance(first, fx.Node) and first.name not in consts:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        full = [i for i, x in enumerate(idx) if x != slice(None)]
+        if len(full) == 1 and isinstance(idx[full[0]], int) and Ellipsis not in idx:
+            return make("select", [value(first)], dim=full[0], index=idx[full[0]])
+        return None
     if t is aten.slice.Tensor:
         return _slice(node, make, value, shape_of)
     if t is attention_mask:
