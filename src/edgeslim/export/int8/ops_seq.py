@@ -4,7 +4,9 @@ parameters and their reference arithmetic (TFLite Micro's, bit for bit).
 - :class:`Transpose` (TFLite TRANSPOSE): moves bytes; the input is viewed as ``in_shape``
   (adjacent axes merged, so that any permutation fits in TFLite's 6 dimensions);
 - :class:`Normalize`: LayerNorm without its affine part, as three TFLite ops over the last
-  axis: MEAN (the input's qparams), SUB (scale ``2 s_in``, zero point 0: never clips) and
+  axis: MEAN (the input's qparams), SUB (the input's scale, zero point 0: ``x - mean`` is
+  exact, and clips only where a value lies more than 127 steps from its row's mean; a
+  coarser scale loses the rows of small spread, such as a ViT's class token) and
   L2_NORMALIZATION (output scale 1/128, zero point 0). ``LayerNorm(x) = sqrt(D) * that``
   (its epsilon aside), so the LayerNorm's ``gamma * sqrt(D)`` and ``beta`` follow as a
   1x1 depthwise convolution;
@@ -29,7 +31,7 @@ from edgeslim.quant import spec
 
 L2NORM_OUTPUT_SCALE = 1.0 / 128  # TFLite's int8 L2_NORMALIZATION: fixed output qparams
 L2NORM_OUTPUT_ZERO_POINT = 0
-DIFF_SCALE = 2.0  # scale of x - mean(x) over the input scale (never clips)
+DIFF_SCALE = 1.0  # scale of x - mean(x) over the input scale
 
 
 @dataclass
@@ -68,7 +70,8 @@ class Normalize(SeqOp):
 
 
 def diff_scale(input_scale: float) -> float:
-    """Scale of ``x - mean(x)`` inside :class:`Normalize`: twice the input's (never clips)."""
+    """Scale of ``x - mean(x)`` inside :class:`Normalize` (:data:`DIFF_SCALE` times the
+    input's)."""
     return float(spec.to_float32(DIFF_SCALE * float(spec.to_float32(input_scale))))
 
 

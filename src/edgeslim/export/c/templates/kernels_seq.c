@@ -22,7 +22,7 @@ static void transpose_s8(const transpose_params_t *p, const int8_t *in, int8_t *
 
 /* ==== normalize ==== */
 /* LayerNorm without its affine part, as TFLite Micro's MEAN (keep dims, the input's
- * qparams), SUB (scale 2 s_in, zero point 0) and L2_NORMALIZATION (scale 1/128) compute it,
+ * qparams), SUB (the input scale, zero point 0) and L2_NORMALIZATION (scale 1/128) compute it,
  * row by row over the last axis. */
 
 typedef struct {
