@@ -30,7 +30,7 @@ from edgeslim.export.int8.trace import FloatOp
 from edgeslim.quant import spec, spec_nonlinear
 
 STANDARD = {4: (0, 2, 3, 1), 3: (0, 2, 1), 2: (0, 1)}  # the CNN ops' layouts
-LAYOUT_AWARE = ("add", "mul", "linear", "softmax", "quant")  # CNN kinds with a layout path
+LAYOUT_AWARE = ("add", "mul", "linear", "softmax", "quant", "cat")  # CNN kinds with a layout path
 
 
 def canonical_shape(torch_shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -116,7 +116,7 @@ class SeqLowering:
         if v.perm is None and v.factor == 1.0:
             return v
         if v.factor != 1.0:
-            raise LoweringError(f"{why}: a multiply by a number is only supported before softmax")
+            v = self._unscaled(FloatOp("scale", why, "", [], ()), v)
         rank = len(v.torch_shape)
         if rank not in STANDARD:
             raise LoweringError(f"{why}: tensors of rank {rank} are not supported here")
@@ -130,8 +130,6 @@ class SeqLowering:
         from edgeslim.export.int8.build import _nhwc, _Value
 
         rank = len(o.shape)
-        if o.shape[0] != 1:
-            raise LoweringError(f"{o.name}: the batch dimension must stay first ({o.shape})")
         if factor == 1.0 and rank in (2, 4) and tuple(perm) == STANDARD[rank]:
             self.values[o.value] = _Value(self._view(tensor, _nhwc(o.shape), o.name), o.shape)
             return
@@ -150,16 +148,22 @@ class SeqLowering:
         return self._layout(v, tuple(range(rank)), o.name)
 
     def _as4d(self, tensor: str, why: str) -> str:
+        """``tensor`` as a (1, H, W, C) feature map (rows of a batch of windows: (1, 1, M, C))."""
         shape = self.tensors[tensor].shape
-        if len(shape) == 4:
+        if len(shape) == 4 and shape[0] == 1:
             return tensor
         return self._view(tensor, (1, 1, int(np.prod(shape[:-1])), shape[-1]), why)
 
-    def _no_factor(self, o: FloatOp, v) -> None:
-        if v.factor != 1.0:
-            raise LoweringError(
-                f"{o.name}: a multiply by a number is only supported before softmax"
-            )
+    def _unscaled(self, o: FloatOp, v):
+        """``v`` with its pending multiply applied: the same integers on a scale times it
+        (a RESHAPE that only relabels the scale: exact, no data moves)."""
+        if v.factor == 1.0:
+            return v
+        t = self.tensors[v.tensor]
+        scaled = spec.QParams(np.array([t.qscale * v.factor]), t.zero_point.copy())
+        name = self.act(f"{v.tensor}_scaled", t.shape, scaled)
+        self.ops.append(ir.Reshape(f"{o.name} (x {v.factor:g})", [v.tensor], name))
+        return type(v)(name, v.torch_shape, perm=self._perm(v))
 
     def _channel_affine(self, o: FloatOp, x: str, w: np.ndarray, b: np.ndarray) -> str:
         """``x * w + b`` per channel of the last axis: a 1x1 depthwise conv; its output."""
@@ -240,7 +244,7 @@ class SeqLowering:
 
     def _lower_layernorm(self, o: FloatOp) -> None:
         v = self._last_axis(o, self._seq_in(o))
-        self._no_factor(o, v)
+        v = self._unscaled(o, v)
         x = self.tensors[v.tensor]
         depth = x.shape[-1]
         qp = spec.QParams(
@@ -257,7 +261,7 @@ class SeqLowering:
         import torch
 
         v = self._seq_in(o)
-        self._no_factor(o, v)
+        v = self._unscaled(o, v)
         x = self.tensors[v.tensor]
         qp = self.source.activation(o.value)
         q = np.arange(spec.INT8_MIN, spec.INT8_MAX + 1)
@@ -298,11 +302,11 @@ class SeqLowering:
 
     def _lower_add_const(self, o: FloatOp) -> None:
         v = self._seq_in(o)
-        self._no_factor(o, v)
+        v = self._unscaled(o, v)
         perm = self._perm(v)
         c = np.broadcast_to(np.asarray(o.attrs["const"], np.float64), o.shape)
         qp = spec.activation_qparams(float(c.min()), float(c.max()))
-        const = self._constant(o, c, perm, qp)
+        const = self._as4d(self._constant(o, c, perm, qp), o.name)
         x = self._view(v.tensor, self.tensors[const].shape, o.name)
         out = self.act(o.value, self.tensors[x].shape, self.source.activation(o.value))
         self.ops.append(ir.Add(o.name, [x, const], out))
@@ -323,7 +327,7 @@ class SeqLowering:
                 inputs.append(self._constant(o, np.asarray(item), perm, qp))
                 continue
             w = self._layout(next(given), perm, o.name)
-            self._no_factor(o, w)
+            w = self._unscaled(o, w)
             t = self.tensors[w.tensor]
             name = w.tensor
             if (t.qscale, t.qzero) != (self.tensors[out].qscale, self.tensors[out].qzero):
@@ -337,8 +341,8 @@ class SeqLowering:
 
     def _lower_matmul(self, o: FloatOp) -> None:
         a, b = self._seq_in(o, 0), self._seq_in(o, 1)
-        self._no_factor(o, a)
-        self._no_factor(o, b)
+        a = self._unscaled(o, a)
+        b = self._unscaled(o, b)
         rank = len(o.shape)
         if rank < 3 or len(a.torch_shape) != rank or len(b.torch_shape) != rank:
             raise LoweringError(f"{o.name}: matmul needs two batched matrices of rank >= 3")
@@ -371,7 +375,7 @@ class SeqLowering:
 
     def _seq_linear(self, o: FloatOp) -> None:
         v = self._last_axis(o, self._seq_in(o))
-        self._no_factor(o, v)
+        v = self._unscaled(o, v)
         if "weight_int" in o.attrs:  # a quantized layer reads its input on its own qparams
             qp = o.module.input_quant.qparams()
             t = self.tensors[v.tensor]
@@ -398,18 +402,23 @@ class SeqLowering:
 
     def _seq_add(self, o: FloatOp, cls=ir.Add) -> None:
         a, b = self._seq_in(o, 0), self._seq_in(o, 1)
-        self._no_factor(o, a)
-        self._no_factor(o, b)
+        a = self._unscaled(o, a)
+        b = self._unscaled(o, b)
         if tuple(a.torch_shape) != tuple(b.torch_shape):
             raise LoweringError(f"{o.name}: only tensors of the same shape are supported")
         perm = self._perm(a)
         b = self._layout(b, perm, o.name)
-        shape = self.tensors[a.tensor].shape
+        at = self._as4d(a.tensor, o.name)
+        shape = self.tensors[at].shape
         bt = self._view(b.tensor, shape, o.name)
         out = self.act(o.value, shape, self.source.activation(o.value))
         extra = {"activation": o.attrs.get("activation")} if cls is ir.Add else {}
-        self.ops.append(cls(o.name, [a.tensor, bt], out, **extra))
+        self.ops.append(cls(o.name, [at, bt], out, **extra))
         self._set(o, out, perm)
+
+    def _seq_cat(self, o: FloatOp) -> None:
+        o.attrs["parts"] = [("value", n) for n in o.inputs]
+        self._lower_cat_const(o)
 
     def _seq_mul(self, o: FloatOp) -> None:
         self._seq_add(o, ir.Mul)
@@ -417,6 +426,7 @@ class SeqLowering:
     def _seq_quant(self, o: FloatOp) -> None:
         v = self._seq_in(o)
         qp = self.source.activation(o.value)
+        v = self._unscaled(o, v)
         t = self.tensors[v.tensor]
         if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
             self.values[o.value] = v

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from edgeslim.core.capture import _pad as _capture_pad
 from edgeslim.core.capture import attention_mask
 from edgeslim.core.fxpatterns import arg, is_add, is_mul
 from edgeslim.quant.modules import QuantAdd
@@ -43,6 +44,8 @@ _LAYER_NORM = {aten.layer_norm.default, F.layer_norm}
 _GELU = {aten.gelu.default, F.gelu}
 _MATMUL = {aten.matmul.default, aten.bmm.default, torch.matmul, torch.bmm, operator.matmul}
 _ALIAS = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+_PAD = {F.pad, aten.pad.default, aten.constant_pad_nd.default, _capture_pad}
+_POOL1D = {aten.adaptive_avg_pool1d.default, F.adaptive_avg_pool1d}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -66,6 +69,10 @@ def classify(
             return _layer_norm(make, [value(first)], module.normalized_shape, w, b, module.eps)
         if isinstance(module, nn.GELU):
             return make("gelu", [value(first)], approximate=module.approximate)
+        if isinstance(module, nn.AdaptiveAvgPool1d):
+            if tuple(np.atleast_1d(module.output_size)) != (1,):
+                raise ValueError("only adaptive average pooling to 1 is supported")
+            return make("gap", [value(first)])
         if isinstance(module, QuantAdd) and any(
             isinstance(a, fx.Node) and a.name in consts for a in node.args
         ):  # x + a parameter, in a quantized model
@@ -85,6 +92,12 @@ def classify(
         return _transpose(make, value(first), len(shape_of(first)), node.args[1], node.args[2])
     if t in _RESHAPE:
         return None if len(shape_of(node)) == 2 else make("reshape", [value(first)])
+    if t in _PAD and not any(arg(node, 1, "pad", ())):
+        return "alias"  # zero padding of nothing (Swin pads to whole windows)
+    if t in _POOL1D:
+        if tuple(np.atleast_1d(arg(node, 1, "output_size", 0))) != (1,):
+            raise ValueError("only adaptive average pooling to 1 is supported")
+        return make("gap", [value(first)])
     if t in _LAYER_NORM:
         w, b = (
             None if x is None else _np(consts[x.name])
