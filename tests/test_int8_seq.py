@@ -154,3 +154,26 @@ class TwoAxisNorm(nn.Module):
 def test_layernorm_over_two_dims_is_refused_naming_it():
     with pytest.raises(LoweringError, match=r"norm.*last dimension"):
         lower(TwoAxisNorm().eval(), torch.randn(4, 3, 4, 4))
+
+
+def test_shufflenet_channel_shuffle_is_one_transpose_and_bit_exact():
+    """chunk -> GATHER, view / transpose / view -> one TRANSPOSE per shuffle (was refused)."""
+    from edgeslim import zoo
+
+    torch.manual_seed(0)
+    model = zoo.shufflenetv2().eval()
+    calib = torch.randn(8, *model.input_shape)
+    graph = lower(model, calib)
+    shuffles = sum(1 for n, _ in model.named_modules() if n.endswith("branch2"))
+    assert sum(op.kind == "Transpose" for op in graph.ops) == shuffles > 0
+    q = reference.quantize_input(graph, calib[:2].numpy())
+    want = reference.run_batch(graph, q)
+    if tflite.tflm_available():
+        from edgeslim.export.tflite_format import serialize
+
+        out = tflite.run_tflm(graph, serialize(graph), q)
+        assert np.array_equal(out, want.reshape(out.shape))
+    if hostbuild.compiler() is not None:
+        from edgeslim.export.c import check_c, codegen, planner
+
+        check_c(graph, codegen.generate(graph, planner.plan_memory(graph)), q)

@@ -207,6 +207,20 @@ class SeqLowering:
             if cand[0] == 0 and np.array_equal(target.transpose(cand).ravel(), order):
                 self._set(o, v.tensor, cand, v.factor)
                 return
+        # one transpose: the source layout whose bytes are the output in a layout it can
+        # have (the CNN ops' first: a channel shuffle lands back in NHWC)
+        outs = [STANDARD[len(dst)]] if len(dst) in STANDARD else []
+        outs.append(tuple(range(len(dst))))
+        srcs = itertools.permutations(range(len(src))) if len(src) <= 5 else []
+        srcs = [q for q in srcs if q[0] == 0]
+        source = np.arange(n).reshape(src)
+        for out_perm in outs:
+            needed = target.transpose(out_perm).ravel()
+            for q in srcs:
+                if np.array_equal(source.transpose(q).ravel(), needed):
+                    w = self._layout(v, q, o.name)
+                    self._set(o, w.tensor, out_perm, v.factor)
+                    return
         w = self._layout(v, tuple(range(len(src))), o.name)  # bytes in PyTorch's order
         self._set(o, w.tensor, tuple(range(len(dst))), v.factor)
 

@@ -38,7 +38,10 @@ SUPPORTED = (
     "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
     "mean over H and W (over L), flatten, cat, softmax, ZeroPad2d before a conv, Identity / "
     "Dropout, SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a "
-    "(N, C, 1, 1) gate)"
+    "(N, C, 1, 1) gate); transformers: LayerNorm over the last dimension, GELU, Linear on the "
+    "last dimension, permute / transpose / reshape / view / chunk / select / slice, matmul, "
+    "softmax over the last dimension, scaled_dot_product_attention (no dropout, not causal), "
+    "multiply by a number or a per-channel parameter, add or cat of a parameter"
 )
 
 _LEAVES = (
@@ -240,23 +243,14 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             + "\n  ".join(problems)
             + f"\nsupported: {SUPPORTED}\nwhat to do: export the model to ONNX instead "
             "(edgeslim.export_onnx supports every layer), or replace these layers with "
-            "supported ones (e.g. ReLU6 or Hardswish for GELU)"
+            "supported ones (e.g. ReLU6 or Hardswish for another activation)"
         )
     return ops, inputs[0], output
 
 
-_LAYER_NORM_WHY = (
-    "not supported: the int8 backends have no LayerNorm (TFLite has no int8 LAYER_NORM "
-    "kernel; it would be mean, squared difference, rsqrt and mul ops, each with its own "
-    "calibrated scale); keep the model float or int8 in ONNX (export_onnx), or use BatchNorm"
-)
 _UNSUPPORTED_WHY = {  # the layers users meet most, with the reason
-    "layer_norm": _LAYER_NORM_WHY,
-    "LayerNorm": _LAYER_NORM_WHY,
-    "permute": "not supported: the int8 graph is NHWC and has no general transpose",
-    "transpose_int": "not supported: the int8 graph has no general transpose",
-    "gelu": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
-    "GELU": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
+    "GroupNorm": "not supported: no int8 GroupNorm (LayerNorm over the last dimension is)",
+    "group_norm": "not supported: no int8 GroupNorm (LayerNorm over the last dimension is)",
 }
 
 

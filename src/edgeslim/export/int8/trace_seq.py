@@ -111,6 +111,8 @@ def classify(
         return make("matmul", [value(node.args[0]), value(node.args[1])])
     if t is aten.select.int:
         return make("select", [value(first)], dim=int(node.args[1]), index=int(node.args[2]))
+    if t is operator.getitem and isinstance(first, fx.Node) and _is_chunk(first):
+        return _chunk_part(first, int(node.args[1]), make, value, shape_of)
     if t is operator.getitem and isinstance(first, fx.Node) and first.name not in consts:
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         full = [i for i, x in enumerate(idx) if x != slice(None)]
@@ -140,6 +142,25 @@ def classify(
     if is_mul(node) or is_add(node) or t in (operator.truediv, torch.div, aten.div.Tensor):
         return _binary(node, make, value, consts)
     return None
+
+
+def _is_chunk(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "chunk"
+    return node.op == "call_function" and node.target in (torch.chunk, aten.chunk.default)
+
+
+def _chunk_part(node: fx.Node, i: int, make, value, shape_of) -> Any:
+    """Part ``i`` of ``x.chunk(n, dim)``: a gather of its indices along ``dim``."""
+    x = node.args[0]
+    src = shape_of(x)
+    n = int(arg(node, 1, "chunks", 1))
+    dim = int(arg(node, 2, "dim", 0)) % len(src)
+    if dim == 0:
+        raise ValueError("chunking the batch dimension is not supported")
+    size = -(-src[dim] // n)
+    indices = tuple(range(src[dim]))[i * size : (i + 1) * size]
+    return make("gather", [value(x)], dim=dim, indices=indices)
 
 
 def moves_only(node: fx.Node) -> bool:
