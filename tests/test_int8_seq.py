@@ -177,3 +177,10 @@ def test_shufflenet_channel_shuffle_is_one_transpose_and_bit_exact():
         from edgeslim.export.c import check_c, codegen, planner
 
         check_c(graph, codegen.generate(graph, planner.plan_memory(graph)), q)
+
+
+def test_float32_tflite_refuses_transformer_ops_cleanly():
+    from edgeslim.export.tflite_float import lower_float
+
+    with pytest.raises(LoweringError, match="no float32 .tflite form"):
+        lower_float(ConvNeXtBlock().eval(), torch.randn(2, 3, 8, 8))

@@ -30,6 +30,21 @@ from edgeslim.export.int8.trace import FloatOp
 from edgeslim.quant import spec, spec_nonlinear
 
 STANDARD = {4: (0, 2, 3, 1), 3: (0, 2, 1), 2: (0, 1)}  # the CNN ops' layouts
+SEQ_KINDS = frozenset(
+    {
+        "permute",
+        "reshape",
+        "select",
+        "gather",
+        "layernorm",
+        "gelu",
+        "scale",
+        "mul_const",
+        "add_const",
+        "cat_const",
+        "matmul",
+    }
+)  # the kinds this module lowers
 LAYOUT_AWARE = ("add", "mul", "linear", "softmax", "quant", "cat")  # CNN kinds with a layout path
 
 
@@ -116,7 +131,7 @@ class SeqLowering:
         if v.perm is None and v.factor == 1.0:
             return v
         if v.factor != 1.0:
-            v = self._unscaled(FloatOp("scale", why, "", [], ()), v)
+            v = self._unscaled(why, v)
         rank = len(v.torch_shape)
         if rank not in STANDARD:
             raise LoweringError(f"{why}: tensors of rank {rank} are not supported here")
@@ -154,7 +169,7 @@ class SeqLowering:
             return tensor
         return self._view(tensor, (1, 1, int(np.prod(shape[:-1])), shape[-1]), why)
 
-    def _unscaled(self, o: FloatOp, v):
+    def _unscaled(self, why: str, v):
         """``v`` with its pending multiply applied: the same integers on a scale times it
         (a RESHAPE that only relabels the scale: exact, no data moves)."""
         if v.factor == 1.0:
@@ -162,7 +177,7 @@ class SeqLowering:
         t = self.tensors[v.tensor]
         scaled = spec.QParams(np.array([t.qscale * v.factor]), t.zero_point.copy())
         name = self.act(f"{v.tensor}_scaled", t.shape, scaled)
-        self.ops.append(ir.Reshape(f"{o.name} (x {v.factor:g})", [v.tensor], name))
+        self.ops.append(ir.Reshape(f"{why} (x {v.factor:g})", [v.tensor], name))
         return type(v)(name, v.torch_shape, perm=self._perm(v))
 
     def _channel_affine(self, o: FloatOp, x: str, w: np.ndarray, b: np.ndarray) -> str:
@@ -258,7 +273,7 @@ class SeqLowering:
 
     def _lower_layernorm(self, o: FloatOp) -> None:
         v = self._last_axis(o, self._seq_in(o))
-        v = self._unscaled(o, v)
+        v = self._unscaled(o.name, v)
         x = self.tensors[v.tensor]
         depth = x.shape[-1]
         qp = spec.QParams(
@@ -275,7 +290,7 @@ class SeqLowering:
         import torch
 
         v = self._seq_in(o)
-        v = self._unscaled(o, v)
+        v = self._unscaled(o.name, v)
         x = self.tensors[v.tensor]
         qp = self.source.activation(o.value)
         q = np.arange(spec.INT8_MIN, spec.INT8_MAX + 1)
@@ -316,7 +331,7 @@ class SeqLowering:
 
     def _lower_add_const(self, o: FloatOp) -> None:
         v = self._seq_in(o)
-        v = self._unscaled(o, v)
+        v = self._unscaled(o.name, v)
         perm = self._perm(v)
         c = np.broadcast_to(np.asarray(o.attrs["const"], np.float64), o.shape)
         qp = spec.activation_qparams(float(c.min()), float(c.max()))
@@ -341,7 +356,7 @@ class SeqLowering:
                 inputs.append(self._constant(o, np.asarray(item), perm, qp))
                 continue
             w = self._layout(next(given), perm, o.name)
-            w = self._unscaled(o, w)
+            w = self._unscaled(o.name, w)
             t = self.tensors[w.tensor]
             name = w.tensor
             if (t.qscale, t.qzero) != (self.tensors[out].qscale, self.tensors[out].qzero):
@@ -355,8 +370,8 @@ class SeqLowering:
 
     def _lower_matmul(self, o: FloatOp) -> None:
         a, b = self._seq_in(o, 0), self._seq_in(o, 1)
-        a = self._unscaled(o, a)
-        b = self._unscaled(o, b)
+        a = self._unscaled(o.name, a)
+        b = self._unscaled(o.name, b)
         rank = len(o.shape)
         if rank < 3 or len(a.torch_shape) != rank or len(b.torch_shape) != rank:
             raise LoweringError(f"{o.name}: matmul needs two batched matrices of rank >= 3")
@@ -389,7 +404,7 @@ class SeqLowering:
 
     def _seq_linear(self, o: FloatOp) -> None:
         v = self._last_axis(o, self._seq_in(o))
-        v = self._unscaled(o, v)
+        v = self._unscaled(o.name, v)
         if "weight_int" in o.attrs:  # a quantized layer reads its input on its own qparams
             qp = o.module.input_quant.qparams()
             t = self.tensors[v.tensor]
@@ -416,8 +431,8 @@ class SeqLowering:
 
     def _seq_add(self, o: FloatOp, cls=ir.Add) -> None:
         a, b = self._seq_in(o, 0), self._seq_in(o, 1)
-        a = self._unscaled(o, a)
-        b = self._unscaled(o, b)
+        a = self._unscaled(o.name, a)
+        b = self._unscaled(o.name, b)
         if tuple(a.torch_shape) != tuple(b.torch_shape):
             raise LoweringError(f"{o.name}: only tensors of the same shape are supported")
         perm = self._perm(a)
@@ -440,7 +455,7 @@ class SeqLowering:
     def _seq_quant(self, o: FloatOp) -> None:
         v = self._seq_in(o)
         qp = self.source.activation(o.value)
-        v = self._unscaled(o, v)
+        v = self._unscaled(o.name, v)
         t = self.tensors[v.tensor]
         if (spec.to_float32(qp.scale[0]), int(qp.zero_point[0])) == (t.qscale, t.qzero):
             self.values[o.value] = v
