@@ -182,5 +182,5 @@ def test_shufflenet_channel_shuffle_is_one_transpose_and_bit_exact():
 def test_float32_tflite_refuses_transformer_ops_cleanly():
     from edgeslim.export.tflite_float import lower_float
 
-    with pytest.raises(LoweringError, match="no float32 .tflite form"):
+    with pytest.raises(LoweringError, match=r"no float32 \.tflite form"):
         lower_float(ConvNeXtBlock().eval(), torch.randn(2, 3, 8, 8))
