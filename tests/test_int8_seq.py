@@ -184,3 +184,12 @@ def test_float32_tflite_refuses_transformer_ops_cleanly():
 
     with pytest.raises(LoweringError, match=r"no float32 \.tflite form"):
         lower_float(ConvNeXtBlock().eval(), torch.randn(2, 3, 8, 8))
+
+
+def test_batch_matmul_macs_are_counted():
+    torch.manual_seed(0)
+    graph = lower(TinyViT().eval(), torch.randn(4, 3, 8, 8))
+    mm = [op for op in graph.ops if op.kind == "BatchMatMul"]
+    assert len(mm) == 2
+    # q @ k^T: 2 heads x 5 x 5 outputs x 8 steps; p @ v: 2 x 5 x 8 outputs x 5 steps
+    assert [graph.macs_of(op) for op in mm] == [2 * 5 * 5 * 8, 2 * 5 * 8 * 5]

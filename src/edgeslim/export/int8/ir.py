@@ -270,6 +270,8 @@ class Graph:
             return self.tensors[op.output].size * per_output
         if isinstance(op, FullyConnected):
             return int(np.prod(self.tensors[op.weight].shape))
+        if hasattr(op, "macs"):  # .ops_seq's BatchMatMul
+            return op.macs(self)
         return 0
 
     def kernel_of(self, op: Op) -> tuple[int, int]:

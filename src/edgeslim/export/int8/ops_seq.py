@@ -98,6 +98,10 @@ class BatchMatMul(SeqOp):
     multiplier: int = 0
     shift: int = 0
 
+    def macs(self, graph: ir.Graph) -> int:
+        """Multiply-accumulates: one per output and step of the inner dimension."""
+        return graph[self.output].size * graph[self.inputs[0]].shape[-1]
+
     def prepare(self, t: dict[str, ir.Tensor]) -> None:
         a, b = (t[n] for n in self.inputs)
         self.multiplier, self.shift = spec.fc_multiplier(a.qscale, b.qscale, t[self.output].qscale)
