@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from edgeslim.core.attention import attention_mask, decompose_attention
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.hooks import output_tensors
 
@@ -147,53 +147,6 @@ def capture(model: nn.Module, example: torch.Tensor, leaf: Callable[[nn.Module],
     decompose_attention(gm)
     _check_same(model, gm, example[:1])
     return gm
-
-
-def attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``scores`` with an attention mask applied as ``scaled_dot_product_attention`` does:
-    a boolean mask keeps the True positions, a float mask is added."""
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, float("-inf"))
-    return scores + mask
-
-
-def decompose_attention(gm: fx.GraphModule) -> int:
-    """Replace each ``scaled_dot_product_attention`` call of ``gm`` (without dropout or a
-    causal flag) by its ops: ``softmax(q @ k^T * scale [masked]) @ v``, so that each
-    intermediate is a graph value a quantizer can observe. Returns how many were replaced."""
-    targets = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
-            continue
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-        a = dict(zip(names, node.args, strict=False))
-        a.update({k: v for k, v in node.kwargs.items() if k in names})
-        if a.get("dropout_p", 0.0) or a.get("is_causal", False) or node.kwargs.get("enable_gqa"):
-            continue
-        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        meta = q.meta.get("val", q.meta.get("tensor_meta"))
-        scale = a.get("scale")
-        if scale is None:
-            if meta is None:
-                continue
-            scale = 1.0 / math.sqrt(int(meta.shape[-1]))
-        g = gm.graph
-        with g.inserting_before(node):
-            kt = g.call_function(torch.transpose, (k, -2, -1))
-            scores = g.call_function(torch.matmul, (q, kt))
-            scores = g.call_function(operator.mul, (scores, float(scale)))
-            if mask is not None:
-                scores = g.call_function(attention_mask, (scores, mask))
-            probs = g.call_function(torch.softmax, (scores, -1))
-            out = g.call_function(torch.matmul, (probs, v))
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
 
 
 def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> None:

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
-from edgeslim.core.capture import attention_mask, symbolic_trace_or_capture, torch_leaf
+from edgeslim.core.attention import attention_mask
+from edgeslim.core.capture import symbolic_trace_or_capture, torch_leaf
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.fxpatterns import (

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.core.capture import CaptureError, attention_mask, symbolic_trace_or_capture
+from edgeslim.core.attention import attention_mask
+from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.fxpatterns import (
     activation,

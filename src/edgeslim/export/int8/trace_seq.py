@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from edgeslim.core.attention import attention_mask
 from edgeslim.core.capture import _pad as _capture_pad
-from edgeslim.core.capture import attention_mask
 from edgeslim.core.fxpatterns import arg, is_add, is_mul
 from edgeslim.quant.modules import QuantAdd
 
