@@ -193,3 +193,26 @@ def test_batch_matmul_macs_are_counted():
     assert len(mm) == 2
     # q @ k^T: 2 heads x 5 x 5 outputs x 8 steps; p @ v: 2 x 5 x 8 outputs x 5 steps
     assert [graph.macs_of(op) for op in mm] == [2 * 5 * 5 * 8, 2 * 5 * 8 * 5]
+
+
+def test_zoo_vit_tiny_with_fx_traced_sdpa_is_bit_exact():
+    """F.scaled_dot_product_attention in a torch.fx graph is decomposed too (head-size
+    scale as the softmax's beta); q, k, v = qkv.permute(...) unpacks with GATHER."""
+    from edgeslim import zoo
+
+    torch.manual_seed(0)
+    model = zoo.vit_tiny().eval()
+    calib = torch.randn(8, *model.input_shape)
+    graph = lower(model, calib)
+    assert {"BatchMatMul", "Softmax", "Normalize", "Gather"} <= {op.kind for op in graph.ops}
+    q = reference.quantize_input(graph, calib[:2].numpy())
+    want = reference.run_batch(graph, q)
+    if tflite.tflm_available():
+        from edgeslim.export.tflite_format import serialize
+
+        out = tflite.run_tflm(graph, serialize(graph), q)
+        assert np.array_equal(out, want.reshape(out.shape))
+    if hostbuild.compiler() is not None:
+        from edgeslim.export.c import check_c, codegen, planner
+
+        check_c(graph, codegen.generate(graph, planner.plan_memory(graph)), q)

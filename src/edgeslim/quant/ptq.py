@@ -46,6 +46,7 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Literal
 
 import torch
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
-from edgeslim.core.attention import attention_mask
+from edgeslim.core.attention import attention_mask, decompose_attention
 from edgeslim.core.capture import symbolic_trace_or_capture, torch_leaf
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, EdgeslimError
@@ -230,12 +231,21 @@ def _from_params(node: Any) -> bool:
         return False
     if node.op == "get_attr":
         return True
-    tensors = [
-        a
-        for a in node.all_input_nodes
-        if a.op != "call_function" or a.target is not _aten.sym_size.int
-    ]
+    tensors = [a for a in node.all_input_nodes if not _is_size(a)]
     return bool(tensors) and all(_from_params(a) for a in tensors)
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A shape read from a tensor (``x.shape[0]``, ``x.size(0)``, ``sym_size``), not data."""
+    if node.op == "call_method":
+        return node.target == "size"
+    if node.op != "call_function":
+        return False
+    if node.target is _aten.sym_size.int:
+        return True
+    if node.target is getattr:
+        return node.args[1] == "shape"
+    return node.target is operator.getitem and _is_size(node.args[0])
 
 
 _PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, QuantAvgPool)
@@ -279,6 +289,7 @@ def _prepare_graph(
     model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None, example: Any = None
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
     gm = symbolic_trace_or_capture(model, example, torch_leaf)
+    decompose_attention(gm)  # its scores and probabilities observed (int8 backends)
     for attr in ("input_shape", "num_classes"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))

@@ -241,15 +241,13 @@ class SeqLowering:
 
     def _axis(self, o: FloatOp, perm: tuple[int, ...], dim: int) -> int:
         if len(perm) > 4:
-            raise LoweringError(f"{o.name}: indexing a tensor of rank {len(perm)}")
+            raise LoweringError(f"{o.name}: joining tensors of rank {len(perm)}")
         return perm.index(dim) + (1 if len(perm) == 3 else 0)
 
     def _lower_select(self, o: FloatOp) -> None:
         v = self._seq_in(o)
         perm = self._perm(v)
         dim = o.attrs["dim"] % len(perm)
-        if dim == 0:
-            raise LoweringError(f"{o.name}: indexing the batch dimension is not supported")
         out = self._gather(o, v, perm, dim, (o.attrs["index"] % v.torch_shape[dim],))
         rest = tuple(p - (p > dim) for p in perm if p != dim)
         self._set(o, out, rest, v.factor)
@@ -261,12 +259,16 @@ class SeqLowering:
         self._set(o, out, perm, v.factor)
 
     def _gather(self, o: FloatOp, v, perm, dim: int, indices: tuple[int, ...]) -> str:
-        axis = self._axis(o, perm, dim)
-        x = self.tensors[v.tensor]
-        shape = list(x.shape)
-        shape[axis] = len(indices)
-        out = self.same_qparams_as(o.value, v.tensor, tuple(shape))
-        self.ops.append(ops_seq.Gather(o.name, [v.tensor], out, axis=axis, indices=indices))
+        """GATHER along PyTorch dim ``dim``, on the IR tensor viewed unmerged (the value's
+        shape permuted by its layout)."""
+        moved = [int(v.torch_shape[p]) for p in perm]
+        if len(perm) == 3:  # the CNN layout of (N, C, L): (1, 1, L, C)
+            moved = [moved[0], 1, *moved[1:]]
+        x = self._view(v.tensor, tuple(moved), o.name)
+        axis = perm.index(dim) + (1 if len(perm) == 3 else 0)
+        moved[axis] = len(indices)
+        out = self.same_qparams_as(o.value, x, tuple(moved))
+        self.ops.append(ops_seq.Gather(o.name, [x], out, axis=axis, indices=indices))
         return out
 
     # ---- LayerNorm, GELU, constants

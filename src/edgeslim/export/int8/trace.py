@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.core.attention import attention_mask
+from edgeslim.core.attention import LEAF_FUNCTIONS, decompose_attention
 from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.fxpatterns import (
@@ -105,8 +105,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """
     name = type(model).__name__
     try:
-        tracer = _Tracer(autowrap_functions=(attention_mask,))
+        tracer = _Tracer(autowrap_functions=LEAF_FUNCTIONS)
         gm = symbolic_trace_or_capture(model, example[:1], _is_leaf, tracer)
+        decompose_attention(gm)  # (a captured graph's already is)
     except CaptureError as exc:
         raise LoweringError(
             f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgeslim.core.attention import attention_mask
+from edgeslim.core.attention import attention_mask, head_dim_scale
 from edgeslim.core.capture import _pad as _capture_pad
 from edgeslim.core.fxpatterns import arg, is_add, is_mul
 from edgeslim.quant.modules import QuantAdd
@@ -121,6 +121,8 @@ def classify(
         return None
     if t is aten.slice.Tensor:
         return _slice(node, make, value, shape_of)
+    if t is head_dim_scale:
+        return make("scale", [value(first)], factor=shape_of(node.args[1])[-1] ** -0.5)
     if t is attention_mask:
         mask = consts.get(node.args[1].name) if isinstance(node.args[1], fx.Node) else None
         if mask is None:
