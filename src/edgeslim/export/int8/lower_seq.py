@@ -13,8 +13,11 @@ a batch matmul its operands in order.
 LayerNorm is :class:`.ops_seq.Normalize` then ``gamma * sqrt(D)`` and ``beta`` as a 1x1
 depthwise convolution (its epsilon is dropped: TFLite's L2_NORMALIZATION has none; it only
 matters for rows of all but equal values); a linear layer on the last axis is a 1x1
-convolution; GELU a 256-entry table; a multiply by a positive number before a softmax is
-the softmax's ``beta``.
+convolution; GELU a 256-entry table. A multiply by a positive number is pending on the value
+(``factor``): a softmax takes it as its ``beta``, any other op reads the same integers on a
+scale times it (a RESHAPE that only relabels the scale: exact). Swin's windows become the
+IR tensors' first dimension (a batch of windows); ops that need ``(1, H, W, C)`` view it as
+``(1, 1, rows, C)``.
 """
 
 from __future__ import annotations
