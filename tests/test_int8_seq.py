@@ -216,3 +216,17 @@ def test_zoo_vit_tiny_with_fx_traced_sdpa_is_bit_exact():
         from edgeslim.export.c import check_c, codegen, planner
 
         check_c(graph, codegen.generate(graph, planner.plan_memory(graph)), q)
+
+
+def test_tiny_vit_cortex_m4_build_is_bit_exact_on_qemu():
+    from edgeslim.export.c import arm, codegen, planner
+
+    if arm.toolchain() is None or arm.qemu() is None:
+        pytest.skip("needs arm-none-eabi-gcc and qemu-system-arm")
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    calib = torch.randn(8, 3, 8, 8)
+    graph = lower(model, calib)
+    q = reference.quantize_input(graph, calib[:2].numpy())
+    result = arm.build(graph, codegen.generate(graph, planner.plan_memory(graph)), "cortex-m4", q)
+    assert "bit-exact on QEMU" in result.verified[0]  # build() raises on a mismatch
