@@ -421,10 +421,11 @@ def kind_of(arch: str) -> str:
 
 
 def applies(arch: str, technique: str) -> bool:
-    """Cells of the matrix: int8 backends for the CNNs, one-shot methods for transformers."""
+    """Cells of the matrix: int8 backends for all but the language models, one-shot methods
+    for those."""
     kind = kind_of(arch)
     if technique in ("int8->tflite", "int8->C"):
-        return kind in ("cnn", "hf_vision")
+        return kind in ("cnn", "seq", "hf_vision")
     if technique in ("wanda", "sparsegpt", "gptq"):
         return kind == "hf_text"
     return True

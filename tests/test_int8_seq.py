@@ -230,3 +230,19 @@ def test_tiny_vit_cortex_m4_build_is_bit_exact_on_qemu():
     q = reference.quantize_input(graph, calib[:2].numpy())
     result = arm.build(graph, codegen.generate(graph, planner.plan_memory(graph)), "cortex-m4", q)
     assert "bit-exact on QEMU" in result.verified[0]  # build() raises on a mismatch
+
+
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def test_lstm_is_refused_naming_the_layer():
+    with pytest.raises(LoweringError, match=r"rnn \(LSTM\): not supported"):
+        lower(LSTMHead().eval(), torch.randn(4, 5, 6))

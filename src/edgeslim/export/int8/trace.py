@@ -212,6 +212,9 @@ def float_ops(gm: fx.GraphModule) -> tuple[list[FloatOp], str, str]:
             continue
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
+            if node.op == "call_module":  # a layer returning several tensors (LSTM, GRU)
+                what = type(modules[node.target]).__name__
+                problems.append(f"{node.target} ({what}): not supported (several outputs)")
             continue
         if "value" in node.meta:  # a parameter used as a value (ViT's class token), or
             constants[node.name] = node.meta["value"]  # computed from parameters alone:

@@ -113,7 +113,12 @@ def classify(
         return make("select", [value(first)], dim=int(node.args[1]), index=int(node.args[2]))
     if t is operator.getitem and isinstance(first, fx.Node) and _is_chunk(first):
         return _chunk_part(first, int(node.args[1]), make, value, shape_of)
-    if t is operator.getitem and isinstance(first, fx.Node) and first.name not in consts:
+    if (
+        t is operator.getitem
+        and isinstance(first, fx.Node)
+        and first.name not in consts
+        and shape_of(first) is not None  # a tensor (not a module's tuple of outputs)
+    ):
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         full = [i for i, x in enumerate(idx) if x != slice(None)]
         if len(full) == 1 and isinstance(idx[full[0]], int) and Ellipsis not in idx:
