@@ -46,7 +46,7 @@ class Arch:
     model: nn.Module
     example: Any  # a tensor, or a dict of tensors (a tokenizer's output)
     calib: Any
-    kind: str  # "cnn" (int8 backends apply), "seq", "hf_vision", "hf_text"
+    kind: str  # "cnn", "seq", "hf_vision" (int8 backends apply), "hf_text"
 
 
 class MeanHeadCNN(nn.Module):
