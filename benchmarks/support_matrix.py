@@ -46,7 +46,7 @@ class Arch:
     model: nn.Module
     example: Any  # a tensor, or a dict of tensors (a tokenizer's output)
     calib: Any
-    kind: str  # "cnn" (int8 backends apply), "seq", "hf_vision", "hf_text"
+    kind: str  # "cnn", "seq", "hf_vision" (int8 backends apply), "hf_text"
 
 
 class MeanHeadCNN(nn.Module):
@@ -421,10 +421,11 @@ def kind_of(arch: str) -> str:
 
 
 def applies(arch: str, technique: str) -> bool:
-    """Cells of the matrix: int8 backends for the CNNs, one-shot methods for transformers."""
+    """Cells of the matrix: int8 backends for all but the language models, one-shot methods
+    for those."""
     kind = kind_of(arch)
     if technique in ("int8->tflite", "int8->C"):
-        return kind in ("cnn", "hf_vision")
+        return kind in ("cnn", "seq", "hf_vision")
     if technique in ("wanda", "sparsegpt", "gptq"):
         return kind == "hf_text"
     return True

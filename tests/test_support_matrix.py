@@ -34,6 +34,12 @@ FAST = [
     ("hf-bert", "magnitude", "ok"),
     ("hf-gpt2", "kmeans+pack", "ok"),  # a ModelOutput pytree in the .slim graph
     ("hf-opt", "wanda", "ok"),  # a tokenizer's dict as calib= (issue 13 point 2)
+    # issue 13 point 3: transformers' vision models in the int8 backends (slow: ~10 s each)
+    *(
+        pytest.param(arch, technique, "ok", marks=pytest.mark.slow)
+        for arch in ("hf-convnext", "hf-vit", "hf-swin")
+        for technique in ("int8->tflite", "int8->C")
+    ),
 ]
 
 

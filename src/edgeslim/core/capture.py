@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from edgeslim.core.attention import LEAF_FUNCTIONS, decompose_attention
 from edgeslim.core.errors import EdgeslimError
 from edgeslim.core.hooks import output_tensors
 
@@ -115,7 +116,7 @@ def symbolic_trace_or_capture(
     works, with both reasons."""
     name = type(model).__name__
     try:
-        graph = (tracer or fx.Tracer()).trace(model)
+        graph = (tracer or fx.Tracer(autowrap_functions=LEAF_FUNCTIONS)).trace(model)
         return fx.GraphModule(model, graph, name)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         fx_reason = _first_line(exc)
@@ -149,6 +150,7 @@ def capture(
     finally:
         model.train(was_training)
     gm = _rebuild(model, ep, leaf)
+    decompose_attention(gm)
     _check_same(model, gm, *(x[:1] for x in xs))
     return gm
 

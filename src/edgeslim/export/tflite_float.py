@@ -35,6 +35,7 @@ from torch import nn
 from edgeslim.core.errors import ExportError, LoweringError, ShapeError
 from edgeslim.core.fileio import atomic_write_bytes
 from edgeslim.export.int8 import build, example_of, fuse, ir, trace
+from edgeslim.export.int8.lower_seq import SEQ_KINDS
 from edgeslim.export.tflite_format import serialize
 
 FLOAT_OPS = (
@@ -110,6 +111,13 @@ class _FloatBuilder(build._Builder):
 
     def _lower_sigmoid(self, o: trace.FloatOp) -> None:
         self._output(o, self._logistic(o, self._input(o).tensor))
+
+    def seq_dispatch(self, o: trace.FloatOp) -> bool:
+        """The transformer ops (:mod:`.int8.lower_seq`) have no float32 form here yet."""
+        ins = [self.values[n] for n in o.inputs if n in self.values]
+        if o.kind in SEQ_KINDS or any(v.perm is not None or v.factor != 1.0 for v in ins):
+            raise LoweringError(f"{o.kind} ({o.name!r}) has no float32 .tflite form yet")
+        return False
 
 
 def lower_float(model: nn.Module, example: torch.Tensor, *, name: str = "model") -> ir.Graph:

@@ -489,3 +489,12 @@ def tensor_indices(graph: ir.Graph) -> dict[str, int]:
         flat.tensor(name)
     flat.run()
     return dict(flat.index)
+
+
+def _install_sequence_ops() -> None:
+    from edgeslim.export import tflite_seq
+
+    tflite_seq.install(_Flattener, OP_CODES, OPTIONS, _OPTION_SLOTS)
+
+
+_install_sequence_ops()

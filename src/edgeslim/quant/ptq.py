@@ -46,6 +46,7 @@ Interface (stable; the microcontroller backend and the ONNX exporter build on it
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Literal
 
 import torch
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import fx, nn
 
+from edgeslim.core.attention import attention_mask, decompose_attention
 from edgeslim.core.capture import symbolic_trace_or_capture, torch_leaf
 from edgeslim.core.device import model_device
 from edgeslim.core.errors import ConfigError, EdgeslimError
@@ -180,8 +182,72 @@ def _swap(
 
 # ---------------------------------------------------------------------------- graph mode
 
-_PRESERVING_FUNCS = {torch.flatten, torch.reshape, F.max_pool2d, F.dropout}
-_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_aten = torch.ops.aten
+_PRESERVING_FUNCS = {
+    torch.flatten,
+    torch.reshape,
+    F.max_pool2d,
+    F.dropout,
+    torch.permute,
+    torch.transpose,
+    _aten.permute.default,
+    _aten.transpose.int,
+    _aten.select.int,
+    _aten.slice.Tensor,
+    _aten.unsqueeze.default,
+}
+_PRESERVING_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose"}
+# ops whose int8 output gets its own qparams (transformers): LayerNorm, GELU, matmul
+_NEW_RANGE_FUNCS = {
+    _aten.layer_norm.default,
+    F.layer_norm,
+    _aten.gelu.default,
+    F.gelu,
+    torch.matmul,
+    _aten.matmul.default,
+    torch.bmm,
+    attention_mask,
+}
+_NEW_RANGE_MODULES = (nn.LayerNorm, nn.GELU)
+
+
+def _new_range(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A LayerNorm / GELU / matmul, or a cat with a parameter (ViT's class token): its
+    output is quantized on its own range, as the int8 backends compute it."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _NEW_RANGE_MODULES)
+    if node.op != "call_function":
+        return False
+    if node.target in _NEW_RANGE_FUNCS:
+        return True
+    if node.target is torch.cat and node.args:
+        return any(_from_params(a) for a in node.args[0])
+    return False
+
+
+def _from_params(node: Any) -> bool:
+    """Is ``node`` computed from parameters alone (no graph input)?"""
+    if not isinstance(node, fx.Node) or node.op == "placeholder":
+        return False
+    if node.op == "get_attr":
+        return True
+    tensors = [a for a in node.all_input_nodes if not _is_size(a)]
+    return bool(tensors) and all(_from_params(a) for a in tensors)
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A shape read from a tensor (``x.shape[0]``, ``x.size(0)``, ``sym_size``), not data."""
+    if node.op == "call_method":
+        return node.target == "size"
+    if node.op != "call_function":
+        return False
+    if node.target is _aten.sym_size.int:
+        return True
+    if node.target is getattr:
+        return node.args[1] == "shape"
+    return node.target is operator.getitem and _is_size(node.args[0])
+
+
 _PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, QuantAvgPool)
 
 
@@ -223,6 +289,7 @@ def _prepare_graph(
     model: nn.Module, cfg: Int8PTQ, filter_fn: FilterFn | None, example: Any = None
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
     gm = symbolic_trace_or_capture(model, example, torch_leaf)
+    decompose_attention(gm)  # its scores and probabilities observed (int8 backends)
     for attr in ("input_shape", "num_classes"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
@@ -267,9 +334,12 @@ def _prepare_graph(
             adds += 1
         elif _is_global_pool(node, dict(gm.named_modules())):
             _replace_module(gm, node.target, QuantAvgPool(gm.get_submodule(node.target)))
-        elif unary_activation(node, dict(gm.named_modules())) or (
-            is_mul(node) and tensor_operands(node) is not None
-        ):  # SiLU / Hardswish / Sigmoid / x * gate: an int8 output, as TFLite computes it
+        elif (
+            unary_activation(node, dict(gm.named_modules()))
+            or (is_mul(node) and tensor_operands(node) is not None)
+            or _new_range(node, dict(gm.named_modules()))
+        ):  # SiLU / Hardswish / Sigmoid / x * gate / LayerNorm / GELU / matmul: an int8
+            # output, as TFLite computes it
             _insert_quant_after(gm, node, ActQuant(cfg.activation_bits, cfg.calibration))
     _requantize_after_preserving_ops(gm, cfg)
     gm.graph.lint()

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeslim.core.version import __version__
 from edgeslim.export.c import compress
+from edgeslim.export.c.codegen_seq import SeqEmitters
 from edgeslim.export.c.planner import MemoryPlan, Region, full_region
 from edgeslim.export.int8 import ir, reference
 
@@ -35,11 +36,12 @@ def _kernels(needed: set[str]) -> str:
     Sections start with a ``/* ==== name ==== */`` line; unused static functions would
     fail ``-Wall -Werror``, so only what the model calls is pasted.
     """
-    parts = re.split(r"^/\* ==== (\w+) ==== \*/\n", template("kernels.c"), flags=re.M)
+    text = template("kernels.c") + "\n" + template("kernels_seq.c")
+    parts = re.split(r"^/\* ==== (\w+) ==== \*/\n", text, flags=re.M)
     preamble, sections = parts[0], dict(zip(parts[1::2], parts[2::2], strict=True))
     if needed - set(sections):
         raise ValueError(f"no kernel sections {sorted(needed - set(sections))} in kernels.c")
-    if needed - {"types", "concat", "lut"}:
+    if needed - {"types", "concat", "lut", "transpose", "constant", "gather"}:
         needed = needed | {"arith"}
     return preamble + "".join(sections[name] for name in sections if name in needed | {"types"})
 
@@ -59,7 +61,7 @@ def _float(x: float) -> str:
     return f"{np.float32(x)!r}".replace("np.float32(", "").rstrip(")")
 
 
-class _Writer:
+class _Writer(SeqEmitters):
     """Builds the text of the three files for one graph and memory plan."""
 
     def __init__(

@@ -54,6 +54,9 @@ def workload(
                 counts["taps"] += out * int(np.prod(graph.kernel_of(op)))
         elif isinstance(op, ir.Pool2D):
             counts["elements"] += out * op.kernel[0] * op.kernel[1]
+        elif macs:  # a batch matmul (attention): MACs as a fully connected layer's
+            counts["fc"] += macs
+            counts["outputs"] += out
         else:
             counts["elements"] += out
     work = Workload(

@@ -17,6 +17,7 @@ from torch import nn
 
 from edgeslim.core.errors import LoweringError
 from edgeslim.export.int8 import ir
+from edgeslim.export.int8.lower_seq import SeqLowering
 from edgeslim.export.int8.qparams import CalibratedQParams, QParamSource
 from edgeslim.export.int8.trace import FloatOp, conv_pair
 from edgeslim.quant import spec, spec_nonlinear
@@ -31,6 +32,8 @@ class _Value:
     tensor: str
     torch_shape: tuple[int, ...]
     nchw_flatten: tuple[int, int, int] | None = None  # (C, H, W) of a flattened feature map
+    perm: tuple[int, ...] | None = None  # layout (.lower_seq); None: the CNN ops' layout
+    factor: float = 1.0  # a multiply by a number not applied yet (a softmax's beta)
 
 
 def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -81,7 +84,7 @@ def build_graph(
     return graph
 
 
-class _Builder:
+class _Builder(SeqLowering):
     """Accumulates IR tensors and ops while the float ops are lowered one by one."""
 
     def __init__(self, source: QParamSource, per_channel_fc: bool) -> None:
@@ -123,7 +126,7 @@ class _Builder:
         return name
 
     def _input(self, o: FloatOp, i: int = 0) -> _Value:
-        return self.values[o.inputs[i]]
+        return self._legacy(self.values[o.inputs[i]], o.name)
 
     def _output(self, o: FloatOp, tensor: str) -> None:
         self.values[o.value] = _Value(tensor, o.shape)
@@ -131,7 +134,8 @@ class _Builder:
     # ---- ops
 
     def lower(self, o: FloatOp) -> None:
-        getattr(self, f"_lower_{o.kind}")(o)
+        if not self.seq_dispatch(o):
+            getattr(self, f"_lower_{o.kind}")(o)
 
     def _weights(self, o: FloatOp, layout: Callable, axis: int | None, x: _Value):
         """int8 weights and int32 bias of a conv / linear, in TFLite layout (``layout``).

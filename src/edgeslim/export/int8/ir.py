@@ -293,6 +293,8 @@ class Graph:
             return self.tensors[op.output].size * per_output
         if isinstance(op, FullyConnected):
             return int(np.prod(self.tensors[op.weight].shape))
+        if hasattr(op, "macs"):  # .ops_seq's BatchMatMul
+            return op.macs(self)
         return 0
 
     def kernel_of(self, op: Op) -> tuple[int, int]:
@@ -355,6 +357,9 @@ def prepare(graph: Graph) -> Graph:
             op.params = spec_nonlinear.softmax_params(t[op.inputs[0]].qscale, op.beta)
         if isinstance(op, Requantize):
             op.multiplier, op.shift = spec.requantize_params(t[op.inputs[0]].qscale, out.qscale)
+        if hasattr(op, "prepare"):  # the ops of .ops_seq compute their own
+            op.prepare(t)
+            continue
         try:
             _prepare_elementwise(t, op, out)
         except ValueError as exc:

@@ -27,6 +27,7 @@ from edgeslim.core.errors import LoweringError
 from edgeslim.core.fxpatterns import activation, called_module
 from edgeslim.core.hooks import run_calibration
 from edgeslim.core.models.storage import CODES_SUFFIX
+from edgeslim.export.int8 import trace_seq
 from edgeslim.export.int8.trace import FloatOp, shape_of
 from edgeslim.quant import spec
 from edgeslim.quant.modules import ActQuant
@@ -92,7 +93,9 @@ class QuantizedModelQParams:
                 while isinstance(src, fx.Node) and src.name not in self.qparams:
                     self.qparams[src.name] = module.qparams()
                     fused = src.op == "call_module" and activation(src, modules, hardtanh=True)
-                    src = src.args[0] if fused else None  # through a fused activation module
+                    # through a fused activation module, or a layout op (permute, reshape)
+                    fused = fused or trace_seq.moves_only(src)
+                    src = src.args[0] if fused else None
             elif node.op == "placeholder":
                 layer = _first_layer(node, modules)
                 if layer is not None:

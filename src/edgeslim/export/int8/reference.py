@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeslim.core.errors import ExportError, ShapeError
-from edgeslim.export.int8 import ir
+from edgeslim.export.int8 import ir, ops_seq
 from edgeslim.quant import spec, spec_nonlinear
 
 
@@ -259,3 +259,4 @@ _KERNELS = {
     ir.HardSwish: _hard_swish,
     ir.Mul: _elementwise,
 }
+_KERNELS.update(ops_seq.REFERENCE)

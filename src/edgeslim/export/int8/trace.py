@@ -10,6 +10,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.core.attention import LEAF_FUNCTIONS, decompose_attention
 from edgeslim.core.capture import CaptureError, symbolic_trace_or_capture
 from edgeslim.core.errors import LoweringError, ShapeError
 from edgeslim.core.fxpatterns import (
@@ -29,6 +31,7 @@ from edgeslim.core.fxpatterns import (
     is_mul,
     unary_activation,
 )
+from edgeslim.export.int8 import trace_seq
 from edgeslim.quant.modules import ActQuant, QuantAdd, QuantAvgPool, QuantModule
 
 SUPPORTED = (
@@ -36,7 +39,10 @@ SUPPORTED = (
     "conv / linear / add, add of two tensors, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
     "mean over H and W (over L), flatten, cat, softmax, ZeroPad2d before a conv, Identity / "
     "Dropout, SiLU, Hardswish, Sigmoid, multiply of two tensors (same shape, or by a "
-    "(N, C, 1, 1) gate)"
+    "(N, C, 1, 1) gate); transformers: LayerNorm over the last dimension, GELU, Linear on the "
+    "last dimension, permute / transpose / reshape / view / chunk / select / slice, matmul, "
+    "softmax over the last dimension, scaled_dot_product_attention (no dropout, not causal), "
+    "multiply by a number or a per-channel parameter, add or cat of a parameter"
 )
 
 _LEAVES = (
@@ -123,9 +129,11 @@ def trace(model: nn.Module, example: Any) -> fx.GraphModule:
     xs = as_inputs(example)
     first = tuple(x[:1] for x in xs)
     try:
+        tracer = _Tracer(autowrap_functions=LEAF_FUNCTIONS)
         gm = symbolic_trace_or_capture(
-            model, first[0] if len(first) == 1 else first, _is_leaf, _Tracer()
+            model, first[0] if len(first) == 1 else first, _is_leaf, tracer
         )
+        decompose_attention(gm)  # (a captured graph's already is)
     except CaptureError as exc:
         raise LoweringError(
             f"{exc}; the int8 backends (.tflite, C) need a model torch.fx or torch.export can "
@@ -140,7 +148,7 @@ def trace(model: nn.Module, example: Any) -> fx.GraphModule:
         )
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*first)
+            _ValueProp(gm, _constant_nodes(gm)).propagate(*first)
     except RuntimeError as exc:
         raise ShapeError(
             f"{name} cannot run on input of shape "
@@ -148,6 +156,48 @@ def trace(model: nn.Module, example: Any) -> fx.GraphModule:
             f"{str(exc).strip().splitlines()[0]}"
         ) from exc
     return gm
+
+
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps the values of the nodes in ``keep`` (``meta["value"]``)."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.keep and isinstance(result, torch.Tensor):
+            n.meta["value"] = result.detach().clone()
+        return result
+
+
+def _constant_nodes(gm: fx.GraphModule) -> set[str]:
+    """Nodes whose value does not depend on the input's values (parameters and what is
+    computed from them and from shapes alone)."""
+    data: set[str] = set()
+    consts: set[str] = set()
+    sizes: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            data.add(node.name)
+            continue
+        if node.op == "output":
+            continue
+        reads = [a for a in node.all_input_nodes]
+        shape = (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int) or (
+            node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+        )
+        shape = shape or (node.op == "call_method" and node.target == "size")
+        shape = shape or (node.target is operator.getitem and reads and reads[0].name in sizes)
+        if shape:
+            sizes.add(node.name)
+            continue  # a shape: not the input's data
+        if any(a.name in data for a in reads):
+            data.add(node.name)
+        else:
+            consts.add(node.name)
+    return consts
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -185,7 +235,7 @@ def float_ops_io(gm: fx.GraphModule) -> tuple[list[FloatOp], list[str], list[str
     alias: dict[str, str] = {}  # identity-like node -> the value it passes on
     ops: list[FloatOp] = []
     problems: list[str] = []
-    constants: set[str] = set()
+    constants: dict[str, torch.Tensor] = {}
     inputs: list[str] = []
     outputs: list[str] = []
 
@@ -210,14 +260,17 @@ def float_ops_io(gm: fx.GraphModule) -> tuple[list[FloatOp], list[str], list[str
             continue
         shape = shape_of(node)
         if shape is None:  # x.size(0) and other non-tensor values: used only as arguments
+            if node.op == "call_module":  # a layer returning several tensors (LSTM, GRU)
+                what = type(modules[node.target]).__name__
+                problems.append(f"{node.target} ({what}): not supported (several outputs)")
             continue
-        if node.op == "get_attr":  # a parameter used as a value (ViT's class token): named
-            constants.add(node.name)  # by the op that reads it
-            continue
+        if "value" in node.meta:  # a parameter used as a value (ViT's class token), or
+            constants[node.name] = node.meta["value"]  # computed from parameters alone:
+            continue  # named by the op that reads it
         module = called_module(node, modules)
         where = node.target if node.op == "call_module" else node.name
         try:
-            op = _classify(node, modules, shape, value)
+            op = _classify(node, modules, shape, value, constants)
         except (TypeError, ValueError) as exc:
             detail = str(exc) or "unsupported arguments"
             problems.append(f"{where} ({_describe(node, module)}): {detail}")
@@ -250,7 +303,7 @@ def float_ops_io(gm: fx.GraphModule) -> tuple[list[FloatOp], list[str], list[str
             + "\n  ".join(problems)
             + f"\nsupported: {SUPPORTED}\nwhat to do: export the model to ONNX instead "
             "(edgeslim.export_onnx supports every layer), or replace these layers with "
-            "supported ones (e.g. ReLU6 or Hardswish for GELU)"
+            "supported ones (e.g. ReLU6 or Hardswish for another activation)"
         )
     return ops, inputs, outputs
 
@@ -265,18 +318,9 @@ def _returned(out: Any) -> list[fx.Node] | None:
     return items
 
 
-_LAYER_NORM_WHY = (
-    "not supported: the int8 backends have no LayerNorm (TFLite has no int8 LAYER_NORM "
-    "kernel; it would be mean, squared difference, rsqrt and mul ops, each with its own "
-    "calibrated scale); keep the model float or int8 in ONNX (export_onnx), or use BatchNorm"
-)
 _UNSUPPORTED_WHY = {  # the layers users meet most, with the reason
-    "layer_norm": _LAYER_NORM_WHY,
-    "LayerNorm": _LAYER_NORM_WHY,
-    "permute": "not supported: the int8 graph is NHWC and has no general transpose",
-    "transpose_int": "not supported: the int8 graph has no general transpose",
-    "gelu": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
-    "GELU": "not supported: no int8 GELU (use ReLU6 or Hardswish)",
+    "GroupNorm": "not supported: no int8 GroupNorm (LayerNorm over the last dimension is)",
+    "group_norm": "not supported: no int8 GroupNorm (LayerNorm over the last dimension is)",
 }
 
 
@@ -288,13 +332,21 @@ def _describe(node: fx.Node, module: nn.Module | None) -> str:
 
 
 def _classify(
-    node: fx.Node, modules: dict[str, nn.Module], shape: tuple[int, ...], value: Callable
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    value: Callable,
+    constants: dict[str, torch.Tensor] | None = None,
 ) -> FloatOp | str | None:
     """A :class:`FloatOp`, ``"alias"`` for pass-through nodes, or None if unsupported."""
     module = called_module(node, modules)
 
     def op(kind: str, inputs: list[str], **attrs: Any) -> FloatOp:
         return FloatOp(kind, "", node.name, inputs, shape, module, attrs)
+
+    seq = trace_seq.classify(node, module, op, value, constants or {}, shape_of)
+    if seq is not None:
+        return seq
 
     first = node.args[0] if node.args else None
     act = activation(node, modules, inplace=True, hardtanh=True)
