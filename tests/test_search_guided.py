@@ -178,9 +178,9 @@ def test_finalists_are_those_that_fit_as_measured(tmp_path):
     measured = {0: 2.0, 1: 0.5, 2: 3.0, 3: 0.7, 4: 0.9, 5: 0.1}
     calls: list[int] = []
 
-    def measure(c: dict) -> dict:
+    def measure(c: dict) -> tuple[dict, None]:
         calls.append(c["n"])
-        return {"latency_ms": measured[c["n"]]}
+        return {"latency_ms": measured[c["n"]]}, None
 
     budget = Budget(max_latency_ms=1.0)
     top = _measured_first(ranked, 2, store, budget, measure)

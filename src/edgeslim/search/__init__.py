@@ -16,6 +16,7 @@ One idea per module:
 - :mod:`.trial`: one trial as a worker runs it (build, short fine-tune, quantize, evaluate);
 - :mod:`.sampler`: the seeded Optuna sampler and the study rebuilt from finished trials;
 - :mod:`.front`: the Pareto front of the finished trials;
+- :mod:`.fit`: whether a measured latency fits, robust to a loaded machine;
 - :mod:`.verify`: the answer written for its target and measured from the file;
 - :mod:`.engine`: the search itself: generations, finalists, the choice, the report.
 """

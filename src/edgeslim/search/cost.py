@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,12 @@ class LatencyTable:
 
     def time_model(self, model: nn.Module, x: torch.Tensor, repeats: int = 100) -> float:
         """Median ms of ``model(x)`` in this runtime."""
+        return self.timer(model, x, repeats)()
+
+    def timer(self, model: nn.Module, x: torch.Tensor, repeats: int = 100) -> Callable[[], float]:
+        """A function timing ``model(x)`` in this runtime: each call one median ms over
+        ``repeats`` runs (10 warm-up runs first); the ONNX Runtime session is built once, so
+        repeated calls (interleaved with another model's) cost only the runs."""
         if self.runtime == "ort":
             from edgeslim.profiling.runtimes import ort_latency_ms, ort_session
 
@@ -231,11 +238,14 @@ class LatencyTable:
                     session = _qdq_session(model, x, self.threads)
                 else:
                     session = ort_session(model, x, threads=self.threads)
-            return ort_latency_ms(session, x, repeats=repeats, warmup=10)
+            return lambda: ort_latency_ms(session, x, repeats=repeats, warmup=10)
         from edgeslim.profiling.latency import batch_latency_ms
 
-        with _torch_threads(self.threads):
-            return batch_latency_ms(model, x, repeats=repeats, warmup=10)
+        def run() -> float:
+            with _torch_threads(self.threads):
+                return batch_latency_ms(model, x, repeats=repeats, warmup=10)
+
+        return run
 
     def empty_ms(self) -> float:
         """The runtime's cost of one call of a trivial model (subtracted from every unit)."""
@@ -393,7 +403,14 @@ class RuntimeTarget:
     repeats = 200  # timed runs per whole-model measurement (x2, the faster median kept)
 
     def measure_ms(self, model: nn.Module, example: torch.Tensor) -> float:
-        return min(self.table.time_model(model, example[:1], self.repeats) for _ in range(2))
+        timer = self.timer(model, example)
+        return min(timer() for _ in range(2))
+
+    def timer(self, model: nn.Module, example: torch.Tensor) -> Callable[[], float]:
+        """A function timing the whole model in the runtime (each call: one median ms of
+        :attr:`repeats` runs; the session is built once), for re-measuring near a limit
+        (:class:`edgeslim.search.fit.FitRule`)."""
+        return self.table.timer(model, example[:1], self.repeats)
 
     def measure(self, model: nn.Module, example: torch.Tensor, calib: Any = None) -> dict:
         """Measured cost: the whole model run in the runtime."""

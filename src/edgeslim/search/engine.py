@@ -32,8 +32,12 @@ NSGA-II (Deb et al. 2002). Steps:
    proxy's quality is reported as its rank correlation with those accuracies.
 5. **The answer, verified.** The finalists' cost is measured on the target (ONNX Runtime
    runs the model; for a microcontroller the C export's own numbers), and the most accurate
-   one within the budget *as measured* is chosen, exported (``model.onnx`` / ``c/``), and
-   compared with the budget and the prediction in ``report.md``. When nothing fits, the
+   one within the budget *as measured* is chosen -- a latency verdict on a runtime is
+   :class:`~edgeslim.search.fit.FitRule`'s: the least of all the model's measurements
+   (when tried, before and after fine-tuning; persisted), re-measured interleaved with the
+   original model when it misses by less than the noise -- and exported (``model.onnx`` /
+   ``c/``), and compared with the budget and the prediction in ``report.md`` (with how the
+   latency verdict was reached). When nothing fits, the
    result says so (``feasible=False``) and carries the closest point.
 
 Every finished trial is in ``trials.jsonl`` (:mod:`.store`); ``max_time`` stops asking
@@ -58,8 +62,9 @@ from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.search.apply import build
 from edgeslim.search.budget import Budget
-from edgeslim.search.cost import fingerprint, resolve_target
+from edgeslim.search.cost import fingerprint, param_kb, resolve_target
 from edgeslim.search.executor import make_executor
+from edgeslim.search.fit import FitRule
 from edgeslim.search.front import best_line, pareto
 from edgeslim.search.predictor_eval import spearman
 from edgeslim.search.sampler import ask, make_sampler, propose, study_from
@@ -95,6 +100,7 @@ class SearchResult:
     out: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    verdict: str = ""  # how the latency verdict on the answer was reached (FitRule)
 
     def summary(self) -> str:
         if self.stopped == "stop_after":
@@ -149,6 +155,7 @@ def search(
     export: bool = True,
     progress: bool | None = None,
     stop_after: int | None = None,
+    reference_ms: float | None = None,
 ) -> SearchResult:
     """Search compressions of ``model`` (trained) for the best accuracy within ``budget``.
 
@@ -161,6 +168,12 @@ def search(
     ``cache`` is where the latency table lives (default: per-user cache directory).
     ``sampler``: ``"guided"`` (predictor-screened local search, see the module docstring),
     ``"tpe"``, ``"nsga2"`` or ``"random"``.
+
+    With a latency limit on a runtime, whether a model fits is decided by
+    :class:`~edgeslim.search.fit.FitRule` (the least of all its measurements; re-measured
+    against the original model when it misses by less than the noise): ``reference_ms`` is
+    the original's latency on a quiet machine (what the budget was derived from), measured
+    at the start (least of 3) when None; kept in the run directory.
     """
     started = time.monotonic()
     if trials < 1 or batch < 1:
@@ -245,8 +258,32 @@ def search(
         if calibration is None:
             calibration = {"code_bytes": tgt.calibrate([model], example, "", calib=calib)}
         tgt.code_bytes = calibration["code_bytes"]
-    if store.calibration() is None:
+    # the latency verdict: noise-robust, against the original model as the reference
+    limit_ms = budget.limits().get("latency_ms") if tgt.kind == "runtime" else None
+    rule: FitRule | None = None
+    if limit_ms is not None:
+        ref_timer: list[Any] = []
+
+        def reference() -> float:
+            if not ref_timer:  # one session, built when first needed
+                ref_timer.append(tgt.timer(model, example))
+            return ref_timer[0]()
+
+        if reference_ms is None:
+            reference_ms = calibration.get("reference_ms")
+        if reference_ms is None:
+            reference_ms = min(reference() for _ in range(3))
+        calibration["reference_ms"] = float(reference_ms)
+        rule = FitRule(limit_ms, reference, reference_ms)
+    if store.calibration() != calibration:
         store.save_calibration(calibration)
+
+    def measure_fit(m: nn.Module, prior: list[float]) -> tuple[dict[str, float], dict]:
+        """``m`` measured once more (after the ``prior`` measurements), and the verdict."""
+        assert rule is not None
+        timer = tgt.timer(m, example)
+        verdict = rule.decide([*prior, timer()], timer)
+        return {"latency_ms": verdict.latency_ms, "size_kb": param_kb(m)}, verdict.as_dict()
 
     # screening: the predicted cost of many proposals (shapes by arithmetic where it can)
     shapes = None
@@ -273,17 +310,21 @@ def search(
     # conversions the whole model does once). So a candidate predicted within TOLERANCE of a
     # latency limit is measured on the runtime, and the measurement decides whether it fits;
     # screening keeps what may fit (predicted <= limit * (1 + TOLERANCE)).
-    limit_ms = budget.limits().get("latency_ms") if tgt.kind == "runtime" else None
-    measured: dict[str, dict[str, float]] = {}
+    measured: dict[str, tuple[dict[str, float], dict]] = {}
 
     def judge(candidate: dict[str, Any], cost: dict[str, float]) -> dict[str, float]:
-        """``cost``, or (near a latency limit) ``cost`` with the measured latency."""
+        """``cost``, or (near a latency limit) ``cost`` with the measured latency (the
+        verdict is in :func:`verdict_of`)."""
         if limit_ms is None or abs(cost["latency_ms"] - limit_ms) > TOLERANCE * limit_ms:
             return cost
         key = repr(sorted(candidate.items()))
         if key not in measured:
-            measured[key] = tgt.measure(cost_of_model(candidate), example, calib)
-        return {**cost, "latency_ms": measured[key]["latency_ms"]}
+            measured[key] = measure_fit(cost_of_model(candidate), [])
+        return {**cost, "latency_ms": measured[key][0]["latency_ms"]}
+
+    def verdict_of(candidate: dict[str, Any]) -> dict | None:
+        got = measured.get(repr(sorted(candidate.items())))
+        return got[1] if got else None
 
     def plausible(cost: dict[str, float]) -> bool:
         if limit_ms is None:
@@ -384,6 +425,7 @@ def search(
                     }
                     if judged is not cost:
                         record["measured"] = judged
+                        record["fit"] = verdict_of(asked[n])
                     if record["feasible"]:
                         job = {"kind": "proxy", "number": n, "candidate": asked[n]}
                         jobs.append((record, {**job, "steps": proxy_steps, "seed": seed}))
@@ -431,11 +473,7 @@ def search(
         top = ranked[:finetune_top]
         if tgt.kind == "runtime" and "latency_ms" in budget.limits():
             top = _measured_first(
-                ranked,
-                finetune_top,
-                store,
-                budget,
-                lambda c: tgt.measure(cost_of_model(c), example, calib),
+                ranked, finetune_top, store, budget, lambda c: measure_fit(cost_of_model(c), [])
             )
         finals = store.finals()
         jobs = [
@@ -452,12 +490,17 @@ def search(
         # every fine-tune first, then the measurements: a latency timed while the workers
         # still train shares the CPU with them (it read up to 1.6x slow on 2 cores)
         tuned = [res for _, res in executor.map(run_trial, state, jobs)]
+        pre = store.premeasured()
         for res in sorted(tuned, key=lambda r: r["number"]):
             weights = res.pop("state")
             rec = next(r for r in top if r["number"] == res["number"])
             model_i = rebuild(model, rec["candidate"], weights, example, calib)
             try:
-                res["measured"] = tgt.measure(model_i, example, calib)
+                if rule is not None:  # the least of all its measurements, re-measured near
+                    prior = _samples(rec) + _samples(pre.get(rec["number"]))
+                    res["measured"], res["fit"] = measure_fit(model_i, prior)
+                else:
+                    res["measured"] = tgt.measure(model_i, example, calib)
                 res["fits"] = budget.feasible(res["measured"])
             except EdgeslimError as exc:  # cannot be exported there: not an answer
                 res["measured"], res["fits"], res["error"] = {}, False, str(exc)
@@ -481,6 +524,7 @@ def search(
     result.accuracy = best["test"]
     result.predicted = dict(best["predicted"])
     result.measured = dict(best["measured"])
+    result.verdict = (best.get("fit") or {}).get("how", "")
     if not best["fits"]:
         result.closest = {"number": best["number"], "cost": best["measured"]}
     if len(fin) >= 3:
@@ -535,8 +579,9 @@ def _measured_first(
 ) -> list[dict[str, Any]]:
     """The ``top`` best-ranked trials whose cost *measured* on the target (before any
     fine-tuning: latency depends on the shapes, not the weights) meets the budget; at most
-    ``3 * top`` measured (persisted: a resume reuses them). When fewer fit, the best-ranked
-    of the rest fill up (the final measurement reports them as not fitting)."""
+    ``3 * top`` measured (persisted: a resume reuses them). ``measure(candidate)`` returns
+    ``(measured cost, verdict dict or None)``. When fewer fit, the best-ranked of the rest
+    fill up (the final measurement reports them as not fitting)."""
     done = store.premeasured()
     fit: list[dict[str, Any]] = []
     for r in ranked[: 3 * top]:
@@ -545,13 +590,27 @@ def _measured_first(
         if r["number"] not in done and "measured" in r:  # measured when it was tried
             done[r["number"]] = {"number": r["number"], "measured": r["measured"]}
         if r["number"] not in done:
-            rec = {"number": r["number"], "measured": measure(r["candidate"])}
+            cost, verdict = measure(r["candidate"])
+            rec = {"number": r["number"], "measured": cost}
+            if verdict is not None:
+                rec["fit"] = verdict
             store.add_premeasured(rec)
             done[r["number"]] = rec
         if budget.feasible(done[r["number"]]["measured"]):
             fit.append(r)
     rest = [r for r in ranked if r not in fit]
     return fit + rest[: top - len(fit)]
+
+
+def _samples(record: dict[str, Any] | None) -> list[float]:
+    """The latency measurements (ms) a trial / premeasured record holds."""
+    if not record:
+        return []
+    if record.get("fit"):
+        return [float(s) for s in record["fit"]["samples"]]
+    if "latency_ms" in record.get("measured", {}):  # a run before the fit rule: one value
+        return [float(record["measured"]["latency_ms"])]
+    return []
 
 
 def _shuffled(split: Split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ def write_report(result: Any, directory: Path, bound: Any) -> Path:
         "trials": len(result.trials),
         "files": result.files,
         "wall_s": result.wall_s,
+        "verdict": getattr(result, "verdict", ""),
     }
     atomic_write_text(directory / "result.json", json.dumps(data, indent=1, default=str))
     lines = [f"# Compression search on {result.target}", ""]
@@ -76,6 +77,11 @@ def write_report(result: Any, directory: Path, bound: Any) -> Path:
             f"- trial {f['number']}: {f['error']}" for f in result.finalists if f.get("error")
         ]
         lines += [
+            f"- trial {f['number']}, latency verdict: {f['fit']['how']}"
+            for f in result.finalists
+            if f.get("fit")
+        ]
+        lines += [
             "",
             f"Proxy quality: Spearman rank correlation of the proxy accuracy with "
             f"the fine-tuned accuracy over the finalists: {_num(result.proxy_spearman, '.3f')}",
@@ -90,6 +96,8 @@ def write_report(result: Any, directory: Path, bound: Any) -> Path:
                 _row([k, _num(budget.limits().get(k)), _num(result.predicted.get(k)), _num(v)])
             )
         lines.append("")
+        if getattr(result, "verdict", ""):
+            lines += [f"Latency verdict: {result.verdict}.", ""]
     lines += [f"## Pareto front (proxy accuracy vs predicted {metric})", ""]
     lines.append(_row(["trial", "proxy acc", *budget.limits(), "knobs changed"]))
     lines.append(_row(["---"] * (3 + len(budget.limits()))))
