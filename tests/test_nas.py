@@ -2,6 +2,7 @@
 evolution under the device's constraints, the API's budget check, the CLI, and the
 deployed sub-network bit-exact in C and TFLite Micro. A tiny space keeps it fast."""
 
+import json
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ from edgeslim.export.c import hostbuild
 from edgeslim.nas.cost import BudgetError, SubnetCost
 from edgeslim.nas.evolve import evolve
 from edgeslim.nas.extract import extract, recalibrate_bn
-from edgeslim.nas.space_opt import optimize_space
+from edgeslim.nas.space_opt import SpaceChoice, optimize_space
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.nas.train import SandwichTraining, train_supernet
 from edgeslim.search.budget import Budget
@@ -181,6 +182,76 @@ def test_space_optimisation_picks_the_cell_with_the_most_mean_macs_that_fits():
     assert "**chosen**" in choice.markdown()
 
 
+def test_space_optimisation_keeps_the_top_cells_where_something_fits():
+    macs = {(0.5, 12): 100, (0.5, 16): 200, (1.0, 12): 300, (1.0, 16): 400}
+
+    def cost(cfg):  # (1.0, 16) has the most MACs but never fits
+        fits = (cfg.width, cfg.resolution) != (1.0, 16)
+        return {"macs": macs[(cfg.width, cfg.resolution)], "sram_kb": 1.0 if fits else 9.0}
+
+    budget = Budget(max_sram_kb=2.0, target="stm32f446")
+    choice = optimize_space(TINY, cost, budget, samples=2, top=4)
+    assert choice.cells == [(1.0, 12), (0.5, 16), (0.5, 12)]  # best first, none that never fits
+    assert (choice.width, choice.resolution) == (1.0, 12)
+    assert optimize_space(TINY, cost, budget, samples=2, top=2).cells == [(1.0, 12), (0.5, 16)]
+    assert optimize_space(TINY, cost, budget, samples=2).cells == [(1.0, 12)]  # top=1: TinyNAS
+    text = choice.markdown()
+    assert "| 1 | 12 **chosen** |" in text and "| 0.5 | 16 **searched (2)** |" in text
+    assert "| 1 | 16 |" in text  # not searched: unmarked
+    again = SpaceChoice.from_dict(json.loads(json.dumps(choice.to_dict())))
+    assert again.cells == choice.cells and again.rows == choice.rows
+    old = {"width": 1.0, "resolution": 12, "rows": choice.rows}  # a space.json before cells
+    assert SpaceChoice.from_dict(old).cells == [(1.0, 12)]
+    with pytest.raises(ConfigError, match="top must be >= 1"):
+        optimize_space(TINY, cost, budget, samples=2, top=0)
+
+
+def test_evolution_searches_several_cells_together_deterministically(monkeypatch):
+    net = _net()
+    costs = SubnetCost(net, "stm32f446", code_bytes=0)
+    budget = Budget(max_sram_kb=512, target="stm32f446")
+    data = _data()
+    state = {
+        "spec": TINY.to_dict(),
+        "weights": net.state_dict(),
+        "bn_x": data.train.x[:32],
+        "val": (data.val.x, data.val.y),
+    }
+    kw = dict(population=4, generations=3, parents=2, mutation=0.5, seed=0)
+    cells = [(0.5, 12), (1.0, 16)]
+
+    def run(**k):
+        return evolve(TINY, lambda c: costs.cost(c, budget), budget, state, **kw, **k)
+
+    evo = run(cells=cells)
+    where = [(r["candidate"]["width"], r["candidate"]["resolution"]) for r in evo.records]
+    assert set(where) == set(cells)  # both searched, nothing outside them
+    assert where[:4] == [(0.5, 12), (1.0, 16), (0.5, 12), (1.0, 16)]  # first population: in turn
+    assert set(where[4:]) == set(cells)  # the children too
+    assert [r["key"] for r in run(cells=cells).records] == [r["key"] for r in evo.records]
+    one = run(cells=[(1.0, 16)])  # one cell is the plain width / resolution search
+    assert [r["key"] for r in one.records] == [
+        r["key"] for r in run(width=1.0, resolution=16).records
+    ]
+    assert {(r["candidate"]["width"], r["candidate"]["resolution"]) for r in one.records} == {
+        (1.0, 16)
+    }
+    with pytest.raises(ConfigError, match="width and resolution, or cells"):
+        run()
+
+    # parents only ever from the first cell (scored 1, the other 0): a child in the second
+    # cell got there by a mutation that moved it
+    import edgeslim.nas.evolve as ev
+
+    def by_cell(state, job):
+        return {"number": job["number"], "accuracy": float(job["config"]["width"] == 0.5)}
+
+    monkeypatch.setattr(ev, "accuracy_job", by_cell)
+    moved = evolve(TINY, lambda c: costs.cost(c, budget), budget, state, cells=cells,
+                   **{**kw, "generations": 8}).records[4:]  # fmt: skip
+    assert {(r["candidate"]["width"], r["candidate"]["resolution"]) for r in moved} == set(cells)
+
+
 def test_evolution_keeps_to_the_budget_and_resumes_from_its_store(tmp_path):
     net = _net()
     costs = SubnetCost(net, "stm32f446", code_bytes=0)
@@ -286,6 +357,41 @@ def test_a_finished_run_is_not_quantized_or_exported_again(tmp_path, monkeypatch
     assert again.timings["supernet_train_s"] == first.timings["supernet_train_s"]
     assert torch.equal(again.model(x), expected)  # quantized when asked for, identically
     assert calls == {"export": 1, "quantize": 2}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_the_winner_is_fine_tuned_on_labels_and_soft_targets_by_finetune_alpha(
+    tmp_path, monkeypatch, alpha
+):
+    import edgeslim.core.train as train
+    import edgeslim.nas.api as api
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):  # the C toolchain not needed
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    fits = []
+    real_fit = train.fit
+
+    def recording_fit(model, data, cfg, **kw):
+        fits.append((cfg, kw.get("teacher")))
+        return real_fit(model, data, cfg, **kw)
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    monkeypatch.setattr(train, "fit", recording_fit)
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
+    es.nas(_data(), "stm32f446", out=tmp_path, finetune_alpha=alpha, **kw)
+    assert len(fits) == 1
+    cfg, teacher = fits[0]
+    assert cfg.epochs == 1
+    if alpha == 0:  # labels only: no teacher
+        assert cfg.distill is None and teacher is None
+    else:
+        assert cfg.distill.alpha == alpha and teacher is not None
+    with pytest.raises(ConfigError, match="finetune_alpha"):
+        es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_alpha=1.5, **kw)
 
 
 # ----------------------------------------------------------------------------- deployment

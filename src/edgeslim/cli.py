@@ -407,10 +407,12 @@ def cmd_nas(args: argparse.Namespace) -> None:
         max_latency_ms=args.max_latency_ms,
         training=SandwichTraining(epochs=args.epochs, seed=args.seed),
         space_samples=args.space_samples,
+        space_top=args.space_top,
         population=args.population,
         generations=args.generations,
         finalists=args.finalists,
         finetune_epochs=args.finetune_epochs,
+        finetune_alpha=args.finetune_alpha,
         workers=args.workers,
         ray=args.ray,
         seed=args.seed,
@@ -608,11 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-flash-kb", type=float, help="flash budget (default: the device's)")
     p.add_argument("--max-latency-ms", type=float, help="device-model latency budget")
     p.add_argument("--epochs", type=int, default=6, help="supernet training epochs")
-    p.add_argument("--space-samples", type=int, default=12, help="samples per width x resolution")
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--space-samples", type=int, default=24, help="samples per width x resolution")
+    p.add_argument(
+        "--space-top", type=int, default=2, help="best width x resolution cells searched together"
+    )
+    p.add_argument("--population", type=int, default=24)
+    p.add_argument("--generations", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3, help="exported to C before choosing")
     p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning of the winner")
+    p.add_argument(
+        "--finetune-alpha",
+        type=float,
+        default=0.7,
+        help="winner's fine-tuning: weight of the largest sub-network's soft targets (0: labels)",
+    )
     p.add_argument("--widths", help="width multipliers, e.g. 0.5,0.75,1.0")
     p.add_argument("--resolutions", help="input resolutions, e.g. 20,24,28,32")
     p.add_argument("--stages", help="supernet stages C:MAXDEPTH:STRIDE,... e.g. 16:2:1,24:3:2")

@@ -11,17 +11,19 @@ Steps (MCUNet's TinyNAS + OFA's train-once supernet), each persisted in the run 
    does not fit, :class:`~edgeslim.nas.cost.BudgetError` says what it needs.
 2. **Supernet** (``supernet.pt``): trained once with the sandwich rule
    (:mod:`edgeslim.nas.train`), checkpointed every epoch.
-3. **Search space** (``space.json``): the (width, resolution) cell by TinyNAS's mean-MACs
-   heuristic (:mod:`edgeslim.nas.space_opt`).
-4. **Evolution** (``search/trials.jsonl``, the search package's run store): accuracy from
-   the supernet with BatchNorm re-calibrated, constraints from the planner
-   (:mod:`edgeslim.nas.evolve`); the Pareto front (accuracy vs latency) by
+3. **Search space** (``space.json``): the ``space_top`` best (width, resolution) cells by
+   TinyNAS's mean-MACs heuristic over ``space_samples`` sub-networks per cell
+   (:mod:`edgeslim.nas.space_opt`).
+4. **Evolution** (``search/trials.jsonl``, the search package's run store) in those cells
+   together: accuracy from the supernet with BatchNorm re-calibrated, constraints from the
+   planner (:mod:`edgeslim.nas.evolve`); the Pareto front (accuracy vs latency) by
    :func:`edgeslim.search.engine.pareto`.
 5. **Finalists**: the ``finalists`` most accurate are exported to C
    (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency checked against
    the budget; the most accurate that fits is chosen.
-6. **Deployment** (``final/``): the chosen sub-network fine-tuned (distilled from the largest
-   sub-network at its resolution; ``final/float.pt``), quantized (``Int8PTQ``), exported to C
+6. **Deployment** (``final/``): the chosen sub-network fine-tuned (``finetune_epochs``,
+   the hard labels and the soft targets of the largest sub-network at its resolution,
+   weighed by ``finetune_alpha``; ``final/float.pt``), quantized (``Int8PTQ``), exported to C
    (``c/``: compiled and bit-exact with the reference interpreter) and to ``model.tflite``,
    which is run in TFLite Micro: its outputs must equal the compiled C's bit for bit. What
    was checked and measured is kept in ``final/deploy.json``: a rerun on a finished run
@@ -146,9 +148,10 @@ def nas(
     max_flash_kb: float | None = None,
     max_latency_ms: float | None = None,
     training: SandwichTraining | None = None,
-    space_samples: int = 12,
-    population: int = 16,
-    generations: int = 4,
+    space_samples: int = 24,
+    space_top: int = 2,
+    population: int = 24,
+    generations: int = 8,
     parents: int = 4,
     mutation: float = 0.2,
     bn_samples: int = 500,
@@ -156,6 +159,7 @@ def nas(
     finalists: int = 3,
     finetune_epochs: int = 3,
     finetune_lr: float = 1e-3,
+    finetune_alpha: float = 0.7,
     workers: int | None = 0,
     ray: str | None = None,
     seed: int = 0,
@@ -175,6 +179,11 @@ def nas(
     several runs (other devices, other budgets) to train the supernet once for all of them.
     ``workers`` / ``ray``: where the accuracy jobs run (see
     :func:`edgeslim.search.executor.make_executor`; ``0``: in this process).
+    ``space_samples`` sub-networks are costed per (width, resolution) cell and the evolution
+    (``population`` x ``generations``) searches the ``space_top`` best cells together.
+    ``finetune_alpha``: the winner's fine-tuning loss is ``alpha`` x the soft targets of the
+    largest sub-network (:class:`~edgeslim.core.kd.KD`, temperature 4) + ``1 - alpha`` x
+    cross-entropy on the labels (``0``: labels only, no teacher).
     """
     import tempfile
 
@@ -192,9 +201,12 @@ def nas(
     if spec.in_channels != shape[0]:
         raise ConfigError(f"nas: spec takes {spec.in_channels} channels, data has {shape[0]}")
     for name, v in (("population", population), ("generations", generations), ("parents", parents),
-                    ("finalists", finalists), ("space_samples", space_samples)):  # fmt: skip
+                    ("finalists", finalists), ("space_samples", space_samples),
+                    ("space_top", space_top)):  # fmt: skip
         if v < 1:
             raise ConfigError(f"nas: {name} must be >= 1, got {v}")
+    if not 0 <= finetune_alpha <= 1:
+        raise ConfigError(f"nas: finetune_alpha must be in [0, 1], got {finetune_alpha}")
     training = training or SandwichTraining(seed=seed)
     budget = _budget(device, max_sram_kb, max_flash_kb, max_latency_ms)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-nas-"))
@@ -205,6 +217,7 @@ def nas(
         "data": [data.name, len(data.train), len(data.val), len(data.test)],
         "search": {
             "space_samples": space_samples,
+            "space_top": space_top,
             "population": population,
             "generations": generations,
             "parents": parents,
@@ -214,6 +227,7 @@ def nas(
             "finalists": finalists,
             "finetune_epochs": finetune_epochs,
             "finetune_lr": finetune_lr,
+            "finetune_alpha": finetune_alpha,
             "seed": seed,
         },
     }
@@ -250,11 +264,15 @@ def nas(
     t0 = time.monotonic()
     space_file = out / "space.json"
     if space_file.exists():
-        sd = json.loads(space_file.read_text(encoding="utf-8"))
-        space = SpaceChoice(sd["width"], sd["resolution"], sd["rows"])
+        space = SpaceChoice.from_dict(json.loads(space_file.read_text(encoding="utf-8")))
     else:
         space = optimize_space(
-            spec, lambda c: costs.cost(c, budget), budget, samples=space_samples, seed=seed
+            spec,
+            lambda c: costs.cost(c, budget),
+            budget,
+            samples=space_samples,
+            seed=seed,
+            top=space_top,
         )
         atomic_write_text(space_file, json.dumps(space.to_dict(), indent=1))
     if not any(r["fit"] for r in space.rows):
@@ -283,8 +301,7 @@ def nas(
                 lambda c: costs.cost(c, budget),
                 budget,
                 state,
-                width=space.width,
-                resolution=space.resolution,
+                cells=space.cells,
                 population=population,
                 generations=generations,
                 parents=parents,
@@ -303,7 +320,7 @@ def nas(
     ranked = sorted(evo.feasible(), key=lambda r: (-r["accuracy"], r["cost"]["macs"], r["number"]))
     if not ranked:
         raise BudgetError(
-            f"no sub-network of width {space.width}, resolution {space.resolution} fits "
+            f"no sub-network of the cells (width, resolution) {space.cells} fits "
             f"{budget.target} {budget.limits()}; the smallest needs {costs.smallest_needs(budget)}"
         )
     result = NasResult(
@@ -344,7 +361,7 @@ def nas(
     if export:
         t0 = time.monotonic()
         _deploy(result, supernet, data, cfg, state, calib_idx, finetune_epochs, finetune_lr,
-                seed, out, progress)  # fmt: skip
+                finetune_alpha, seed, out, progress)  # fmt: skip
         timings["deploy_s"] = time.monotonic() - t0
     timings["total_s"] = time.monotonic() - started
     timings_file = out / "timings.json"
@@ -368,8 +385,9 @@ def _export_measure(model: nn.Module, calib, device, name: str, where: Path | No
         return measure_export(done, device)
 
 
-def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, seed, out, progress):
-    """Fine-tune (distilled from the largest at the same resolution), quantize, export, check."""
+def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, alpha, seed, out, progress):
+    """Fine-tune (labels and the largest's soft targets at the same resolution, weighed by
+    ``alpha``), quantize, export, check."""
     from edgeslim.core.kd import KD
     from edgeslim.core.train import TrainConfig, evaluate, fit
     from edgeslim.quant import Int8PTQ, quantize
@@ -382,10 +400,14 @@ def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, seed, out
     if weights.exists():
         sub.load_state_dict(torch.load(weights, weights_only=True))
     else:
-        if epochs > 0:
+        if epochs > 0 and alpha > 0:
             teacher = recalibrate_bn(extract(supernet, supernet.spec.largest(resolution=r)), bn_x)
-            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=KD())
+            kd = KD(alpha=alpha)
+            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=kd)
             fit(sub, rdata, tc, teacher=teacher, progress=progress)
+        elif epochs > 0:  # labels only
+            fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
+                progress=progress)  # fmt: skip
         with atomic_path(weights) as tmp:
             torch.save(sub.state_dict(), tmp)
     sub.eval()
@@ -488,7 +510,7 @@ def _write_report(result: NasResult) -> None:
     lines += [result.summary(), ""]
     if result.space is not None:
         lines += [
-            "## Search space (TinyNAS: mean MACs of the fitting samples)",
+            "## Search space (TinyNAS: mean MACs of the fitting samples; searched cells marked)",
             "",
             result.space.markdown(),
             "",

@@ -23,8 +23,9 @@ parents). A child that does not fit the budget is discarded and drawn again.
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,8 +107,9 @@ def evolve(
     budget: Budget,
     state: dict[str, Any],
     *,
-    width: float,
-    resolution: int,
+    width: float | None = None,
+    resolution: int | None = None,
+    cells: Sequence[tuple[float, int]] | None = None,
     population: int = 16,
     generations: int = 4,
     parents: int = 4,
@@ -118,7 +120,8 @@ def evolve(
     store: Any = None,
     progress: Any = None,
 ) -> Evolution:
-    """Evolve sub-networks of ``spec`` at ``width`` and ``resolution`` within ``budget``.
+    """Evolve sub-networks of ``spec`` at ``width`` and ``resolution`` within ``budget``,
+    or, with ``cells`` (``(width, resolution)`` pairs), in all of those cells together.
 
     ``state`` is what the accuracy jobs need: ``spec`` and ``weights`` of the supernet,
     ``bn_x`` (BatchNorm calibration inputs) and ``val`` (inputs, labels). ``executor``: one
@@ -126,8 +129,16 @@ def evolve(
     ``store``: a :class:`~edgeslim.search.store.RunStore` (resume). ``progress(done,
     total, best)`` is called after each generation.
     """
+    from edgeslim.core.errors import ConfigError
     from edgeslim.search.executor import InProcess
 
+    if cells is None:
+        if width is None or resolution is None:
+            raise ConfigError("evolve: give width and resolution, or cells")
+        cells = [(width, resolution)]
+    cells = [(float(w), int(r)) for w, r in cells]
+    if not cells:
+        raise ConfigError("evolve: cells is empty")
     executor = executor or InProcess()
     rng = random.Random(seed)
     done: dict[str, dict[str, Any]] = {}
@@ -181,7 +192,13 @@ def evolve(
                 out.append(rec)
         return out
 
-    pop = draw(lambda: spec.sample(rng, resolution=resolution, width=width), population)
+    turn = iter(range(10**9))
+
+    def first() -> SubnetConfig:  # the cells in turn
+        w, r = cells[next(turn) % len(cells)]
+        return spec.sample(rng, resolution=r, width=w)
+
+    pop = draw(first, population)
     evaluate(list(seen.values()))
     total = generations
     for gen in range(generations):
@@ -193,7 +210,11 @@ def evolve(
         n_mut = population - len(top) - n_cross
 
         def mutant(top: list[dict[str, Any]] = top) -> SubnetConfig:
-            return spec.mutate(SubnetConfig.from_dict(rng.choice(top)["candidate"]), rng, mutation)
+            cfg = spec.mutate(SubnetConfig.from_dict(rng.choice(top)["candidate"]), rng, mutation)
+            if len(cells) > 1 and rng.random() < mutation:  # to another cell
+                w, r = rng.choice([c for c in cells if c != (cfg.width, cfg.resolution)])
+                cfg = dataclasses.replace(cfg, width=w, resolution=r)
+            return cfg
 
         def child(top: list[dict[str, Any]] = top) -> SubnetConfig:
             a, b = rng.choice(top), rng.choice(top)
