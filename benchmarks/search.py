@@ -256,8 +256,12 @@ def mcu_budgets(dense: nn.Module, data: DataSplits) -> dict[str, Budget]:
     mcu = McuTarget("stm32f446")
     calib = data.calib(64)
     mcu.calibrate([dense], data.test.x[:1], "", calib=calib)
-    dense_dev = mcu.measure(dense, data.test.x[:1], calib)
-    cap = 0.5 * dense_dev["latency_ms"]
+    return budgets_for(mcu.measure(dense, data.test.x[:1], calib)["latency_ms"])
+
+
+def budgets_for(dense_device_ms: float) -> dict[str, Budget]:
+    """The two STM32F446 budgets, given the dense net's device-model latency."""
+    cap = 0.5 * dense_device_ms
     return {
         f"stm32f446 + {cap:.1f} ms (device model)": Budget(
             max_sram_kb=128, max_flash_kb=512, max_latency_ms=cap, target="stm32f446"
@@ -328,7 +332,7 @@ def mcu_part(name: str, dense: nn.Module, dense_acc: float, data: DataSplits, ar
              rows: list, pred_rows: list) -> None:  # fmt: skip
     """Per STM32F446 budget: the search's answer beside every zoo net of the same task that
     fits the same budget (latency cap included, compressed by edgeslim's tools to meet it)."""
-    for label, budget in mcu_budgets(dense, data).items():
+    for label, budget in list(mcu_budgets(dense, data).items())[: 2 if args.mcu_nocap else 1]:
         t0 = time.perf_counter()
         out = Path(args.out) / (f"{name}-stm32f446" + ("" if budget.max_latency_ms else "-nocap"))
         res = mcu_search(dense, data, budget, args, out)
@@ -446,12 +450,15 @@ def main() -> None:
                         help="only: ResNet-8's STM32F446 search on the pool, on Ray, and "
                         "SIGKILLed + resumed; are the answers identical")  # fmt: skip
     parser.add_argument("--same-child", help=argparse.SUPPRESS)
+    parser.add_argument("--mcu-nocap", action="store_true",
+                        help="also the STM32F446 budget without the latency cap")  # fmt: skip
+    parser.add_argument("--trials", type=int, help="trials per search (default 24 / 32)")
     args = parser.parse_args()
     args.mcu_zoo = [z for z in args.mcu_zoo.split(",") if z]
     args.nets = ["resnet8"] if args.quick or args.smoke else ["resnet8", "mobilenetv2"]
     args.nets = args.nets if not args.nets_arg else args.nets_arg
     args.epochs = 4 if args.quick else 8
-    args.trials = 24 if args.quick else 32
+    args.trials = args.trials or (24 if args.quick else 32)
     args.proxy_steps = 40  # 10 left heavily pruned nets at chance: no signal for the sampler
     args.finetune_epochs = 4  # finalists and every baseline alike
     args.predictor_n = 12 if args.quick else 16
