@@ -332,7 +332,10 @@ def mcu_part(name: str, dense: nn.Module, dense_acc: float, data: DataSplits, ar
              rows: list, pred_rows: list) -> None:  # fmt: skip
     """Per STM32F446 budget: the search's answer beside every zoo net of the same task that
     fits the same budget (latency cap included, compressed by edgeslim's tools to meet it)."""
-    for label, budget in list(mcu_budgets(dense, data).items())[: 2 if args.mcu_nocap else 1]:
+    kinds = ("cap", "nocap")
+    for kind, (label, budget) in zip(kinds, mcu_budgets(dense, data).items(), strict=True):
+        if kind not in args.mcu_budgets:
+            continue
         t0 = time.perf_counter()
         out = Path(args.out) / (f"{name}-stm32f446" + ("" if budget.max_latency_ms else "-nocap"))
         res = mcu_search(dense, data, budget, args, out)
@@ -450,11 +453,13 @@ def main() -> None:
                         help="only: ResNet-8's STM32F446 search on the pool, on Ray, and "
                         "SIGKILLed + resumed; are the answers identical")  # fmt: skip
     parser.add_argument("--same-child", help=argparse.SUPPRESS)
-    parser.add_argument("--mcu-nocap", action="store_true",
-                        help="also the STM32F446 budget without the latency cap")  # fmt: skip
+    parser.add_argument("--mcu-budgets", default="cap,nocap",
+                        help="STM32F446 budgets: with the latency cap (cap), SRAM and flash "
+                        "only (nocap)")  # fmt: skip
     parser.add_argument("--trials", type=int, help="trials per search (default 24 / 32)")
     args = parser.parse_args()
     args.mcu_zoo = [z for z in args.mcu_zoo.split(",") if z]
+    args.mcu_budgets = args.mcu_budgets.split(",")
     args.nets = ["resnet8"] if args.quick or args.smoke else ["resnet8", "mobilenetv2"]
     args.nets = args.nets if not args.nets_arg else args.nets_arg
     args.epochs = 4 if args.quick else 8
