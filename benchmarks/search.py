@@ -27,8 +27,12 @@ Per net (ResNet-8; MobileNetV2-style unless ``--quick``), trained dense on that 
   of all its measurements (before and after its fine-tune), re-measured interleaved with
   the dense net when it misses by less than the noise, and judged by its ratio to the dense
   net when that reads slower than ``--dense-ms`` (a loaded machine); each row says how.
-- one microcontroller budget: STM32F446 (128 KB SRAM, 512 KB flash) plus a device-model
-  latency of 0.5x the dense net's: SRAM and flash from the C export.
+- the microcontroller budgets: STM32F446 (128 KB SRAM, 512 KB flash) with and without a
+  device-model latency cap of 0.5x the dense net's, SRAM and flash from the C export; beside
+  the answer, every zoo net of ``--mcu-zoo`` trained on the same task, pruned with
+  ``ChannelPrune`` when over the cap, fine-tuned like the finalists (:func:`mcu_zoo_row`).
+- ``--same-result``: ResNet-8's capped STM32F446 search on the process pool, on a local Ray
+  cluster and SIGKILLed part-way then resumed; identical choice, accuracy and trials?
 - the latency predictor's accuracy per runtime (ONNX Runtime, PyTorch) on 16 held-out
   random configurations: share within +-10%, Spearman; the wall time of each search.
 """
