@@ -27,8 +27,12 @@ Per net (ResNet-8; MobileNetV2-style unless ``--quick``), trained dense on that 
   of all its measurements (before and after its fine-tune), re-measured interleaved with
   the dense net when it misses by less than the noise, and judged by its ratio to the dense
   net when that reads slower than ``--dense-ms`` (a loaded machine); each row says how.
-- one microcontroller budget: STM32F446 (128 KB SRAM, 512 KB flash) plus a device-model
-  latency of 0.5x the dense net's: SRAM and flash from the C export.
+- the microcontroller budgets: STM32F446 (128 KB SRAM, 512 KB flash) with and without a
+  device-model latency cap of 0.5x the dense net's, SRAM and flash from the C export; beside
+  the answer, every zoo net of ``--mcu-zoo`` trained on the same task, pruned with
+  ``ChannelPrune`` when over the cap, fine-tuned like the finalists (:func:`mcu_zoo_row`).
+- ``--same-result``: ResNet-8's capped STM32F446 search on the process pool, on a local Ray
+  cluster and SIGKILLed part-way then resumed; identical choice, accuracy and trials?
 - the latency predictor's accuracy per runtime (ONNX Runtime, PyTorch) on 16 held-out
   random configurations: share within +-10%, Spearman; the wall time of each search.
 """
@@ -135,17 +139,23 @@ def int8_at(row: dict[str, Any], meter: Meter, limit: float) -> dict[str, Any]:
     return {"acc": row["acc"], "pred": None, **fit_row(v)}
 
 
-def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cache: Path):
+def trained_dense(name: str, data: DataSplits, args) -> nn.Module:
+    """The zoo net trained dense ``args.epochs`` on the task (seeded; the weights are kept in
+    ``--out``, so a later invocation reuses them)."""
     torch.manual_seed(0)
     dense = es.load_model(f"zoo:{name}")
-    t0 = time.perf_counter()
     saved = Path(args.out) / f"{name}-dense-{args.epochs}ep.pt"
     if saved.exists():  # the same seeded training, kept from an earlier run
         dense.load_state_dict(torch.load(saved))
     else:
         es.fit(dense, data, epochs=args.epochs, lr=2e-3, shift=0, progress=False)
         torch.save(dense.state_dict(), saved)
-    dense.eval()
+    return dense.eval()
+
+
+def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cache: Path):
+    t0 = time.perf_counter()
+    dense = trained_dense(name, data, args)
     x = data.test.x[:1]
     target = RuntimeTarget("ort", cache=cache)
     dense_ms = args.dense_ms or min(ort_ms(dense, x, target) for _ in range(3))
@@ -235,37 +245,179 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         pred_rows.append({"net": name, **rep.as_dict(), "target": f"{runtime} ({what})"})
         console.print(f"  predictor {runtime} ({what}): {rep.as_dict()}")
         save(args, rows, pred_rows)
-    if args.no_mcu:
-        return
-    # the microcontroller budget
+    if not args.no_mcu:
+        mcu_part(name, dense, dense_acc, data, args, rows, pred_rows)
+
+
+MCU_ZOO = ("resnet8", "mobilenetv2", "mobilenetv1", "squeezenet", "lenet5")
+
+
+def mcu_budgets(dense: nn.Module, data: DataSplits) -> dict[str, Budget]:
+    """The STM32F446 budgets: the issue's SRAM 128 KB / flash 512 KB, alone and with a
+    device-model latency cap of half the dense net's (int8 C export, the current model)."""
     from edgeslim.search.cost import McuTarget
 
     mcu = McuTarget("stm32f446")
     calib = data.calib(64)
-    mcu.calibrate([dense], x, "", calib=calib)
-    dense_dev = mcu.measure(dense, x, calib)
-    budget = Budget(max_sram_kb=128, max_flash_kb=512, max_latency_ms=0.5 * dense_dev["latency_ms"],
-                    target="stm32f446")  # fmt: skip
-    t0 = time.perf_counter()
-    # Weight bits stay 8 (the C backend's own int8): a graph-mode quantized ResNet-8 cannot be
-    # lowered to the C backend's int8 graph (its quantizer requantizes relu(add) in float;
-    # tests/test_mcu_lower.py), so the bits knobs are left out of the space here.
+    mcu.calibrate([dense], data.test.x[:1], "", calib=calib)
+    return budgets_for(mcu.measure(dense, data.test.x[:1], calib)["latency_ms"])
+
+
+def budgets_for(dense_device_ms: float) -> dict[str, Budget]:
+    """The two STM32F446 budgets, given the dense net's device-model latency."""
+    cap = 0.5 * dense_device_ms
+    return {
+        f"stm32f446 + {cap:.1f} ms (device model)": Budget(
+            max_sram_kb=128, max_flash_kb=512, max_latency_ms=cap, target="stm32f446"
+        ),
+        "stm32f446 (SRAM 128 KB, flash 512 KB)": Budget(
+            max_sram_kb=128, max_flash_kb=512, target="stm32f446"
+        ),
+    }
+
+
+def mcu_search(dense: nn.Module, data: DataSplits, budget: Budget, args, out: Path, **where):
+    """The microcontroller search (``where``: ``workers=`` or ``ray=``). Weight bits stay 8
+    (the C backend's own int8): a graph-mode quantized ResNet-8 cannot be lowered to the C
+    backend's int8 graph (its quantizer requantizes relu(add) in float;
+    tests/test_mcu_lower.py), so the bits knobs are left out of the space here. The device
+    costs are the C export's and the latency model's: no host timing, so the same call gives
+    the same answer on any executor and after a resume."""
     space = SearchSpace(techniques=["channel", "sparsity", "lowrank"])
-    res = search(dense, data, budget, space=space, trials=args.trials, batch=4, seed=0,
-                 proxy_steps=args.proxy_steps, finetune_top=3,
-                 finetune_epochs=args.finetune_epochs, workers=args.workers,
-                 out=Path(args.out) / f"{name}-stm32f446", progress=False)  # fmt: skip
-    rows.append({"net": name, "budget": f"stm32f446 + {budget.max_latency_ms:.1f} ms (device)",
-                 "method": "es.search", "acc": res.accuracy,
-                 "ms": res.measured.get("latency_ms"), "pred": res.predicted.get("latency_ms"),
-                 "wall": time.perf_counter() - t0, "feasible": res.feasible,
-                 "sram_kb": res.measured.get("sram_kb"),
-                 "flash_kb": res.measured.get("flash_kb")})  # fmt: skip
-    rows.append({"net": name, "budget": "stm32f446 (dense int8)", "method": "dense, C export",
-                 "acc": dense_acc, "ms": dense_dev["latency_ms"], "pred": None, "wall": None,
-                 "sram_kb": dense_dev["sram_kb"], "flash_kb": dense_dev["flash_kb"]})  # fmt: skip
-    console.print(f"  stm32f446: {res.summary()}")
-    save(args, rows, pred_rows)
+    where = where or {"workers": args.workers}
+    return search(dense, data, budget, space=space, trials=args.trials, batch=4, seed=0,
+                  proxy_steps=args.proxy_steps, finetune_top=3,
+                  finetune_epochs=args.finetune_epochs, out=out, progress=False,
+                  **where)  # fmt: skip
+
+
+def mcu_cost_ok(cost: dict[str, float], budget: Budget) -> bool:
+    lim = budget.limits()
+    return all(cost[k] <= v for k, v in lim.items() if k in cost)
+
+
+def mcu_zoo_row(zoo: str, data: DataSplits, args, label: str, budget: Budget) -> dict[str, Any]:
+    """A zoo net trained on the same task (``args.epochs``), compressed with edgeslim's tool
+    when over the latency cap (``ChannelPrune(macs=f)``, f from the device model of the
+    exported graph), then fine-tuned ``args.finetune_epochs`` distilled from its dense self
+    (pruned or not: the search's finalists get the same), costs from the C export."""
+    from edgeslim.core.errors import EdgeslimError
+    from edgeslim.search.cost import McuTarget
+
+    mcu = McuTarget("stm32f446")
+    calib = data.calib(64)
+    x = data.test.x[:1]
+    row = {"net": zoo, "budget": label, "method": f"zoo {zoo}", "pred": None, "wall": None}
+    try:
+        dense = trained_dense(zoo, data, args)
+        mcu.calibrate([dense], x, "", calib=calib)
+        cost = mcu.measure(dense, x, calib)
+    except EdgeslimError as exc:  # not exportable to C
+        return {**row, "acc": None, "fits": False, "note": str(exc).splitlines()[0][:90]}
+    model, frac, note = copy.deepcopy(dense), 1.0, "dense"
+    cap = budget.max_latency_ms
+    for _ in range(6):  # prune until the exported graph meets the latency cap
+        if cap is None or cost["latency_ms"] <= cap:
+            break
+        frac *= 0.97 * cap / cost["latency_ms"]
+        model = copy.deepcopy(dense)
+        es.prune_(model, es.ChannelPrune(macs=frac), example=x)
+        note = f"ChannelPrune(macs={frac:.3f})"
+        cost = mcu.measure(model.eval(), x, calib)
+    distil(model.train(), dense, data, args.finetune_epochs)
+    cost = mcu.measure(model, x, calib)
+    return {**row, "acc": es.evaluate(model, data), "dense_acc": es.evaluate(dense, data),
+            "ms": cost["latency_ms"], "sram_kb": cost["sram_kb"], "flash_kb": cost["flash_kb"],
+            "fits": mcu_cost_ok(cost, budget),
+            "note": f"{note} + {args.finetune_epochs} ep KD"}  # fmt: skip
+
+
+def mcu_part(name: str, dense: nn.Module, dense_acc: float, data: DataSplits, args,
+             rows: list, pred_rows: list) -> None:  # fmt: skip
+    """Per STM32F446 budget: the search's answer beside every zoo net of the same task that
+    fits the same budget (latency cap included, compressed by edgeslim's tools to meet it)."""
+    kinds = ("cap", "nocap")
+    for kind, (label, budget) in zip(kinds, mcu_budgets(dense, data).items(), strict=True):
+        if kind not in args.mcu_budgets:
+            continue
+        t0 = time.perf_counter()
+        out = Path(args.out) / (f"{name}-stm32f446" + ("" if budget.max_latency_ms else "-nocap"))
+        res = mcu_search(dense, data, budget, args, out)
+        rows.append({"net": name, "budget": label, "method": "es.search", "acc": res.accuracy,
+                     "dense_acc": dense_acc, "ms": res.measured.get("latency_ms"),
+                     "pred": res.predicted.get("latency_ms"),
+                     "wall": time.perf_counter() - t0, "feasible": res.feasible,
+                     "fits": res.feasible and mcu_cost_ok(res.measured, budget),
+                     "candidate": res.candidate, "sram_kb": res.measured.get("sram_kb"),
+                     "flash_kb": res.measured.get("flash_kb")})  # fmt: skip
+        console.print(f"  {label}: {res.summary()}")
+        save(args, rows, pred_rows)
+        for zoo in args.mcu_zoo:
+            rows.append(mcu_zoo_row(zoo, data, args, label, budget))
+            console.print(f"    {rows[-1]}")
+            save(args, rows, pred_rows)
+
+
+def same_result(data: DataSplits, args, rows: list) -> None:
+    """ResNet-8, the STM32F446 budget with the latency cap: the search on the process pool,
+    on a local Ray cluster, and killed with SIGKILL part-way then resumed on the same
+    directory. Reports each one's choice and accuracy, and whether they are identical."""
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    dense = trained_dense("resnet8", data, args)
+    label, budget = next(iter(mcu_budgets(dense, data).items()))
+    base = Path(args.out) / "same"
+    shutil.rmtree(base, ignore_errors=True)  # three fresh runs
+    got: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    got["process pool (2 workers)"] = mcu_search(dense, data, budget, args, base / "pool")
+    t1 = time.perf_counter()
+    got["local Ray cluster"] = mcu_search(dense, data, budget, args, base / "ray", ray="auto")
+    t2 = time.perf_counter()
+    killed = base / "killed"
+    trials = killed / "trials.jsonl"
+    low = min(3, args.trials - 1)  # killed part-way: at least one trial left to resume
+    after = random.Random(time.time_ns()).randint(low, max(low, args.trials - 3))
+    keep = [a for a in sys.argv[1:] if a != "--same-result"]  # the same settings
+    if "--json" in keep:
+        del keep[keep.index("--json") : keep.index("--json") + 2]
+    cmd = [sys.executable, __file__, *keep, "--same-child", str(killed)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if trials.exists() and len(trials.read_bytes().splitlines()) >= after:
+            os.killpg(proc.pid, signal.SIGKILL)  # the search and its pool workers
+            break
+        time.sleep(0.05)
+    proc.wait()
+    done = len(trials.read_bytes().splitlines()) if trials.exists() else 0
+    console.print(f"  killed (rc {proc.returncode}) after {done} of {args.trials} trials")
+    got[f"SIGKILL after {done} trials, resumed"] = mcu_search(dense, data, budget, args, killed)
+    walls = [t1 - t0, t2 - t1, time.perf_counter() - t2]
+    ref = got["process pool (2 workers)"]
+    key = [(t["candidate"], t["accuracy"]) for t in ref.trials]
+    for (how, res), wall in zip(got.items(), walls, strict=True):
+        rows.append({"net": "resnet8", "budget": label, "method": f"es.search on {how}",
+                     "acc": res.accuracy, "ms": res.measured.get("latency_ms"),
+                     "pred": res.predicted.get("latency_ms"), "wall": wall,
+                     "sram_kb": res.measured.get("sram_kb"),
+                     "flash_kb": res.measured.get("flash_kb"), "candidate": res.candidate,
+                     "killed_rc": proc.returncode if how.startswith("SIGKILL") else None,
+                     "same_choice": res.candidate == ref.candidate,
+                     "same_accuracy": res.accuracy == ref.accuracy,
+                     "same_trials": [(t["candidate"], t["accuracy"]) for t in res.trials] == key,
+                     })  # fmt: skip
+        console.print(f"  {how}: {res.summary()} ({wall:.0f} s)")
+
+
+def same_child(data: DataSplits, args) -> None:
+    """The search ``same_result`` kills (a subprocess, so that SIGKILL hits a real run)."""
+    dense = trained_dense("resnet8", data, args)
+    _, budget = next(iter(mcu_budgets(dense, data).items()))
+    mcu_search(dense, data, budget, args, Path(args.same_child))
 
 
 def save(args, rows: list, pred_rows: list) -> None:
@@ -293,14 +445,33 @@ def main() -> None:
     parser.add_argument("--no-predictor", action="store_true", help="skip the predictor check")
     parser.add_argument("--dense-ms", type=float,
                         help="the dense model's ORT ms (budgets of an earlier run)")  # fmt: skip
+    parser.add_argument(
+        "--nets",
+        dest="nets_arg",
+        type=lambda t: t.split(","),
+        help="comma-separated zoo nets (default: by --quick)",
+    )
+    parser.add_argument("--mcu-zoo", default=",".join(MCU_ZOO),
+                        help="zoo nets beside the STM32F446 answer ('' for none)")  # fmt: skip
+    parser.add_argument("--same-result", action="store_true",
+                        help="only: ResNet-8's STM32F446 search on the pool, on Ray, and "
+                        "SIGKILLed + resumed; are the answers identical")  # fmt: skip
+    parser.add_argument("--same-child", help=argparse.SUPPRESS)
+    parser.add_argument("--mcu-budgets", default="cap,nocap",
+                        help="STM32F446 budgets: with the latency cap (cap), SRAM and flash "
+                        "only (nocap)")  # fmt: skip
+    parser.add_argument("--trials", type=int, help="trials per search (default 24 / 32)")
     args = parser.parse_args()
+    args.mcu_zoo = [z for z in args.mcu_zoo.split(",") if z]
+    args.mcu_budgets = args.mcu_budgets.split(",")
     args.nets = ["resnet8"] if args.quick or args.smoke else ["resnet8", "mobilenetv2"]
+    args.nets = args.nets if not args.nets_arg else args.nets_arg
     args.epochs = 4 if args.quick else 8
-    args.trials = 24 if args.quick else 32
+    args.trials = args.trials or (24 if args.quick else 32)
     args.proxy_steps = 40  # 10 left heavily pruned nets at chance: no signal for the sampler
     args.finetune_epochs = 4  # finalists and every baseline alike
     args.predictor_n = 12 if args.quick else 16
-    args.fractions = tuple(float(f) for f in args.fractions.split(","))
+    args.fractions = tuple(float(f) for f in args.fractions.split(",") if f)
     if args.smoke:
         args.epochs, args.trials, args.proxy_steps, args.finetune_epochs = 1, 4, 2, 0
         args.predictor_n, args.fractions = 3, (0.5,)
@@ -313,6 +484,15 @@ def main() -> None:
     data = cluttered_mnist()
     rows: list[dict] = []
     pred_rows: list[dict] = []
+    if args.same_child:
+        same_child(data, args)
+        return
+    if args.same_result:
+        same_result(data, args, rows)
+        save(args, rows, pred_rows)
+        for r in rows:
+            console.print(r)
+        return
     for name in args.nets:
         net_part(name, data, args, rows, pred_rows, cache)
     table = Table(title="searched vs uniform vs recipe (test accuracy; ONNX Runtime ms, 1 thread)")
