@@ -16,7 +16,8 @@ supernet's blocks on the F446, 2.5 M on the F746; the largest sub-network needs 
 or flash limits (they are checked all the same, from the exported C), so the latency limit
 is what makes the two budgets differ.
 
-**Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28) trained once with the
+**Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28, the first
+``--fused-stages`` stages made of fused blocks) trained once with the
 sandwich rule, then ``es.nas`` per device with the same checkpoint (space optimisation:
 ``--space-samples`` per width x resolution cell, the ``--space-top`` best cells searched
 together by the evolution, ``--population`` x ``--generations``; the 3 most accurate exported
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.7,
         help="fine-tuning (zoo and searched): weight of the soft targets, 1 - alpha: labels",
     )
+    p.add_argument(
+        "--fused-stages",
+        type=int,
+        default=1,
+        help="supernet stages made of fused blocks (k x k conv + 1x1 projection), from the first",
+    )
     p.add_argument("--space-samples", type=int, default=32, help="per width x resolution cell")
     p.add_argument("--space-top", type=int, default=3, help="cells searched by the evolution")
     p.add_argument("--rank-epochs", type=int, default=1)
@@ -232,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     data = cluttered_mnist(seed=0)
-    spec = SupernetSpec(resolutions=(20, 24, 28))
+    spec = SupernetSpec(resolutions=(20, 24, 28), fused_stages=args.fused_stages)
     if args.quick:
         data = data.limit(256)
         spec = SupernetSpec(stem=8, stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
-                            resolutions=(20, 28))  # fmt: skip
+                            resolutions=(20, 28),
+                            fused_stages=min(args.fused_stages, 3))  # fmt: skip
         args.epochs, args.zoo_epochs, args.finetune_epochs = 1, 1, 1
         args.nas_finetune_epochs = 1
         args.population, args.generations, args.rank_n = 4, 1, 3
