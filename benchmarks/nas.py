@@ -134,8 +134,9 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
         cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}-p")
     kd = KD(alpha=args.kd_alpha)
     cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=kd)
-    fit(model, data, cfg, teacher=dense, progress=False)
-    note += f" + {args.finetune_epochs} ep KD"
+    teacher = dense if not args.teacher else _dense(args.teacher, data, args, out)[0]
+    fit(model, data, cfg, teacher=teacher, progress=False)
+    note += f" + {args.finetune_epochs} ep KD" + (f" from {args.teacher}" if args.teacher else "")
     row["float_acc"] = evaluate(model.eval(), data, "test")
     q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
     cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}", arm=True)
@@ -155,7 +156,8 @@ def zoo_rows(data, args, out: Path) -> list[dict]:
     rows = []
     for name in args.zoo.split(","):
         for dev_name in DEVICES:
-            path = out / f"{name}-{dev_name}.row.json"
+            tail = f"-t{args.teacher}" if args.teacher and args.teacher != name else ""
+            path = out / f"{name}-{dev_name}{tail}.row.json"  # a net's own teacher: as before
             row = _load_json(path)
             if row is None:
                 row = zoo_row(name, dev_name, data, args, out)
@@ -217,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="supernet stages made of fused blocks (k x k conv + 1x1 projection), from the first",
     )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="a zoo net (dense, --zoo-epochs) whose soft targets every fine-tuning uses, the "
+        "searched winner's and every zoo net's (default: the largest sub-network / the net's "
+        "own dense version)",
+    )
     p.add_argument("--space-samples", type=int, default=32, help="per width x resolution cell")
     p.add_argument("--space-top", type=int, default=3, help="cells searched by the evolution")
     p.add_argument("--rank-epochs", type=int, default=1)
@@ -251,13 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         args.space_samples, args.space_top = 2, 2
     out = Path(args.out)
     results, rows = {}, []
+    teacher = None
+    if args.teacher and parts & {"nas", "rank"}:  # the dense zoo net, trained --zoo-epochs
+        teacher = _dense(args.teacher, data, args, out / "zoo")[0]
+        teacher.input_shape = tuple(data.train.x.shape[1:])
     if parts & {"nas", "rank"}:
         for dev_name in args.devices.split(","):
             t0 = time.monotonic()
             res = nas(
                 data,
                 dev_name,
-                out=out / dev_name,
+                out=out / (dev_name + (f"-t{args.teacher}" if args.teacher else "")),
                 spec=spec,
                 max_latency_ms=args.latency_ms,
                 training=SandwichTraining(epochs=args.epochs, seed=0),
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 space_top=args.space_top,
                 finetune_epochs=args.nas_finetune_epochs,
                 finetune_alpha=args.kd_alpha,
+                finetune_teacher=teacher,
                 workers=0,
                 progress=False,
             )

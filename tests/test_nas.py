@@ -475,6 +475,41 @@ def test_the_winner_is_fine_tuned_on_labels_and_soft_targets_by_finetune_alpha(
         es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_alpha=1.5, **kw)
 
 
+def test_a_given_teacher_replaces_the_largest_subnetwork_in_the_fine_tuning(tmp_path, monkeypatch):
+    import edgeslim.core.train as train
+    import edgeslim.nas.api as api
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    fits = []
+    real_fit = train.fit
+
+    def recording_fit(model, data, cfg, **kw):
+        fits.append((cfg, kw.get("teacher")))
+        return real_fit(model, data, cfg, **kw)
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    monkeypatch.setattr(train, "fit", recording_fit)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))  # takes 1 x 16 x 16 only
+    teacher.input_shape = (1, 16, 16)
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
+    es.nas(_data(), "stm32f446", out=tmp_path, finetune_teacher=teacher, **kw)
+    (cfg, used), = fits  # fmt: skip
+    assert cfg.distill.alpha == 0.7 and used.teacher is teacher
+    x = torch.rand(3, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(used(x), teacher(resize(x, 16)))
+    meta = json.loads((tmp_path / "search" / "meta.json").read_text())
+    assert meta["search"]["finetune_teacher"].startswith("Sequential:")
+    with pytest.raises(ConfigError, match="input_shape"):
+        es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_teacher=nn.Linear(2, 2), **kw)
+
+
 # ----------------------------------------------------------------------------- deployment
 
 
