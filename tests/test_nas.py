@@ -487,7 +487,7 @@ def test_a_given_teacher_replaces_the_largest_subnetwork_in_the_fine_tuning(tmp_
     real_fit = train.fit
 
     def recording_fit(model, data, cfg, **kw):
-        fits.append((cfg, kw.get("teacher")))
+        fits.append((cfg, kw.get("teacher"), model, data))
         return real_fit(model, data, cfg, **kw)
 
     monkeypatch.setattr(api, "export_checked", fake_export)
@@ -499,15 +499,19 @@ def test_a_given_teacher_replaces_the_largest_subnetwork_in_the_fine_tuning(tmp_
               population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
               finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
     es.nas(_data(), "stm32f446", out=tmp_path, finetune_teacher=teacher, **kw)
-    (cfg, used), = fits  # fmt: skip
-    assert cfg.distill.alpha == 0.7 and used.teacher is teacher
-    x = torch.rand(3, 1, 12, 12)
+    (cfg, used, student, seen), = fits  # fmt: skip
+    assert cfg.distill.alpha == 0.7 and used is teacher
+    # the teacher sees the images as they are; the winner, inside the student, resized
+    assert seen.train.x.shape[1:] == (1, 16, 16) and student.input_shape == (1, 16, 16)
+    x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
-        assert torch.equal(used(x), teacher(resize(x, 16)))
+        assert torch.equal(student(x), student.model(resize(x, student.resolution)))
     meta = json.loads((tmp_path / "search" / "meta.json").read_text())
     assert meta["search"]["finetune_teacher"].startswith("Sequential:")
-    with pytest.raises(ConfigError, match="input_shape"):
-        es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_teacher=nn.Linear(2, 2), **kw)
+    bad = nn.Linear(2, 2)
+    bad.input_shape = (1, 28, 28)
+    with pytest.raises(ConfigError, match="finetune_teacher takes inputs of shape"):
+        es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_teacher=bad, **kw)
 
 
 # ----------------------------------------------------------------------------- deployment

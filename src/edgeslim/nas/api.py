@@ -185,8 +185,9 @@ def nas(
     ``finetune_alpha``: the winner's fine-tuning loss is ``alpha`` x the soft targets of the
     largest sub-network (:class:`~edgeslim.core.kd.KD`, temperature 4) + ``1 - alpha`` x
     cross-entropy on the labels (``0``: labels only, no teacher). ``finetune_teacher``: a
-    trained model whose soft targets replace the largest sub-network's (e.g. a bigger dense
-    net); it gets the winner's inputs resized (bilinear) back to its ``input_shape``.
+    trained model of ``data``'s images as they are, whose soft targets replace the largest
+    sub-network's (e.g. a bigger dense net); the winner sees the same images resized to its
+    resolution.
     """
     import tempfile
 
@@ -210,8 +211,12 @@ def nas(
             raise ConfigError(f"nas: {name} must be >= 1, got {v}")
     if not 0 <= finetune_alpha <= 1:
         raise ConfigError(f"nas: finetune_alpha must be in [0, 1], got {finetune_alpha}")
-    if finetune_teacher is not None and not hasattr(finetune_teacher, "input_shape"):
-        raise ConfigError("nas: finetune_teacher needs an input_shape (C, H, W) attribute")
+    teacher_shape = getattr(finetune_teacher, "input_shape", None)
+    if teacher_shape is not None and tuple(teacher_shape) != shape:
+        raise ConfigError(
+            f"nas: finetune_teacher takes inputs of shape {tuple(teacher_shape)}; the data's "
+            f"images are {shape}"
+        )
     training = training or SandwichTraining(seed=seed)
     budget = _budget(device, max_sram_kb, max_flash_kb, max_latency_ms)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-nas-"))
@@ -403,16 +408,19 @@ def _fingerprint(model: nn.Module) -> str:
     return f"{type(model).__name__}:{h.hexdigest()[:16]}"
 
 
-class _ResizedTeacher(nn.Module):
-    """``teacher`` run on its inputs resized to its own ``input_shape``."""
+class _ResizedInput(nn.Module):
+    """``model`` run on its inputs resized to ``resolution`` (to train a sub-network on the
+    data as it is, beside a teacher that needs the original images: a round trip through
+    the sub-network's resolution can cost such a teacher much of its accuracy)."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, model: nn.Module, resolution: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.teacher = teacher
-        self.resolution = int(teacher.input_shape[-1])
+        self.model = model
+        self.resolution = resolution
+        self.input_shape = input_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(resize(x, self.resolution))
+        return self.model(resize(x, self.resolution))
 
 
 def _deploy(
@@ -434,14 +442,16 @@ def _deploy(
         sub.load_state_dict(torch.load(weights, weights_only=True))
     else:
         if epochs > 0 and alpha > 0:
-            if teacher_model is not None:
-                teacher = _ResizedTeacher(teacher_model).eval()
+            kd = KD(alpha=alpha)
+            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=kd)
+            if teacher_model is not None:  # it sees the images as they are, the winner resized
+                shape = tuple(data.train.x.shape[1:])
+                student = _ResizedInput(sub, r, shape)
+                fit(student, data, tc, teacher=teacher_model.eval(), progress=progress)
             else:
                 largest = supernet.spec.largest(resolution=r)
                 teacher = recalibrate_bn(extract(supernet, largest), bn_x)
-            kd = KD(alpha=alpha)
-            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=kd)
-            fit(sub, rdata, tc, teacher=teacher, progress=progress)
+                fit(sub, rdata, tc, teacher=teacher, progress=progress)
         elif epochs > 0:  # labels only
             fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
                 progress=progress)  # fmt: skip
