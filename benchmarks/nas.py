@@ -52,7 +52,7 @@ from rich.table import Table
 
 import edgeslim as es
 from _tasks import cluttered_mnist
-from edgeslim.core.errors import LoweringError
+from edgeslim.core.errors import EdgeslimError, LoweringError
 from edgeslim.core.kd import KD
 from edgeslim.core.train import TrainConfig, evaluate, fit
 from edgeslim.nas.api import nas, resize_data
@@ -129,7 +129,15 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
             break
         frac *= 0.97 * args.latency_ms / cost["latency_ms"]
         model = copy.deepcopy(dense)
-        es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+        try:
+            es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+        except EdgeslimError as exc:  # e.g. a graph the pruner cannot trace
+            row.update({"dense_latency_ms": cost["latency_ms"], "fits": False})
+            row["note"] = (
+                f"exports to C (dense {cost['latency_ms']:.0f} ms), not prunable: "
+                + str(exc).splitlines()[0][:90]
+            )
+            return row
         note = f"ChannelPrune(macs={frac:.3f})"
         cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}-p")
     kd = KD(alpha=args.kd_alpha)
