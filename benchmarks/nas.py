@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fused-stages",
         type=int,
-        default=1,
+        default=2,
         help="supernet stages made of fused blocks (k x k conv + 1x1 projection), from the first",
     )
     p.add_argument(
