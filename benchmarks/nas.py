@@ -16,7 +16,8 @@ supernet's blocks on the F446, 2.5 M on the F746; the largest sub-network needs 
 or flash limits (they are checked all the same, from the exported C), so the latency limit
 is what makes the two budgets differ.
 
-**Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28) trained once with the
+**Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28, the first
+``--fused-stages`` stages made of fused blocks) trained once with the
 sandwich rule, then ``es.nas`` per device with the same checkpoint (space optimisation:
 ``--space-samples`` per width x resolution cell, the ``--space-top`` best cells searched
 together by the evolution, ``--population`` x ``--generations``; the 3 most accurate exported
@@ -51,7 +52,7 @@ from rich.table import Table
 
 import edgeslim as es
 from _tasks import cluttered_mnist
-from edgeslim.core.errors import LoweringError
+from edgeslim.core.errors import EdgeslimError, LoweringError
 from edgeslim.core.kd import KD
 from edgeslim.core.train import TrainConfig, evaluate, fit
 from edgeslim.nas.api import nas, resize_data
@@ -128,13 +129,22 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
             break
         frac *= 0.97 * args.latency_ms / cost["latency_ms"]
         model = copy.deepcopy(dense)
-        es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+        try:
+            es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
+        except EdgeslimError as exc:  # e.g. a graph the pruner cannot trace
+            row.update({"dense_latency_ms": cost["latency_ms"], "fits": False})
+            row["note"] = (
+                f"exports to C (dense {cost['latency_ms']:.0f} ms), not prunable: "
+                + str(exc).splitlines()[0][:90]
+            )
+            return row
         note = f"ChannelPrune(macs={frac:.3f})"
         cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}-p")
     kd = KD(alpha=args.kd_alpha)
     cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=kd)
-    fit(model, data, cfg, teacher=dense, progress=False)
-    note += f" + {args.finetune_epochs} ep KD"
+    teacher = dense if not args.teacher else _dense(args.teacher, data, args, out)[0]
+    fit(model, data, cfg, teacher=teacher, progress=False)
+    note += f" + {args.finetune_epochs} ep KD" + (f" from {args.teacher}" if args.teacher else "")
     row["float_acc"] = evaluate(model.eval(), data, "test")
     q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
     cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}", arm=True)
@@ -154,7 +164,8 @@ def zoo_rows(data, args, out: Path) -> list[dict]:
     rows = []
     for name in args.zoo.split(","):
         for dev_name in DEVICES:
-            path = out / f"{name}-{dev_name}.row.json"
+            tail = f"-t{args.teacher}" if args.teacher and args.teacher != name else ""
+            path = out / f"{name}-{dev_name}{tail}.row.json"  # a net's own teacher: as before
             row = _load_json(path)
             if row is None:
                 row = zoo_row(name, dev_name, data, args, out)
@@ -210,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0.7,
         help="fine-tuning (zoo and searched): weight of the soft targets, 1 - alpha: labels",
     )
+    p.add_argument(
+        "--fused-stages",
+        type=int,
+        default=2,
+        help="supernet stages made of fused blocks (k x k conv + 1x1 projection), from the first",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="a zoo net (dense, --zoo-epochs) whose soft targets every fine-tuning uses, the "
+        "searched winner's and every zoo net's (default: the largest sub-network / the net's "
+        "own dense version)",
+    )
     p.add_argument("--space-samples", type=int, default=32, help="per width x resolution cell")
     p.add_argument("--space-top", type=int, default=3, help="cells searched by the evolution")
     p.add_argument("--rank-epochs", type=int, default=1)
@@ -232,24 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     data = cluttered_mnist(seed=0)
-    spec = SupernetSpec(resolutions=(20, 24, 28))
+    spec = SupernetSpec(resolutions=(20, 24, 28), fused_stages=args.fused_stages)
     if args.quick:
         data = data.limit(256)
         spec = SupernetSpec(stem=8, stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
-                            resolutions=(20, 28))  # fmt: skip
+                            resolutions=(20, 28),
+                            fused_stages=min(args.fused_stages, 3))  # fmt: skip
         args.epochs, args.zoo_epochs, args.finetune_epochs = 1, 1, 1
         args.nas_finetune_epochs = 1
         args.population, args.generations, args.rank_n = 4, 1, 3
         args.space_samples, args.space_top = 2, 2
     out = Path(args.out)
     results, rows = {}, []
+    teacher = None
+    if args.teacher and parts & {"nas", "rank"}:  # the dense zoo net, trained --zoo-epochs
+        teacher = _dense(args.teacher, data, args, out / "zoo")[0]
+        teacher.input_shape = tuple(data.train.x.shape[1:])
     if parts & {"nas", "rank"}:
         for dev_name in args.devices.split(","):
             t0 = time.monotonic()
             res = nas(
                 data,
                 dev_name,
-                out=out / dev_name,
+                out=out / (dev_name + (f"-t{args.teacher}" if args.teacher else "")),
                 spec=spec,
                 max_latency_ms=args.latency_ms,
                 training=SandwichTraining(epochs=args.epochs, seed=0),
@@ -260,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 space_top=args.space_top,
                 finetune_epochs=args.nas_finetune_epochs,
                 finetune_alpha=args.kd_alpha,
+                finetune_teacher=teacher,
                 workers=0,
                 progress=False,
             )

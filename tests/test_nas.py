@@ -106,6 +106,87 @@ def test_kernels_are_centre_crops_of_the_largest():
     assert torch.equal(big.blocks[0].block[1][0].weight, dw_full)
 
 
+FUSED = SupernetSpec(
+    stem=4,
+    stages=((4, 2, 1), (8, 1, 2), (8, 1, 1)),
+    head=8,
+    expands=(2, 4),
+    fused_stages=2,
+    widths=(0.5, 1.0),
+    resolutions=(12, 16),
+)
+
+
+def _fused_net() -> Supernet:
+    torch.manual_seed(1)
+    net = Supernet(FUSED).train()
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.rand(8, 1, 16, 16), FUSED.largest())
+    return net.eval()
+
+
+def test_fused_stages_extract_to_plain_fused_blocks_equal_to_the_supernet():
+    from edgeslim.nas.extract import FusedInvertedResidual
+
+    net = _fused_net()
+    rng = random.Random(4)
+    cfgs = [FUSED.largest(), FUSED.smallest()] + [FUSED.sample(rng) for _ in range(4)]
+    for cfg in cfgs:
+        sub = extract(net, cfg).eval()
+        kinds = [type(b).__name__ for b in sub.blocks]
+        want = ["FusedInvertedResidual"] * (cfg.depths[0] + cfg.depths[1]) + ["InvertedResidual"]
+        assert kinds == want, cfg.key()
+        weights = [m.weight.numel() for m in sub.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        layers = FUSED.layers(cfg)
+        assert weights == [la["cout"] * la["cin"] // la["groups"] * la["k"] ** 2 for la in layers]
+        x = torch.rand(3, 1, cfg.resolution, cfg.resolution)
+        with torch.no_grad():
+            assert torch.equal(sub(x), net(x, cfg)), cfg.key()
+    # a fused block's kxk conv is the centre crop of the supernet's largest kernel
+    small = extract(net, FUSED.smallest(width=1.0))
+    assert isinstance(small.blocks[0], FusedInvertedResidual)
+    full = net.stages[0][0].conv.weight  # (4 x 3, 4, 5, 5): fused expands 1..3, kernels 3/5
+    assert full.shape == (12, 4, 5, 5)
+    assert torch.equal(small.blocks[0].block[0][0].weight, full[:4, :, 1:4, 1:4])
+    # the fused stages draw from their own choices; the others from expands / kernels
+    for cfg in cfgs:
+        FUSED.check(cfg)
+        assert set(cfg.expands[0]) <= {1, 2, 3} and set(cfg.kernels[1]) <= {3, 5}
+        assert set(cfg.expands[2]) <= {2, 4}
+    mutated = FUSED.mutate(FUSED.largest(), random.Random(0), p=1.0)
+    FUSED.check(mutated)
+    bad = FUSED.canonical(FUSED.smallest())
+    bad = SubnetConfig(
+        bad.resolution, bad.width, bad.depths, ((4, 1), (1,), (2,)), bad.kernels
+    )  # expand 4 is not a fused stage's choice
+    with pytest.raises(ConfigError, match="stage 0 block 0 expand 4"):
+        FUSED.check(bad)
+    with pytest.raises(ConfigError, match="fused_stages"):
+        SupernetSpec(fused_stages=9)
+    # the spec round-trips; without fused stages its dict is the one before they existed
+    assert SupernetSpec.from_dict(FUSED.to_dict()) == FUSED
+    assert "fused_stages" not in TINY.to_dict()
+
+
+@pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
+def test_a_fused_subnetwork_exports_to_int8_c_bit_exact(tmp_path):
+    from edgeslim.nas.api import export_checked
+
+    net = _fused_net()
+    cfg = FUSED.largest(resolution=16, width=1.0)
+    sub = recalibrate_bn(extract(net, cfg), torch.rand(32, 1, 16, 16))
+    calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = es.quantize(sub, es.Int8PTQ(calibration="minmax"), calib=calib)
+    verified, measured = export_checked(
+        qmodel, calib, "stm32f446", tmp_path / "c", tmp_path / "m.tflite", arm=False
+    )
+    assert "compiled C bit-exact on 32 inputs" in verified
+    assert 0 < measured["sram_kb"] < 128 and measured["latency_ms"] > 0
+    cost = SubnetCost(net, "stm32f446", code_bytes=0).predict(cfg)
+    assert cost["macs"] == FUSED.macs(cfg)
+
+
 def test_configs_outside_the_space_are_config_errors():
     good = TINY.largest()
     with pytest.raises(ConfigError, match="resolution 20"):
@@ -392,6 +473,45 @@ def test_the_winner_is_fine_tuned_on_labels_and_soft_targets_by_finetune_alpha(
         assert cfg.distill.alpha == alpha and teacher is not None
     with pytest.raises(ConfigError, match="finetune_alpha"):
         es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_alpha=1.5, **kw)
+
+
+def test_a_given_teacher_replaces_the_largest_subnetwork_in_the_fine_tuning(tmp_path, monkeypatch):
+    import edgeslim.core.train as train
+    import edgeslim.nas.api as api
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    fits = []
+    real_fit = train.fit
+
+    def recording_fit(model, data, cfg, **kw):
+        fits.append((cfg, kw.get("teacher"), model, data))
+        return real_fit(model, data, cfg, **kw)
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    monkeypatch.setattr(train, "fit", recording_fit)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))  # takes 1 x 16 x 16 only
+    teacher.input_shape = (1, 16, 16)
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
+    es.nas(_data(), "stm32f446", out=tmp_path, finetune_teacher=teacher, **kw)
+    (cfg, used, student, seen), = fits  # fmt: skip
+    assert cfg.distill.alpha == 0.7 and used is teacher
+    # the teacher sees the images as they are; the winner, inside the student, resized
+    assert seen.train.x.shape[1:] == (1, 16, 16) and student.input_shape == (1, 16, 16)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(student(x), student.model(resize(x, student.resolution)))
+    meta = json.loads((tmp_path / "search" / "meta.json").read_text())
+    assert meta["search"]["finetune_teacher"].startswith("Sequential:")
+    bad = nn.Linear(2, 2)
+    bad.input_shape = (1, 28, 28)
+    with pytest.raises(ConfigError, match="finetune_teacher takes inputs of shape"):
+        es.nas(_data(), "stm32f446", out=tmp_path / "bad", finetune_teacher=bad, **kw)
 
 
 # ----------------------------------------------------------------------------- deployment

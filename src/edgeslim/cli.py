@@ -393,6 +393,8 @@ def cmd_nas(args: argparse.Namespace) -> None:
     for name in ("stem", "head"):
         if getattr(args, name):
             fields[name] = getattr(args, name)
+    if args.fused_stages:
+        fields["fused_stages"] = args.fused_stages
     if args.widths:
         fields["widths"] = _floats(args.widths)
     if args.resolutions:
@@ -629,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="supernet stages C:MAXDEPTH:STRIDE,... e.g. 16:2:1,24:3:2")
     p.add_argument("--stem", type=int, help="stem channels")
     p.add_argument("--head", type=int, help="head channels")
+    p.add_argument(
+        "--fused-stages",
+        type=int,
+        default=0,
+        help="the first N stages use fused blocks (k x k conv + 1x1 projection, no depthwise)",
+    )
     p.add_argument("--limit-train", type=int, help="use only the first N training images")
     p.add_argument("--workers", type=int, default=0, help="processes for the accuracy jobs")
     p.add_argument("--ray", help="run accuracy jobs on Ray: auto or an ADDRESS")

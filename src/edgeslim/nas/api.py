@@ -160,6 +160,7 @@ def nas(
     finetune_epochs: int = 3,
     finetune_lr: float = 1e-3,
     finetune_alpha: float = 0.7,
+    finetune_teacher: nn.Module | None = None,
     workers: int | None = 0,
     ray: str | None = None,
     seed: int = 0,
@@ -183,7 +184,10 @@ def nas(
     (``population`` x ``generations``) searches the ``space_top`` best cells together.
     ``finetune_alpha``: the winner's fine-tuning loss is ``alpha`` x the soft targets of the
     largest sub-network (:class:`~edgeslim.core.kd.KD`, temperature 4) + ``1 - alpha`` x
-    cross-entropy on the labels (``0``: labels only, no teacher).
+    cross-entropy on the labels (``0``: labels only, no teacher). ``finetune_teacher``: a
+    trained model of ``data``'s images as they are, whose soft targets replace the largest
+    sub-network's (e.g. a bigger dense net); the winner sees the same images resized to its
+    resolution.
     """
     import tempfile
 
@@ -207,6 +211,12 @@ def nas(
             raise ConfigError(f"nas: {name} must be >= 1, got {v}")
     if not 0 <= finetune_alpha <= 1:
         raise ConfigError(f"nas: finetune_alpha must be in [0, 1], got {finetune_alpha}")
+    teacher_shape = getattr(finetune_teacher, "input_shape", None)
+    if teacher_shape is not None and tuple(teacher_shape) != shape:
+        raise ConfigError(
+            f"nas: finetune_teacher takes inputs of shape {tuple(teacher_shape)}; the data's "
+            f"images are {shape}"
+        )
     training = training or SandwichTraining(seed=seed)
     budget = _budget(device, max_sram_kb, max_flash_kb, max_latency_ms)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgeslim-nas-"))
@@ -231,6 +241,8 @@ def nas(
             "seed": seed,
         },
     }
+    if finetune_teacher is not None:  # only then: runs without one keep their settings
+        settings["search"]["finetune_teacher"] = _fingerprint(finetune_teacher)
     store = RunStore(out / "search", settings)
     timings: dict[str, float] = {}
 
@@ -361,7 +373,7 @@ def nas(
     if export:
         t0 = time.monotonic()
         _deploy(result, supernet, data, cfg, state, calib_idx, finetune_epochs, finetune_lr,
-                finetune_alpha, seed, out, progress)  # fmt: skip
+                finetune_alpha, seed, out, progress, finetune_teacher)  # fmt: skip
         timings["deploy_s"] = time.monotonic() - t0
     timings["total_s"] = time.monotonic() - started
     timings_file = out / "timings.json"
@@ -385,7 +397,36 @@ def _export_measure(model: nn.Module, calib, device, name: str, where: Path | No
         return measure_export(done, device)
 
 
-def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, alpha, seed, out, progress):
+def _fingerprint(model: nn.Module) -> str:
+    """The class and a hash of the weights of ``model`` (a run directory's identity)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"{type(model).__name__}:{h.hexdigest()[:16]}"
+
+
+class _ResizedInput(nn.Module):
+    """``model`` run on its inputs resized to ``resolution`` (to train a sub-network on the
+    data as it is, beside a teacher that needs the original images: a round trip through
+    the sub-network's resolution can cost such a teacher much of its accuracy)."""
+
+    def __init__(self, model: nn.Module, resolution: int, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.resolution = resolution
+        self.input_shape = input_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(resize(x, self.resolution))
+
+
+def _deploy(
+    result, supernet, data, cfg, state, calib_idx, epochs, lr, alpha, seed, out, progress,
+    teacher_model=None,
+):  # fmt: skip
     """Fine-tune (labels and the largest's soft targets at the same resolution, weighed by
     ``alpha``), quantize, export, check."""
     from edgeslim.core.kd import KD
@@ -401,10 +442,16 @@ def _deploy(result, supernet, data, cfg, state, calib_idx, epochs, lr, alpha, se
         sub.load_state_dict(torch.load(weights, weights_only=True))
     else:
         if epochs > 0 and alpha > 0:
-            teacher = recalibrate_bn(extract(supernet, supernet.spec.largest(resolution=r)), bn_x)
             kd = KD(alpha=alpha)
             tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=kd)
-            fit(sub, rdata, tc, teacher=teacher, progress=progress)
+            if teacher_model is not None:  # it sees the images as they are, the winner resized
+                shape = tuple(data.train.x.shape[1:])
+                student = _ResizedInput(sub, r, shape)
+                fit(student, data, tc, teacher=teacher_model.eval(), progress=progress)
+            else:
+                largest = supernet.spec.largest(resolution=r)
+                teacher = recalibrate_bn(extract(supernet, largest), bn_x)
+                fit(sub, rdata, tc, teacher=teacher, progress=progress)
         elif epochs > 0:  # labels only
             fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
                 progress=progress)  # fmt: skip

@@ -4,8 +4,10 @@ statistics re-estimated (Once-for-All, Cai et al. 2020, https://arxiv.org/abs/19
 :func:`extract` copies the active slices of the supernet's weights into plain ``Conv2d`` /
 ``BatchNorm2d`` / ``ReLU6`` / ``Linear`` layers -- the zoo's own inverted-residual block
 (:class:`edgeslim.core.models.zoo.InvertedResidual`) -- so that every edgeslim verb and
-exporter accepts the result. :func:`recalibrate_bn` replaces the supernet's running
-statistics, which mix many sub-networks, by the sub-network's own.
+exporter accepts the result (a fused stage's blocks: :class:`FusedInvertedResidual`, a
+``k x k`` conv + BatchNorm + ReLU6 and a 1x1 conv + BatchNorm). :func:`recalibrate_bn`
+replaces the supernet's running statistics, which mix many sub-networks, by the
+sub-network's own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,24 @@ from torch import nn
 from edgeslim.core.models.zoo import InvertedResidual, conv_bn
 from edgeslim.nas.supernet import DynBN, DynConv, SubnetConfig, Supernet, SupernetSpec, scaled
 
-__all__ = ["Subnet", "extract", "recalibrate_bn"]
+__all__ = ["FusedInvertedResidual", "Subnet", "extract", "recalibrate_bn"]
+
+
+class FusedInvertedResidual(nn.Module):
+    """k x k conv to ``cin x expand`` channels -> 1x1 linear projection (Fused-MBConv), with
+    a residual when shapes match; plain ``Conv2d`` / ``BatchNorm2d`` / ``ReLU6`` layers."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            conv_bn(cin, hidden, kernel, stride), conv_bn(hidden, cout, 1, act=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.use_residual else y
 
 
 class Subnet(nn.Module):
@@ -32,9 +51,8 @@ class Subnet(nn.Module):
             cout = scaled(c, cfg.width)
             for i in range(cfg.depths[s]):
                 st = stride if i == 0 else 1
-                blocks.append(
-                    InvertedResidual(cin, cout, st, cfg.expands[s][i], kernel=cfg.kernels[s][i])
-                )
+                kind = FusedInvertedResidual if spec.fused(s) else InvertedResidual
+                blocks.append(kind(cin, cout, st, cfg.expands[s][i], kernel=cfg.kernels[s][i]))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         head = scaled(spec.head, cfg.width)
@@ -75,6 +93,11 @@ def extract(supernet: Supernet, cfg: SubnetConfig) -> Subnet:
         for i in range(cfg.depths[s]):
             src, dst = supernet.stages[s][i], sub.blocks[j].block
             hidden, k = cin * cfg.expands[s][i], cfg.kernels[s][i]
+            if spec.fused(s):
+                _copy_conv_bn(dst[0], src.conv, src.bn1, cin, hidden, k)
+                _copy_conv_bn(dst[1], src.project, src.bn2, hidden, cout, 1)
+                cin, j = cout, j + 1
+                continue
             _copy_conv_bn(dst[0], src.expand, src.bn1, cin, hidden, 1)
             _copy_conv_bn(dst[1], src.dw, src.bn2, 1, hidden, k)
             _copy_conv_bn(dst[2], src.project, src.bn3, hidden, cout, 1)

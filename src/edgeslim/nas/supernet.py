@@ -12,6 +12,14 @@ sub-network of an elastic space; a sub-network uses
   first ``round(c x w)`` channels of every stage;
 - **resolution**: the input is resized (bilinear) to ``r x r``.
 
+**Fused blocks** (``fused_stages``; MCUNetV2, Lin et al. 2021, https://arxiv.org/abs/2110.15352,
+and EfficientNetV2's Fused-MBConv, Tan & Le 2021, https://arxiv.org/abs/2104.00298): the first
+``fused_stages`` stages use a *fused* inverted residual instead -- one full ``k x k`` conv from
+the input to the expanded width, then the 1x1 linear projection, no depthwise conv -- elastic
+in the same way (expansion ``fused_expands``, centre crop of the kernel ``fused_kernels``,
+width, depth). On a microcontroller a dense conv does several times the MACs of a depthwise
+one per instruction, so early, high-resolution stages may buy more accuracy per device-ms.
+
 The space is :class:`SupernetSpec`, a point in it :class:`SubnetConfig`. The supernet runs any
 point (``supernet(x, cfg)``); :func:`edgeslim.nas.extract.extract` cuts one out as an
 *ordinary* ``nn.Module``
@@ -38,7 +46,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 
-__all__ = ["SubnetConfig", "Supernet", "SupernetSpec", "resize", "scaled"]
+__all__ = ["DynFusedBlock", "SubnetConfig", "Supernet", "SupernetSpec", "resize", "scaled"]
 
 
 def scaled(channels: int, width: float) -> int:
@@ -116,6 +124,10 @@ class SupernetSpec:
     widths: tuple[float, ...] = (0.5, 0.75, 1.0)
     resolutions: tuple[int, ...] = (20, 24, 28, 32)
     min_depth: int = 1
+    # the first ``fused_stages`` stages use fused blocks (kxk conv + 1x1 projection)
+    fused_stages: int = 0
+    fused_expands: tuple[int, ...] = (1, 2, 3)
+    fused_kernels: tuple[int, ...] = (3, 5)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -123,38 +135,59 @@ class SupernetSpec:
             raise ConfigError(
                 f"SupernetSpec.stages: (channels, depth, stride) >= 1 each: {self.stages}"
             )
-        for name in ("expands", "kernels", "widths", "resolutions"):
+        choices = ("expands", "kernels", "widths", "resolutions", "fused_expands", "fused_kernels")
+        for name in choices:
             values = getattr(self, name)
             if not values or list(values) != sorted(set(values)):
                 raise ConfigError(f"SupernetSpec.{name} must be increasing, distinct: {values}")
-        if any(k % 2 == 0 for k in self.kernels):
-            raise ConfigError(f"SupernetSpec.kernels must be odd: {self.kernels}")
+        if any(k % 2 == 0 for k in self.kernels + self.fused_kernels):
+            raise ConfigError(
+                f"SupernetSpec.kernels / fused_kernels must be odd: {self.kernels}, "
+                f"{self.fused_kernels}"
+            )
+        if not 0 <= self.fused_stages <= len(self.stages):
+            raise ConfigError(
+                f"SupernetSpec.fused_stages {self.fused_stages} not in 0..{len(self.stages)}"
+            )
         if not 1 <= self.min_depth <= min(d for _, d, _ in self.stages):
             raise ConfigError(f"SupernetSpec.min_depth {self.min_depth} out of range")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("extra")
+        if not self.fused_stages:  # as before fused blocks existed: old runs still resume
+            for k in ("fused_stages", "fused_expands", "fused_kernels"):
+                d.pop(k)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SupernetSpec:
         d = dict(d)
         d["stages"] = tuple(tuple(s) for s in d["stages"])
-        for k in ("expands", "kernels", "widths", "resolutions"):
-            d[k] = tuple(d[k])
+        for k in ("expands", "kernels", "widths", "resolutions", "fused_expands", "fused_kernels"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
+
+    def fused(self, stage: int) -> bool:
+        """Whether stage ``stage`` is made of fused blocks."""
+        return stage < self.fused_stages
+
+    def expand_choices(self, stage: int) -> tuple[int, ...]:
+        """The expansion ratios of stage ``stage``'s blocks."""
+        return self.fused_expands if self.fused(stage) else self.expands
+
+    def kernel_choices(self, stage: int) -> tuple[int, ...]:
+        """The kernel sizes of stage ``stage``'s blocks."""
+        return self.fused_kernels if self.fused(stage) else self.kernels
 
     # -- points of the space
     def _fill(self, depths, pick_e, pick_k, resolution: int, width: float) -> SubnetConfig:
         exps, kers = [], []
         for s, (_, dmax, _) in enumerate(self.stages):
-            exps.append(
-                tuple(pick_e(s, i) if i < depths[s] else self.expands[0] for i in range(dmax))
-            )
-            kers.append(
-                tuple(pick_k(s, i) if i < depths[s] else self.kernels[0] for i in range(dmax))
-            )
+            e0, k0 = self.expand_choices(s)[0], self.kernel_choices(s)[0]
+            exps.append(tuple(pick_e(s, i) if i < depths[s] else e0 for i in range(dmax)))
+            kers.append(tuple(pick_k(s, i) if i < depths[s] else k0 for i in range(dmax)))
         return SubnetConfig(resolution, width, tuple(depths), tuple(exps), tuple(kers))
 
     def canonical(self, cfg: SubnetConfig) -> SubnetConfig:
@@ -186,17 +219,17 @@ class SupernetSpec:
             if len(cfg.expands[s]) != dmax or len(cfg.kernels[s]) != dmax:
                 raise ConfigError(f"{where}: stage {s} needs {dmax} expands and kernels")
             for i in range(cfg.depths[s]):
-                if cfg.expands[s][i] not in self.expands:
+                if cfg.expands[s][i] not in self.expand_choices(s):
                     raise ConfigError(f"{where}: stage {s} block {i} expand {cfg.expands[s][i]}")
-                if cfg.kernels[s][i] not in self.kernels:
+                if cfg.kernels[s][i] not in self.kernel_choices(s):
                     raise ConfigError(f"{where}: stage {s} block {i} kernel {cfg.kernels[s][i]}")
 
     def largest(self, resolution: int | None = None, width: float | None = None) -> SubnetConfig:
         """Every dimension at its maximum (resolution and width as given)."""
         return self._fill(
             [d for _, d, _ in self.stages],
-            lambda s, i: self.expands[-1],
-            lambda s, i: self.kernels[-1],
+            lambda s, i: self.expand_choices(s)[-1],
+            lambda s, i: self.kernel_choices(s)[-1],
             resolution or self.resolutions[-1],
             width or self.widths[-1],
         )
@@ -205,8 +238,8 @@ class SupernetSpec:
         """Every dimension at its minimum (resolution and width as given)."""
         return self._fill(
             [self.min_depth] * len(self.stages),
-            lambda s, i: self.expands[0],
-            lambda s, i: self.kernels[0],
+            lambda s, i: self.expand_choices(s)[0],
+            lambda s, i: self.kernel_choices(s)[0],
             resolution or self.resolutions[0],
             width or self.widths[0],
         )
@@ -218,8 +251,8 @@ class SupernetSpec:
         depths = [rng.randint(self.min_depth, d) for _, d, _ in self.stages]
         return self._fill(
             depths,
-            lambda s, i: rng.choice(self.expands),
-            lambda s, i: rng.choice(self.kernels),
+            lambda s, i: rng.choice(self.expand_choices(s)),
+            lambda s, i: rng.choice(self.kernel_choices(s)),
             resolution if resolution is not None else rng.choice(self.resolutions),
             width if width is not None else rng.choice(self.widths),
         )
@@ -232,18 +265,18 @@ class SupernetSpec:
             for s, (_, dmax, _) in enumerate(self.stages)
         ]
 
-        def gene(attr: str, choices: tuple[int, ...]):
+        def gene(attr: str, choices):
             def pick(s: int, i: int) -> int:
                 if i >= cfg.depths[s] or rng.random() < p:  # a new block, or mutated
-                    return rng.choice(choices)
+                    return rng.choice(choices(s))
                 return getattr(cfg, attr)[s][i]
 
             return pick
 
         return self._fill(
             depths,
-            gene("expands", self.expands),
-            gene("kernels", self.kernels),
+            gene("expands", self.expand_choices),
+            gene("kernels", self.kernel_choices),
             cfg.resolution,
             cfg.width,
         )
@@ -285,6 +318,16 @@ class SupernetSpec:
                 st = stride if i == 0 else 1
                 hidden = cin * cfg.expands[s][i]
                 k = cfg.kernels[s][i]
+                if self.fused(s):  # k x k conv to the hidden width, then the projection
+                    out.append(
+                        {"cin": cin, "cout": hidden, "k": k, "groups": 1, "hw": hw, "stride": st}
+                    )
+                    hw = _down(hw, st)
+                    out.append(
+                        {"cin": hidden, "cout": cout, "k": 1, "groups": 1, "hw": hw, "stride": 1}
+                    )
+                    cin = cout
+                    continue
                 out.append({"cin": cin, "cout": hidden, "k": 1, "groups": 1, "hw": hw, "stride": 1})
                 out.append(
                     {
@@ -394,6 +437,25 @@ class DynBlock(nn.Module):
         return x + y if self.stride == 1 and cin == cout else y
 
 
+class DynFusedBlock(nn.Module):
+    """A fused inverted residual: k x k conv to ``cin x e`` channels, then the 1x1 projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kmax: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.stride = stride
+        self.conv = DynConv(cin, hidden, kmax)
+        self.bn1 = DynBN(hidden)
+        self.project = DynConv(hidden, cout, 1)
+        self.bn2 = DynBN(cout)
+
+    def forward(self, x: torch.Tensor, cout: int, e: int, k: int) -> torch.Tensor:
+        cin = x.shape[1]
+        y = F.relu6(self.bn1(self.conv(x, cin * e, k, self.stride)))
+        y = self.bn2(self.project(y, cout, 1, 1))
+        return x + y if self.stride == 1 and cin == cout else y
+
+
 class Supernet(nn.Module):
     """The supernet of ``spec``: ``supernet(x, cfg)`` runs sub-network ``cfg`` (default:
     the largest) on ``x`` resized to ``cfg.resolution``."""
@@ -402,14 +464,15 @@ class Supernet(nn.Module):
         super().__init__()
         spec = spec or SupernetSpec()
         self.spec = spec
-        kmax, emax = spec.kernels[-1], spec.expands[-1]
         self.stem = DynConv(spec.in_channels, spec.stem, 3)
         self.stem_bn = DynBN(spec.stem)
         stages = []
         cin = spec.stem
-        for c, depth, stride in spec.stages:
+        for s, (c, depth, stride) in enumerate(spec.stages):
+            block = DynFusedBlock if spec.fused(s) else DynBlock
+            emax, kmax = spec.expand_choices(s)[-1], spec.kernel_choices(s)[-1]
             blocks = [
-                DynBlock(cin if i == 0 else c, c, stride if i == 0 else 1, emax, kmax)
+                block(cin if i == 0 else c, c, stride if i == 0 else 1, emax, kmax)
                 for i in range(depth)
             ]
             stages.append(nn.ModuleList(blocks))
