@@ -13,10 +13,15 @@ For each new frame, as in DeepCache:
    an output position is reused when every input pixel of its receptive field is reusable
    and moved by one motion vector; its value is the cached output at the position that
    vector (divided by the layer's stride, rounded) points to. Everything else is dirty.
-3. **Recompute the rest**: dirty positions are grouped in ``tile x tile`` tiles; only those
-   tiles are convolved (their input patches gathered from the layer's zero-padded input,
-   one batched conv), and pasted over the reused map. Cheap element-wise layers and pooling
-   run on the whole map. Past the prefix, the network runs as usual.
+3. **Recompute the rest**: dirty positions are grouped in ``tile x tile`` tiles; the
+   bounding box of those tiles is convolved (one conv call on a crop of the layer's input)
+   and pasted over the shifted cache. Element-wise layers and pooling run on the whole map
+   (or are reused when their input did not change). Past the prefix, the network runs as
+   usual.
+
+The bookkeeping (matching, masks) runs on the block grid in numpy with index maps made once
+per frame size, so that its cost stays well under the convolutions' (see
+:class:`FrameCachedModel`).
 
 The cached prefix is the model's longest leading chain of Conv2d / BatchNorm2d / ReLU /
 ReLU6 / MaxPool2d / AvgPool2d (or up to ``until``). Rounded motion vectors and the matching
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -82,8 +88,10 @@ def _prefix(model: nn.Module, until: str | None) -> tuple[list[_Layer], str]:
             m = modules[node.target]
             if isinstance(m, nn.Conv2d):
                 k, s, p, d = (_pair(v)[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
-                if _pair(m.kernel_size)[0] != _pair(m.kernel_size)[1] or not isinstance(
-                    m.padding, tuple
+                if (
+                    _pair(m.kernel_size)[0] != _pair(m.kernel_size)[1]
+                    or not isinstance(m.padding, tuple)
+                    or m.padding_mode != "zeros"
                 ):
                     break
                 k_eff = d * (k - 1) + 1
@@ -121,11 +129,103 @@ def _prefix(model: nn.Module, until: str | None) -> tuple[list[_Layer], str]:
     return layers, last_name
 
 
+class _ConvGeometry:
+    """For one conv of the prefix at a fixed frame size: which input blocks each output
+    row / column sees, and the cache shift of each motion vector at its stride."""
+
+    def __init__(self, layer: _Layer, out_hw, hw, block: int, table: np.ndarray) -> None:
+        self.ho, self.wo = out_hw
+        k, s, p = layer.rf, layer.stride, layer.pad
+        # distinct block ranges of the receptive fields along each axis, and which one
+        # each output row (column) has: positions that see the same blocks share a verdict
+        self.rows, self.row_of = self._ranges(self.ho, hw[0], k, s, p, block)
+        self.cols, self.col_of = self._ranges(self.wo, hw[1], k, s, p, block)
+        # the cache position a reused output comes from, per motion vector
+        self.fy = np.round(table[:, 0] / s).astype(np.int64)
+        self.fx = np.round(table[:, 1] / s).astype(np.int64)
+        self.ar_h, self.ar_w = np.arange(self.ho)[:, None], np.arange(self.wo)[None, :]
+
+    @staticmethod
+    def _ranges(n_out: int, size: int, k: int, s: int, p: int, block: int):
+        lo = np.clip(np.arange(n_out) * s - p, 0, size - 1)
+        hi = np.clip(np.arange(n_out) * s - p + k - 1, 0, size - 1)
+        blocks = np.stack([lo // block, hi // block], 1)
+        pairs, which = np.unique(blocks, axis=0, return_inverse=True)
+        nb = math.ceil(size / block)
+        member = (np.arange(nb)[None] >= pairs[:, :1]) & (np.arange(nb)[None] <= pairs[:, 1:])
+        return member, which.reshape(-1)
+
+    def reuse(self, code: np.ndarray):
+        """``(reusable (Ho, Wo) bool, flat cache index (Ho*Wo,) or None when unshifted)``.
+
+        A position is reusable when every block of its receptive field matched with one
+        motion vector and the shifted source lies inside the map."""
+        big = np.int64(1 << 30)
+        c = code.astype(np.int64)
+        # min and max of the block codes over each window: rows first, then columns
+        lo = np.where(self.rows[:, :, None], c[None], big).min(1)  # (row ranges, wb)
+        hi = np.where(self.rows[:, :, None], c[None], -big).max(1)
+        lo = np.where(self.cols[None], lo[:, None, :], big).min(2)  # (row ranges, col ranges)
+        hi = np.where(self.cols[None], hi[:, None, :], -big).max(2)
+        ok = (lo == hi) & (lo >= 0)  # one motion vector, no dirty block (code -1)
+        ok = ok[self.row_of[:, None], self.col_of[None, :]]  # (Ho, Wo)
+        vec = lo[self.row_of[:, None], self.col_of[None, :]].clip(0)
+        fy, fx = self.fy[vec], self.fx[vec]
+        rows, cols = self.ar_h - fy, self.ar_w - fx
+        ok &= (rows >= 0) & (rows < self.ho) & (cols >= 0) & (cols < self.wo)
+        if not (fy[ok].any() or fx[ok].any()):
+            return ok, None
+        src = rows.clip(0, self.ho - 1) * self.wo + cols.clip(0, self.wo - 1)
+        return ok, src.reshape(-1)
+
+
+class _Geometry:
+    """Everything about a frame size that does not change from frame to frame."""
+
+    def __init__(self, cfg: FrameCache, layers: list[_Layer], feats, shape) -> None:
+        _, c, h, w = shape
+        b, r = cfg.block, cfg.search
+        self.c, self.h, self.w, self.hb, self.wb = c, h, w, math.ceil(h / b), math.ceil(w / b)
+        self.hp, self.wp = self.hb * b, self.wb * b
+        offsets = sorted(
+            ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
+            key=lambda o: abs(o[0]) + abs(o[1]),
+        )  # zero motion first: it wins ties
+        n = 2 * r + 1  # window (i, j) of prev holds the content moved by (r - i, r - j)
+        self.order = np.array([(r - dy) * n + (r - dx) for dy, dx in offsets])
+        self.table = np.array(offsets, dtype=np.int64)
+        self.convs = [
+            _ConvGeometry(la, f.shape[2:], (h, w), b, self.table)
+            for la, f in zip(layers, feats, strict=True)
+            if la.module is not None
+        ]
+        inside = np.zeros((self.hp, self.wp))
+        inside[:h, :w] = 1
+        self.block_pixels = inside.reshape(self.hb, b, self.wb, b).sum((1, 3))
+        # the previous frame, NaN around it (a shift out of the frame never matches), and
+        # the current one zero-padded to whole blocks; two buffers swapped every frame
+        self.prev = np.full((c, self.hp + 2 * r, self.wp + 2 * r), np.nan, dtype=np.float32)
+        self.next = self.prev.copy()
+        self.cur = np.zeros((c, self.hp, self.wp), dtype=np.float32)
+
+    def store(self, frame: np.ndarray, r: int) -> None:
+        """Make ``frame`` (C, H, W) the previous frame of the next step."""
+        self.prev, self.next = self.next, self.prev
+        self.prev[:, r : r + self.h, r : r + self.w] = frame
+
+
 class FrameCachedModel(nn.Module):
     """``model`` with a DeepCache-style cache for a stream of frames at batch 1.
 
     ``step(frame)`` returns the logits of one frame ``(1, C, H, W)`` and updates the cache;
     ``reset()`` forgets it. ``last_stats`` tells what the last step reused.
+
+    The bookkeeping is sized for speed: block matching and the reuse masks are computed on
+    the block grid in numpy (tiny arrays, about a microsecond per operation) with index maps
+    made once per frame size; per conv, the cache is shifted by one gather (none when no
+    reused position moved) and the dirty positions are recomputed by one conv call on the
+    bounding box of their tiles. A frame that matches the previous one everywhere without
+    motion runs no prefix layer at all.
     """
 
     def __init__(self, model: nn.Module, cfg: FrameCache) -> None:
@@ -141,107 +241,52 @@ class FrameCachedModel(nn.Module):
     def reset(self) -> None:
         """Forget the cached frame and features."""
         self.prev: torch.Tensor | None = None
-        self.cache: list[torch.Tensor] = []
+        self.cache: list[torch.Tensor] = []  # every prefix layer's output
         self.last_stats: dict[str, float] = {}
+        self._geom: _Geometry | None = None
 
     # -- block matching ------------------------------------------------------------
 
-    def _offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Search offsets nearest first, as indices into the unfolded windows, and (dy, dx)."""
-        if getattr(self, "_order", None) is None:
-            r = self.cfg.search
-            offsets = sorted(
-                ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
-                key=lambda o: abs(o[0]) + abs(o[1]),
-            )  # zero motion first: it wins ties
-            n = 2 * r + 1  # window (i, j) of prev holds the content moved by (r - i, r - j)
-            self._order = torch.tensor([(r - dy) * n + (r - dx) for dy, dx in offsets])
-            self._table = torch.tensor(offsets)
-        return self._order, self._table
+    def _codes(self, cur: np.ndarray) -> np.ndarray:
+        """Per block of ``cur`` (C, H, W): the index of its motion vector in the search
+        order (0: no motion), or -1 where no offset matched."""
+        g, b, r, thr = self._geom, self.cfg.block, self.cfg.search, self.cfg.threshold
+        g.cur[:, : g.h, : g.w] = cur
+        norm = np.float32(1.0 / (b * b * g.c))
 
-    def match(self, cur: torch.Tensor, prev: torch.Tensor):
-        """Per pixel: ``(dirty (H, W) bool, motion dy (H, W), motion dx (H, W))``."""
-        b, r = self.cfg.block, self.cfg.search
-        _, c, h, w = cur.shape
-        hb, wb = math.ceil(h / b), math.ceil(w / b)
-        ph, pw = hb * b - h, wb * b - w
-        order, table = self._offsets()
-        cp = F.pad(cur, (0, pw, 0, ph))
-        p = F.pad(prev, (r, r + pw, r, r + ph), value=float("nan"))
-        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, H', W')
-        # content moved by (dy, dx): cur[y, x] ~ prev[y - dy, x - dx]
-        windows = p[0].unfold(1, hb * b, 1).unfold(2, wb * b, 1)
-        diff = (windows - cp[0, :, None, None]).abs().sum(0).flatten(0, 1)  # (offsets, H', W')
-        err = F.avg_pool2d(diff[order], b) / c  # (offsets, hb, wb), nearest offset first
+        def err(window, cp, nb_h, nb_w):  # mean |difference| per block, NaN outside
+            d = np.abs(window - cp).sum(0)
+            return d.reshape(*d.shape[:-2], nb_h, b, nb_w, b).sum((-3, -1)) * norm
+
+        still = err(g.prev[:, r : r + g.hp, r : r + g.wp], g.cur, g.hb, g.wb) <= thr
+        code = np.zeros((g.hb, g.wb), dtype=np.int64)
+        if still.all() or r == 0:
+            code[~still] = -1
+            return code
+        # search only the blocks' bounding box of those that moved or changed
+        ys, xs = np.nonzero(~still)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        sub = g.prev[:, y0 * b : y1 * b + 2 * r, x0 * b : x1 * b + 2 * r]
+        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, h', w')
+        windows = np.lib.stride_tricks.sliding_window_view(
+            sub, ((y1 - y0) * b, (x1 - x0) * b), axis=(1, 2)
+        )
+        cp = g.cur[:, None, None, y0 * b : y1 * b, x0 * b : x1 * b]
+        e = err(windows, cp, y1 - y0, x1 - x0).reshape(-1, y1 - y0, x1 - x0)[g.order]
         # as DeepCache's search from the zero vector: the smallest motion that matches wins
         # (the best match of a flat or noisy block is often a meaningless shift)
-        match = err.nan_to_num(math.inf) <= self.cfg.threshold  # (offsets, hb, wb)
-        ok = match.any(0)
-        which = match.to(torch.uint8).argmax(0)  # first matching offset: offsets are sorted
-        maps = torch.stack([(~ok).long(), table[which, 0], table[which, 1]])
-        maps = maps.repeat_interleave(b, 1).repeat_interleave(b, 2)[:, :h, :w]
-        return maps[0].bool(), maps[1], maps[2]
+        match = e <= thr  # NaN (out of the frame) never matches
+        code[y0:y1, x0:x1] = np.where(match.any(0), match.argmax(0), -1)
+        return code
 
     # -- one frame -------------------------------------------------------------------
 
     def _full(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feats = []
+        outs = []
         for layer in self.layers:
             x = layer.module(x) if layer.module is not None else layer.fn(x)
-            if layer.module is not None:
-                feats.append(x)
-        return x, feats
-
-    def _reuse_mask(self, layer: _Layer, out_hw, dirty, my, mx):
-        """Reusable output positions of a conv and their source positions in the cache."""
-        ho, wo = out_hw
-        k, s, p = layer.rf, layer.stride, layer.pad
-        h, w = dirty.shape
-        need_h, need_w = (ho - 1) * s + k, (wo - 1) * s + k
-        pads = (p, max(0, need_w - w - p), p, max(0, need_h - h - p))
-
-        maps = torch.stack([dirty.float() * 1e9, my.float(), mx.float(), -my.float(), -mx.float()])
-        maps = F.pad(maps[None], pads, value=-1e9)[:, :, :need_h, :need_w]
-        pooled = F.max_pool2d(maps, k, s)[0]  # (5, Ho, Wo): max of each map
-        bad = pooled[0] > 0
-        hi_y, hi_x, lo_y, lo_x = pooled[1], pooled[2], -pooled[3], -pooled[4]
-        uniform = (hi_y == lo_y) & (hi_x == lo_x)
-        fy, fx_ = torch.round(hi_y / s).long(), torch.round(hi_x / s).long()
-        rows = torch.arange(ho)[:, None] - fy
-        cols = torch.arange(wo)[None, :] - fx_
-        inside = (rows >= 0) & (rows < ho) & (cols >= 0) & (cols < wo)
-        reuse = ~bad & uniform & inside
-        return reuse, rows.clamp(0, ho - 1), cols.clamp(0, wo - 1)
-
-    def _conv_tiles(self, conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, dirty: torch.Tensor):
-        """Recompute ``out`` (1, C, Ho, Wo) at the tiles of ``dirty`` (Ho, Wo) from ``x``."""
-        t = self.cfg.tile
-        ho, wo = dirty.shape
-        th, tw = math.ceil(ho / t), math.ceil(wo / t)
-        tiles = F.pad(dirty[None, None].float(), (0, tw * t - wo, 0, th * t - ho))
-        tiles = F.max_pool2d(tiles, t)[0, 0] > 0  # (th, tw)
-        n = int(tiles.sum())
-        if n == 0:
-            return 0
-        if n >= 0.75 * th * tw:  # mostly dirty: the plain conv is cheaper
-            out.copy_(conv(x))
-            return th * tw
-        s, d = _pair(conv.stride)[0], _pair(conv.dilation)[0]
-        p, k = _pair(conv.padding)[0], _pair(conv.kernel_size)[0]
-        span = (t - 1) * s + d * (k - 1) + 1
-        need_h, need_w = (th * t - 1) * s + d * (k - 1) + 1, (tw * t - 1) * s + d * (k - 1) + 1
-        xp = F.pad(x, (p, max(0, need_w - x.shape[3] - p), p, max(0, need_h - x.shape[2] - p)))
-        xp = xp[:, :, :need_h, :need_w]
-        ty, tx = tiles.nonzero(as_tuple=True)
-        cols = F.unfold(xp, span, stride=t * s)[0]  # (C * span * span, th * tw)
-        patches = cols[:, ty * tw + tx].T.reshape(n, x.shape[1], span, span)
-        y = F.conv2d(patches, conv.weight, conv.bias, s, 0, d, conv.groups)  # (n, C, t, t)
-        c = out.shape[1]
-        grid = out.new_zeros((c, th * t, tw * t))
-        grid[:, :ho, :wo] = out[0]
-        grid.view(c, th, t, tw, t).permute(1, 3, 0, 2, 4)[ty, tx] = y
-        out[0] = grid[:, :ho, :wo]
-        return n
+            outs.append(x)
+        return x, outs
 
     def step(self, frame: torch.Tensor) -> torch.Tensor:
         """Logits for one frame (1, C, H, W), reusing what the cache allows."""
@@ -250,39 +295,92 @@ class FrameCachedModel(nn.Module):
                 f"FrameCachedModel.step: one frame (1, C, H, W), got {tuple(frame.shape)}"
             )
         with torch.no_grad():
+            cur = frame[0].detach().cpu().numpy()
             if self.prev is None or self.prev.shape != frame.shape:
-                x, feats = self._full(frame)
+                x, outs = self._full(frame)
+                self._geom = _Geometry(self.cfg, self.layers, outs, frame.shape)
                 self.last_stats = {"reused": 0.0}
             else:
-                x, feats = self._cached(frame)
-            self.prev, self.cache = frame.clone(), feats
+                x, outs = self._cached(frame, cur)
+            self._geom.store(cur, self.cfg.search)
+            self.prev, self.cache = frame, outs
             return self.rest(x)
 
-    def _cached(self, frame: torch.Tensor):
-        dirty, my, mx = self.match(frame, self.prev)
-        x, feats, k = frame, [], 0
-        reused = total = 0
-        for layer in self.layers:
+    def _cached(self, frame: torch.Tensor, cur: np.ndarray):
+        g = self._geom
+        code = self._codes(cur)
+        dirty = float((g.block_pixels * (code < 0)).sum()) / (g.h * g.w)
+        if not code.any():  # every block matched without motion: nothing to compute
+            self.last_stats = {"reused": 1.0, "recomputed": 0.0, "dirty_pixels": dirty}
+            return self.cache[-1], self.cache
+        if (code < 0).all():
+            x, outs = self._full(frame)
+            self.last_stats = {"reused": 0.0, "recomputed": 1.0, "dirty_pixels": dirty}
+            return x, outs
+        x, outs, k = frame, [], 0
+        reused = recomputed = total = 0
+        same = False  # the input of this layer equals the cached one
+        for j, layer in enumerate(self.layers):
             if layer.module is None:
-                x = layer.fn(x)
+                x = self.cache[j] if same else layer.fn(x)
+                outs.append(x)
                 continue
-            old = self.cache[k]
-            reuse, rows, cols = self._reuse_mask(layer, old.shape[2:], dirty, my, mx)
-            out = old[:, :, rows, cols] * reuse  # shifted cache where reusable, 0 elsewhere
-            self._conv_tiles(layer.module, x, out, ~reuse)
-            reused += int(reuse.sum())
-            total += reuse.numel()
-            feats.append(out)
-            x, k = out, k + 1
+            geo, old = g.convs[k], self.cache[j]
+            ok, src = geo.reuse(code)
+            n_ok = int(ok.sum())
+            reused, total, k = reused + n_ok, total + ok.size, k + 1
+            box = self._box(ok)
+            if n_ok == 0 or (box is not None and box[4] >= 0.9 * ok.size):
+                out = layer.module(x)  # (almost) all dirty: the plain conv is cheaper
+                recomputed += ok.size
+            else:
+                # the cache shifted by the motion vectors (one gather), or as it is
+                out = old if src is None else old.flatten(2)[:, :, torch.from_numpy(src)]
+                out = out.view_as(old)
+                if box is not None:
+                    y0, y1, x0, x1, area = box
+                    out[:, :, y0:y1, x0:x1] = _conv_crop(layer.module, x, y0, y1, x0, x1)
+                    recomputed += area
+            same = box is None and src is None
+            outs.append(out)
+            x = out
         self.last_stats = {
             "reused": reused / max(1, total),
-            "dirty_pixels": float(dirty.float().mean()),
+            "recomputed": recomputed / max(1, total),
+            "dirty_pixels": dirty,
         }
-        return x, feats
+        return x, outs
+
+    def _box(self, ok: np.ndarray):
+        """``(y0, y1, x0, x1, area)``: the bounding box of the ``tile``-aligned tiles that
+        hold a position not reusable, or None when all are reusable."""
+        t = self.cfg.tile
+        bad_rows, bad_cols = np.flatnonzero(~ok.all(1)), np.flatnonzero(~ok.all(0))
+        if bad_rows.size == 0:
+            return None
+        ho, wo = ok.shape
+        y0, y1 = bad_rows[0] // t * t, min(ho, (bad_rows[-1] // t + 1) * t)
+        x0, x1 = bad_cols[0] // t * t, min(wo, (bad_cols[-1] // t + 1) * t)
+        return int(y0), int(y1), int(x0), int(x1), int((y1 - y0) * (x1 - x0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Frames in order ``(T, C, H, W)``: each one a step; logits ``(T, classes)``."""
         return torch.cat([self.step(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def _conv_crop(conv: nn.Conv2d, x: torch.Tensor, y0: int, y1: int, x0: int, x1: int):
+    """``conv(x)[:, :, y0:y1, x0:x1]``, computing only that box (one conv on a crop)."""
+    s, d = _pair(conv.stride)[0], _pair(conv.dilation)[0]
+    p, k = _pair(conv.padding)[0], _pair(conv.kernel_size)[0]
+    span = d * (k - 1) + 1
+    top, bottom = y0 * s - p, (y1 - 1) * s - p + span  # input rows, unpadded coordinates
+    left, right = x0 * s - p, (x1 - 1) * s - p + span
+    h, w = x.shape[2:]
+    crop = x[:, :, max(0, top) : min(h, bottom), max(0, left) : min(w, right)]
+    pads = (max(0, -left), max(0, right - w), max(0, -top), max(0, bottom - h))
+    if any(pads):
+        crop = F.pad(crop, pads)
+    return F.conv2d(crop, conv.weight, conv.bias, s, 0, d, conv.groups)
 
 
 def add_frame_cache(model: nn.Module, cfg: FrameCache) -> FrameCachedModel:
