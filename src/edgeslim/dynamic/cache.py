@@ -129,8 +129,76 @@ def _prefix(model: nn.Module, until: str | None) -> tuple[list[_Layer], str]:
     return layers, last_name
 
 
+class _Stage:
+    """A conv of the prefix with the element-wise and pooling layers up to the next conv
+    (the leading layers before the first conv form a stage without one): the unit the
+    cache reuses or recomputes. Its output is cached; its geometry is its last windowed
+    layer's.
+
+    ``crop(x, box)`` computes the stage's output in a box of output positions from the
+    part of ``x`` it needs (zero padding for the conv); pooling with padding, ceil mode or
+    dilation is only run whole (``croppable`` false)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[_Layer, int, int, int, int]] = []  # layer, k, s, p, d
+        self.geometry = _Layer(None, None, 1, 1, 0)
+        self.is_conv, self.croppable = False, True
+
+    def add(self, la: _Layer) -> None:
+        m = la.module if la.module is not None else la.fn
+        if isinstance(m, nn.Conv2d):
+            k, s, p, d = (_pair(v)[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            self.is_conv = True
+        elif isinstance(m, _POOL):
+            k, s, p = (_pair(v)[0] for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
+            d = _pair(getattr(m, "dilation", 1))[0]
+            self.croppable &= p == 0 and d == 1 and not m.ceil_mode
+        else:
+            k, s, p, d = 1, 1, 0, 1
+        self.items.append((la, k, s, p, d))
+        if k > 1 or s > 1 or p:
+            self.geometry = la
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for la, *_ in self.items:
+            x = la.module(x) if la.module is not None else la.fn(x)
+        return x
+
+    def crop(self, x: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        """``self(x)[:, :, y0:y1, x0:x1]``, computing only that box."""
+        for _, k, s, p, d in reversed(self.items):  # the input rows / columns needed
+            span = d * (k - 1) + 1
+            y0, y1, x0, x1 = (
+                y0 * s - p,
+                (y1 - 1) * s - p + span,
+                x0 * s - p,
+                (x1 - 1) * s - p + span,
+            )
+        h, w = x.shape[2:]
+        crop = x[:, :, max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
+        pads = (max(0, -x0), max(0, x1 - w), max(0, -y0), max(0, y1 - h))
+        if any(pads):  # only the conv pads (croppable pooling has none)
+            crop = F.pad(crop, pads)
+        for la, _, s, _, d in self.items:
+            m = la.module
+            if m is not None:
+                crop = F.conv2d(crop, m.weight, m.bias, s, 0, d, m.groups)
+            else:
+                crop = la.fn(crop)
+        return crop
+
+
+def _stages(layers: list[_Layer]) -> list[_Stage]:
+    stages: list[_Stage] = []
+    for la in layers:
+        if la.module is not None or not stages:
+            stages.append(_Stage())
+        stages[-1].add(la)
+    return stages
+
+
 class _ConvGeometry:
-    """For one conv of the prefix at a fixed frame size: which input blocks each output
+    """For one stage of the prefix at a fixed frame size: which input blocks each output
     row / column sees, and the cache shift of each motion vector at its stride."""
 
     def __init__(self, layer: _Layer, out_hw, hw, block: int, table: np.ndarray) -> None:
@@ -144,6 +212,8 @@ class _ConvGeometry:
         self.fy = np.round(table[:, 0] / s).astype(np.int64)
         self.fx = np.round(table[:, 1] / s).astype(np.int64)
         self.ar_h, self.ar_w = np.arange(self.ho)[:, None], np.arange(self.wo)[None, :]
+        self.row_count = np.bincount(self.row_of).astype(np.int64)  # outputs per range
+        self.col_count = np.bincount(self.col_of).astype(np.int64)
 
     @staticmethod
     def _ranges(n_out: int, size: int, k: int, s: int, p: int, block: int):
@@ -156,11 +226,15 @@ class _ConvGeometry:
         pairs, which = np.unique(blocks, axis=0, return_inverse=True)
         return pairs.reshape(-1), which.reshape(-1)
 
-    def reuse(self, code: np.ndarray):
-        """``(reusable (Ho, Wo) bool, flat cache index (Ho*Wo,) or None when unshifted)``.
+    def plan(self, code: np.ndarray, tile: int):
+        """``(matched, box, src)`` for this frame's block ``code``.
 
         A position is reusable when every block of its receptive field matched with one
-        motion vector and the shifted source lies inside the map."""
+        motion vector (and the shifted source lies inside the map). ``matched``: how many
+        positions are; ``box``: ``(y0, y1, x0, x1, area)``, the bounding box of the
+        ``tile``-aligned tiles holding the others (None: all reusable); ``src``: the flat
+        cache index of every position (None when no reused position outside the box moved:
+        the cache is used as it is). All on the grid of distinct receptive fields."""
         # min and max of the block codes over each window (rows, then columns), as the
         # minimum of (code, -code); one sentinel row and column end the last ranges
         m = np.zeros((2, code.shape[0] + 1, code.shape[1] + 1), dtype=np.int64)
@@ -170,22 +244,45 @@ class _ConvGeometry:
         lo, hi = m[0], -m[1]
         ok = (lo == hi) & (lo >= 0)  # one motion vector, no dirty block (code -1)
         vec = np.where(ok, lo, 0)
-        fy, fx = self.fy[vec], self.fx[vec]
-        ok = ok.take(self.row_of, 0).take(self.col_of, 1)  # (Ho, Wo)
-        if not (fy.any() or fx.any()):  # every reusable position stays where it was
-            return ok, None
-        fy = fy.take(self.row_of, 0).take(self.col_of, 1)
-        fx = fx.take(self.row_of, 0).take(self.col_of, 1)
+        moving = ok & ((self.fy[vec] != 0) | (self.fx[vec] != 0))
+        matched = int(self.row_count @ ok @ self.col_count)
+        box = self._box(~ok.all(1), ~ok.all(0), tile)
+        if box is None:
+            out_r = out_c = slice(None)
+        else:
+            out_r = np.ones(self.ho, bool)
+            out_r[box[0] : box[1]] = False
+            out_c = np.ones(self.wo, bool)
+            out_c[box[2] : box[3]] = False
+            out_r, out_c = self.row_of[out_r], self.col_of[out_c]
+        if not (moving[out_r].any() or moving[:, out_c].any()):
+            return matched, box, None
+        # reused positions moved outside the box: shift them (and check the sources)
+        ok = ok.take(self.row_of, 0).take(self.col_of, 1)
+        fy = self.fy[vec].take(self.row_of, 0).take(self.col_of, 1)
+        fx = self.fx[vec].take(self.row_of, 0).take(self.col_of, 1)
         rows, cols = self.ar_h - fy, self.ar_w - fx
         ok &= (rows >= 0) & (rows < self.ho) & (cols >= 0) & (cols < self.wo)
+        box = self._box(~ok.all(1), ~ok.all(0), tile, expanded=True)
         src = rows.clip(0, self.ho - 1) * self.wo + cols.clip(0, self.wo - 1)
-        return ok, src.reshape(-1)
+        return int(ok.sum()), box, src.reshape(-1)
+
+    def _box(self, bad_rows, bad_cols, tile: int, expanded: bool = False):
+        if not expanded:  # per distinct range -> per output row / column
+            bad_rows, bad_cols = bad_rows[self.row_of], bad_cols[self.col_of]
+        bad_rows, bad_cols = np.flatnonzero(bad_rows), np.flatnonzero(bad_cols)
+        if bad_rows.size == 0:
+            return None
+        t = tile
+        y0, y1 = bad_rows[0] // t * t, min(self.ho, (bad_rows[-1] // t + 1) * t)
+        x0, x1 = bad_cols[0] // t * t, min(self.wo, (bad_cols[-1] // t + 1) * t)
+        return int(y0), int(y1), int(x0), int(x1), int((y1 - y0) * (x1 - x0))
 
 
 class _Geometry:
     """Everything about a frame size that does not change from frame to frame."""
 
-    def __init__(self, cfg: FrameCache, layers: list[_Layer], feats, shape) -> None:
+    def __init__(self, cfg: FrameCache, stages: list[_Stage], feats, shape) -> None:
         _, c, h, w = shape
         b, r = cfg.block, cfg.search
         self.c, self.h, self.w, self.hb, self.wb = c, h, w, math.ceil(h / b), math.ceil(w / b)
@@ -197,10 +294,9 @@ class _Geometry:
         n = 2 * r + 1  # window (i, j) of prev holds the content moved by (r - i, r - j)
         self.order = np.array([(r - dy) * n + (r - dx) for dy, dx in offsets])
         self.table = np.array(offsets, dtype=np.int64)
-        self.convs = [
-            _ConvGeometry(la, f.shape[2:], (h, w), b, self.table)
-            for la, f in zip(layers, feats, strict=True)
-            if la.module is not None
+        self.stages = [
+            _ConvGeometry(st.geometry, f.shape[2:], (h, w), b, self.table)
+            for st, f in zip(stages, feats, strict=True)
         ]
         inside = np.zeros((self.hp, self.wp))
         inside[:h, :w] = 1
@@ -210,10 +306,14 @@ class _Geometry:
         self.prev = np.full((c, self.hp + 2 * r, self.wp + 2 * r), np.nan, dtype=np.float32)
         self.next = self.prev.copy()
         self.cur = np.zeros((c, self.hp, self.wp), dtype=np.float32)
+        # torch views of the same memory
+        self.prev_t, self.next_t = torch.from_numpy(self.prev), torch.from_numpy(self.next)
+        self.cur_t = torch.from_numpy(self.cur)
 
     def store(self, frame: np.ndarray, r: int) -> None:
         """Make ``frame`` (C, H, W) the previous frame of the next step."""
         self.prev, self.next = self.next, self.prev
+        self.prev_t, self.next_t = self.next_t, self.prev_t
         self.prev[:, r : r + self.h, r : r + self.w] = frame
 
 
@@ -239,12 +339,13 @@ class FrameCachedModel(nn.Module):
         # the model past the prefix: cut after the prefix's last module call
         self.rest = split(model, [last], where="FrameCache")[1] if last else model
         self.convs = nn.ModuleList([la.module for la in self.layers if la.module is not None])
+        self.stages = _stages(self.layers)
         self.reset()
 
     def reset(self) -> None:
         """Forget the cached frame and features."""
         self.prev: torch.Tensor | None = None
-        self.cache: list[torch.Tensor] = []  # every prefix layer's output
+        self.cache: list[torch.Tensor] = []  # every stage's output
         self.last_stats: dict[str, float] = {}
         self._geom: _Geometry | None = None
 
@@ -269,14 +370,14 @@ class FrameCachedModel(nn.Module):
         # search only the blocks' bounding box of those that moved or changed
         ys, xs = np.nonzero(~still)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        sub = g.prev[:, y0 * b : y1 * b + 2 * r, x0 * b : x1 * b + 2 * r]
-        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, h', w')
-        n, st = 2 * r + 1, sub.strides
-        windows = np.lib.stride_tricks.as_strided(
-            sub, (g.c, n, n, (y1 - y0) * b, (x1 - x0) * b), (st[0], st[1], st[2], st[1], st[2])
-        )
-        cp = g.cur[:, None, None, y0 * b : y1 * b, x0 * b : x1 * b]
-        e = err(windows, cp, y1 - y0, x1 - x0).reshape(-1, y1 - y0, x1 - x0)[g.order]
+        hh, ww = (y1 - y0) * b, (x1 - x0) * b
+        sub = g.prev_t[:, y0 * b : y1 * b + 2 * r, x0 * b : x1 * b + 2 * r]
+        cp = g.cur_t[:, None, None, y0 * b : y1 * b, x0 * b : x1 * b]
+        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, hh, ww); torch
+        # here: its vectorised kernels beat numpy's on these larger arrays
+        d = (sub.unfold(1, hh, 1).unfold(2, ww, 1) - cp).abs_().sum(0)
+        e = F.avg_pool2d(d.reshape(1, -1, hh, ww), b)[0] * (1.0 / g.c)
+        e = e[torch.from_numpy(g.order)].numpy()
         # as DeepCache's search from the zero vector: the smallest motion that matches wins
         # (the best match of a flat or noisy block is often a meaningless shift)
         match = e <= thr  # NaN (out of the frame) never matches
@@ -287,8 +388,8 @@ class FrameCachedModel(nn.Module):
 
     def _full(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         outs = []
-        for layer in self.layers:
-            x = layer.module(x) if layer.module is not None else layer.fn(x)
+        for stage in self.stages:
+            x = stage(x)
             outs.append(x)
         return x, outs
 
@@ -302,7 +403,7 @@ class FrameCachedModel(nn.Module):
             cur = frame[0].detach().cpu().numpy()
             if self.prev is None or self.prev.shape != frame.shape:
                 x, outs = self._full(frame)
-                self._geom = _Geometry(self.cfg, self.layers, outs, frame.shape)
+                self._geom = _Geometry(self.cfg, self.stages, outs, frame.shape)
                 self.last_stats = {"reused": 0.0}
             else:
                 x, outs = self._cached(frame, cur)
@@ -321,31 +422,26 @@ class FrameCachedModel(nn.Module):
             x, outs = self._full(frame)
             self.last_stats = {"reused": 0.0, "recomputed": 1.0, "dirty_pixels": dirty}
             return x, outs
-        x, outs, k = frame, [], 0
-        reused = recomputed = total = 0
-        same = False  # the input of this layer equals the cached one
-        for j, layer in enumerate(self.layers):
-            if layer.module is None:
-                x = self.cache[j] if same else layer.fn(x)
-                outs.append(x)
-                continue
-            geo, old = g.convs[k], self.cache[j]
-            ok, src = geo.reuse(code)
-            n_ok = int(ok.sum())
-            reused, total, k = reused + n_ok, total + ok.size, k + 1
-            box = self._box(ok)
-            if n_ok == 0 or (box is not None and box[4] >= 0.9 * ok.size):
-                out = layer.module(x)  # (almost) all dirty: the plain conv is cheaper
-                recomputed += ok.size
+        x, outs = frame, []
+        reused = recomputed = total = 0  # over the convs' outputs
+        for stage, geo, old in zip(self.stages, g.stages, self.cache, strict=True):
+            n_ok, box, src = geo.plan(code, self.cfg.tile)
+            size = geo.ho * geo.wo
+            if box is not None and not stage.croppable:
+                box = (0, geo.ho, 0, geo.wo, size)
+            if n_ok == 0 or (box is not None and box[4] >= 0.9 * size):
+                out = stage(x)  # (almost) all dirty: the plain layer is cheaper
+                done = size
             else:
                 # the cache shifted by the motion vectors (one gather), or as it is
                 out = old if src is None else old.flatten(2)[:, :, torch.from_numpy(src)]
                 out = out.view_as(old)
+                done = 0
                 if box is not None:
-                    y0, y1, x0, x1, area = box
-                    out[:, :, y0:y1, x0:x1] = _conv_crop(layer.module, x, y0, y1, x0, x1)
-                    recomputed += area
-            same = box is None and src is None
+                    y0, y1, x0, x1, done = box
+                    out[:, :, y0:y1, x0:x1] = stage.crop(x, y0, y1, x0, x1)
+            if stage.is_conv:
+                reused, total, recomputed = reused + n_ok, total + size, recomputed + done
             outs.append(out)
             x = out
         self.last_stats = {
@@ -355,36 +451,9 @@ class FrameCachedModel(nn.Module):
         }
         return x, outs
 
-    def _box(self, ok: np.ndarray):
-        """``(y0, y1, x0, x1, area)``: the bounding box of the ``tile``-aligned tiles that
-        hold a position not reusable, or None when all are reusable."""
-        t = self.cfg.tile
-        bad_rows, bad_cols = np.flatnonzero(~ok.all(1)), np.flatnonzero(~ok.all(0))
-        if bad_rows.size == 0:
-            return None
-        ho, wo = ok.shape
-        y0, y1 = bad_rows[0] // t * t, min(ho, (bad_rows[-1] // t + 1) * t)
-        x0, x1 = bad_cols[0] // t * t, min(wo, (bad_cols[-1] // t + 1) * t)
-        return int(y0), int(y1), int(x0), int(x1), int((y1 - y0) * (x1 - x0))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Frames in order ``(T, C, H, W)``: each one a step; logits ``(T, classes)``."""
         return torch.cat([self.step(x[i : i + 1]) for i in range(x.shape[0])])
-
-
-def _conv_crop(conv: nn.Conv2d, x: torch.Tensor, y0: int, y1: int, x0: int, x1: int):
-    """``conv(x)[:, :, y0:y1, x0:x1]``, computing only that box (one conv on a crop)."""
-    s, d = _pair(conv.stride)[0], _pair(conv.dilation)[0]
-    p, k = _pair(conv.padding)[0], _pair(conv.kernel_size)[0]
-    span = d * (k - 1) + 1
-    top, bottom = y0 * s - p, (y1 - 1) * s - p + span  # input rows, unpadded coordinates
-    left, right = x0 * s - p, (x1 - 1) * s - p + span
-    h, w = x.shape[2:]
-    crop = x[:, :, max(0, top) : min(h, bottom), max(0, left) : min(w, right)]
-    pads = (max(0, -left), max(0, right - w), max(0, -top), max(0, bottom - h))
-    if any(pads):
-        crop = F.pad(crop, pads)
-    return F.conv2d(crop, conv.weight, conv.bias, s, 0, d, conv.groups)
 
 
 def add_frame_cache(model: nn.Module, cfg: FrameCache) -> FrameCachedModel:
