@@ -140,3 +140,21 @@ def test_cache_recomputes_a_box_through_padded_strided_convs():
             assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
         assert 0.4 < cached.last_stats["reused"] < 1 and macs < count_macs(net, frame) / 2
     assert count_macs(cached.step, changed) == count_macs(cached.rest, cached.cache[-1])
+
+
+def test_cache_runs_uncroppable_pooling_whole():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.MaxPool2d(3, stride=2, ceil_mode=True),  # no crop: run on the whole map
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 12 * 12, 2),
+    ).eval()
+    cached = FrameCachedModel(net, FrameCache(threshold=0.0, search=0))
+    frame = torch.rand(1, 1, 24, 24)  # ceil mode: 12x12 out, not 11x11
+    changed = frame.clone()
+    changed[..., 3:6, 3:6] = 0.5
+    with torch.no_grad():
+        cached.step(frame)
+        assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
+    assert not cached.stages[0].croppable and 0 < cached.last_stats["reused"] < 1
