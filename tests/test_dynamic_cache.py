@@ -106,3 +106,55 @@ def test_cache_errors(tmp_path):
         FrameCachedModel(model, FrameCache()).step(torch.zeros(2, 1, 28, 28))
     with pytest.raises(ConfigError, match="threshold"):
         FrameCache(threshold=-1)
+
+
+def test_larger_synthetic_video_and_unchanged_default(mnist):
+    v = synthetic_video(mnist.test, 12, seed=1, size=64, scale=2)
+    assert v.frames.shape == (12, 1, 64, 64)
+    assert torch.equal(v.frames, synthetic_video(mnist.test, 12, seed=1, size=64, scale=2).frames)
+    assert render_digits(mnist.val, size=64, scale=2).x.shape == (len(mnist.val.x), 1, 64, 64)
+    with pytest.raises(DataError, match="cannot hold digits"):
+        synthetic_video(mnist.test, 5, size=40, scale=2)
+
+
+def test_cache_recomputes_a_box_through_padded_strided_convs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 5, stride=2, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 12 * 12, 3),
+    ).eval()
+    cached = FrameCachedModel(net, FrameCache(threshold=0.0, search=1))
+    frame = torch.rand(1, 1, 48, 48)
+    cached.step(frame)
+    for y, x in ((0, 0), (20, 30), (40, 44)):  # a corner, the middle, the far edge
+        changed = frame.clone()
+        changed[..., y : y + 6, x : x + 4] = torch.rand(1, 1, 6, 4)
+        cached.step(frame)
+        macs = count_macs(cached.step, changed)  # the box around the change only
+        with torch.no_grad():
+            assert torch.allclose(cached.step(frame), net(frame), atol=1e-5)
+            assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
+        assert 0.4 < cached.last_stats["reused"] < 1 and macs < count_macs(net, frame) / 2
+    assert count_macs(cached.step, changed) == count_macs(cached.rest, cached.cache[-1])
+
+
+def test_cache_runs_uncroppable_pooling_whole():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.MaxPool2d(3, stride=2, ceil_mode=True),  # no crop: run on the whole map
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 12 * 12, 2),
+    ).eval()
+    cached = FrameCachedModel(net, FrameCache(threshold=0.0, search=0))
+    frame = torch.rand(1, 1, 24, 24)  # ceil mode: 12x12 out, not 11x11
+    changed = frame.clone()
+    changed[..., 3:6, 3:6] = 0.5
+    with torch.no_grad():
+        cached.step(frame)
+        assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
+    assert not cached.stages[0].croppable and 0 < cached.last_stats["reused"] < 1

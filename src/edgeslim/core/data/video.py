@@ -55,18 +55,21 @@ def _background(rng: np.random.Generator, size: int = 28) -> np.ndarray:
     return (0.3 * np.clip(tex, 0, 1)).astype(np.float32)
 
 
-def _place(digit: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``digit`` (28, 28) translated by (dy, dx), zero fill."""
-    out = np.zeros_like(digit)
-    h, w = digit.shape
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[yd, xd] = digit[ys, xs]
+def _place(digit: np.ndarray, dy: int, dx: int, size: int | None = None) -> np.ndarray:
+    """``digit`` (h, h) centred on a ``size`` canvas (default h) and translated by (dy, dx),
+    zero fill."""
+    h = digit.shape[0]
+    size = size or h
+    out = np.zeros((size, size), dtype=digit.dtype)
+    top, left = (size - h) // 2 + dy, (size - h) // 2 + dx
+    y0, y1, x0, x1 = max(0, top), min(size, top + h), max(0, left), min(size, left + h)
+    if y0 < y1 and x0 < x1:
+        out[y0:y1, x0:x1] = digit[y0 - top : y1 - top, x0 - left : x1 - left]
     return out
 
 
 def _compose(bg, digit, dy, dx, bar, rng, noise) -> np.ndarray:
-    frame = np.maximum(bg, _place(digit, dy, dx))
+    frame = np.maximum(bg, _place(digit, dy, dx, bg.shape[0]))
     if bar is not None:  # (column, width): a grey vertical occluder
         col, width = bar
         lo, hi = max(0, col), min(frame.shape[1], col + width)
@@ -77,13 +80,46 @@ def _compose(bg, digit, dy, dx, bar, rng, noise) -> np.ndarray:
     return np.clip(frame, 0, 1)
 
 
-def synthetic_video(split: Split, n_frames: int = 600, seed: int = 0, noise: float = 0.01) -> Video:
-    """A deterministic video of ``split``'s digits (see the module docstring)."""
+def _layout(size: int, scale: int) -> int:
+    """The largest drift of the digit from the centre for a ``size`` frame of digits
+    enlarged ``scale`` times (``MAX_SHIFT`` for 28x28 digits on 28x28 frames)."""
+    if scale < 1 or size < 28 * scale:
+        raise DataError(
+            f"synthetic video: frames of {size}x{size} pixels cannot hold digits enlarged "
+            f"{scale}x (28*scale = {28 * scale} pixels); use size >= 28*scale, scale >= 1"
+        )
+    return MAX_SHIFT if size == 28 * scale else (size - 28 * scale) // 2
+
+
+def _digits(split: Split, scale: int) -> np.ndarray:
+    digits = split.x[:, 0].numpy()
+    if scale > 1:  # nearest-neighbour enlargement
+        digits = digits.repeat(scale, 1).repeat(scale, 2)
+    return digits
+
+
+def synthetic_video(
+    split: Split,
+    n_frames: int = 600,
+    seed: int = 0,
+    noise: float = 0.01,
+    *,
+    size: int = 28,
+    scale: int = 1,
+) -> Video:
+    """A deterministic video of ``split``'s digits (see the module docstring).
+
+    ``size``: frame side in pixels; ``scale``: digits enlarged that many times (nearest
+    neighbour). On frames larger than the digit it drifts up to ``(size - 28*scale) // 2``
+    pixels from the centre, at most 1 pixel per frame, over a static background: a larger
+    scene with more unchanged pixels, as a camera sees it. The defaults give the 28x28 video.
+    """
     if n_frames < 1:
         raise DataError(f"synthetic video: n_frames must be >= 1, got {n_frames}")
+    max_shift = _layout(size, scale)
     rng = np.random.default_rng(seed)
-    bg = _background(rng)
-    digits = split.x[:, 0].numpy()
+    bg = _background(rng, size)
+    digits = _digits(split, scale)
     frames, labels = [], []
     left, dy, dx, vy, vx, bar, bar_v = 0, 0, 0, 0, 0, None, 0
     idx = 0
@@ -91,17 +127,17 @@ def synthetic_video(split: Split, n_frames: int = 600, seed: int = 0, noise: flo
         if left == 0:  # a new digit
             idx = int(rng.integers(len(digits)))
             left = int(rng.integers(8, 31))
-            dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
+            dy, dx = (int(v) * (max_shift // MAX_SHIFT) for v in rng.integers(-2, 3, 2))
         if rng.random() < 0.15:  # change direction, or pause
             vy, vx = (int(v) for v in rng.integers(-1, 2, 2))
-        dy = int(np.clip(dy + vy, -MAX_SHIFT, MAX_SHIFT))
-        dx = int(np.clip(dx + vx, -MAX_SHIFT, MAX_SHIFT))
+        dy = int(np.clip(dy + vy, -max_shift, max_shift))
+        dx = int(np.clip(dx + vx, -max_shift, max_shift))
         if bar is None and rng.random() < 0.03:  # an occluder enters from one side
             bar_v = int(rng.choice([-2, 2]))
-            bar = (-4 if bar_v > 0 else 28, int(rng.integers(3, 6)))
+            bar = (-4 * scale if bar_v > 0 else size, int(rng.integers(3, 6)) * scale)
         elif bar is not None:
             bar = (bar[0] + bar_v, bar[1])
-            if bar[0] > 28 or bar[0] + bar[1] < 0:
+            if bar[0] > size or bar[0] + bar[1] < 0:
                 bar = None
         frames.append(_compose(bg, digits[idx], dy, dx, bar, rng, noise))
         labels.append(int(split.y[idx]))
@@ -110,26 +146,37 @@ def synthetic_video(split: Split, n_frames: int = 600, seed: int = 0, noise: flo
     return Video(x, torch.tensor(labels, dtype=torch.int64))
 
 
-def render_digits(split: Split, seed: int = 0, noise: float = 0.01) -> Split:
-    """Each digit of ``split`` once, as a frame of the synthetic video would show it."""
+def render_digits(
+    split: Split, seed: int = 0, noise: float = 0.01, *, size: int = 28, scale: int = 1
+) -> Split:
+    """Each digit of ``split`` once, as a frame of the synthetic video would show it
+    (``size``, ``scale``: as :func:`synthetic_video`)."""
+    max_shift = _layout(size, scale)
     rng = np.random.default_rng(seed)
     out = []
-    for digit in split.x[:, 0].numpy():
-        bg = _background(rng)
-        dy, dx = (int(v) for v in rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, 2))
-        bar = (int(rng.integers(-4, 28)), int(rng.integers(3, 6))) if rng.random() < 0.15 else None
+    for digit in _digits(split, scale):
+        bg = _background(rng, size)
+        dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, 2))
+        bar = (
+            (int(rng.integers(-4 * scale, size)), int(rng.integers(3, 6)) * scale)
+            if rng.random() < 0.15
+            else None
+        )
         out.append(_compose(bg, digit, dy, dx, bar, rng, noise))
     return Split(torch.from_numpy(np.stack(out)[:, None]), split.y.clone())
 
 
-def video_splits(data: DataSplits | None = None, seed: int = 0) -> DataSplits:
+def video_splits(
+    data: DataSplits | None = None, seed: int = 0, *, size: int = 28, scale: int = 1
+) -> DataSplits:
     """MNIST rendered in the video's style: train / val / test from the same digit splits."""
     data = data or load_data("mnist")
+    kw = {"size": size, "scale": scale}
     return DataSplits(
-        "video-mnist",
-        render_digits(data.train, seed),
-        render_digits(data.val, seed + 1),
-        render_digits(data.test, seed + 2),
+        "video-mnist" if (size, scale) == (28, 1) else f"video-mnist-{size}x{scale}",
+        render_digits(data.train, seed, **kw),
+        render_digits(data.val, seed + 1, **kw),
+        render_digits(data.test, seed + 2, **kw),
         data.num_classes,
     )
 
