@@ -26,7 +26,9 @@ from edgeslim.dynamic.cache import (
 )
 from edgeslim.dynamic.calibration import (
     ExitCalibration,
+    ExitCosts,
     calibrate_exits,
+    choose_thresholds,
     get_thresholds,
     set_thresholds,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "METHODS",
     "ChannelGating",
     "ExitCalibration",
+    "ExitCosts",
     "ExitModel",
     "ExitTraining",
     "Exits",
@@ -91,6 +94,7 @@ __all__ = [
     "add_frame_cache",
     "add_heads",
     "calibrate_exits",
+    "choose_thresholds",
     "count_macs",
     "dynamic_",
     "exit_accuracies",
