@@ -85,3 +85,16 @@ def test_validation_errors():
         ExitCosts(segments=[0, 0], heads=[1])
     with pytest.raises(ConfigError, match="2 head costs"):
         choose(max_loss=0.0, costs=ExitCosts(segments=[1, 1, 1], heads=[1, 1]))
+
+
+def test_measure_exit_costs_shapes_and_use():
+    from edgeslim.core.models import zoo
+    from edgeslim.dynamic import Exits, add_exits_, measure_exit_costs
+
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"]))
+    em.train()
+    costs = measure_exit_costs(em, torch.randn(4, 1, 28, 28), samples=3, repeats=1, warmup=1)
+    assert len(costs.segments) == 3 and len(costs.heads) == 2
+    assert all(c > 0 for c in [*costs.segments, *costs.heads]) and em.training
+    with pytest.raises(ConfigError, match="at least one"):
+        measure_exit_costs(em, torch.randn(4, 1, 28, 28), repeats=0)

@@ -30,6 +30,7 @@ from edgeslim.dynamic.calibration import (
     calibrate_exits,
     choose_thresholds,
     get_thresholds,
+    measure_exit_costs,
     set_thresholds,
 )
 from edgeslim.dynamic.exits import (
@@ -103,6 +104,7 @@ __all__ = [
     "gate_loss",
     "gated_units",
     "get_thresholds",
+    "measure_exit_costs",
     "register",
     "set_density",
     "set_thresholds",

@@ -41,6 +41,7 @@ __all__ = [
     "calibrate_exits",
     "choose_thresholds",
     "evaluate_thresholds",
+    "measure_exit_costs",
     "set_thresholds",
 ]
 
@@ -314,3 +315,53 @@ def calibrate_exits(
         "head_macs": head,
         "split": split,
     }
+
+
+def measure_exit_costs(
+    model: ExitModel,
+    x: torch.Tensor,
+    *,
+    samples: int = 200,
+    repeats: int = 3,
+    warmup: int = 10,
+) -> ExitCosts:
+    """Measured batch-1 microseconds of each segment and each head (with its exit test).
+
+    Runs every stage, in order, on single samples of ``x`` (the first ``samples``), as the
+    model's batch-1 path does (same thread setting as the caller's); per stage the median
+    over the samples, then the median over ``repeats`` passes. Pass the result as
+    ``ExitCalibration(costs=...)`` to minimise the expected PyTorch latency instead of MACs:
+    a head's share of the time is often far above its share of the MACs (its weights are
+    read from memory on every call).
+    """
+    import statistics
+    import time
+
+    if x.shape[0] < 1 or samples < 1 or repeats < 1:
+        raise ConfigError("measure_exit_costs: needs at least one sample, samples and repeats")
+    n_early = len(model.heads)
+    xs = x[:samples]
+    was_training = model.training
+    model.eval()
+    passes: list[list[float]] = []
+    try:
+        with torch.inference_mode():
+            for p in range(repeats + 1):  # pass 0: warm-up, not kept
+                times: list[list[float]] = [[] for _ in range(2 * n_early + 1)]
+                rows = xs[:warmup] if p == 0 else xs
+                for i in range(len(rows)):
+                    h = rows[i : i + 1]
+                    for k, segment in enumerate(model.segments):
+                        start = time.perf_counter()
+                        h = segment(h)
+                        times[2 * k].append(time.perf_counter() - start)
+                        if k < n_early:
+                            start = time.perf_counter()
+                            confidence(model.heads[k](h), model.criterion).max().item()
+                            times[2 * k + 1].append(time.perf_counter() - start)
+                if p:
+                    passes.append([1e6 * statistics.median(t) for t in times])
+    finally:
+        model.train(was_training)
+    med = [statistics.median(col) for col in zip(*passes, strict=True)]
+    return ExitCosts(segments=med[0::2], heads=med[1::2])
