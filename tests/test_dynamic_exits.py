@@ -89,7 +89,7 @@ def test_calibration_meets_target_on_val(trained):
     em.eval()
     with torch.no_grad():
         pred = em(data.val.x).argmax(1)
-    acc = float((pred == data.val.y).float().mean())
+    acc = float((pred == data.val.y).double().mean())
     assert acc >= log["static_accuracy"] - 0.01 - 1e-9
     assert math.isclose(acc, log["accuracy"], abs_tol=1e-6)
     assert log["macs"] <= log["static_macs"]

@@ -26,8 +26,11 @@ from edgeslim.dynamic.cache import (
 )
 from edgeslim.dynamic.calibration import (
     ExitCalibration,
+    ExitCosts,
     calibrate_exits,
+    choose_thresholds,
     get_thresholds,
+    measure_exit_costs,
     set_thresholds,
 )
 from edgeslim.dynamic.exits import (
@@ -78,6 +81,7 @@ __all__ = [
     "METHODS",
     "ChannelGating",
     "ExitCalibration",
+    "ExitCosts",
     "ExitModel",
     "ExitTraining",
     "Exits",
@@ -91,6 +95,7 @@ __all__ = [
     "add_frame_cache",
     "add_heads",
     "calibrate_exits",
+    "choose_thresholds",
     "count_macs",
     "dynamic_",
     "exit_accuracies",
@@ -99,6 +104,7 @@ __all__ = [
     "gate_loss",
     "gated_units",
     "get_thresholds",
+    "measure_exit_costs",
     "register",
     "set_density",
     "set_thresholds",

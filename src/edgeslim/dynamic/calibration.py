@@ -7,8 +7,16 @@ cheaply: each sample leaves at the first exit whose confidence reaches its thres
 its cost is the MACs of the segments (and the heads that ran) up to there.
 
 - ``max_loss``: the lowest average MACs whose validation accuracy is at most ``max_loss``
-  below the static network's (the final exit's);
+  below a reference: the final exit's validation accuracy, or ``reference_accuracy`` when
+  given (the static network's, measured on the same split before the exits were added:
+  joint training often makes the final exit better than the static network, and "at most
+  0.3 points loss" means against the network the exits replace);
+- ``min_accuracy``: the lowest average MACs with validation accuracy at least this;
 - ``budget``: the best validation accuracy with average MACs at most ``budget`` x static.
+
+``costs`` replaces the MACs by measured per-sample costs of each segment and head (e.g.
+microseconds from :func:`edgeslim.dynamic.measure_exit_costs`), so the thresholds minimise
+the expected latency instead; ``budget`` is then a fraction of the static cost.
 
 Search: one threshold shared by all exits, swept over the confidences' quantiles (that sweep
 is also the accuracy-compute curve that gets plotted), then per-exit coordinate descent
@@ -27,22 +35,72 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.options import Options
 from edgeslim.dynamic.exits import ExitModel, batched_exits, confidence, exit_costs
 
-__all__ = ["ExitCalibration", "calibrate_exits", "evaluate_thresholds", "set_thresholds"]
+__all__ = [
+    "ExitCalibration",
+    "ExitCosts",
+    "calibrate_exits",
+    "choose_thresholds",
+    "evaluate_thresholds",
+    "measure_exit_costs",
+    "set_thresholds",
+]
+
+
+class ExitCosts(Options):
+    """Per-sample cost of each segment and each early-exit head, in any one unit."""
+
+    segments: list[float] = Field(..., min_length=2, description="one per segment")
+    heads: list[float] = Field(..., min_length=1, description="one per early exit")
+
+    @model_validator(mode="after")
+    def _valid(self) -> ExitCosts:
+        if len(self.segments) != len(self.heads) + 1:
+            raise ValueError(
+                f"{len(self.segments)} segment costs need {len(self.segments) - 1} head "
+                f"costs, got {len(self.heads)}"
+            )
+        for where, values in (("segments", self.segments), ("heads", self.heads)):
+            for v in values:
+                if not math.isfinite(v) or v < 0:
+                    raise ValueError(f"{where}: costs must be finite and >= 0, got {v}")
+        if sum(self.segments) <= 0:
+            raise ValueError("the segments' costs must not all be 0")
+        return self
 
 
 class ExitCalibration(Options):
-    """Give exactly one target: ``max_loss`` (accuracy, as a fraction: 0.003 = 0.3 points)
-    or ``budget`` (average MACs as a fraction of the static network's)."""
+    """Give exactly one target: ``max_loss`` (accuracy, as a fraction: 0.003 = 0.3 points,
+    below the final exit's validation accuracy or ``reference_accuracy``), ``min_accuracy``,
+    or ``budget`` (average cost as a fraction of the static network's)."""
 
     max_loss: float | None = Field(None, ge=0, lt=1)
+    reference_accuracy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="max_loss is below this (e.g. the static net's validation accuracy) "
+        "instead of the final exit's",
+    )
+    min_accuracy: float | None = Field(None, ge=0, le=1)
     budget: float | None = Field(None, gt=0, le=1)
+    costs: ExitCosts | None = Field(
+        None, description="measured per-sample costs to minimise instead of MACs"
+    )
     grid: int = Field(64, ge=2, le=1000, description="candidate thresholds per exit")
     passes: int = Field(3, ge=0, le=20, description="coordinate-descent passes")
 
     @model_validator(mode="after")
     def _one_target(self) -> ExitCalibration:
-        if (self.max_loss is None) == (self.budget is None):
-            raise ValueError("give exactly one of max_loss or budget")
+        targets = [self.max_loss, self.min_accuracy, self.budget]
+        if sum(t is not None for t in targets) != 1:
+            raise ValueError("give exactly one of max_loss, min_accuracy or budget")
+        if self.reference_accuracy is not None and self.max_loss is None:
+            raise ValueError("reference_accuracy goes with max_loss (the loss is below it)")
+        if self.reference_accuracy is not None and self.max_loss > self.reference_accuracy:
+            raise ValueError(
+                f"max_loss {self.max_loss} is above reference_accuracy "
+                f"{self.reference_accuracy}: the target would be below 0"
+            )
         return self
 
 
@@ -110,32 +168,41 @@ def evaluate_thresholds(
             total += head[k]
         cost_at.append(total)
     cost = torch.tensor(cost_at, dtype=torch.float64)[exit_at].mean()
-    acc = correct[exit_at, torch.arange(n)].float().mean()
+    acc = correct[exit_at, torch.arange(n)].double().mean()
     shares = torch.bincount(exit_at, minlength=n_early + 1).double() / n
     return float(acc), float(cost), shares.tolist()
 
 
-def calibrate_exits(
-    model: ExitModel,
-    data: DataSplits,
+def choose_thresholds(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    macs: tuple[list[int], list[int]],
     cfg: ExitCalibration,
     *,
-    split: str = "val",
+    where: str = "val",
 ) -> dict:
-    """Set ``model``'s thresholds for ``cfg``'s target on ``data``'s ``split``; returns a log.
+    """The score thresholds for ``cfg``'s target, from every exit's results on a split.
 
-    The log has the chosen thresholds, validation accuracy, average MACs, exit shares, the
-    static accuracy and MACs, and ``curve``: the shared-threshold sweep (one row per point).
+    ``scores``: (early exits, N) confidences (higher: surer); ``correct``: (exits, N) bools;
+    ``macs``: (segment MACs, head MACs) per sample. Returns ``thresholds`` (scores; ``inf``:
+    exit off), ``accuracy``, ``macs``, ``cost`` (``cfg.costs``' unit, else MACs),
+    ``shares``, the static ``static_accuracy`` / ``static_macs`` / ``static_cost``, the
+    ``target`` accuracy (``max_loss`` / ``min_accuracy``) and ``curve`` (the shared sweep).
     """
-    part = getattr(data, split)
-    outs = batched_exits(model, part.x)  # (exits, N, classes)
-    correct = outs.argmax(-1) == part.y  # (exits, N)
-    scores = torch.stack([confidence(o, model.criterion) for o in outs[:-1]])  # (early, N)
-    costs = exit_costs(model, part.x)
-    seg, head = costs["segments"], costs["heads"]
+    seg, head = macs
+    n_early = scores.shape[0]
+    if cfg.costs is not None:
+        if len(cfg.costs.heads) != n_early:
+            raise ConfigError(
+                f"ExitCalibration.costs: {len(cfg.costs.heads)} head costs for a model with "
+                f"{n_early} early exits"
+            )
+        cseg, chead = cfg.costs.segments, cfg.costs.heads
+    else:
+        cseg, chead = seg, head
     static_macs = float(sum(seg))
-    static_acc = float(correct[-1].float().mean())
-    n_early = len(model.heads)
+    static_cost = float(sum(cseg))
+    static_acc = float(correct[-1].double().mean())
     qs = torch.linspace(0, 1, cfg.grid, dtype=torch.float64)
     flat = scores.flatten().double()
     shared = sorted(set(torch.quantile(flat, qs).tolist()))
@@ -143,26 +210,35 @@ def calibrate_exits(
         sorted(set(torch.quantile(scores[k].double(), qs).tolist())) for k in range(n_early)
     ]
 
-    def ev(th: list[float]) -> tuple[float, float, list[float]]:
-        return evaluate_thresholds(
-            scores, correct, seg, head, torch.tensor(th, dtype=torch.float64)
-        )
+    def ev(th: list[float], s: list = cseg, h: list = chead) -> tuple[float, float, list[float]]:
+        return evaluate_thresholds(scores, correct, s, h, torch.tensor(th, dtype=torch.float64))
 
     curve = []
     for t in [*shared, math.inf]:
-        acc, macs, shares = ev([t] * n_early)
-        curve.append({"threshold": t, "accuracy": acc, "macs": macs, "shares": shares})
+        acc, m, shares = ev([t] * n_early, seg, head)
+        curve.append({"threshold": t, "accuracy": acc, "macs": m, "shares": shares})
 
-    if cfg.max_loss is not None:
-        floor = static_acc - cfg.max_loss - 1e-9
+    target = None
+    if cfg.budget is None:
+        if cfg.min_accuracy is not None:
+            target = cfg.min_accuracy
+        else:
+            ref = static_acc if cfg.reference_accuracy is None else cfg.reference_accuracy
+            target = ref - cfg.max_loss
+        floor = target - 1e-9
 
-        def better(a: tuple, b: tuple) -> bool:  # feasible, then fewer MACs, then accuracy
-            return (a[0] >= floor, -a[1], a[0]) > (b[0] >= floor, -b[1], b[0])
+        def key(r: tuple) -> tuple:  # feasible and cheaper; infeasible: closer to it
+            ok = r[0] >= floor
+            return (ok, -r[1], r[0]) if ok else (ok, r[0], -r[1])
     else:
-        cap = cfg.budget * static_macs + 1e-6
+        cap = cfg.budget * static_cost * (1 + 1e-9) + 1e-6
 
-        def better(a: tuple, b: tuple) -> bool:  # feasible, then accuracy, then fewer MACs
-            return (a[1] <= cap, a[0], -a[1]) > (b[1] <= cap, b[0], -b[1])
+        def key(r: tuple) -> tuple:  # within budget and more accurate; else: cheaper
+            ok = r[1] <= cap
+            return (ok, r[0], -r[1]) if ok else (ok, -r[1], r[0])
+
+    def better(a: tuple, b: tuple) -> bool:
+        return key(a) > key(b)
 
     best_th = [math.inf] * n_early
     best = ev(best_th)
@@ -182,24 +258,110 @@ def calibrate_exits(
                     best, best_th, changed = res, cand, True
         if not changed:
             break
-    feasible = best[0] >= floor if cfg.max_loss is not None else best[1] <= cap
-    if not feasible:
-        lowest = min(r["macs"] for r in curve)
+    if cfg.budget is not None and best[1] > cap:
+        lowest = min(ev([r["threshold"]] * n_early)[1] for r in curve)
         raise ConfigError(
-            f"ExitCalibration.budget={cfg.budget}: no thresholds reach it on {split}; the "
-            f"cheapest setting costs {lowest / static_macs:.3f} of the static MACs"
+            f"ExitCalibration.budget={cfg.budget}: no thresholds reach it on {where}; the "
+            f"cheapest setting costs {lowest / static_cost:.3f} of the static network's"
         )
-    model.thresholds.copy_(torch.tensor(best_th, dtype=model.thresholds.dtype))
+    if target is not None and best[0] < floor:
+        reach = max(r["accuracy"] for r in curve)  # the last row: every exit off
+        name = "min_accuracy" if cfg.min_accuracy is not None else "max_loss"
+        raise ConfigError(
+            f"ExitCalibration.{name}: the target accuracy {target:.4f} is out of reach on "
+            f"{where}; the best the exits reach is {reach:.4f} (final exit {static_acc:.4f})"
+        )
     return {
-        "thresholds": get_thresholds(model),
-        "criterion": model.criterion,
+        "thresholds": best_th,
         "accuracy": best[0],
-        "macs": best[1],
+        "macs": ev(best_th, seg, head)[1],
+        "cost": best[1],
         "shares": best[2],
         "static_accuracy": static_acc,
         "static_macs": static_macs,
+        "static_cost": static_cost,
+        "target": target,
+        "curve": curve,
+    }
+
+
+def calibrate_exits(
+    model: ExitModel,
+    data: DataSplits,
+    cfg: ExitCalibration,
+    *,
+    split: str = "val",
+) -> dict:
+    """Set ``model``'s thresholds for ``cfg``'s target on ``data``'s ``split``; returns a log.
+
+    The log has the chosen thresholds (criterion units), validation accuracy, average MACs
+    (and ``cost``, in ``cfg.costs``' unit), exit shares, the final exit's accuracy
+    (``static_accuracy``), the static MACs, the ``target`` accuracy, and ``curve``: the
+    shared-threshold sweep (one row per point).
+    """
+    part = getattr(data, split)
+    outs = batched_exits(model, part.x)  # (exits, N, classes)
+    correct = outs.argmax(-1) == part.y  # (exits, N)
+    scores = torch.stack([confidence(o, model.criterion) for o in outs[:-1]])  # (early, N)
+    costs = exit_costs(model, part.x)
+    seg, head = costs["segments"], costs["heads"]
+    log = choose_thresholds(scores, correct, (seg, head), cfg, where=split)
+    model.thresholds.copy_(torch.tensor(log["thresholds"], dtype=model.thresholds.dtype))
+    log["thresholds"] = get_thresholds(model)
+    return {
+        **log,
+        "criterion": model.criterion,
         "segment_macs": seg,
         "head_macs": head,
-        "curve": curve,
         "split": split,
     }
+
+
+def measure_exit_costs(
+    model: ExitModel,
+    x: torch.Tensor,
+    *,
+    samples: int = 200,
+    repeats: int = 3,
+    warmup: int = 10,
+) -> ExitCosts:
+    """Measured batch-1 microseconds of each segment and each head (with its exit test).
+
+    Runs every stage, in order, on single samples of ``x`` (the first ``samples``), as the
+    model's batch-1 path does (same thread setting as the caller's); per stage the median
+    over the samples, then the median over ``repeats`` passes. Pass the result as
+    ``ExitCalibration(costs=...)`` to minimise the expected PyTorch latency instead of MACs:
+    a head's share of the time is often far above its share of the MACs (its weights are
+    read from memory on every call).
+    """
+    import statistics
+    import time
+
+    if x.shape[0] < 1 or samples < 1 or repeats < 1:
+        raise ConfigError("measure_exit_costs: needs at least one sample, samples and repeats")
+    n_early = len(model.heads)
+    xs = x[:samples]
+    was_training = model.training
+    model.eval()
+    passes: list[list[float]] = []
+    try:
+        with torch.inference_mode():
+            for p in range(repeats + 1):  # pass 0: warm-up, not kept
+                times: list[list[float]] = [[] for _ in range(2 * n_early + 1)]
+                rows = xs[:warmup] if p == 0 else xs
+                for i in range(len(rows)):
+                    h = rows[i : i + 1]
+                    for k, segment in enumerate(model.segments):
+                        start = time.perf_counter()
+                        h = segment(h)
+                        times[2 * k].append(time.perf_counter() - start)
+                        if k < n_early:
+                            start = time.perf_counter()
+                            confidence(model.heads[k](h), model.criterion).max().item()
+                            times[2 * k + 1].append(time.perf_counter() - start)
+                if p:
+                    passes.append([1e6 * statistics.median(t) for t in times])
+    finally:
+        model.train(was_training)
+    med = [statistics.median(col) for col in zip(*passes, strict=True)]
+    return ExitCosts(segments=med[0::2], heads=med[1::2])

@@ -1,0 +1,100 @@
+"""Exit calibration on constructed results: the accuracy targets, measured costs, errors."""
+
+import math
+
+import pytest
+import torch
+
+from edgeslim import ConfigError
+from edgeslim.dynamic import ExitCalibration, ExitCosts, choose_thresholds
+
+# one early exit + the final exit, 10 samples; exit 0's confidence of sample i is i / 10,
+# and exit 0 is right on samples 5..9 only; the final exit is right on every sample
+SCORES = torch.arange(10, dtype=torch.float32).div(10).unsqueeze(0)
+CORRECT = torch.stack([torch.arange(10) >= 5, torch.ones(10, dtype=torch.bool)])
+MACS = ([10, 90], [5])  # segments, head: exit 0 costs 15, the final exit 105
+
+
+def choose(**kw) -> dict:
+    return choose_thresholds(SCORES, CORRECT, MACS, ExitCalibration(**kw))
+
+
+def test_reference_accuracy_moves_the_target():
+    # against the final exit (100%): no loss allowed, only samples 5..9 may leave
+    strict = choose(max_loss=0.0)
+    assert strict["target"] == 1.0 and strict["accuracy"] == 1.0
+    assert strict["shares"] == [0.5, 0.5] and 0.4 < strict["thresholds"][0] <= 0.5
+    # against a reference of 95% with 5 points allowed: one wrong exit is fine
+    loose = choose(max_loss=0.05, reference_accuracy=0.95)
+    assert math.isclose(loose["target"], 0.9)
+    assert math.isclose(loose["accuracy"], 0.9) and loose["shares"] == [0.6, 0.4]
+    assert 0.3 < loose["thresholds"][0] <= 0.4 < strict["thresholds"][0]
+    assert loose["macs"] < strict["macs"]
+    assert math.isclose(loose["macs"], 0.6 * 15 + 0.4 * 105)
+    # min_accuracy is the same target given directly
+    assert choose(min_accuracy=0.8)["shares"] == [0.7, 0.3]
+    # a reference above what the exits reach: the target is refused, not silently missed
+    final_wrong_once = CORRECT & (torch.arange(10) > 0)  # the final exit: 90%
+    with pytest.raises(ConfigError, match=r"out of reach.*0\.9000"):
+        choose_thresholds(
+            SCORES, final_wrong_once, MACS, ExitCalibration(max_loss=0.05, reference_accuracy=1)
+        )
+    with pytest.raises(ConfigError, match="min_accuracy"):
+        choose_thresholds(SCORES, final_wrong_once, MACS, ExitCalibration(min_accuracy=0.95))
+
+
+def test_measured_costs_replace_macs():
+    by_macs = choose(min_accuracy=1.0)
+    assert by_macs["shares"] == [0.5, 0.5]
+    # a head that costs more than the whole network saves nothing: every exit stays off
+    costly = choose(min_accuracy=1.0, costs=ExitCosts(segments=[10, 90], heads=[200]))
+    assert costly["thresholds"] == [math.inf] and costly["shares"] == [0.0, 1.0]
+    assert costly["cost"] == costly["static_cost"] == 100 and costly["macs"] == 100
+    # the budget is a share of the static cost in the costs' unit
+    cheap = ExitCosts(segments=[1, 99], heads=[1])
+    res = choose(budget=0.5, costs=cheap)
+    assert res["cost"] <= 50 and res["shares"][0] >= 0.5
+    with pytest.raises(ConfigError, match="budget"):
+        choose(budget=0.01, costs=cheap)
+
+
+def test_validation_errors():
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExitCalibration()
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExitCalibration(max_loss=0.01, min_accuracy=0.9)
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExitCalibration(min_accuracy=0.9, budget=0.5)
+    with pytest.raises(ConfigError, match="goes with max_loss"):
+        ExitCalibration(budget=0.5, reference_accuracy=0.9)
+    with pytest.raises(ConfigError, match="goes with max_loss"):
+        ExitCalibration(min_accuracy=0.9, reference_accuracy=0.9)
+    with pytest.raises(ConfigError, match="reference_accuracy"):
+        ExitCalibration(max_loss=0.01, reference_accuracy=1.5)
+    with pytest.raises(ConfigError, match="above reference_accuracy"):
+        ExitCalibration(max_loss=0.5, reference_accuracy=0.2)
+    with pytest.raises(ConfigError, match="min_accuracy"):
+        ExitCalibration(min_accuracy=-0.1)
+    with pytest.raises(ConfigError, match="head costs"):
+        ExitCosts(segments=[1, 2, 3], heads=[1])
+    with pytest.raises(ConfigError, match="finite"):
+        ExitCosts(segments=[1, 2], heads=[-1])
+    with pytest.raises(ConfigError, match="finite"):
+        ExitCosts(segments=[1, math.nan], heads=[1])
+    with pytest.raises(ConfigError, match="all be 0"):
+        ExitCosts(segments=[0, 0], heads=[1])
+    with pytest.raises(ConfigError, match="2 head costs"):
+        choose(max_loss=0.0, costs=ExitCosts(segments=[1, 1, 1], heads=[1, 1]))
+
+
+def test_measure_exit_costs_shapes_and_use():
+    from edgeslim.core.models import zoo
+    from edgeslim.dynamic import Exits, add_exits_, measure_exit_costs
+
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"]))
+    em.train()
+    costs = measure_exit_costs(em, torch.randn(4, 1, 28, 28), samples=3, repeats=1, warmup=1)
+    assert len(costs.segments) == 3 and len(costs.heads) == 2
+    assert all(c > 0 for c in [*costs.segments, *costs.heads]) and em.training
+    with pytest.raises(ConfigError, match="at least one"):
+        measure_exit_costs(em, torch.randn(4, 1, 28, 28), repeats=0)
