@@ -248,15 +248,18 @@ def test_sandwich_training_learns_and_resumes_bit_for_bit(tmp_path):
 # ----------------------------------------------------------------------------- space, search
 
 
+CELL_MACS = {(0.5, 12): 100, (0.5, 16): 200, (1.0, 12): 300, (1.0, 16): 400}
+
+
+def cell_cost(cfg):
+    """Costs per width x resolution cell: (1.0, 16) has the most MACs but never fits."""
+    fits = (cfg.width, cfg.resolution) != (1.0, 16)
+    return {"macs": CELL_MACS[(cfg.width, cfg.resolution)], "sram_kb": 1.0 if fits else 9.0}
+
+
 def test_space_optimisation_picks_the_cell_with_the_most_mean_macs_that_fits():
-    macs = {(0.5, 12): 100, (0.5, 16): 200, (1.0, 12): 300, (1.0, 16): 400}
-
-    def cost(cfg):  # (1.0, 16) has the most MACs but never fits
-        fits = (cfg.width, cfg.resolution) != (1.0, 16)
-        return {"macs": macs[(cfg.width, cfg.resolution)], "sram_kb": 1.0 if fits else 9.0}
-
     budget = Budget(max_sram_kb=2.0, target="stm32f446")
-    choice = optimize_space(TINY, cost, budget, samples=3)
+    choice = optimize_space(TINY, cell_cost, budget, samples=3)
     assert (choice.width, choice.resolution) == (1.0, 12)
     fit = {(r["width"], r["resolution"]): r["fit"] for r in choice.rows}
     assert fit == {(0.5, 12): 3, (0.5, 16): 3, (1.0, 12): 3, (1.0, 16): 0}
@@ -264,18 +267,12 @@ def test_space_optimisation_picks_the_cell_with_the_most_mean_macs_that_fits():
 
 
 def test_space_optimisation_keeps_the_top_cells_where_something_fits():
-    macs = {(0.5, 12): 100, (0.5, 16): 200, (1.0, 12): 300, (1.0, 16): 400}
-
-    def cost(cfg):  # (1.0, 16) has the most MACs but never fits
-        fits = (cfg.width, cfg.resolution) != (1.0, 16)
-        return {"macs": macs[(cfg.width, cfg.resolution)], "sram_kb": 1.0 if fits else 9.0}
-
     budget = Budget(max_sram_kb=2.0, target="stm32f446")
-    choice = optimize_space(TINY, cost, budget, samples=2, top=4)
+    choice = optimize_space(TINY, cell_cost, budget, samples=2, top=4)
     assert choice.cells == [(1.0, 12), (0.5, 16), (0.5, 12)]  # best first, none that never fits
     assert (choice.width, choice.resolution) == (1.0, 12)
-    assert optimize_space(TINY, cost, budget, samples=2, top=2).cells == [(1.0, 12), (0.5, 16)]
-    assert optimize_space(TINY, cost, budget, samples=2).cells == [(1.0, 12)]  # top=1: TinyNAS
+    assert optimize_space(TINY, cell_cost, budget, samples=2, top=2).cells == [(1.0, 12), (0.5, 16)]
+    assert optimize_space(TINY, cell_cost, budget, samples=2).cells == [(1.0, 12)]  # top=1: TinyNAS
     text = choice.markdown()
     assert "| 1 | 12 **chosen** |" in text and "| 0.5 | 16 **searched (2)** |" in text
     assert "| 1 | 16 |" in text  # not searched: unmarked
@@ -284,7 +281,7 @@ def test_space_optimisation_keeps_the_top_cells_where_something_fits():
     old = {"width": 1.0, "resolution": 12, "rows": choice.rows}  # a space.json before cells
     assert SpaceChoice.from_dict(old).cells == [(1.0, 12)]
     with pytest.raises(ConfigError, match="top must be >= 1"):
-        optimize_space(TINY, cost, budget, samples=2, top=0)
+        optimize_space(TINY, cell_cost, budget, samples=2, top=0)
 
 
 def test_evolution_searches_several_cells_together_deterministically(monkeypatch):
