@@ -169,18 +169,24 @@ def test_fused_stages_extract_to_plain_fused_blocks_equal_to_the_supernet():
     assert "fused_stages" not in TINY.to_dict()
 
 
-@pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
-def test_a_fused_subnetwork_exports_to_int8_c_bit_exact(tmp_path):
+def _export_int8_c(net, cfg, tmp_path):
+    """The sub-network at ``cfg``, BN re-calibrated, Int8PTQ, exported to C for the F446 and
+    checked (host build): ``export_checked``'s (verified, measured)."""
     from edgeslim.nas.api import export_checked
 
-    net = _fused_net()
-    cfg = FUSED.largest(resolution=16, width=1.0)
     sub = recalibrate_bn(extract(net, cfg), torch.rand(32, 1, 16, 16))
     calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     qmodel = es.quantize(sub, es.Int8PTQ(calibration="minmax"), calib=calib)
-    verified, measured = export_checked(
+    return export_checked(
         qmodel, calib, "stm32f446", tmp_path / "c", tmp_path / "m.tflite", arm=False
     )
+
+
+@pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
+def test_a_fused_subnetwork_exports_to_int8_c_bit_exact(tmp_path):
+    net = _fused_net()
+    cfg = FUSED.largest(resolution=16, width=1.0)
+    verified, measured = _export_int8_c(net, cfg, tmp_path)
     assert "compiled C bit-exact on 32 inputs" in verified
     assert 0 < measured["sram_kb"] < 128 and measured["latency_ms"] > 0
     cost = SubnetCost(net, "stm32f446", code_bytes=0).predict(cfg)
@@ -517,16 +523,10 @@ def test_a_given_teacher_replaces_the_largest_subnetwork_in_the_fine_tuning(tmp_
 @pytest.mark.skipif(hostbuild.compiler() is None, reason="needs a C compiler")
 def test_a_subnetwork_quantized_runs_bit_exact_in_c_and_tflite_micro(tmp_path):
     from edgeslim.export.tflite import tflm_available
-    from edgeslim.nas.api import export_checked
 
     net = _net()
     cfg = TINY.sample(random.Random(5), resolution=16, width=1.0)
-    sub = recalibrate_bn(extract(net, cfg), torch.rand(32, 1, 16, 16))
-    calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    qmodel = es.quantize(sub, es.Int8PTQ(calibration="minmax"), calib=calib)
-    verified, measured = export_checked(
-        qmodel, calib, "stm32f446", tmp_path / "c", tmp_path / "m.tflite", arm=False
-    )
+    verified, measured = _export_int8_c(net, cfg, tmp_path)
     assert "compiled C bit-exact on 32 inputs" in verified
     assert (tmp_path / "c" / "model.c").exists()
     assert 0 < measured["sram_kb"] < 128 and measured["flash_kb"] > 0
