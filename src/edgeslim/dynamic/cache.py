@@ -214,6 +214,18 @@ class _ConvGeometry:
         self.ar_h, self.ar_w = np.arange(self.ho)[:, None], np.arange(self.wo)[None, :]
         self.row_count = np.bincount(self.row_of).astype(np.int64)  # outputs per range
         self.col_count = np.bincount(self.col_of).astype(np.int64)
+        # the outputs of a range are contiguous (the ranges grow with the output index):
+        # range i holds rows [row_start[i], row_end[i])
+        self.row_end = np.cumsum(self.row_count)
+        self.row_start = self.row_end - self.row_count
+        self.col_end = np.cumsum(self.col_count)
+        self.col_start = self.col_end - self.col_count
+        # whether a motion vector moves the cache at this stride
+        self.moves = (self.fy != 0) | (self.fx != 0)
+        # the ranges' first and past-the-end blocks, and blocks per receptive field
+        self.r0, self.r1 = self.rows[0::2], self.rows[1::2]
+        self.c0, self.c1 = self.cols[0::2], self.cols[1::2]
+        self.n = (self.r1 - self.r0)[:, None] * (self.c1 - self.c0)[None, :]
 
     @staticmethod
     def _ranges(n_out: int, size: int, k: int, s: int, p: int, block: int):
@@ -226,8 +238,9 @@ class _ConvGeometry:
         pairs, which = np.unique(blocks, axis=0, return_inverse=True)
         return pairs.reshape(-1), which.reshape(-1)
 
-    def plan(self, code: np.ndarray, tile: int):
-        """``(matched, box, src)`` for this frame's block ``code``.
+    def plan(self, sums: np.ndarray, tile: int):
+        """``(matched, box, src)`` for this frame's block codes, given as their summed-area
+        tables ``sums`` (see :func:`_code_sums`).
 
         A position is reusable when every block of its receptive field matched with one
         motion vector (and the shifted source lies inside the map). ``matched``: how many
@@ -235,32 +248,39 @@ class _ConvGeometry:
         ``tile``-aligned tiles holding the others (None: all reusable); ``src``: the flat
         cache index of every position (None when no reused position outside the box moved:
         the cache is used as it is). All on the grid of distinct receptive fields."""
-        # min and max of the block codes over each window (rows, then columns), as the
-        # minimum of (code, -code); one sentinel row and column end the last ranges
-        m = np.zeros((2, code.shape[0] + 1, code.shape[1] + 1), dtype=np.int64)
-        m[0, :-1, :-1], m[1, :-1, :-1] = code, -code
-        m = np.minimum.reduceat(m, self.rows, axis=1)[:, ::2]
-        m = np.minimum.reduceat(m, self.cols, axis=2)[:, :, ::2]  # (2, row ranges, col ranges)
-        lo, hi = m[0], -m[1]
-        ok = (lo == hi) & (lo >= 0)  # one motion vector, no dirty block (code -1)
-        vec = np.where(ok, lo, 0)
-        moving = ok & ((self.fy[vec] != 0) | (self.fx[vec] != 0))
+        # per receptive field: dirty blocks, sum and sum of squares of the codes (four
+        # corners of the summed-area tables); all codes equal iff n * sum(c^2) == sum(c)^2
+        a = sums.take(self.r1, 1) - sums.take(self.r0, 1)
+        a = a.take(self.c1, 2) - a.take(self.c0, 2)
+        ok = (a[0] == 0) & (a[2] * self.n == a[1] * a[1])
+        lo = np.where(ok, a[1] // self.n, 0)  # the motion vector where reusable
         matched = int(self.row_count @ ok @ self.col_count)
-        box = self._box(~ok.all(1), ~ok.all(0), tile)
-        if box is None:
-            out_r = out_c = slice(None)
+        moving = ok & self.moves[lo]
+        good_r, good_c = ok.all(1), ok.all(0)
+        if good_r.all():  # nothing to recompute
+            if not moving.any():
+                return matched, None, None
+            box = None
         else:
-            out_r = np.ones(self.ho, bool)
-            out_r[box[0] : box[1]] = False
-            out_c = np.ones(self.wo, bool)
-            out_c[box[2] : box[3]] = False
-            out_r, out_c = self.row_of[out_r], self.col_of[out_c]
-        if not (moving[out_r].any() or moving[:, out_c].any()):
-            return matched, box, None
+            t = tile
+            first, last = int(good_r.argmin()), len(good_r) - 1 - int(good_r[::-1].argmin())
+            y0 = int(self.row_start[first]) // t * t
+            y1 = min(self.ho, -(-int(self.row_end[last]) // t) * t)
+            first, last = int(good_c.argmin()), len(good_c) - 1 - int(good_c[::-1].argmin())
+            x0 = int(self.col_start[first]) // t * t
+            x1 = min(self.wo, -(-int(self.col_end[last]) // t) * t)
+            box = (y0, y1, x0, x1, (y1 - y0) * (x1 - x0))
+            if not moving.any():
+                return matched, box, None
+            # ranges with an output outside the box
+            out_r = (self.row_start < y0) | (self.row_end > y1)
+            out_c = (self.col_start < x0) | (self.col_end > x1)
+            if not (moving[out_r].any() or moving[:, out_c].any()):
+                return matched, box, None
         # reused positions moved outside the box: shift them (and check the sources)
         ok = ok.take(self.row_of, 0).take(self.col_of, 1)
-        fy = self.fy[vec].take(self.row_of, 0).take(self.col_of, 1)
-        fx = self.fx[vec].take(self.row_of, 0).take(self.col_of, 1)
+        fy = self.fy[lo].take(self.row_of, 0).take(self.col_of, 1)
+        fx = self.fx[lo].take(self.row_of, 0).take(self.col_of, 1)
         rows, cols = self.ar_h - fy, self.ar_w - fx
         ok &= (rows >= 0) & (rows < self.ho) & (cols >= 0) & (cols < self.wo)
         box = self._box(~ok.all(1), ~ok.all(0), tile, expanded=True)
@@ -279,6 +299,16 @@ class _ConvGeometry:
         return int(y0), int(y1), int(x0), int(x1), int((y1 - y0) * (x1 - x0))
 
 
+def _code_sums(code: np.ndarray) -> np.ndarray:
+    """Summed-area tables (3, H + 1, W + 1) of a block code grid (H, W): of its dirty
+    blocks (code -1), of the codes and of their squares (any window's sums: four corners)."""
+    q = np.stack([code < 0, code, code * code])
+    out = np.zeros((3, code.shape[0] + 1, code.shape[1] + 1), dtype=np.int64)
+    np.cumsum(q, 1, out=out[:, 1:, 1:])
+    np.cumsum(out[:, 1:, 1:], 2, out=out[:, 1:, 1:])
+    return out
+
+
 class _Geometry:
     """Everything about a frame size that does not change from frame to frame."""
 
@@ -291,9 +321,12 @@ class _Geometry:
             ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
             key=lambda o: abs(o[0]) + abs(o[1]),
         )  # zero motion first: it wins ties
-        n = 2 * r + 1  # window (i, j) of prev holds the content moved by (r - i, r - j)
-        self.order = np.array([(r - dy) * n + (r - dx) for dy, dx in offsets])
         self.table = np.array(offsets, dtype=np.int64)
+        # the search's rings: runs of the order above, each searched only for the blocks
+        # the smaller motions left unmatched (|dy| + |dx| <= 2, then the rest)
+        cut = int(np.searchsorted(np.abs(self.table).sum(1), 3))
+        self.rings = [(lo, hi) for lo, hi in ((1, cut), (cut, len(offsets))) if lo < hi]
+        self.b, self.scale = b, float(b * b * c)  # a block's error: sum, not mean
         self.stages = [
             _ConvGeometry(st.geometry, f.shape[2:], (h, w), b, self.table)
             for st, f in zip(stages, feats, strict=True)
@@ -301,20 +334,48 @@ class _Geometry:
         inside = np.zeros((self.hp, self.wp))
         inside[:h, :w] = 1
         self.block_pixels = inside.reshape(self.hb, b, self.wb, b).sum((1, 3))
+        # zero motion: per-block sums of |difference| as A @ d @ B (A, B: block indicators);
+        # blocks that reach past the frame (H or W not a multiple of block) are marked
+        self.rows_to_blocks = (np.arange(h)[None, :] // b == np.arange(self.hb)[:, None]).astype(
+            np.float32
+        )
+        self.cols_to_blocks = (np.arange(w)[:, None] // b == np.arange(self.wb)[None, :]).astype(
+            np.float32
+        )
+        partial = (self.block_pixels < b * b).reshape(-1)
+        self.partial = partial if partial.any() else None
+        # the search gathers blocks by flat index: per block (flat index) and offset the
+        # top-left corner in the padded previous frame, plus a block's pattern of offsets
+        hpad, wpad = self.hp + 2 * r, self.wp + 2 * r
+        by, bx = np.divmod(np.arange(self.hb * self.wb), self.wb)
+        wy = by[:, None] * b + (r - self.table[:, 0])[None, :]
+        wx = bx[:, None] * b + (r - self.table[:, 1])[None, :]
+        self.prev_at = wy * wpad + wx
+        self.prev_pattern = self._pattern(c, b, hpad, wpad)
+        self.block_at = by * b * self.wp + bx * b
+        self.cur_pattern = self._pattern(c, b, self.hp, self.wp)
+        self.ones = np.ones(c * b * b, dtype=np.float32)
         # the previous frame, NaN around it (a shift out of the frame never matches), and
         # the current one zero-padded to whole blocks; two buffers swapped every frame
         self.prev = np.full((c, self.hp + 2 * r, self.wp + 2 * r), np.nan, dtype=np.float32)
         self.next = self.prev.copy()
+        self.prev_frame = self.prev[:, r : r + h, r : r + w]
         self.cur = np.zeros((c, self.hp, self.wp), dtype=np.float32)
-        # torch views of the same memory
-        self.prev_t, self.next_t = torch.from_numpy(self.prev), torch.from_numpy(self.next)
-        self.cur_t = torch.from_numpy(self.cur)
+
+    @staticmethod
+    def _pattern(c: int, b: int, h: int, w: int) -> np.ndarray:
+        """Flat offsets of a ``b x b`` block's pixels (all channels) in a (c, h, w) array."""
+        return (
+            np.arange(c)[:, None, None] * (h * w)
+            + np.arange(b)[None, :, None] * w
+            + np.arange(b)[None, None, :]
+        ).reshape(-1)
 
     def store(self, frame: np.ndarray, r: int) -> None:
         """Make ``frame`` (C, H, W) the previous frame of the next step."""
         self.prev, self.next = self.next, self.prev
-        self.prev_t, self.next_t = self.next_t, self.prev_t
-        self.prev[:, r : r + self.h, r : r + self.w] = frame
+        self.prev_frame = self.prev[:, r : r + self.h, r : r + self.w]
+        self.prev_frame[...] = frame
 
 
 class FrameCachedModel(nn.Module):
@@ -353,36 +414,42 @@ class FrameCachedModel(nn.Module):
 
     def _codes(self, cur: np.ndarray) -> np.ndarray:
         """Per block of ``cur`` (C, H, W): the index of its motion vector in the search
-        order (0: no motion), or -1 where no offset matched."""
-        g, b, r, thr = self._geom, self.cfg.block, self.cfg.search, self.cfg.threshold
+        order (0: no motion), or -1 where no offset matched.
+
+        Early-terminating, as DeepCache's search from the zero vector: every block is first
+        compared with the same block of the previous frame (on a static background almost
+        all match there); only the others are searched, ring by ring of growing motion
+        (:attr:`_Geometry.rings`), each ring only for the blocks no smaller motion matched.
+        Each ring compares the blocks with their shifted copies gathered from a sliding-
+        window view of the previous frame (no copy of the frame per offset). The result is
+        the exhaustive search's: the first offset in the search order that matches."""
+        g, bound = self._geom, self.cfg.threshold * self._geom.scale
         g.cur[:, : g.h, : g.w] = cur
-        norm = np.float32(1.0 / (b * b * g.c))
-
-        def err(window, cp, nb_h, nb_w):  # mean |difference| per block, NaN outside
-            d = np.abs(window - cp).sum(0)
-            return d.reshape(*d.shape[:-2], nb_h, b, nb_w, b).sum((-3, -1)) * norm
-
-        still = err(g.prev[:, r : r + g.hp, r : r + g.wp], g.cur, g.hb, g.wb) <= thr
-        code = np.zeros((g.hb, g.wb), dtype=np.int64)
-        if still.all() or r == 0:
-            code[~still] = -1
-            return code
-        # search only the blocks' bounding box of those that moved or changed
-        ys, xs = np.nonzero(~still)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        hh, ww = (y1 - y0) * b, (x1 - x0) * b
-        sub = g.prev_t[:, y0 * b : y1 * b + 2 * r, x0 * b : x1 * b + 2 * r]
-        cp = g.cur_t[:, None, None, y0 * b : y1 * b, x0 * b : x1 * b]
-        # every shifted copy of prev at once, as a view: (C, 2r+1, 2r+1, hh, ww); torch
-        # here: its vectorised kernels beat numpy's on these larger arrays
-        d = (sub.unfold(1, hh, 1).unfold(2, ww, 1) - cp).abs_().sum(0)
-        e = F.avg_pool2d(d.reshape(1, -1, hh, ww), b)[0] * (1.0 / g.c)
-        e = e[torch.from_numpy(g.order)].numpy()
-        # as DeepCache's search from the zero vector: the smallest motion that matches wins
-        # (the best match of a flat or noisy block is often a meaningless shift)
-        match = e <= thr  # NaN (out of the frame) never matches
-        code[y0:y1, x0:x1] = np.where(match.any(0), match.argmax(0), -1)
-        return code
+        # zero motion, every block: |difference| summed per block by two small matmuls
+        d = np.abs(g.prev_frame - cur)
+        err = g.rows_to_blocks @ (d[0] if g.c == 1 else d.sum(0)) @ g.cols_to_blocks
+        if g.partial is not None:  # blocks over the frame's edge match only when moved
+            err[g.partial] = np.inf
+        code = np.zeros(g.hb * g.wb, dtype=np.int64)
+        left = np.flatnonzero(~(err <= bound))
+        if left.size == 0:
+            return code.reshape(g.hb, g.wb)
+        code[left] = -1
+        cur_blocks = g.cur.take(g.block_at[left, None] + g.cur_pattern)  # (n, C b b)
+        for lo, hi in g.rings:
+            # (n, offsets, C b b): each remaining block at each offset of the ring, gathered
+            # from the padded previous frame (NaN outside it: never matches)
+            at = g.prev_at[left, lo:hi, None] + g.prev_pattern
+            shifted = g.prev.take(at)
+            np.subtract(shifted, cur_blocks[:, None], out=shifted)
+            e = np.abs(shifted, out=shifted) @ g.ones
+            match = e <= bound
+            hit = match.any(1)
+            code[left[hit]] = lo + match[hit].argmax(1)
+            if hit.all():
+                break
+            left, cur_blocks = left[~hit], cur_blocks[~hit]
+        return code.reshape(g.hb, g.wb)
 
     # -- one frame -------------------------------------------------------------------
 
@@ -423,9 +490,10 @@ class FrameCachedModel(nn.Module):
             self.last_stats = {"reused": 0.0, "recomputed": 1.0, "dirty_pixels": dirty}
             return x, outs
         x, outs = frame, []
+        sums = _code_sums(code)
         reused = recomputed = total = 0  # over the convs' outputs
         for stage, geo, old in zip(self.stages, g.stages, self.cache, strict=True):
-            n_ok, box, src = geo.plan(code, self.cfg.tile)
+            n_ok, box, src = geo.plan(sums, self.cfg.tile)
             size = geo.ho * geo.wo
             if box is not None and not stage.croppable:
                 box = (0, geo.ho, 0, geo.wo, size)
