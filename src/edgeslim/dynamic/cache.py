@@ -30,6 +30,7 @@ threshold make reuse approximate: ``threshold`` trades accuracy for compute.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -46,6 +47,9 @@ __all__ = ["FrameCache", "FrameCachedModel", "add_frame_cache", "skip_stats", "s
 
 _POINTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d)
+# a stage's dirty positions are recomputed in several boxes instead of their bounding box
+# when that saves at least this share of the stage's output positions
+_SPLIT_GAIN = 0.1
 
 
 class FrameCache(Options):
@@ -239,15 +243,16 @@ class _ConvGeometry:
         return pairs.reshape(-1), which.reshape(-1)
 
     def plan(self, sums: np.ndarray, tile: int):
-        """``(matched, box, src)`` for this frame's block codes, given as their summed-area
-        tables ``sums`` (see :func:`_code_sums`).
+        """``(matched, boxes, src)`` for this frame's block codes, given as their
+        summed-area tables ``sums`` (see :func:`_code_sums`).
 
         A position is reusable when every block of its receptive field matched with one
         motion vector (and the shifted source lies inside the map). ``matched``: how many
-        positions are; ``box``: ``(y0, y1, x0, x1, area)``, the bounding box of the
-        ``tile``-aligned tiles holding the others (None: all reusable); ``src``: the flat
-        cache index of every position (None when no reused position outside the box moved:
-        the cache is used as it is). All on the grid of distinct receptive fields."""
+        positions are; ``boxes``: ``[(y0, y1, x0, x1, area), ...]``, disjoint boxes of
+        ``tile``-aligned tiles holding the others (see :meth:`_boxes`; empty: all
+        reusable); ``src``: the flat cache index of every position (None when no reused
+        position outside the boxes moved: the cache is used as it is). All on the grid of
+        distinct receptive fields."""
         # per receptive field: dirty blocks, sum and sum of squares of the codes (four
         # corners of the summed-area tables); all codes equal iff n * sum(c^2) == sum(c)^2
         a = sums.take(self.r1, 1) - sums.take(self.r0, 1)
@@ -259,37 +264,76 @@ class _ConvGeometry:
         good_r, good_c = ok.all(1), ok.all(0)
         if good_r.all():  # nothing to recompute
             if not moving.any():
-                return matched, None, None
-            box = None
+                return matched, [], None
         else:
-            t = tile
-            first, last = int(good_r.argmin()), len(good_r) - 1 - int(good_r[::-1].argmin())
-            y0 = int(self.row_start[first]) // t * t
-            y1 = min(self.ho, -(-int(self.row_end[last]) // t) * t)
-            first, last = int(good_c.argmin()), len(good_c) - 1 - int(good_c[::-1].argmin())
-            x0 = int(self.col_start[first]) // t * t
-            x1 = min(self.wo, -(-int(self.col_end[last]) // t) * t)
-            box = (y0, y1, x0, x1, (y1 - y0) * (x1 - x0))
+            boxes = self._boxes(ok, good_r, good_c, tile)
             if not moving.any():
-                return matched, box, None
-            # ranges with an output outside the box
-            out_r = (self.row_start < y0) | (self.row_end > y1)
-            out_c = (self.col_start < x0) | (self.col_end > x1)
-            if not (moving[out_r].any() or moving[:, out_c].any()):
-                return matched, box, None
+                return matched, boxes, None
+            # ranges with an output outside every box
+            covered = np.zeros_like(ok)
+            for y0, y1, x0, x1, _ in boxes:
+                rows = (self.row_start >= y0) & (self.row_end <= y1)
+                cols = (self.col_start >= x0) & (self.col_end <= x1)
+                covered |= rows[:, None] & cols[None, :]
+            if not (moving & ~covered).any():
+                return matched, boxes, None
         # reused positions moved outside the box: shift them (and check the sources)
         ok = ok.take(self.row_of, 0).take(self.col_of, 1)
         fy = self.fy[lo].take(self.row_of, 0).take(self.col_of, 1)
         fx = self.fx[lo].take(self.row_of, 0).take(self.col_of, 1)
         rows, cols = self.ar_h - fy, self.ar_w - fx
         ok &= (rows >= 0) & (rows < self.ho) & (cols >= 0) & (cols < self.wo)
-        box = self._box(~ok.all(1), ~ok.all(0), tile, expanded=True)
+        box = self._box(~ok.all(1), ~ok.all(0), tile)
         src = rows.clip(0, self.ho - 1) * self.wo + cols.clip(0, self.wo - 1)
-        return int(ok.sum()), box, src.reshape(-1)
+        return int(ok.sum()), [] if box is None else [box], src.reshape(-1)
 
-    def _box(self, bad_rows, bad_cols, tile: int, expanded: bool = False):
-        if not expanded:  # per distinct range -> per output row / column
-            bad_rows, bad_cols = bad_rows[self.row_of], bad_cols[self.col_of]
+    def _span(self, start, end, first: int, last: int, n: int, tile: int) -> tuple[int, int]:
+        """Output positions ``[a, b)`` of ranges ``first..last``, widened to whole tiles."""
+        return int(start[first]) // tile * tile, min(n, -(-int(end[last]) // tile) * tile)
+
+    def _boxes(self, ok: np.ndarray, good_r, good_c, tile: int) -> list[tuple]:
+        """The boxes (``(y0, y1, x0, x1, area)``, output positions, whole tiles) that
+        cover every position not ``ok``: one bounding box, or one per run of dirty columns
+        (else rows) with its own extent across, when that saves at least
+        ``_SPLIT_GAIN`` of the map (an extra crop costs about a fixed time)."""
+        r_first, r_last = int(good_r.argmin()), len(good_r) - 1 - int(good_r[::-1].argmin())
+        c_first, c_last = int(good_c.argmin()), len(good_c) - 1 - int(good_c[::-1].argmin())
+        y0, y1 = self._span(self.row_start, self.row_end, r_first, r_last, self.ho, tile)
+        x0, x1 = self._span(self.col_start, self.col_end, c_first, c_last, self.wo, tile)
+        single = [(y0, y1, x0, x1, (y1 - y0) * (x1 - x0))]
+        gain = _SPLIT_GAIN * self.ho * self.wo
+        if single[0][4] <= gain or not (
+            good_c[c_first:c_last].any() or good_r[r_first:r_last].any()
+        ):  # too small to save enough, or no clean row / column across it
+            return single
+        r_runs, c_runs = _runs(~good_r), _runs(~good_c)
+        if len(c_runs) > 1:  # bands of columns, each with the rows dirty in it
+            boxes = []
+            for first, last in c_runs:
+                bad = ~ok[:, first : last + 1].all(1)
+                a, b = self._span(self.col_start, self.col_end, first, last, self.wo, tile)
+                rows = np.flatnonzero(bad)
+                c, d = self._span(self.row_start, self.row_end, rows[0], rows[-1], self.ho, tile)
+                boxes.append((c, d, a, b, (d - c) * (b - a)))
+            overlap = any(p[3] > q[2] for p, q in itertools.pairwise(boxes))
+        elif len(r_runs) > 1:  # bands of rows, each with the columns dirty in it
+            boxes = []
+            for first, last in r_runs:
+                bad = ~ok[first : last + 1].all(0)
+                a, b = self._span(self.row_start, self.row_end, first, last, self.ho, tile)
+                cols = np.flatnonzero(bad)
+                c, d = self._span(self.col_start, self.col_end, cols[0], cols[-1], self.wo, tile)
+                boxes.append((a, b, c, d, (d - c) * (b - a)))
+            overlap = any(p[1] > q[0] for p, q in itertools.pairwise(boxes))
+        else:
+            return single
+        saved = single[0][4] - sum(box[4] for box in boxes)
+        if overlap or saved < gain:
+            return single
+        return boxes
+
+    def _box(self, bad_rows, bad_cols, tile: int):
+        """The bounding box of the bad output rows x columns, in whole tiles."""
         bad_rows, bad_cols = np.flatnonzero(bad_rows), np.flatnonzero(bad_cols)
         if bad_rows.size == 0:
             return None
@@ -297,6 +341,18 @@ class _ConvGeometry:
         y0, y1 = bad_rows[0] // t * t, min(self.ho, (bad_rows[-1] // t + 1) * t)
         x0, x1 = bad_cols[0] // t * t, min(self.wo, (bad_cols[-1] // t + 1) * t)
         return int(y0), int(y1), int(x0), int(x1), int((y1 - y0) * (x1 - x0))
+
+
+def _runs(bad: np.ndarray) -> list[tuple[int, int]]:
+    """The runs ``(first, last)`` of True in a 1-D bool array."""
+    edges = np.diff(bad.astype(np.int8), prepend=0, append=0)
+    return list(
+        zip(
+            np.flatnonzero(edges == 1).tolist(),
+            (np.flatnonzero(edges == -1) - 1).tolist(),
+            strict=True,
+        )
+    )
 
 
 def _code_sums(code: np.ndarray) -> np.ndarray:
@@ -493,20 +549,19 @@ class FrameCachedModel(nn.Module):
         sums = _code_sums(code)
         reused = recomputed = total = 0  # over the convs' outputs
         for stage, geo, old in zip(self.stages, g.stages, self.cache, strict=True):
-            n_ok, box, src = geo.plan(sums, self.cfg.tile)
+            n_ok, boxes, src = geo.plan(sums, self.cfg.tile)
             size = geo.ho * geo.wo
-            if box is not None and not stage.croppable:
-                box = (0, geo.ho, 0, geo.wo, size)
-            if n_ok == 0 or (box is not None and box[4] >= 0.9 * size):
+            if boxes and not stage.croppable:
+                boxes = [(0, geo.ho, 0, geo.wo, size)]
+            done = sum(box[4] for box in boxes)
+            if n_ok == 0 or done >= 0.9 * size:
                 out = stage(x)  # (almost) all dirty: the plain layer is cheaper
                 done = size
             else:
                 # the cache shifted by the motion vectors (one gather), or as it is
                 out = old if src is None else old.flatten(2)[:, :, torch.from_numpy(src)]
                 out = out.view_as(old)
-                done = 0
-                if box is not None:
-                    y0, y1, x0, x1, done = box
+                for y0, y1, x0, x1, _ in boxes:
                     out[:, :, y0:y1, x0:x1] = stage.crop(x, y0, y1, x0, x1)
             if stage.is_conv:
                 reused, total, recomputed = reused + n_ok, total + size, recomputed + done
