@@ -145,6 +145,7 @@ class _Stage:
 
     def __init__(self) -> None:
         self.items: list[tuple[_Layer, int, int, int, int]] = []  # layer, k, s, p, d
+        self.crop_fns: list = []  # per item: the function crop() runs (None: the conv)
         self.geometry = _Layer(None, None, 1, 1, 0)
         self.is_conv, self.croppable = False, True
 
@@ -160,6 +161,7 @@ class _Stage:
         else:
             k, s, p, d = 1, 1, 0, 1
         self.items.append((la, k, s, p, d))
+        self.crop_fns.append(_crop_fn(m))
         if k > 1 or s > 1 or p:
             self.geometry = la
 
@@ -183,13 +185,28 @@ class _Stage:
         pads = (max(0, -x0), max(0, x1 - w), max(0, -y0), max(0, y1 - h))
         if any(pads):  # only the conv pads (croppable pooling has none)
             crop = F.pad(crop, pads)
-        for la, _, s, _, d in self.items:
-            m = la.module
-            if m is not None:
+        for (la, _, s, _, d), fn in zip(self.items, self.crop_fns, strict=True):
+            if fn is None:
+                m = la.module
                 crop = F.conv2d(crop, m.weight, m.bias, s, 0, d, m.groups)
             else:
-                crop = la.fn(crop)
+                crop = fn(crop)
         return crop
+
+
+def _crop_fn(m):
+    """What :meth:`_Stage.crop` runs for layer ``m``: None for a conv (run without its
+    padding), the plain function for ReLU and unpadded pooling (no module call per crop:
+    the same kernels, less Python), else ``m`` itself."""
+    if isinstance(m, nn.Conv2d):
+        return None
+    if isinstance(m, nn.ReLU):
+        return torch.relu
+    plain = isinstance(m, nn.MaxPool2d) and _pair(m.padding) == (0, 0) and not m.ceil_mode
+    if plain and _pair(m.dilation) == (1, 1) and not m.return_indices:
+        k, s = m.kernel_size, m.stride or m.kernel_size
+        return lambda t: torch.max_pool2d(t, k, s)  # croppable: no padding, dilation, ceil
+    return m
 
 
 def _stages(layers: list[_Layer]) -> list[_Stage]:
@@ -344,15 +361,17 @@ class _ConvGeometry:
 
 
 def _runs(bad: np.ndarray) -> list[tuple[int, int]]:
-    """The runs ``(first, last)`` of True in a 1-D bool array."""
-    edges = np.diff(bad.astype(np.int8), prepend=0, append=0)
-    return list(
-        zip(
-            np.flatnonzero(edges == 1).tolist(),
-            (np.flatnonzero(edges == -1) - 1).tolist(),
-            strict=True,
-        )
-    )
+    """The runs ``(first, last)`` of True in a short 1-D bool array."""
+    runs, start = [], None
+    for i, v in enumerate(bad.tolist()):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(bad) - 1))
+    return runs
 
 
 def _code_sums(code: np.ndarray) -> np.ndarray:
