@@ -158,3 +158,93 @@ def test_cache_runs_uncroppable_pooling_whole():
         cached.step(frame)
         assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
     assert not cached.stages[0].croppable and 0 < cached.last_stats["reused"] < 1
+
+
+def _exhaustive_codes(prev: np.ndarray, cur: np.ndarray, cfg: FrameCache) -> np.ndarray:
+    """The reference search: per block, every offset in order of |dy| + |dx| (ties in
+    row-major order), the first whose mean |difference| is <= threshold; -1 if none. Blocks
+    past the frame's edge only match shifted copies that lie inside it."""
+    b, r = cfg.block, cfg.search
+    c, h, w = cur.shape
+    hb, wb = -(-h // b), -(-w // b)
+    offsets = sorted(
+        ((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)),
+        key=lambda o: abs(o[0]) + abs(o[1]),
+    )
+    pad = np.full((c, hb * b + 2 * r, wb * b + 2 * r), np.nan)
+    pad[:, r : r + h, r : r + w] = prev
+    cp = np.zeros((c, hb * b, wb * b))
+    cp[:, :h, :w] = cur
+    code = np.full((hb, wb), -1)
+    for i in range(hb):
+        for j in range(wb):
+            block = cp[:, i * b : (i + 1) * b, j * b : (j + 1) * b]
+            for k, (dy, dx) in enumerate(offsets):
+                y, x = r + i * b - dy, r + j * b - dx
+                e = np.abs(pad[:, y : y + b, x : x + b] - block).mean()
+                if e <= cfg.threshold:  # NaN: never
+                    code[i, j] = k
+                    break
+    return code
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_ring_search_finds_the_exhaustive_searchs_matches(threshold):
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Flatten()).eval()
+    cfg = FrameCache(threshold=threshold, search=2, block=4)
+    cached = FrameCachedModel(net, cfg)
+    rng = np.random.default_rng(0)
+    prev = rng.random((2, 30, 26)).astype(np.float32)  # 30x26: partial edge blocks
+    cur = prev.copy()
+    cur[:, 2:14, 3:15] = np.roll(prev, (1, -2), (1, 2))[:, 2:14, 3:15]  # moved (1, -2)
+    cur[:, 16:28, 10:22] = np.roll(prev, (-1, 1), (1, 2))[:, 16:28, 10:22]  # moved (-1, 1)
+    cur[:, 20:, :6] += rng.normal(0, 0.03, (2, 10, 6)).astype(np.float32)  # noise
+    cur[:, :4, 20:] = rng.random((2, 4, 6))  # new content
+    cached.step(torch.from_numpy(prev)[None])
+    got = cached._codes(cur)
+    want = _exhaustive_codes(prev, cur, cfg)
+    assert np.array_equal(got, want)
+    moved = cached._geom.table[got[got > 0]]
+    assert {(1, -2), (-1, 1)} <= {tuple(v) for v in moved.tolist()}
+    assert (got == -1).any() and (got == 0).any()
+
+
+def test_cache_recomputes_two_separate_changes_in_two_boxes():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 32 * 32, 3),
+    ).eval()
+    cached = FrameCachedModel(net, FrameCache(threshold=0.0, search=1))
+    frame = torch.rand(1, 1, 64, 64)
+    changed = frame.clone()
+    changed[..., :, 2:6] = torch.rand(64, 4)  # a full-height strip on the left
+    changed[..., 40:48, 50:58] = torch.rand(8, 8)  # a patch on the right
+    boxes = []
+
+    def recorded(plan):
+        def run(sums, tile):
+            out = plan(sums, tile)
+            boxes.append(out[1])
+            return out
+
+        return run
+
+    with torch.no_grad():
+        cached.step(frame)
+        for geo in cached._geom.stages:
+            geo.plan = recorded(geo.plan)
+        macs = count_macs(cached.step, changed)
+        assert torch.allclose(cached.step(frame), net(frame), atol=1e-5)
+        assert torch.allclose(cached.step(changed), net(changed), atol=1e-5)
+    first = boxes[0]  # the first conv stage: strip and patch apart, rows of the patch only
+    assert len(first) == 2
+    (s_y0, s_y1, s_x0, s_x1, _), (p_y0, p_y1, p_x0, p_x1, _) = sorted(first, key=lambda b: b[2])
+    assert (s_y0, s_y1) == (0, 32) and s_x1 <= 6 and p_x0 >= 22 and p_y1 - p_y0 <= 8
+    one_box = 32 * (p_x1 - s_x0) * (1 * 4 * 9) * 4  # one bounding box: conv1 MACs, 2x2 pool
+    assert macs < count_macs(net, frame) - one_box / 2

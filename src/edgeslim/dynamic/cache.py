@@ -495,14 +495,14 @@ class FrameCachedModel(nn.Module):
         compared with the same block of the previous frame (on a static background almost
         all match there); only the others are searched, ring by ring of growing motion
         (:attr:`_Geometry.rings`), each ring only for the blocks no smaller motion matched.
-        Each ring compares the blocks with their shifted copies gathered from a sliding-
-        window view of the previous frame (no copy of the frame per offset). The result is
-        the exhaustive search's: the first offset in the search order that matches."""
+        Each ring compares the blocks with their shifted copies, gathered by flat index from
+        the previous frame (no copy of the frame per offset). The result is the exhaustive
+        search's: the first offset in the search order that matches."""
         g, bound = self._geom, self.cfg.threshold * self._geom.scale
         g.cur[:, : g.h, : g.w] = cur
         # zero motion, every block: |difference| summed per block by two small matmuls
         d = np.abs(g.prev_frame - cur)
-        err = g.rows_to_blocks @ (d[0] if g.c == 1 else d.sum(0)) @ g.cols_to_blocks
+        err = (g.rows_to_blocks @ (d[0] if g.c == 1 else d.sum(0)) @ g.cols_to_blocks).ravel()
         if g.partial is not None:  # blocks over the frame's edge match only when moved
             err[g.partial] = np.inf
         code = np.zeros(g.hb * g.wb, dtype=np.int64)
