@@ -8,20 +8,26 @@ For each new frame, as in DeepCache:
 1. **Block matching on the input**: the frame is cut into ``block x block`` blocks; each is
    searched in the previous frame within ``search`` pixels, nearest offsets first (as
    DeepCache's search starts from the zero vector). A block is reusable with the smallest
-   motion vector whose mean absolute difference is at most ``threshold``.
+   motion vector whose mean absolute difference is at most ``threshold``. The search
+   terminates early: every block is compared at zero motion first, and only the blocks
+   left unmatched are searched further, ring by ring (same result as trying every offset).
 2. **Propagation through the receptive fields**: for each convolution of the cached prefix,
    an output position is reused when every input pixel of its receptive field is reusable
    and moved by one motion vector; its value is the cached output at the position that
    vector (divided by the layer's stride, rounded) points to. Everything else is dirty.
 3. **Recompute the rest**: dirty positions are grouped in ``tile x tile`` tiles; the
    bounding box of those tiles is convolved (one conv call on a crop of the layer's input)
-   and pasted over the shifted cache. Element-wise layers and pooling run on the whole map
-   (or are reused when their input did not change). Past the prefix, the network runs as
-   usual.
+   and pasted over the shifted cache. When the dirty tiles fall into bands of columns (or
+   rows) with clean ones between them (a moving object and an occluder apart), each band
+   gets its own box if that recomputes at least 10% fewer of the stage's positions; the
+   reusable positions between the boxes then keep their (shifted) cached values. A stage
+   is a conv with the element-wise and pooling layers up to the next conv; past the
+   prefix, the network runs as usual.
 
 The bookkeeping (matching, masks) runs on the block grid in numpy with index maps made once
 per frame size, so that its cost stays well under the convolutions' (see
-:class:`FrameCachedModel`).
+:class:`FrameCachedModel`): matching gathers blocks by flat index; the reuse masks of all
+stages come from summed-area tables of the block codes.
 
 The cached prefix is the model's longest leading chain of Conv2d / BatchNorm2d / ReLU /
 ReLU6 / MaxPool2d / AvgPool2d (or up to ``until``). Rounded motion vectors and the matching
@@ -461,10 +467,11 @@ class FrameCachedModel(nn.Module):
 
     The bookkeeping is sized for speed: block matching and the reuse masks are computed on
     the block grid in numpy (tiny arrays, about a microsecond per operation) with index maps
-    made once per frame size; per conv, the cache is shifted by one gather (none when no
+    made once per frame size; per stage, the cache is shifted by one gather (none when no
     reused position moved) and the dirty positions are recomputed by one conv call on the
-    bounding box of their tiles. A frame that matches the previous one everywhere without
-    motion runs no prefix layer at all.
+    bounding box of their tiles (or one per band of dirty columns / rows, see the module
+    docstring). A frame that matches the previous one everywhere without motion runs no
+    prefix layer at all.
     """
 
     def __init__(self, model: nn.Module, cfg: FrameCache) -> None:
