@@ -10,7 +10,8 @@ For each new frame, as in DeepCache:
    DeepCache's search starts from the zero vector). A block is reusable with the smallest
    motion vector whose mean absolute difference is at most ``threshold``. The search
    terminates early: every block is compared at zero motion first, and only the blocks
-   left unmatched are searched further, ring by ring (same result as trying every offset).
+   left unmatched are searched further, ring by ring, after a filter on block sums (a
+   lower bound of the difference); the same result as trying every offset.
 2. **Propagation through the receptive fields**: for each convolution of the cached prefix,
    an output position is reused when every input pixel of its receptive field is reusable
    and moved by one motion vector; its value is the cached output at the position that
@@ -329,27 +330,23 @@ class _ConvGeometry:
             good_c[c_first:c_last].any() or good_r[r_first:r_last].any()
         ):  # too small to save enough, or no clean row / column across it
             return single
-        r_runs, c_runs = _runs(~good_r), _runs(~good_c)
-        if len(c_runs) > 1:  # bands of columns, each with the rows dirty in it
-            boxes = []
-            for first, last in c_runs:
-                bad = ~ok[:, first : last + 1].all(1)
+        boxes = []
+        if good_c[c_first:c_last].any():  # bands of columns, each with the rows dirty in it
+            for first, last in _runs(~good_c[c_first : c_last + 1]):
+                first, last = first + c_first, last + c_first
                 a, b = self._span(self.col_start, self.col_end, first, last, self.wo, tile)
-                rows = np.flatnonzero(bad)
+                rows = np.flatnonzero(~ok[:, first : last + 1].all(1))
                 c, d = self._span(self.row_start, self.row_end, rows[0], rows[-1], self.ho, tile)
                 boxes.append((c, d, a, b, (d - c) * (b - a)))
             overlap = any(p[3] > q[2] for p, q in itertools.pairwise(boxes))
-        elif len(r_runs) > 1:  # bands of rows, each with the columns dirty in it
-            boxes = []
-            for first, last in r_runs:
-                bad = ~ok[first : last + 1].all(0)
+        else:  # bands of rows, each with the columns dirty in it
+            for first, last in _runs(~good_r[r_first : r_last + 1]):
+                first, last = first + r_first, last + r_first
                 a, b = self._span(self.row_start, self.row_end, first, last, self.ho, tile)
-                cols = np.flatnonzero(bad)
+                cols = np.flatnonzero(~ok[first : last + 1].all(0))
                 c, d = self._span(self.col_start, self.col_end, cols[0], cols[-1], self.wo, tile)
                 boxes.append((a, b, c, d, (d - c) * (b - a)))
             overlap = any(p[1] > q[0] for p, q in itertools.pairwise(boxes))
-        else:
-            return single
         saved = single[0][4] - sum(box[4] for box in boxes)
         if overlap or saved < gain:
             return single
@@ -436,6 +433,15 @@ class _Geometry:
         self.block_at = by * b * self.wp + bx * b
         self.cur_pattern = self._pattern(c, b, self.hp, self.wp)
         self.ones = np.ones(c * b * b, dtype=np.float32)
+        # the filter: a summed-area table of the previous frame (float64, zero outside it),
+        # the flat indices of each shifted block's four corners in it, and which shifted
+        # blocks lie inside the frame (the others hold NaN: never match)
+        self.sat = np.zeros((hpad + 1, wpad + 1))
+        self.sat_in = self.sat[1 + r : 1 + r + h, 1 + r : 1 + r + w]
+        ys, xs = (wy, wy + b), (wx, wx + b)
+        self.corners = np.stack([y * (wpad + 1) + x for y in ys for x in xs])
+        self.inside = (wy >= r) & (wy + b <= r + h) & (wx >= r) & (wx + b <= r + w)
+        self.slack = 1e-4 * self.scale  # float rounding: never filter out a match
         # the previous frame, NaN around it (a shift out of the frame never matches), and
         # the current one zero-padded to whole blocks; two buffers swapped every frame
         self.prev = np.full((c, self.hp + 2 * r, self.wp + 2 * r), np.nan, dtype=np.float32)
@@ -517,20 +523,30 @@ class FrameCachedModel(nn.Module):
         if left.size == 0:
             return code.reshape(g.hb, g.wb)
         code[left] = -1
+        # a cheap filter: |sum(shifted block) - sum(block)| <= sum |difference|, from a
+        # summed-area table of the previous frame; only the offsets it lets through (and
+        # inside the frame) are compared pixel by pixel
+        flat = g.prev_frame[0] if g.c == 1 else g.prev_frame.sum(0)
+        np.cumsum(flat, 0, dtype=np.float64, out=g.sat_in)
+        np.cumsum(g.sat_in, 1, out=g.sat_in)
+        corner = g.sat.take(g.corners[:, left])  # (4, n, offsets)
+        block_sums = g.rows_to_blocks @ (cur[0] if g.c == 1 else cur.sum(0)) @ g.cols_to_blocks
+        gap = np.abs(corner[3] - corner[1] - corner[2] + corner[0] - block_sums.ravel()[left, None])
+        maybe = g.inside[left] & (gap <= bound + g.slack)
         cur_blocks = g.cur.take(g.block_at[left, None] + g.cur_pattern)  # (n, C b b)
         for lo, hi in g.rings:
-            # (n, offsets, C b b): each remaining block at each offset of the ring, gathered
-            # from the padded previous frame (NaN outside it: never matches)
-            at = g.prev_at[left, lo:hi, None] + g.prev_pattern
-            shifted = g.prev.take(at)
-            np.subtract(shifted, cur_blocks[:, None], out=shifted)
-            e = np.abs(shifted, out=shifted) @ g.ones
-            match = e <= bound
+            # each remaining block at each offset of the ring the filter let through,
+            # gathered from the padded previous frame (NaN outside it: never matches)
+            bi, oi = np.nonzero(maybe[:, lo:hi])
+            shifted = g.prev.take(g.prev_at[left[bi], lo + oi][:, None] + g.prev_pattern)
+            np.subtract(shifted, cur_blocks[bi], out=shifted)
+            match = np.zeros((len(left), hi - lo), dtype=bool)
+            match[bi, oi] = np.abs(shifted, out=shifted) @ g.ones <= bound
             hit = match.any(1)
             code[left[hit]] = lo + match[hit].argmax(1)
             if hit.all():
                 break
-            left, cur_blocks = left[~hit], cur_blocks[~hit]
+            left, cur_blocks, maybe = left[~hit], cur_blocks[~hit], maybe[~hit]
         return code.reshape(g.hb, g.wb)
 
     # -- one frame -------------------------------------------------------------------
