@@ -195,16 +195,22 @@ def test_ring_search_finds_the_exhaustive_searchs_matches(threshold):
     cfg = FrameCache(threshold=threshold, search=2, block=4)
     cached = FrameCachedModel(net, cfg)
     rng = np.random.default_rng(0)
-    prev = rng.random((2, 30, 26)).astype(np.float32)  # 30x26: partial edge blocks
+    prev = rng.random((2, 46, 42)).astype(np.float32)  # 46x42: partial edge blocks
     cur = prev.copy()
     cur[:, 2:14, 3:15] = np.roll(prev, (1, -2), (1, 2))[:, 2:14, 3:15]  # moved (1, -2)
     cur[:, 16:28, 10:22] = np.roll(prev, (-1, 1), (1, 2))[:, 16:28, 10:22]  # moved (-1, 1)
-    cur[:, 20:, :6] += rng.normal(0, 0.03, (2, 10, 6)).astype(np.float32)  # noise
-    cur[:, :4, 20:] = rng.random((2, 4, 6))  # new content
+    cur[:, 20:30, :6] += rng.normal(0, 0.03, (2, 10, 6)).astype(np.float32)  # noise
+    cur[:, :4, 20:] = rng.random((2, 4, 22))  # new content
+    cur[:, 30:, 20:] = rng.random((2, 16, 22))
+    few = prev.copy()  # one small moved patch: few blocks to search (no block-sum filter)
+    few[:, 4:12, 4:12] = np.roll(prev, (2, 1), (1, 2))[:, 4:12, 4:12]
     cached.step(torch.from_numpy(prev)[None])
+    for frame, searched in ((cur, "many"), (few, "few")):
+        got = cached._codes(frame)
+        want = _exhaustive_codes(prev, frame, cfg)
+        assert np.array_equal(got, want)
+        assert (4 * (want != 0).sum() >= want.size) == (searched == "many")  # both paths
     got = cached._codes(cur)
-    want = _exhaustive_codes(prev, cur, cfg)
-    assert np.array_equal(got, want)
     moved = cached._geom.table[got[got > 0]]
     assert {(1, -2), (-1, 1)} <= {tuple(v) for v in moved.tolist()}
     assert (got == -1).any() and (got == 0).any()
@@ -248,3 +254,26 @@ def test_cache_recomputes_two_separate_changes_in_two_boxes():
     assert (s_y0, s_y1) == (0, 32) and s_x1 <= 6 and p_x0 >= 22 and p_y1 - p_y0 <= 8
     one_box = 32 * (p_x1 - s_x0) * (1 * 4 * 9) * 4  # one bounding box: conv1 MACs, 2x2 pool
     assert macs < count_macs(net, frame) - one_box / 2
+
+
+def test_paired_timing_alternates_in_blocks():
+    from edgeslim.dynamic.cache import _paired_timing
+
+    calls = []
+
+    class Fake:
+        def step(self, x):
+            calls.append(("cache", int(x[0, 0])))
+
+        def reset(self):
+            calls.append(("reset", -1))
+
+    frames = torch.arange(7.0).view(7, 1, 1)
+    model = lambda x: calls.append(("static", int(x[0, 0])))  # noqa: E731
+    t = _paired_timing(Fake(), model, frames, repeats=1, block=3)
+    assert set(t) == {"cache", "static", "cache_p50", "static_p50"} and t["cache"] > 0
+    timed = calls[calls.index(("reset", -1)) + 1 :]  # after the warm-up
+    c, s = "cache", "static"
+    want = [(c, 0), (c, 1), (c, 2), (s, 0), (s, 1), (s, 2)]
+    want += [(s, 3), (s, 4), (s, 5), (c, 3), (c, 4), (c, 5), (c, 6), (s, 6)]
+    assert timed == want
