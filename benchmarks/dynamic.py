@@ -22,8 +22,8 @@ Parts:
   rendered at 96x96 with 2x digits. The DeepCache-style cache at several matching
   thresholds (share of MACs reused, latency per frame, accuracy) vs recomputing every frame
   and vs running every 2nd / 3rd / 5th frame only. Latency: batch 1, one thread, cache and
-  recompute interleaved frame by frame, median over ``--repeats`` passes of the mean per
-  frame.
+  recompute interleaved in blocks of ``STREAM`` frames (each in its own CPU-cache state) and,
+  for comparison, frame by frame; median over ``--repeats`` passes of the mean per frame.
 - ``multitask``: digit and parity from one LeNet-5 trunk with two heads vs two LeNet-5s.
 
 Latency: one thread, medians or means over single-sample calls as stated. Results go to
