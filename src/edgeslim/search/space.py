@@ -4,7 +4,8 @@ A candidate is a plain dict ``{knob: value}`` with one knob per thing that may c
 
 - ``keep:GROUP`` -- the fraction of a coupled channel group's channels kept (the groups of
   :mod:`edgeslim.prune.groups`: a conv, its BatchNorm, every conv feeding the same residual
-  add ... are one knob, named by the group's first layer);
+  add ... are one knob, named by the group's first layer); an attention group (a
+  transformer's q/k/v outputs) loses whole heads, so its menu holds multiples of one head;
 - ``sparsity:LAYER`` -- unstructured sparsity (a float) or an N:M pattern (``"2:4"``);
 - ``bits:LAYER`` -- weight bit width, 2 to 8 (activations stay 8-bit: no runtime here runs
   narrower activations);
