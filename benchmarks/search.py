@@ -2,6 +2,8 @@
 
     flock /tmp/edgeslim-cpu.lock python benchmarks/search.py --quick     # ResNet-8 only
     flock /tmp/edgeslim-cpu.lock python benchmarks/search.py             # + MobileNetV2
+    flock /tmp/edgeslim-cpu.lock python benchmarks/search.py --nets minilm --no-mcu \
+        --no-predictor --fractions 0.35 --trials 12                       # MiniLM, one budget
 
 **Data: shifted, cluttered MNIST** (:func:`cluttered_mnist`), generated from the bundled
 5,000-image subset so that the task is not at 99%: each digit is translated by up to 4
@@ -31,6 +33,16 @@ Per net (ResNet-8; MobileNetV2-style unless ``--quick``), trained dense on that 
   device-model latency cap of 0.5x the dense net's, SRAM and flash from the C export; beside
   the answer, every zoo net of ``--mcu-zoo`` trained on the same task, pruned with
   ``ChannelPrune`` when over the cap, fine-tuned like the finalists (:func:`mcu_zoo_row`).
+- ``--nets minilm``: the real all-MiniLM-L6-v2 (``hf:minilm``, offline) + a linear head on
+  **the standard-library topic task** (``benchmarks/_tasks.py``: a docstring paragraph's
+  64 tokens -> one of 10 groups of standard-library modules; 2,000 train / 800 val / 2,000
+  test paragraphs, split by a hash of the text), fine-tuned 3 epochs. Same budgets, search
+  and baselines, except: the search space adds whole attention heads to the channel groups
+  (FFN neurons, the hidden size) with low rank and the float/int8 switch; every fine-tune is
+  1 distilled epoch (batch 16, lr 1e-4) and the proxy 12 steps (CPU cost on 2 cores); the
+  hand-written recipes are the three MiniLM ones (``wanda_minilm``, ``sparsegpt_minilm_2of4``,
+  ``gptq_minilm_int4``: one shot on the encoder, 128 calibration paragraphs, no fine-tune),
+  whose sparse / weight-only int4 layers run as dense float in ONNX Runtime; no STM32 part.
 - ``--same-result``: ResNet-8's capped STM32F446 search on the process pool, on a local Ray
   cluster and SIGKILLed part-way then resumed; identical choice, accuracy and trials?
 - the latency predictor's accuracy per runtime (ONNX Runtime, PyTorch) on 16 held-out
@@ -54,7 +66,7 @@ from rich.table import Table
 from torch import nn
 
 import edgeslim as es
-from _tasks import cluttered_mnist
+from _tasks import cluttered_mnist, minilm_classifier, stdlib_topics
 from edgeslim.core.data.datasets import DataSplits
 from edgeslim.search import Budget, SearchSpace
 from edgeslim.search.cost import RuntimeTarget, fingerprint
@@ -119,17 +131,51 @@ def largest_within(build, meter: Meter, limit_ms: float) -> tuple[nn.Module, flo
     return model, ratio, verdict
 
 
-def distil(model: nn.Module, teacher: nn.Module, data: DataSplits, epochs: int) -> nn.Module:
-    es.fit(model, data, epochs=epochs, lr=1e-3, teacher=teacher, distill=es.KD(),
-           progress=False)  # fmt: skip
+# per-net training settings (MiniLM: a pretrained transformer on 2 CPU cores -- BERT
+# fine-tuning rates, small batches, one distilled epoch, a short proxy; see the README)
+CNN = {"epochs": 8, "quick_epochs": 4, "lr": 2e-3, "ft_lr": 1e-3, "batch": 64,
+       "finetune_epochs": 4, "proxy_steps": 40, "proxy_val": 500}  # fmt: skip
+TEXT = {"epochs": 3, "quick_epochs": 3, "lr": 1e-4, "ft_lr": 1e-4, "batch": 16,
+        "finetune_epochs": 1, "proxy_steps": 12, "proxy_val": 200}  # fmt: skip
+TEXT_NETS = ("minilm",)
+
+
+def settings(name: str) -> dict[str, Any]:
+    return TEXT if name in TEXT_NETS else CNN
+
+
+def task_data(name: str, cache: dict[str, DataSplits]) -> DataSplits:
+    """The net's task: cluttered MNIST for the zoo CNNs, the standard-library topics for
+    MiniLM (``benchmarks/_tasks.py``; 2,000 train and 2,000 test paragraphs, 64 tokens)."""
+    kind = "text" if name in TEXT_NETS else "images"
+    if kind not in cache:
+        if kind == "text":
+            cache[kind] = stdlib_topics(minilm_classifier()[1], 64, max_train=2000, max_test=2000)
+        else:
+            cache[kind] = cluttered_mnist()
+    return cache[kind]
+
+
+def distil(model: nn.Module, teacher: nn.Module, data: DataSplits, epochs: int,
+           lr: float = 1e-3, batch: int = 64) -> nn.Module:  # fmt: skip
+    es.fit(model, data, epochs=epochs, lr=lr, batch_size=batch, teacher=teacher,
+           distill=es.KD(), progress=False)  # fmt: skip
     return model.eval()
 
 
-def int8_row(model: nn.Module, data: DataSplits) -> dict[str, Any]:
+def int8_row(model: nn.Module, data: DataSplits, saved: Path | None = None) -> dict[str, Any]:
     """Uniform int8 (graph mode, QDQ in ONNX Runtime): the model and its accuracy; its
-    latency is judged per budget by the meter (the same QDQ graph as the search's int8)."""
-    q = es.quantize(model, es.Int8PTQ(calibration="mse"), calib=data.calib(256))
-    return {"model": q, "acc": es.evaluate(q, data), "pred": None, "samples": []}
+    latency is judged per budget by the meter (the same QDQ graph as the search's int8).
+    With ``saved``, the model and accuracy are kept there (a later invocation reuses them:
+    MiniLM's int8 calibration + test evaluation takes ~6 min on the shared 2 cores)."""
+    if saved is not None and saved.exists():
+        q, acc = torch.load(saved, weights_only=False)
+    else:
+        q = es.quantize(model, es.Int8PTQ(calibration="mse"), calib=data.calib(256))
+        acc = es.evaluate(q, data)
+        if saved is not None:
+            torch.save((q, acc), saved)
+    return {"model": q, "acc": acc, "pred": None, "samples": []}
 
 
 def int8_at(row: dict[str, Any], meter: Meter, limit: float) -> dict[str, Any]:
@@ -143,18 +189,56 @@ def trained_dense(name: str, data: DataSplits, args) -> nn.Module:
     """The zoo net trained dense ``args.epochs`` on the task (seeded; the weights are kept in
     ``--out``, so a later invocation reuses them)."""
     torch.manual_seed(0)
-    dense = es.load_model(f"zoo:{name}")
-    saved = Path(args.out) / f"{name}-dense-{args.epochs}ep.pt"
+    cfg = settings(name)
+    epochs = cfg["epochs"] if name in TEXT_NETS else args.epochs
+    dense = minilm_classifier()[0] if name in TEXT_NETS else es.load_model(f"zoo:{name}")
+    saved = Path(args.out) / f"{name}-dense-{epochs}ep.pt"
     if saved.exists():  # the same seeded training, kept from an earlier run
         dense.load_state_dict(torch.load(saved))
     else:
-        es.fit(dense, data, epochs=args.epochs, lr=2e-3, shift=0, progress=False)
+        es.fit(dense, data, epochs=epochs, lr=cfg["lr"], batch_size=max(32, cfg["batch"]),
+               shift=0, progress=False)  # fmt: skip
         torch.save(dense.state_dict(), saved)
     return dense.eval()
 
 
+MINILM_RECIPES = {  # recipes/*.yaml's methods, applied to the encoder as the recipes do
+    "recipe wanda_minilm (Wanda 50% unstructured)": lambda: (es.prune_, es.Wanda(sparsity=0.5)),
+    "recipe sparsegpt_minilm_2of4 (SparseGPT 2:4)": lambda: (es.prune_, es.SparseGPT(n=2, m=4)),
+    "recipe gptq_minilm_int4 (GPTQ int4 g128)": lambda: (es.quantize_,
+                                                         es.GPTQ(bits=4, group_size=128)),
+}  # fmt: skip
+
+
+def minilm_recipes(dense: nn.Module, data: DataSplits, out: Path) -> dict[str, dict]:
+    """The hand-written MiniLM recipes' one-shot methods on the trained classifier's encoder
+    (128 calibration paragraphs of the train split, no fine-tune, as the recipes): the model,
+    its accuracy and its measurements (sparse and weight-only int4 layers run as dense float
+    in ONNX Runtime, so no speed-up is expected; the rows say what was measured). Each
+    compressed model and its accuracy are kept in ``out`` (a later invocation reuses them)."""
+    ids = data.train.x[:: max(1, len(data.train) // 128)][:128]
+    calib = [{"input_ids": ids[i : i + 1], "attention_mask": (ids[i : i + 1] != 0).long()}
+             for i in range(len(ids))]  # fmt: skip
+    rows = {}
+    for i, (label, make) in enumerate(MINILM_RECIPES.items()):
+        verb, cfg = make()
+        model = copy.deepcopy(dense)
+        saved = out / f"minilm-recipe-{i}.pt"
+        if saved.exists():
+            model, acc = torch.load(saved, weights_only=False)
+        else:
+            verb(model.encoder, cfg, calib=calib)
+            acc = es.evaluate(model, data)
+            torch.save((model, acc), saved)
+        rows[label] = {"model": model.eval(), "acc": acc, "samples": []}
+    return rows
+
+
 def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cache: Path):
     t0 = time.perf_counter()
+    cfg = settings(name)
+    ft_epochs = 0 if args.smoke else cfg["finetune_epochs"]
+    proxy_steps = 2 if args.smoke else cfg["proxy_steps"]
     dense = trained_dense(name, data, args)
     x = data.test.x[:1]
     target = RuntimeTarget("ort", cache=cache)
@@ -166,9 +250,19 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
     rows.append({"net": name, "budget": "-", "method": "dense", "acc": dense_acc,
                  "ms": dense_ms, "pred": None, "wall": None})  # fmt: skip
     if not args.search_only:
-        q = int8_row(dense, data)
-        tuned = distil(copy.deepcopy(dense).train(), dense, data, args.finetune_epochs)
-        q_tuned = int8_row(tuned, data)
+        keep = name in TEXT_NETS  # slow to redo: kept in --out
+        q = int8_row(dense, data, Path(args.out) / f"{name}-int8.pt" if keep else None)
+        tuned = copy.deepcopy(dense)
+        saved = Path(args.out) / f"{name}-dense-tuned-{ft_epochs}ep.pt"
+        if saved.exists():  # the same seeded fine-tune, kept from an earlier invocation
+            tuned.load_state_dict(torch.load(saved))
+        else:
+            distil(tuned.train(), dense, data, ft_epochs, cfg["ft_lr"], cfg["batch"])
+            torch.save(tuned.state_dict(), saved)
+        q_tuned = int8_row(
+            tuned.eval(), data, Path(args.out) / f"{name}-tuned-int8.pt" if keep else None
+        )
+        recipes = minilm_recipes(dense, data, Path(args.out)) if name in TEXT_NETS else {}
     # the default space on ONNX Runtime: channels (fine keep menus) + low rank + a float/int8
     # switch, searched together
     spaces = {"channels + low rank + float/int8": SearchSpace()}
@@ -184,8 +278,9 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
             res = search(
                 dense, data, Budget(max_latency_ms=limit, target="ort"),
                 space=space, trials=args.trials, batch=4,
-                seed=0, proxy_steps=args.proxy_steps, finetune_top=3,
-                finetune_epochs=args.finetune_epochs, cache=cache, workers=args.workers,
+                seed=0, proxy_steps=proxy_steps, finetune_top=3,
+                proxy_val=cfg["proxy_val"], batch_size=cfg["batch"], lr=cfg["ft_lr"],
+                finetune_epochs=ft_epochs, cache=cache, workers=args.workers,
                 out=Path(args.out) / f"{name}-{frac}{suffix}", progress=False,
                 reference_ms=dense_ms,
             )  # fmt: skip
@@ -205,7 +300,7 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         # every baseline judged like the search's answer: all its measurements (before and
         # after its fine-tune), re-measured against the dense net near the limit
         tp_model, ratio, v = largest_within(lambda r: tp_uniform(dense, x, r), meter, limit)
-        distil(tp_model, dense, data, args.finetune_epochs)
+        distil(tp_model, dense, data, ft_epochs, cfg["ft_lr"], cfg["batch"])
         v = meter.verdict(tp_model, limit, v.samples)
         rows.append({"net": name, "budget": label, "method": f"Torch-Pruning uniform ({ratio:.2f})",
                      "acc": es.evaluate(tp_model, data), **fit_row(v),
@@ -215,10 +310,17 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         rows.append({"net": name, "budget": label, "method": "uniform int8 after the fine-tune",
                      **int8_at(q_tuned, meter, limit), "wall": None,
                      "limit": limit})  # fmt: skip
+        for label_r, rec in recipes.items():  # MiniLM: the three one-shot recipes
+            rows.append({"net": name, "budget": label, "method": label_r,
+                         **int8_at(rec, meter, limit), "wall": None,
+                         "limit": limit})  # fmt: skip
+        if recipes:
+            save(args, rows, pred_rows)
+            continue
         hand = copy.deepcopy(dense)
         es.prune_(hand, es.ChannelPrune(macs=frac, allocation="sensitivity"), example=x, data=data)
         v = meter.verdict(hand, limit)
-        distil(hand, dense, data, args.finetune_epochs)
+        distil(hand, dense, data, ft_epochs, cfg["ft_lr"], cfg["batch"])
         v = meter.verdict(hand, limit, v.samples)
         rows.append({"net": name, "budget": label, "method": f"recipe ChannelPrune(macs={frac})",
                      "acc": es.evaluate(hand, data), **fit_row(v), "pred": None,
@@ -245,7 +347,7 @@ def net_part(name: str, data: DataSplits, args, rows: list, pred_rows: list, cac
         pred_rows.append({"net": name, **rep.as_dict(), "target": f"{runtime} ({what})"})
         console.print(f"  predictor {runtime} ({what}): {rep.as_dict()}")
         save(args, rows, pred_rows)
-    if not args.no_mcu:
+    if not args.no_mcu and name not in TEXT_NETS:  # the C backend has no transformer ops
         mcu_part(name, dense, dense_acc, data, args, rows, pred_rows)
 
 
@@ -481,7 +583,8 @@ def main() -> None:
     cache = Path(args.out) / "latency-cache"
     os.makedirs(cache, exist_ok=True)
     start = time.perf_counter()
-    data = cluttered_mnist()
+    datasets: dict[str, DataSplits] = {}
+    data = task_data("resnet8", datasets) if args.same_child or args.same_result else None
     rows: list[dict] = []
     pred_rows: list[dict] = []
     if args.same_child:
@@ -494,7 +597,7 @@ def main() -> None:
             console.print(r)
         return
     for name in args.nets:
-        net_part(name, data, args, rows, pred_rows, cache)
+        net_part(name, task_data(name, datasets), args, rows, pred_rows, cache)
     table = Table(title="searched vs uniform vs recipe (test accuracy; ONNX Runtime ms, 1 thread)")
     for col in ("net", "budget", "method", "test acc", "measured ms", "fits", "predicted ms",
                 "search s", "SRAM KB", "flash KB"):  # fmt: skip

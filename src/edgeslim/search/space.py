@@ -4,7 +4,8 @@ A candidate is a plain dict ``{knob: value}`` with one knob per thing that may c
 
 - ``keep:GROUP`` -- the fraction of a coupled channel group's channels kept (the groups of
   :mod:`edgeslim.prune.groups`: a conv, its BatchNorm, every conv feeding the same residual
-  add ... are one knob, named by the group's first layer);
+  add ... are one knob, named by the group's first layer); an attention group (a
+  transformer's q/k/v outputs) loses whole heads, so its menu holds multiples of one head;
 - ``sparsity:LAYER`` -- unstructured sparsity (a float) or an N:M pattern (``"2:4"``);
 - ``bits:LAYER`` -- weight bit width, 2 to 8 (activations stay 8-bit: no runtime here runs
   narrower activations);
@@ -138,12 +139,17 @@ class SearchSpace(Options):
         knobs: dict[str, list[Value]] = {}
         info: dict[str, dict[str, Any]] = {}
         if "channel" in allowed:
-            for name, channels, layers in channel_groups(model, example, self.exclude):
-                if channels < self.min_channels:
+            for name, channels, layers, heads in channel_groups(model, example, self.exclude):
+                if heads:  # attention: whole heads, so the menu counts heads
+                    menu = keep_menu(heads, self.keep, 1, self.uniform_step)
+                    if len(menu) < 2:
+                        continue
+                elif channels < self.min_channels:
                     continue
-                menu = keep_menu(channels, self.keep, self.channel_step, self.uniform_step)
+                else:
+                    menu = keep_menu(channels, self.keep, self.channel_step, self.uniform_step)
                 knobs[f"keep:{name}"] = menu
-                info[f"keep:{name}"] = {"channels": channels, "layers": layers}
+                info[f"keep:{name}"] = {"channels": channels, "layers": layers, "heads": heads}
         layers = {
             n: m
             for n, m in model.named_modules()
@@ -236,8 +242,10 @@ def _valid(knob: str, value: Any) -> bool:
 
 def channel_groups(
     model: nn.Module, example: Any, exclude: list[str]
-) -> list[tuple[str, int, list[str]]]:
-    """``(name, channels, layers)`` of every prunable coupled channel group of ``model``."""
+) -> list[tuple[str, int, list[str], int]]:
+    """``(name, channels, layers, heads)`` of every prunable coupled channel group of
+    ``model``; ``heads`` > 0 for an attention group (q/k/v outputs), which loses whole heads:
+    its keep values are multiples of ``1 / heads``."""
     import copy
     import warnings
 
@@ -250,7 +258,7 @@ def channel_groups(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, groups = prepare(probe, example, ProbeOptions(ignore=list(exclude)))
-    return [(g.name, g.channels // max(1, g.ch_groups), g.layers) for g in groups if not g.heads]
+    return [(g.name, g.channels // max(1, g.ch_groups), g.layers, g.heads) for g in groups]
 
 
 @dataclass

@@ -218,6 +218,15 @@ def _module_paragraphs(root: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(found)
 
 
+def module_paragraphs(root: str | Path | None = None) -> list[tuple[str, list[str]]]:
+    """``(dotted module name, its English docstring paragraphs)`` for every module of the
+    standard library at ``root`` (default: this Python's) that has any, in name order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"standard library directory {root} does not exist")
+    return [(m, list(ps)) for m, ps in _module_paragraphs(root.resolve())]
+
+
 def stdlib_corpus(root: str | Path | None = None) -> TextCorpus:
     """The docstrings of the standard library at ``root`` (default: this Python's)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
