@@ -31,6 +31,12 @@ structured pruning) with ``f`` from the device latency model, fine-tuned ``--fin
 device (``export_c``, compiled and checked). Accuracy is int8 test accuracy of the exported
 model's PyTorch twin.
 
+**Seeds** (``--seeds 0,1,2``): the last fine-tuning of every row (the searched winner's and
+each zoo net's, after pruning) is repeated with each seed (the data order; the supernet, the
+search, the dense training and the pruning stay those of seed 0); a row reports the mean int8
+test accuracy, the per-seed values and their spread. Seed 0 is the run ``es.nas`` deploys and
+exports; the other seeds' costs are the same architecture's (measured once, with seed 0).
+
 **Rank correlation**: >= 10 sub-networks the F446 evolution scored (spread over its
 accuracy range), each fine-tuned ``--rank-epochs`` from the supernet's weights; Spearman of
 the supernet's estimate (BN re-calibrated, 500 val images) vs the fine-tuned test accuracy.
@@ -55,7 +61,7 @@ from _tasks import cluttered_mnist
 from edgeslim.core.errors import EdgeslimError, LoweringError
 from edgeslim.core.kd import KD
 from edgeslim.core.train import TrainConfig, evaluate, fit
-from edgeslim.nas.api import nas, resize_data
+from edgeslim.nas.api import finetune_subnet, nas, resize_data, sample_indices
 from edgeslim.nas.cost import measure_export
 from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.supernet import SubnetConfig, SupernetSpec, resize
@@ -107,23 +113,28 @@ def _dense(name: str, data, args, out: Path):
     return model.eval(), info
 
 
-def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
-    """One zoo net for one device: pruned (when over the latency limit) to fit, then
-    ``--finetune-epochs`` distilled from the dense net (pruned or not), Int8PTQ, C for the
-    device (ARM link + QEMU)."""
-    dev = load_device(dev_name)
+def _stats(values: list[float]) -> dict:
+    """Mean, sample standard deviation and range of per-seed accuracies."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
+
+
+def _pruned(name: str, dev_name: str, data, args, out: Path, row: dict):
+    """The zoo net for ``dev_name``: dense, pruned (when over the latency limit) until its
+    exported graph fits; ``None`` (with ``row["note"]`` saying why) when it cannot be."""
     calib = data.calib(128)
-    row = {"device": dev_name, "net": name}
     try:  # exportable at all? (checked untrained, before spending the training)
         c_cost(es.zoo.create(name).eval(), calib, dev_name, out / f"{name}-probe")
     except LoweringError as exc:
         row["note"] = "not exportable to C: " + str(exc).splitlines()[1].strip()[:70]
-        return row
+        return None, None
     dense, info = _dense(name, data, args, out)
     row.update(info)
-    t0 = time.monotonic()
     model, frac, note = copy.deepcopy(dense), 1.0, "as is"
     cost = c_cost(dense, calib, dev_name, out / f"{name}-{dev_name}-d")
+    row["dense_latency_ms"] = cost["latency_ms"]
     for _ in range(5):  # prune until the exported graph meets the latency limit
         if cost["latency_ms"] <= args.latency_ms:
             break
@@ -132,47 +143,130 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path) -> dict:
         try:
             es.prune_(model, es.ChannelPrune(macs=frac), example=data.example())
         except EdgeslimError as exc:  # e.g. a graph the pruner cannot trace
-            row.update({"dense_latency_ms": cost["latency_ms"], "fits": False})
+            row["fits"] = False
             row["note"] = (
                 f"exports to C (dense {cost['latency_ms']:.0f} ms), not prunable: "
                 + str(exc).splitlines()[0][:90]
             )
-            return row
+            return None, None
         note = f"ChannelPrune(macs={frac:.3f})"
         cost = c_cost(model.eval(), calib, dev_name, out / f"{name}-{dev_name}-p")
+    row["note"] = note
+    return model, dense
+
+
+def zoo_row(name: str, dev_name: str, data, args, out: Path, seed: int, pruned, cost=None):
+    """One zoo net for one device and one fine-tuning seed: ``pruned`` (from :func:`_pruned`)
+    fine-tuned ``--finetune-epochs`` distilled from the dense net (or ``--teacher``), Int8PTQ;
+    ``cost`` None: exported to C for the device (ARM link + QEMU) and measured, else the
+    cost of the same architecture exported with another seed's weights."""
+    dev = load_device(dev_name)
+    calib = data.calib(128)
+    model, dense = copy.deepcopy(pruned[0]), pruned[1]
+    row = {**pruned[2], "seed": seed}
+    t0 = time.monotonic()
     kd = KD(alpha=args.kd_alpha)
-    cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=0, distill=kd)
+    cfg = TrainConfig(epochs=args.finetune_epochs, lr=1e-3, seed=seed, distill=kd)
     teacher = dense if not args.teacher else _dense(args.teacher, data, args, out)[0]
     fit(model, data, cfg, teacher=teacher, progress=False)
-    note += f" + {args.finetune_epochs} ep KD" + (f" from {args.teacher}" if args.teacher else "")
+    row["note"] += f" + {args.finetune_epochs} ep KD" + (
+        f" from {args.teacher}" if args.teacher else ""
+    )
     row["float_acc"] = evaluate(model.eval(), data, "test")
     q = es.quantize(model.eval(), es.Int8PTQ(calibration="mse"), calib=calib)
-    cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}", arm=True)
+    if cost is None:
+        cost = c_cost(q, calib, dev_name, out / f"{name}-{dev_name}", arm=True)
+    else:
+        cost = dict(cost)
+        row["cost_from_seed"] = cost.pop("seed")
     fits = (
         cost["latency_ms"] <= args.latency_ms
         and cost["sram_kb"] * 1024 <= dev.sram_bytes
         and cost["flash_kb"] * 1024 <= dev.flash_bytes
     )
     row.update(cost)
-    row.update({"acc": evaluate(q, data, "test"), "note": note, "fits": fits,
+    row.update({"acc": evaluate(q, data, "test"), "fits": fits,
                 "compress_s": time.monotonic() - t0})  # fmt: skip
     return row
 
 
+COST_KEYS = ("sram_kb", "flash_kb", "latency_ms")
+
+
 def zoo_rows(data, args, out: Path) -> list[dict]:
-    """The zoo's rows, each persisted in ``out`` (a rerun skips those done)."""
+    """The zoo's rows, one per net and device over ``--seeds``; each seed's row is persisted
+    in ``out`` (a rerun skips those done; seed 0 keeps the file name of one-seed runs)."""
     rows = []
     for name in args.zoo.split(","):
         for dev_name in DEVICES:
             tail = f"-t{args.teacher}" if args.teacher and args.teacher != name else ""
-            path = out / f"{name}-{dev_name}{tail}.row.json"  # a net's own teacher: as before
-            row = _load_json(path)
-            if row is None:
-                row = zoo_row(name, dev_name, data, args, out)
-                _save_json(path, row)
-            console.print(row)
-            rows.append(row)
+            per_seed, pruned, cost = [], None, None
+            for seed in args.seed_list:
+                stem = f"{name}-{dev_name}{tail}" + (f"-s{seed}" if seed else "")
+                path = out / f"{stem}.row.json"  # a net's own teacher: as before
+                row = _load_json(path)
+                if row is None:
+                    if pruned is None:
+                        info = {"device": dev_name, "net": name}
+                        model, dense = _pruned(name, dev_name, data, args, out, info)
+                        pruned = (model, dense, info)
+                    if pruned[0] is None:  # not exportable or not prunable: one row
+                        row = pruned[2]
+                    else:
+                        row = zoo_row(name, dev_name, data, args, out, seed, pruned, cost)
+                    _save_json(path, row)
+                if "acc" in row and cost is None:
+                    cost = {k: row[k] for k in COST_KEYS} | {"seed": row.get("seed", 0)}
+                per_seed.append(row)
+                if "acc" not in row:
+                    break
+            rows.append(_merge_seeds(per_seed))
+            console.print(rows[-1])
     return rows
+
+
+def _merge_seeds(per_seed: list[dict]) -> dict:
+    """One table row from a net's per-seed rows: the first seed's fields, ``acc`` and
+    ``float_acc`` their means, with the per-seed values and their spread."""
+    row = dict(per_seed[0])
+    done = [r for r in per_seed if "acc" in r]
+    if done:
+        row["seeds"] = [r.get("seed", 0) for r in done]
+        for key in ("acc", "float_acc"):
+            values = [r[key] for r in done]
+            row[key + "_seeds"] = values
+            row[key] = sum(values) / len(values)
+            row[key + "_stats"] = _stats(values)
+    return row
+
+
+def searched_seeds(res, dev_dir: Path, data, teacher, args) -> list[dict]:
+    """The searched winner's fine-tuning repeated with each of ``--seeds`` (seed 0 is the
+    deployment ``es.nas`` did; the others: the same steps via :func:`finetune_subnet`,
+    Int8PTQ on the same calibration images, int8 test accuracy; the C export's costs are
+    the same architecture's, measured with seed 0)."""
+    per_seed = []
+    bn_idx, calib_idx = sample_indices(len(data.train))
+    for seed in args.seed_list:
+        if seed == 0:
+            per_seed.append({"seed": 0, "acc": res.accuracy, "float_acc": res.float_accuracy})
+            continue
+        path = dev_dir / f"seed{seed}.json"
+        row = _load_json(path)
+        if row is None:
+            t0 = time.monotonic()
+            sub = finetune_subnet(res.supernet, res.config, data, data.train.x[bn_idx],
+                                  epochs=args.nas_finetune_epochs, alpha=args.kd_alpha,
+                                  seed=seed, teacher=teacher, progress=False).eval()  # fmt: skip
+            rdata = resize_data(data, res.config.resolution)
+            calib = rdata.train.x[calib_idx]
+            q = es.quantize(sub, es.Int8PTQ(calibration="mse"), calib=calib)
+            row = {"seed": seed, "acc": evaluate(q, rdata, "test"),
+                   "float_acc": evaluate(sub, rdata, "test"),
+                   "train_s": time.monotonic() - t0}  # fmt: skip
+            _save_json(path, row)
+        per_seed.append(row)
+    return per_seed
 
 
 def rank_correlation(result, data, args) -> dict:
@@ -249,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--out, so a run can be split over several invocations")  # fmt: skip
     p.add_argument("--results", default=None, help="also write the table's JSON here")
     p.add_argument("--devices", default=",".join(DEVICES), help="devices searched (comma list)")
+    p.add_argument("--seeds", default="0",
+                   help="fine-tuning seeds (comma list): the searched winner's and every zoo "
+                        "row's last fine-tuning is repeated with each (the data order); "
+                        "rows report the mean and the spread")  # fmt: skip
     args = p.parse_args(argv)
+    args.seed_list = [int(v) for v in args.seeds.split(",")]
+    if args.seed_list[0] != 0 or len(set(args.seed_list)) != len(args.seed_list):
+        p.error("--seeds: distinct integers, starting with 0 (the deployment es.nas does)")
     parts = set(args.parts.split(","))
     if args.nas_finetune_epochs is None:
         args.nas_finetune_epochs = 6
@@ -295,13 +396,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             results[dev_name] = res
             console.print(res.summary())
-            rows.append(
-                {"device": dev_name, "net": "searched (es.nas)", "acc": res.accuracy,
-                 "float_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
-                 **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings,
-                 "estimated_acc": res.estimated_accuracy, "cells": res.space.cells,
-                 "evaluated": sum(r["accuracy"] is not None for r in res.trials)}
-            )  # fmt: skip
+            dev_dir = out / (dev_name + (f"-t{args.teacher}" if args.teacher else ""))
+            seeds = searched_seeds(res, dev_dir, data, teacher, args)
+            row = {"device": dev_name, "net": "searched (es.nas)", "acc": res.accuracy,
+                   "float_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
+                   **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings,
+                   "estimated_acc": res.estimated_accuracy, "cells": res.space.cells,
+                   "evaluated": sum(r["accuracy"] is not None for r in res.trials)}  # fmt: skip
+            rows.append(_merge_seeds([{**row, **s} for s in seeds]) | {"per_seed": seeds})
     rank = _load_json(out / "rank.json")
     if "rank" in parts and rank is None:
         rank = rank_correlation(results["stm32f446"], data, args)
@@ -312,15 +414,18 @@ def main(argv: list[str] | None = None) -> int:
         console.print(rank)
     table = Table(title=f"NAS vs zoo, cluttered MNIST, budget: device SRAM/flash + "
                         f"{args.latency_ms:g} ms device-model latency")  # fmt: skip
-    for col in ("device", "net", "int8 test acc", "+-1 SE", "float acc", "SRAM KB", "flash KB",
-                "latency ms", "fits", "how"):  # fmt: skip
+    for col in ("device", "net", "int8 test acc (mean)", "sd", "per seed", "+-1 SE", "float acc",
+                "SRAM KB", "flash KB", "latency ms", "fits", "how"):  # fmt: skip
         table.add_column(col)
     for r in sorted(rows, key=lambda r: r["device"]):
 
         def f(k, fmt=".1f", r=r):
             return format(r[k], fmt) if isinstance(r.get(k), int | float) else "-"
 
-        table.add_row(r["device"], r["net"], f("acc", ".4f"), _se(r.get("acc")),
+        stats = r.get("acc_stats", {})
+        sd = f"{stats['sd']:.4f}" if stats else "-"
+        each = " ".join(f"{v:.3f}" for v in r.get("acc_seeds", []))
+        table.add_row(r["device"], r["net"], f("acc", ".4f"), sd, each, _se(r.get("acc")),
                       f("float_acc", ".4f"), f("sram_kb"), f("flash_kb"), f("latency_ms", ".2f"),
                       str(r.get("fits", "-")), str(r.get("note", "")))  # fmt: skip
     console.print(table)

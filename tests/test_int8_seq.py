@@ -177,6 +177,26 @@ def test_shufflenet_channel_shuffle_is_one_transpose_and_bit_exact():
     _tflm_and_c_agree(graph, q, want)
 
 
+def test_quantized_shufflenet_lowers_its_split_half_through_the_shuffle():
+    """Int8PTQ puts no quantizer on the channel split's half that goes straight into the
+    next concat: its qparams are found through chunk / getitem / reshape / transpose (was
+    "cat_1: no quantizer gives this tensor int8 qparams")."""
+    from edgeslim import zoo
+    from edgeslim.quant import Int8PTQ, quantize
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 1, 28, 28)
+    qmodel = quantize(zoo.shufflenetv2().eval(), Int8PTQ(), calib=calib)
+    graph = lower(qmodel, calib)
+    got = reference.dequantize(
+        graph,
+        graph.output,
+        reference.run_batch(graph, reference.quantize_input(graph, calib[:4].numpy())),
+    ).reshape(4, -1)
+    want = qmodel(calib[:4]).detach().numpy()
+    assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)
+
+
 def test_float32_tflite_refuses_transformer_ops_cleanly():
     from edgeslim.export.tflite_float import lower_float
 

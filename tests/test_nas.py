@@ -563,3 +563,32 @@ def test_cli_nas_searches_and_reports_and_refuses_an_impossible_budget(tmp_path)
     bad = _cli(*common, "--out", str(tmp_path / "bad"), "--max-flash-kb", "0.5")
     assert bad.returncode == 2
     assert "smallest sub-network" in bad.stderr and "needs SRAM" in bad.stderr
+
+
+def test_finetune_subnet_repeats_the_deployment_and_other_seeds_differ(tmp_path, monkeypatch):
+    """The benchmark's extra seeds: finetune_subnet with seed 0 on sample_indices' images is
+    the deployment's fine-tuning, weight for weight; seed 1 trains another order."""
+    import edgeslim.nas.api as api
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):  # the C toolchain not needed
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    data = _data()
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
+    res = es.nas(data, "stm32f446", out=tmp_path, **kw)
+    deployed = torch.load(tmp_path / "final" / "float.pt", weights_only=True)
+    bn_idx, calib_idx = api.sample_indices(len(data.train), 32)
+    assert len(bn_idx) == 32 and len(calib_idx) == 96
+
+    def tuned(seed):
+        return api.finetune_subnet(res.supernet, res.config, data, data.train.x[bn_idx],
+                                   epochs=1, seed=seed).state_dict()  # fmt: skip
+
+    again, other = tuned(0), tuned(1)
+    assert again.keys() == deployed.keys()
+    assert all(torch.equal(again[k], deployed[k]) for k in deployed)
+    assert any(not torch.equal(other[k], deployed[k]) for k in deployed if k.endswith("weight"))

@@ -333,3 +333,49 @@ def test_rounding_to_8_gives_back_what_it_overcut_of_a_macs_budget():
     assert 0.47 * dense <= count_macs(filled, x) <= 0.5 * dense
     convs = [m for m in filled.modules() if isinstance(m, nn.Conv2d)]
     assert all(m.out_channels % 8 == 0 for m in convs)
+
+
+def test_shufflenet_prunes_around_its_channel_shuffles():
+    """A channel shuffle maps channel i to another channel: every group through one keeps its
+    width (Torch-Pruning's own tracing failed there with a ZeroDivisionError); the branches'
+    inner widths, the stem and the head are cut, equal to zeroing those channels."""
+    torch.manual_seed(0)
+    model = _randomize_bn(es.load_model("zoo:shufflenetv2"))
+    x = torch.randn(4, 1, 28, 28)
+    cfg = ChannelPrune(ratio=0.5)
+    expected, plans = _zeroed_reference(model, x, cfg)
+    widths = [(u.branch2[2][0].out_channels, u.branch2[0][0].in_channels) for u in model.units]
+    macs = count_macs(model, x)
+    got = prune_(model, cfg, example=x)["removed"]
+    inner = {f"units.{i}.branch2.0.0" for i in range(6)}
+    assert set(got) == {p.group for p in plans} == inner | {"stem.0", "head.0"}
+    for unit, (out, cin) in zip(model.units, widths, strict=True):
+        assert unit.branch2[2][0].out_channels == out  # into the concat and the shuffle
+        assert unit.branch2[0][0].out_channels == unit.branch2[1][0].groups < out
+        if unit.stride == 1:
+            assert unit.branch2[0][0].in_channels == cin  # the split's half: uncut
+    assert model.stem[0].out_channels == 12 and model.classifier.in_features == 96
+    assert count_macs(model, x) < 0.5 * macs
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class Halve(nn.Module):
+    permutes_channels = True  # but it drops half the channels: not a permutation
+
+    def forward(self, x):
+        return x[:, : x.shape[1] // 2]
+
+
+def test_a_shuffle_the_graph_cannot_trace_is_named(monkeypatch):
+    from edgeslim.core.models.zoo import ChannelShuffle
+
+    x = torch.rand(2, 1, 28, 28)
+    model = es.load_model("zoo:shufflenetv2").eval()
+    monkeypatch.setattr(ChannelShuffle, "permutes_channels", False)  # undeclared: as before
+    with pytest.raises(UnsupportedOpError, match=r"ZeroDivisionError.*permutes_channels = True"):
+        prune_(model, ChannelPrune(ratio=0.5), example=x)
+    assert model.stem[0].out_channels == 24  # nothing was cut
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), Halve(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
+    with pytest.raises(UnsupportedOpError, match="Halve declares permutes_channels but"):
+        prune_(model.eval(), ChannelPrune(ratio=0.5), example=x)
+    assert model[0].out_channels == 8 and "forward" not in vars(model[1])  # restored

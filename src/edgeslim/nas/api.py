@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, ExportError
@@ -57,7 +57,7 @@ from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.nas.train import SandwichTraining, train_supernet
 from edgeslim.search.budget import Budget
 
-__all__ = ["NasResult", "nas", "resize_data"]
+__all__ = ["NasResult", "finetune_subnet", "nas", "resize_data", "sample_indices"]
 
 
 @dataclass
@@ -293,8 +293,7 @@ def nas(
 
     # 4. evolution inside the chosen cell
     t0 = time.monotonic()
-    g = torch.Generator().manual_seed(seed)
-    bn_idx = torch.randperm(len(data.train), generator=g)[: min(bn_samples, len(data.train))]
+    bn_idx, calib_idx = sample_indices(len(data.train), bn_samples, seed)
     nv = min(val_samples, len(data.val))
     state = {
         "spec": spec.to_dict(),
@@ -342,7 +341,6 @@ def nas(
 
     # 5-6. the finalists exported; the most accurate that fits deployed
     t0 = time.monotonic()
-    calib_idx = torch.randperm(len(data.train), generator=g)[: min(128, len(data.train))]
     chosen = None
     final_file = out / "final.json"
     done_finals = json.loads(final_file.read_text()) if final_file.exists() else {}
@@ -384,6 +382,56 @@ def nas(
         atomic_write_text(timings_file, json.dumps(timings, indent=1))
     _write_report(result)
     return result
+
+
+def sample_indices(n: int, bn_samples: int = 500, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The training images :func:`nas` re-calibrates BatchNorm on (``bn_samples``) and
+    calibrates the int8 quantization on (128), as indices into ``data.train``."""
+    g = torch.Generator().manual_seed(seed)
+    bn_idx = torch.randperm(n, generator=g)[: min(bn_samples, n)]
+    return bn_idx, torch.randperm(n, generator=g)[: min(128, n)]
+
+
+def finetune_subnet(
+    supernet: Supernet,
+    cfg: SubnetConfig,
+    data: DataSplits,
+    bn_x: Tensor,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    alpha: float = 0.7,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """The sub-network ``cfg`` of ``supernet`` fine-tuned as :func:`nas` deploys it.
+
+    BatchNorm re-calibrated on ``bn_x`` (images as in ``data``, resized to the sub-network's
+    resolution), then ``epochs`` of Adam (``lr``, batch 64, ``seed``: the data order) on
+    ``alpha`` x the soft targets (:class:`~edgeslim.core.kd.KD`) of ``teacher`` (which sees
+    the images as they are; default: the largest sub-network at the same resolution) +
+    ``1 - alpha`` x the labels (``alpha`` 0: labels only). Returns the float sub-network.
+    """
+    from edgeslim.core.kd import KD
+    from edgeslim.core.train import TrainConfig, fit
+
+    r = cfg.resolution
+    rdata = resize_data(data, r)
+    bn_x = resize(bn_x, r)
+    sub = recalibrate_bn(extract(supernet, cfg), bn_x)
+    if epochs > 0 and alpha > 0:
+        tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=KD(alpha=alpha))
+        if teacher is not None:  # it sees the images as they are, the sub-network resized
+            student = _ResizedInput(sub, r, tuple(data.train.x.shape[1:]))
+            fit(student, data, tc, teacher=teacher.eval(), progress=progress)
+        else:
+            largest = recalibrate_bn(extract(supernet, supernet.spec.largest(resolution=r)), bn_x)
+            fit(sub, rdata, tc, teacher=largest, progress=progress)
+    elif epochs > 0:  # labels only
+        fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
+            progress=progress)  # fmt: skip
+    return sub
 
 
 def _export_measure(model: nn.Module, calib, device, name: str, where: Path | None) -> dict:
@@ -429,32 +477,19 @@ def _deploy(
 ):  # fmt: skip
     """Fine-tune (labels and the largest's soft targets at the same resolution, weighed by
     ``alpha``), quantize, export, check."""
-    from edgeslim.core.kd import KD
-    from edgeslim.core.train import TrainConfig, evaluate, fit
+    from edgeslim.core.train import evaluate
     from edgeslim.quant import Int8PTQ, quantize
 
     r = cfg.resolution
     rdata = resize_data(data, r)
-    bn_x = resize(state["bn_x"], r)
-    sub = recalibrate_bn(extract(supernet, cfg), bn_x)
     weights = out / "final" / "float.pt"
     if weights.exists():
+        sub = recalibrate_bn(extract(supernet, cfg), resize(state["bn_x"], r))
         sub.load_state_dict(torch.load(weights, weights_only=True))
     else:
-        if epochs > 0 and alpha > 0:
-            kd = KD(alpha=alpha)
-            tc = TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed, distill=kd)
-            if teacher_model is not None:  # it sees the images as they are, the winner resized
-                shape = tuple(data.train.x.shape[1:])
-                student = _ResizedInput(sub, r, shape)
-                fit(student, data, tc, teacher=teacher_model.eval(), progress=progress)
-            else:
-                largest = supernet.spec.largest(resolution=r)
-                teacher = recalibrate_bn(extract(supernet, largest), bn_x)
-                fit(sub, rdata, tc, teacher=teacher, progress=progress)
-        elif epochs > 0:  # labels only
-            fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
-                progress=progress)  # fmt: skip
+        sub = finetune_subnet(supernet, cfg, data, state["bn_x"], epochs=epochs, lr=lr,
+                              alpha=alpha, seed=seed, teacher=teacher_model,
+                              progress=progress)  # fmt: skip
         with atomic_path(weights) as tmp:
             torch.save(sub.state_dict(), tmp)
     sub.eval()

@@ -9,12 +9,22 @@ transformer's hidden size), also through ops that are no modules (a classifier c
 by global pooling and ``flatten``, as in SqueezeNet), matches ``ignore``, or touches a tensor
 the graph cannot handle (a bare ``nn.Parameter`` outside a known layer): that op is named in
 a warning (``on_unsupported="skip"``) or an error (``"error"``) and the rest is pruned.
+
+Channel permutations: a module that declares ``permutes_channels = True`` (the zoo's
+``ChannelShuffle``, ShuffleNet's channel shuffle) maps input channel ``i`` to another output
+channel. Torch-Pruning traces such a shuffle (reshape to groups, transpose, reshape back) as
+an ordinary reshape and its shape inference fails on it (a ``ZeroDivisionError`` in its index
+mapping, Torch-Pruning 1.6). While the graph is traced the module runs as one opaque,
+shape-keeping op (:class:`_Permutation`), and every group that passes through it keeps its
+width: cutting channel ``i`` before a shuffle and channel ``i`` after it would cut different
+channels. The other groups (a branch's inner width, the stem, the head) are pruned.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +40,7 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HEAD_COUNTS = ("num_attention_heads", "num_heads")
 OUTPUT = tp.ops.OPTYPE.OUTPUT  # the graph's node for the model's output
 PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+PERMUTATION = "_PermutationBackward"  # the autograd node of a traced channel permutation
 
 
 class UnsupportedOpError(EdgeslimError):
@@ -76,15 +87,54 @@ def output_modules(model: nn.Module, example: Any) -> set[nn.Module]:
     return {mod for t, mod in produced if id(t) in results}
 
 
+class _Permutation(torch.autograd.Function):
+    """A channel-permuting module's forward as one autograd node (named ``PERMUTATION``),
+    which the dependency graph takes for a shape-keeping op it cannot see into."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: nn.Module, forward: Callable) -> torch.Tensor:
+        with torch.no_grad():
+            y = forward(x)
+        if y.shape != x.shape:
+            raise UnsupportedOpError(
+                f"{type(module).__name__} declares permutes_channels but changes the shape "
+                f"{tuple(x.shape)} -> {tuple(y.shape)}"
+            )
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never called: tracing only
+        raise NotImplementedError
+
+
+@contextmanager
+def opaque_permutations(model: nn.Module) -> Iterator[None]:
+    """Run each module declaring ``permutes_channels`` as one :class:`_Permutation` node."""
+    patched = [m for m in model.modules() if getattr(m, "permutes_channels", False)]
+    own = [m.__dict__.get("forward") for m in patched]  # a forward set on the instance
+    try:
+        for m in patched:
+            orig = m.forward
+            m.forward = lambda x, m=m, orig=orig: _Permutation.apply(x, m, orig)
+        yield
+    finally:
+        for m, forward in zip(patched, own, strict=True):
+            if forward is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = forward
+
+
 def build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` traced on ``example``."""
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example`` (channel
+    permutations traced as opaque ops, see the module docstring)."""
 
     def first(out: Any) -> torch.Tensor:
         return sum(t.float().sum() for t in output_tensors(out))
 
     forward = (lambda m, x: m(**x)) if isinstance(example, dict) else None
     try:
-        with eval_mode(model), warnings.catch_warnings():
+        with eval_mode(model), warnings.catch_warnings(), opaque_permutations(model):
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(
                 model,
@@ -94,9 +144,16 @@ def build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
                 verbose=False,
             )
     except Exception as exc:  # tracing failures come in many types
+        hint = ""
+        if isinstance(exc, ZeroDivisionError):  # Torch-Pruning's reshape index mapping
+            hint = (
+                " (a reshape that mixes channels, e.g. a channel shuffle written as reshape / "
+                "transpose / reshape: put it in a module with permutes_channels = True, like "
+                "edgeslim.core.models.zoo.ChannelShuffle, and its groups keep their width)"
+            )
         raise UnsupportedOpError(
             f"cannot trace {type(model).__name__} for structured pruning: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}" + hint
         ) from exc
 
 
@@ -186,6 +243,8 @@ def prunable_groups(
         name = names[cut[0]] if cut else names[root]
         if any(m in fixed for m in cut) or any(d.target.type == OUTPUT for d, _ in group):
             continue  # its width is the model's output width (maybe via pooling, flatten)
+        if any(_permutes(d.target) for d, _ in group):
+            continue  # it passes through a channel shuffle (see the module docstring)
         if bare:
             report_unsupported(
                 cfg,
@@ -217,6 +276,12 @@ def prunable_groups(
             )
         )
     return groups
+
+
+def _permutes(node: Any) -> bool:
+    """Whether a dependency-graph node is a traced channel permutation."""
+    grad_fn = getattr(node, "grad_fn", None)
+    return grad_fn is not None and type(grad_fn).__name__ == PERMUTATION
 
 
 def prepare(

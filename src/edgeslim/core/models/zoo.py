@@ -287,6 +287,21 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
+class ChannelShuffle(nn.Module):
+    """:func:`channel_shuffle` as a module. ``permutes_channels`` tells structured pruning
+    (``edgeslim.prune.groups``) that output channel ``i`` is not input channel ``i``: it
+    keeps the width of every channel group that passes through a shuffle."""
+
+    permutes_channels = True
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_shuffle(x, self.groups)
+
+
 class ShuffleUnit(nn.Module):
     """ShuffleNetV2 unit. Stride 1: split channels in half, transform one half, concat,
     shuffle. Stride 2: both branches see the whole input and halve the resolution."""
@@ -304,6 +319,7 @@ class ShuffleUnit(nn.Module):
             _relu_conv_bn(half, half, 1),
         )
         self.branch1: nn.Module = nn.Identity()
+        self.shuffle = ChannelShuffle(2)
         if stride == 2:
             self.branch1 = nn.Sequential(
                 conv_bn(cin, cin, 3, stride, groups=cin, act=False),  # depthwise
@@ -316,7 +332,7 @@ class ShuffleUnit(nn.Module):
             out = torch.cat([x1, self.branch2(x2)], dim=1)
         else:
             out = torch.cat([self.branch1(x), self.branch2(x)], dim=1)  # (B, cout, H/2, W/2)
-        return channel_shuffle(out, 2)
+        return self.shuffle(out)
 
 
 def _relu_conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Protocol
 
 import numpy as np
@@ -109,7 +110,7 @@ class QuantizedModelQParams:
         Every input is exactly representable on them (no clipping), which is what the
         quantized model computes (a cat of int8 values, left as they are).
         """
-        parts = [self.qparams.get(x.name) for x in node.args[0] if isinstance(x, fx.Node)]
+        parts = [self._through_views(x) for x in node.args[0] if isinstance(x, fx.Node)]
         if not parts or any(p is None for p in parts):
             return  # activation() names the tensor
         first = parts[0]
@@ -123,6 +124,22 @@ class QuantizedModelQParams:
         hi = max(float(p.scale[0]) * (p.qmax - int(p.zero_point[0])) for p in parts)
         self.qparams[node.name] = spec.activation_qparams(lo, hi)
 
+    def _through_views(self, node: fx.Node) -> spec.QParams | None:
+        """``node``'s qparams, found through ops that only select or move values of a
+        quantized tensor (chunk / split and their items, reshape, transpose: ShuffleNet's
+        channel split of the last unit's shuffled output); each gets its source's."""
+        walked, src = [], node
+        while src.name not in self.qparams and _selects_or_moves(src):
+            walked.append(src)
+            src = src.args[0]
+            if not isinstance(src, fx.Node):
+                return None
+        found = self.qparams.get(src.name)
+        if found is not None:
+            for n in walked:
+                self.qparams[n.name] = found
+        return found
+
     def activation(self, value: str) -> spec.QParams:
         if value not in self.qparams:
             raise LoweringError(
@@ -133,6 +150,18 @@ class QuantizedModelQParams:
 
     def weight(self, op: FloatOp, weight: np.ndarray, axis: int | None) -> spec.QParams:
         raise LoweringError(f"{op.name}: a float layer inside a quantized model")
+
+
+def _selects_or_moves(node: fx.Node) -> bool:
+    """Does ``node`` only pick or move its first input's values (chunk, split, an item of
+    their result, or a layout op)?"""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True
+    if node.op == "call_method" and node.target in ("chunk", "split"):
+        return True
+    if node.op == "call_function" and node.target in (torch.chunk, torch.split):
+        return True
+    return trace_seq.moves_only(node)
 
 
 def _is_cat(node: fx.Node) -> bool:
