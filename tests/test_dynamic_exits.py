@@ -178,6 +178,28 @@ def test_errors():
     assert issubclass(ConfigError, EdgeslimError)
 
 
+def test_head_without_hidden_layer():
+    """hidden=0: max-pool, flatten, one Linear to the classes (LeNet-5 after conv1: 6x6x20
+    features, 7,210 parameters); exits at batch 1 and batched agree; hidden < 0 is refused."""
+    torch.manual_seed(0)
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1"], pool=6, hidden=0))
+    head = em.heads[0]
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(720, 10)]
+    assert sum(p.numel() for p in head.parameters()) == 7210
+    x = torch.randn(24, 1, 28, 28) * 3
+    with torch.no_grad():
+        scores = torch.softmax(em.all_exits(x)[0], -1).max(-1).values.sort().values
+    set_thresholds(em, [float(scores[11] + scores[12]) / 2])  # half leave, none on the line
+    with torch.no_grad():
+        batched, taken = em.infer(x)
+        single = [em.infer(x[i : i + 1]) for i in range(len(x))]
+    assert taken.tolist() == [int(s[1]) for s in single] and set(taken.tolist()) == {0, 1}
+    assert (torch.cat([s[0] for s in single]) - batched).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="hidden"):
+        Exits(after=["conv1"], hidden=-1)
+
+
 def _reference_exits(em, x):
     """The exit rule written out plainly: every exit's logits per sample, the first exit
     whose confidence reaches its threshold (an ``inf`` threshold is never reached)."""

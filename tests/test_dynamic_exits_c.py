@@ -87,6 +87,23 @@ def test_export_bit_exact_and_a_wrong_rule_is_caught(tmp_path):
     assert static.exit_index == [2] and not static.heads
 
 
+@needs_gcc
+@pytest.mark.slow
+def test_single_exit_linear_head_bit_exact(tmp_path):
+    """The benchmark's LeNet-5 setting: one exit after conv1, head max-pool + one Linear."""
+    torch.manual_seed(2)
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1"], pool=6, hidden=0))
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        scores = torch.softmax(em.all_exits(x)[0], -1).max(-1).values
+    set_thresholds(em, [float(scores.median())])
+    result = export_exits_c(em, tmp_path / "c", calib=x)
+    assert result.int8.exit_index == [0, 1] and len(result.int8.heads) == 1
+    assert any("bit-exact" in v for v in result.verified)
+    _, taken = result.int8.run(x.numpy())
+    assert set(taken.tolist()) == {0, 1}
+
+
 def test_refusals(tmp_path):
     em, x = _lenet_exits(pool=5)  # 24x24 features, 5x5 windows: a ceil-mode pool
     with pytest.raises(ExportError, match="ceil-mode"):

@@ -11,7 +11,8 @@ Exiting from Deep Neural Networks", ICPR 2016. https://arxiv.org/abs/1709.01686
 
 The network is cut into segments after the named modules (:mod:`.segments`); each early exit
 is a small head (max-pool to about ``pool x pool``, optionally a 3x3 conv of ``conv``
-channels, a hidden layer of ``hidden`` units, the classes). Joint training minimises
+channels, a hidden layer of ``hidden`` units, the classes; ``hidden=0``: one Linear from the
+pooled features to the classes, the cheapest head to run at batch 1). Joint training minimises
 BranchyNet's weighted sum of the exits' losses; here each early exit also distils from the
 final exit (Hinton's soft targets,
 :func:`edgeslim.core.kd.soft_target_loss`). An exit is taken when its confidence -- the
@@ -52,7 +53,9 @@ class Exits(Options):
     """Where to attach early exits and what their heads look like."""
 
     after: list[str] = Field(default_factory=list, description="module names, in forward order")
-    hidden: int = Field(64, ge=1, description="hidden units of each head")
+    hidden: int = Field(
+        64, ge=0, description="hidden units of each head (0: no hidden layer, one Linear)"
+    )
     pool: int = Field(4, ge=1, description="features are max-pooled to about pool x pool")
     conv: int = Field(0, ge=0, description="channels of a 3x3 conv after the pool (0: none)")
     criterion: Criterion = Field("maxprob", description="confidence: max softmax or -entropy")
@@ -127,6 +130,13 @@ def confidence(logits: torch.Tensor, criterion: Criterion) -> torch.Tensor:
     return (p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)  # -entropy, in nats
 
 
+def _classifier(features: int, classes: int, hidden: int) -> list[nn.Module]:
+    """Linear -> ReLU -> Linear through ``hidden`` units, or one Linear when ``hidden`` is 0."""
+    if hidden == 0:
+        return [nn.Linear(features, classes)]
+    return [nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
+
+
 def make_head(feature: torch.Tensor, classes: int, cfg: Exits) -> nn.Module:
     """An exit head for features like ``feature`` (B, C, H, W) or (B, F)."""
     if feature.dim() == 4:
@@ -138,17 +148,9 @@ def make_head(feature: torch.Tensor, classes: int, cfg: Exits) -> nn.Module:
             layers += [nn.Conv2d(c, cfg.conv, 3, padding=1), nn.ReLU()]
         with torch.no_grad():
             flat = nn.Sequential(*layers)(feature[:1]).numel()
-        return nn.Sequential(
-            *layers,
-            nn.Flatten(),
-            nn.Linear(flat, cfg.hidden),
-            nn.ReLU(),
-            nn.Linear(cfg.hidden, classes),
-        )
+        return nn.Sequential(*layers, nn.Flatten(), *_classifier(flat, classes, cfg.hidden))
     if feature.dim() == 2:
-        return nn.Sequential(
-            nn.Linear(feature.shape[1], cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, classes)
-        )
+        return nn.Sequential(*_classifier(feature.shape[1], classes, cfg.hidden))
     raise ShapeError(f"an exit needs (B, C, H, W) or (B, F) features, got {tuple(feature.shape)}")
 
 
