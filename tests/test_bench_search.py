@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from conftest import import_benchmark
 from edgeslim.search import Budget
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import search as module  # benchmarks/search.py
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return import_benchmark("search")  # benchmarks/search.py
 
 
 def test_mcu_budgets_cap_half_the_dense_device_latency(bench):

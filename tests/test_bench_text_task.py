@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import _tasks as module  # benchmarks/_tasks.py
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return import_benchmark("_tasks")  # benchmarks/_tasks.py
 
 
 FAKE = [
