@@ -58,31 +58,37 @@ def test_measured_costs_replace_macs():
         choose(budget=0.01, costs=cheap)
 
 
-def test_validation_errors():
-    with pytest.raises(ConfigError, match="exactly one"):
-        ExitCalibration()
-    with pytest.raises(ConfigError, match="exactly one"):
-        ExitCalibration(max_loss=0.01, min_accuracy=0.9)
-    with pytest.raises(ConfigError, match="exactly one"):
-        ExitCalibration(min_accuracy=0.9, budget=0.5)
-    with pytest.raises(ConfigError, match="goes with max_loss"):
-        ExitCalibration(budget=0.5, reference_accuracy=0.9)
-    with pytest.raises(ConfigError, match="goes with max_loss"):
-        ExitCalibration(min_accuracy=0.9, reference_accuracy=0.9)
-    with pytest.raises(ConfigError, match="reference_accuracy"):
-        ExitCalibration(max_loss=0.01, reference_accuracy=1.5)
-    with pytest.raises(ConfigError, match="above reference_accuracy"):
-        ExitCalibration(max_loss=0.5, reference_accuracy=0.2)
-    with pytest.raises(ConfigError, match="min_accuracy"):
-        ExitCalibration(min_accuracy=-0.1)
-    with pytest.raises(ConfigError, match="head costs"):
-        ExitCosts(segments=[1, 2, 3], heads=[1])
-    with pytest.raises(ConfigError, match="finite"):
-        ExitCosts(segments=[1, 2], heads=[-1])
-    with pytest.raises(ConfigError, match="finite"):
-        ExitCosts(segments=[1, math.nan], heads=[1])
-    with pytest.raises(ConfigError, match="all be 0"):
-        ExitCosts(segments=[0, 0], heads=[1])
+BAD_CALIBRATIONS = [  # (ExitCalibration keyword arguments, what the error says)
+    ({}, "exactly one"),
+    ({"max_loss": 0.01, "min_accuracy": 0.9}, "exactly one"),
+    ({"min_accuracy": 0.9, "budget": 0.5}, "exactly one"),
+    ({"budget": 0.5, "reference_accuracy": 0.9}, "goes with max_loss"),
+    ({"min_accuracy": 0.9, "reference_accuracy": 0.9}, "goes with max_loss"),
+    ({"max_loss": 0.01, "reference_accuracy": 1.5}, "reference_accuracy"),
+    ({"max_loss": 0.5, "reference_accuracy": 0.2}, "above reference_accuracy"),
+    ({"min_accuracy": -0.1}, "min_accuracy"),
+]
+BAD_COSTS = [  # (ExitCosts segments, heads, what the error says)
+    ([1, 2, 3], [1], "head costs"),
+    ([1, 2], [-1], "finite"),
+    ([1, math.nan], [1], "finite"),
+    ([0, 0], [1], "all be 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_CALIBRATIONS)
+def test_calibration_validation_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ExitCalibration(**kwargs)
+
+
+@pytest.mark.parametrize(("segments", "heads", "message"), BAD_COSTS)
+def test_cost_validation_errors(segments, heads, message):
+    with pytest.raises(ConfigError, match=message):
+        ExitCosts(segments=segments, heads=heads)
+
+
+def test_costs_must_match_the_exits():
     with pytest.raises(ConfigError, match="2 head costs"):
         choose(max_loss=0.0, costs=ExitCosts(segments=[1, 1, 1], heads=[1, 1]))
 
