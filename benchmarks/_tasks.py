@@ -65,15 +65,24 @@ def _clutter(x: torch.Tensor, pool: torch.Tensor, g: torch.Generator) -> torch.T
     return out.clamp(0, 1)
 
 
-def cluttered_mnist(seed: int = 0) -> DataSplits:
-    """Shifted, cluttered MNIST from the bundled subset (see the module docstring)."""
+def cluttered_mnist(seed: int = 0, test_copies: int = 2) -> DataSplits:
+    """Shifted, cluttered MNIST from the bundled subset (see the module docstring).
+
+    ``test_copies``: how many times each of the 1,000 test digits appears, each time with its
+    own shift, clutter and noise (test image ``i`` is digit ``i % 1000``). The copies beyond
+    the usual two are drawn *after* everything else from the same generator, so the training,
+    validation and first 2,000 test images are the same for every ``test_copies >= 2`` (a
+    larger test set for the same trained models, e.g. ``benchmarks/search_seeds.py``)."""
+    if test_copies < 1:
+        raise ValueError(f"test_copies must be >= 1, got {test_copies}")
     base = es.load_data("mnist")
     g = torch.Generator().manual_seed(seed)
     pool = base.train.x
     train = Split(_clutter(base.train.x, pool, g), base.train.y)
     val = Split(_clutter(base.val.x, pool, g), base.val.y)
-    tx = torch.cat([_clutter(base.test.x, pool, g), _clutter(base.test.x, pool, g)])
-    test = Split(tx, torch.cat([base.test.y, base.test.y]))
+    copies = [_clutter(base.test.x, pool, g) for _ in range(max(2, test_copies))]
+    tx = torch.cat(copies[:test_copies])
+    test = Split(tx, base.test.y.repeat(test_copies))
     return DataSplits("cluttered-mnist", train, val, test, base.num_classes)
 
 

@@ -157,9 +157,11 @@ def task_data(name: str, cache: dict[str, DataSplits]) -> DataSplits:
 
 
 def distil(model: nn.Module, teacher: nn.Module, data: DataSplits, epochs: int,
-           lr: float = 1e-3, batch: int = 64) -> nn.Module:  # fmt: skip
+           lr: float = 1e-3, batch: int = 64, seed: int = 0) -> nn.Module:  # fmt: skip
+    """The baselines' fine-tune: ``epochs`` distilled from ``teacher`` (``seed``: the data
+    order; ``benchmarks/search_seeds.py`` repeats it with other seeds)."""
     es.fit(model, data, epochs=epochs, lr=lr, batch_size=batch, teacher=teacher,
-           distill=es.KD(), progress=False)  # fmt: skip
+           distill=es.KD(), seed=seed, progress=False)  # fmt: skip
     return model.eval()
 
 
