@@ -28,6 +28,16 @@ def test_paired_t_matches_the_closed_form_for_one_degree_of_freedom(stats):
     assert r["ci95"] == pytest.approx([2 - half, 2 + half])
 
 
+def test_paired_t_agrees_with_scipy_ttest_rel(stats):
+    from scipy import stats as sp
+
+    a, b = [61.05, 61.4, 60.35, 60.9, 62.0], [59.4, 59.55, 59.8, 57.7, 60.1]
+    r = stats.paired_t(a, b)
+    ref = sp.ttest_rel(a, b)
+    assert (r["t"], r["p"], r["df"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), 4)
+    assert r["ci95"][0] < r["mean"] < r["ci95"][1]
+
+
 def test_paired_t_rejects_fewer_than_two_pairs(stats):
     with pytest.raises(ValueError, match=">= 2 pairs"):
         stats.paired_t([1.0], [0.0])
@@ -68,6 +78,13 @@ def test_more_test_copies_leave_the_usual_data_unchanged():
     assert len(more.test) == 3000 and torch.equal(more.test.x[:2000], usual.test.x)
     assert torch.equal(more.test.y, usual.test.y[:1000].repeat(3))
     assert not torch.equal(more.test.x[2000:], more.test.x[:1000])  # a new clutter draw
+    # (two calls gave the same first 2,000 test images: the data are deterministic)
+
+
+def test_test_copies_below_one_are_rejected():
+    tasks = import_benchmark("_tasks")
+    with pytest.raises(ValueError, match="test_copies must be >= 1"):
+        tasks.cluttered_mnist(test_copies=0)
 
 
 def test_search_seeds_compare_pairs_by_seed_on_both_test_sets():
