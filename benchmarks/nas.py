@@ -37,6 +37,11 @@ search, the dense training and the pruning stay those of seed 0); a row reports 
 test accuracy, the per-seed values and their spread. Seed 0 is the run ``es.nas`` deploys and
 exports; the other seeds' costs are the same architecture's (measured once, with seed 0).
 
+**Paired comparison**: every row keeps its int8 predictions on the test images per seed;
+the searched net is compared with the most accurate zoo net that fits (:func:`paired`: per
+seed, the difference and an exact McNemar test; over seeds, a paired t test; per image, the
+correctness averaged over the seeds and a normal test).
+
 **Rank correlation**: >= 10 sub-networks the F446 evolution scored (spread over its
 accuracy range), each fine-tuned ``--rank-epochs`` from the supernet's weights; Spearman of
 the supernet's estimate (BN re-calibrated, 500 val images) vs the fine-tuned test accuracy.
