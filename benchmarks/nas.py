@@ -37,6 +37,11 @@ search, the dense training and the pruning stay those of seed 0); a row reports 
 test accuracy, the per-seed values and their spread. Seed 0 is the run ``es.nas`` deploys and
 exports; the other seeds' costs are the same architecture's (measured once, with seed 0).
 
+**Paired comparison**: every row keeps its int8 predictions on the test images per seed;
+the searched net is compared with the most accurate zoo net that fits (:func:`paired`: per
+seed, the difference and an exact McNemar test; over seeds, a paired t test; per image, the
+correctness averaged over the seeds and a normal test).
+
 **Rank correlation**: >= 10 sub-networks the F446 evolution scored (spread over its
 accuracy range), each fine-tuned ``--rank-epochs`` from the supernet's weights; Spearman of
 the supernet's estimate (BN re-calibrated, 500 val images) vs the fine-tuned test accuracy.
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 import warnings
@@ -111,6 +117,16 @@ def _dense(name: str, data, args, out: Path):
     torch.save(model.state_dict(), weights)
     _save_json(meta, info)
     return model.eval(), info
+
+
+@torch.no_grad()
+def test_pred(model, data) -> str:
+    """The class ``model`` predicts for each test image of ``data``, one digit per image (for
+    the paired comparison: every row is scored on the same 2,000 test images)."""
+    model.eval()
+    x = data.test.x
+    preds = torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return "".join(str(int(v)) for v in preds)
 
 
 def _stats(values: list[float]) -> dict:
@@ -186,7 +202,7 @@ def zoo_row(name: str, dev_name: str, data, args, out: Path, seed: int, pruned, 
     )
     row.update(cost)
     row.update({"acc": evaluate(q, data, "test"), "fits": fits,
-                "compress_s": time.monotonic() - t0})  # fmt: skip
+                "compress_s": time.monotonic() - t0, "test_pred": test_pred(q, data)})  # fmt: skip
     return row
 
 
@@ -229,15 +245,79 @@ def _merge_seeds(per_seed: list[dict]) -> dict:
     """One table row from a net's per-seed rows: the first seed's fields, ``acc`` and
     ``float_acc`` their means, with the per-seed values and their spread."""
     row = dict(per_seed[0])
+    row.pop("test_pred", None)
     done = [r for r in per_seed if "acc" in r]
     if done:
         row["seeds"] = [r.get("seed", 0) for r in done]
+        if all("test_pred" in r for r in done):
+            row["test_pred_seeds"] = [r["test_pred"] for r in done]
         for key in ("acc", "float_acc"):
             values = [r[key] for r in done]
             row[key + "_seeds"] = values
             row[key] = sum(values) / len(values)
             row[key + "_stats"] = _stats(values)
     return row
+
+
+def _mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: ``b`` images only the first net gets right, ``c`` only
+    the second (binomial, p = 1/2)."""
+    n, k = b + c, min(b, c)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def _t_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom (its density
+    integrated numerically, Simpson's rule)."""
+    if math.isnan(t):
+        return float("nan")
+    x_max, n = min(abs(t), 1e4), 20_000
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    h = x_max / n
+    ys = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+    area = h / 3 * (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2]))
+    return max(0.0, 1 - 2 * area)
+
+
+def paired(a: dict, b: dict, labels) -> dict | None:
+    """Row ``a`` minus row ``b`` (int8 test accuracy), paired by seed and by test image.
+
+    Per seed: the difference and the exact McNemar test on that seed's 2,000 predictions.
+    Over seeds: the mean difference, its sample sd and Student's t test (df = seeds - 1;
+    the fine-tuning seed's spread). Over images: each image's correctness averaged over the
+    seeds, the mean per-image difference, its standard error and a normal test (the
+    test-set sampling, the seeds averaged). ``None`` when the rows share no seed with
+    predictions."""
+    pa = dict(zip(a.get("seeds", []), a.get("test_pred_seeds", []), strict=False))
+    pb = dict(zip(b.get("seeds", []), b.get("test_pred_seeds", []), strict=False))
+    common = [s for s in pa if s in pb]
+    if not common:
+        return None
+    y = [str(int(v)) for v in labels]
+    per_seed, per_image = [], [0.0] * len(y)
+    for s in common:
+        ra = [p == t for p, t in zip(pa[s], y, strict=True)]
+        rb = [p == t for p, t in zip(pb[s], y, strict=True)]
+        only_a = sum(u and not v for u, v in zip(ra, rb, strict=True))
+        only_b = sum(v and not u for u, v in zip(ra, rb, strict=True))
+        per_seed.append({"seed": s, "diff": (only_a - only_b) / len(y), "only_a": only_a,
+                         "only_b": only_b, "mcnemar_p": _mcnemar_p(only_a, only_b)})  # fmt: skip
+        for i, (u, v) in enumerate(zip(ra, rb, strict=True)):
+            per_image[i] += (int(u) - int(v)) / len(common)
+    diffs = [r["diff"] for r in per_seed]
+    st = _stats(diffs)
+    n = len(diffs)
+    t = st["mean"] / (st["sd"] / n**0.5) if n > 1 and st["sd"] > 0 else float("nan")
+    m = sum(per_image) / len(y)
+    se = (sum((d - m) ** 2 for d in per_image) / (len(y) - 1) / len(y)) ** 0.5
+    z = m / se if se > 0 else float("nan")
+    return {
+        "a": a["net"], "b": b["net"], "seeds": common, "per_seed": per_seed,
+        "mean_diff": st["mean"], "sd_diff": st["sd"], "t": t,
+        "t_p": _t_p(t, n - 1) if n > 1 else float("nan"),
+        "image_mean_diff": m, "image_se": se,
+        "image_p": math.erfc(abs(z) / 2**0.5) if se > 0 else float("nan"),
+    }  # fmt: skip
 
 
 def searched_seeds(res, dev_dir: Path, data, teacher, args) -> list[dict]:
@@ -249,7 +329,9 @@ def searched_seeds(res, dev_dir: Path, data, teacher, args) -> list[dict]:
     bn_idx, calib_idx = sample_indices(len(data.train))
     for seed in args.seed_list:
         if seed == 0:
-            per_seed.append({"seed": 0, "acc": res.accuracy, "float_acc": res.float_accuracy})
+            pred = test_pred(res.model, resize_data(data, res.config.resolution))
+            per_seed.append({"seed": 0, "acc": res.accuracy, "float_acc": res.float_accuracy,
+                             "test_pred": pred})  # fmt: skip
             continue
         path = dev_dir / f"seed{seed}.json"
         row = _load_json(path)
@@ -263,7 +345,8 @@ def searched_seeds(res, dev_dir: Path, data, teacher, args) -> list[dict]:
             q = es.quantize(sub, es.Int8PTQ(calibration="mse"), calib=calib)
             row = {"seed": seed, "acc": evaluate(q, rdata, "test"),
                    "float_acc": evaluate(sub, rdata, "test"),
-                   "train_s": time.monotonic() - t0}  # fmt: skip
+                   "train_s": time.monotonic() - t0,
+                   "test_pred": test_pred(q, rdata)}  # fmt: skip
             _save_json(path, row)
         per_seed.append(row)
     return per_seed
@@ -402,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                    "float_acc": res.float_accuracy, "fits": True, "note": res.config.key(),
                    **res.measured, "wall_s": time.monotonic() - t0, "timings": res.timings,
                    "estimated_acc": res.estimated_accuracy, "cells": res.space.cells,
+                   "selection": res.selection,
                    "evaluated": sum(r["accuracy"] is not None for r in res.trials)}  # fmt: skip
-            rows.append(_merge_seeds([{**row, **s} for s in seeds]) | {"per_seed": seeds})
+            slim = [{k: v for k, v in s.items() if k != "test_pred"} for s in seeds]
+            rows.append(_merge_seeds([{**row, **s} for s in seeds]) | {"per_seed": slim})
     rank = _load_json(out / "rank.json")
     if "rank" in parts and rank is None:
         rank = rank_correlation(results["stm32f446"], data, args)
@@ -441,7 +526,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     console.print(f"this invocation: {time.monotonic() - started:.0f} s")
-    summary = {"rows": rows, "rank": rank, "args": vars(args), "devices": devices}
+    comparisons = []
+    for dev_name in DEVICES:  # the searched net vs the most accurate zoo net that fits
+        mine = [r for r in rows if r["device"] == dev_name]
+        ours = next((r for r in mine if r["net"].startswith("searched")), None)
+        zoo = [r for r in mine if r is not ours and r.get("fits") and "acc" in r]
+        if ours is None or not zoo:
+            continue
+        cmp = paired(ours, max(zoo, key=lambda r: r["acc"]), data.test.y.tolist())
+        if cmp is not None:
+            comparisons.append({"device": dev_name, **cmp})
+            each = ", ".join(f"{100 * r['diff']:+.2f}" for r in cmp["per_seed"])
+            mcn = ", ".join(f"{r['mcnemar_p']:.3f}" for r in cmp["per_seed"])
+            console.print(
+                f"{dev_name}: searched - {cmp['b']}: {100 * cmp['mean_diff']:+.2f} points "
+                f"(per seed {each}; paired t over seeds p={cmp['t_p']:.3f}; per image "
+                f"{100 * cmp['image_mean_diff']:+.2f} +- {100 * cmp['image_se']:.2f}, "
+                f"p={cmp['image_p']:.3f}; McNemar per seed {mcn})"
+            )
+    summary = {"rows": rows, "rank": rank, "args": vars(args), "devices": devices,
+               "paired": comparisons}  # fmt: skip
     _save_json(out / "bench.json", summary)
     if args.results and parts >= {"nas", "zoo"}:  # with the rank correlation when it was run
         _save_json(Path(args.results), summary)

@@ -18,7 +18,7 @@ from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, RunDirError
 from edgeslim.export.c import hostbuild
 from edgeslim.nas.cost import BudgetError, SubnetCost
-from edgeslim.nas.evolve import evolve
+from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists
 from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import SpaceChoice, optimize_space
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
@@ -407,6 +407,49 @@ def test_nas_runs_end_to_end_without_export_and_resumes(tmp_path):
     assert [r["key"] for r in again.trials] == [r["key"] for r in first.trials]
     with pytest.raises(RunDirError):
         es.nas(_data(), "stm32f746", out=tmp_path, **kw)
+
+
+def test_finalists_order_gives_a_tie_to_the_most_macs_and_skips_what_does_not_fit():
+    def rec(n, acc, macs, feasible=True):
+        return {"number": n, "key": f"s{n}", "accuracy": acc, "feasible": feasible,
+                "cost": {"macs": macs}}  # fmt: skip
+
+    records = [rec(0, 0.80, 100), rec(1, 0.79, 300), rec(2, 0.81, 500, feasible=False),
+               rec(3, 0.70, 900), rec(4, 0.75, 50), rec(5, None, 700),
+               rec(6, 0.80, 200)]  # fmt: skip
+    # within 0.02 of the best feasible estimate (0.80): tied, the most MACs first; then the
+    # rest by estimate; the infeasible (more accurate) and the unscored are left out
+    assert [r["number"] for r in rank_finalists(records, 0.02)] == [1, 6, 0, 4, 3]
+    # no tolerance: by the estimate, an exact tie to the most MACs
+    assert [r["number"] for r in rank_finalists(records, 0.0)] == [6, 0, 1, 4, 3]
+    assert rank_finalists([records[2], records[5]], 0.02) == []
+    with pytest.raises(ConfigError, match="tolerance"):
+        rank_finalists(records, -0.01)
+    assert estimate_se(0.8, 400) == pytest.approx(0.02)
+
+
+def test_nas_gives_a_tie_to_the_most_macs_within_the_budget(tmp_path):
+    costs = SubnetCost(_net(), "stm32f446", code_bytes=0)
+    small, large = costs.predict(TINY.smallest(12, 0.5)), costs.predict(TINY.largest())
+    limit = (small["sram_plain_kb"] + large["sram_plain_kb"]) / 2
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              space_top=4, population=4, generations=1, parents=2, bn_samples=32,
+              val_samples=32, finalists=1, export=False, progress=False, max_sram_kb=limit,
+              supernet_checkpoint=tmp_path / "supernet.pt")  # fmt: skip
+    tied = es.nas(_data(), "stm32f446", out=tmp_path / "tied", tie_tolerance=0.99, **kw)
+    scored = [r for r in tied.trials if r["accuracy"] is not None]
+    assert all(r["feasible"] for r in scored) and any(not r["feasible"] for r in tied.trials)
+    assert len({r["cost"]["macs"] for r in scored}) > 1  # a real choice
+    assert tied.selection["tied"] == len(scored)  # everything within 0.99: one tie
+    assert tied.config.key() == max(scored, key=lambda r: r["cost"]["macs"])["key"]
+    fin = tied.finalists[0]
+    assert fin["fits"] and fin["measured"]["sram_kb"] <= limit  # confirmed by the export
+    strict = es.nas(_data(), "stm32f446", out=tmp_path / "strict", tie_tolerance=0.0, **kw)
+    assert [r["key"] for r in strict.trials] == [r["key"] for r in tied.trials]
+    assert strict.estimated_accuracy == max(r["accuracy"] for r in scored)
+    assert strict.config.key() == strict.selection["most_accurate"]
+    with pytest.raises(ConfigError, match="tie_tolerance"):
+        es.nas(_data(), "stm32f446", out=tmp_path / "bad", tie_tolerance=-0.1, **kw)
 
 
 def test_a_finished_run_is_not_quantized_or_exported_again(tmp_path, monkeypatch):

@@ -413,6 +413,7 @@ def cmd_nas(args: argparse.Namespace) -> None:
         population=args.population,
         generations=args.generations,
         finalists=args.finalists,
+        tie_tolerance=args.tie_tolerance,
         finetune_epochs=args.finetune_epochs,
         finetune_alpha=args.finetune_alpha,
         workers=args.workers,
@@ -619,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=24)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3, help="exported to C before choosing")
+    p.add_argument(
+        "--tie-tolerance",
+        type=float,
+        default=None,
+        help="supernet estimates within it of the best are tied; ties go to the most MACs "
+        "(default: one standard error of the best estimate; 0: the most accurate first)",
+    )
     p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning of the winner")
     p.add_argument(
         "--finetune-alpha",

@@ -18,9 +18,14 @@ Steps (MCUNet's TinyNAS + OFA's train-once supernet), each persisted in the run 
    together: accuracy from the supernet with BatchNorm re-calibrated, constraints from the
    planner (:mod:`edgeslim.nas.evolve`); the Pareto front (accuracy vs latency) by
    :func:`edgeslim.search.engine.pareto`.
-5. **Finalists**: the ``finalists`` most accurate are exported to C
-   (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency checked against
-   the budget; the most accurate that fits is chosen.
+5. **Finalists**: the supernet's estimate is noisy (``val_samples`` images), so the
+   sub-networks whose estimate is within ``tie_tolerance`` of the best (default: one
+   binomial standard error of the best estimate) count as tied, and among them the one with
+   the most MACs comes first (TinyNAS's heuristic: the tie goes to the sub-network that uses
+   more of the budget), then the rest by estimate
+   (:func:`edgeslim.nas.evolve.rank_finalists`). The first ``finalists`` of that order are
+   exported to C (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency
+   checked against the budget; the first that fits is chosen.
 6. **Deployment** (``final/``): the chosen sub-network fine-tuned (``finetune_epochs``,
    the hard labels and the soft targets of the largest sub-network at its resolution,
    weighed by ``finetune_alpha``; ``final/float.pt``), quantized (``Int8PTQ``), exported to C
@@ -50,7 +55,7 @@ from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, ExportError
 from edgeslim.core.fileio import atomic_path, atomic_write_text
 from edgeslim.nas.cost import BudgetError, SubnetCost, measure_export
-from edgeslim.nas.evolve import evolve
+from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists
 from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import SpaceChoice, optimize_space
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
@@ -78,6 +83,7 @@ class NasResult:
     finalists: list[dict[str, Any]] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)  # how the finalists were ranked
     files: dict[str, str] = field(default_factory=dict)
     out: Path | None = None
     supernet: Supernet | None = None
@@ -157,6 +163,7 @@ def nas(
     bn_samples: int = 500,
     val_samples: int = 500,
     finalists: int = 3,
+    tie_tolerance: float | None = None,
     finetune_epochs: int = 3,
     finetune_lr: float = 1e-3,
     finetune_alpha: float = 0.7,
@@ -182,6 +189,9 @@ def nas(
     :func:`edgeslim.search.executor.make_executor`; ``0``: in this process).
     ``space_samples`` sub-networks are costed per (width, resolution) cell and the evolution
     (``population`` x ``generations``) searches the ``space_top`` best cells together.
+    ``tie_tolerance``: estimates within it of the best count as tied, and the tie goes to
+    the most MACs (``None``: one binomial standard error of the best estimate on the
+    ``val_samples`` images; ``0``: the most accurate estimate first).
     ``finetune_alpha``: the winner's fine-tuning loss is ``alpha`` x the soft targets of the
     largest sub-network (:class:`~edgeslim.core.kd.KD`, temperature 4) + ``1 - alpha`` x
     cross-entropy on the labels (``0``: labels only, no teacher). ``finetune_teacher``: a
@@ -209,6 +219,8 @@ def nas(
                     ("space_top", space_top)):  # fmt: skip
         if v < 1:
             raise ConfigError(f"nas: {name} must be >= 1, got {v}")
+    if tie_tolerance is not None and not 0 <= tie_tolerance < 1:
+        raise ConfigError(f"nas: tie_tolerance must be in [0, 1), got {tie_tolerance}")
     if not 0 <= finetune_alpha <= 1:
         raise ConfigError(f"nas: finetune_alpha must be in [0, 1], got {finetune_alpha}")
     teacher_shape = getattr(finetune_teacher, "input_shape", None)
@@ -235,6 +247,8 @@ def nas(
             "bn_samples": bn_samples,
             "val_samples": val_samples,
             "finalists": finalists,
+            "finalist_order": "ties-to-most-macs",
+            "tie_tolerance": tie_tolerance,
             "finetune_epochs": finetune_epochs,
             "finetune_lr": finetune_lr,
             "finetune_alpha": finetune_alpha,
@@ -328,7 +342,10 @@ def nas(
     from edgeslim.search.engine import pareto
 
     front = pareto(evo.records, "latency_ms")
-    ranked = sorted(evo.feasible(), key=lambda r: (-r["accuracy"], r["cost"]["macs"], r["number"]))
+    feasible = evo.feasible()
+    best_estimate = max((r["accuracy"] for r in feasible), default=0.0)
+    tolerance = estimate_se(best_estimate, nv) if tie_tolerance is None else tie_tolerance
+    ranked = rank_finalists(feasible, tolerance)
     if not ranked:
         raise BudgetError(
             f"no sub-network of the cells (width, resolution) {space.cells} fits "
@@ -337,6 +354,9 @@ def nas(
     result = NasResult(
         None, budget, budget.target, space=space, front=front, trials=evo.records,
         out=out, supernet=supernet, timings=timings,
+        selection={"best_estimate": best_estimate, "tolerance": tolerance, "val_images": nv,
+                   "tied": sum(r["accuracy"] >= best_estimate - tolerance for r in ranked),
+                   "most_accurate": evo.best()["key"]},
     )  # fmt: skip
 
     # 5-6. the finalists exported; the most accurate that fits deployed
@@ -607,7 +627,16 @@ def _write_report(result: NasResult) -> None:
          for r in result.front],
     )  # fmt: skip
     if result.finalists:
+        sel = result.selection
         lines += ["", "## Finalists (exported to C: measured)", ""]
+        if sel:
+            lines += [
+                f"Order: the {sel['tied']} sub-networks estimated within "
+                f"{sel['tolerance']:.4f} of the best estimate ({sel['best_estimate']:.4f}, "
+                f"{sel['val_images']} validation images) by MACs, most first; then the rest "
+                f"by estimate. The most accurate estimate: {_md(sel['most_accurate'])}.",
+                "",
+            ]
         lines += _table(
             ["sub-network", "est. accuracy", "SRAM KB", "flash KB", "latency ms", "fits"],
             [[_md(f["key"]), f"{f['accuracy']:.4f}", f"{f['measured']['sram_kb']:.1f}",
@@ -631,6 +660,7 @@ def _write_report(result: NasResult) -> None:
         "space": result.space.to_dict() if result.space else None,
         "front": [{k: r[k] for k in ("number", "key", "accuracy", "cost")} for r in result.front],
         "finalists": result.finalists,
+        "selection": result.selection,
         "verified": result.verified,
         "timings": result.timings,
         "files": result.files,

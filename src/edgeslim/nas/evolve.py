@@ -35,7 +35,7 @@ from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
 from edgeslim.search.budget import Budget
 
-__all__ = ["Evolution", "evaluate_accuracy", "evolve"]
+__all__ = ["Evolution", "estimate_se", "evaluate_accuracy", "evolve", "rank_finalists"]
 
 CostFn = Callable[[SubnetConfig], dict[str, Any]]
 
@@ -51,10 +51,43 @@ class Evolution:
         return [r for r in self.records if r["feasible"] and r["accuracy"] is not None]
 
     def best(self) -> dict[str, Any] | None:
+        """The most accurate feasible record (an exact tie: the most MACs, as
+        :func:`rank_finalists`)."""
         ok = self.feasible()
         return (
-            max(ok, key=lambda r: (r["accuracy"], -r["cost"]["macs"], -r["number"])) if ok else None
+            max(ok, key=lambda r: (r["accuracy"], r["cost"]["macs"], -r["number"])) if ok else None
         )
+
+
+def estimate_se(accuracy: float, n: int) -> float:
+    """One binomial standard error of an accuracy measured on ``n`` images (the noise of the
+    supernet's estimate, which scores each sub-network on the same ``n`` validation images)."""
+    return (accuracy * (1 - accuracy) / max(1, n)) ** 0.5
+
+
+def rank_finalists(records: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """The feasible, scored ``records`` in the order the finalists are taken from.
+
+    First those whose estimated accuracy is within ``tolerance`` of the best estimate (a
+    tie, given the estimate's noise), **the most MACs first**: TinyNAS's heuristic that
+    more computation within the budget tends to mean more accuracy, so a tie goes to the
+    sub-network that uses more of the budget; then the others, most accurate first (fewer
+    MACs on equal estimates). ``tolerance`` 0: by the estimate alone (exact ties to the most
+    MACs). Infeasible or unscored records are left out.
+    """
+    if tolerance < 0:
+        from edgeslim.core.errors import ConfigError
+
+        raise ConfigError(f"rank_finalists: tolerance must be >= 0, got {tolerance}")
+    ok = [r for r in records if r["feasible"] and r["accuracy"] is not None]
+    if not ok:
+        return []
+    best = max(r["accuracy"] for r in ok)
+    tied = [r for r in ok if r["accuracy"] >= best - tolerance]
+    rest = [r for r in ok if r["accuracy"] < best - tolerance]
+    tied.sort(key=lambda r: (-r["cost"]["macs"], -r["accuracy"], r["number"]))
+    rest.sort(key=lambda r: (-r["accuracy"], r["cost"]["macs"], r["number"]))
+    return tied + rest
 
 
 # ----------------------------------------------------------------------------- accuracy job
