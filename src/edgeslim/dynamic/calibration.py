@@ -14,6 +14,18 @@ its cost is the MACs of the segments (and the heads that ran) up to there.
 - ``min_accuracy``: the lowest average MACs with validation accuracy at least this;
 - ``budget``: the best validation accuracy with average MACs at most ``budget`` x static.
 
+``margin`` (accuracy targets; default 1): the thresholds chosen as the cheapest that just
+meet a target on a few hundred validation samples are, by that very choice, the ones whose
+errors the split happened to under-count, so the point estimate overshoots on new data. The
+accuracy a setting must show is therefore reduced by a bound on what the early exits may
+spoil: of the ``m`` samples that leave early, those the final exit gets right and the early
+exit wrong; the one-sided Wilson score upper bound on their rate at ``margin`` standard
+deviates (Wilson, JASA 1927), less the observed rate, times ``m / N`` (:func:`harm_margin`).
+It is paired per sample (only answers the exits change count, far tighter than comparing two
+accuracies each measured on ``N`` samples) and stays above 0 when no sample was spoilt
+(``z**2 / (m + z**2)`` of the early share), while the final exit alone carries no margin, so
+a target the final exit reaches stays reachable. ``margin=0``: the point estimate.
+
 ``costs`` replaces the MACs by measured per-sample costs of each segment and head (e.g.
 microseconds from :func:`edgeslim.dynamic.measure_exit_costs`), so the thresholds minimise
 the expected latency instead; ``budget`` is then a fraction of the static cost.
@@ -41,6 +53,7 @@ __all__ = [
     "calibrate_exits",
     "choose_thresholds",
     "evaluate_thresholds",
+    "harm_margin",
     "measure_exit_costs",
     "set_thresholds",
 ]
