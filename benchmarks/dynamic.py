@@ -11,7 +11,9 @@ Parts:
   seed, and on the zoo's
   MobileNetV2-style net (after blocks.0, .2, .4; seed 0): trained static, exits added and
   trained jointly (distillation from the final exit), thresholds calibrated on validation
-  for at most 0.3 points below the static network's validation accuracy. Test accuracy,
+  for at most 0.3 points below the higher of the static network's and the final exit's
+  validation accuracy, with ``ExitCalibration(margin=1)`` (a Wilson bound on the answers the
+  exits spoil; ``--against static --margin 0``: the previous rule). Test accuracy,
   average MACs per input (counted on the ops that ran), average batch-1 latency over the
   test images in PyTorch and in ONNX Runtime (the exported segments + runner) vs the static
   network in each runtime; the threshold sweep is plotted.
@@ -196,11 +198,12 @@ def exits_part(
     data,
     hidden: int | None = None,
     pool: int | None = None,
-    against: str = "static",
+    against: str = "higher",
     max_loss: float = 0.003,
     latency_costs: bool = False,
     after: list[str] | None = None,
     exit_epochs: int | None = None,
+    margin: float = 1.0,
 ) -> dict:
     """One net and seed; ``None`` options take the net's setting in ``EXITS``."""
     console.print(f"exits: {name} seed {seed}")
@@ -217,21 +220,27 @@ def exits_part(
         copy.deepcopy(static), Exits(after=after, pool=pool or spec["pool"], hidden=hidden)
     )
     train_exits(em, data, ExitTraining(epochs=exit_epochs, shift=2, seed=seed), progress=False)
-    # "at most 0.3 points below the static network": its validation accuracy is the
-    # reference (against="final": the jointly trained final exit's, the older setting)
-    ref = static_val if against == "static" else None
+    # "at most 0.3 points below the static network" (against="static": its validation
+    # accuracy is the reference; "final": the jointly trained final exit's). "higher": below
+    # both, the higher of the two: the exits may not spend the final exit's gain over the
+    # static net on validation, a difference of two accuracies on 500 images (SE ~0.6
+    # points) that need not carry over to new data; the loss against the final exit is
+    # what the thresholds decide, paired per sample and bounded with ``margin``
+    final_val = exit_accuracies(em, data.val.x, data.val.y)[-1]
+    ref = {"static": static_val, "final": None, "higher": max(static_val, final_val)}[against]
     costs = None
     if latency_costs:  # minimise the expected PyTorch batch-1 time instead of the MACs
         torch.set_num_threads(1)
         costs = measure_exit_costs(em, data.val.x)
         torch.set_num_threads(2)
     try:
-        cfg = ExitCalibration(max_loss=max_loss, reference_accuracy=ref, costs=costs)
+        cfg = ExitCalibration(max_loss=max_loss, reference_accuracy=ref, costs=costs, margin=margin)
         cal = calibrate_exits(em, data, cfg)
     except ConfigError as exc:  # the static net's accuracy is out of the exits' reach
         console.print(f"[yellow]{exc}: calibrating against the final exit instead")
         against = "final (static out of reach)"
-        cal = calibrate_exits(em, data, ExitCalibration(max_loss=max_loss, costs=costs))
+        cfg = ExitCalibration(max_loss=max_loss, costs=costs, margin=margin)
+        cal = calibrate_exits(em, data, cfg)
     em.eval()
     acc = es.evaluate(em, data)
     with torch.no_grad():
@@ -282,11 +291,16 @@ def exits_part(
         "thresholds": cal["thresholds"],
         "val": {
             **{k: cal[k] for k in ("accuracy", "macs", "static_accuracy", "target")},
+            "accuracy_bound": cal["accuracy_bound"],
+            "shares": cal["shares"],
+            "size": len(data.val),
             "static_net_accuracy": static_val,
         },
         "calibration": {
             "max_loss": max_loss,
             "against": against,
+            "margin": margin,
+            "margin_points": 100 * cal["margin"],
             "costs_us": None if costs is None else costs.model_dump(),
         },
         "after": after,
@@ -734,9 +748,16 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None, help="exits: head pool (default per net)")
     parser.add_argument(
         "--against",
-        choices=["static", "final"],
-        default="static",
-        help="exits: max_loss below the static net's validation accuracy, or the final exit's",
+        choices=["static", "final", "higher"],
+        default="higher",
+        help="exits: max_loss below the static net's validation accuracy, the final exit's, "
+        "or the higher of the two",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=1.0,
+        help="exits: ExitCalibration.margin (Wilson bound on the answers the exits spoil)",
     )
     parser.add_argument("--max-loss", type=float, default=0.003, help="exits: calibration")
     parser.add_argument(
@@ -764,12 +785,14 @@ def main() -> None:
         exit_args = (args.hidden, args.pool, args.against, args.max_loss, args.latency_costs)
         lenet_after = args.after.split(",") if args.after else None
         rows = [
-            exits_part("lenet5", s, data, *exit_args, lenet_after, args.exit_epochs)
+            exits_part("lenet5", s, data, *exit_args, lenet_after, args.exit_epochs, args.margin)
             for s in (seeds if "lenet5" in nets else [])
         ]
         if "mobilenetv2" in nets:
             rows.append(
-                exits_part("mobilenetv2", seeds[0], data, *exit_args, None, args.exit_epochs)
+                exits_part(
+                    "mobilenetv2", seeds[0], data, *exit_args, None, args.exit_epochs, args.margin
+                )
             )
         kept = [r for r in results.get("exits", []) if r["net"] not in nets]
         results["exits"] = rows = kept + rows

@@ -15,8 +15,8 @@ CORRECT = torch.stack([torch.arange(10) >= 5, torch.ones(10, dtype=torch.bool)])
 MACS = ([10, 90], [5])  # segments, head: exit 0 costs 15, the final exit 105
 
 
-def choose(**kw) -> dict:
-    return choose_thresholds(SCORES, CORRECT, MACS, ExitCalibration(**kw))
+def choose(**kw) -> dict:  # the point estimate (margin 0) unless a test says otherwise
+    return choose_thresholds(SCORES, CORRECT, MACS, ExitCalibration(**{"margin": 0, **kw}))
 
 
 def test_reference_accuracy_moves_the_target():
@@ -67,6 +67,9 @@ BAD_CALIBRATIONS = [  # (ExitCalibration keyword arguments, what the error says)
     ({"max_loss": 0.01, "reference_accuracy": 1.5}, "reference_accuracy"),
     ({"max_loss": 0.5, "reference_accuracy": 0.2}, "above reference_accuracy"),
     ({"min_accuracy": -0.1}, "min_accuracy"),
+    ({"max_loss": 0.01, "margin": -1}, "margin"),
+    ({"max_loss": 0.01, "margin": 11}, "margin"),
+    ({"budget": 0.5, "margin": 1}, "not with budget"),
 ]
 BAD_COSTS = [  # (ExitCosts segments, heads, what the error says)
     ([1, 2, 3], [1], "head costs"),
@@ -88,6 +91,11 @@ def test_cost_validation_errors(segments, heads, message):
         ExitCosts(segments=segments, heads=heads)
 
 
+def test_budget_ignores_the_default_margin():
+    assert choose_thresholds(SCORES, CORRECT, MACS, ExitCalibration(budget=0.5))["cost"] <= 50
+    assert ExitCalibration(budget=0.5, margin=0).budget == 0.5
+
+
 def test_costs_must_match_the_exits():
     with pytest.raises(ConfigError, match="2 head costs"):
         choose(max_loss=0.0, costs=ExitCosts(segments=[1, 1, 1], heads=[1, 1]))
@@ -104,3 +112,40 @@ def test_measure_exit_costs_shapes_and_use():
     assert all(c > 0 for c in [*costs.segments, *costs.heads]) and em.training
     with pytest.raises(ConfigError, match="at least one"):
         measure_exit_costs(em, torch.randn(4, 1, 28, 28), repeats=0)
+
+
+def test_margin_keeps_the_spoilt_answers_bounded():
+    # margin 0 spends the whole 10-point budget: one spoilt answer (sample 4) is fine
+    point = choose(max_loss=0.1)
+    assert point["shares"] == [0.6, 0.4] and point["margin"] == 0
+    # margin 1: 6 early, 1 spoilt -> Wilson excess 0.6 * (0.363 - 1/6) = 0.118 > 0.1;
+    # 5 early, none spoilt -> 0.5 * 1 / (5 + 1) = 0.083 <= 0.1: the safer threshold
+    safe = choose(max_loss=0.1, margin=1)
+    assert safe["shares"] == [0.5, 0.5] and safe["accuracy"] == 1.0
+    assert math.isclose(safe["margin"], 0.5 / 6) and 0.4 < safe["thresholds"][0] <= 0.5
+    assert math.isclose(safe["accuracy_bound"], 1 - 0.5 / 6)
+    # no loss allowed: even a clean exit carries a margin, so every exit stays off (the
+    # final exit alone has no margin: a target it reaches stays reachable)
+    off = choose(max_loss=0.0, margin=1)
+    assert off["thresholds"] == [math.inf] and off["shares"] == [0.0, 1.0]
+    assert off["margin"] == 0 and off["accuracy_bound"] == 1.0
+    # the default is margin 1
+    default = choose_thresholds(SCORES, CORRECT, MACS, ExitCalibration(max_loss=0.1))
+    assert default["thresholds"] == safe["thresholds"]
+
+
+def test_harm_margin_is_the_wilson_excess():
+    from edgeslim.dynamic.calibration import harm_margin
+
+    correct = torch.stack([torch.arange(10) >= 2, torch.ones(10, dtype=torch.bool)])
+    exit_at = torch.tensor([0] * 8 + [1] * 2)  # 8 leave early, 2 of them spoilt
+    z, m, p = 1.5, 8, 2 / 8
+    upper = (p + z * z / (2 * m) + z * math.sqrt(p * (1 - p) / m + z**2 / (4 * m * m))) / (
+        1 + z * z / m
+    )
+    assert math.isclose(harm_margin(correct, exit_at, z), 0.8 * (upper - p))
+    assert harm_margin(correct, exit_at, 0) == 0
+    assert harm_margin(correct, torch.ones(10, dtype=torch.long), 2.0) == 0  # none early
+    # a sample the exit gets right but the final exit gets wrong spoils nothing
+    helped = torch.stack([torch.ones(10, dtype=torch.bool), torch.arange(10) > 0])
+    assert math.isclose(harm_margin(helped, torch.zeros(10, dtype=torch.long), 1), 1 / 11)

@@ -14,6 +14,18 @@ its cost is the MACs of the segments (and the heads that ran) up to there.
 - ``min_accuracy``: the lowest average MACs with validation accuracy at least this;
 - ``budget``: the best validation accuracy with average MACs at most ``budget`` x static.
 
+``margin`` (accuracy targets; default 1): the thresholds chosen as the cheapest that just
+meet a target on a few hundred validation samples are, by that very choice, the ones whose
+errors the split happened to under-count, so the point estimate overshoots on new data. The
+accuracy a setting must show is therefore reduced by a bound on what the early exits may
+spoil: of the ``m`` samples that leave early, those the final exit gets right and the early
+exit wrong; the one-sided Wilson score upper bound on their rate at ``margin`` standard
+deviates (Wilson, JASA 1927), less the observed rate, times ``m / N`` (:func:`harm_margin`).
+It is paired per sample (only answers the exits change count, far tighter than comparing two
+accuracies each measured on ``N`` samples) and stays above 0 when no sample was spoilt
+(``z**2 / (m + z**2)`` of the early share), while the final exit alone carries no margin, so
+a target the final exit reaches stays reachable. ``margin=0``: the point estimate.
+
 ``costs`` replaces the MACs by measured per-sample costs of each segment and head (e.g.
 microseconds from :func:`edgeslim.dynamic.measure_exit_costs`), so the thresholds minimise
 the expected latency instead; ``budget`` is then a fraction of the static cost.
@@ -41,6 +53,7 @@ __all__ = [
     "calibrate_exits",
     "choose_thresholds",
     "evaluate_thresholds",
+    "harm_margin",
     "measure_exit_costs",
     "set_thresholds",
 ]
@@ -83,6 +96,14 @@ class ExitCalibration(Options):
     )
     min_accuracy: float | None = Field(None, ge=0, le=1)
     budget: float | None = Field(None, gt=0, le=1)
+    margin: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="with max_loss / min_accuracy: the accuracy must reach the target even "
+        "after subtracting this many standard errors of the exits' loss against the final "
+        "exit (paired per sample on the split); 0: the point estimate",
+    )
     costs: ExitCosts | None = Field(
         None, description="measured per-sample costs to minimise instead of MACs"
     )
@@ -94,6 +115,8 @@ class ExitCalibration(Options):
         targets = [self.max_loss, self.min_accuracy, self.budget]
         if sum(t is not None for t in targets) != 1:
             raise ValueError("give exactly one of max_loss, min_accuracy or budget")
+        if self.budget is not None and self.margin and "margin" in self.model_fields_set:
+            raise ValueError("margin goes with max_loss or min_accuracy, not with budget")
         if self.reference_accuracy is not None and self.max_loss is None:
             raise ValueError("reference_accuracy goes with max_loss (the loss is below it)")
         if self.reference_accuracy is not None and self.max_loss > self.reference_accuracy:
@@ -142,6 +165,18 @@ def get_thresholds(model: ExitModel) -> list[float | None]:
     return out
 
 
+def exits_taken(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """(N,) the exit each sample leaves at (``len(scores)``: the final exit)."""
+    n_early, n = scores.shape
+    exit_at = torch.full((n,), n_early, dtype=torch.long)
+    left = torch.ones(n, dtype=torch.bool)
+    for k in range(n_early):
+        done = left & (scores[k] >= thresholds[k])
+        exit_at[done] = k
+        left &= ~done
+    return exit_at
+
+
 def evaluate_thresholds(
     scores: torch.Tensor,
     correct: torch.Tensor,
@@ -154,12 +189,7 @@ def evaluate_thresholds(
     ``scores`` (early exits, N), ``correct`` (exits, N) bools, ``seg``/``head`` MACs.
     """
     n_early, n = scores.shape
-    exit_at = torch.full((n,), n_early, dtype=torch.long)
-    left = torch.ones(n, dtype=torch.bool)
-    for k in range(n_early):
-        done = left & (scores[k] >= thresholds[k])
-        exit_at[done] = k
-        left &= ~done
+    exit_at = exits_taken(scores, thresholds)
     cost_at = []
     total = 0
     for k in range(n_early + 1):
@@ -171,6 +201,32 @@ def evaluate_thresholds(
     acc = correct[exit_at, torch.arange(n)].double().mean()
     shares = torch.bincount(exit_at, minlength=n_early + 1).double() / n
     return float(acc), float(cost), shares.tolist()
+
+
+def harm_margin(correct: torch.Tensor, exit_at: torch.Tensor, z: float) -> float:
+    """How far the share of answers the early exits spoil may be above its estimate.
+
+    ``correct``: (exits, N) bools; ``exit_at``: (N,) the exit each sample leaves at. A
+    sample is spoilt when the final exit is right on it and the early exit it left at is
+    wrong; only such samples make the exits less accurate than the final exit, so the loss
+    against the final exit is at most their share. Of the ``m`` samples that leave early,
+    ``h`` are spoilt: returns ``m / N`` times (the one-sided Wilson score upper bound on the
+    spoilt rate ``h / m`` at ``z`` standard normal deviates, minus ``h / m``). Unlike ``z``
+    standard errors it stays above 0 when no sample was spoilt (``z**2 / (m + z**2)`` of
+    the early share then), which is where thresholds that just meet a small loss target
+    are; it is 0 when no sample leaves early (nothing can be spoilt).
+    """
+    n = correct.shape[1]
+    early = exit_at < correct.shape[0] - 1
+    m = int(early.sum())
+    if z == 0 or m == 0:
+        return 0.0
+    taken = correct[exit_at, torch.arange(n)]
+    rate = int((early & correct[-1] & ~taken).sum()) / m
+    z2 = z * z
+    centre = rate + z2 / (2 * m)
+    spread = z * math.sqrt(rate * (1 - rate) / m + z2 / (4 * m * m))
+    return m / n * ((centre + spread) / (1 + z2 / m) - rate)
 
 
 def choose_thresholds(
@@ -211,11 +267,17 @@ def choose_thresholds(
     ]
 
     def ev(th: list[float], s: list = cseg, h: list = chead) -> tuple[float, float, list[float]]:
-        return evaluate_thresholds(scores, correct, s, h, torch.tensor(th, dtype=torch.float64))
+        """(accuracy less the harm margin, cost, shares) of thresholds ``th``."""
+        t = torch.tensor(th, dtype=torch.float64)
+        acc, cost, shares = evaluate_thresholds(scores, correct, s, h, t)
+        if cfg.margin and cfg.budget is None:
+            acc -= harm_margin(correct, exits_taken(scores, t), cfg.margin)
+        return acc, cost, shares
 
     curve = []
     for t in [*shared, math.inf]:
-        acc, m, shares = ev([t] * n_early, seg, head)
+        th = torch.full((n_early,), t, dtype=torch.float64)
+        acc, m, shares = evaluate_thresholds(scores, correct, seg, head, th)
         curve.append({"threshold": t, "accuracy": acc, "macs": m, "shares": shares})
 
     target = None
@@ -271,9 +333,13 @@ def choose_thresholds(
             f"ExitCalibration.{name}: the target accuracy {target:.4f} is out of reach on "
             f"{where}; the best the exits reach is {reach:.4f} (final exit {static_acc:.4f})"
         )
+    best_t = torch.tensor(best_th, dtype=torch.float64)
+    acc, _, _ = evaluate_thresholds(scores, correct, seg, head, best_t)
     return {
         "thresholds": best_th,
-        "accuracy": best[0],
+        "accuracy": acc,
+        "accuracy_bound": best[0] if target is not None else acc,
+        "margin": acc - best[0] if target is not None else 0.0,
         "macs": ev(best_th, seg, head)[1],
         "cost": best[1],
         "shares": best[2],
