@@ -111,11 +111,20 @@ def tp_uniform(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
 
     twin = copy.deepcopy(model)
     head = [m for m in twin.modules() if isinstance(m, nn.Linear)][-1]
+    # attention (MiniLM): whole heads, as Torch-Pruning's transformer examples (pruning q/k/v
+    # outputs by the plain ratio leaves widths that are no multiple of the head size)
+    attn = [m for m in twin.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")]
+    heads = {lin: m.num_attention_heads for m in attn for lin in (m.query, m.key, m.value)}
+    extra = ({"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
+              "head_pruning_ratio": ratio} if heads else {})  # fmt: skip
     pruner = tp.pruner.MagnitudePruner(
         twin, x[:1], importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        ignored_layers=[head],
+        ignored_layers=[head], **extra,
     )  # fmt: skip
     pruner.step()
+    for m in attn:  # the module's own bookkeeping follows the pruned widths
+        m.num_attention_heads = m.query.out_features // m.attention_head_size
+        m.all_head_size = m.query.out_features
     return twin
 
 
