@@ -96,30 +96,32 @@ def _is_exporting() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _direct(module: nn.Module):
-    """``module.forward`` where calling it is what ``module(x)`` would do (no hooks on the
-    module, none global, not compiled, not traced), else ``module`` itself."""
-    if (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or module._compiled_call_impl is not None
-        or _global_hooks_set()
-        or torch._C._get_tracing_state()
-    ):
-        return module
-    return module.forward
-
-
-def _global_hooks_set() -> bool:
+def _plain_calls() -> bool:
+    """True when ``module.forward(x)`` may stand for ``module(x)`` on modules without hooks
+    of their own: no global hooks are set and nothing is being traced."""
     m = _nn_module
-    return bool(
+    return not (
         m._global_forward_hooks
         or m._global_forward_pre_hooks
         or m._global_backward_hooks
         or m._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
     )
+
+
+def _direct(module: nn.Module, plain: bool):
+    """``module.forward`` where calling it is what ``module(x)`` would do (``plain`` from
+    :func:`_plain_calls`, and no hooks on the module, not compiled), else ``module``."""
+    if (
+        not plain
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module._compiled_call_impl is not None
+    ):
+        return module
+    return module.forward
 
 
 def confidence(logits: torch.Tensor, criterion: Criterion) -> torch.Tensor:
@@ -173,8 +175,16 @@ class ExitModel(nn.Module):
         self.register_buffer("thresholds", torch.full((len(heads),), math.inf))
         self.joint = False  # forward returns every exit's logits (set by joint_outputs)
         self.frozen = False  # backbone in eval mode and without gradients
-        self.last_exit: torch.Tensor | None = None
+        self._last_exit: torch.Tensor | int | None = None  # an int after a batch-1 pass
         self._cached: tuple[int, list[float]] | None = None
+
+    @property
+    def last_exit(self) -> torch.Tensor | None:
+        """Exit index per sample (B,) of the last eval forward pass; ``None`` before one."""
+        taken = self._last_exit
+        if isinstance(taken, int):  # batch 1 keeps a plain int until someone asks
+            taken = self._last_exit = torch.tensor([taken])
+        return taken
 
     @property
     def num_exits(self) -> int:
@@ -210,7 +220,9 @@ class ExitModel(nn.Module):
         last = len(self.heads)
         thresholds = self._threshold_list()
         if b == 1:
-            return self._infer_one(x, thresholds)
+            logits, k = self._infer_one(x, thresholds)
+            self._last_exit = taken = torch.tensor([k])
+            return logits, taken
         out: torch.Tensor | None = None
         taken = torch.full((b,), last, dtype=torch.long)
         idx = torch.arange(b)
@@ -238,53 +250,58 @@ class ExitModel(nn.Module):
                 idx, h = idx[keep], h[keep]
                 if idx.numel() == 0:
                     break
-        self.last_exit = taken
+        self._last_exit = taken
         return out, taken
 
     def _threshold_list(self) -> list[float]:
         """``thresholds`` as Python floats, cached until the buffer changes (its version)."""
-        version = self.thresholds._version
+        thresholds = self._buffers["thresholds"]  # (a dict lookup, not Module.__getattr__)
+        version = thresholds._version
         if self._cached is None or self._cached[0] != version:
-            self._cached = (version, self.thresholds.tolist())
+            self._cached = (version, thresholds.tolist())
         return self._cached[1]
 
-    def _infer_one(
-        self, x: torch.Tensor, thresholds: list[float]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch 1: a plain branch after each enabled exit, nothing after the one taken.
+    def _infer_one(self, x: torch.Tensor, thresholds: list[float]) -> tuple[torch.Tensor, int]:
+        """Batch 1: ``(logits (1, classes), exit taken)``; a plain branch after each enabled
+        exit, nothing after the one taken.
 
         The same ops as the batched path; only Python overhead is cut: segments and heads
         without hooks are called through ``forward`` (what ``nn.Module.__call__`` does for a
-        module without hooks, minus its checks), the max-prob test is one softmax, one max
-        and one ``.item()`` (no dtype move for float32 logits).
+        module without hooks, minus its checks; global hooks and tracing are checked once),
+        the max-prob test is one softmax, one max and one ``.item()`` (no dtype move for
+        float32 logits), and the exit index stays an int (``last_exit`` makes the tensor).
         """
         h = x
         heads = self.heads
+        last = len(heads)
         maxprob = self.criterion == "maxprob"
+        plain = _plain_calls()
         for k, segment in enumerate(self.segments):
-            h = _direct(segment)(h)
-            if k == len(heads):
+            h = _direct(segment, plain)(h)
+            if k == last:
                 break
             t = thresholds[k]
             if t == math.inf:
                 continue
-            logits = _direct(heads[k])(h)
+            logits = _direct(heads[k], plain)(h)
             if maxprob:
                 f32 = logits if logits.dtype == torch.float32 else logits.float()
                 score = f32.softmax(-1).max().item()
             else:
                 score = float(confidence(logits, self.criterion))
             if score >= t:
-                self.last_exit = taken = torch.tensor([k])
-                return logits, taken
-        self.last_exit = taken = torch.tensor([len(heads)])
-        return h, taken
+                self._last_exit = k
+                return logits, k
+        self._last_exit = last
+        return h, last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.joint and self.training:
             return torch.stack(self.all_exits(x))  # (exits, B, classes)
         if self.training or _is_exporting():
             return self.static(x)
+        if x.shape[0] == 1:  # the exit index stays an int until last_exit is read
+            return self._infer_one(x, self._threshold_list())[0]
         return self.infer(x)[0]
 
 
