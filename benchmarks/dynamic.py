@@ -728,7 +728,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default="0,1,2", help="LeNet-5 seeds (exits, multitask)")
     parser.add_argument(
-        "--nets", default="lenet5,mobilenetv2", help="exits: which nets (MobileNetV2: 1st seed)"
+        "--nets", default="lenet5,mobilenetv2", help="exits: which nets (each for every seed)"
     )
     parser.add_argument(
         "--hidden", type=int, default=None, help="exits: hidden units per head (default per net)"
@@ -782,13 +782,12 @@ def main() -> None:
             exits_part("lenet5", s, data, *exit_args, lenet_after, args.exit_epochs, args.margin)
             for s in (seeds if "lenet5" in nets else [])
         ]
-        if "mobilenetv2" in nets:
-            rows.append(
-                exits_part(
-                    "mobilenetv2", seeds[0], data, *exit_args, None, args.exit_epochs, args.margin
-                )
-            )
-        kept = [r for r in results.get("exits", []) if r["net"] not in nets]
+        rows += [
+            exits_part("mobilenetv2", s, data, *exit_args, None, args.exit_epochs, args.margin)
+            for s in (seeds if "mobilenetv2" in nets else [])
+        ]
+        rerun = {(r["net"], r["seed"]) for r in rows}  # other rows are kept
+        kept = [r for r in results.get("exits", []) if (r["net"], r["seed"]) not in rerun]
         results["exits"] = rows = kept + rows
         console.print(exits_table(rows))
         console.print(c_table([r for r in rows if "c" in r]))
