@@ -264,3 +264,30 @@ def test_batch1_path_keeps_hooks():
     with torch.no_grad():
         em(torch.randn(1, 1, 28, 28))
     assert seen == []
+    # a global hook sees every module the batch-1 path runs
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    try:
+        with torch.no_grad():
+            em(torch.randn(1, 1, 28, 28))
+    finally:
+        handle.remove()
+    # conv1's segment, then the head (pool, flatten, hidden layer, classes); nothing after
+    head = ["MaxPool2d", "Flatten", "Linear", "ReLU", "Linear", "Sequential"]
+    assert seen == ["Conv2d", "GraphModule", *head, "ExitModel"]
+    assert em.last_exit.tolist() == [0]
+
+
+def test_batch1_last_exit_is_a_fresh_tensor_per_pass():
+    em = add_exits_(zoo.create("lenet5"), Exits(after=["conv1", "conv2"])).eval()
+    x = torch.randn(1, 1, 28, 28)
+    set_thresholds(em, [0.0, None])
+    with torch.no_grad():
+        em(x)
+    first = em.last_exit
+    set_thresholds(em, [None, None])  # now every sample runs to the final exit
+    with torch.no_grad():
+        em(x)
+    assert first.tolist() == [0] and em.last_exit.tolist() == [2]
+    assert em.last_exit is em.last_exit  # made once per pass, not on every read
