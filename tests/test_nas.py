@@ -635,3 +635,28 @@ def test_finetune_subnet_repeats_the_deployment_and_other_seeds_differ(tmp_path,
     assert again.keys() == deployed.keys()
     assert all(torch.equal(again[k], deployed[k]) for k in deployed)
     assert any(not torch.equal(other[k], deployed[k]) for k in deployed if k.endswith("weight"))
+
+
+def test_a_resume_refuses_fine_tuned_weights_that_are_not_the_chosen_subnetworks(
+    tmp_path, monkeypatch
+):
+    import edgeslim.nas.api as api
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):  # the C toolchain not needed
+        c_dir.mkdir(parents=True, exist_ok=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              population=2, generations=1, parents=2, bn_samples=32, val_samples=32,
+              finalists=1, finetune_epochs=1, progress=False)  # fmt: skip
+    first = es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    weights = tmp_path / "final" / "float.pt"
+    again = es.nas(_data(), "stm32f446", out=tmp_path, **kw)  # the saved weights are reused
+    assert again.config == first.config and again.accuracy == first.accuracy
+    torch.save({"other.weight": torch.zeros(2)}, weights)  # another network's weights
+    with pytest.raises(RunDirError, match="does not hold the fine-tuned weights"):
+        es.nas(_data(), "stm32f446", out=tmp_path, **kw)
+    weights.write_bytes(b"PK\x03\x04 cut short")  # a torn or corrupt file
+    with pytest.raises(RunDirError, match="delete it to fine-tune again"):
+        es.nas(_data(), "stm32f446", out=tmp_path, **kw)

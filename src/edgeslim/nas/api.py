@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle  # only for its error type: torch.load(weights_only=True) reads
 import time
 import warnings
 from collections.abc import Callable
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.core.errors import ConfigError, ExportError
+from edgeslim.core.errors import ConfigError, ExportError, RunDirError
 from edgeslim.core.fileio import atomic_path, atomic_write_text
 from edgeslim.nas.cost import BudgetError, SubnetCost, measure_export
 from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists
@@ -505,7 +506,13 @@ def _deploy(
     weights = out / "final" / "float.pt"
     if weights.exists():
         sub = recalibrate_bn(extract(supernet, cfg), resize(state["bn_x"], r))
-        sub.load_state_dict(torch.load(weights, weights_only=True))
+        try:
+            sub.load_state_dict(torch.load(weights, weights_only=True))
+        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as exc:
+            raise RunDirError(
+                f"{weights} does not hold the fine-tuned weights of the chosen sub-network "
+                f"({cfg.key()}): {str(exc).splitlines()[0]}; delete it to fine-tune again"
+            ) from None
     else:
         sub = finetune_subnet(supernet, cfg, data, state["bn_x"], epochs=epochs, lr=lr,
                               alpha=alpha, seed=seed, teacher=teacher_model,
