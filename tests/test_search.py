@@ -216,6 +216,25 @@ def test_predictor_ranks_configurations(cache):
     assert 0 <= report.within_10 <= 1
 
 
+@pytest.mark.parametrize(
+    ("slope", "expected"),
+    [(2.6, 2.6), (0.4, 0.4), (9.0, 4.0), (0.01, 0.25)],
+)
+def test_the_calibrated_line_keeps_a_steep_measured_slope(tmp_path, slope, expected):
+    """The line through (summed table entries, measured ms) keeps the measured slope, even
+    above 2 (int8 MiniLM in ONNX Runtime); only a degenerate one is clamped to [0.25, 4]."""
+    target = RuntimeTarget("ort", cache=tmp_path)
+    models = [nn.Linear(2, 2) for _ in range(4)]
+    sums = dict(zip(map(id, models), [1.0, 2.0, 3.0, 4.0], strict=True))
+    target.units_ms = lambda m, x: sums[id(m)]  # type: ignore[method-assign]
+    target.measure_ms = lambda m, x: 0.5 + slope * sums[id(m)]  # type: ignore[method-assign]
+    scale, overhead = target.calibrate(models, torch.zeros(1, 2), "line-test")
+    assert scale == pytest.approx(expected)
+    if expected == slope:  # an exact line: its overhead too
+        assert overhead == pytest.approx(0.5)
+        assert target.line_ms(10.0) == pytest.approx(0.5 + slope * 10.0)
+
+
 def test_mcu_cost_model_predicts_the_c_exports_own_numbers(tmp_path):
     """calibrate (code size), predict and measure on a microcontroller profile: the
     prediction's SRAM is the C export's, its flash close (code size measured once)."""
