@@ -193,3 +193,33 @@ def test_finalists_are_those_that_fit_as_measured(tmp_path):
     tight = Budget(max_latency_ms=0.4)  # none of the first 3 x top fits
     short = _measured_first(ranked, 1, RunStore(tmp_path / "b", {"x": 1}), tight, measure)
     assert [r["number"] for r in short] == [0] and calls[-3:] == [0, 1, 2]
+
+
+def test_candidates_are_quantized_with_mse_scales_and_timed_builds_cheaply(res, tmp_path):
+    """The search's int8 is the careful PTQ a user runs (MSE scales for weights and
+    activations, the same as the benchmark's uniform-int8 baseline); a model built only to
+    be timed gets min-max scales on a few inputs (same graph, so the same latency)."""
+    from edgeslim.quant import Int8PTQ, quantize
+    from edgeslim.search.apply import LATENCY_CALIB_INPUTS
+
+    model, x, _ = res
+    torch.manual_seed(1)
+    calib = torch.rand(32, 1, 8, 8)
+    ort = RuntimeTarget("ort", cache=tmp_path)
+    bound = SearchSpace().bind(model, x, ort.techniques, ort.optional)
+    point = bound.uniform(0.5, "int8")
+    shaped = build(model, point, x)  # the structure alone, float
+    probe = torch.rand(8, 1, 8, 8)
+    careful = build(model, point, x, calib)
+    cheap = build(model, point, x, calib, for_latency=True)
+    want_careful = quantize(
+        shaped, Int8PTQ(graph="auto", calibration="mse", weight_calibration="mse"), calib=calib
+    )
+    want_cheap = quantize(shaped, Int8PTQ(graph="auto"), calib=calib[:LATENCY_CALIB_INPUTS])
+    with torch.no_grad():
+        assert torch.equal(careful(probe), want_careful(probe))
+        assert torch.equal(cheap(probe), want_cheap(probe))
+        assert not torch.equal(careful(probe), cheap(probe))  # other scales, same graph
+    assert [type(m).__name__ for m in careful.modules()] == [
+        type(m).__name__ for m in cheap.modules()
+    ]

@@ -8,6 +8,9 @@
 4. weight bits: :class:`~edgeslim.quant.Int8PTQ` (graph mode where the model traces, as the
    C backend lowers it) with ``layer_bits`` -- after fine-tuning, on calibration inputs
    (:func:`quantize_candidate`); ``precision:model = "int8"``: the same, every layer 8-bit.
+   Scales by MSE for weights and activations on :data:`CALIB_INPUTS` inputs (what a user's
+   careful PTQ does); a model built only to be timed (``for_latency=True``) is quantized
+   cheaply: its graph, not its scales, decides its latency.
 
 Steps 1-3 are :func:`apply_structure_`; a layer factored in step 2 is not sparsified (its
 two factors replace it).
@@ -24,7 +27,13 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError
 
-__all__ = ["apply_structure_", "build", "quantize_candidate", "split"]
+__all__ = ["CALIB_INPUTS", "apply_structure_", "build", "quantize_candidate", "split"]
+
+CALIB_INPUTS = 256
+"""Calibration inputs the search quantizes its candidates on (fewer when the data has fewer)."""
+
+LATENCY_CALIB_INPUTS = 8
+"""Inputs a model built only for timing is calibrated on (min-max scales)."""
 
 
 def split(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -97,10 +106,17 @@ def _only(names: Any):
 
 
 def quantize_candidate(
-    model: nn.Module, candidate: dict[str, Any], calib: torch.Tensor
+    model: nn.Module,
+    candidate: dict[str, Any],
+    calib: torch.Tensor,
+    *,
+    for_latency: bool = False,
 ) -> nn.Module:
     """A quantized copy of ``model`` with the candidate's weight bits (8-bit activations,
-    graph mode where the model traces); ``model`` itself when the candidate has no bits."""
+    graph mode where the model traces); ``model`` itself when the candidate has no bits.
+
+    Scales by MSE (weights and activations) on ``calib``; with ``for_latency`` (a model
+    that is only timed or costed) min-max on the first :data:`LATENCY_CALIB_INPUTS`."""
     from edgeslim.prune import remove_masks_
     from edgeslim.quant import Int8PTQ, quantize
 
@@ -118,7 +134,11 @@ def quantize_candidate(
             table[f"{name}.*"] = int(b)
     remove_masks_(model)  # zeros stay zeros; the quantizer reads plain weights
     # graph mode where the model traces (what the int8 graph of the C backend lowers)
-    cfg = Int8PTQ(graph="auto", layer_bits=table, weight_calibration="mse")
+    if for_latency:
+        cfg = Int8PTQ(graph="auto", layer_bits=table)
+        calib = calib[:LATENCY_CALIB_INPUTS]
+    else:
+        cfg = Int8PTQ(graph="auto", layer_bits=table, calibration="mse", weight_calibration="mse")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return quantize(model, cfg, calib=calib)
@@ -129,10 +149,13 @@ def build(
     candidate: dict[str, Any],
     example: Any,
     calib: torch.Tensor | None = None,
+    *,
+    for_latency: bool = False,
 ) -> nn.Module:
-    """A compressed copy of ``model`` (``model`` untouched); quantized when ``calib`` is given."""
+    """A compressed copy of ``model`` (``model`` untouched); quantized when ``calib`` is given
+    (cheaply with ``for_latency``: see :func:`quantize_candidate`)."""
     out = copy.deepcopy(model).eval()
     apply_structure_(out, candidate, example)
     if calib is not None:
-        out = quantize_candidate(out, candidate, calib)
+        out = quantize_candidate(out, candidate, calib, for_latency=for_latency)
     return out

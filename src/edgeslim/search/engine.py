@@ -60,7 +60,7 @@ from torch import nn
 
 from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, EdgeslimError
-from edgeslim.search.apply import build
+from edgeslim.search.apply import CALIB_INPUTS, build
 from edgeslim.search.budget import Budget
 from edgeslim.search.cost import fingerprint, param_kb, resolve_target
 from edgeslim.search.executor import make_executor
@@ -189,7 +189,7 @@ def search(
     budget.check_metrics(tgt.metrics, tgt_name)
     model = model.eval()
     example = data.train.x[:1]
-    calib = data.calib(min(64, len(data.train)))
+    calib = data.calib(min(CALIB_INPUTS, len(data.train)))
     space = space or SearchSpace()
     bound = space.bind(model, example, tgt.techniques, getattr(tgt, "optional", ()))
     metric = budget.primary()
@@ -211,6 +211,7 @@ def search(
             "lr": lr,
             "finetune_top": finetune_top,
             "finetune_epochs": finetune_epochs,
+            "int8_calibration": f"mse, {len(calib)} inputs",
         },
     }
     store = RunStore(out, meta)
@@ -218,7 +219,7 @@ def search(
     def cost_of_model(candidate: dict[str, Any]) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build(model, candidate, example, calib if quant else None)
+            return build(model, candidate, example, calib if quant else None, for_latency=True)
 
     exact: dict[str, dict[str, float]] = {}
 
@@ -232,7 +233,9 @@ def search(
     calibration = store.calibration()
     int8_dense = None
     if PRECISION_KNOB in bound.knobs and "int8" in bound.knobs[PRECISION_KNOB]:
-        int8_dense = build(model, {**bound.dense(), PRECISION_KNOB: "int8"}, example, calib)
+        int8_dense = build(
+            model, {**bound.dense(), PRECISION_KNOB: "int8"}, example, calib, for_latency=True
+        )
     if tgt.kind == "runtime":
         if calibration is None:  # both ends quantized when the space has bits (int8 on ORT)
             calibration = {}
@@ -242,8 +245,12 @@ def search(
                 if p is not None:
                     points = [{**c, PRECISION_KNOB: p} for c in points]
                 q_calib = calib if quant else None
-                dense = build(model, points[0], example, q_calib) if quant else model
-                built = [dense] + [build(model, c, example, q_calib) for c in points[1:]]
+                dense = (
+                    build(model, points[0], example, q_calib, for_latency=True) if quant else model
+                )
+                built = [dense] + [
+                    build(model, c, example, q_calib, for_latency=True) for c in points[1:]
+                ]
                 key = f"{fingerprint(dense)}+{len(built)}"
                 scale, overhead = tgt.calibrate(built, example, key)
                 line = {"scale": scale, "overhead_ms": overhead}

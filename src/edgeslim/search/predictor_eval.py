@@ -84,7 +84,7 @@ def evaluate_predictor(
     rng = random.Random(seed)
     report = PredictorReport(target.name)
     for _ in range(n):
-        candidate = build(model, space.sample(rng), example, calib)
+        candidate = build(model, space.sample(rng), example, calib, for_latency=True)
         predicted = target.predict(candidate, example)["latency_ms"]
         measured = target.measure(candidate, example)["latency_ms"]
         report.rows.append((predicted, measured))
