@@ -5,8 +5,10 @@
 
 **Data: shifted, cluttered MNIST** (:func:`_tasks.cluttered_mnist`, 28x28: digits shifted by
 up to 4 px, six 7x7 patches of other digits pasted, Gaussian noise 0.15; 3,500 train /
-500 val / 2,000 test). The supernet's elastic resolution resizes these images (bilinear) to
-20, 24 or 28 pixels.
+500 val / 2,000 test; ``--test-copies 10``: 10,000 test images, each of the 1,000 test digits
+drawn 10 times with its own shift, clutter and noise -- the training and validation images
+and the first 2,000 test images stay the same). The supernet's elastic resolution resizes
+these images (bilinear) to 20, 24 or 28 pixels.
 
 **Budgets**, per device profile: its SRAM and flash (STM32F446: 128 KB / 512 KB;
 STM32F746: 320 KB / 1 MB) **and** a device-model latency of at most ``--latency-ms`` (250 ms
@@ -40,7 +42,10 @@ exports; the other seeds' costs are the same architecture's (measured once, with
 **Paired comparison**: every row keeps its int8 predictions on the test images per seed;
 the searched net is compared with the most accurate zoo net that fits (:func:`paired`: per
 seed, the difference and an exact McNemar test; over seeds, a paired t test; per image, the
-correctness averaged over the seeds and a normal test).
+correctness averaged over the seeds and a normal test; per digit, the images of one test
+digit averaged first -- its copies are not independent -- and a t test over the 1,000 digits;
+and a conservative "combined" z test whose variance adds the seed term and the digit term,
+``benchmarks/_stats.py``).
 
 **Rank correlation**: >= 10 sub-networks the F446 evolution scored (spread over its
 accuracy range), each fine-tuned ``--rank-epochs`` from the supernet's weights; Spearman of
@@ -63,6 +68,7 @@ from rich.console import Console
 from rich.table import Table
 
 import edgeslim as es
+from _stats import clustered_t, combined
 from _tasks import cluttered_mnist
 from edgeslim.core.errors import EdgeslimError, LoweringError
 from edgeslim.core.kd import KD
@@ -279,15 +285,16 @@ def _t_p(t: float, df: int) -> float:
     return max(0.0, 1 - 2 * area)
 
 
-def paired(a: dict, b: dict, labels) -> dict | None:
+def paired(a: dict, b: dict, labels, digits: int = 1000) -> dict | None:
     """Row ``a`` minus row ``b`` (int8 test accuracy), paired by seed and by test image.
 
     Per seed: the difference and the exact McNemar test on that seed's 2,000 predictions.
     Over seeds: the mean difference, its sample sd and Student's t test (df = seeds - 1;
     the fine-tuning seed's spread). Over images: each image's correctness averaged over the
     seeds, the mean per-image difference, its standard error and a normal test (the
-    test-set sampling, the seeds averaged). ``None`` when the rows share no seed with
-    predictions."""
+    test-set sampling, the seeds averaged); the same per digit (test image ``i`` is digit
+    ``i % digits``: copies of one digit count once) and the combined test (seed and digit
+    noise added). ``None`` when the rows share no seed with predictions."""
     pa = dict(zip(a.get("seeds", []), a.get("test_pred_seeds", []), strict=False))
     pb = dict(zip(b.get("seeds", []), b.get("test_pred_seeds", []), strict=False))
     common = [s for s in pa if s in pb]
@@ -311,12 +318,17 @@ def paired(a: dict, b: dict, labels) -> dict | None:
     m = sum(per_image) / len(y)
     se = (sum((d - m) ** 2 for d in per_image) / (len(y) - 1) / len(y)) ** 0.5
     z = m / se if se > 0 else float("nan")
+    digit = clustered_t(torch.tensor(per_image), torch.arange(len(y)) % digits)
+    se_seed = st["sd"] / n**0.5 if n > 1 else 0.0
+    both = combined(st["mean"], se_seed, digit["se"])
     return {
         "a": a["net"], "b": b["net"], "seeds": common, "per_seed": per_seed,
         "mean_diff": st["mean"], "sd_diff": st["sd"], "t": t,
         "t_p": _t_p(t, n - 1) if n > 1 else float("nan"),
         "image_mean_diff": m, "image_se": se,
         "image_p": math.erfc(abs(z) / 2**0.5) if se > 0 else float("nan"),
+        "digit_mean_diff": digit["mean"], "digit_se": digit["se"], "digit_p": digit["p"],
+        "combined_se": both["se"], "combined_p": both["p"],
     }  # fmt: skip
 
 
@@ -426,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--out, so a run can be split over several invocations")  # fmt: skip
     p.add_argument("--results", default=None, help="also write the table's JSON here")
     p.add_argument("--devices", default=",".join(DEVICES), help="devices searched (comma list)")
+    p.add_argument("--test-copies", type=int, default=2,
+                   help="test images per test digit, each its own clutter (2: the usual "
+                        "2,000 test images; 10: 10,000, a finer paired comparison)")  # fmt: skip
     p.add_argument("--seeds", default="0",
                    help="fine-tuning seeds (comma list): the searched winner's and every zoo "
                         "row's last fine-tuning is repeated with each (the data order); "
@@ -439,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         args.nas_finetune_epochs = 6
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    data = cluttered_mnist(seed=0)
+    data = cluttered_mnist(seed=0, test_copies=args.test_copies)
     spec = SupernetSpec(resolutions=(20, 24, 28), fused_stages=args.fused_stages)
     if args.quick:
         data = data.limit(256)
@@ -533,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         zoo = [r for r in mine if r is not ours and r.get("fits") and "acc" in r]
         if ours is None or not zoo:
             continue
-        cmp = paired(ours, max(zoo, key=lambda r: r["acc"]), data.test.y.tolist())
+        cmp = paired(ours, max(zoo, key=lambda r: r["acc"]), data.test.y.tolist(),
+                     digits=len(data.test.y) // args.test_copies)  # fmt: skip
         if cmp is not None:
             comparisons.append({"device": dev_name, **cmp})
             each = ", ".join(f"{100 * r['diff']:+.2f}" for r in cmp["per_seed"])
@@ -542,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{dev_name}: searched - {cmp['b']}: {100 * cmp['mean_diff']:+.2f} points "
                 f"(per seed {each}; paired t over seeds p={cmp['t_p']:.3f}; per image "
                 f"{100 * cmp['image_mean_diff']:+.2f} +- {100 * cmp['image_se']:.2f}, "
-                f"p={cmp['image_p']:.3f}; McNemar per seed {mcn})"
+                f"p={cmp['image_p']:.3f}; per digit se {100 * cmp['digit_se']:.2f}, "
+                f"p={cmp['digit_p']:.3f}; combined se {100 * cmp['combined_se']:.2f}, "
+                f"p={cmp['combined_p']:.3f}; McNemar per seed {mcn})"
             )
     summary = {"rows": rows, "rank": rank, "args": vars(args), "devices": devices,
                "paired": comparisons}  # fmt: skip

@@ -1,4 +1,4 @@
-"""benchmarks/nas.py's paired comparison: per seed, McNemar, Student's t, per image."""
+"""benchmarks/nas.py's paired comparison: per seed, McNemar, Student's t, per image, per digit."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def test_paired_compares_common_seeds_image_by_image(bench):
     # per image, the seeds averaged: (0, 0.5, 0.5, 0), mean 0.25
     assert got["image_mean_diff"] == pytest.approx(0.25)
     assert bench.paired(a, {"net": "C", "seeds": [0]}, labels) is None  # no predictions
+
+
+def test_paired_counts_the_copies_of_one_digit_once(bench):
+    # 4 test images of 2 digits (image i is digit i % 2), per image (0, 0.5, 0.5, 0)
+    a = {"net": "A", "seeds": [0, 1], "test_pred_seeds": ["0123", "0120"]}
+    b = {"net": "B", "seeds": [0, 1], "test_pred_seeds": ["0000", "0123"]}
+    got = bench.paired(a, b, [0, 1, 2, 3], digits=2)
+    assert got["digit_mean_diff"] == pytest.approx(0.25)
+    assert got["digit_se"] == pytest.approx(0.0)  # both digits average 0.25
+    # the seed term alone: sd 0.707 over 2 seeds -> se 0.5; z = 0.5, two-sided p 0.617
+    assert got["combined_se"] == pytest.approx(0.5)
+    assert got["combined_p"] == pytest.approx(0.6171, abs=1e-4)
+    # every image its own digit: the digit test is the per-image one
+    each = bench.paired(a, b, [0, 1, 2, 3], digits=4)
+    assert each["digit_se"] == pytest.approx(each["image_se"])
