@@ -172,6 +172,24 @@ def test_widest_uniform_point_that_fits_scan_and_bisection():
     assert widest_uniform(space, None, opts, lambda c: False) is None
 
 
+def test_widest_uniform_tries_the_keep_levels_between_grid_points():
+    """ResNet-8 on ONNX Runtime: keep 0.375 (6/12/24 channels) ran fast enough where the
+    0.05 grid's neighbours (0.35: 6/11/22, 0.40: 6/13/26) did not; it must be tried."""
+    group = {"channels": 64}
+    menu = keep_menu(64, [1.0, 0.75, 0.5, 0.375, 0.25], 4, 0.05)
+    space = BoundSpace({"keep:g": menu}, {"keep:g": group})
+    opts = SearchSpace()  # keep levels 1 / 0.75 / 0.5 / 0.375 / 0.25, grid 0.05
+    fast = {24, 16}  # widths that run fast enough (made up); 16 = keep 0.25
+
+    def fits(c: dict) -> bool:
+        return round(c["keep:g"] * 64) in fast
+
+    assert round(widest_uniform(space, None, opts, fits, scan=True)["keep:g"] * 64) == 24
+    # bisection (monotone costs): the widest width <= 24 is 24 itself, not the grid's 22
+    point = widest_uniform(space, None, opts, lambda c: c["keep:g"] * 64 <= 24.5, scan=False)
+    assert round(point["keep:g"] * 64) == 24
+
+
 def test_finalists_are_those_that_fit_as_measured(tmp_path):
     store = RunStore(tmp_path, {"x": 1})
     ranked = [{"number": n, "candidate": {"n": n}} for n in range(6)]

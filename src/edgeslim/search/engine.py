@@ -550,19 +550,21 @@ def widest_uniform(
     bound: BoundSpace, precision: str | None, space: SearchSpace, fits: Any, scan: bool = True
 ) -> dict[str, Any] | None:
     """The uniform channel point (every group at one kept fraction, on a grid of
-    ``space.uniform_step`` or 0.05) with the most channels that ``fits`` says meets the
-    budget, at ``precision``; None when none does. ``scan``: every grid point from the
-    widest down (cost need not fall with the width: ONNX Runtime is faster at some channel
-    counts); else a bisection (a few checks, for costs that are slow to predict)."""
+    ``space.uniform_step`` or 0.05, plus the space's ``keep`` levels) with the most channels
+    that ``fits`` says meets the budget, at ``precision``; None when none does. ``scan``:
+    every grid point from the widest down (cost need not fall with the width: ONNX Runtime
+    is faster at some channel counts); else a bisection (a few checks, for costs that are
+    slow to predict). The keep levels matter where the grid steps over a fast width: keep
+    0.375 is ResNet-8's 6/12/24 channels, between the grid's 6/11/22 and 6/13/26."""
     step = space.uniform_step or 0.05
     low = min(space.keep)
+    levels = {round(1.0 - i * step, 6) for i in range(int((1.0 - low) / step + 1e-9) + 1)}
+    levels |= {float(k) for k in space.keep}
     grid: list[dict[str, Any]] = []
-    k = 1.0
-    while k >= low - 1e-9:
+    for k in sorted(levels, reverse=True):
         point = bound.uniform(k, precision)
         if point not in grid:
             grid.append(point)
-        k = round(k - step, 6)
     if not fits(grid[-1]):  # not even the narrowest
         return None
     if scan:
