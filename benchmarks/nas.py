@@ -19,7 +19,10 @@ or flash limits (they are checked all the same, from the exported C), so the lat
 is what makes the two budgets differ.
 
 **Searched**: one supernet (``SupernetSpec`` with resolutions 20/24/28, the first
-``--fused-stages`` stages made of fused blocks) trained once with the
+``--fused-stages`` stages made of fused blocks; ``--stem-stride 1``, the default: the stem
+conv at the input's resolution and the first stage halving it -- SqueezeNet's stem also runs
+at full resolution, and a probe of fixed architectures trained alone, 16 epochs each, read
++1.5 to +3 points for it at the same device latency) trained once with the
 sandwich rule, then ``es.nas`` per device with the same checkpoint (space optimisation:
 ``--space-samples`` per width x resolution cell, the ``--space-top`` best cells searched
 together by the evolution, ``--population`` x ``--generations``; the 3 most accurate exported
@@ -417,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         help="supernet stages made of fused blocks (k x k conv + 1x1 projection), from the first",
     )
     p.add_argument(
+        "--stem-stride",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: the stem conv runs at the input's resolution and the first stage halves it "
+        "(as SqueezeNet's stem; the stages see the same sizes as with 2); 2: the stem halves it",
+    )
+    p.add_argument(
         "--teacher",
         default=None,
         help="a zoo net (dense, --zoo-epochs) whose soft targets every fine-tuning uses, the "
@@ -455,11 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     data = cluttered_mnist(seed=0, test_copies=args.test_copies)
-    spec = SupernetSpec(resolutions=(20, 24, 28), fused_stages=args.fused_stages)
+    stages = SupernetSpec().stages  # (channels, depth, stride): the library's layout
+    if args.stem_stride == 1:  # the first stage downsamples instead of the stem
+        stages = ((stages[0][0], stages[0][1], 2), *stages[1:])
+    spec = SupernetSpec(resolutions=(20, 24, 28), fused_stages=args.fused_stages,
+                        stem_stride=args.stem_stride, stages=stages)  # fmt: skip
     if args.quick:
         data = data.limit(256)
-        spec = SupernetSpec(stem=8, stages=((8, 1, 1), (16, 2, 2), (24, 2, 2)), head=32,
-                            resolutions=(20, 28),
+        spec = SupernetSpec(stem=8, stages=((8, 1, 3 - args.stem_stride), (16, 2, 2), (24, 2, 2)),
+                            head=32, resolutions=(20, 28), stem_stride=args.stem_stride,
                             fused_stages=min(args.fused_stages, 3))  # fmt: skip
         args.epochs, args.zoo_epochs, args.finetune_epochs = 1, 1, 1
         args.nas_finetune_epochs = 1
