@@ -603,6 +603,12 @@ def test_cli_nas_searches_and_reports_and_refuses_an_impossible_budget(tmp_path)
     proc = _cli(*common, "--out", str(tmp_path / "run"), "--no-export")
     assert proc.returncode == 0, proc.stderr
     assert "report:" in proc.stdout and (tmp_path / "run" / "report.md").exists()
+    spec = json.loads((tmp_path / "run" / "search" / "meta.json").read_text())["spec"]
+    assert spec["stages"] == [[4, 1, 1], [8, 2, 2]] and spec["stem_stride"] == 2
+    full = _cli(*common, "--stem-stride", "1", "--out", str(tmp_path / "full"), "--no-export")
+    assert full.returncode == 0, full.stderr
+    spec = json.loads((tmp_path / "full" / "search" / "meta.json").read_text())["spec"]
+    assert spec["stem_stride"] == 1
     bad = _cli(*common, "--out", str(tmp_path / "bad"), "--max-flash-kb", "0.5")
     assert bad.returncode == 2
     assert "smallest sub-network" in bad.stderr and "needs SRAM" in bad.stderr

@@ -395,6 +395,8 @@ def cmd_nas(args: argparse.Namespace) -> None:
             fields[name] = getattr(args, name)
     if args.fused_stages:
         fields["fused_stages"] = args.fused_stages
+    if args.stem_stride:
+        fields["stem_stride"] = args.stem_stride
     if args.widths:
         fields["widths"] = _floats(args.widths)
     if args.resolutions:
@@ -638,6 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolutions", help="input resolutions, e.g. 20,24,28,32")
     p.add_argument("--stages", help="supernet stages C:MAXDEPTH:STRIDE,... e.g. 16:2:1,24:3:2")
     p.add_argument("--stem", type=int, help="stem channels")
+    p.add_argument(
+        "--stem-stride",
+        type=int,
+        help="stride of the stem conv (default 2; 1 keeps the input's resolution, e.g. with "
+        "--stages whose first stage has stride 2)",
+    )
     p.add_argument("--head", type=int, help="head channels")
     p.add_argument(
         "--fused-stages",
