@@ -18,7 +18,7 @@ from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, RunDirError
 from edgeslim.export.c import hostbuild
 from edgeslim.nas.cost import BudgetError, SubnetCost
-from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists
+from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists, spread_over_cells
 from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import SpaceChoice, optimize_space
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
@@ -428,6 +428,67 @@ def test_finalists_order_gives_a_tie_to_the_most_macs_and_skips_what_does_not_fi
     assert estimate_se(0.8, 400) == pytest.approx(0.02)
 
 
+def test_spread_over_cells_takes_the_best_of_each_cell_first():
+    def rec(n, width, res):
+        return {"number": n, "candidate": {"width": width, "resolution": res}}
+
+    ranked = [rec(0, 1.0, 24), rec(1, 1.0, 24), rec(2, 0.75, 28), rec(3, 1.0, 24),
+              rec(4, 0.75, 28), rec(5, 1.0, 28)]  # fmt: skip
+    assert [r["number"] for r in spread_over_cells(ranked)] == [0, 2, 5, 1, 3, 4]
+    assert spread_over_cells([]) == []
+
+
+def test_tuned_finalists_are_fine_tuned_and_the_best_on_validation_is_deployed(
+    tmp_path, monkeypatch
+):
+    """tune_finalists=2: two finalists that fit, from two cells, each fine-tuned like the
+    deployment; the one with the higher validation accuracy is deployed with its tuned
+    weights (no third fine-tune); a rerun fine-tunes nothing; bad values refused."""
+    import edgeslim.nas.api as api
+    from edgeslim.core.train import evaluate
+
+    def fake_export(model, calib, device, c_dir, tflite, **kw):  # the C toolchain not needed
+        c_dir.mkdir(parents=True)
+        return ["fake"], {"sram_kb": 1.0, "flash_kb": 2.0, "latency_ms": 3.0}
+
+    tuned_keys = []
+    real_finetune = api.finetune_subnet
+
+    def counting(supernet, cfg, *a, **k):
+        tuned_keys.append(cfg.key())
+        return real_finetune(supernet, cfg, *a, **k)
+
+    monkeypatch.setattr(api, "export_checked", fake_export)
+    monkeypatch.setattr(api, "finetune_subnet", counting)
+    data = _data()
+    kw = dict(spec=TINY, training=SandwichTraining(epochs=1, batch_size=32), space_samples=2,
+              space_top=4, population=6, generations=1, parents=2, bn_samples=32,
+              val_samples=32, finalists=3, tune_finalists=2, finetune_epochs=1,
+              progress=False)  # fmt: skip
+    res = es.nas(data, "stm32f446", out=tmp_path, **kw)
+    tuned = res.selection["tuned"]
+    assert [t["key"] for t in tuned] == tuned_keys  # fine-tuned once each, nothing else
+    assert len(tuned) == 2 and tuned[0]["key"] != tuned[1]["key"]
+    first_two = [f for f in res.finalists if f["fits"]][:2]
+    cells = {(f["candidate"]["width"], f["candidate"]["resolution"]) for f in first_two}
+    assert len(cells) == 2  # from two cells (the space searched four)
+    best = max(tuned, key=lambda t: t["val_accuracy"])
+    assert res.config.key() == best["key"]
+    # the deployed float weights are the tuned ones, and score what was recorded
+    sub = extract(res.supernet, res.config)
+    sub.load_state_dict(torch.load(tmp_path / "final" / "float.pt", weights_only=True))
+    rdata = api.resize_data(data, res.config.resolution)
+    assert evaluate(sub.eval(), rdata, "val") == best["val_accuracy"]
+    assert "Fine-tuned and compared" in (tmp_path / "report.md").read_text()
+    tuned_keys.clear()
+    again = es.nas(data, "stm32f446", out=tmp_path, **kw)
+    assert tuned_keys == [] and again.config == res.config
+    assert again.selection["tuned"] == tuned
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="tune_finalists"):
+            es.nas(data, "stm32f446", out=tmp_path / "bad", **{**kw, "tune_finalists": bad})
+
+
 def test_nas_gives_a_tie_to_the_most_macs_within_the_budget(tmp_path):
     costs = SubnetCost(_net(), "stm32f446", code_bytes=0)
     small, large = costs.predict(TINY.smallest(12, 0.5)), costs.predict(TINY.largest())
@@ -605,13 +666,16 @@ def test_cli_nas_searches_and_reports_and_refuses_an_impossible_budget(tmp_path)
     assert "report:" in proc.stdout and (tmp_path / "run" / "report.md").exists()
     spec = json.loads((tmp_path / "run" / "search" / "meta.json").read_text())["spec"]
     assert spec["stages"] == [[4, 1, 1], [8, 2, 2]] and spec["stem_stride"] == 2
-    full = _cli(*common, "--stem-stride", "1", "--out", str(tmp_path / "full"), "--no-export")
+    full = _cli(*common, "--stem-stride", "1", "--tune-finalists", "1",
+                "--out", str(tmp_path / "full"), "--no-export")  # fmt: skip
     assert full.returncode == 0, full.stderr
     spec = json.loads((tmp_path / "full" / "search" / "meta.json").read_text())["spec"]
     assert spec["stem_stride"] == 1
     bad = _cli(*common, "--out", str(tmp_path / "bad"), "--max-flash-kb", "0.5")
     assert bad.returncode == 2
     assert "smallest sub-network" in bad.stderr and "needs SRAM" in bad.stderr
+    bad = _cli(*common, "--out", str(tmp_path / "bad2"), "--tune-finalists", "2")
+    assert bad.returncode == 2 and "tune_finalists must be in 1..finalists (1)" in bad.stderr
 
 
 def test_finetune_subnet_repeats_the_deployment_and_other_seeds_differ(tmp_path, monkeypatch):

@@ -415,6 +415,7 @@ def cmd_nas(args: argparse.Namespace) -> None:
         population=args.population,
         generations=args.generations,
         finalists=args.finalists,
+        tune_finalists=args.tune_finalists,
         tie_tolerance=args.tie_tolerance,
         finetune_epochs=args.finetune_epochs,
         finetune_alpha=args.finetune_alpha,
@@ -622,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=24)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--finalists", type=int, default=3, help="exported to C before choosing")
+    p.add_argument(
+        "--tune-finalists",
+        type=int,
+        default=1,
+        help="of the finalists that fit, how many to fine-tune and compare on the validation "
+        "data (the best of each width x resolution cell first); 1: the best estimate",
+    )
     p.add_argument(
         "--tie-tolerance",
         type=float,

@@ -25,7 +25,11 @@ Steps (MCUNet's TinyNAS + OFA's train-once supernet), each persisted in the run 
    more of the budget), then the rest by estimate
    (:func:`edgeslim.nas.evolve.rank_finalists`). The first ``finalists`` of that order are
    exported to C (:func:`edgeslim.export.c.export_c`) and their real SRAM / flash / latency
-   checked against the budget; the first that fits is chosen.
+   checked against the budget; the first that fits is chosen. With ``tune_finalists`` > 1
+   the order first takes the best of each (width, resolution) cell
+   (:func:`edgeslim.nas.evolve.spread_over_cells`: the estimate is biased between cells),
+   the first ``tune_finalists`` that fit are each fine-tuned as step 6 does
+   (``final/tuned/``) and the one most accurate on the validation images is chosen.
 6. **Deployment** (``final/``): the chosen sub-network fine-tuned (``finetune_epochs``,
    the hard labels and the soft targets of the largest sub-network at its resolution,
    weighed by ``finetune_alpha``; ``final/float.pt``), quantized (``Int8PTQ``), exported to C
@@ -56,7 +60,7 @@ from edgeslim.core.data.datasets import DataSplits, Split
 from edgeslim.core.errors import ConfigError, ExportError, RunDirError
 from edgeslim.core.fileio import atomic_path, atomic_write_text
 from edgeslim.nas.cost import BudgetError, SubnetCost, measure_export
-from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists
+from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists, spread_over_cells
 from edgeslim.nas.extract import extract, recalibrate_bn
 from edgeslim.nas.space_opt import SpaceChoice, optimize_space
 from edgeslim.nas.supernet import SubnetConfig, Supernet, SupernetSpec, resize
@@ -164,6 +168,7 @@ def nas(
     bn_samples: int = 500,
     val_samples: int = 500,
     finalists: int = 3,
+    tune_finalists: int = 1,
     tie_tolerance: float | None = None,
     finetune_epochs: int = 3,
     finetune_lr: float = 1e-3,
@@ -193,6 +198,10 @@ def nas(
     ``tie_tolerance``: estimates within it of the best count as tied, and the tie goes to
     the most MACs (``None``: one binomial standard error of the best estimate on the
     ``val_samples`` images; ``0``: the most accurate estimate first).
+    ``tune_finalists``: how many of the finalists that fit are fine-tuned (``finetune_*``)
+    and compared on all of ``data.val`` (float accuracy; the best is deployed, its weights
+    reused); 1: the first that fits, as ranked by the supernet's estimate. At most
+    ``finalists``; only with ``export`` and ``finetune_epochs`` > 0.
     ``finetune_alpha``: the winner's fine-tuning loss is ``alpha`` x the soft targets of the
     largest sub-network (:class:`~edgeslim.core.kd.KD`, temperature 4) + ``1 - alpha`` x
     cross-entropy on the labels (``0``: labels only, no teacher). ``finetune_teacher``: a
@@ -220,6 +229,10 @@ def nas(
                     ("space_top", space_top)):  # fmt: skip
         if v < 1:
             raise ConfigError(f"nas: {name} must be >= 1, got {v}")
+    if not 1 <= tune_finalists <= finalists:
+        raise ConfigError(
+            f"nas: tune_finalists must be in 1..finalists ({finalists}), got {tune_finalists}"
+        )
     if tie_tolerance is not None and not 0 <= tie_tolerance < 1:
         raise ConfigError(f"nas: tie_tolerance must be in [0, 1), got {tie_tolerance}")
     if not 0 <= finetune_alpha <= 1:
@@ -258,6 +271,8 @@ def nas(
     }
     if finetune_teacher is not None:  # only then: runs without one keep their settings
         settings["search"]["finetune_teacher"] = _fingerprint(finetune_teacher)
+    if tune_finalists > 1:  # likewise
+        settings["search"]["tune_finalists"] = tune_finalists
     store = RunStore(out / "search", settings)
     timings: dict[str, float] = {}
 
@@ -360,12 +375,13 @@ def nas(
                    "most_accurate": evo.best()["key"]},
     )  # fmt: skip
 
-    # 5-6. the finalists exported; the most accurate that fits deployed
+    # 5-6. the finalists exported; the most accurate that fits (or, tuned, on validation) deployed
     t0 = time.monotonic()
-    chosen = None
     final_file = out / "final.json"
     done_finals = json.loads(final_file.read_text()) if final_file.exists() else {}
-    for rec in ranked[:finalists]:
+    tuning = tune_finalists > 1 and export and finetune_epochs > 0
+    fitting = []
+    for rec in (spread_over_cells(ranked) if tune_finalists > 1 else ranked)[:finalists]:
         key = rec["key"]
         if key not in done_finals:
             cfg = SubnetConfig.from_dict(rec["candidate"])
@@ -377,8 +393,16 @@ def nas(
             atomic_write_text(final_file, json.dumps(done_finals, indent=1))
         fin = {**rec, **done_finals[key]}
         result.finalists.append(fin)
-        if chosen is None and fin["fits"]:
-            chosen = fin
+        if fin["fits"]:
+            fitting.append(fin)
+    chosen = fitting[0] if fitting else None
+    if tuning and len(fitting) > 1:
+        tune = dict(epochs=finetune_epochs, lr=finetune_lr, alpha=finetune_alpha, seed=seed,
+                    teacher=finetune_teacher, progress=progress)  # fmt: skip
+        chosen = _tune_finalists(fitting[:tune_finalists], supernet, data, state, out, tune)
+        result.selection["tuned"] = [
+            {"key": f["key"], "val_accuracy": f["tuned_val"]} for f in fitting[:tune_finalists]
+        ]
     timings["finalists_s"] = time.monotonic() - t0
     if chosen is None:
         raise BudgetError(
@@ -453,6 +477,47 @@ def finetune_subnet(
         fit(sub, rdata, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed),
             progress=progress)  # fmt: skip
     return sub
+
+
+def _tune_finalists(
+    contenders: list[dict[str, Any]],
+    supernet: Supernet,
+    data: DataSplits,
+    state: dict[str, Any],
+    out: Path,
+    tune: dict[str, Any],
+) -> dict[str, Any]:
+    """Each contender fine-tuned (:func:`finetune_subnet` with ``tune``: as the deployment
+    does) and scored on all validation images; the most accurate (the first on a tie) is
+    returned and its weights become ``final/float.pt``. Weights and scores are kept in
+    ``final/tuned/`` (a rerun does not fine-tune again)."""
+    import hashlib
+    import shutil
+
+    from edgeslim.core.train import evaluate
+
+    tuned = out / "final" / "tuned"
+    tuned.mkdir(parents=True, exist_ok=True)
+    for fin in contenders:
+        cfg = SubnetConfig.from_dict(fin["candidate"])
+        name = hashlib.sha256(fin["key"].encode()).hexdigest()[:16]
+        weights, score = tuned / f"{name}.pt", tuned / f"{name}.json"
+        if weights.exists() and score.exists():
+            fin["tuned_val"] = json.loads(score.read_text(encoding="utf-8"))["val_accuracy"]
+        else:
+            sub = finetune_subnet(supernet, cfg, data, state["bn_x"], **tune).eval()
+            fin["tuned_val"] = evaluate(sub, resize_data(data, cfg.resolution), "val")
+            with atomic_path(weights) as tmp:
+                torch.save(sub.state_dict(), tmp)
+            record = {"key": fin["key"], "val_accuracy": fin["tuned_val"]}
+            atomic_write_text(score, json.dumps(record, indent=1))
+        fin["tuned_weights"] = str(weights)
+    best = max(contenders, key=lambda f: f["tuned_val"])  # max keeps the first of equals
+    final = out / "final" / "float.pt"
+    if not final.exists():
+        with atomic_path(final) as tmp:
+            shutil.copyfile(best["tuned_weights"], tmp)
+    return best
 
 
 def _export_measure(model: nn.Module, calib, device, name: str, where: Path | None) -> dict:
@@ -651,6 +716,10 @@ def _write_report(result: NasResult) -> None:
               "yes" if f["fits"] else "NO"]
              for f in result.finalists],
         )  # fmt: skip
+    if result.selection.get("tuned"):
+        lines += ["", "Fine-tuned and compared on the validation images (float accuracy): "
+                  + "; ".join(f"{_md(t['key'])} {t['val_accuracy']:.4f}"
+                              for t in result.selection["tuned"])]  # fmt: skip
     if result.verified:
         lines += ["", "Checked: " + "; ".join(result.verified)]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())]
