@@ -15,7 +15,7 @@ from torch import nn
 
 import edgeslim as es
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.core.errors import ConfigError, RunDirError
+from edgeslim.core.errors import CheckpointError, ConfigError, RunDirError
 from edgeslim.export.c import hostbuild
 from edgeslim.nas.cost import BudgetError, SubnetCost
 from edgeslim.nas.evolve import estimate_se, evolve, rank_finalists, spread_over_cells
@@ -249,6 +249,30 @@ def test_sandwich_training_learns_and_resumes_bit_for_bit(tmp_path):
     with pytest.raises(RunDirError, match="another supernet training"):
         train_supernet(Supernet(TINY), data, cfg.model_copy(update={"lr": 0.1}),
                        checkpoint=tmp_path / "b.pt", progress=False)  # fmt: skip
+
+
+class _Payload:
+    """A pickle that runs code when loaded with the full unpickler."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(PWNED).write_text('ran')".replace(
+            "PWNED", repr(os.environ["EDGESLIM_PWNED"])),))  # fmt: skip
+
+
+def test_a_hostile_or_corrupt_supernet_checkpoint_is_refused_and_never_run(tmp_path, monkeypatch):
+    data = _data()
+    cfg = SandwichTraining(epochs=1, batch_size=32)
+    flag = tmp_path / "pwned"
+    monkeypatch.setenv("EDGESLIM_PWNED", str(flag))
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"meta": _Payload(), "state": {}}, hostile)
+    with pytest.raises(CheckpointError, match="cannot read the supernet checkpoint"):
+        train_supernet(Supernet(TINY), data, cfg, checkpoint=hostile, progress=False)
+    assert not flag.exists()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt"):
+        train_supernet(Supernet(TINY), data, cfg, checkpoint=corrupt, progress=False)
 
 
 # ----------------------------------------------------------------------------- space, search

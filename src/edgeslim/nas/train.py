@@ -100,7 +100,7 @@ def train_supernet(
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         try:
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)  # tensors and plain data only
             same = saved["meta"] == meta
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read the supernet checkpoint ({exc})") from exc
