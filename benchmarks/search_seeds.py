@@ -107,7 +107,7 @@ def methods_for(name: str, dense: nn.Module, data: DataSplits, frac: float, out:
         return m
 
     # the structure must be the one the search fine-tuned (its weights' shapes)
-    weights = torch.load(sdir / "final" / f"trial-{number}.pt", weights_only=False)
+    weights = torch.load(sdir / "final" / f"trial-{number}.pt", weights_only=True)
     built = quantize_candidate(build_search().eval(), cand, calib).state_dict()
     shapes = {k: tuple(v.shape) for k, v in built.items()}
     if shapes != {k: tuple(v.shape) for k, v in weights.items()}:
