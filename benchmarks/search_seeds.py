@@ -28,12 +28,22 @@ over seeds; exact McNemar per seed; a t-test over the 1,000 digits of the per-di
 difference (copies of one digit are not independent); and a conservative combined z with
 both the seed and the test-sample noise. Every fine-tune's per-image correctness is kept in
 ``--out`` (``{net}-{fraction}-seeds/``), so an interrupted run resumes.
+
+MiniLM (``--nets minilm``): search.py's text task (2,000 test paragraphs, one draw each:
+every paragraph is its own cluster, and there is no larger set), one distilled epoch
+(search.py's ``TEXT`` settings), and two more baselines: uniform int8 after the same
+fine-tune (``Int8PTQ``, MSE activation scales on 256 training paragraphs, as search.py's
+row) and uniform int8 without one (no seeds: computed once). Methods whose fine-tune starts
+from the same model share it per seed (``{net}-seeds-ft/``): where the search's answer is
+uniform int8, it and the int8 baseline are then one fine-tuned float model quantized two
+ways. ``--exclude REGEX`` leaves baselines out (e.g. one far behind, to save CPU time).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import re
 import time
@@ -50,12 +60,14 @@ import edgeslim as es
 from _stats import clustered_t, combined, mcnemar_exact, paired_t
 from _tasks import cluttered_mnist
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.search.apply import apply_structure_, quantize_candidate
-from search import distil, settings, tp_uniform
+from edgeslim.core.fileio import atomic_path
+from edgeslim.search.apply import CALIB_INPUTS, apply_structure_, quantize_candidate
+from search import TEXT_NETS, distil, settings, task_data, tp_uniform
 
 console = Console(width=160)
 warnings.filterwarnings("ignore")
-STD = 2000  # the benchmark's test set: the first 2,000 images
+STD = 2000  # the benchmark's test set: the first 2,000 images (MiniLM: its 2,000 paragraphs)
+CHECK = 256  # MiniLM: es.evaluate is checked on this many paragraphs (int8 BERT is slow here)
 
 
 @torch.no_grad()
@@ -73,9 +85,24 @@ def load_dense(name: str, out: Path, epochs: int) -> nn.Module:
     saved = out / f"{name}-dense-{epochs}ep.pt"
     if not saved.exists():
         raise FileNotFoundError(f"{saved}: no dense weights (run benchmarks/search.py first)")
-    dense = es.load_model(f"zoo:{name}")
-    dense.load_state_dict(torch.load(saved))
+    if name in TEXT_NETS:
+        from _tasks import minilm_classifier
+
+        dense = minilm_classifier()[0]
+    else:
+        dense = es.load_model(f"zoo:{name}")
+    dense.load_state_dict(torch.load(saved, weights_only=True))
     return dense.eval()
+
+
+def digest(model: nn.Module) -> str:
+    """A hash of a model's structure and every tensor's values: two methods whose built
+    models have the same digest share one fine-tune per seed (``run_seed``)."""
+    h = hashlib.sha256(repr(model).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def baseline_rows(files: list[Path], name: str, frac: float) -> list[dict[str, Any]]:
@@ -99,7 +126,7 @@ def methods_for(name: str, dense: nn.Module, data: DataSplits, frac: float, out:
     if not res["feasible"]:
         raise ValueError(f"{sdir}: the search found nothing that fits")
     cand, number = res["candidate"], res["finalists"][0]["number"]
-    calib = data.calib(min(64, len(data.train)))  # as es.search
+    calib = data.calib(min(CALIB_INPUTS, len(data.train)))  # as es.search
 
     def build_search() -> nn.Module:
         m = copy.deepcopy(dense)
@@ -133,38 +160,70 @@ def methods_for(name: str, dense: nn.Module, data: DataSplits, frac: float, out:
                 cfg = es.ChannelPrune(macs=f, allocation="sensitivity")
                 es.prune_(h, cfg, example=x, data=data)
                 return h
+        elif label in ("uniform int8 after the fine-tune", "uniform int8 (ORT QDQ)"):
+            # search.int8_row: Int8PTQ, MSE activation scales on 256 train inputs; the dense
+            # net fine-tuned like the others first, or (ORT QDQ) as trained: no seeds to vary
+            methods[label] = {
+                "build": lambda: copy.deepcopy(dense), "recorded_acc": row["acc"],
+                "finish": lambda m: es.quantize(m, es.Int8PTQ(calibration="mse"),
+                                                calib=data.calib(256)),
+                "finetune": label.endswith("fine-tune"),
+            }  # fmt: skip
+            continue
         else:
-            raise ValueError(f"baseline {label!r}: no fine-tune to repeat (only pruned rows)")
+            raise ValueError(f"baseline {label!r}: no fine-tune to repeat")
         methods[label] = {"build": build, "finish": lambda m: m, "recorded_acc": row["acc"]}
     return methods
 
 
 def run_seed(name: str, label: str, spec: dict, dense: nn.Module, data: DataSplits,
              big: Split, seed: int, cache: Path) -> dict[str, Any]:  # fmt: skip
-    """One fine-tune of one architecture with one seed (kept in ``cache``)."""
+    """One fine-tune of one architecture with one seed, then the method's finish (kept in
+    ``cache``). The fine-tuned float weights are kept per built model's digest and seed in
+    ``{name}-seeds-ft/`` beside ``cache`` (shared by every budget): methods that start from
+    the same model share the fine-tune (MiniLM: the search's uniform int8 and uniform int8
+    after the fine-tune then differ only in the int8 calibration -- the same float model,
+    quantized two ways). A method without a fine-tune (``"finetune": False``) is computed
+    once and reused for every seed."""
     slug = re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
-    saved = cache / f"{slug}-seed{seed}.pt"
+    tuned = spec.get("finetune", True)
+    saved = cache / f"{slug}-seed{seed if tuned else 'none'}.pt"
     if saved.exists():
-        return torch.load(saved)
+        return torch.load(saved, weights_only=True)
     cfg = settings(name)
     t0 = time.perf_counter()
     model = spec["build"]().train()
-    distil(model, dense, data, cfg["finetune_epochs"], cfg["ft_lr"], cfg["batch"], seed=seed)
+    if tuned:
+        ft = cache.parent / f"{name}-seeds-ft" / f"{digest(model)}-seed{seed}.pt"
+        if ft.exists():
+            model.load_state_dict(torch.load(ft, weights_only=True))
+        else:
+            distil(model, dense, data, cfg["finetune_epochs"], cfg["ft_lr"], cfg["batch"],
+                   seed=seed)  # fmt: skip
+            ft.parent.mkdir(exist_ok=True)
+            with atomic_path(ft) as tmp:
+                torch.save(model.state_dict(), tmp)
     model = spec["finish"](model.eval())
     correct = correct_on(model, big)
-    acc = es.evaluate(model, data)
-    if abs(acc - float(correct[:STD].double().mean())) > 1e-9:  # the same top-1
-        raise RuntimeError(f"{label}: es.evaluate {acc} != top-1 of the first {STD} images")
+    acc = float(correct[:STD].double().mean())
+    n = CHECK if name in TEXT_NETS else STD  # es.evaluate agrees (MiniLM: on the first 256)
+    part = DataSplits(data.name, data.train, data.val,
+                      Split(big.x[:n], big.y[:n]), data.num_classes)  # fmt: skip
+    if abs(es.evaluate(model, part) - float(correct[:n].double().mean())) > 1e-9:
+        raise RuntimeError(f"{label}: es.evaluate != the top-1 of the first {n} test inputs")
     rec = {"correct": correct, "acc": acc, "seconds": time.perf_counter() - t0}
-    torch.save(rec, saved)
+    with atomic_path(saved) as tmp:
+        torch.save(rec, tmp)
     return rec
 
 
 def compare(a: list[dict], b: list[dict], copies: int) -> dict[str, Any]:
     """Search (``a``) vs a baseline (``b``), paired by seed (lists in seed order)."""
-    digits = len(a[0]["correct"]) // copies
+    total = len(a[0]["correct"])
+    digits = total // copies
     out: dict[str, Any] = {}
-    for part, n in (("std", STD), ("big", len(a[0]["correct"]))):
+    parts = (("std", STD),) if total == STD else (("std", STD), ("big", total))
+    for part, n in parts:
         acc_a = [100 * float(r["correct"][:n].double().mean()) for r in a]
         acc_b = [100 * float(r["correct"][:n].double().mean()) for r in b]
         if len(a) < 2:  # one seed: no seed-to-seed spread to test
@@ -183,10 +242,13 @@ def compare(a: list[dict], b: list[dict], copies: int) -> dict[str, Any]:
     return out
 
 
-def net_part(name: str, args, data: DataSplits, big: Split) -> dict[str, Any]:
+def net_part(name: str, args, data: DataSplits, big: Split, copies: int) -> dict[str, Any]:
     out = Path(args.out)
     dense = load_dense(name, out, args.dense_epochs[name])
     methods = methods_for(name, dense, data, args.fraction, out, args.baselines)
+    first = next(iter(methods))  # the search's answer is always repeated
+    methods = {k: v for k, v in methods.items()
+               if k == first or not (args.exclude and re.search(args.exclude, k))}  # fmt: skip
     res = json.loads((out / f"{name}-{args.fraction}" / "result.json").read_text())
     dense_acc = es.evaluate(dense, data)
     if abs(dense_acc - res["dense"]["accuracy"]) > 1e-9:
@@ -222,14 +284,14 @@ def net_part(name: str, args, data: DataSplits, big: Split) -> dict[str, Any]:
     comps = {}
     for other in labels[1:]:
         comps[f"{labels[0]} - {other}"] = compare(runs[labels[0]][:n], runs[other][:n],
-                                                  args.test_copies)  # fmt: skip
-    return {"dense_acc": dense_acc, "dense_epochs": args.dense_epochs[name],
+                                                  copies)  # fmt: skip
+    return {"dense_acc": dense_acc, "dense_epochs": args.dense_epochs[name], "copies": copies,
             "limit_ms": res["budget"]["latency_ms"], "methods": rows,
             "comparisons": comps}  # fmt: skip
 
 
 def verdict(c: dict[str, Any]) -> str:
-    big = c["big"]
+    big = c.get("big", c["std"])  # MiniLM: one test set
     lead, p = big["paired_t"]["mean"], big["combined"]["p"]
     size = "lead >= 1 point" if lead >= 1 else "lead < 1 point" if lead > 0 else "no lead"
     sig = "significant" if p < 0.05 else "not significant"
@@ -239,8 +301,9 @@ def verdict(c: dict[str, Any]) -> str:
 def show(result: dict[str, Any], copies: int) -> None:
     for name, part in result["nets"].items():
         t = Table(title=f"{name}, {result['fraction']}x: test accuracy over seeds")
+        k = part.get("copies", copies)
         for col in ("method", "recorded", "per seed (2,000)", "mean ± sd (2,000)",
-                    f"mean ± sd ({copies} x 1,000)"):  # fmt: skip
+                    f"mean ± sd ({k} x 1,000)" if k > 1 else "(the same set)"):  # fmt: skip
             t.add_column(col)
         for label, r in part["methods"].items():
             t.add_row(label, f"{100 * r['recorded_acc']:.2f}",
@@ -249,7 +312,7 @@ def show(result: dict[str, Any], copies: int) -> None:
                       f"{r['mean_big']:.2f} ± {r['sd_big']:.2f}")  # fmt: skip
         console.print(t)
         for what, c in part["comparisons"].items():
-            for p in ("std", "big"):
+            for p in c:
                 pt, cl, cb = c[p]["paired_t"], c[p]["digit_t"], c[p]["combined"]
                 mc = " ".join(f"{m['a_only']}/{m['b_only']} p={m['p']:.3g}"
                               for m in c[p]["mcnemar"])  # fmt: skip
@@ -269,7 +332,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="benchmarks/search.py's --out directory")
     parser.add_argument("--nets", default="resnet8,mobilenetv2")
     parser.add_argument("--fraction", type=float, default=0.35, help="the budget, x dense")
-    parser.add_argument("--dense-epochs", default="resnet8=4,mobilenetv2=8",
+    parser.add_argument("--dense-epochs", default="resnet8=4,mobilenetv2=8,minilm=3",
                         help="NET=E: the dense weights' epochs (ResNet-8: --quick)")  # fmt: skip
     parser.add_argument(
         "--baselines",
@@ -280,6 +343,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--test-copies", type=int, default=10,
                         help="draws of each test digit in the larger test set")  # fmt: skip
+    parser.add_argument("--exclude", default="",
+                        help="a regex: baselines whose label matches are not repeated")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
@@ -288,13 +353,21 @@ def main() -> None:
     args.baselines = [Path(p) for p in args.baselines.split(",") if p]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    full = cluttered_mnist(test_copies=args.test_copies)
-    data = DataSplits(full.name, full.train, full.val,
-                      Split(full.test.x[:STD], full.test.y[:STD]), full.num_classes)  # fmt: skip
     result: dict[str, Any] = {"fraction": args.fraction, "seeds": args.seeds,
                               "test_copies": args.test_copies, "nets": {}}  # fmt: skip
     for name in args.nets.split(","):
-        result["nets"][name] = net_part(name, args, data, full.test)
+        if name in TEXT_NETS:  # search.py's text task: 2,000 test paragraphs, one draw each
+            data, copies = task_data(name, {}), 1
+            big = data.test
+            if len(big) != STD:
+                raise ValueError(f"{name}: {len(big)} test paragraphs, expected {STD}")
+        else:  # the 2,000 benchmark images + the larger draw (its first 2,000 are the same)
+            full, copies = cluttered_mnist(test_copies=args.test_copies), args.test_copies
+            data = DataSplits(full.name, full.train, full.val,
+                              Split(full.test.x[:STD], full.test.y[:STD]),
+                              full.num_classes)  # fmt: skip
+            big = full.test
+        result["nets"][name] = net_part(name, args, data, big, copies)
         if args.json:
             from edgeslim.core.fileio import atomic_write_text
 

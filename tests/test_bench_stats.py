@@ -3,6 +3,7 @@ of benchmarks/_tasks.py's cluttered MNIST."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -103,3 +104,50 @@ def test_search_seeds_compare_pairs_by_seed_on_both_test_sets():
     assert r["big"]["paired_t"]["diffs"] == pytest.approx([x / 4000 for x in gain])
     assert r["big"]["digit_t"]["clusters"] == 1000 and r["std"]["images"] == 2000
     assert [m["b_only"] for m in r["big"]["mcnemar"]] == [0, 0, 0]
+
+
+def test_search_seeds_shares_a_fine_tune_between_methods_with_the_same_start(tmp_path, monkeypatch):
+    seeds = import_benchmark("search_seeds")
+    from edgeslim.core.data.datasets import DataSplits, Split
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, 4, generator=g), torch.randint(0, 3, (2000,), generator=g)
+    data = DataSplits("toy", Split(x[:64], y[:64]), Split(x[:32], y[:32]), Split(x, y), 3)
+    calls = []
+
+    def fake_distil(model, teacher, data, epochs, lr, batch, seed=0):  # a seeded "fine-tune"
+        calls.append(seed)
+        with torch.no_grad():
+            model.weight += torch.randn(model.weight.shape, generator=torch.Generator()
+                                        .manual_seed(seed))  # fmt: skip
+        return model
+
+    monkeypatch.setattr(seeds, "distil", fake_distil)
+    torch.manual_seed(1)
+    dense = torch.nn.Linear(4, 3)
+    scaled = []
+
+    def finish(m, k=1.0):
+        scaled.append(k)
+        return m
+
+    start = {"build": lambda: copy.deepcopy(dense), "finish": finish}
+    other = {"build": lambda: copy.deepcopy(dense), "finish": lambda m: finish(m, 2.0)}
+    frozen = {**start, "finetune": False}
+    cache = tmp_path / "toy-0.5-seeds"
+    cache.mkdir()
+    a = [seeds.run_seed("resnet8", "a", start, dense, data, data.test, s, cache) for s in (0, 1)]
+    b = [seeds.run_seed("resnet8", "b", other, dense, data, data.test, s, cache) for s in (0, 1)]
+    c = [seeds.run_seed("resnet8", "c", frozen, dense, data, data.test, s, cache) for s in (0, 1)]
+    assert calls == [0, 1]  # one fine-tune per seed, shared by a and b; none for c
+    assert scaled == [1.0, 1.0, 2.0, 2.0, 1.0]  # c's finish ran once, for every seed
+    assert torch.equal(a[0]["correct"], b[0]["correct"])  # the same fine-tuned model
+    assert not torch.equal(a[0]["correct"], a[1]["correct"])  # another seed, another model
+    assert torch.equal(c[0]["correct"], c[1]["correct"])
+    with torch.no_grad():
+        want = dense(x).argmax(1) == y
+    assert torch.equal(c[0]["correct"], want)  # no fine-tune: the dense model's answers
+    assert len(list((tmp_path / "resnet8-seeds-ft").glob("*.pt"))) == 2
+    # a rerun reads every record back and fine-tunes nothing
+    seeds.run_seed("resnet8", "a", start, dense, data, data.test, 1, cache)
+    assert calls == [0, 1]
