@@ -33,7 +33,8 @@ MiniLM (``--nets minilm``): search.py's text task (2,000 test paragraphs, one dr
 every paragraph is its own cluster, and there is no larger set), one distilled epoch
 (search.py's ``TEXT`` settings), and two more baselines: uniform int8 after the same
 fine-tune (``Int8PTQ``, MSE activation scales on 256 training paragraphs, as search.py's
-row) and uniform int8 without one (no seeds: computed once). Methods whose fine-tune starts
+row) and uniform int8 without one (no seeds: computed once); neither depends on the budget,
+so their records are kept once per net (``{net}-seeds-shared/``). Methods whose fine-tune starts
 from the same model share it per seed (``{net}-seeds-ft/``): where the search's answer is
 uniform int8, it and the int8 baseline are then one fine-tuned float model quantized two
 ways. ``--exclude REGEX`` leaves baselines out (e.g. one far behind, to save CPU time).
@@ -167,7 +168,7 @@ def methods_for(name: str, dense: nn.Module, data: DataSplits, frac: float, out:
                 "build": lambda: copy.deepcopy(dense), "recorded_acc": row["acc"],
                 "finish": lambda m: es.quantize(m, es.Int8PTQ(calibration="mse"),
                                                 calib=data.calib(256)),
-                "finetune": label.endswith("fine-tune"),
+                "finetune": label.endswith("fine-tune"), "shared": True,
             }  # fmt: skip
             continue
         else:
@@ -184,9 +185,13 @@ def run_seed(name: str, label: str, spec: dict, dense: nn.Module, data: DataSpli
     the same model share the fine-tune (MiniLM: the search's uniform int8 and uniform int8
     after the fine-tune then differ only in the int8 calibration -- the same float model,
     quantized two ways). A method without a fine-tune (``"finetune": False``) is computed
-    once and reused for every seed."""
+    once and reused for every seed; one that does not depend on the budget (``"shared"``:
+    the int8 baselines) is kept in ``{name}-seeds-shared/``, reused by every budget."""
     slug = re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
     tuned = spec.get("finetune", True)
+    if spec.get("shared"):
+        cache = cache.parent / f"{name}-seeds-shared"
+        cache.mkdir(exist_ok=True)
     saved = cache / f"{slug}-seed{seed if tuned else 'none'}.pt"
     if saved.exists():
         return torch.load(saved, weights_only=True)

@@ -151,3 +151,13 @@ def test_search_seeds_shares_a_fine_tune_between_methods_with_the_same_start(tmp
     # a rerun reads every record back and fine-tunes nothing
     seeds.run_seed("resnet8", "a", start, dense, data, data.test, 1, cache)
     assert calls == [0, 1]
+    # a method that does not depend on the budget is kept once per net: another budget's
+    # run reads it back
+    shared = {**other, "shared": True}
+    d = seeds.run_seed("resnet8", "d", shared, dense, data, data.test, 0, cache)
+    again = tmp_path / "toy-0.7-seeds"
+    again.mkdir()
+    e = seeds.run_seed("resnet8", "d", shared, dense, data, data.test, 0, again)
+    assert scaled == [1.0, 1.0, 2.0, 2.0, 1.0, 2.0]  # d's finish ran once for both budgets
+    assert torch.equal(d["correct"], e["correct"]) and not list(again.iterdir())
+    assert (tmp_path / "resnet8-seeds-shared" / "d-seed0.pt").exists()
