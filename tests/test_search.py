@@ -423,3 +423,37 @@ def test_facade_exports():
     assert es.Budget is Budget and es.SearchSpace is SearchSpace
     with pytest.raises(es.ConfigError, match="trials and batch"):
         package(nn.Linear(2, 2), None, Budget(max_size_kb=1), trials=0)
+
+
+def test_the_widest_uniform_point_that_fits_is_always_a_finalist(
+    lenet, small, tmp_path, cache, monkeypatch
+):
+    # the proxy scores every anchor (dense, smallest, the widest uniform point predicted to
+    # fit) 0: by the proxy alone the one finalist would be another trial; the widest
+    # anchor that fits must be fine-tuned as well
+    from edgeslim.search import engine
+
+    train = engine.run_trial
+    run = tmp_path / "run"
+
+    def anchors() -> list[dict]:
+        return json.loads((run / "anchors.json").read_text())
+
+    def proxy_hates_anchors(state, job):
+        out = train(state, job)
+        if job["kind"] == "proxy" and dict(job["candidate"]) in anchors():
+            out = {**out, "accuracy": 0.0}
+        return out
+
+    monkeypatch.setattr(engine, "run_trial", proxy_hates_anchors)
+    budget = Budget(max_size_kb=150)  # dense (1,684 KB) does not fit
+    result = _run(lenet, small, budget, run, cache, trials=8)
+    feasible = [t for t in result.trials if t["feasible"] and t["accuracy"] is not None]
+    fitting = [t for t in feasible if t["candidate"] in anchors()]
+    others = [t for t in feasible if t["candidate"] not in anchors()]
+    assert len(fitting) >= 2 and others  # smallest + the widest uniform; other trials
+    widest = max(fitting, key=lambda t: t["cost"]["size_kb"])
+    numbers = [f["number"] for f in result.finalists]
+    assert len(numbers) == 2 and widest["number"] in numbers  # top-1 by proxy + the anchor
+    best = max(others, key=lambda t: (t["accuracy"], -t["cost"]["size_kb"], -t["number"]))
+    assert best["number"] in numbers
