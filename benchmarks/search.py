@@ -199,18 +199,20 @@ def cached_model(
     return model, acc
 
 
+def uniform_int8(model: nn.Module, data: DataSplits, inputs: int = 256) -> nn.Module:
+    """The uniform-int8 baseline: ``Int8PTQ`` with MSE activation scales on ``inputs``
+    training inputs (``benchmarks/search_seeds.py`` repeats it after each seed's fine-tune)."""
+    return es.quantize(model, es.Int8PTQ(calibration="mse"), calib=data.calib(inputs))
+
+
 def int8_row(model: nn.Module, data: DataSplits, saved: Path | None = None) -> dict[str, Any]:
     """Uniform int8 (graph mode, QDQ in ONNX Runtime): the model and its accuracy; its
     latency is judged per budget by the meter (the same QDQ graph as the search's int8).
     With ``saved``, the scales and weights and the accuracy are kept there (a later
     invocation reuses them: MiniLM's int8 calibration + test evaluation takes ~6 min on the
     shared 2 cores; the structure is rebuilt with 2 calibration inputs)."""
-    cfg = es.Int8PTQ(calibration="mse")
     q, acc = cached_model(
-        saved,
-        lambda: es.quantize(model, cfg, calib=data.calib(256)),
-        lambda: es.quantize(model, cfg, calib=data.calib(2)),
-        data,
+        saved, lambda: uniform_int8(model, data), lambda: uniform_int8(model, data, 2), data
     )
     return {"model": q, "acc": acc, "pred": None, "samples": []}
 

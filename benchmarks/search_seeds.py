@@ -61,9 +61,9 @@ import edgeslim as es
 from _stats import clustered_t, combined, mcnemar_exact, paired_t
 from _tasks import cluttered_mnist
 from edgeslim.core.data.datasets import DataSplits, Split
-from edgeslim.core.fileio import atomic_path
+from edgeslim.core.fileio import atomic_path, atomic_write_text
 from edgeslim.search.apply import CALIB_INPUTS, apply_structure_, quantize_candidate
-from search import TEXT_NETS, distil, settings, task_data, tp_uniform
+from search import TEXT_NETS, distil, settings, task_data, tp_uniform, uniform_int8
 
 console = Console(width=160)
 warnings.filterwarnings("ignore")
@@ -162,12 +162,11 @@ def methods_for(name: str, dense: nn.Module, data: DataSplits, frac: float, out:
                 es.prune_(h, cfg, example=x, data=data)
                 return h
         elif label in ("uniform int8 after the fine-tune", "uniform int8 (ORT QDQ)"):
-            # search.int8_row: Int8PTQ, MSE activation scales on 256 train inputs; the dense
-            # net fine-tuned like the others first, or (ORT QDQ) as trained: no seeds to vary
+            # search.py's uniform int8: the dense net fine-tuned like the others first, or
+            # (ORT QDQ) as trained: no seeds to vary
             methods[label] = {
                 "build": lambda: copy.deepcopy(dense), "recorded_acc": row["acc"],
-                "finish": lambda m: es.quantize(m, es.Int8PTQ(calibration="mse"),
-                                                calib=data.calib(256)),
+                "finish": lambda m: uniform_int8(m, data),
                 "finetune": label.endswith("fine-tune"), "shared": True,
             }  # fmt: skip
             continue
@@ -374,8 +373,6 @@ def main() -> None:
             big = full.test
         result["nets"][name] = net_part(name, args, data, big, copies)
         if args.json:
-            from edgeslim.core.fileio import atomic_write_text
-
             atomic_write_text(Path(args.json), json.dumps(result, indent=1, default=str))
     show(result, args.test_copies)
     console.print(f"wall {time.perf_counter() - start:.0f} s")
