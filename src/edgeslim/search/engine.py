@@ -482,19 +482,19 @@ def search(
         ranked = sorted(feasible, key=lambda r: (-r["accuracy"], r["cost"][metric], r["number"]))
         top = ranked[:finetune_top]
         measured = tgt.kind == "runtime" and "latency_ms" in budget.limits()
+
+        def premeasure(c: dict[str, Any]) -> tuple[dict[str, float], dict]:
+            return measure_fit(cost_of_model(c), [])
+
         if measured:
-            top = _measured_first(
-                ranked, finetune_top, store, budget, lambda c: measure_fit(cost_of_model(c), [])
-            )
+            top = _measured_first(ranked, finetune_top, store, budget, premeasure)
         # the widest uniform point that fits, per precision, is always a finalist: the proxy
         # is noisy, and without it the search can deliver a non-uniform candidate less
         # accurate than uniform compression that also fits (MiniLM at 0.7x: -0.66 points)
         for r in _widest_anchors(feasible, anchors, metric):
             if r in top:
                 continue
-            if measured and not _measured_first(
-                [r], 1, store, budget, lambda c: measure_fit(cost_of_model(c), []), fill=False
-            ):
+            if measured and not _measured_first([r], 1, store, budget, premeasure, fill=False):
                 continue  # measured over the budget
             top.append(r)
         finals = store.finals()
